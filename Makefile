@@ -1,0 +1,53 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything else is set up on the way.
+SHELL := /bin/bash
+PY := .venv/bin/python
+FORGE := contracts/node_modules/.bin/forge
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup build test test-contracts test-python demo devnet bench lint format clean
+
+setup: .venv/.installed contracts/node_modules/.installed
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps dstack-sdk==0.5.4  # see the `dstack` extra in pyproject.toml
+	touch $@
+
+contracts/node_modules/.installed: contracts/package.json contracts/package-lock.json
+	cd contracts && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+build: setup
+	cd contracts && ./node_modules/.bin/forge build
+	$(PY) contracts/export_abi.py
+
+test: build test-contracts test-python
+
+test-contracts:
+	cd contracts && ./node_modules/.bin/forge test
+
+test-python:
+	$(PY) -m pytest -q
+
+demo: build
+	$(PY) -m node.demo
+
+devnet: build
+	.venv/bin/dcml-devnet --out .devnet/deployment.json
+
+bench: build
+	$(PY) bench/bench_gas.py
+	$(PY) bench/bench_vouchers.py
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+clean:
+	rm -rf .venv contracts/node_modules contracts/out contracts/cache .devnet .pytest_cache

@@ -1,0 +1,1047 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {TestBase} from "./utils/TestBase.sol";
+import {PaymentChannels} from "../src/PaymentChannels.sol";
+import {ModelRegistry} from "../src/ModelRegistry.sol";
+import {TestToken} from "../src/TestToken.sol";
+import {MockERC1271Wallet} from "./mocks/MockERC1271Wallet.sol";
+import {FeeOnTransferToken} from "./mocks/FeeOnTransferToken.sol";
+import {ReentrantToken} from "./mocks/ReentrantToken.sol";
+import {ReentrantSigner} from "./mocks/ReentrantSigner.sol";
+import {RevertingReceiver} from "./mocks/RevertingReceiver.sol";
+
+/// @dev Shared fixture: a registry with a 2.5% model and a royalty-free model, the channel contract
+///      (15 min grace), an ERC-20 and funded parties.
+abstract contract PaymentChannelsFixture is TestBase {
+    event ChannelOpened(
+        bytes32 indexed channelId,
+        address indexed payer,
+        address indexed payee,
+        address token,
+        address authorizedSigner,
+        bytes32 modelId,
+        address publisher,
+        uint16 publisherBps,
+        uint128 deposit,
+        bytes32 salt
+    );
+    event ToppedUp(bytes32 indexed channelId, uint128 amount, uint128 newDeposit);
+    event CloseRequested(bytes32 indexed channelId, uint64 closableAt);
+    event CloseCancelled(bytes32 indexed channelId);
+    event Settled(
+        bytes32 indexed channelId, uint128 cumulativeAmount, uint128 delta, uint128 payeeShare, uint128 publisherShare
+    );
+    event ChannelClosed(bytes32 indexed channelId, uint128 settled, uint128 refund);
+    event Withdrawn(bytes32 indexed channelId, uint128 refund);
+    event EarningsClaimed(address indexed token, address indexed account, uint256 amount);
+
+    uint64 internal constant GRACE = 900;
+    uint16 internal constant BPS = 250;
+    bytes32 internal constant MODEL = keccak256("model/royalty");
+    bytes32 internal constant FREE_MODEL = keccak256("model/free");
+    bytes32 internal constant SALT = keccak256("salt");
+    address internal constant ETH = address(0);
+
+    uint256 internal constant SIGNER_PK = 0x5151;
+    uint256 internal constant OTHER_PK = 0x0BAD;
+
+    ModelRegistry internal registry;
+    PaymentChannels internal channels;
+    TestToken internal token;
+
+    address internal payer = address(0xA11CE);
+    address internal payee = address(0xB0B);
+    address internal publisher = address(0x9B);
+    address internal stranger = address(0x5757);
+    address internal signer;
+
+    function setUp() public virtual {
+        vm.warp(1_700_000_000);
+        registry = new ModelRegistry();
+        channels = new PaymentChannels(address(registry), GRACE);
+        token = new TestToken("Test", "TST");
+        signer = vm.addr(SIGNER_PK);
+        vm.startPrank(publisher);
+        registry.register(MODEL, BPS);
+        registry.register(FREE_MODEL, 0);
+        vm.stopPrank();
+        vm.deal(payer, type(uint128).max);
+        token.mint(payer, type(uint128).max);
+        vm.prank(payer);
+        token.approve(address(channels), type(uint256).max);
+    }
+
+    function _open(address token_, uint128 deposit) internal returns (bytes32) {
+        return _openWith(token_, deposit, SALT, signer, MODEL, BPS);
+    }
+
+    function _openWith(address token_, uint128 deposit, bytes32 salt, address signer_, bytes32 modelId, uint16 bps)
+        internal
+        returns (bytes32)
+    {
+        vm.prank(payer);
+        return channels.open{value: token_ == ETH ? deposit : 0}(payee, token_, deposit, salt, signer_, modelId, bps);
+    }
+
+    function _voucher(bytes32 channelId, uint128 amount) internal view returns (bytes memory) {
+        return _sign(SIGNER_PK, channels.hashVoucher(channelId, amount));
+    }
+
+    function _settle(bytes32 channelId, uint128 amount) internal {
+        bytes memory sig = _voucher(channelId, amount);
+        vm.prank(payee);
+        channels.settle(channelId, amount, sig);
+    }
+
+    function _royalty(uint256 amount, uint256 bps) internal pure returns (uint256) {
+        return amount * bps / 10_000;
+    }
+}
+
+contract PaymentChannelsTest is PaymentChannelsFixture {
+    receive() external payable {}
+
+    // ------------------------------------------------------------------ constructor and domain
+
+    function test_constructor_setsRegistryAndGrace() public view {
+        vm.assertEq(channels.modelRegistry(), address(registry));
+        vm.assertEq(uint256(channels.closeGracePeriod()), GRACE);
+    }
+
+    function test_constructor_revertsOnZeroGrace() public {
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidGracePeriod.selector, uint64(0)));
+        new PaymentChannels(address(registry), 0);
+    }
+
+    function test_constructor_revertsOnGraceAboveMax() public {
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidGracePeriod.selector, uint64(30 days + 1)));
+        new PaymentChannels(address(registry), 30 days + 1);
+    }
+
+    function test_constructor_revertsOnRegistryWithoutCode() public {
+        vm.expectRevert(PaymentChannels.InvalidModelRegistry.selector);
+        new PaymentChannels(address(0x1234), GRACE);
+    }
+
+    function test_eip712Domain_isPaymentChannelsV1OnThisChainAndContract() public view {
+        (, string memory name, string memory version, uint256 chainId, address verifyingContract,,) =
+            channels.eip712Domain();
+        vm.assertEq(keccak256(bytes(name)), keccak256("PaymentChannels"));
+        vm.assertEq(keccak256(bytes(version)), keccak256("1"));
+        vm.assertEq(chainId, block.chainid);
+        vm.assertEq(verifyingContract, address(channels));
+    }
+
+    function test_hashVoucher_matchesEip712Spec() public view {
+        vm.assertEq(channels.VOUCHER_TYPEHASH(), keccak256("Voucher(bytes32 channelId,uint128 cumulativeAmount)"));
+        bytes32 id = keccak256("id");
+        vm.assertEq(channels.hashVoucher(id, 42), _voucherDigest(block.chainid, address(channels), id, 42));
+    }
+
+    // ------------------------------------------------------------------ open
+
+    function test_open_eth_storesChannelAndEmits() public {
+        bytes32 expectedId = channels.computeChannelId(payer, payee, ETH, SALT, signer, MODEL);
+        vm.expectEmit(address(channels));
+        emit ChannelOpened(expectedId, payer, payee, ETH, signer, MODEL, publisher, BPS, 1 ether, SALT);
+        bytes32 id = _open(ETH, 1 ether);
+
+        vm.assertEq(id, expectedId);
+        PaymentChannels.Channel memory ch = channels.getChannel(id);
+        vm.assertEq(ch.payee, payee);
+        vm.assertEq(uint256(ch.publisherBps), BPS);
+        vm.assertFalse(ch.finalized);
+        vm.assertEq(uint256(ch.deposit), 1 ether);
+        vm.assertEq(uint256(ch.settled), 0);
+        vm.assertEq(ch.payer, payer);
+        vm.assertEq(uint256(ch.closeRequestedAt), 0);
+        vm.assertEq(ch.token, ETH);
+        vm.assertEq(ch.authorizedSigner, signer);
+        vm.assertEq(ch.publisher, publisher);
+        vm.assertEq(address(channels).balance, 1 ether);
+    }
+
+    function test_open_erc20_pullsDeposit() public {
+        uint256 before = token.balanceOf(payer);
+        bytes32 id = _open(address(token), 500);
+        vm.assertEq(token.balanceOf(address(channels)), 500);
+        vm.assertEq(token.balanceOf(payer), before - 500);
+        vm.assertEq(channels.getChannel(id).token, address(token));
+    }
+
+    function test_open_idIsTheSpecifiedHash() public {
+        bytes32 id = _open(ETH, 1);
+        bytes32 expected = keccak256(
+            abi.encode(payer, payee, ETH, SALT, signer, MODEL, publisher, BPS, address(channels), block.chainid)
+        );
+        vm.assertEq(id, expected);
+    }
+
+    function test_open_snapshotsRoyaltyAgainstLaterChanges() public {
+        bytes32 id = _open(ETH, 10_000);
+        vm.prank(publisher);
+        registry.setRoyalty(MODEL, 5_000);
+        _settle(id, 10_000);
+        vm.assertEq(channels.earnings(ETH, publisher), 250);
+        vm.assertEq(channels.earnings(ETH, payee), 9_750);
+    }
+
+    function test_open_unregisteredModelHasNoRoyalty() public {
+        bytes32 id = _openWith(ETH, 100, SALT, signer, keccak256("unknown"), 0);
+        PaymentChannels.Channel memory ch = channels.getChannel(id);
+        vm.assertEq(ch.publisher, address(0));
+        vm.assertEq(uint256(ch.publisherBps), 0);
+        _settle(id, 100);
+        vm.assertEq(channels.earnings(ETH, payee), 100);
+    }
+
+    function test_open_zeroRoyaltyModelStoresNoPublisher() public {
+        bytes32 id = _openWith(ETH, 100, SALT, signer, FREE_MODEL, 0);
+        vm.assertEq(channels.getChannel(id).publisher, address(0));
+        vm.assertEq(id, channels.computeChannelId(payer, payee, ETH, SALT, signer, FREE_MODEL));
+    }
+
+    function test_open_revertsOnZeroPayee() public {
+        vm.expectRevert(PaymentChannels.InvalidPayee.selector);
+        vm.prank(payer);
+        channels.open{value: 1}(address(0), ETH, 1, SALT, signer, MODEL, BPS);
+    }
+
+    function test_open_revertsWhenPayeeIsPayer() public {
+        vm.expectRevert(PaymentChannels.InvalidPayee.selector);
+        vm.prank(payer);
+        channels.open{value: 1}(payer, ETH, 1, SALT, signer, MODEL, BPS);
+    }
+
+    function test_open_revertsOnZeroSigner() public {
+        vm.expectRevert(PaymentChannels.InvalidSigner.selector);
+        vm.prank(payer);
+        channels.open{value: 1}(payee, ETH, 1, SALT, address(0), MODEL, BPS);
+    }
+
+    function test_open_revertsOnZeroDeposit() public {
+        vm.expectRevert(PaymentChannels.ZeroAmount.selector);
+        vm.prank(payer);
+        channels.open(payee, ETH, 0, SALT, signer, MODEL, BPS);
+    }
+
+    function test_open_revertsOnRoyaltyMismatch() public {
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.RoyaltyMismatch.selector, uint16(100), BPS));
+        vm.prank(payer);
+        channels.open{value: 1}(payee, ETH, 1, SALT, signer, MODEL, 100);
+    }
+
+    function test_open_revertsWhenRoyaltyFrontRun() public {
+        vm.prank(publisher);
+        registry.setRoyalty(MODEL, 9_000);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.RoyaltyMismatch.selector, BPS, uint16(9_000)));
+        _open(ETH, 1);
+    }
+
+    function test_open_revertsWhenChannelExists() public {
+        bytes32 id = _open(ETH, 1);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelExists.selector, id));
+        _open(ETH, 1);
+    }
+
+    function test_open_revertsWhenReopeningFinalizedChannel() public {
+        bytes32 id = _open(ETH, 10);
+        vm.prank(payee);
+        channels.close(id, 0, "");
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelExists.selector, id));
+        _open(ETH, 10);
+    }
+
+    function test_open_revertsWhenEthValueDiffers() public {
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 9, 10));
+        vm.prank(payer);
+        channels.open{value: 9}(payee, ETH, 10, SALT, signer, MODEL, BPS);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 11, 10));
+        vm.prank(payer);
+        channels.open{value: 11}(payee, ETH, 10, SALT, signer, MODEL, BPS);
+    }
+
+    function test_open_revertsWhenErc20SentWithValue() public {
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 1, 0));
+        vm.prank(payer);
+        channels.open{value: 1}(payee, address(token), 10, SALT, signer, MODEL, BPS);
+    }
+
+    function test_open_revertsOnFeeOnTransferToken() public {
+        FeeOnTransferToken fot = new FeeOnTransferToken();
+        fot.mint(payer, 1_000);
+        vm.startPrank(payer);
+        fot.approve(address(channels), 1_000);
+        vm.expectRevert(PaymentChannels.FeeOnTransferToken.selector);
+        channels.open(payee, address(fot), 1_000, SALT, signer, MODEL, BPS);
+        vm.stopPrank();
+    }
+
+    function test_open_revertsWithoutAllowance() public {
+        vm.prank(payer);
+        token.approve(address(channels), 0);
+        vm.expectRevert();
+        _open(address(token), 1);
+    }
+
+    function test_open_revertsOnTokenWithoutCode() public {
+        vm.expectRevert();
+        _open(address(0xDEAD), 1);
+    }
+
+    // ------------------------------------------------------------------ topUp
+
+    function test_topUp_eth_increasesDepositAndEmits() public {
+        bytes32 id = _open(ETH, 100);
+        vm.expectEmit(address(channels));
+        emit ToppedUp(id, 50, 150);
+        vm.prank(payer);
+        channels.topUp{value: 50}(id, 50);
+        vm.assertEq(uint256(channels.getChannel(id).deposit), 150);
+        vm.assertEq(address(channels).balance, 150);
+    }
+
+    function test_topUp_erc20_pullsAmount() public {
+        bytes32 id = _open(address(token), 100);
+        vm.prank(payer);
+        channels.topUp(id, 25);
+        vm.assertEq(uint256(channels.getChannel(id).deposit), 125);
+        vm.assertEq(token.balanceOf(address(channels)), 125);
+    }
+
+    function test_topUp_cancelsPendingClose() public {
+        bytes32 id = _open(ETH, 100);
+        vm.prank(payer);
+        channels.requestClose(id);
+        vm.expectEmit(address(channels));
+        emit CloseCancelled(id);
+        vm.expectEmit(address(channels));
+        emit ToppedUp(id, 1, 101);
+        vm.prank(payer);
+        channels.topUp{value: 1}(id, 1);
+        vm.assertEq(uint256(channels.getChannel(id).closeRequestedAt), 0);
+        vm.warp(block.timestamp + GRACE);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.CloseNotRequested.selector, id));
+        vm.prank(payer);
+        channels.withdraw(id);
+    }
+
+    function test_topUp_revertsWhenNotPayer() public {
+        bytes32 id = _open(ETH, 100);
+        vm.deal(payee, 1);
+        vm.expectRevert(PaymentChannels.NotPayer.selector);
+        vm.prank(payee);
+        channels.topUp{value: 1}(id, 1);
+    }
+
+    function test_topUp_revertsOnZeroAmount() public {
+        bytes32 id = _open(ETH, 100);
+        vm.expectRevert(PaymentChannels.ZeroAmount.selector);
+        vm.prank(payer);
+        channels.topUp(id, 0);
+    }
+
+    function test_topUp_revertsWhenFinalized() public {
+        bytes32 id = _open(ETH, 100);
+        vm.prank(payee);
+        channels.close(id, 0, "");
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.prank(payer);
+        channels.topUp{value: 1}(id, 1);
+    }
+
+    function test_topUp_revertsWhenChannelNotFound() public {
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, bytes32(uint256(1))));
+        vm.prank(payer);
+        channels.topUp{value: 1}(bytes32(uint256(1)), 1);
+    }
+
+    function test_topUp_revertsOnDepositOverflow() public {
+        bytes32 id = _open(address(token), type(uint128).max - 1);
+        token.mint(payer, 10);
+        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        vm.prank(payer);
+        channels.topUp(id, 2);
+        vm.prank(payer);
+        channels.topUp(id, 1);
+        vm.assertEq(uint256(channels.getChannel(id).deposit), type(uint128).max);
+    }
+
+    function test_topUp_revertsWhenEthValueDiffers() public {
+        bytes32 id = _open(ETH, 100);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 1, 2));
+        vm.prank(payer);
+        channels.topUp{value: 1}(id, 2);
+        bytes32 tid = _open(address(token), 100);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 1, 0));
+        vm.prank(payer);
+        channels.topUp{value: 1}(tid, 1);
+    }
+
+    // ------------------------------------------------------------------ settle
+
+    function test_settle_creditsDeltaSplitAndEmits() public {
+        bytes32 id = _open(ETH, 1 ether);
+        bytes memory sig = _voucher(id, 0.4 ether);
+        vm.expectEmit(address(channels));
+        emit Settled(id, 0.4 ether, 0.4 ether, 0.39 ether, 0.01 ether);
+        vm.prank(payee);
+        channels.settle(id, 0.4 ether, sig);
+        vm.assertEq(uint256(channels.getChannel(id).settled), 0.4 ether);
+        vm.assertEq(channels.earnings(ETH, payee), 0.39 ether);
+        vm.assertEq(channels.earnings(ETH, publisher), 0.01 ether);
+        vm.assertEq(address(channels).balance, 1 ether);
+    }
+
+    function test_settle_creditsOnlyTheIncrease() public {
+        bytes32 id = _open(address(token), 1_000);
+        _settle(id, 100);
+        _settle(id, 1_000);
+        vm.assertEq(uint256(channels.getChannel(id).settled), 1_000);
+        vm.assertEq(channels.earnings(address(token), publisher), 25);
+        vm.assertEq(channels.earnings(address(token), payee), 975);
+    }
+
+    function test_settle_royaltyRoundsOnCumulativeAmount() public {
+        // 2.5% of 1..40 step by step: per-step floors would pay 0; cumulative floors pay exactly 1.
+        bytes32 id = _open(ETH, 40);
+        for (uint128 i = 1; i <= 40; i++) {
+            _settle(id, i);
+            vm.assertEq(channels.earnings(ETH, publisher), _royalty(i, BPS));
+            vm.assertEq(channels.earnings(ETH, payee), i - _royalty(i, BPS));
+        }
+        vm.assertEq(channels.earnings(ETH, publisher), 1);
+    }
+
+    function test_settle_fullRoyaltyPaysOnlyPublisher() public {
+        bytes32 m = keccak256("all");
+        vm.prank(publisher);
+        registry.register(m, 10_000);
+        bytes32 id = _openWith(ETH, 77, SALT, signer, m, 10_000);
+        _settle(id, 77);
+        vm.assertEq(channels.earnings(ETH, publisher), 77);
+        vm.assertEq(channels.earnings(ETH, payee), 0);
+    }
+
+    function test_settle_allowedWhileClosePending() public {
+        bytes32 id = _open(ETH, 100);
+        vm.prank(payer);
+        channels.requestClose(id);
+        _settle(id, 60);
+        vm.assertEq(uint256(channels.getChannel(id).settled), 60);
+    }
+
+    function test_settle_allowedAfterGraceUntilPayerWithdraws() public {
+        bytes32 id = _open(ETH, 100);
+        vm.prank(payer);
+        channels.requestClose(id);
+        vm.warp(block.timestamp + GRACE * 10);
+        _settle(id, 60);
+        vm.prank(payer);
+        channels.withdraw(id);
+        vm.assertEq(channels.earnings(ETH, payer), 40);
+        bytes memory sig = _voucher(id, 70);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.prank(payee);
+        channels.settle(id, 70, sig);
+    }
+
+    function test_settle_revertsWhenNotPayee() public {
+        bytes32 id = _open(ETH, 100);
+        bytes memory sig = _voucher(id, 10);
+        vm.expectRevert(PaymentChannels.NotPayee.selector);
+        vm.prank(payer);
+        channels.settle(id, 10, sig);
+        vm.expectRevert(PaymentChannels.NotPayee.selector);
+        vm.prank(stranger);
+        channels.settle(id, 10, sig);
+    }
+
+    function test_settle_revertsWhenAmountNotIncreasing() public {
+        bytes32 id = _open(ETH, 100);
+        _settle(id, 50);
+        bytes memory same = _voucher(id, 50);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.AmountNotIncreasing.selector, uint128(50), uint128(50)));
+        vm.prank(payee);
+        channels.settle(id, 50, same);
+        bytes memory lower = _voucher(id, 49);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.AmountNotIncreasing.selector, uint128(49), uint128(50)));
+        vm.prank(payee);
+        channels.settle(id, 49, lower);
+    }
+
+    function test_settle_revertsOnZeroAmount() public {
+        bytes32 id = _open(ETH, 100);
+        bytes memory sig = _voucher(id, 0);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.AmountNotIncreasing.selector, uint128(0), uint128(0)));
+        vm.prank(payee);
+        channels.settle(id, 0, sig);
+    }
+
+    function test_settle_revertsWhenAmountExceedsDeposit() public {
+        bytes32 id = _open(ETH, 100);
+        bytes memory sig = _voucher(id, 101);
+        vm.expectRevert(
+            abi.encodeWithSelector(PaymentChannels.AmountExceedsDeposit.selector, uint128(101), uint128(100))
+        );
+        vm.prank(payee);
+        channels.settle(id, 101, sig);
+    }
+
+    function test_settle_revertsOnWrongSigner() public {
+        bytes32 id = _open(ETH, 100);
+        bytes memory sig = _sign(OTHER_PK, channels.hashVoucher(id, 10));
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(id, 10, sig);
+    }
+
+    function test_settle_revertsWhenAmountDiffersFromSigned() public {
+        bytes32 id = _open(ETH, 100);
+        bytes memory sig = _voucher(id, 10);
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(id, 11, sig);
+    }
+
+    function test_settle_revertsOnHighSSignature() public {
+        bytes32 id = _open(ETH, 100);
+        bytes32 digest = channels.hashVoucher(id, 10);
+        // Sanity: the high-s twin recovers the signer under raw ecrecover.
+        bytes memory high = _highS(SIGNER_PK, digest);
+        (bytes32 r, bytes32 s, uint8 v) = _split(high);
+        vm.assertEq(ecrecover(digest, v, r, s), signer);
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(id, 10, high);
+    }
+
+    function test_settle_revertsOn64ByteSignature() public {
+        bytes32 id = _open(ETH, 100);
+        bytes memory compact = _compact(SIGNER_PK, channels.hashVoucher(id, 10));
+        vm.assertEq(compact.length, 64);
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(id, 10, compact);
+    }
+
+    function test_settle_revertsOnEmptySignature() public {
+        bytes32 id = _open(ETH, 100);
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(id, 10, "");
+    }
+
+    function test_settle_revertsWhenChannelNotFound() public {
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, bytes32(uint256(7))));
+        vm.prank(payee);
+        channels.settle(bytes32(uint256(7)), 1, "");
+    }
+
+    function test_settle_revertsWhenFinalized() public {
+        bytes32 id = _open(ETH, 100);
+        vm.prank(payee);
+        channels.close(id, 0, "");
+        bytes memory sig = _voucher(id, 10);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.prank(payee);
+        channels.settle(id, 10, sig);
+    }
+
+    function test_settle_rejectsVoucherOfAnotherChannel() public {
+        bytes32 a = _open(ETH, 100);
+        bytes32 b = _openWith(ETH, 100, keccak256("b"), signer, MODEL, BPS);
+        bytes memory sigForA = _voucher(a, 10);
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(b, 10, sigForA);
+    }
+
+    function test_settle_rejectsVoucherFromAnotherChainId() public {
+        bytes32 id = _open(ETH, 100);
+        bytes memory otherChain = _sign(SIGNER_PK, _voucherDigest(block.chainid + 1, address(channels), id, 10));
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(id, 10, otherChain);
+    }
+
+    function test_settle_rejectsVoucherAfterChainIdChanges() public {
+        bytes32 id = _open(ETH, 100);
+        bytes memory sig = _voucher(id, 10);
+        uint256 original = block.chainid;
+        vm.chainId(original + 1); // a fork: the domain separator follows the chain id
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(id, 10, sig);
+        vm.chainId(original);
+        vm.prank(payee);
+        channels.settle(id, 10, sig);
+    }
+
+    function test_settle_rejectsVoucherForAnotherContract() public {
+        PaymentChannels other = new PaymentChannels(address(registry), GRACE);
+        bytes32 id = _open(ETH, 100);
+        bytes memory sig = _sign(SIGNER_PK, other.hashVoucher(id, 10));
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(id, 10, sig);
+    }
+
+    function test_settle_acceptsErc1271Signer() public {
+        MockERC1271Wallet wallet = new MockERC1271Wallet(signer);
+        bytes32 id = _openWith(ETH, 100, SALT, address(wallet), MODEL, BPS);
+        _settle(id, 40); // signed by the wallet's owner key
+        vm.assertEq(uint256(channels.getChannel(id).settled), 40);
+    }
+
+    function test_settle_revertsWhenErc1271SignerRefuses() public {
+        MockERC1271Wallet wallet = new MockERC1271Wallet(signer);
+        bytes32 id = _openWith(ETH, 100, SALT, address(wallet), MODEL, BPS);
+        bytes memory wrongKey = _sign(OTHER_PK, channels.hashVoucher(id, 40));
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(id, 40, wrongKey);
+        wallet.revoke();
+        bytes memory sig = _voucher(id, 40);
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.settle(id, 40, sig);
+    }
+
+    // ------------------------------------------------------------------ close
+
+    function test_close_settlesRefundsAndFinalizes() public {
+        bytes32 id = _open(ETH, 1_000);
+        _settle(id, 100);
+        bytes memory sig = _voucher(id, 600);
+        vm.expectEmit(address(channels));
+        emit Settled(id, 600, 500, 487, 13); // floor(15) - floor(2.5) = 13
+        vm.expectEmit(address(channels));
+        emit ChannelClosed(id, 600, 400);
+        vm.prank(payee);
+        channels.close(id, 600, sig);
+        PaymentChannels.Channel memory ch = channels.getChannel(id);
+        vm.assertTrue(ch.finalized);
+        vm.assertEq(uint256(ch.settled), 600);
+        vm.assertEq(uint256(ch.deposit), 1_000); // the record is kept
+        vm.assertEq(channels.earnings(ETH, payer), 400);
+        vm.assertEq(channels.earnings(ETH, publisher), 15);
+        vm.assertEq(channels.earnings(ETH, payee), 585);
+    }
+
+    function test_close_atSettledAmountIgnoresSignature() public {
+        bytes32 id = _open(address(token), 1_000);
+        _settle(id, 300);
+        vm.expectEmit(address(channels));
+        emit ChannelClosed(id, 300, 700);
+        vm.prank(payee);
+        channels.close(id, 300, hex"deadbeef");
+        vm.assertEq(channels.earnings(address(token), payer), 700);
+    }
+
+    function test_close_belowSettledClosesAtSettled() public {
+        bytes32 id = _open(ETH, 1_000);
+        _settle(id, 300);
+        vm.prank(payee);
+        channels.close(id, 1, "");
+        vm.assertEq(uint256(channels.getChannel(id).settled), 300);
+        vm.assertEq(channels.earnings(ETH, payer), 700);
+    }
+
+    function test_close_fullDepositRefundsNothing() public {
+        bytes32 id = _open(ETH, 1_000);
+        bytes memory sig = _voucher(id, 1_000);
+        vm.prank(payee);
+        channels.close(id, 1_000, sig);
+        vm.assertEq(channels.earnings(ETH, payer), 0);
+    }
+
+    function test_close_revertsWhenNotPayee() public {
+        bytes32 id = _open(ETH, 100);
+        vm.expectRevert(PaymentChannels.NotPayee.selector);
+        vm.prank(payer);
+        channels.close(id, 0, "");
+    }
+
+    function test_close_revertsWhenFinalized() public {
+        bytes32 id = _open(ETH, 100);
+        vm.startPrank(payee);
+        channels.close(id, 0, "");
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        channels.close(id, 0, "");
+        vm.stopPrank();
+    }
+
+    function test_close_revertsOnInvalidSignatureAboveSettled() public {
+        bytes32 id = _open(ETH, 100);
+        bytes memory sig = _sign(OTHER_PK, channels.hashVoucher(id, 50));
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.prank(payee);
+        channels.close(id, 50, sig);
+    }
+
+    function test_close_revertsWhenAmountExceedsDeposit() public {
+        bytes32 id = _open(ETH, 100);
+        bytes memory sig = _voucher(id, 101);
+        vm.expectRevert(
+            abi.encodeWithSelector(PaymentChannels.AmountExceedsDeposit.selector, uint128(101), uint128(100))
+        );
+        vm.prank(payee);
+        channels.close(id, 101, sig);
+    }
+
+    function test_close_revertsWhenChannelNotFound() public {
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, bytes32(0)));
+        vm.prank(payee);
+        channels.close(bytes32(0), 0, "");
+    }
+
+    // ------------------------------------------------------------------ requestClose
+
+    function test_requestClose_recordsTimeAndEmitsClosableAt() public {
+        bytes32 id = _open(ETH, 100);
+        vm.expectEmit(address(channels));
+        emit CloseRequested(id, uint64(block.timestamp) + GRACE);
+        vm.prank(payer);
+        channels.requestClose(id);
+        vm.assertEq(uint256(channels.getChannel(id).closeRequestedAt), block.timestamp);
+    }
+
+    function test_requestClose_revertsWhenNotPayer() public {
+        bytes32 id = _open(ETH, 100);
+        vm.expectRevert(PaymentChannels.NotPayer.selector);
+        vm.prank(payee);
+        channels.requestClose(id);
+        vm.expectRevert(PaymentChannels.NotPayer.selector);
+        vm.prank(stranger);
+        channels.requestClose(id);
+    }
+
+    function test_requestClose_revertsWhenAlreadyRequested() public {
+        bytes32 id = _open(ETH, 100);
+        vm.startPrank(payer);
+        channels.requestClose(id);
+        vm.warp(block.timestamp + 1);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.CloseAlreadyRequested.selector, id));
+        channels.requestClose(id);
+        vm.stopPrank();
+    }
+
+    function test_requestClose_revertsWhenFinalized() public {
+        bytes32 id = _open(ETH, 100);
+        vm.prank(payee);
+        channels.close(id, 0, "");
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.prank(payer);
+        channels.requestClose(id);
+    }
+
+    function test_requestClose_revertsWhenChannelNotFound() public {
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, bytes32(uint256(3))));
+        vm.prank(payer);
+        channels.requestClose(bytes32(uint256(3)));
+    }
+
+    // ------------------------------------------------------------------ withdraw
+
+    function test_withdraw_refundsUnsettledAfterGrace() public {
+        bytes32 id = _open(address(token), 1_000);
+        _settle(id, 250);
+        vm.prank(payer);
+        channels.requestClose(id);
+        vm.warp(block.timestamp + GRACE);
+        vm.expectEmit(address(channels));
+        emit Withdrawn(id, 750);
+        vm.prank(payer);
+        channels.withdraw(id);
+        vm.assertTrue(channels.getChannel(id).finalized);
+        vm.assertEq(channels.earnings(address(token), payer), 750);
+    }
+
+    function test_withdraw_revertsWhenCloseNotRequested() public {
+        bytes32 id = _open(ETH, 100);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.CloseNotRequested.selector, id));
+        vm.prank(payer);
+        channels.withdraw(id);
+    }
+
+    function test_withdraw_revertsDuringGracePeriod() public {
+        bytes32 id = _open(ETH, 100);
+        vm.prank(payer);
+        channels.requestClose(id);
+        uint64 closableAt = uint64(block.timestamp) + GRACE;
+        vm.warp(closableAt - 1);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.GracePeriodActive.selector, closableAt));
+        vm.prank(payer);
+        channels.withdraw(id);
+    }
+
+    function test_withdraw_revertsWhenNotPayer() public {
+        bytes32 id = _open(ETH, 100);
+        vm.prank(payer);
+        channels.requestClose(id);
+        vm.warp(block.timestamp + GRACE);
+        vm.expectRevert(PaymentChannels.NotPayer.selector);
+        vm.prank(payee);
+        channels.withdraw(id);
+    }
+
+    function test_withdraw_revertsWhenFinalized() public {
+        bytes32 id = _open(ETH, 100);
+        vm.prank(payer);
+        channels.requestClose(id);
+        vm.warp(block.timestamp + GRACE);
+        vm.prank(payer);
+        channels.withdraw(id);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.prank(payer);
+        channels.withdraw(id);
+    }
+
+    function test_withdraw_revertsAfterPayeeClosed() public {
+        bytes32 id = _open(ETH, 100);
+        vm.prank(payer);
+        channels.requestClose(id);
+        vm.prank(payee);
+        channels.close(id, 0, "");
+        vm.warp(block.timestamp + GRACE);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.prank(payer);
+        channels.withdraw(id);
+    }
+
+    function test_withdraw_revertsWhenChannelNotFound() public {
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, bytes32(uint256(9))));
+        vm.prank(payer);
+        channels.withdraw(bytes32(uint256(9)));
+    }
+
+    function test_withdraw_succeedsWithRevertingPayeeAndPublisher() public {
+        RevertingReceiver badPayee = new RevertingReceiver();
+        RevertingReceiver badPublisher = new RevertingReceiver();
+        bytes32 m = keccak256("bad");
+        vm.prank(address(badPublisher));
+        registry.register(m, 1_000);
+        vm.prank(payer);
+        bytes32 id = channels.open{value: 100}(address(badPayee), ETH, 100, SALT, signer, m, 1_000);
+        bytes memory sig = _voucher(id, 30);
+        vm.prank(address(badPayee));
+        channels.settle(id, 30, sig);
+        vm.prank(payer);
+        channels.requestClose(id);
+        vm.warp(block.timestamp + GRACE);
+        vm.prank(payer);
+        channels.withdraw(id);
+        vm.assertEq(channels.earnings(ETH, payer), 70);
+        vm.prank(payer);
+        channels.claimEarnings(ETH);
+        // The payee's own claim fails, and only the payee's.
+        vm.expectRevert(PaymentChannels.EthTransferFailed.selector);
+        vm.prank(address(badPayee));
+        channels.claimEarnings(ETH);
+        vm.assertEq(channels.earnings(ETH, address(badPayee)), 27);
+        vm.assertEq(channels.earnings(ETH, address(badPublisher)), 3);
+    }
+
+    // ------------------------------------------------------------------ claimEarnings
+
+    function test_claimEarnings_eth_paysAndEmits() public {
+        bytes32 id = _open(ETH, 1_000);
+        _settle(id, 1_000);
+        uint256 before = payee.balance;
+        vm.expectEmit(address(channels));
+        emit EarningsClaimed(ETH, payee, 975);
+        vm.prank(payee);
+        uint256 amount = channels.claimEarnings(ETH);
+        vm.assertEq(amount, 975);
+        vm.assertEq(payee.balance - before, 975);
+        vm.assertEq(channels.earnings(ETH, payee), 0);
+        vm.assertEq(address(channels).balance, 25);
+    }
+
+    function test_claimEarnings_erc20_paysPublisherAndPayer() public {
+        bytes32 id = _open(address(token), 1_000);
+        bytes memory sig = _voucher(id, 400);
+        vm.prank(payee);
+        channels.close(id, 400, sig);
+        vm.prank(publisher);
+        channels.claimEarnings(address(token));
+        vm.prank(payer);
+        channels.claimEarnings(address(token));
+        vm.prank(payee);
+        channels.claimEarnings(address(token));
+        vm.assertEq(token.balanceOf(publisher), 10);
+        vm.assertEq(token.balanceOf(payee), 390);
+        vm.assertEq(token.balanceOf(address(channels)), 0);
+    }
+
+    function test_claimEarnings_revertsWhenNothingToClaim() public {
+        vm.expectRevert(PaymentChannels.NothingToClaim.selector);
+        vm.prank(payee);
+        channels.claimEarnings(ETH);
+    }
+
+    function test_claimEarnings_revertsOnSecondClaim() public {
+        bytes32 id = _open(ETH, 10);
+        _settle(id, 10);
+        vm.startPrank(payee);
+        channels.claimEarnings(ETH);
+        vm.expectRevert(PaymentChannels.NothingToClaim.selector);
+        channels.claimEarnings(ETH);
+        vm.stopPrank();
+    }
+
+    // ------------------------------------------------------------------ reentrancy
+
+    function test_reentrancy_tokenCannotReenterSettleDuringOpen() public {
+        ReentrantToken evil = new ReentrantToken();
+        // Channel X pays the evil token itself, so only the guard stops a re-entering settle.
+        vm.prank(payer);
+        bytes32 x = channels.open{value: 100}(address(evil), ETH, 100, SALT, signer, MODEL, BPS);
+        evil.arm(address(channels), abi.encodeCall(PaymentChannels.settle, (x, 50, _voucher(x, 50))));
+        evil.mint(payer, 1_000);
+        vm.prank(payer);
+        evil.approve(address(channels), 1_000);
+        bytes32 y = _open(address(evil), 1_000);
+        vm.assertEq(evil.reentryAttempts(), 1);
+        vm.assertEq(evil.reentrySuccesses(), 0);
+        vm.assertEq(uint256(channels.getChannel(x).settled), 0);
+        vm.assertEq(uint256(channels.getChannel(y).deposit), 1_000);
+    }
+
+    function test_reentrancy_tokenCannotClaimTwice() public {
+        ReentrantToken evil = new ReentrantToken();
+        evil.mint(payer, 1_000);
+        vm.prank(payer);
+        evil.approve(address(channels), 1_000);
+        vm.prank(payer);
+        bytes32 id = channels.open(address(evil), address(evil), 1_000, SALT, signer, FREE_MODEL, 0);
+        bytes memory sig = _voucher(id, 1_000);
+        vm.prank(address(evil));
+        channels.settle(id, 1_000, sig);
+        evil.arm(address(channels), abi.encodeCall(PaymentChannels.claimEarnings, (address(evil))));
+        vm.prank(address(evil));
+        channels.claimEarnings(address(evil));
+        vm.assertEq(evil.reentrySuccesses(), 0);
+        vm.assertEq(evil.balanceOf(address(evil)), 1_000);
+        vm.assertEq(evil.balanceOf(address(channels)), 0);
+    }
+
+    function test_reentrancy_erc1271SignerCannotSettleTwice() public {
+        // The malicious wallet is both payee and signer, so a re-entering close passes every
+        // check but the guard (and the STATICCALL context of isValidSignature).
+        ReentrantSigner evil = new ReentrantSigner(signer);
+        vm.prank(payer);
+        bytes32 id = channels.open{value: 100}(address(evil), ETH, 100, SALT, address(evil), MODEL, BPS);
+        bytes memory sig = _voucher(id, 80);
+        evil.arm(address(channels), abi.encodeCall(PaymentChannels.close, (id, 80, sig)));
+        vm.prank(address(evil));
+        channels.settle(id, 80, sig);
+        PaymentChannels.Channel memory ch = channels.getChannel(id);
+        vm.assertEq(uint256(ch.settled), 80);
+        vm.assertFalse(ch.finalized);
+        vm.assertEq(channels.earnings(ETH, address(evil)) + channels.earnings(ETH, publisher), 80);
+        vm.assertEq(channels.earnings(ETH, payer), 0);
+    }
+
+    // ------------------------------------------------------------------ fuzz
+
+    function testFuzz_settle_splitIsExact(uint128 deposit, uint128 first, uint128 second, uint16 bps) public {
+        deposit = uint128(bound(deposit, 2, type(uint128).max));
+        bps = uint16(bound(bps, 0, 10_000));
+        first = uint128(bound(first, 1, deposit - 1));
+        second = uint128(bound(second, first + 1, deposit));
+        bytes32 m = keccak256(abi.encode("fuzz", bps));
+        vm.prank(publisher);
+        registry.register(m, bps);
+        bytes32 id = _openWith(address(token), deposit, SALT, signer, m, bps);
+
+        _settle(id, first);
+        uint256 pub1 = channels.earnings(address(token), publisher);
+        vm.assertEq(pub1, _royalty(first, bps));
+        vm.assertEq(channels.earnings(address(token), payee) + pub1, first);
+
+        _settle(id, second);
+        uint256 pub2 = channels.earnings(address(token), publisher);
+        uint256 payee2 = channels.earnings(address(token), payee);
+        vm.assertEq(pub2, _royalty(second, bps));
+        vm.assertEq(payee2 + pub2, second);
+        vm.assertLe(pub2 - pub1, second - first);
+
+        vm.prank(payee);
+        channels.close(id, 0, "");
+        vm.assertEq(channels.earnings(address(token), payer), deposit - second);
+        vm.assertEq(token.balanceOf(address(channels)), deposit);
+    }
+
+    function testFuzz_settle_amountsNearUint128Max(uint128 below, uint16 bps) public {
+        bps = uint16(bound(bps, 0, 10_000));
+        below = uint128(bound(below, 0, 1_000));
+        uint128 deposit = type(uint128).max;
+        bytes32 m = keccak256(abi.encode("max", bps));
+        vm.prank(publisher);
+        registry.register(m, bps);
+        bytes32 id = _openWith(address(token), deposit, SALT, signer, m, bps);
+        _settle(id, deposit - below);
+        if (below != 0) _settle(id, deposit);
+        vm.assertEq(channels.earnings(address(token), publisher), _royalty(deposit, bps));
+        vm.assertEq(channels.earnings(address(token), payee), deposit - _royalty(deposit, bps));
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        channels.topUp(id, 1);
+    }
+
+    function testFuzz_close_refundIsExact(uint128 deposit, uint128 cumulative, bool eth) public {
+        deposit = uint128(bound(deposit, 1, type(uint128).max));
+        cumulative = uint128(bound(cumulative, 0, deposit));
+        address t = eth ? ETH : address(token);
+        bytes32 id = _open(t, deposit);
+        bytes memory sig = _voucher(id, cumulative);
+        vm.prank(payee);
+        channels.close(id, cumulative, sig);
+        vm.assertEq(channels.earnings(t, payer), deposit - cumulative);
+        vm.assertEq(
+            channels.earnings(t, payer) + channels.earnings(t, payee) + channels.earnings(t, publisher), deposit
+        );
+    }
+
+    function testFuzz_settle_rejectsMalleatedSignatures(uint256 pk, uint128 amount) public {
+        pk = bound(pk, 1, SECP256K1_N - 1);
+        amount = uint128(bound(amount, 1, 1_000));
+        address key = vm.addr(pk);
+        bytes32 id = _openWith(ETH, 1_000, SALT, key, MODEL, BPS);
+        bytes32 digest = channels.hashVoucher(id, amount);
+        vm.startPrank(payee);
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        channels.settle(id, amount, _highS(pk, digest));
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        channels.settle(id, amount, _compact(pk, digest));
+        channels.settle(id, amount, _sign(pk, digest));
+        vm.stopPrank();
+        vm.assertEq(uint256(channels.getChannel(id).settled), amount);
+    }
+
+    function testFuzz_settle_rejectsReplayAcrossChainsAndContracts(uint256 otherChain, address otherContract)
+        public
+    {
+        vm.assume(otherContract != address(channels));
+        otherChain = bound(otherChain, 1, type(uint64).max);
+        vm.assume(otherChain != block.chainid);
+        bytes32 id = _open(ETH, 100);
+        vm.startPrank(payee);
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        channels.settle(id, 10, _sign(SIGNER_PK, _voucherDigest(otherChain, address(channels), id, 10)));
+        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        channels.settle(id, 10, _sign(SIGNER_PK, _voucherDigest(block.chainid, otherContract, id, 10)));
+        vm.stopPrank();
+    }
+
+    function _split(bytes memory sig) internal pure returns (bytes32 r, bytes32 s, uint8 v) {
+        assembly {
+            r := mload(add(sig, 0x20))
+            s := mload(add(sig, 0x40))
+            v := byte(0, mload(add(sig, 0x60)))
+        }
+    }
+}

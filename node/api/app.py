@@ -1,0 +1,133 @@
+"""The app factory: wires config, engine, enclave identity, TEE provider and receipt store into FastAPI.
+
+Tests and the (later) payment gate inject their own parts through `create_app`'s keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from client.receipts import ReceiptDomain, model_id_for
+from node import __version__
+from node.api import attestation, openai, receipts
+from node.api.body_limit import BodyLimitMiddleware
+from node.api.errors import install_error_handlers
+from node.api.metrics import MetricsMiddleware, NodeMetrics
+from node.api.state import NodeState, node_state
+from node.config import NodeSettings
+from node.engine.base import Engine
+from node.identity import EnclaveIdentity
+from node.logging import get_logger
+from node.receipts import ReceiptSigner, ReceiptStore
+from node.tee.base import AttestationProvider
+
+log = get_logger("dcml.node")
+
+
+def build_provider(settings: NodeSettings) -> AttestationProvider:
+    tee = settings.tee
+    if tee.provider == "simulated":
+        from node.tee.simulated import SimulatedProvider
+
+        return SimulatedProvider()
+    if tee.provider == "tdx":
+        from node.tee.tdx import TdxProvider
+
+        return TdxProvider(**tee.options)  # type: ignore[arg-type]
+    from node.tee.dstack import DstackProvider  # needs dstack-sdk: imported only when chosen
+
+    return DstackProvider(**tee.options)  # type: ignore[arg-type]
+
+
+def build_identity(settings: NodeSettings, provider: AttestationProvider) -> EnclaveIdentity:
+    if provider.tee_type == "dstack":  # KMS-derived: the same address after a restart
+        return EnclaveIdentity.from_seed(provider.derive_identity_seed())  # type: ignore[attr-defined]
+    if provider.tee_type == "simulated":
+        return EnclaveIdentity.load_or_create_dev_seed(settings.data_dir)
+    return EnclaveIdentity.generate()  # plain TDX: fresh keys each boot, re-registered on chain
+
+
+def build_engine(settings: NodeSettings) -> Engine:
+    e = settings.engine
+    if e.kind == "synthetic":
+        from node.engine.synthetic import SyntheticEngine
+
+        return SyntheticEngine(model_name=e.served_model_name, **e.options)  # type: ignore[arg-type]
+    if e.kind == "openai":
+        from node.engine.openai_upstream import OpenAIUpstreamEngine
+
+        if not e.base_url:
+            raise ValueError("engine.kind = 'openai' needs engine.base_url (e.g. http://127.0.0.1:8000)")
+        return OpenAIUpstreamEngine(e.base_url, e.served_model_name, api_key=e.api_key,  # type: ignore[arg-type]
+                                    tokenizer_dir=e.model_dir, **e.options)
+    from node.engine.embedded import EmbeddedEngine  # torch: imported only when chosen
+
+    if e.model_dir is None or not e.model_dir.is_dir():
+        raise ValueError(f"engine.model_dir {e.model_dir} is not a directory; build the demo model or set "
+                         "engine.kind = 'synthetic'")
+    return EmbeddedEngine(e.model_dir, model_name=e.served_model_name, **e.options)  # type: ignore[arg-type]
+
+
+def create_app(
+    settings: NodeSettings,
+    *,
+    engine: Engine | None = None,
+    identity: EnclaveIdentity | None = None,
+    provider: AttestationProvider | None = None,
+) -> FastAPI:
+    provider = provider or build_provider(settings)
+    identity = identity or build_identity(settings, provider)
+    engine = engine or build_engine(settings)
+    rc = settings.receipts
+    metrics = NodeMetrics(engine.queue_depth)
+    state = NodeState(
+        settings=settings, engine=engine, identity=identity, provider=provider,
+        store=ReceiptStore(settings.data_dir / "receipts.sqlite"),
+        signer=ReceiptSigner(identity.account, ReceiptDomain(rc.chain_id, rc.verifying_contract),
+                             rc.model_id or model_id_for(engine.model_name)),
+        metrics=metrics, node_version=__version__,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if provider.tee_type == "simulated":
+            log.warning("SIMULATED TEE: NOT CONFIDENTIAL. Keys and prompts are unprotected and clients refuse "
+                        "this node unless they set allow_simulated. Development only.")
+        state.store.open()
+        await engine.start()
+        log.info("node_started", address=identity.address, tee=provider.tee_type, model=engine.model_name,
+                 version=__version__, receipts_chain_id=rc.chain_id)
+        try:
+            yield
+        finally:
+            # uvicorn calls this after in-flight requests drained (or graceful_shutdown_s ran out).
+            log.info("node_stopping")
+            await engine.stop()
+            await state.store.close()
+            log.info("node_stopped")
+
+    app = FastAPI(title="dcml node", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.node = state
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(attestation.router)
+    app.include_router(receipts.router)
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        s = node_state(request)
+        return {"status": "ok", "model": s.engine.model_name, "address": s.identity.address,
+                "tee": s.provider.tee_type, "version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        body, content_type = node_state(request).metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: also counts 413s
+    return app

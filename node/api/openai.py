@@ -1,0 +1,294 @@
+"""OpenAI-compatible routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) in vLLM's exact shapes.
+
+Every answer is metered and ends with a signed receipt (`node.receipts`): non-streamed in the
+`X-DCML-Receipt` header, streamed as an `event: dcml-receipt` SSE event after `data: [DONE]`, where
+the official OpenAI SDK has already stopped reading.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+
+from client.e2e import SEALED_CONTENT_TYPE, ResponseKey
+from client.receipts import (
+    RECEIPT_EVENT,
+    RECEIPT_HEADER,
+    RECEIPT_ID_HEADER,
+    StreamHasher,
+    request_hash,
+    response_hash,
+)
+from node.api.errors import APIError, BadRequest, ModelNotFound, Overloaded, PayloadTooLarge, error_body, internal_error
+from node.api.protocol import ChatCompletionRequest, CompletionRequest
+from node.api.sealing import SEALED_RESPONSE_HEADERS, open_body
+from node.api.sse import DONE, SSE_HEADERS, data_event, named_event
+from node.api.state import NodeState, node_state
+from node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
+from node.logging import get_logger
+from node.receipts import Metering, new_receipt_id
+
+log = get_logger("dcml.api")
+router = APIRouter()
+Kind = Literal["chat", "completion"]
+
+
+def _json(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass
+class _Plan:
+    """A validated request, ready for the engine."""
+
+    kind: Kind
+    model: str
+    generation: GenerationRequest
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+
+
+def _parse(kind: Kind, body: bytes, state: NodeState) -> _Plan:
+    model_cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    try:
+        req = model_cls.model_validate_json(body)
+        prompt = (state.engine.render_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+                  if isinstance(req, ChatCompletionRequest) else req.prompt_text())
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        if err["type"] == "json_invalid":
+            raise BadRequest("Request body is not valid JSON: " + err["msg"], code="invalid_json") from None
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise BadRequest(f"Invalid value for {param or 'the request'}: {err['msg']}", param=param) from None
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="prompt") from None
+    engine, limits = state.engine, state.settings.limits
+    if req.model != engine.model_name:
+        raise ModelNotFound(req.model)
+
+    prompt_tokens = engine.count_tokens(prompt)
+    prompt_cap = min(limits.max_prompt_tokens, engine.max_context - 1)
+    if prompt_tokens > prompt_cap:
+        raise PayloadTooLarge(f"The prompt has {prompt_tokens} tokens; this node accepts at most {prompt_cap}. "
+                              "Shorten the prompt or the conversation.", param="messages" if kind == "chat"
+                              else "prompt", code="prompt_too_long")
+    room = engine.max_context - prompt_tokens
+    requested = req.requested_max_tokens()
+    if requested is None:
+        max_tokens = min(limits.default_max_tokens, limits.max_tokens_cap, room)
+    elif requested > limits.max_tokens_cap:
+        raise BadRequest(f"max_tokens={requested} is above this node's cap of {limits.max_tokens_cap}; ask for "
+                         "fewer tokens.", param="max_tokens", code="max_tokens_too_large")
+    elif requested > room:
+        raise BadRequest(f"This model's maximum context length is {engine.max_context} tokens. However, you "
+                         f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
+                         f"{requested} in the completion). Reduce max_tokens or the prompt.",
+                         param="max_tokens", code="context_length_exceeded")
+    else:
+        max_tokens = requested
+    params = SamplingParams(max_tokens=max_tokens,
+                            temperature=1.0 if req.temperature is None else req.temperature,
+                            top_p=1.0 if req.top_p is None else req.top_p,
+                            seed=req.seed, stop=req.stop_tuple())
+    return _Plan(kind, req.model, GenerationRequest(prompt=prompt, params=params), prompt_tokens,
+                 req.stream, req.include_usage)
+
+
+class _Shapes:
+    """vLLM's response and chunk objects for one answer."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.created = int(time.time())
+        # Node-generated, never from the client (a client-chosen id could collide with another's).
+        self.id = ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.plan.model}
+
+    def usage(self, output_tokens: int) -> dict:
+        p = self.plan.prompt_tokens
+        return {"prompt_tokens": p, "total_tokens": p + output_tokens, "completion_tokens": output_tokens}
+
+    def role_chunk(self) -> bytes:
+        return _json({**self._head("chat.completion.chunk"), "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+
+    def chunk(self, text: str, finish: str | None) -> bytes:
+        if self.plan.kind == "chat":
+            choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+            return _json({**self._head("chat.completion.chunk"), "choices": [choice]})
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        return _json({**self._head("text_completion"), "choices": [choice]})
+
+    def usage_chunk(self, output_tokens: int) -> bytes:
+        obj = "chat.completion.chunk" if self.plan.kind == "chat" else "text_completion"
+        return _json({**self._head(obj), "choices": [], "usage": self.usage(output_tokens)})
+
+    def full(self, text: str, finish: str | None, output_tokens: int) -> bytes:
+        if self.plan.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish, "stop_reason": None}
+            return _json({**self._head("chat.completion"), "choices": [choice], "usage": self.usage(output_tokens)})
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        return _json({**self._head("text_completion"), "choices": [choice], "usage": self.usage(output_tokens)})
+
+
+async def _first_chunk(stream: AsyncIterator[TokenChunk]) -> TokenChunk | None:
+    """Pull the first chunk before answering, so overload is a clean 429 rather than a broken 200 stream."""
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return None
+    except EngineOverloaded as exc:
+        raise Overloaded(f"The node is at capacity ({exc}); retry after a short wait.", code="overloaded",
+                         headers={"Retry-After": "1"}) from None
+
+
+async def _serve(request: Request, kind: Kind) -> Response:
+    state = node_state(request)
+    accepted_at, t0 = time.time(), time.perf_counter()
+    raw = await request.body()
+    opened = open_body(request, raw, state.identity)  # sealing errors before opening stay plaintext
+    try:
+        plan = _parse(kind, opened.body, state)
+        stream = state.engine.stream(plan.generation)
+        try:
+            first = await _first_chunk(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        ttft = time.perf_counter() - t0
+        state.metrics.ttft.labels(plan.model).observe(ttft)
+        state.metrics.prompt_tokens.labels(plan.model).inc(plan.prompt_tokens)
+        meter = _Meter(state, plan, request_hash(opened.body), accepted_at, t0, ttft)
+        if plan.stream:
+            return _streaming_response(meter, first, stream, opened.key)
+        return await _full_response(meter, first, stream, opened.key)
+    except Exception as exc:
+        err = exc if isinstance(exc, APIError) else internal_error(exc, kind)
+        if opened.key is None:
+            raise err from None
+        # The request was sealed: even the error may reveal something about it, so it is sealed too.
+        body = error_body(err.message, err.type, err.param, err.code)
+        return Response(opened.key.seal(body, 0, True), status_code=err.status, media_type=SEALED_CONTENT_TYPE,
+                        headers={**err.headers, **SEALED_RESPONSE_HEADERS})
+
+
+@dataclass
+class _Meter:
+    state: NodeState
+    plan: _Plan
+    request_hash: str
+    accepted_at: float
+    t0: float
+    ttft: float
+    output_tokens: int = 0
+
+    async def receipt(self, receipt_id: str, response_hash_: str) -> str:
+        """Sign and durably store the receipt; returns its wire JSON."""
+        duration = time.perf_counter() - self.t0
+        m = self.state.metrics
+        m.output_tokens.labels(self.plan.model).inc(self.output_tokens)
+        m.generation_seconds.labels(self.plan.model).observe(duration)
+        signed = self.state.signer.sign(receipt_id, Metering(
+            request_hash=self.request_hash, response_hash=response_hash_, input_tokens=self.plan.prompt_tokens,
+            output_tokens=self.output_tokens, accepted_at=self.accepted_at, ttft_s=self.ttft, duration_s=duration))
+        await self.state.store.put(signed)
+        return signed.model_dump_json(by_alias=True)
+
+
+async def _full_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIterator[TokenChunk],
+                         key: ResponseKey | None) -> Response:
+    parts: list[str] = []
+    finish = None
+    chunk = first
+    try:
+        while chunk is not None:
+            parts.append(chunk.text)
+            meter.output_tokens += chunk.tokens
+            finish = chunk.finish_reason or finish
+            chunk = await anext(stream, None)
+    finally:
+        await stream.aclose()
+    body = _Shapes(meter.plan).full("".join(parts), finish, meter.output_tokens)
+    receipt_id = new_receipt_id()
+    receipt_json = await meter.receipt(receipt_id, response_hash(body))
+    headers = {RECEIPT_ID_HEADER: receipt_id, RECEIPT_HEADER: base64.b64encode(receipt_json.encode()).decode()}
+    if key is not None:
+        return Response(key.seal(body, 0, True), media_type=SEALED_CONTENT_TYPE,
+                        headers={**headers, **SEALED_RESPONSE_HEADERS})
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIterator[TokenChunk],
+                        key: ResponseKey | None) -> StreamingResponse:
+    shapes = _Shapes(meter.plan)
+    receipt_id = new_receipt_id()
+    hasher = StreamHasher()
+    seq = 0
+
+    def emit(payload: bytes) -> bytes:
+        # responseHash covers the plaintext payloads in order, [DONE] included (client.receipts).
+        nonlocal seq
+        hasher.update(payload)
+        if key is not None:
+            payload = key.seal(payload, seq, payload == DONE)
+            seq += 1
+        return data_event(payload)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if meter.plan.kind == "chat":
+                yield emit(shapes.role_chunk())
+            chunk = first
+            try:
+                while chunk is not None:
+                    meter.output_tokens += chunk.tokens
+                    if chunk.text or chunk.finish_reason is not None:  # like vLLM: no chunk for textless tokens
+                        yield emit(shapes.chunk(chunk.text, chunk.finish_reason))
+                    chunk = await anext(stream, None)
+            except Exception as exc:  # mid-stream failure: vLLM sends an error event, then [DONE]
+                err = internal_error(exc, "stream")
+                meter.state.metrics.errors.labels("stream_aborted").inc()
+                yield emit(error_body(err.message, err.type, None, err.code))
+            if meter.plan.include_usage:
+                yield emit(shapes.usage_chunk(meter.output_tokens))
+            yield emit(DONE)
+            receipt_json = await meter.receipt(receipt_id, hasher.hexdigest())
+            yield named_event(RECEIPT_EVENT, receipt_json.encode())
+        finally:
+            await stream.aclose()  # frees the engine slot when the client disconnects
+
+    headers = {**SSE_HEADERS, RECEIPT_ID_HEADER: receipt_id}
+    if key is not None:
+        headers.update(SEALED_RESPONSE_HEADERS)
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _serve(request, "chat")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _serve(request, "completion")
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    engine = node_state(request).engine
+    return {"object": "list", "data": [{
+        "id": engine.model_name, "object": "model", "created": int(time.time()), "owned_by": "dcml",
+        "root": engine.model_name, "parent": None, "max_model_len": engine.max_context, "permission": []}]}

@@ -1,0 +1,30 @@
+"""What the routes share, built once by the app factory and kept on `app.state.node`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from node.api.metrics import NodeMetrics
+from node.config import NodeSettings
+from node.engine.base import Engine
+from node.identity import EnclaveIdentity
+from node.receipts import ReceiptSigner, ReceiptStore
+from node.tee.base import AttestationProvider
+
+
+@dataclass
+class NodeState:
+    settings: NodeSettings
+    engine: Engine
+    identity: EnclaveIdentity
+    provider: AttestationProvider
+    store: ReceiptStore
+    signer: ReceiptSigner
+    metrics: NodeMetrics
+    node_version: str
+
+
+def node_state(request: Request) -> NodeState:
+    return request.app.state.node

@@ -1,0 +1,129 @@
+"""Typed node configuration: a TOML file, overridden by `DCML_NODE__SECTION__KEY` environment variables.
+
+Example: ``DCML_NODE__ENGINE__KIND=synthetic DCML_NODE__SERVER__PORT=9000 dcml-node run --config configs/node.toml``.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+_toml_path: ContextVar[Path | None] = ContextVar("dcml_node_toml_path", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in the TOML is an error, not a silent default
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Seconds uvicorn waits for in-flight streams to finish after SIGTERM before cutting them.
+    graceful_shutdown_s: float = Field(30.0, ge=0)
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+class TeeConfig(_Section):
+    provider: Literal["simulated", "tdx", "dstack"] = "simulated"
+    # Provider-specific options, passed as keyword arguments to the provider's constructor
+    # (e.g. tdx: {configfs_path = "/sys/kernel/config/tsm/report"}, dstack: {socket = "/var/run/dstack.sock"}).
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class EngineConfig(_Section):
+    kind: Literal["embedded", "openai", "synthetic"] = "embedded"
+    served_model_name: str = "dcml-demo"
+    model_dir: Path | None = Path("models/demo")  # embedded
+    base_url: str | None = None  # openai upstream, e.g. "http://127.0.0.1:8001/v1"
+    api_key: str | None = None  # openai upstream
+    # Extra keyword arguments for the engine's constructor (e.g. synthetic: {tokens_per_second = 200}).
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class LimitsConfig(_Section):
+    max_prompt_tokens: int = Field(4096, gt=0)
+    max_tokens_cap: int = Field(1024, gt=0)  # the largest max_tokens a request may ask for
+    default_max_tokens: int = Field(256, gt=0)  # when the request names none (capped by the context left)
+    max_body_bytes: int = Field(1_048_576, gt=0)
+
+
+class ReceiptsConfig(_Section):
+    # EIP-712 domain of receipts/acceptances: the SLA court contract, once deployed. Until then
+    # anvil's chain id and the zero address; clients must verify against the same values.
+    chain_id: int = 31337
+    verifying_contract: str = "0x" + "00" * 20
+    # modelId in receipts; empty means keccak256(served_model_name).
+    model_id: str = ""
+
+    @field_validator("verifying_contract")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not (v.startswith("0x") and len(v) == 42):
+            raise ValueError("verifying_contract must be a 0x-prefixed 20-byte address")
+        bytes.fromhex(v[2:])
+        return v
+
+
+class ChainConfig(_Section):
+    """Placeholder for the payments issue: RPC, escrow and registry addresses."""
+
+    rpc_url: str | None = None
+    chain_id: int = 31337
+    escrow: str | None = None
+    node_registry: str | None = None
+
+    model_config = ConfigDict(extra="allow")
+
+
+class NodeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DCML_NODE__", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Path(".data/node")
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    tee: TeeConfig = Field(default_factory=TeeConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    receipts: ReceiptsConfig = Field(default_factory=ReceiptsConfig)
+    chain: ChainConfig = Field(default_factory=ChainConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Priority: explicit arguments > environment > TOML file > defaults.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be loaded; the message names the file and the problem."""
+
+
+def load_settings(path: Path | str | None = None, **overrides) -> NodeSettings:
+    """Settings from `path` (TOML) with environment overrides; `overrides` win over both (tests)."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; start from configs/node.toml")
+    token = _toml_path.set(path)
+    try:
+        return NodeSettings(**overrides)
+    finally:
+        _toml_path.reset(token)

@@ -1,0 +1,63 @@
+"""The one interface every inference engine implements: stream tokens for a request, count tokens.
+
+The HTTP layer and the payment gate only ever see this; engines know nothing of payments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A prompt already rendered to text (chat templates are applied by the API layer via the engine)."""
+
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """One step of a stream: new text (may be empty for a token that completes no character),
+    how many output tokens it stands for, and a finish reason on the last chunk ("stop" or "length")."""
+
+    text: str
+    tokens: int = 1
+    finish_reason: str | None = None
+
+
+class EngineOverloaded(Exception):
+    """The engine's queue is full; the API answers 429."""
+
+
+class Engine(Protocol):
+    model_name: str
+    max_context: int  # prompt tokens + max_tokens must fit
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """Render OpenAI-style chat messages into the prompt text the model expects."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        """Yield chunks as tokens are produced; the last chunk has finish_reason set.
+        Raises EngineOverloaded before the first chunk when it cannot take the request."""
+        ...
+
+    def queue_depth(self) -> int: ...

@@ -1,0 +1,92 @@
+"""The node's view of channels on-chain: `getChannel` reads with a small cache, and payee transactions."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.types import TxReceipt
+
+from client.channel import ChannelState, read_channel
+from client.contracts import contract
+from client.deployment import Deployment
+from client.tx import send
+
+ERC1271_MAGIC = bytes.fromhex("1626ba7e")
+_ERC1271_ABI = [
+    {
+        "type": "function",
+        "name": "isValidSignature",
+        "stateMutability": "view",
+        "inputs": [{"name": "hash", "type": "bytes32"}, {"name": "signature", "type": "bytes"}],
+        "outputs": [{"name": "", "type": "bytes4"}],
+    }
+]
+
+
+class ChannelChain:
+    """Reads channel state (cached for `ttl` seconds: it changes only by on-chain transactions, which
+    the settlement worker refreshes) and sends the payee's settle/close/claim transactions."""
+
+    def __init__(self, w3: Web3, deployment: Deployment, *, ttl: float = 5.0) -> None:
+        self.w3 = w3
+        self.deployment = deployment
+        self.escrow = contract(w3, "PaymentChannels", deployment.payment_channels)
+        self.ttl = ttl
+        self.grace_period = deployment.close_grace_period
+        self._cache: dict[bytes, tuple[float, ChannelState]] = {}
+        self._lock = threading.Lock()
+        self._code: dict[str, bool] = {}
+
+    def channel(self, channel_id: bytes, *, fresh: bool = False) -> ChannelState:
+        now = time.monotonic()
+        if not fresh:
+            hit = self._cache.get(channel_id)
+            if hit and now - hit[0] < self.ttl:
+                return hit[1]
+        state = read_channel(self.escrow, channel_id)
+        with self._lock:
+            self._cache[channel_id] = (now, state)
+        return state
+
+    def is_contract(self, address: str) -> bool:
+        if address not in self._code:
+            self._code[address] = len(self.w3.eth.get_code(Web3.to_checksum_address(address))) > 0
+        return self._code[address]
+
+    def erc1271_valid(self, signer: str, digest: bytes, signature: bytes) -> bool:
+        wallet = self.w3.eth.contract(address=Web3.to_checksum_address(signer), abi=_ERC1271_ABI)
+        try:
+            return bytes(wallet.functions.isValidSignature(digest, signature).call()) == ERC1271_MAGIC
+        except Exception:  # a reverting or non-conforming wallet is simply not a valid signer
+            return False
+
+    def chain_time(self) -> int:
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    # -- payee transactions ----------------------------------------------------------------------
+
+    def settle(self, payee: LocalAccount, channel_id: bytes, cumulative: int, signature: bytes) -> TxReceipt:
+        fn = self.escrow.functions.settle(channel_id, cumulative, signature)
+        return self._changing(channel_id, lambda: send(self.w3, payee, fn, action="settle"))
+
+    def close(self, payee: LocalAccount, channel_id: bytes, cumulative: int, signature: bytes) -> TxReceipt:
+        fn = self.escrow.functions.close(channel_id, cumulative, signature)
+        return self._changing(channel_id, lambda: send(self.w3, payee, fn, action="close"))
+
+    def _changing(self, channel_id: bytes, tx):
+        """Run a transaction that changes a channel, then drop its cached state (stale either way)."""
+        try:
+            return tx()
+        finally:
+            with self._lock:
+                self._cache.pop(channel_id, None)
+
+    def earnings(self, token: str, account: str) -> int:
+        return self.escrow.functions.earnings(Web3.to_checksum_address(token), Web3.to_checksum_address(account)).call()
+
+    def claim(self, payee: LocalAccount, token: str) -> TxReceipt:
+        return send(self.w3, payee, self.escrow.functions.claimEarnings(Web3.to_checksum_address(token)),
+                    action="claim earnings")

@@ -1,0 +1,190 @@
+"""The node's durable record of what each channel has paid: accepted, spent and settled.
+
+SQLite in WAL mode with `synchronous=FULL`: a voucher is committed to disk before the node
+acknowledges it, so a crash never loses money a client was told was received. Amounts are uint128
+(wei), beyond SQLite's 64-bit integers, so they are stored as decimal text and compared in Python
+inside one write transaction (the lock below serialises writers; SQLite's own lock guards processes).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS channels (
+    channel_id   TEXT PRIMARY KEY,          -- 0x-hex, lower case
+    accepted     TEXT NOT NULL DEFAULT '0', -- highest valid voucher (cumulative wei)
+    signature    TEXT,                      -- its signature: what settlement submits
+    spent        TEXT NOT NULL DEFAULT '0', -- cost of what was served (persisted before serving)
+    settled      TEXT NOT NULL DEFAULT '0', -- confirmed on-chain
+    finalized    INTEGER NOT NULL DEFAULT 0,
+    updated_at   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vouchers (       -- append-only audit trail of every accepted voucher
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel_id   TEXT NOT NULL,
+    cumulative   TEXT NOT NULL,
+    signature    TEXT NOT NULL,
+    received_at  REAL NOT NULL,
+    UNIQUE (channel_id, cumulative)
+);
+"""
+
+_SELECT = "SELECT channel_id, accepted, signature, spent, settled, finalized FROM channels"
+
+
+class LedgerConflict(Exception):
+    """A write would break the ledger's monotonic rules (a replayed or out-of-order voucher)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ChannelBalance:
+    channel_id: str
+    accepted: int
+    signature: str | None
+    spent: int
+    settled: int
+    finalized: bool
+
+    @property
+    def unsettled(self) -> int:
+        return self.accepted - self.settled
+
+    @property
+    def available(self) -> int:
+        """Paid for but not yet served."""
+        return self.accepted - self.spent
+
+
+class Ledger:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # durable at commit: we acknowledge after it
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    # Reads take the lock too: the connection is shared, and a read must not see another thread's
+    # uncommitted write.
+
+    def get(self, channel_id: str) -> ChannelBalance | None:
+        rows = self._read(f"{_SELECT} WHERE channel_id=?", (channel_id.lower(),))
+        return _balance(rows[0]) if rows else None
+
+    def accepted(self, channel_id: str) -> int:
+        rows = self._read("SELECT accepted FROM channels WHERE channel_id=?", (channel_id.lower(),))
+        return int(rows[0][0]) if rows else 0
+
+    def open_channels(self) -> list[ChannelBalance]:
+        """Every channel not yet finalized: what the settlement worker watches."""
+        return [_balance(r) for r in self._read(f"{_SELECT} WHERE finalized=0", ())]
+
+    def voucher_count(self, channel_id: str) -> int:
+        return self._read("SELECT COUNT(*) FROM vouchers WHERE channel_id=?", (channel_id.lower(),))[0][0]
+
+    def _read(self, sql: str, args: tuple) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- writes (each one transaction, committed before returning) ------------------------------
+
+    def record_voucher(self, channel_id: str, cumulative: int, signature: str) -> ChannelBalance:
+        """Store a verified voucher if it raises the channel's accepted amount; durable on return."""
+        channel_id = channel_id.lower()
+        with self._write() as db:
+            current = db.execute("SELECT accepted, finalized FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
+            if current and int(current[1]):
+                raise LedgerConflict("channel_finalized", f"channel {channel_id} is already closed")
+            if current and cumulative <= int(current[0]):
+                raise LedgerConflict(
+                    "not_increasing",
+                    f"voucher amount {cumulative} does not exceed the accepted {current[0]} "
+                    "(replayed or out of order); sign a higher cumulative amount",
+                )
+            now = time.time()
+            db.execute(
+                "INSERT INTO channels (channel_id, accepted, signature, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(channel_id) DO UPDATE SET accepted=excluded.accepted, "
+                "signature=excluded.signature, updated_at=excluded.updated_at",
+                (channel_id, str(cumulative), signature, now),
+            )
+            db.execute(
+                "INSERT INTO vouchers (channel_id, cumulative, signature, received_at) VALUES (?, ?, ?, ?)",
+                (channel_id, str(cumulative), signature, now),
+            )
+            return _balance(db.execute(f"{_SELECT} WHERE channel_id=?", (channel_id,)).fetchone())
+
+    def add_spent(self, channel_id: str, amount: int, *, limit: int) -> int:
+        """Charge `amount` to a channel unless spent would pass `limit`; returns the new spent total."""
+        channel_id = channel_id.lower()
+        with self._write() as db:
+            row = db.execute("SELECT spent FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
+            if row is None:
+                raise LedgerConflict("unknown_channel", f"no voucher has been accepted for channel {channel_id}")
+            spent = int(row[0]) + amount
+            if spent > limit:
+                raise LedgerConflict("insufficient_funds", f"spending {amount} would pass the limit {limit}")
+            db.execute("UPDATE channels SET spent=?, updated_at=? WHERE channel_id=?", (str(spent), time.time(), channel_id))
+            return spent
+
+    def set_settled(self, channel_id: str, settled: int, *, finalized: bool = False) -> None:
+        """Record the on-chain settled amount (the chain is authoritative; it only ever grows)."""
+        channel_id = channel_id.lower()
+        with self._write() as db:
+            row = db.execute("SELECT settled FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
+            if row is None:
+                return
+            settled = max(settled, int(row[0]))
+            db.execute(
+                "UPDATE channels SET settled=?, finalized=MAX(finalized, ?), updated_at=? WHERE channel_id=?",
+                (str(settled), int(finalized), time.time(), channel_id),
+            )
+
+    def _write(self) -> _WriteTxn:
+        return _WriteTxn(self._db, self._lock)
+
+
+class _WriteTxn:
+    """`BEGIN IMMEDIATE` ... `COMMIT` under the process lock; rolls back on any exception."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+        self._db, self._lock = db, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()
+
+
+def _balance(row: tuple) -> ChannelBalance:
+    return ChannelBalance(
+        channel_id=row[0],
+        accepted=int(row[1]),
+        signature=row[2],
+        spent=int(row[3]),
+        settled=int(row[4]),
+        finalized=bool(row[5]),
+    )

@@ -1,0 +1,134 @@
+"""The node's payment side wired together: chain reader, verifier, ledger and settlement worker,
+plus the HTTP route clients post vouchers to (`POST /v1/payments/vouchers`).
+
+`python -m node.payments.service` runs it as its own process (used by the crash tests); the node
+daemon mounts the same router.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from web3 import Web3
+
+from client.deployment import Deployment
+from client.voucher import VoucherDomain
+from node.payments.chain import ChannelChain
+from node.payments.ledger import Ledger
+from node.payments.settlement import SettlementWorker
+from node.payments.verifier import VoucherRejected, VoucherVerifier, parse_voucher
+
+log = logging.getLogger("dcml.payments")
+
+
+@dataclass(frozen=True)
+class PaymentSettings:
+    deployment: Path
+    data_dir: Path
+    settle_threshold: int = 10**18
+    settle_interval: float = 2.0
+    cache_ttl: float = 5.0
+
+
+class Payments:
+    def __init__(self, settings: PaymentSettings, payee: LocalAccount) -> None:
+        self.deployment = Deployment.load(settings.deployment)
+        self.w3 = Web3(Web3.HTTPProvider(self.deployment.rpc_url, request_kwargs={"timeout": 30}))
+        if self.w3.eth.chain_id != self.deployment.chain_id:
+            raise RuntimeError(f"RPC {self.deployment.rpc_url} is chain {self.w3.eth.chain_id}, "
+                               f"but the deployment file says {self.deployment.chain_id}")
+        self.payee = payee
+        self.chain = ChannelChain(self.w3, self.deployment, ttl=settings.cache_ttl)
+        self.ledger = Ledger(settings.data_dir / "ledger.sqlite")
+        self.domain = VoucherDomain(self.deployment.chain_id, self.deployment.payment_channels)
+        self.verifier = VoucherVerifier(self.domain, self.chain, self.ledger, payee.address)
+        self.worker = SettlementWorker(self.chain, self.ledger, payee, threshold=settings.settle_threshold,
+                                       interval=settings.settle_interval)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop(flush=True)
+        self.ledger.close()
+
+
+def payment_error(status: int, reason: str, message: str) -> JSONResponse:
+    """OpenAI's error shape, with the rejection reason as `code`."""
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": "payment_error", "param": None, "code": reason}})
+
+
+def payments_router(payments: Payments) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/payments/vouchers")
+    async def post_voucher(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return payment_error(400, "malformed", "body is not JSON: send {channelId, cumulativeAmount, signature}")
+        try:
+            voucher = parse_voucher(body)
+            # verify + fsync'd commit off the event loop; we answer only once it is durable
+            balance = await run_in_threadpool(payments.verifier.accept, voucher)
+        except VoucherRejected as exc:
+            return payment_error(400 if exc.reason.startswith("malformed") else 402, exc.reason, str(exc))
+        return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
+                             "spent": str(balance.spent)})
+
+    @router.get("/v1/payments/channels/{channel_id}")
+    async def get_channel(channel_id: str) -> JSONResponse:
+        balance = payments.ledger.get(channel_id)
+        if balance is None:
+            return payment_error(404, "unknown_channel", f"no voucher accepted for channel {channel_id}")
+        return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
+                             "spent": str(balance.spent), "settled": str(balance.settled),
+                             "finalized": balance.finalized})
+
+    return router
+
+
+def create_payments_app(payments: Payments) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        payments.start()
+        yield
+        await run_in_threadpool(payments.stop)  # settles what is unsettled before exiting
+
+    app = FastAPI(title="dcml payments", lifespan=lifespan)
+    app.include_router(payments_router(payments))
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the node's voucher intake and settlement worker.")
+    parser.add_argument("--deployment", required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--payee-key-env", default="DCML_PAYEE_KEY", help="environment variable holding the key")
+    parser.add_argument("--threshold", type=int, default=10**18)
+    parser.add_argument("--interval", type=float, default=2.0)
+    args = parser.parse_args()
+    import os
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    payee = Account.from_key(os.environ[args.payee_key_env])
+    settings = PaymentSettings(Path(args.deployment), Path(args.data_dir), settle_threshold=args.threshold,
+                               settle_interval=args.interval)
+    uvicorn.run(create_payments_app(Payments(settings, payee)), host="127.0.0.1", port=args.port,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Shared fixtures: a real anvil with the contracts deployed, started and stopped by the tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+
+from client.channel import ChannelClient
+from client.deployment import Deployment
+from node.devnet import Devnet
+
+# The local CPU is shared by the tests, anvil and the node processes they start.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def devnet() -> Iterator[Devnet]:
+    with Devnet(close_grace_period=900) as net:
+        yield net
+
+
+@pytest.fixture(scope="session")
+def deployment(devnet: Devnet) -> Deployment:
+    assert devnet.deployment is not None
+    return devnet.deployment
+
+
+@pytest.fixture(scope="session")
+def w3(deployment: Deployment) -> Web3:
+    return Web3(Web3.HTTPProvider(deployment.rpc_url, request_kwargs={"timeout": 30}))
+
+
+def account(deployment: Deployment, role: str) -> LocalAccount:
+    return Account.from_key(deployment.accounts[role].private_key)
+
+
+@pytest.fixture(scope="session")
+def payer(deployment: Deployment) -> LocalAccount:
+    return account(deployment, "client")
+
+
+@pytest.fixture(scope="session")
+def node_account(deployment: Deployment) -> LocalAccount:
+    return account(deployment, "node")
+
+
+@pytest.fixture(scope="session")
+def publisher(deployment: Deployment) -> LocalAccount:
+    return account(deployment, "publisher")
+
+
+@pytest.fixture
+def session_key() -> LocalAccount:
+    return Account.create()
+
+
+@pytest.fixture
+def channels(w3: Web3, deployment: Deployment, payer: LocalAccount) -> ChannelClient:
+    return ChannelClient(w3, deployment, payer)

@@ -1,0 +1,84 @@
+"""The ledger's own rules, without a chain: monotonic, durable across reopen, safe under races."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from node.payments.ledger import Ledger, LedgerConflict
+
+CID = "0x" + "ab" * 32
+
+
+def test_accepted_only_grows_and_every_voucher_is_logged_once(tmp_path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.record_voucher(CID, 10, "0x01")
+    ledger.record_voucher(CID, 20, "0x02")
+    for stale in (20, 15):
+        with pytest.raises(LedgerConflict) as info:
+            ledger.record_voucher(CID, stale, "0x03")
+        assert info.value.reason == "not_increasing"
+    balance = ledger.get(CID)
+    assert (balance.accepted, balance.signature) == (20, "0x02")
+    assert ledger.voucher_count(CID) == 2
+
+
+def test_durable_across_reopen(tmp_path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.record_voucher(CID, 2**127 + 3, "0xaa")  # above SQLite's 64-bit integers
+    ledger.add_spent(CID, 5, limit=2**127)
+    ledger.set_settled(CID, 2**126)
+    ledger.close()
+    again = Ledger(tmp_path / "l.sqlite").get(CID)
+    assert (again.accepted, again.spent, again.settled) == (2**127 + 3, 5, 2**126)
+
+
+def test_settled_never_decreases_and_finalized_is_sticky(tmp_path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.record_voucher(CID, 100, "0x01")
+    ledger.set_settled(CID, 80, finalized=True)
+    ledger.set_settled(CID, 50)
+    balance = ledger.get(CID)
+    assert balance.settled == 80 and balance.finalized
+    assert ledger.open_channels() == []
+    with pytest.raises(LedgerConflict):
+        ledger.record_voucher(CID, 200, "0x02")
+
+
+def test_spending_is_capped(tmp_path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    with pytest.raises(LedgerConflict):
+        ledger.add_spent(CID, 1, limit=10)
+    ledger.record_voucher(CID, 10, "0x01")
+    assert ledger.add_spent(CID, 7, limit=10) == 7
+    with pytest.raises(LedgerConflict) as info:
+        ledger.add_spent(CID, 4, limit=10)
+    assert info.value.reason == "insufficient_funds"
+    assert ledger.get(CID).spent == 7
+
+
+def test_racing_vouchers_for_one_channel_keep_the_highest(tmp_path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    wins: list[int] = []
+
+    def submit(amounts: range) -> None:
+        for a in amounts:
+            try:
+                ledger.record_voucher(CID, a, f"0x{a:04x}")
+                wins.append(a)
+            except LedgerConflict:
+                pass
+
+    threads = [threading.Thread(target=submit, args=(range(start, 400, 4),)) for start in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ledger.get(CID).accepted == max(wins)
+    assert ledger.voucher_count(CID) == len(wins) == len(set(wins))
+    import sqlite3
+
+    logged = [int(r[0]) for r in sqlite3.connect(tmp_path / "l.sqlite").execute(
+        "SELECT cumulative FROM vouchers ORDER BY id")]
+    assert logged == sorted(logged)  # in commit order, each accepted voucher beat every earlier one

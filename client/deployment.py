@@ -24,6 +24,7 @@ class Deployment(BaseModel):
     model_registry: str
     token: str
     close_grace_period: int
+    start_block: int = 0  # where to start looking for the escrow's events
     accounts: dict[str, DevAccount] = {}
 
     @classmethod

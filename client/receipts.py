@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
+from eth_keys import keys
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -266,13 +265,47 @@ def parse_sse_stream(raw: bytes) -> tuple[list[bytes], SignedReceipt | None]:
     return payloads, receipt
 
 
-# ---- signing ---------------------------------------------------------------------------------
+# ---- signing ----------------------------------------------------------------------------------
+
+def _encode_type(name: str, fields: list[dict]) -> bytes:
+    return f"{name}({','.join(f['type'] + ' ' + f['name'] for f in fields)})".encode()
+
+
+_DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+RECEIPT_TYPEHASH = keccak(_encode_type("Receipt", RECEIPT_FIELDS))
+ACCEPTANCE_TYPEHASH = keccak(_encode_type("Acceptance", ACCEPTANCE_FIELDS))
+# secp256k1 group order; signatures with s above half of it are malleable and refused (as OpenZeppelin does).
+_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def _separator(domain: ReceiptDomain) -> bytes:
+    return keccak(_DOMAIN_TYPEHASH + keccak(DOMAIN_NAME.encode()) + keccak(DOMAIN_VERSION.encode())
+                  + domain.chain_id.to_bytes(32, "big") + bytes.fromhex(domain.verifying_contract[2:]).rjust(32, b"\0"))
+
+
+def _digest(typehash: bytes, fields: list[dict], message: _Typed, domain: ReceiptDomain) -> bytes:
+    """EIP-712 digest computed directly (the hot path on the node): equal to eth_account's
+    `encode_typed_data` hash, which `receipt_signable` keeps as the reference and the tests compare."""
+    values = message.model_dump(by_alias=True)
+    enc = b"".join(bytes.fromhex(values[f["name"]][2:]) if f["type"] == "bytes32"
+                   else values[f["name"]].to_bytes(32, "big") for f in fields)
+    return keccak(b"\x19\x01" + _separator(domain) + keccak(typehash + enc))
+
+
+def receipt_digest(receipt: Receipt, domain: ReceiptDomain = DEFAULT_DOMAIN) -> bytes:
+    return _digest(RECEIPT_TYPEHASH, RECEIPT_FIELDS, receipt, domain)
+
+
+def acceptance_digest(acceptance: Acceptance, domain: ReceiptDomain = DEFAULT_DOMAIN) -> bytes:
+    return _digest(ACCEPTANCE_TYPEHASH, ACCEPTANCE_FIELDS, acceptance, domain)
+
 
 def _signable(primary: str, fields: list[dict], message: dict, domain: ReceiptDomain) -> SignableMessage:
     return encode_typed_data(domain.as_eip712(), {primary: fields}, message)
 
 
 def receipt_signable(receipt: Receipt, domain: ReceiptDomain = DEFAULT_DOMAIN) -> SignableMessage:
+    """The same typed data through eth_account's generic encoder (wallets, `sign_typed_data`)."""
     return _signable("Receipt", RECEIPT_FIELDS, receipt.eip712_message(), domain)
 
 
@@ -280,26 +313,37 @@ def acceptance_signable(acceptance: Acceptance, domain: ReceiptDomain = DEFAULT_
     return _signable("Acceptance", ACCEPTANCE_FIELDS, acceptance.eip712_message(), domain)
 
 
+def _sign(digest: bytes, account: LocalAccount) -> str:
+    sig = keys.PrivateKey(bytes(account.key)).sign_msg_hash(digest)  # RFC 6979, low s
+    return "0x" + sig.r.to_bytes(32, "big").hex() + sig.s.to_bytes(32, "big").hex() + f"{sig.v + 27:02x}"
+
+
 def sign_receipt(receipt: Receipt, account: LocalAccount, domain: ReceiptDomain = DEFAULT_DOMAIN) -> SignedReceipt:
-    signed = account.sign_message(receipt_signable(receipt, domain))
-    return SignedReceipt(receipt=receipt, signature="0x" + bytes(signed.signature).hex(), signer=account.address)
+    return SignedReceipt(receipt=receipt, signature=_sign(receipt_digest(receipt, domain), account),
+                         signer=account.address)
 
 
 def sign_acceptance(
     acceptance: Acceptance, account: LocalAccount, domain: ReceiptDomain = DEFAULT_DOMAIN
 ) -> SignedAcceptance:
-    signed = account.sign_message(acceptance_signable(acceptance, domain))
-    return SignedAcceptance(acceptance=acceptance, signature="0x" + bytes(signed.signature).hex(),
+    return SignedAcceptance(acceptance=acceptance, signature=_sign(acceptance_digest(acceptance, domain), account),
                             signer=account.address)
 
 
-def _recover(signable: SignableMessage, signature: str) -> str:
+def _recover(digest: bytes, signature: str) -> str:
+    """65-byte r‖s‖v, v in {27, 28}, low s: the rules OpenZeppelin's ECDSA applies on-chain."""
     try:
         sig = bytes.fromhex(signature.removeprefix("0x"))
-        if len(sig) != 65:
-            raise ValueError(f"signature must be 65 bytes, got {len(sig)}")
-        return Account.recover_message(signable, signature=sig)
-    except Exception as exc:  # eth_keys raises several unrelated types for junk signatures
+    except ValueError as exc:
+        raise ReceiptError(ReceiptReason.BAD_SIGNATURE, "signature is not hex") from exc
+    if len(sig) != 65:
+        raise ReceiptError(ReceiptReason.BAD_SIGNATURE, f"signature must be 65 bytes, got {len(sig)}")
+    r, s, v = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"), sig[64]
+    if v not in (27, 28) or not 0 < s <= _SECP256K1_N // 2 or not 0 < r < _SECP256K1_N:
+        raise ReceiptError(ReceiptReason.BAD_SIGNATURE, "signature has v not in {27, 28} or a high/zero s or r")
+    try:
+        return keys.Signature(vrs=(v - 27, r, s)).recover_public_key_from_msg_hash(digest).to_checksum_address()
+    except Exception as exc:  # eth_keys raises several unrelated types for points not on the curve
         raise ReceiptError(ReceiptReason.BAD_SIGNATURE, f"signature does not recover: {exc}") from exc
 
 
@@ -328,7 +372,7 @@ def verify_receipt(
     commits to exactly these request and response bytes (and, with `price`, to a consistent cost)."""
     if (response_bytes is None) == (sse_payloads is None):
         raise TypeError("pass exactly one of response_bytes (non-streamed) or sse_payloads (streamed)")
-    _check_signer(_recover(receipt_signable(receipt, domain), signature), expected_signer)
+    _check_signer(_recover(receipt_digest(receipt, domain), signature), expected_signer)
     if request_hash(request_bytes) != receipt.request_hash:
         raise ReceiptError(ReceiptReason.REQUEST_HASH_MISMATCH,
                            "requestHash is not sha256 of the body you sent; do not pay for this answer")
@@ -356,12 +400,4 @@ def verify_signed_receipt(signed: SignedReceipt, **kwargs) -> None:
 def verify_acceptance(
     acceptance: Acceptance, signature: str, *, expected_signer: str, domain: ReceiptDomain = DEFAULT_DOMAIN
 ) -> None:
-    _check_signer(_recover(acceptance_signable(acceptance, domain), signature), expected_signer)
-
-
-def decode_receipt_json(data: str | bytes) -> SignedReceipt:
-    return SignedReceipt.from_json(data)
-
-
-def receipt_to_json(signed: SignedReceipt) -> str:
-    return json.dumps(signed.model_dump(by_alias=True), separators=(",", ":"))
+    _check_signer(_recover(acceptance_digest(acceptance, domain), signature), expected_signer)

@@ -18,6 +18,7 @@ def run(config: ConfigOption = None) -> None:
     import uvicorn
 
     from node.api.app import create_app
+    from node.api.server import uvicorn_config
     from node.config import ConfigError, load_settings
     from node.logging import configure_logging
 
@@ -27,10 +28,8 @@ def run(config: ConfigOption = None) -> None:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     configure_logging(settings.logging.level, settings.logging.format)
     api = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(
-        api, host=settings.server.host, port=settings.server.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=settings.server.graceful_shutdown_s, lifespan="on",
-    ))
+    server = uvicorn.Server(uvicorn_config(api, host=settings.server.host, port=settings.server.port,
+                                           graceful_shutdown_s=settings.server.graceful_shutdown_s))
     server.run()  # installs SIGINT/SIGTERM handlers: stop accepting, drain, then lifespan shutdown
     if not server.started:
         raise typer.Exit(1)

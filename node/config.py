@@ -9,7 +9,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 _toml_path: ContextVar[Path | None] = ContextVar("dcml_node_toml_path", default=None)
@@ -43,7 +43,7 @@ class EngineConfig(_Section):
     served_model_name: str = "dcml-demo"
     model_dir: Path | None = Path("models/demo")  # embedded
     base_url: str | None = None  # openai upstream, e.g. "http://127.0.0.1:8001/v1"
-    api_key: str | None = None  # openai upstream
+    api_key: SecretStr | None = None  # openai upstream (never printed by show-config)
     # Extra keyword arguments for the engine's constructor (e.g. synthetic: {tokens_per_second = 200}).
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
 

@@ -27,7 +27,7 @@ from client.model_registry import model_id, register_model
 from node.devnet import Devnet, free_port
 from node.payments.service import PaymentSettings, Payments, create_payments_app
 
-console = Console()
+console = Console(width=120)
 MODEL = "dcml-demo-llama"
 ROYALTY_BPS = 250  # 2.5 % of every payment to the model's publisher
 PRICE_PER_TOKEN = 3 * 10**13  # 0.00003 dUSD per output token

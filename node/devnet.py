@@ -129,6 +129,7 @@ class Devnet:
 def deploy_all(w3: Web3, rpc_url: str, *, close_grace_period: int) -> Deployment:
     accounts = dev_accounts()
     deployer = accounts["deployer"]
+    start_block = w3.eth.block_number
     registry = deploy_contract(w3, deployer, "ModelRegistry")
     channels = deploy_contract(w3, deployer, "PaymentChannels", registry, close_grace_period)
     token = deploy_contract(w3, deployer, "TestToken", "Devnet USD", "dUSD")
@@ -143,6 +144,7 @@ def deploy_all(w3: Web3, rpc_url: str, *, close_grace_period: int) -> Deployment
         model_registry=registry,
         token=token,
         close_grace_period=close_grace_period,
+        start_block=start_block,
         accounts={r: DevAccount(address=a.address, private_key="0x" + a.key.hex().removeprefix("0x"))
                   for r, a in accounts.items()},
     )

@@ -67,13 +67,14 @@ class ReceiptStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
-        # One thread owns the connection: SQLite objects must not be shared across threads concurrently.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipt-store")
+        self._executor: ThreadPoolExecutor | None = None
         self._pending: list[tuple[str, int, str, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One thread owns the connection: SQLite objects must not be shared across threads concurrently.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipt-store")
         self._executor.submit(self._open).result()
 
     def _open(self) -> None:
@@ -85,10 +86,13 @@ class ReceiptStore:
         self._conn = conn
 
     async def close(self) -> None:
+        if self._executor is None:
+            return
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
         await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=True)
+        self._executor = None
 
     def _close(self) -> None:
         if self._conn is not None:

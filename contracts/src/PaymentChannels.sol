@@ -3,6 +3,7 @@ pragma solidity ^0.8.24;
 
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
@@ -21,39 +22,54 @@ import {ModelRegistry} from "./ModelRegistry.sol";
 ///      pending close. A finalized channel keeps its record forever (its id can never be reopened,
 ///      which would make old vouchers valid again).
 ///
+///      Only the mutable state of a channel is stored (two slots). Its fixed terms
+///      ({ChannelParams}) are passed back as calldata by every call and re-derived into the channel
+///      id (TempoStreamChannel's pattern): a call with any wrong field addresses an id that was
+///      never opened and reverts with `ChannelNotFound`. The terms are in the `ChannelOpened` event.
+///
 ///      Vouchers are `Voucher(bytes32 channelId,uint128 cumulativeAmount)` under the domain
 ///      `{name: "PaymentChannels", version: "1", chainId, verifyingContract}`, signed by the
-///      channel's `authorizedSigner`: 65-byte low-s ECDSA for an EOA, ERC-1271 for a contract
-///      (OpenZeppelin `SignatureChecker`). The channel id commits to chain id and contract too.
+///      channel's `authorizedSigner`: 65-byte low-s ECDSA for a key, else ERC-1271 for a contract
+///      (OpenZeppelin `ECDSA`, then `SignatureChecker`). The channel id commits to chain id and
+///      contract too.
 ///
 ///      A channel's payer cannot be its payee: a self-channel has no use and would let one account
-///      hold both roles. Fee-on-transfer tokens are rejected at deposit; rebasing tokens are not
-///      supported (the escrow would hold more or less than it accounts for).
+///      hold both roles. Amounts are uint128 in the ABI and at most type(uint120).max per channel
+///      (storage packs deposit and settled into one slot). Fee-on-transfer tokens are rejected at
+///      deposit; rebasing tokens are not supported (the escrow would hold more or less than it
+///      accounts for).
 contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
     // ---------------------------------------------------------------- types
 
-    /// @notice A channel record. Storage layout (6 slots, packed on purpose):
-    ///   slot 0: payee (160) | publisherBps (16) | finalized (8)   -- everything settle/close check first
-    ///   slot 1: deposit (128) | settled (128)
-    ///   slot 2: payer (160) | closeRequestedAt (64)              -- everything the payer's calls check
-    ///   slot 3: token (160)                                       -- zero for ETH (never written)
-    ///   slot 4: authorizedSigner (160)
-    ///   slot 5: publisher (160)                                   -- written only when publisherBps > 0
-    /// @dev `modelId` and `salt` are not stored: they are only needed to derive the id, and they are
-    ///      in the `ChannelOpened` event. `publisher` is zero when the royalty is zero (no one to pay).
-    struct Channel {
-        address payee;
-        uint16 publisherBps;
-        bool finalized;
-        uint128 deposit;
-        uint128 settled;
+    /// @notice A channel's fixed terms, never stored: callers pass them back and the contract
+    ///         re-derives the id from them. Fields are in the order of the id preimage, so
+    ///         `keccak256(abi.encode(params, address(this), block.chainid))` is the channel id.
+    /// @dev `publisher` and `publisherBps` are the registry's terms snapshotted at open
+    ///      (`publisher` is address(0) for an unregistered model; it is kept even when the royalty
+    ///      is 0, since it is part of the id).
+    struct ChannelParams {
         address payer;
-        uint64 closeRequestedAt;
-        address token;
+        address payee;
+        address token; // address(0) = native ETH
+        bytes32 salt;
         address authorizedSigner;
+        bytes32 modelId;
         address publisher;
+        uint16 publisherBps;
+    }
+
+    /// @notice The mutable state of a channel, the only per-channel storage. Layout (2 slots):
+    ///   slot 0: deposit (120) | settled (120) | finalized (8)  -- read and written by every call
+    ///   slot 1: closeRequestedAt (64)                          -- written only by requestClose and topUp
+    /// @dev A channel exists iff `deposit != 0` (open requires a deposit and nothing lowers it);
+    ///      the record of a finalized channel is never deleted, so its id cannot be opened again.
+    struct ChannelState {
+        uint120 deposit;
+        uint120 settled;
+        bool finalized;
+        uint64 closeRequestedAt;
     }
 
     // ---------------------------------------------------------------- constants
@@ -74,13 +90,15 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     /// @notice Seconds between a payer's `requestClose` and the earliest `withdraw`.
     uint64 public immutable closeGracePeriod;
 
-    mapping(bytes32 channelId => Channel) private _channels;
+    mapping(bytes32 channelId => ChannelState) private _channels;
 
     /// @notice Claimable balance of `account` in `token` (address(0) = ETH).
     mapping(address token => mapping(address account => uint256)) public earnings;
 
     // ---------------------------------------------------------------- events
 
+    /// @notice A channel opened. Carries every {ChannelParams} field (`payer` is the opener), so a
+    ///         payee or client learns the terms to pass back from this event.
     event ChannelOpened(
         bytes32 indexed channelId,
         address indexed payer,
@@ -93,38 +111,53 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         uint128 deposit,
         bytes32 salt
     );
+    /// @notice The payer added `amount`; the deposit is now `newDeposit`.
     event ToppedUp(bytes32 indexed channelId, uint128 amount, uint128 newDeposit);
+    /// @notice The payer asked to close; it may withdraw from `closableAt` unless the payee closes first.
     event CloseRequested(bytes32 indexed channelId, uint64 closableAt);
+    /// @notice A top-up cancelled the pending close request.
     event CloseCancelled(bytes32 indexed channelId);
+    /// @notice A voucher for `cumulativeAmount` was settled; `delta = payeeShare + publisherShare`.
     event Settled(
         bytes32 indexed channelId, uint128 cumulativeAmount, uint128 delta, uint128 payeeShare, uint128 publisherShare
     );
+    /// @notice The payee closed the channel at `settled`; `refund` was credited to the payer.
     event ChannelClosed(bytes32 indexed channelId, uint128 settled, uint128 refund);
+    /// @notice The payer withdrew after the grace period; `refund` was credited to the payer.
     event Withdrawn(bytes32 indexed channelId, uint128 refund);
+    /// @notice `account` was paid its whole `token` balance.
     event EarningsClaimed(address indexed token, address indexed account, uint256 amount);
 
     // ---------------------------------------------------------------- errors
 
+    // Configuration.
     error InvalidModelRegistry();
     error InvalidGracePeriod(uint64 closeGracePeriod);
+    // Arguments.
     error InvalidPayee();
     error InvalidSigner();
     error ZeroAmount();
     error RoyaltyMismatch(uint16 expected, uint16 actual);
+    // Channel state and roles.
     error ChannelExists(bytes32 channelId);
     error ChannelNotFound(bytes32 channelId);
     error ChannelFinalized(bytes32 channelId);
     error NotPayer();
     error NotPayee();
+    // Funds.
     error InvalidMsgValue(uint256 sent, uint256 expected);
     error FeeOnTransferToken();
+    /// @dev A deposit, or a deposit after a top-up, above type(uint120).max.
     error DepositOverflow();
+    // Vouchers: `settled < cumulativeAmount <= deposit` and a valid signature.
     error AmountNotIncreasing(uint128 cumulativeAmount, uint128 settled);
     error AmountExceedsDeposit(uint128 cumulativeAmount, uint128 deposit);
     error InvalidSignature();
+    // Closing.
     error CloseAlreadyRequested(bytes32 channelId);
     error CloseNotRequested(bytes32 channelId);
     error GracePeriodActive(uint64 closableAt);
+    // Claims.
     error NothingToClaim();
     error EthTransferFailed();
 
@@ -146,12 +179,13 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
 
     /// @notice Opens a channel from the caller to `payee` and escrows `deposit`.
     /// @dev For ETH send exactly `deposit` as value; for an ERC-20 send no value and approve this
-    ///      contract first. The publisher's terms are read from the registry now and snapshotted;
-    ///      `expectedPublisherBps` protects the payer from a royalty change front-running the open.
-    ///      A model id the registry does not know opens a channel without royalty (expect 0).
+    ///      contract first. The publisher's terms are read from the registry now and snapshotted
+    ///      into the id; `expectedPublisherBps` protects the payer from a royalty change
+    ///      front-running the open. A model id the registry does not know opens a channel without
+    ///      royalty (expect 0). Only the deposit is written; the terms are in `ChannelOpened`.
     /// @param payee Who may settle vouchers and close (not the caller, not zero).
     /// @param token ERC-20 token, or address(0) for native ETH.
-    /// @param deposit Amount escrowed (> 0).
+    /// @param deposit Amount escrowed (> 0, <= type(uint120).max).
     /// @param salt Any value that makes the id unique among channels with the same parameters.
     /// @param authorizedSigner Key (EOA, or ERC-1271 contract) that signs this channel's vouchers.
     /// @param modelId Model whose publisher receives the royalty.
@@ -166,14 +200,27 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         bytes32 modelId,
         uint16 expectedPublisherBps
     ) external payable nonReentrant returns (bytes32 channelId) {
-        // Checks (the rest are in _createChannel).
+        // Checks.
         if (payee == address(0) || payee == msg.sender) revert InvalidPayee();
         if (authorizedSigner == address(0)) revert InvalidSigner();
         if (deposit == 0) revert ZeroAmount();
+        if (deposit > type(uint120).max) revert DepositOverflow();
         _checkValue(token, deposit);
 
-        // Effects.
-        channelId = _createChannel(payee, token, deposit, salt, authorizedSigner, modelId, expectedPublisherBps);
+        // Effects (the rest of the checks are in _createChannel).
+        channelId = _createChannel(
+            ChannelParams({
+                payer: msg.sender,
+                payee: payee,
+                token: token,
+                salt: salt,
+                authorizedSigner: authorizedSigner,
+                modelId: modelId,
+                publisher: address(0), // set from the registry
+                publisherBps: expectedPublisherBps
+            }),
+            deposit
+        );
 
         // Interaction last: pull the ERC-20 deposit (the guard blocks a re-entering token).
         _pullToken(token, deposit);
@@ -181,20 +228,21 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
 
     /// @notice Adds `amount` to the deposit of a channel; cancels a pending close request.
     /// @dev Payer only. For ETH send exactly `amount` as value; for an ERC-20 send no value.
-    /// @param channelId The channel.
-    /// @param amount Amount added (> 0); the new deposit must fit in uint128.
-    function topUp(bytes32 channelId, uint128 amount) external payable nonReentrant {
+    /// @param params The channel's terms (see {ChannelParams}); any wrong field -> `ChannelNotFound`.
+    /// @param amount Amount added (> 0); the new deposit must not exceed type(uint120).max.
+    function topUp(ChannelParams calldata params, uint128 amount) external payable nonReentrant {
         // Checks.
-        Channel storage ch = _channels[channelId];
-        _checkPayer(ch, channelId);
+        (bytes32 channelId, ChannelState storage ch) = _payerChannel(params);
         if (amount == 0) revert ZeroAmount();
-        address token = ch.token;
+        address token = params.token;
         _checkValue(token, amount);
-        uint128 deposit = ch.deposit;
-        if (amount > type(uint128).max - deposit) revert DepositOverflow();
+        uint120 deposit = ch.deposit;
+        if (amount > type(uint120).max - deposit) revert DepositOverflow();
 
         // Effects.
-        uint128 newDeposit = deposit + amount;
+        // amount <= type(uint120).max - deposit, checked above.
+        // forge-lint: disable-next-line(unsafe-typecast)
+        uint120 newDeposit = deposit + uint120(amount);
         ch.deposit = newDeposit;
         if (ch.closeRequestedAt != 0) {
             ch.closeRequestedAt = 0;
@@ -212,36 +260,39 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     ///      payer withdraws. Requires `settled < cumulativeAmount <= deposit`. The publisher is
     ///      credited `floor(new * bps / 1e4) - floor(old * bps / 1e4)` and the payee the rest, so
     ///      rounding never drifts. No external call other than an ERC-1271 `staticcall`.
-    /// @param channelId The channel.
+    /// @param params The channel's terms (see {ChannelParams}); any wrong field -> `ChannelNotFound`.
     /// @param cumulativeAmount Total the payer has authorized so far.
     /// @param signature The authorized signer's EIP-712 signature of the voucher ({hashVoucher}).
-    function settle(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external nonReentrant {
-        Channel storage ch = _channels[channelId];
-        (address payee, uint16 bps) = _checkPayee(ch, channelId);
-        _settle(ch, channelId, payee, bps, cumulativeAmount, signature);
+    function settle(ChannelParams calldata params, uint128 cumulativeAmount, bytes calldata signature)
+        external
+        nonReentrant
+    {
+        (bytes32 channelId, ChannelState storage ch) = _payeeChannel(params);
+        _settle(params, channelId, ch, cumulativeAmount, signature);
     }
 
     /// @notice Closes a channel: settles `cumulativeAmount` if it is above what is settled, then
     ///         refunds the rest of the deposit to the payer and finalizes the channel.
     /// @dev Payee only. With `cumulativeAmount <= settled` the channel closes at the settled amount
     ///      and `signature` is ignored (a payee may close without a new voucher).
-    /// @param channelId The channel.
+    /// @param params The channel's terms (see {ChannelParams}); any wrong field -> `ChannelNotFound`.
     /// @param cumulativeAmount Total the payer has authorized so far (or anything <= settled).
     /// @param signature The voucher signature when `cumulativeAmount > settled`.
-    function close(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external nonReentrant {
-        Channel storage ch = _channels[channelId];
-        (address payee, uint16 bps) = _checkPayee(ch, channelId);
-        if (cumulativeAmount > ch.settled) _settle(ch, channelId, payee, bps, cumulativeAmount, signature);
-        (uint128 settled, uint128 refund) = _finalize(ch);
+    function close(ChannelParams calldata params, uint128 cumulativeAmount, bytes calldata signature)
+        external
+        nonReentrant
+    {
+        (bytes32 channelId, ChannelState storage ch) = _payeeChannel(params);
+        if (cumulativeAmount > ch.settled) _settle(params, channelId, ch, cumulativeAmount, signature);
+        (uint128 settled, uint128 refund) = _finalize(params, ch);
         emit ChannelClosed(channelId, settled, refund);
     }
 
     /// @notice Starts the grace period after which the payer may withdraw the unsettled deposit.
     /// @dev Payer only; once per pending request (`topUp` cancels it).
-    /// @param channelId The channel.
-    function requestClose(bytes32 channelId) external nonReentrant {
-        Channel storage ch = _channels[channelId];
-        _checkPayer(ch, channelId);
+    /// @param params The channel's terms (see {ChannelParams}); any wrong field -> `ChannelNotFound`.
+    function requestClose(ChannelParams calldata params) external nonReentrant {
+        (bytes32 channelId, ChannelState storage ch) = _payerChannel(params);
         if (ch.closeRequestedAt != 0) revert CloseAlreadyRequested(channelId);
 
         ch.closeRequestedAt = uint64(block.timestamp);
@@ -251,16 +302,17 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     /// @notice Refunds the unsettled deposit to the payer and finalizes the channel, once the grace
     ///         period after `requestClose` has passed.
     /// @dev Payer only. The refund is credited to the payer's pull balance ({claimEarnings}).
-    /// @param channelId The channel.
-    function withdraw(bytes32 channelId) external nonReentrant {
-        Channel storage ch = _channels[channelId];
-        _checkPayer(ch, channelId);
+    /// @param params The channel's terms (see {ChannelParams}); any wrong field -> `ChannelNotFound`.
+    function withdraw(ChannelParams calldata params) external nonReentrant {
+        (bytes32 channelId, ChannelState storage ch) = _payerChannel(params);
         uint64 requestedAt = ch.closeRequestedAt;
         if (requestedAt == 0) revert CloseNotRequested(channelId);
         uint64 closableAt = requestedAt + closeGracePeriod;
+        // Validators can skew timestamps by seconds; the grace period is minutes.
+        // forge-lint: disable-next-line(block-timestamp)
         if (block.timestamp < closableAt) revert GracePeriodActive(closableAt);
 
-        (, uint128 refund) = _finalize(ch);
+        (, uint128 refund) = _finalize(params, ch);
         emit Withdrawn(channelId, refund);
     }
 
@@ -285,80 +337,57 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
 
     // ---------------------------------------------------------------- internal functions
 
-    /// @dev Reverts unless the channel exists, is open and the caller is its payee.
-    function _checkPayee(Channel storage ch, bytes32 channelId) private view returns (address payee, uint16 bps) {
-        payee = ch.payee;
-        bps = ch.publisherBps;
-        if (payee == address(0)) revert ChannelNotFound(channelId);
-        if (msg.sender != payee) revert NotPayee();
+    /// @dev The channel `params` address; reverts unless it exists, is open and the caller is its payee.
+    function _payeeChannel(ChannelParams calldata params)
+        private
+        view
+        returns (bytes32 channelId, ChannelState storage ch)
+    {
+        channelId = _channelIdOf(params);
+        ch = _channels[channelId];
+        if (ch.deposit == 0) revert ChannelNotFound(channelId);
+        if (msg.sender != params.payee) revert NotPayee();
         if (ch.finalized) revert ChannelFinalized(channelId);
     }
 
-    /// @dev Reverts unless the channel exists, is open and the caller is its payer.
-    function _checkPayer(Channel storage ch, bytes32 channelId) private view {
-        address payer = ch.payer;
-        if (payer == address(0)) revert ChannelNotFound(channelId);
-        if (msg.sender != payer) revert NotPayer();
+    /// @dev The channel `params` address; reverts unless it exists, is open and the caller is its payer.
+    function _payerChannel(ChannelParams calldata params)
+        private
+        view
+        returns (bytes32 channelId, ChannelState storage ch)
+    {
+        channelId = _channelIdOf(params);
+        ch = _channels[channelId];
+        if (ch.deposit == 0) revert ChannelNotFound(channelId);
+        if (msg.sender != params.payer) revert NotPayer();
         if (ch.finalized) revert ChannelFinalized(channelId);
     }
 
-    /// @dev Snapshots the publisher terms, derives the id and writes the record.
-    function _createChannel(
-        address payee,
-        address token,
-        uint128 deposit,
-        bytes32 salt,
-        address authorizedSigner,
-        bytes32 modelId,
-        uint16 expectedPublisherBps
-    ) private returns (bytes32 channelId) {
-        (address publisher, uint16 bps) = ModelRegistry(modelRegistry).terms(modelId);
-        if (bps != expectedPublisherBps) revert RoyaltyMismatch(expectedPublisherBps, bps);
-        channelId = _channelId(msg.sender, payee, token, salt, authorizedSigner, modelId, publisher, bps);
-        Channel storage ch = _channels[channelId];
-        // A finalized record keeps its payee, so an id can never be opened twice.
-        if (ch.payee != address(0)) revert ChannelExists(channelId);
+    /// @dev Snapshots the publisher terms into `p` (checked against the expected royalty in
+    ///      `p.publisherBps`), derives the id and writes the deposit, the channel's only word.
+    function _createChannel(ChannelParams memory p, uint128 deposit) private returns (bytes32 channelId) {
+        // The registry is trusted (fixed at deployment) and only read.
+        (address publisher, uint16 bps) = ModelRegistry(modelRegistry).terms(p.modelId);
+        if (bps != p.publisherBps) revert RoyaltyMismatch(p.publisherBps, bps);
+        p.publisher = publisher;
+        channelId = _channelId(p.payer, p.payee, p.token, p.salt, p.authorizedSigner, p.modelId, publisher, bps);
+        ChannelState storage ch = _channels[channelId];
+        // A finalized record keeps its deposit, so an id can never be opened twice.
+        if (ch.deposit != 0) revert ChannelExists(channelId);
 
-        // Zero fields are left unwritten (the ETH token, the publisher of a zero royalty).
-        ch.payee = payee;
-        ch.publisherBps = bps;
-        ch.deposit = deposit;
-        ch.payer = msg.sender;
-        if (token != address(0)) ch.token = token;
-        ch.authorizedSigner = authorizedSigner;
-        if (bps != 0) ch.publisher = publisher;
-        _emitOpened(channelId, ch, token, modelId, publisher, salt);
-    }
-
-    /// @dev Split out of _createChannel to keep the stack shallow; reads back warm slots.
-    function _emitOpened(
-        bytes32 channelId,
-        Channel storage ch,
-        address token,
-        bytes32 modelId,
-        address publisher,
-        bytes32 salt
-    ) private {
+        // open checked deposit <= type(uint120).max.
+        // forge-lint: disable-next-line(unsafe-typecast)
+        ch.deposit = uint120(deposit);
         emit ChannelOpened(
-            channelId,
-            msg.sender,
-            ch.payee,
-            token,
-            ch.authorizedSigner,
-            modelId,
-            publisher,
-            ch.publisherBps,
-            ch.deposit,
-            salt
+            channelId, p.payer, p.payee, p.token, p.authorizedSigner, p.modelId, publisher, bps, deposit, p.salt
         );
     }
 
     /// @dev Verifies a voucher and credits the delta. The caller has checked payee and finality.
     function _settle(
-        Channel storage ch,
+        ChannelParams calldata params,
         bytes32 channelId,
-        address payee,
-        uint16 bps,
+        ChannelState storage ch,
         uint128 cumulativeAmount,
         bytes calldata signature
     ) private {
@@ -367,31 +396,50 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         uint128 deposit = ch.deposit;
         if (cumulativeAmount <= settled) revert AmountNotIncreasing(cumulativeAmount, settled);
         if (cumulativeAmount > deposit) revert AmountExceedsDeposit(cumulativeAmount, deposit);
-        if (!SignatureChecker.isValidSignatureNowCalldata(
-                ch.authorizedSigner, hashVoucher(channelId, cumulativeAmount), signature
-            )) revert InvalidSignature();
+        if (!_isValidSignature(params.authorizedSigner, hashVoucher(channelId, cumulativeAmount), signature)) {
+            revert InvalidSignature();
+        }
 
         // Effects (all of the delta is credited, or the call reverts).
-        ch.settled = cumulativeAmount;
+        // cumulativeAmount <= deposit <= type(uint120).max, checked above.
+        // forge-lint: disable-next-line(unsafe-typecast)
+        ch.settled = uint120(cumulativeAmount);
         uint128 delta = cumulativeAmount - settled;
-        address token = ch.token;
+        address token = params.token;
+        uint16 bps = params.publisherBps;
         uint128 publisherShare;
         if (bps != 0) {
             // Both royalties are <= their amounts < 2^128 and the difference is <= delta.
             publisherShare = uint128(_royalty(cumulativeAmount, bps) - _royalty(settled, bps));
-            if (publisherShare != 0) earnings[token][ch.publisher] += publisherShare;
+            if (publisherShare != 0) earnings[token][params.publisher] += publisherShare;
         }
         uint128 payeeShare = delta - publisherShare;
-        if (payeeShare != 0) earnings[token][payee] += payeeShare;
+        if (payeeShare != 0) earnings[token][params.payee] += payeeShare;
         emit Settled(channelId, cumulativeAmount, delta, payeeShare, publisherShare);
     }
 
     /// @dev Marks the channel finalized and credits the payer with `deposit - settled`.
-    function _finalize(Channel storage ch) private returns (uint128 settled, uint128 refund) {
+    function _finalize(ChannelParams calldata params, ChannelState storage ch)
+        private
+        returns (uint128 settled, uint128 refund)
+    {
         ch.finalized = true;
         settled = ch.settled;
         refund = ch.deposit - settled;
-        if (refund != 0) earnings[ch.token][ch.payer] += refund;
+        if (refund != 0) earnings[params.token][params.payer] += refund;
+    }
+
+    /// @dev 65-byte low-s ECDSA first (no EXTCODESIZE on the common EOA-key path), then ERC-1271
+    ///      when that does not yield the signer (a contract cannot be an ECDSA recovery result; an
+    ///      account without code answers an ERC-1271 call with no data, which fails).
+    function _isValidSignature(address signer, bytes32 digest, bytes calldata signature)
+        private
+        view
+        returns (bool)
+    {
+        (address recovered, ECDSA.RecoverError err,) = ECDSA.tryRecoverCalldata(digest, signature);
+        if (err == ECDSA.RecoverError.NoError && recovered == signer) return true;
+        return SignatureChecker.isValidERC1271SignatureNowCalldata(signer, digest, signature);
     }
 
     /// @dev The value sent must be the ETH amount, or zero for an ERC-20 channel.
@@ -408,6 +456,7 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         if (IERC20(token).balanceOf(address(this)) != balanceBefore + amount) revert FeeOnTransferToken();
     }
 
+    /// @dev The channel id (the preimage is fixed by ARCHITECTURE.md).
     function _channelId(
         address payer,
         address payee,
@@ -420,9 +469,24 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     ) private view returns (bytes32) {
         return keccak256(
             abi.encode(
-                payer, payee, token, salt, authorizedSigner, modelId, publisher, publisherBps, address(this), block.chainid
+                payer,
+                payee,
+                token,
+                salt,
+                authorizedSigner,
+                modelId,
+                publisher,
+                publisherBps,
+                address(this),
+                block.chainid
             )
         );
+    }
+
+    /// @dev The same id from calldata terms: the struct's static fields encode in place, in the
+    ///      preimage's order, so this is byte for byte the preimage of {_channelId}.
+    function _channelIdOf(ChannelParams calldata params) private view returns (bytes32) {
+        return keccak256(abi.encode(params, address(this), block.chainid));
     }
 
     function _royalty(uint128 amount, uint16 bps) private pure returns (uint256) {
@@ -431,18 +495,37 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
 
     // ---------------------------------------------------------------- views
 
-    /// @notice The record of `channelId` (all zero if it was never opened).
-    function getChannel(bytes32 channelId) external view returns (Channel memory) {
+    /// @notice The state of `channelId` (all zero if it was never opened).
+    /// @param channelId The channel.
+    /// @return The channel's deposit, settled amount, finalized flag and pending close request.
+    function getChannel(bytes32 channelId) external view returns (ChannelState memory) {
         return _channels[channelId];
     }
 
+    /// @notice The id of the channel with these terms (whether or not it was opened).
+    /// @param params The channel's terms.
+    /// @return The channel id.
+    function channelIdOf(ChannelParams calldata params) external view returns (bytes32) {
+        return _channelIdOf(params);
+    }
+
     /// @notice The EIP-712 digest the authorized signer signs for a voucher.
+    /// @param channelId The channel.
+    /// @param cumulativeAmount The voucher's cumulative amount.
+    /// @return The digest.
     function hashVoucher(bytes32 channelId, uint128 cumulativeAmount) public view returns (bytes32) {
         return _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, cumulativeAmount)));
     }
 
     /// @notice The id `open` would give these parameters now (the publisher terms are read from
     ///         the registry at call time, as `open` does).
+    /// @param payer The channel's payer (the caller of `open`).
+    /// @param payee The channel's payee.
+    /// @param token ERC-20 token, or address(0) for native ETH.
+    /// @param salt The salt.
+    /// @param authorizedSigner The voucher signer.
+    /// @param modelId The model.
+    /// @return The channel id.
     function computeChannelId(
         address payer,
         address payee,

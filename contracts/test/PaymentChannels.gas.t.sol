@@ -22,13 +22,13 @@ contract PaymentChannelsGasTest is PaymentChannelsFixture {
     function test_gas_topUp_eth() public {
         bytes32 id = _open(ETH, 1 ether);
         vm.prank(payer);
-        channels.topUp{value: 1 ether}(id, 1 ether);
+        channels.topUp{value: 1 ether}(_p(id), 1 ether);
     }
 
     function test_gas_topUp_erc20() public {
         bytes32 id = _open(address(token), 1 ether);
         vm.prank(payer);
-        channels.topUp(id, 1 ether);
+        channels.topUp(_p(id), 1 ether);
     }
 
     /// @dev settle #1 credits fresh earnings slots (zero -> non-zero); settle #2 is the steady state.
@@ -49,30 +49,30 @@ contract PaymentChannelsGasTest is PaymentChannelsFixture {
         _settle(id, 0.1 ether);
         bytes memory sig = _voucher(id, 0.2 ether);
         vm.prank(payee);
-        channels.close(id, 0.2 ether, sig);
+        channels.close(_p(id), 0.2 ether, sig);
     }
 
     function test_gas_close_atSettled() public {
         bytes32 id = _open(ETH, 1 ether);
         _settle(id, 0.1 ether);
         vm.prank(payee);
-        channels.close(id, 0.1 ether, "");
+        channels.close(_p(id), 0.1 ether, "");
     }
 
     function test_gas_requestClose() public {
         bytes32 id = _open(ETH, 1 ether);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
     }
 
     function test_gas_withdraw() public {
         bytes32 id = _open(ETH, 1 ether);
         _settle(id, 0.1 ether);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.warp(block.timestamp + GRACE);
         vm.prank(payer);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
     }
 
     function test_gas_claimEarnings_eth() public {

@@ -56,6 +56,8 @@ abstract contract PaymentChannelsFixture is TestBase {
     address internal stranger = address(0x5757);
     address internal signer;
 
+    mapping(bytes32 channelId => PaymentChannels.ChannelParams) internal _params;
+
     function setUp() public virtual {
         vm.warp(1_700_000_000);
         registry = new ModelRegistry();
@@ -80,8 +82,33 @@ abstract contract PaymentChannelsFixture is TestBase {
         internal
         returns (bytes32)
     {
+        return _openTo(payee, token_, deposit, salt, signer_, modelId, bps);
+    }
+
+    /// @dev Opens from `payer` and records the channel's terms for `_p`.
+    function _openTo(
+        address payee_,
+        address token_,
+        uint128 deposit,
+        bytes32 salt,
+        address signer_,
+        bytes32 modelId,
+        uint16 bps
+    ) internal returns (bytes32 id) {
         vm.prank(payer);
-        return channels.open{value: token_ == ETH ? deposit : 0}(payee, token_, deposit, salt, signer_, modelId, bps);
+        id = channels.open{value: token_ == ETH ? deposit : 0}(payee_, token_, deposit, salt, signer_, modelId, bps);
+        (address publisher_, uint16 bps_) = registry.terms(modelId); // unchanged since the open
+        _params[id] = PaymentChannels.ChannelParams(payer, payee_, token_, salt, signer_, modelId, publisher_, bps_);
+    }
+
+    /// @dev The terms of a channel this fixture opened (all zero for an unknown id).
+    function _p(bytes32 channelId) internal view returns (PaymentChannels.ChannelParams memory) {
+        return _params[channelId];
+    }
+
+    /// @dev Terms of a channel that was never opened.
+    function _unknown() internal view returns (PaymentChannels.ChannelParams memory) {
+        return PaymentChannels.ChannelParams(payer, payee, ETH, keccak256("never"), signer, MODEL, publisher, BPS);
     }
 
     function _voucher(bytes32 channelId, uint128 amount) internal view returns (bytes memory) {
@@ -90,8 +117,8 @@ abstract contract PaymentChannelsFixture is TestBase {
 
     function _settle(bytes32 channelId, uint128 amount) internal {
         bytes memory sig = _voucher(channelId, amount);
-        vm.prank(payee);
-        channels.settle(channelId, amount, sig);
+        vm.prank(_params[channelId].payee);
+        channels.settle(_p(channelId), amount, sig);
     }
 
     function _royalty(uint256 amount, uint256 bps) internal pure returns (uint256) {
@@ -148,18 +175,19 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 1 ether);
 
         vm.assertEq(id, expectedId);
-        PaymentChannels.Channel memory ch = channels.getChannel(id);
-        vm.assertEq(ch.payee, payee);
-        vm.assertEq(uint256(ch.publisherBps), BPS);
+        PaymentChannels.ChannelState memory ch = channels.getChannel(id);
         vm.assertFalse(ch.finalized);
         vm.assertEq(uint256(ch.deposit), 1 ether);
         vm.assertEq(uint256(ch.settled), 0);
-        vm.assertEq(ch.payer, payer);
         vm.assertEq(uint256(ch.closeRequestedAt), 0);
-        vm.assertEq(ch.token, ETH);
-        vm.assertEq(ch.authorizedSigner, signer);
-        vm.assertEq(ch.publisher, publisher);
         vm.assertEq(address(channels).balance, 1 ether);
+        // The terms are not stored: they are the emitted params, and they address the channel.
+        vm.assertEq(
+            channels.channelIdOf(
+                PaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, MODEL, publisher, BPS)
+            ),
+            id
+        );
     }
 
     function test_open_erc20_pullsDeposit() public {
@@ -167,7 +195,8 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(address(token), 500);
         vm.assertEq(token.balanceOf(address(channels)), 500);
         vm.assertEq(token.balanceOf(payer), before - 500);
-        vm.assertEq(channels.getChannel(id).token, address(token));
+        vm.assertEq(uint256(channels.getChannel(id).deposit), 500);
+        vm.assertEq(id, channels.computeChannelId(payer, payee, address(token), SALT, signer, MODEL));
     }
 
     function test_open_idIsTheSpecifiedHash() public {
@@ -189,17 +218,30 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
 
     function test_open_unregisteredModelHasNoRoyalty() public {
         bytes32 id = _openWith(ETH, 100, SALT, signer, keccak256("unknown"), 0);
-        PaymentChannels.Channel memory ch = channels.getChannel(id);
-        vm.assertEq(ch.publisher, address(0));
-        vm.assertEq(uint256(ch.publisherBps), 0);
+        vm.assertEq(_p(id).publisher, address(0));
+        vm.assertEq(
+            channels.channelIdOf(
+                PaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, keccak256("unknown"), address(0), 0)
+            ),
+            id
+        );
         _settle(id, 100);
         vm.assertEq(channels.earnings(ETH, payee), 100);
     }
 
-    function test_open_zeroRoyaltyModelStoresNoPublisher() public {
+    function test_open_zeroRoyaltyModelKeepsPublisherInIdButPaysNoRoyalty() public {
         bytes32 id = _openWith(ETH, 100, SALT, signer, FREE_MODEL, 0);
-        vm.assertEq(channels.getChannel(id).publisher, address(0));
         vm.assertEq(id, channels.computeChannelId(payer, payee, ETH, SALT, signer, FREE_MODEL));
+        // The registered publisher is part of the id even at 0 bps ...
+        vm.assertEq(_p(id).publisher, publisher);
+        vm.assertEq(
+            channels.channelIdOf(PaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, FREE_MODEL, publisher, 0)),
+            id
+        );
+        // ... and is never credited.
+        _settle(id, 100);
+        vm.assertEq(channels.earnings(ETH, publisher), 0);
+        vm.assertEq(channels.earnings(ETH, payee), 100);
     }
 
     function test_open_revertsOnZeroPayee() public {
@@ -248,7 +290,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_open_revertsWhenReopeningFinalizedChannel() public {
         bytes32 id = _open(ETH, 10);
         vm.prank(payee);
-        channels.close(id, 0, "");
+        channels.close(_p(id), 0, "");
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelExists.selector, id));
         _open(ETH, 10);
     }
@@ -278,6 +320,19 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.stopPrank();
     }
 
+    function test_open_revertsWhenDepositExceedsUint120() public {
+        uint128 tooMuch = uint128(type(uint120).max) + 1;
+        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        _open(address(token), tooMuch);
+        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        _open(ETH, type(uint128).max);
+        vm.assertEq(token.balanceOf(address(channels)), 0);
+        vm.assertEq(address(channels).balance, 0);
+        // The bound itself opens.
+        bytes32 id = _open(address(token), type(uint120).max);
+        vm.assertEq(uint256(channels.getChannel(id).deposit), type(uint120).max);
+    }
+
     function test_open_revertsWithoutAllowance() public {
         vm.prank(payer);
         token.approve(address(channels), 0);
@@ -290,6 +345,170 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         _open(address(0xDEAD), 1);
     }
 
+    // ------------------------------------------------------------------ channel terms (params)
+
+    function test_channelIdOf_structEncodingEqualsComputeChannelId() public view {
+        PaymentChannels.ChannelParams memory p =
+            PaymentChannels.ChannelParams(payer, payee, address(token), SALT, signer, MODEL, publisher, BPS);
+        bytes32 id = channels.channelIdOf(p);
+        vm.assertEq(id, channels.computeChannelId(payer, payee, address(token), SALT, signer, MODEL));
+        vm.assertEq(id, keccak256(abi.encode(p, address(channels), block.chainid)));
+    }
+
+    /// @dev The struct's ABI encoding is the id preimage's, field for field, for any terms.
+    function testFuzz_channelIdOf_equalsSpecifiedHash(
+        address payer_,
+        address payee_,
+        address token_,
+        bytes32 salt,
+        address signer_,
+        bytes32 modelId,
+        address publisher_,
+        uint16 bps
+    ) public view {
+        bytes32 expected = keccak256(
+            abi.encode(
+                payer_, payee_, token_, salt, signer_, modelId, publisher_, bps, address(channels), block.chainid
+            )
+        );
+        vm.assertEq(
+            channels.channelIdOf(
+                PaymentChannels.ChannelParams(payer_, payee_, token_, salt, signer_, modelId, publisher_, bps)
+            ),
+            expected
+        );
+    }
+
+    /// @dev A registered model: the id `open` returns, `computeChannelId` and `channelIdOf` of the
+    ///      emitted terms agree.
+    function testFuzz_open_idEqualsChannelIdOfEmittedTerms(bytes32 salt, bytes32 modelId, uint16 bps, bool eth)
+        public
+    {
+        vm.assume(modelId != bytes32(0) && modelId != MODEL && modelId != FREE_MODEL); // unregistered
+        bps = uint16(bound(bps, 0, 10_000));
+        vm.prank(publisher);
+        registry.register(modelId, bps);
+        address t = eth ? ETH : address(token);
+        bytes32 predicted = channels.computeChannelId(payer, payee, t, salt, signer, modelId);
+        bytes32 id = _openWith(t, 1, salt, signer, modelId, bps);
+        vm.assertEq(id, predicted);
+        vm.assertEq(
+            channels.channelIdOf(PaymentChannels.ChannelParams(payer, payee, t, salt, signer, modelId, publisher, bps)),
+            id
+        );
+    }
+
+    /// @dev Every function that takes terms, with each of the eight fields wrong in turn (called by
+    ///      the account the wrong terms name), addresses no channel: `ChannelNotFound`, nothing moves.
+    ///      The channel is set up so that the right terms would make every call succeed.
+    function test_wrongParam_anyFieldAnyFunction_revertsChannelNotFound() public {
+        bytes32 id = _readyChannel();
+        for (uint256 field; field < 8; field++) {
+            for (uint256 fn; fn < 5; fn++) {
+                _assertWrongParamReverts(id, _mutate(_p(id), field, address(0xBEEF), keccak256("x"), 1), fn);
+            }
+        }
+        _assertRightParamsStillWork(id);
+    }
+
+    function testFuzz_wrongParam_revertsChannelNotFound(
+        uint256 field,
+        uint256 fn,
+        address newAddress,
+        bytes32 newWord,
+        uint16 newBps
+    ) public {
+        field = bound(field, 0, 7);
+        fn = bound(fn, 0, 4);
+        bytes32 id = _readyChannel();
+        PaymentChannels.ChannelParams memory q = _mutate(_p(id), field, newAddress, newWord, newBps);
+        vm.assume(channels.channelIdOf(q) != id); // the fuzzer chose the right value for that field
+        _assertWrongParamReverts(id, q, fn);
+        _assertRightParamsStillWork(id);
+    }
+
+    /// @dev An ERC-20 channel with a royalty, partly settled, close requested and the grace over.
+    function _readyChannel() internal returns (bytes32 id) {
+        id = _open(address(token), 1_000);
+        _settle(id, 100);
+        vm.prank(payer);
+        channels.requestClose(_p(id));
+        vm.warp(block.timestamp + GRACE);
+    }
+
+    function _mutate(
+        PaymentChannels.ChannelParams memory p,
+        uint256 field,
+        address newAddress,
+        bytes32 newWord,
+        uint16 newBps
+    ) internal pure returns (PaymentChannels.ChannelParams memory q) {
+        q = PaymentChannels.ChannelParams(
+            p.payer, p.payee, p.token, p.salt, p.authorizedSigner, p.modelId, p.publisher, p.publisherBps
+        );
+        if (field == 0) q.payer = newAddress;
+        else if (field == 1) q.payee = newAddress;
+        else if (field == 2) q.token = newAddress;
+        else if (field == 3) q.salt = newWord;
+        else if (field == 4) q.authorizedSigner = newAddress;
+        else if (field == 5) q.modelId = newWord;
+        else if (field == 6) q.publisher = newAddress;
+        else q.publisherBps = newBps;
+    }
+
+    /// @dev Calls function `fn` (0 topUp, 1 settle, 2 close, 3 requestClose, 4 withdraw) with the
+    ///      wrong terms `q` as the party they name, with a voucher signed for the id they address.
+    function _assertWrongParamReverts(bytes32 id, PaymentChannels.ChannelParams memory q, uint256 fn) internal {
+        bytes32 wrongId = channels.channelIdOf(q);
+        PaymentChannels.ChannelState memory before = channels.getChannel(id);
+        uint256 ethHeld = address(channels).balance;
+        uint256 tokenHeld = token.balanceOf(address(channels));
+        uint256 owed = channels.earnings(address(token), payer) + channels.earnings(address(token), payee)
+            + channels.earnings(address(token), publisher);
+        bytes memory sig = _sign(SIGNER_PK, channels.hashVoucher(wrongId, 500));
+
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, wrongId));
+        if (fn == 0) {
+            vm.deal(q.payer, 1);
+            vm.prank(q.payer);
+            channels.topUp{value: q.token == ETH ? 1 : 0}(q, 1);
+        } else if (fn == 1) {
+            vm.prank(q.payee);
+            channels.settle(q, 500, sig);
+        } else if (fn == 2) {
+            vm.prank(q.payee);
+            channels.close(q, 500, sig);
+        } else if (fn == 3) {
+            vm.prank(q.payer);
+            channels.requestClose(q);
+        } else {
+            vm.prank(q.payer);
+            channels.withdraw(q);
+        }
+
+        PaymentChannels.ChannelState memory afterCall = channels.getChannel(id);
+        vm.assertEq(keccak256(abi.encode(afterCall)), keccak256(abi.encode(before)), "channel state moved");
+        vm.assertEq(uint256(channels.getChannel(wrongId).deposit), 0, "a wrong id came to exist");
+        vm.assertEq(address(channels).balance, ethHeld, "ETH moved");
+        vm.assertEq(token.balanceOf(address(channels)), tokenHeld, "tokens moved");
+        vm.assertEq(
+            channels.earnings(address(token), payer) + channels.earnings(address(token), payee)
+                + channels.earnings(address(token), publisher),
+            owed,
+            "earnings moved"
+        );
+    }
+
+    /// @dev Control: the right terms still settle and withdraw.
+    function _assertRightParamsStillWork(bytes32 id) internal {
+        _settle(id, 500);
+        vm.prank(payer);
+        channels.withdraw(_p(id));
+        vm.assertEq(channels.earnings(address(token), payer), 500);
+        vm.assertEq(channels.earnings(address(token), publisher), 12);
+        vm.assertEq(channels.earnings(address(token), payee), 488);
+    }
+
     // ------------------------------------------------------------------ topUp
 
     function test_topUp_eth_increasesDepositAndEmits() public {
@@ -297,7 +516,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.expectEmit(address(channels));
         emit ToppedUp(id, 50, 150);
         vm.prank(payer);
-        channels.topUp{value: 50}(id, 50);
+        channels.topUp{value: 50}(_p(id), 50);
         vm.assertEq(uint256(channels.getChannel(id).deposit), 150);
         vm.assertEq(address(channels).balance, 150);
     }
@@ -305,7 +524,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_topUp_erc20_pullsAmount() public {
         bytes32 id = _open(address(token), 100);
         vm.prank(payer);
-        channels.topUp(id, 25);
+        channels.topUp(_p(id), 25);
         vm.assertEq(uint256(channels.getChannel(id).deposit), 125);
         vm.assertEq(token.balanceOf(address(channels)), 125);
     }
@@ -313,18 +532,18 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_topUp_cancelsPendingClose() public {
         bytes32 id = _open(ETH, 100);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.expectEmit(address(channels));
         emit CloseCancelled(id);
         vm.expectEmit(address(channels));
         emit ToppedUp(id, 1, 101);
         vm.prank(payer);
-        channels.topUp{value: 1}(id, 1);
+        channels.topUp{value: 1}(_p(id), 1);
         vm.assertEq(uint256(channels.getChannel(id).closeRequestedAt), 0);
         vm.warp(block.timestamp + GRACE);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.CloseNotRequested.selector, id));
         vm.prank(payer);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
     }
 
     function test_topUp_revertsWhenNotPayer() public {
@@ -332,51 +551,64 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.deal(payee, 1);
         vm.expectRevert(PaymentChannels.NotPayer.selector);
         vm.prank(payee);
-        channels.topUp{value: 1}(id, 1);
+        channels.topUp{value: 1}(_p(id), 1);
     }
 
     function test_topUp_revertsOnZeroAmount() public {
         bytes32 id = _open(ETH, 100);
         vm.expectRevert(PaymentChannels.ZeroAmount.selector);
         vm.prank(payer);
-        channels.topUp(id, 0);
+        channels.topUp(_p(id), 0);
     }
 
     function test_topUp_revertsWhenFinalized() public {
         bytes32 id = _open(ETH, 100);
         vm.prank(payee);
-        channels.close(id, 0, "");
+        channels.close(_p(id), 0, "");
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payer);
-        channels.topUp{value: 1}(id, 1);
+        channels.topUp{value: 1}(_p(id), 1);
     }
 
     function test_topUp_revertsWhenChannelNotFound() public {
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, bytes32(uint256(1))));
+        PaymentChannels.ChannelParams memory p = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
         vm.prank(payer);
-        channels.topUp{value: 1}(bytes32(uint256(1)), 1);
+        channels.topUp{value: 1}(p, 1);
     }
 
     function test_topUp_revertsOnDepositOverflow() public {
-        bytes32 id = _open(address(token), type(uint128).max - 1);
-        token.mint(payer, 10);
+        bytes32 id = _open(address(token), type(uint120).max - 1);
         vm.expectRevert(PaymentChannels.DepositOverflow.selector);
         vm.prank(payer);
-        channels.topUp(id, 2);
+        channels.topUp(_p(id), 2);
         vm.prank(payer);
-        channels.topUp(id, 1);
-        vm.assertEq(uint256(channels.getChannel(id).deposit), type(uint128).max);
+        channels.topUp(_p(id), 1);
+        vm.assertEq(uint256(channels.getChannel(id).deposit), type(uint120).max);
+        vm.assertEq(token.balanceOf(address(channels)), type(uint120).max);
+    }
+
+    function test_topUp_revertsWhenAmountAloneExceedsUint120() public {
+        bytes32 id = _open(address(token), 1);
+        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        vm.prank(payer);
+        channels.topUp(_p(id), uint128(type(uint120).max) + 1);
+        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        vm.prank(payer);
+        channels.topUp(_p(id), type(uint128).max);
+        vm.assertEq(uint256(channels.getChannel(id).deposit), 1);
+        vm.assertEq(token.balanceOf(address(channels)), 1);
     }
 
     function test_topUp_revertsWhenEthValueDiffers() public {
         bytes32 id = _open(ETH, 100);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 1, 2));
         vm.prank(payer);
-        channels.topUp{value: 1}(id, 2);
+        channels.topUp{value: 1}(_p(id), 2);
         bytes32 tid = _open(address(token), 100);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 1, 0));
         vm.prank(payer);
-        channels.topUp{value: 1}(tid, 1);
+        channels.topUp{value: 1}(_p(tid), 1);
     }
 
     // ------------------------------------------------------------------ settle
@@ -387,7 +619,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.expectEmit(address(channels));
         emit Settled(id, 0.4 ether, 0.4 ether, 0.39 ether, 0.01 ether);
         vm.prank(payee);
-        channels.settle(id, 0.4 ether, sig);
+        channels.settle(_p(id), 0.4 ether, sig);
         vm.assertEq(uint256(channels.getChannel(id).settled), 0.4 ether);
         vm.assertEq(channels.earnings(ETH, payee), 0.39 ether);
         vm.assertEq(channels.earnings(ETH, publisher), 0.01 ether);
@@ -427,7 +659,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_settle_allowedWhileClosePending() public {
         bytes32 id = _open(ETH, 100);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         _settle(id, 60);
         vm.assertEq(uint256(channels.getChannel(id).settled), 60);
     }
@@ -435,16 +667,16 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_settle_allowedAfterGraceUntilPayerWithdraws() public {
         bytes32 id = _open(ETH, 100);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.warp(block.timestamp + GRACE * 10);
         _settle(id, 60);
         vm.prank(payer);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
         vm.assertEq(channels.earnings(ETH, payer), 40);
         bytes memory sig = _voucher(id, 70);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payee);
-        channels.settle(id, 70, sig);
+        channels.settle(_p(id), 70, sig);
     }
 
     function test_settle_revertsWhenNotPayee() public {
@@ -452,10 +684,10 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sig = _voucher(id, 10);
         vm.expectRevert(PaymentChannels.NotPayee.selector);
         vm.prank(payer);
-        channels.settle(id, 10, sig);
+        channels.settle(_p(id), 10, sig);
         vm.expectRevert(PaymentChannels.NotPayee.selector);
         vm.prank(stranger);
-        channels.settle(id, 10, sig);
+        channels.settle(_p(id), 10, sig);
     }
 
     function test_settle_revertsWhenAmountNotIncreasing() public {
@@ -464,11 +696,11 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory same = _voucher(id, 50);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.AmountNotIncreasing.selector, uint128(50), uint128(50)));
         vm.prank(payee);
-        channels.settle(id, 50, same);
+        channels.settle(_p(id), 50, same);
         bytes memory lower = _voucher(id, 49);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.AmountNotIncreasing.selector, uint128(49), uint128(50)));
         vm.prank(payee);
-        channels.settle(id, 49, lower);
+        channels.settle(_p(id), 49, lower);
     }
 
     function test_settle_revertsOnZeroAmount() public {
@@ -476,7 +708,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sig = _voucher(id, 0);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.AmountNotIncreasing.selector, uint128(0), uint128(0)));
         vm.prank(payee);
-        channels.settle(id, 0, sig);
+        channels.settle(_p(id), 0, sig);
     }
 
     function test_settle_revertsWhenAmountExceedsDeposit() public {
@@ -486,7 +718,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
             abi.encodeWithSelector(PaymentChannels.AmountExceedsDeposit.selector, uint128(101), uint128(100))
         );
         vm.prank(payee);
-        channels.settle(id, 101, sig);
+        channels.settle(_p(id), 101, sig);
     }
 
     function test_settle_revertsOnWrongSigner() public {
@@ -494,7 +726,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sig = _sign(OTHER_PK, channels.hashVoucher(id, 10));
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.settle(id, 10, sig);
+        channels.settle(_p(id), 10, sig);
     }
 
     function test_settle_revertsWhenAmountDiffersFromSigned() public {
@@ -502,7 +734,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sig = _voucher(id, 10);
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.settle(id, 11, sig);
+        channels.settle(_p(id), 11, sig);
     }
 
     function test_settle_revertsOnHighSSignature() public {
@@ -514,7 +746,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assertEq(ecrecover(digest, v, r, s), signer);
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.settle(id, 10, high);
+        channels.settle(_p(id), 10, high);
     }
 
     function test_settle_revertsOn64ByteSignature() public {
@@ -523,30 +755,31 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assertEq(compact.length, 64);
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.settle(id, 10, compact);
+        channels.settle(_p(id), 10, compact);
     }
 
     function test_settle_revertsOnEmptySignature() public {
         bytes32 id = _open(ETH, 100);
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.settle(id, 10, "");
+        channels.settle(_p(id), 10, "");
     }
 
     function test_settle_revertsWhenChannelNotFound() public {
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, bytes32(uint256(7))));
+        PaymentChannels.ChannelParams memory p = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
         vm.prank(payee);
-        channels.settle(bytes32(uint256(7)), 1, "");
+        channels.settle(p, 1, "");
     }
 
     function test_settle_revertsWhenFinalized() public {
         bytes32 id = _open(ETH, 100);
         vm.prank(payee);
-        channels.close(id, 0, "");
+        channels.close(_p(id), 0, "");
         bytes memory sig = _voucher(id, 10);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payee);
-        channels.settle(id, 10, sig);
+        channels.settle(_p(id), 10, sig);
     }
 
     function test_settle_rejectsVoucherOfAnotherChannel() public {
@@ -555,7 +788,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sigForA = _voucher(a, 10);
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.settle(b, 10, sigForA);
+        channels.settle(_p(b), 10, sigForA);
     }
 
     function test_settle_rejectsVoucherFromAnotherChainId() public {
@@ -563,20 +796,24 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory otherChain = _sign(SIGNER_PK, _voucherDigest(block.chainid + 1, address(channels), id, 10));
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.settle(id, 10, otherChain);
+        channels.settle(_p(id), 10, otherChain);
     }
 
     function test_settle_rejectsVoucherAfterChainIdChanges() public {
         bytes32 id = _open(ETH, 100);
         bytes memory sig = _voucher(id, 10);
         uint256 original = block.chainid;
-        vm.chainId(original + 1); // a fork: the domain separator follows the chain id
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.chainId(original + 1); // a fork: the id and the domain separator follow the chain id
+        // The terms re-derive another id on the new chain id: the channel is not addressable there.
+        bytes32 forkedId = channels.channelIdOf(_p(id));
+        vm.assertNotEq(forkedId, id);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, forkedId));
         vm.prank(payee);
-        channels.settle(id, 10, sig);
+        channels.settle(_p(id), 10, sig);
         vm.chainId(original);
         vm.prank(payee);
-        channels.settle(id, 10, sig);
+        channels.settle(_p(id), 10, sig);
+        vm.assertEq(uint256(channels.getChannel(id).settled), 10);
     }
 
     function test_settle_rejectsVoucherForAnotherContract() public {
@@ -585,7 +822,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sig = _sign(SIGNER_PK, other.hashVoucher(id, 10));
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.settle(id, 10, sig);
+        channels.settle(_p(id), 10, sig);
     }
 
     function test_settle_acceptsErc1271Signer() public {
@@ -601,12 +838,12 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory wrongKey = _sign(OTHER_PK, channels.hashVoucher(id, 40));
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.settle(id, 40, wrongKey);
+        channels.settle(_p(id), 40, wrongKey);
         wallet.revoke();
         bytes memory sig = _voucher(id, 40);
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.settle(id, 40, sig);
+        channels.settle(_p(id), 40, sig);
     }
 
     // ------------------------------------------------------------------ close
@@ -620,8 +857,8 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.expectEmit(address(channels));
         emit ChannelClosed(id, 600, 400);
         vm.prank(payee);
-        channels.close(id, 600, sig);
-        PaymentChannels.Channel memory ch = channels.getChannel(id);
+        channels.close(_p(id), 600, sig);
+        PaymentChannels.ChannelState memory ch = channels.getChannel(id);
         vm.assertTrue(ch.finalized);
         vm.assertEq(uint256(ch.settled), 600);
         vm.assertEq(uint256(ch.deposit), 1_000); // the record is kept
@@ -636,7 +873,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.expectEmit(address(channels));
         emit ChannelClosed(id, 300, 700);
         vm.prank(payee);
-        channels.close(id, 300, hex"deadbeef");
+        channels.close(_p(id), 300, hex"deadbeef");
         vm.assertEq(channels.earnings(address(token), payer), 700);
     }
 
@@ -644,7 +881,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 1_000);
         _settle(id, 300);
         vm.prank(payee);
-        channels.close(id, 1, "");
+        channels.close(_p(id), 1, "");
         vm.assertEq(uint256(channels.getChannel(id).settled), 300);
         vm.assertEq(channels.earnings(ETH, payer), 700);
     }
@@ -653,7 +890,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 1_000);
         bytes memory sig = _voucher(id, 1_000);
         vm.prank(payee);
-        channels.close(id, 1_000, sig);
+        channels.close(_p(id), 1_000, sig);
         vm.assertEq(channels.earnings(ETH, payer), 0);
     }
 
@@ -661,15 +898,15 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 100);
         vm.expectRevert(PaymentChannels.NotPayee.selector);
         vm.prank(payer);
-        channels.close(id, 0, "");
+        channels.close(_p(id), 0, "");
     }
 
     function test_close_revertsWhenFinalized() public {
         bytes32 id = _open(ETH, 100);
         vm.startPrank(payee);
-        channels.close(id, 0, "");
+        channels.close(_p(id), 0, "");
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
-        channels.close(id, 0, "");
+        channels.close(_p(id), 0, "");
         vm.stopPrank();
     }
 
@@ -678,7 +915,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sig = _sign(OTHER_PK, channels.hashVoucher(id, 50));
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
-        channels.close(id, 50, sig);
+        channels.close(_p(id), 50, sig);
     }
 
     function test_close_revertsWhenAmountExceedsDeposit() public {
@@ -688,13 +925,14 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
             abi.encodeWithSelector(PaymentChannels.AmountExceedsDeposit.selector, uint128(101), uint128(100))
         );
         vm.prank(payee);
-        channels.close(id, 101, sig);
+        channels.close(_p(id), 101, sig);
     }
 
     function test_close_revertsWhenChannelNotFound() public {
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, bytes32(0)));
+        PaymentChannels.ChannelParams memory p = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
         vm.prank(payee);
-        channels.close(bytes32(0), 0, "");
+        channels.close(p, 0, "");
     }
 
     // ------------------------------------------------------------------ requestClose
@@ -704,7 +942,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.expectEmit(address(channels));
         emit CloseRequested(id, uint64(block.timestamp) + GRACE);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.assertEq(uint256(channels.getChannel(id).closeRequestedAt), block.timestamp);
     }
 
@@ -712,35 +950,36 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 100);
         vm.expectRevert(PaymentChannels.NotPayer.selector);
         vm.prank(payee);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.expectRevert(PaymentChannels.NotPayer.selector);
         vm.prank(stranger);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
     }
 
     function test_requestClose_revertsWhenAlreadyRequested() public {
         bytes32 id = _open(ETH, 100);
         vm.startPrank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.warp(block.timestamp + 1);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.CloseAlreadyRequested.selector, id));
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.stopPrank();
     }
 
     function test_requestClose_revertsWhenFinalized() public {
         bytes32 id = _open(ETH, 100);
         vm.prank(payee);
-        channels.close(id, 0, "");
+        channels.close(_p(id), 0, "");
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
     }
 
     function test_requestClose_revertsWhenChannelNotFound() public {
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, bytes32(uint256(3))));
+        PaymentChannels.ChannelParams memory p = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
         vm.prank(payer);
-        channels.requestClose(bytes32(uint256(3)));
+        channels.requestClose(p);
     }
 
     // ------------------------------------------------------------------ withdraw
@@ -749,12 +988,12 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(address(token), 1_000);
         _settle(id, 250);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.warp(block.timestamp + GRACE);
         vm.expectEmit(address(channels));
         emit Withdrawn(id, 750);
         vm.prank(payer);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
         vm.assertTrue(channels.getChannel(id).finalized);
         vm.assertEq(channels.earnings(address(token), payer), 750);
     }
@@ -763,58 +1002,59 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 100);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.CloseNotRequested.selector, id));
         vm.prank(payer);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
     }
 
     function test_withdraw_revertsDuringGracePeriod() public {
         bytes32 id = _open(ETH, 100);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         uint64 closableAt = uint64(block.timestamp) + GRACE;
         vm.warp(closableAt - 1);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.GracePeriodActive.selector, closableAt));
         vm.prank(payer);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
     }
 
     function test_withdraw_revertsWhenNotPayer() public {
         bytes32 id = _open(ETH, 100);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.warp(block.timestamp + GRACE);
         vm.expectRevert(PaymentChannels.NotPayer.selector);
         vm.prank(payee);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
     }
 
     function test_withdraw_revertsWhenFinalized() public {
         bytes32 id = _open(ETH, 100);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.warp(block.timestamp + GRACE);
         vm.prank(payer);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payer);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
     }
 
     function test_withdraw_revertsAfterPayeeClosed() public {
         bytes32 id = _open(ETH, 100);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.prank(payee);
-        channels.close(id, 0, "");
+        channels.close(_p(id), 0, "");
         vm.warp(block.timestamp + GRACE);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payer);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
     }
 
     function test_withdraw_revertsWhenChannelNotFound() public {
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, bytes32(uint256(9))));
+        PaymentChannels.ChannelParams memory p = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
         vm.prank(payer);
-        channels.withdraw(bytes32(uint256(9)));
+        channels.withdraw(p);
     }
 
     function test_withdraw_succeedsWithRevertingPayeeAndPublisher() public {
@@ -823,16 +1063,15 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 m = keccak256("bad");
         vm.prank(address(badPublisher));
         registry.register(m, 1_000);
-        vm.prank(payer);
-        bytes32 id = channels.open{value: 100}(address(badPayee), ETH, 100, SALT, signer, m, 1_000);
+        bytes32 id = _openTo(address(badPayee), ETH, 100, SALT, signer, m, 1_000);
         bytes memory sig = _voucher(id, 30);
         vm.prank(address(badPayee));
-        channels.settle(id, 30, sig);
+        channels.settle(_p(id), 30, sig);
         vm.prank(payer);
-        channels.requestClose(id);
+        channels.requestClose(_p(id));
         vm.warp(block.timestamp + GRACE);
         vm.prank(payer);
-        channels.withdraw(id);
+        channels.withdraw(_p(id));
         vm.assertEq(channels.earnings(ETH, payer), 70);
         vm.prank(payer);
         channels.claimEarnings(ETH);
@@ -864,7 +1103,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(address(token), 1_000);
         bytes memory sig = _voucher(id, 400);
         vm.prank(payee);
-        channels.close(id, 400, sig);
+        channels.close(_p(id), 400, sig);
         vm.prank(publisher);
         channels.claimEarnings(address(token));
         vm.prank(payer);
@@ -897,9 +1136,8 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_reentrancy_tokenCannotReenterSettleDuringOpen() public {
         ReentrantToken evil = new ReentrantToken();
         // Channel X pays the evil token itself, so only the guard stops a re-entering settle.
-        vm.prank(payer);
-        bytes32 x = channels.open{value: 100}(address(evil), ETH, 100, SALT, signer, MODEL, BPS);
-        evil.arm(address(channels), abi.encodeCall(PaymentChannels.settle, (x, 50, _voucher(x, 50))));
+        bytes32 x = _openTo(address(evil), ETH, 100, SALT, signer, MODEL, BPS);
+        evil.arm(address(channels), abi.encodeCall(PaymentChannels.settle, (_p(x), 50, _voucher(x, 50))));
         evil.mint(payer, 1_000);
         vm.prank(payer);
         evil.approve(address(channels), 1_000);
@@ -915,11 +1153,10 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         evil.mint(payer, 1_000);
         vm.prank(payer);
         evil.approve(address(channels), 1_000);
-        vm.prank(payer);
-        bytes32 id = channels.open(address(evil), address(evil), 1_000, SALT, signer, FREE_MODEL, 0);
+        bytes32 id = _openTo(address(evil), address(evil), 1_000, SALT, signer, FREE_MODEL, 0);
         bytes memory sig = _voucher(id, 1_000);
         vm.prank(address(evil));
-        channels.settle(id, 1_000, sig);
+        channels.settle(_p(id), 1_000, sig);
         evil.arm(address(channels), abi.encodeCall(PaymentChannels.claimEarnings, (address(evil))));
         vm.prank(address(evil));
         channels.claimEarnings(address(evil));
@@ -932,13 +1169,12 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         // The malicious wallet is both payee and signer, so a re-entering close passes every
         // check but the guard (and the STATICCALL context of isValidSignature).
         ReentrantSigner evil = new ReentrantSigner(signer);
-        vm.prank(payer);
-        bytes32 id = channels.open{value: 100}(address(evil), ETH, 100, SALT, address(evil), MODEL, BPS);
+        bytes32 id = _openTo(address(evil), ETH, 100, SALT, address(evil), MODEL, BPS);
         bytes memory sig = _voucher(id, 80);
-        evil.arm(address(channels), abi.encodeCall(PaymentChannels.close, (id, 80, sig)));
+        evil.arm(address(channels), abi.encodeCall(PaymentChannels.close, (_p(id), 80, sig)));
         vm.prank(address(evil));
-        channels.settle(id, 80, sig);
-        PaymentChannels.Channel memory ch = channels.getChannel(id);
+        channels.settle(_p(id), 80, sig);
+        PaymentChannels.ChannelState memory ch = channels.getChannel(id);
         vm.assertEq(uint256(ch.settled), 80);
         vm.assertFalse(ch.finalized);
         vm.assertEq(channels.earnings(ETH, address(evil)) + channels.earnings(ETH, publisher), 80);
@@ -948,7 +1184,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     // ------------------------------------------------------------------ fuzz
 
     function testFuzz_settle_splitIsExact(uint128 deposit, uint128 first, uint128 second, uint16 bps) public {
-        deposit = uint128(bound(deposit, 2, type(uint128).max));
+        deposit = uint128(bound(deposit, 2, type(uint120).max));
         bps = uint16(bound(bps, 0, 10_000));
         first = uint128(bound(first, 1, deposit - 1));
         second = uint128(bound(second, first + 1, deposit));
@@ -970,15 +1206,15 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assertLe(pub2 - pub1, second - first);
 
         vm.prank(payee);
-        channels.close(id, 0, "");
+        channels.close(_p(id), 0, "");
         vm.assertEq(channels.earnings(address(token), payer), deposit - second);
         vm.assertEq(token.balanceOf(address(channels)), deposit);
     }
 
-    function testFuzz_settle_amountsNearUint128Max(uint128 below, uint16 bps) public {
+    function testFuzz_settle_amountsNearUint120Max(uint128 below, uint16 bps) public {
         bps = uint16(bound(bps, 0, 10_000));
         below = uint128(bound(below, 0, 1_000));
-        uint128 deposit = type(uint128).max;
+        uint128 deposit = type(uint120).max;
         bytes32 m = keccak256(abi.encode("max", bps));
         vm.prank(publisher);
         registry.register(m, bps);
@@ -989,17 +1225,17 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assertEq(channels.earnings(address(token), payee), deposit - _royalty(deposit, bps));
         vm.prank(payer);
         vm.expectRevert(PaymentChannels.DepositOverflow.selector);
-        channels.topUp(id, 1);
+        channels.topUp(_p(id), 1);
     }
 
     function testFuzz_close_refundIsExact(uint128 deposit, uint128 cumulative, bool eth) public {
-        deposit = uint128(bound(deposit, 1, type(uint128).max));
+        deposit = uint128(bound(deposit, 1, type(uint120).max));
         cumulative = uint128(bound(cumulative, 0, deposit));
         address t = eth ? ETH : address(token);
         bytes32 id = _open(t, deposit);
         bytes memory sig = _voucher(id, cumulative);
         vm.prank(payee);
-        channels.close(id, cumulative, sig);
+        channels.close(_p(id), cumulative, sig);
         vm.assertEq(channels.earnings(t, payer), deposit - cumulative);
         vm.assertEq(
             channels.earnings(t, payer) + channels.earnings(t, payee) + channels.earnings(t, publisher), deposit
@@ -1014,26 +1250,24 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 digest = channels.hashVoucher(id, amount);
         vm.startPrank(payee);
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
-        channels.settle(id, amount, _highS(pk, digest));
+        channels.settle(_p(id), amount, _highS(pk, digest));
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
-        channels.settle(id, amount, _compact(pk, digest));
-        channels.settle(id, amount, _sign(pk, digest));
+        channels.settle(_p(id), amount, _compact(pk, digest));
+        channels.settle(_p(id), amount, _sign(pk, digest));
         vm.stopPrank();
         vm.assertEq(uint256(channels.getChannel(id).settled), amount);
     }
 
-    function testFuzz_settle_rejectsReplayAcrossChainsAndContracts(uint256 otherChain, address otherContract)
-        public
-    {
+    function testFuzz_settle_rejectsReplayAcrossChainsAndContracts(uint256 otherChain, address otherContract) public {
         vm.assume(otherContract != address(channels));
         otherChain = bound(otherChain, 1, type(uint64).max);
         vm.assume(otherChain != block.chainid);
         bytes32 id = _open(ETH, 100);
         vm.startPrank(payee);
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
-        channels.settle(id, 10, _sign(SIGNER_PK, _voucherDigest(otherChain, address(channels), id, 10)));
+        channels.settle(_p(id), 10, _sign(SIGNER_PK, _voucherDigest(otherChain, address(channels), id, 10)));
         vm.expectRevert(PaymentChannels.InvalidSignature.selector);
-        channels.settle(id, 10, _sign(SIGNER_PK, _voucherDigest(block.chainid, otherContract, id, 10)));
+        channels.settle(_p(id), 10, _sign(SIGNER_PK, _voucherDigest(block.chainid, otherContract, id, 10)));
         vm.stopPrank();
     }
 

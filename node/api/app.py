@@ -62,7 +62,8 @@ def build_engine(settings: NodeSettings) -> Engine:
 
         if not e.base_url:
             raise ValueError("engine.kind = 'openai' needs engine.base_url (e.g. http://127.0.0.1:8000)")
-        return OpenAIUpstreamEngine(e.base_url, e.served_model_name, api_key=e.api_key,  # type: ignore[arg-type]
+        api_key = e.api_key.get_secret_value() if e.api_key else None
+        return OpenAIUpstreamEngine(e.base_url, e.served_model_name, api_key=api_key,  # type: ignore[arg-type]
                                     tokenizer_dir=e.model_dir, **e.options)
     from node.engine.embedded import EmbeddedEngine  # torch: imported only when chosen
 

@@ -205,6 +205,9 @@ class _Meter:
             request_hash=self.request_hash, response_hash=response_hash_, input_tokens=self.plan.prompt_tokens,
             output_tokens=self.output_tokens, accepted_at=self.accepted_at, ttft_s=self.ttft, duration_s=duration))
         await self.state.store.put(signed)
+        log.debug("answered", receipt_id=receipt_id, model=self.plan.model, input_tokens=self.plan.prompt_tokens,
+                  output_tokens=self.output_tokens, ttft_ms=round(1000 * self.ttft, 1),
+                  duration_ms=round(1000 * duration, 1))
         return signed.model_dump_json(by_alias=True)
 
 

@@ -1,6 +1,6 @@
 """Build the tiny demo model shipped in models/demo: a real Llama-architecture checkpoint, trained on CPU.
 
-    python -m node.engine.demo_model --out models/demo [--train-seconds 240]
+    python -m node.engine.demo_model --out models/demo [--train-seconds 300]
 
 It exists so the node, its tests and its benchmarks run the same loading and inference code a real
 checkpoint uses (AutoModelForCausalLM / AutoTokenizer from a directory) without any download.
@@ -111,7 +111,7 @@ def train(model: LlamaForCausalLM, ids: torch.Tensor, *, seconds: float, max_ste
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="models/demo")
-    ap.add_argument("--train-seconds", type=float, default=240.0)
+    ap.add_argument("--train-seconds", type=float, default=300.0)
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=128)

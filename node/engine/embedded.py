@@ -244,13 +244,14 @@ class EmbeddedEngine:
         if not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
             raise NotImplementedError("only full-attention models (DynamicLayer caches) are supported")
         if self._cache is None:
+            cache.layers = [_BufferedLayer(layer.keys, layer.values) for layer in cache.layers]
             self._cache, self._mask, self._running = cache, mask, [req]
             return
         lb, ln = self._mask.shape[1], mask.shape[1]
         length = max(lb, ln)
         for dst, src in zip(self._cache.layers, cache.layers, strict=True):
-            dst.keys = torch.cat([_left_pad(dst.keys, length), _left_pad(src.keys, length)], dim=0)
-            dst.values = torch.cat([_left_pad(dst.values, length), _left_pad(src.values, length)], dim=0)
+            dst.reset_to(torch.cat([_left_pad(dst.keys, length), _left_pad(src.keys, length)], dim=0),
+                         torch.cat([_left_pad(dst.values, length), _left_pad(src.values, length)], dim=0))
         self._mask = torch.cat([F.pad(self._mask, (length - lb, 0)), F.pad(mask, (length - ln, 0))], dim=0)
         self._running.append(req)
 
@@ -281,8 +282,7 @@ class EmbeddedEngine:
         first = int(self._mask.any(dim=0).nonzero()[0])
         self._mask = self._mask[:, first:]
         for layer in self._cache.layers:
-            layer.keys = layer.keys[idx, :, first:]
-            layer.values = layer.values[idx, :, first:]
+            layer.reset_to(layer.keys[idx, :, first:], layer.values[idx, :, first:])
 
     # ------------------------------------------------------------------ sampling and text
 
@@ -356,6 +356,37 @@ class EmbeddedEngine:
             r.loop.call_soon_threadsafe(r.queue.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
             r.cancelled = True
+
+
+class _BufferedLayer(DynamicLayer):
+    """A full-attention cache layer whose keys/values sit in a buffer with spare room on the sequence
+    axis, so a decode step appends in place. (DynamicLayer appends with torch.cat, copying the whole
+    batch's cache every step: O(batch x length) per token, which dominated large batches.) Copies
+    happen only when the batch's membership changes (`reset_to`) or the buffer is full."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.reset_to(keys, values)
+
+    def reset_to(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64) -> None:
+        b, h, n, d = keys.shape
+        self._kbuf = keys.new_empty(b, h, n + spare, d)
+        self._vbuf = values.new_empty(b, values.shape[1], n + spare, values.shape[3])
+        self._kbuf[:, :, :n] = keys
+        self._vbuf[:, :, :n] = values
+        self._n = n
+        self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        k = key_states.shape[2]
+        if self._n + k > self._kbuf.shape[2]:
+            self.reset_to(self.keys, self.values, spare=max(64, self._n))  # grow geometrically
+        self._kbuf[:, :, self._n : self._n + k] = key_states
+        self._vbuf[:, :, self._n : self._n + k] = value_states
+        self._n += k
+        self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
+        return self.keys, self.values
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -10,7 +10,6 @@
   produces such a token every `empty_every` tokens on purpose.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hashlib

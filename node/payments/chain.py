@@ -1,15 +1,17 @@
-"""The node's view of channels on-chain: `getChannel` reads with a small cache, and payee transactions."""
+"""The node's view of channels on-chain: terms (cached for good), state (cached briefly), and the
+payee's settle/close/claim transactions."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.types import TxReceipt
 
-from client.channel import ChannelState, read_channel
+from client.channel import ChannelBook, ChannelState, UnknownChannel, read_state
 from client.contracts import contract
 from client.deployment import Deployment
 from client.tx import send
@@ -25,15 +27,18 @@ _ERC1271_ABI = [
     }
 ]
 
+__all__ = ["ChannelChain", "UnknownChannel"]
+
 
 class ChannelChain:
-    """Reads channel state (cached for `ttl` seconds: it changes only by on-chain transactions, which
-    the settlement worker refreshes) and sends the payee's settle/close/claim transactions."""
+    """Channel state is cached for `ttl` seconds: it changes only by on-chain transactions, which the
+    settlement worker re-reads every round and this class forgets after sending its own."""
 
     def __init__(self, w3: Web3, deployment: Deployment, *, ttl: float = 5.0) -> None:
         self.w3 = w3
         self.deployment = deployment
         self.escrow = contract(w3, "PaymentChannels", deployment.payment_channels)
+        self.book = ChannelBook(self.escrow, deployment)
         self.ttl = ttl
         self.grace_period = deployment.close_grace_period
         self._cache: dict[bytes, tuple[float, ChannelState]] = {}
@@ -41,12 +46,13 @@ class ChannelChain:
         self._code: dict[str, bool] = {}
 
     def channel(self, channel_id: bytes, *, fresh: bool = False) -> ChannelState:
+        """Raises UnknownChannel for an id never opened on this escrow."""
         now = time.monotonic()
         if not fresh:
             hit = self._cache.get(channel_id)
             if hit and now - hit[0] < self.ttl:
                 return hit[1]
-        state = read_channel(self.escrow, channel_id)
+        state = read_state(self.escrow, channel_id, self.book.params(channel_id))
         with self._lock:
             self._cache[channel_id] = (now, state)
         return state
@@ -69,14 +75,14 @@ class ChannelChain:
     # -- payee transactions ----------------------------------------------------------------------
 
     def settle(self, payee: LocalAccount, channel_id: bytes, cumulative: int, signature: bytes) -> TxReceipt:
-        fn = self.escrow.functions.settle(channel_id, cumulative, signature)
+        fn = self.escrow.functions.settle(self.book.params(channel_id).as_struct(), cumulative, signature)
         return self._changing(channel_id, lambda: send(self.w3, payee, fn, action="settle"))
 
     def close(self, payee: LocalAccount, channel_id: bytes, cumulative: int, signature: bytes) -> TxReceipt:
-        fn = self.escrow.functions.close(channel_id, cumulative, signature)
+        fn = self.escrow.functions.close(self.book.params(channel_id).as_struct(), cumulative, signature)
         return self._changing(channel_id, lambda: send(self.w3, payee, fn, action="close"))
 
-    def _changing(self, channel_id: bytes, tx):
+    def _changing(self, channel_id: bytes, tx: Callable[[], TxReceipt]) -> TxReceipt:
         """Run a transaction that changes a channel, then drop its cached state (stale either way)."""
         try:
             return tx()
@@ -85,8 +91,9 @@ class ChannelChain:
                 self._cache.pop(channel_id, None)
 
     def earnings(self, token: str, account: str) -> int:
-        return self.escrow.functions.earnings(Web3.to_checksum_address(token), Web3.to_checksum_address(account)).call()
+        fn = self.escrow.functions.earnings(Web3.to_checksum_address(token), Web3.to_checksum_address(account))
+        return fn.call()
 
     def claim(self, payee: LocalAccount, token: str) -> TxReceipt:
-        return send(self.w3, payee, self.escrow.functions.claimEarnings(Web3.to_checksum_address(token)),
-                    action="claim earnings")
+        fn = self.escrow.functions.claimEarnings(Web3.to_checksum_address(token))
+        return send(self.w3, payee, fn, action="claim earnings")

@@ -65,7 +65,7 @@ class SettlementWorker:
                     continue
                 if action:
                     done.append(action)
-                    tokens.add(self.chain.channel(bytes.fromhex(balance.channel_id[2:])).token)
+                    tokens.add(self.chain.book.params(bytes.fromhex(balance.channel_id[2:])).token)
             if self.auto_claim:
                 for token in tokens:
                     self._claim(token)

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from client.channel import ChannelState
 from client.voucher import MalformedVoucher, Voucher, VoucherDomain, recover_digest_signer
-from node.payments.chain import ChannelChain
+from node.payments.chain import ChannelChain, UnknownChannel
 from node.payments.ledger import ChannelBalance, Ledger, LedgerConflict
 
 
@@ -58,12 +58,13 @@ class VoucherVerifier:
         """Every check, no side effect. Raises VoucherRejected."""
         channel_id = voucher.channel_id_bytes
         amount = voucher.cumulative_amount
-        state = self.chain.channel(channel_id)
-        if not state.exists or amount > state.deposit or state.finalized:
-            state = self.chain.channel(channel_id, fresh=True)  # a top-up or an open may be newer than the cache
-        if not state.exists:
+        try:
+            state = self.chain.channel(channel_id)
+            if amount > state.deposit or state.finalized:
+                state = self.chain.channel(channel_id, fresh=True)  # a top-up may be newer than the cache
+        except UnknownChannel as exc:
             raise VoucherRejected("unknown_channel", f"channel {voucher.channel_id} does not exist on this escrow "
-                                  f"(chain {self.domain.chain_id}, contract {self.domain.escrow}); open it first")
+                                  f"(chain {self.domain.chain_id}, contract {self.domain.escrow}); open it first") from exc
         if state.finalized:
             raise VoucherRejected("channel_finalized", f"channel {voucher.channel_id} is closed; open a new one")
         if state.payee.lower() != self.payee:

@@ -1,0 +1,55 @@
+"""The official OpenAI SDK against a node serving the real demo checkpoint (EmbeddedEngine, CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import openai
+import pytest
+
+from node.api.app import create_app
+from node.api.server import BackgroundServer
+from node.config import load_settings
+from node.identity import EnclaveIdentity
+from node.tee.simulated import SimulatedProvider
+
+MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
+pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="models/demo not built")
+MESSAGES = [{"role": "user", "content": "MENENIUS:\nWhat work's, my countrymen, in hand?"}]
+
+
+@pytest.fixture(scope="module")
+def sdk(tmp_path_factory):
+    from node.engine.embedded import EmbeddedEngine  # torch: only when the model is there
+
+    engine = EmbeddedEngine(MODEL_DIR, model_name="demo", device="cpu", max_batch=8, max_queue=16, threads=1)
+    settings = load_settings(None, data_dir=tmp_path_factory.mktemp("node"))
+    app = create_app(settings, engine=engine, identity=EnclaveIdentity.generate(), provider=SimulatedProvider())
+    with BackgroundServer(app) as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0), srv.url
+
+
+def test_greedy_chat_streamed_equals_non_streamed(sdk):
+    client, _ = sdk
+    full = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert full.usage.completion_tokens >= 1 and full.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_concurrent_completions(sdk):
+    _, url = sdk
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+            return await asyncio.gather(*(client.completions.create(
+                model="demo", prompt=p, max_tokens=8, temperature=0) for p in ("The gods", "Rome", "All:\n")))
+
+    alone = openai.OpenAI(base_url=url + "/v1", api_key="x").completions.create(
+        model="demo", prompt="Rome", max_tokens=8, temperature=0)
+    together = asyncio.run(run())
+    assert together[1].choices[0].text == alone.choices[0].text  # batching does not change greedy output

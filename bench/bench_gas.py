@@ -19,14 +19,13 @@ from eth_account import Account  # noqa: E402
 from web3 import Web3  # noqa: E402
 from web3.logs import DISCARD  # noqa: E402
 
-from client.channel import ETH, ChannelClient  # noqa: E402
+from client.channel import ETH, ChannelClient, ChannelParams  # noqa: E402
 from client.contracts import contract  # noqa: E402
 from client.model_registry import register_model  # noqa: E402
 from client.tx import send  # noqa: E402
 from node.devnet import Devnet  # noqa: E402
 
-GOALS = {"open (ERC-20)": 90_000, "open (ETH)": 90_000, "settle (first)": 50_000, "settle (next)": 50_000,
-         "close": 65_000}
+GOALS = {"open (ERC-20)": 90_000, "open (ETH)": 90_000, "settle (next)": 50_000, "close": 65_000}
 ANCHORS = {"open (ERC-20)": "Raiden openChannel 111,094; µRaiden createChannel 120,090",
            "settle (next)": "Raiden settleChannel 108,569", "close": "µRaiden cooperativeClose 71,182; Nitro happy exit 111,514"}
 
@@ -55,34 +54,44 @@ def main() -> None:
             return receipt
 
         def opened(receipt) -> bytes:
-            return bytes(escrow.events.ChannelOpened().process_receipt(receipt, errors=DISCARD)[0]["args"]["channelId"])
+            args_ = escrow.events.ChannelOpened().process_receipt(receipt, errors=DISCARD)[0]["args"]
+            cid_ = bytes(args_["channelId"])
+            client.book.add(cid_, ChannelParams(args_["payer"], args_["payee"], args_["token"], bytes(args_["salt"]),
+                                                args_["authorizedSigner"], bytes(args_["modelId"]),
+                                                args_["publisher"], args_["publisherBps"]))
+            return cid_
+
+        def params(cid_: bytes) -> tuple:
+            return client.book.params(cid_).as_struct()
 
         cid = opened(measured("open (ERC-20)", payer, escrow.functions.open(
             payee.address, dep.token, 10**20, b"\1" * 32, session.address, model, 250)))
         opened(measured("open (ETH)", payer, escrow.functions.open(
             payee.address, ETH, 10**18, b"\2" * 32, session.address, model, 250), value=10**18))
-        measured("topUp", payer, escrow.functions.topUp(cid, 10**18))
+        measured("topUp", payer, escrow.functions.topUp(params(cid), 10**18))
         v1 = client.sign_voucher(session, cid, 10**18)
-        measured("settle (first)", payee, escrow.functions.settle(cid, v1.cumulative_amount, v1.signature_bytes))
+        measured("settle (first)", payee, escrow.functions.settle(params(cid), v1.cumulative_amount,
+                                                                  v1.signature_bytes))
         v2 = client.sign_voucher(session, cid, 2 * 10**18)
-        measured("settle (next)", payee, escrow.functions.settle(cid, v2.cumulative_amount, v2.signature_bytes))
+        measured("settle (next)", payee, escrow.functions.settle(params(cid), v2.cumulative_amount,
+                                                                 v2.signature_bytes))
         v3 = client.sign_voucher(session, cid, 3 * 10**18)
-        measured("close", payee, escrow.functions.close(cid, v3.cumulative_amount, v3.signature_bytes))
+        measured("close", payee, escrow.functions.close(params(cid), v3.cumulative_amount, v3.signature_bytes))
         cid2 = client.open(payee.address, 10**18, session_key=session.address)
-        measured("requestClose", payer, escrow.functions.requestClose(cid2))
+        measured("requestClose", payer, escrow.functions.requestClose(params(cid2)))
         w3.provider.make_request("evm_increaseTime", [61])
         w3.provider.make_request("evm_mine", [])
-        measured("withdraw", payer, escrow.functions.withdraw(cid2))
+        measured("withdraw", payer, escrow.functions.withdraw(params(cid2)))
         measured("claimEarnings", payee, escrow.functions.claimEarnings(dep.token))
 
     if args.json:
         print(json.dumps(gas))
         return
-    print(f"{'operation':<16}{'gas':>9}{'goal':>9}  public anchor")
+    print(f"{'operation':<16}{'gas':>9}{'goal':>9}{'':<7}public anchor")
     for label, used in gas.items():
         goal = GOALS.get(label)
-        mark = "" if goal is None else ("  ok" if used <= goal else "  over")
-        print(f"{label:<16}{used:>9,}{(f'{goal:,}' if goal else '-'):>9}{mark:<6}{ANCHORS.get(label, '')}")
+        mark = "" if goal is None else ("ok" if used <= goal else "over")
+        print(f"{label:<16}{used:>9,}{(f'{goal:,}' if goal else '-'):>9}  {mark:<5}{ANCHORS.get(label, '')}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ def model_id(name: str) -> bytes:
     return bytes(Web3.keccak(text=name))
 
 
-def register_model(w3: Web3, deployment: Deployment, publisher: LocalAccount, model: bytes, royalty_bps: int) -> TxReceipt:
+def register_model(
+    w3: Web3, deployment: Deployment, publisher: LocalAccount, model: bytes, royalty_bps: int
+) -> TxReceipt:
     registry = contract(w3, "ModelRegistry", deployment.model_registry)
     return send(w3, publisher, registry.functions.register(model, royalty_bps), action="register model")
 

@@ -10,8 +10,9 @@ recomputed by the client from the bytes it actually sent and received:
 * ``responseHash``, streamed = sha256 over the ordered SSE ``data:`` payloads of the stream, each
   payload's bytes (UTF-8, without the ``data: `` prefix and without the blank-line terminator)
   followed by a single ``b"\\n"``; the closing ``[DONE]`` payload **is** included (so a truncated
-  stream never matches), the ``event: dcml-receipt`` event itself is **not**. For a sealed stream the
-  payloads are the opened plaintexts. See `stream_response_hash`.
+  stream never matches). Only unnamed events (the answer itself) count: named control events
+  (``dcml-receipt``, and the payment events ``payment-need-voucher`` / ``payment-timeout``) do **not**.
+  For a sealed stream the payloads are the opened plaintexts. See `stream_response_hash`.
 
 The signing domain is ``{name: "dcml-receipts", version: "1", chainId, verifyingContract}``. The
 verifying contract is the future SLA court; until it is deployed nodes sign with chainId 31337 (anvil)
@@ -245,7 +246,8 @@ def model_id_for(served_name: str) -> str:
 
 
 def parse_sse_stream(raw: bytes) -> tuple[list[bytes], SignedReceipt | None]:
-    """Split a raw SSE body into its data payloads (receipt event excluded) and the receipt, if any."""
+    """Split a raw SSE body into its content payloads (unnamed events: what responseHash covers) and
+    the receipt, if any. Other named events (payment control messages) are skipped."""
     payloads: list[bytes] = []
     receipt = None
     for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
@@ -260,7 +262,7 @@ def parse_sse_stream(raw: bytes) -> tuple[list[bytes], SignedReceipt | None]:
         data = b"\n".join(data_lines)
         if event == RECEIPT_EVENT:
             receipt = SignedReceipt.from_json(data)
-        else:
+        elif event in (None, "message"):
             payloads.append(data)
     return payloads, receipt
 

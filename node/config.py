@@ -72,15 +72,28 @@ class ReceiptsConfig(_Section):
         return v
 
 
-class ChainConfig(_Section):
-    """Placeholder for the payments issue: RPC, escrow and registry addresses."""
+class ModelPrice(_Section):
+    """Prices in the channel token's smallest unit (wei) per token."""
 
-    rpc_url: str | None = None
-    chain_id: int = 31337
-    escrow: str | None = None
-    node_registry: str | None = None
+    price_per_input_token: int = Field(ge=0)
+    price_per_output_token: int = Field(gt=0)
 
-    model_config = ConfigDict(extra="allow")
+
+class PaymentsConfig(_Section):
+    """Paid inference through payment channels (x402 `channel` scheme). Off: every request is free."""
+
+    enabled: bool = False
+    deployment: Path = Path(".devnet/deployment.json")  # chain id, RPC, escrow, token (written by the devnet)
+    rpc_url: str | None = None  # overrides the deployment file's RPC
+    token: str | None = None  # the channel token clients must use; default: the deployment's token
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)  # by served model name
+    prepay_tokens: int = Field(64, ge=0)  # output tokens a client pays ahead (its exposure)
+    credit_tokens: int = Field(16, ge=0)  # output tokens served beyond what is paid (the node's exposure)
+    voucher_timeout_s: float = Field(30.0, gt=0)  # a paused stream ends if no voucher comes in this time
+    response_deadline_s: int = Field(300, gt=0)  # the deadline an acceptance promises
+    settle_threshold: int = Field(10**18, gt=0)  # settle a channel once this much is unsettled
+    settle_interval_s: float = Field(5.0, gt=0)
+    close_margin_s: int = Field(60, ge=0)  # refuse vouchers this close to a requested close's deadline
 
 
 class NodeSettings(BaseSettings):
@@ -93,7 +106,7 @@ class NodeSettings(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     receipts: ReceiptsConfig = Field(default_factory=ReceiptsConfig)
-    chain: ChainConfig = Field(default_factory=ChainConfig)
+    payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -25,7 +25,7 @@ from client.channel import ChannelClient
 from client.contracts import contract
 from client.model_registry import model_id, register_model
 from node.devnet import Devnet, free_port
-from node.payments.service import PaymentSettings, Payments, create_payments_app
+from node.payments.service import Payments, PaymentSettings, create_payments_app
 
 console = Console(width=120)
 MODEL = "dcml-demo-llama"

@@ -27,7 +27,7 @@ def test_accepted_only_grows_and_every_voucher_is_logged_once(tmp_path) -> None:
 def test_durable_across_reopen(tmp_path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
     ledger.record_voucher(CID, 2**127 + 3, "0xaa")  # above SQLite's 64-bit integers
-    ledger.add_spent(CID, 5, limit=2**127)
+    ledger.add_spent(CID, 5)
     ledger.set_settled(CID, 2**126)
     ledger.close()
     again = Ledger(tmp_path / "l.sqlite").get(CID)
@@ -46,16 +46,26 @@ def test_settled_never_decreases_and_finalized_is_sticky(tmp_path) -> None:
         ledger.record_voucher(CID, 200, "0x02")
 
 
-def test_spending_is_capped(tmp_path) -> None:
+def test_spending_is_capped_at_accepted_plus_slack(tmp_path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
     with pytest.raises(LedgerConflict):
-        ledger.add_spent(CID, 1, limit=10)
+        ledger.add_spent(CID, 1)
     ledger.record_voucher(CID, 10, "0x01")
-    assert ledger.add_spent(CID, 7, limit=10) == 7
+    assert ledger.add_spent(CID, 7) == 7
     with pytest.raises(LedgerConflict) as info:
-        ledger.add_spent(CID, 4, limit=10)
+        ledger.add_spent(CID, 4)  # 11 > accepted 10
     assert info.value.reason == "insufficient_funds"
-    assert ledger.get(CID).spent == 7
+    assert ledger.add_spent(CID, 4, slack=1) == 11  # within the credit window
+    assert ledger.get(CID).spent == 11
+
+
+def test_a_batch_is_one_transaction_with_per_charge_results(tmp_path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.record_voucher(CID, 10, "0x01")
+    results = ledger.charge_many([(CID, 6, 0), (CID, 6, 0), (CID, 4, 0), ("0x" + "00" * 32, 1, 0)])
+    assert results[0] == (6, 10) and results[2] == (10, 10)
+    assert isinstance(results[1], LedgerConflict) and isinstance(results[3], LedgerConflict)
+    assert ledger.get(CID).spent == 10
 
 
 def test_racing_vouchers_for_one_channel_keep_the_highest(tmp_path) -> None:

@@ -17,6 +17,7 @@ from web3 import Web3
 
 from client.channel import ChannelClient
 from client.deployment import Deployment
+from client.tx import TransactionFailed
 from node.devnet import free_port
 from tests.payments_helpers import node_payments
 
@@ -154,7 +155,7 @@ def test_requested_close_is_settled_before_the_grace_period_ends(
     state = channels.get(channel_id)
     assert state.settled == 5555
     assert w3.eth.get_block("latest")["timestamp"] < requested_at + deployment.close_grace_period
-    with pytest.raises(Exception, match="ChannelFinalized|finalized|Finalized"):
+    with pytest.raises(TransactionFailed, match=r"ChannelFinalized"):
         channels.withdraw(channel_id)  # nothing left for the payer to withdraw: the refund was credited
 
 

@@ -19,6 +19,16 @@ contract PaymentChannelsGasTest is PaymentChannelsFixture {
         _open(address(token), 1 ether);
     }
 
+    function test_gas_open_erc20_noRoyalty() public {
+        _openWith(address(token), 1 ether, SALT, signer, FREE_MODEL, 0);
+    }
+
+    /// @dev The first settle of a channel: the payee's and publisher's earnings slots are created.
+    function test_gas_settle_first_royalty() public {
+        bytes32 id = _open(ETH, 1 ether);
+        _settle(id, 0.1 ether);
+    }
+
     function test_gas_topUp_eth() public {
         bytes32 id = _open(ETH, 1 ether);
         vm.prank(payer);
@@ -45,6 +55,19 @@ contract PaymentChannelsGasTest is PaymentChannelsFixture {
     }
 
     function test_gas_close_withVoucher() public {
+        bytes32 id = _open(ETH, 1 ether);
+        _settle(id, 0.1 ether);
+        bytes memory sig = _voucher(id, 0.2 ether);
+        vm.prank(payee);
+        channels.close(_p(id), 0.2 ether, sig);
+    }
+
+    /// @dev The same close when the payer already holds an unclaimed balance in the token (its
+    ///      refund credit then updates a warm-able non-zero slot instead of creating one).
+    function test_gas_close_withVoucher_payerHasBalance() public {
+        bytes32 earlier = _openWith(ETH, 1 ether, keccak256("earlier"), signer, MODEL, BPS);
+        vm.prank(payee);
+        channels.close(_p(earlier), 0, "");
         bytes32 id = _open(ETH, 1 ether);
         _settle(id, 0.1 ether);
         bytes memory sig = _voucher(id, 0.2 ether);

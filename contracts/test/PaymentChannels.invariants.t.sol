@@ -460,7 +460,8 @@ contract PaymentChannelsHandler is TestBase {
         else if (field == 4) q.authorizedSigner = signerAddrs[valueSeed % signerAddrs.length];
         else if (field == 5) q.modelId = models[valueSeed % models.length];
         else if (field == 6) q.publisher = a;
-        else q.publisherBps = uint16(valueSeed % 10_001);
+        // forge-lint: disable-next-line(unsafe-typecast)
+        else q.publisherBps = uint16(valueSeed % 10_001); // < 2^16
         bytes32 wrongId = channels.channelIdOf(q);
         // The same value again, or (for a salt) another channel's terms: not a wrong term.
         if (wrongId == id || ghostDeposit[wrongId] != 0) return;

@@ -10,6 +10,7 @@ import {FeeOnTransferToken} from "./mocks/FeeOnTransferToken.sol";
 import {ReentrantToken} from "./mocks/ReentrantToken.sol";
 import {ReentrantSigner} from "./mocks/ReentrantSigner.sol";
 import {RevertingReceiver} from "./mocks/RevertingReceiver.sol";
+import {BogusRegistry} from "./mocks/BogusRegistry.sol";
 
 /// @dev Shared fixture: a registry with a 2.5% model and a royalty-free model, the channel contract
 ///      (15 min grace), an ERC-20 and funded parties.
@@ -279,6 +280,13 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         registry.setRoyalty(MODEL, 9_000);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.RoyaltyMismatch.selector, BPS, uint16(9_000)));
         _open(ETH, 1);
+    }
+
+    function test_open_revertsOnRoyaltyAboveWholeFromRegistry() public {
+        PaymentChannels bogus = new PaymentChannels(address(new BogusRegistry()), GRACE);
+        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidRoyalty.selector, uint16(10_001)));
+        vm.prank(payer);
+        bogus.open{value: 1}(payee, ETH, 1, SALT, signer, MODEL, 10_001);
     }
 
     function test_open_revertsWhenChannelExists() public {

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from client.receipts import ReceiptDomain, model_id_for
@@ -22,6 +23,8 @@ from node.config import NodeSettings
 from node.engine.base import Engine
 from node.identity import EnclaveIdentity
 from node.logging import get_logger
+from node.payments.gate import PaymentGate
+from node.payments.service import Payments, PaymentSettings
 from node.receipts import ReceiptSigner, ReceiptStore
 from node.tee.base import AttestationProvider
 
@@ -73,6 +76,19 @@ def build_engine(settings: NodeSettings) -> Engine:
     return EmbeddedEngine(e.model_dir, model_name=e.served_model_name, **e.options)  # type: ignore[arg-type]
 
 
+def build_gate(settings: NodeSettings, identity: EnclaveIdentity, engine: Engine, domain: ReceiptDomain,
+               model_id: str) -> PaymentGate:
+    """Payments: the node's enclave key is the payee (clients pay only the key they attested)."""
+    cfg = settings.payments
+    if engine.model_name not in cfg.prices:
+        raise ValueError(f"payments are on but [payments.prices.{engine.model_name}] is missing in the config")
+    payments = Payments(PaymentSettings(cfg.deployment, settings.data_dir, settle_threshold=cfg.settle_threshold,
+                                        settle_interval=cfg.settle_interval_s, rpc_url=cfg.rpc_url,
+                                        close_margin=cfg.close_margin_s), identity.account)
+    return PaymentGate(payments, cfg, signer=identity.account, receipt_domain=domain,
+                       model_ids={engine.model_name: model_id})
+
+
 def create_app(
     settings: NodeSettings,
     *,
@@ -85,12 +101,14 @@ def create_app(
     engine = engine or build_engine(settings)
     rc = settings.receipts
     metrics = NodeMetrics(engine.queue_depth)
+    domain = ReceiptDomain(rc.chain_id, rc.verifying_contract)
+    model_id = rc.model_id or model_id_for(engine.model_name)
+    gate = build_gate(settings, identity, engine, domain, model_id) if settings.payments.enabled else None
     state = NodeState(
         settings=settings, engine=engine, identity=identity, provider=provider,
         store=ReceiptStore(settings.data_dir / "receipts.sqlite"),
-        signer=ReceiptSigner(identity.account, ReceiptDomain(rc.chain_id, rc.verifying_contract),
-                             rc.model_id or model_id_for(engine.model_name)),
-        metrics=metrics, node_version=__version__,
+        signer=ReceiptSigner(identity.account, domain, model_id),
+        metrics=metrics, node_version=__version__, gate=gate,
     )
 
     @asynccontextmanager
@@ -100,6 +118,10 @@ def create_app(
                         "this node unless they set allow_simulated. Development only.")
         state.store.open()
         await engine.start()
+        if gate is not None:
+            gate.payments.start()
+            log.info("payments_on", payee=identity.address, escrow=gate.payments.deployment.payment_channels,
+                     chain_id=gate.payments.deployment.chain_id, token=gate.token)
         log.info("node_started", address=identity.address, tee=provider.tee_type, model=engine.model_name,
                  version=__version__, receipts_chain_id=rc.chain_id)
         try:
@@ -109,6 +131,9 @@ def create_app(
             log.info("node_stopping")
             await engine.stop()
             await state.store.close()
+            if gate is not None:  # settles whatever is unsettled before the process exits
+                await run_in_threadpool(gate.payments.stop)
+                gate.close()
             log.info("node_stopped")
 
     app = FastAPI(title="dcml node", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -117,6 +142,8 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(attestation.router)
     app.include_router(receipts.router)
+    if gate is not None:
+        app.include_router(gate.router())
 
     @app.get("/health")
     async def health(request: Request) -> dict:

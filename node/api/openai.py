@@ -28,6 +28,7 @@ from client.receipts import (
     request_hash,
     response_hash,
 )
+from client.x402 import NEED_VOUCHER_EVENT, PAYMENT_TIMEOUT_EVENT
 from node.api.errors import APIError, BadRequest, ModelNotFound, Overloaded, PayloadTooLarge, error_body, internal_error
 from node.api.protocol import ChatCompletionRequest, CompletionRequest
 from node.api.sealing import SEALED_RESPONSE_HEADERS, open_body
@@ -35,6 +36,7 @@ from node.api.sse import DONE, SSE_HEADERS, data_event, named_event
 from node.api.state import NodeState, node_state
 from node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
 from node.logging import get_logger
+from node.payments.gate import PaidRequest
 from node.receipts import Metering, new_receipt_id
 
 log = get_logger("dcml.api")
@@ -160,18 +162,26 @@ async def _serve(request: Request, kind: Kind) -> Response:
     accepted_at, t0 = time.time(), time.perf_counter()
     raw = await request.body()
     opened = open_body(request, raw, state.identity)  # sealing errors before opening stay plaintext
+    paid: PaidRequest | None = None
     try:
         plan = _parse(kind, opened.body, state)
+        req_hash = request_hash(opened.body)
+        if state.gate is not None:  # paid node: admit (and charge the prompt) before any compute
+            paid = await state.gate.admit(headers=request.headers, model=plan.model, request_hash=req_hash,
+                                          prompt_tokens=plan.prompt_tokens,
+                                          max_tokens=plan.generation.params.max_tokens, stream=plan.stream)
         stream = state.engine.stream(plan.generation)
         try:
             first = await _first_chunk(stream)
         except BaseException:
             await stream.aclose()
+            if paid is not None:
+                await state.gate.refund(paid)  # nothing was served: the prompt is not charged
             raise
         ttft = time.perf_counter() - t0
         state.metrics.ttft.labels(plan.model).observe(ttft)
         state.metrics.prompt_tokens.labels(plan.model).inc(plan.prompt_tokens)
-        meter = _Meter(state, plan, request_hash(opened.body), accepted_at, t0, ttft)
+        meter = _Meter(state, plan, req_hash, accepted_at, t0, ttft, paid)
         if plan.stream:
             return _streaming_response(meter, first, stream, opened.key)
         return await _full_response(meter, first, stream, opened.key)
@@ -193,6 +203,7 @@ class _Meter:
     accepted_at: float
     t0: float
     ttft: float
+    paid: PaidRequest | None = None
     output_tokens: int = 0
 
     async def receipt(self, receipt_id: str, response_hash_: str) -> str:
@@ -203,12 +214,23 @@ class _Meter:
         m.generation_seconds.labels(self.plan.model).observe(duration)
         signed = self.state.signer.sign(receipt_id, Metering(
             request_hash=self.request_hash, response_hash=response_hash_, input_tokens=self.plan.prompt_tokens,
-            output_tokens=self.output_tokens, accepted_at=self.accepted_at, ttft_s=self.ttft, duration_s=duration))
+            output_tokens=self.output_tokens, accepted_at=self.accepted_at, ttft_s=self.ttft, duration_s=duration,
+            **_paid_fields(self.paid)))
         await self.state.store.put(signed)
         log.debug("answered", receipt_id=receipt_id, model=self.plan.model, input_tokens=self.plan.prompt_tokens,
                   output_tokens=self.output_tokens, ttft_ms=round(1000 * self.ttft, 1),
                   duration_ms=round(1000 * duration, 1))
         return signed.model_dump_json(by_alias=True)
+
+
+def _paid_fields(paid: PaidRequest | None) -> dict:
+    if paid is None:
+        return {}
+    return {"channel_id": paid.channel_id, "cost": paid.cost, "cumulative_spent": paid.spent}
+
+
+def _paid_headers(meter: _Meter) -> dict[str, str]:
+    return meter.paid.headers if meter.paid is not None else {}
 
 
 async def _full_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIterator[TokenChunk],
@@ -224,10 +246,17 @@ async def _full_response(meter: _Meter, first: TokenChunk | None, stream: AsyncI
             chunk = await anext(stream, None)
     finally:
         await stream.aclose()
+    paid, gate = meter.paid, meter.state.gate
+    if paid is not None and meter.output_tokens and not (await gate.charge_output(paid, meter.output_tokens))[0]:
+        # Admission reserved max_tokens, so only a concurrent request on the same channel gets here.
+        await gate.refund(paid)  # nothing is delivered, so nothing is charged
+        raise gate.needed(meter.plan.model, "insufficient_funds", "the channel ran out while answering (a "
+                          "concurrent request spent it); top it up with a higher voucher and retry")
     body = _Shapes(meter.plan).full("".join(parts), finish, meter.output_tokens)
     receipt_id = new_receipt_id()
     receipt_json = await meter.receipt(receipt_id, response_hash(body))
-    headers = {RECEIPT_ID_HEADER: receipt_id, RECEIPT_HEADER: base64.b64encode(receipt_json.encode()).decode()}
+    headers = {RECEIPT_ID_HEADER: receipt_id, RECEIPT_HEADER: base64.b64encode(receipt_json.encode()).decode(),
+               **_paid_headers(meter)}
     if key is not None:
         return Response(key.seal(body, 0, True), media_type=SEALED_CONTENT_TYPE,
                         headers={**headers, **SEALED_RESPONSE_HEADERS})
@@ -255,8 +284,22 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
             if meter.plan.kind == "chat":
                 yield emit(shapes.role_chunk())
             chunk = first
+            paid, gate = meter.paid, meter.state.gate
             try:
                 while chunk is not None:
+                    if paid is not None and chunk.tokens:
+                        # Persist the cost before the tokens leave; past accepted + credit, ask and wait.
+                        charged, ask = await gate.charge_output(paid, chunk.tokens)
+                        if ask is not None:
+                            yield named_event(NEED_VOUCHER_EVENT, ask.model_dump_json(by_alias=True).encode())
+                        if not charged:
+                            if not await gate.wait_and_charge(paid, chunk.tokens):
+                                meter.state.metrics.errors.labels("payment_timeout").inc()
+                                yield named_event(PAYMENT_TIMEOUT_EVENT, error_body(
+                                    f"no voucher came within {paid.price.voucher_timeout_s:g} s; the stream "
+                                    "ends here and the tokens already sent are paid from your vouchers",
+                                    "payment_required", None, "payment_timeout"))
+                                break
                     meter.output_tokens += chunk.tokens
                     if chunk.text or chunk.finish_reason is not None:  # like vLLM: no chunk for textless tokens
                         yield emit(shapes.chunk(chunk.text, chunk.finish_reason))
@@ -273,7 +316,7 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
         finally:
             await stream.aclose()  # frees the engine slot when the client disconnects
 
-    headers = {**SSE_HEADERS, RECEIPT_ID_HEADER: receipt_id}
+    headers = {**SSE_HEADERS, RECEIPT_ID_HEADER: receipt_id, **_paid_headers(meter)}
     if key is not None:
         headers.update(SEALED_RESPONSE_HEADERS)
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)

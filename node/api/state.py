@@ -10,6 +10,7 @@ from node.api.metrics import NodeMetrics
 from node.config import NodeSettings
 from node.engine.base import Engine
 from node.identity import EnclaveIdentity
+from node.payments.gate import PaymentGate
 from node.receipts import ReceiptSigner, ReceiptStore
 from node.tee.base import AttestationProvider
 
@@ -24,6 +25,7 @@ class NodeState:
     signer: ReceiptSigner
     metrics: NodeMetrics
     node_version: str
+    gate: PaymentGate | None = None  # None: payments off, every request is free
 
 
 def node_state(request: Request) -> NodeState:

@@ -109,7 +109,8 @@ class Ledger:
         """Store a verified voucher if it raises the channel's accepted amount; durable on return."""
         channel_id = channel_id.lower()
         with self._write() as db:
-            current = db.execute("SELECT accepted, finalized FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
+            current = db.execute("SELECT accepted, finalized FROM channels WHERE channel_id=?",
+                                 (channel_id,)).fetchone()
             if current and int(current[1]):
                 raise LedgerConflict("channel_finalized", f"channel {channel_id} is already closed")
             if current and cumulative <= int(current[0]):
@@ -131,17 +132,45 @@ class Ledger:
             )
             return _balance(db.execute(f"{_SELECT} WHERE channel_id=?", (channel_id,)).fetchone())
 
-    def add_spent(self, channel_id: str, amount: int, *, limit: int) -> int:
-        """Charge `amount` to a channel unless spent would pass `limit`; returns the new spent total."""
+    def add_spent(self, channel_id: str, amount: int, *, slack: int = 0) -> int:
+        """Charge `amount` unless spent would pass accepted + `slack`; returns the new spent total."""
+        (result,) = self.charge_many([(channel_id, amount, slack)])
+        if isinstance(result, LedgerConflict):
+            raise result
+        return result[0]
+
+    def charge_many(self, charges: list[tuple[str, int, int]]) -> list[tuple[int, int] | LedgerConflict]:
+        """Apply (channel, amount, slack) charges in order, in ONE transaction (one fsync for the batch).
+        A charge may take spent up to accepted + slack (slack: the credit the node extends; 0 = prepaid only).
+        Each gets (new spent, accepted), or the LedgerConflict that refused it (nothing charged for it)."""
+        results: list[tuple[int, int] | LedgerConflict] = []
+        with self._write() as db:
+            for channel_id, amount, slack in charges:
+                channel_id = channel_id.lower()
+                row = db.execute("SELECT spent, accepted FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
+                if row is None:
+                    results.append(LedgerConflict("unknown_channel", f"no voucher accepted for channel {channel_id}"))
+                    continue
+                spent, limit = int(row[0]) + amount, int(row[1]) + slack
+                if spent > limit:
+                    results.append(LedgerConflict(
+                        "insufficient_funds", f"charging {amount} would take spent to {spent}, past {limit}"))
+                    continue
+                db.execute("UPDATE channels SET spent=?, updated_at=? WHERE channel_id=?",
+                           (str(spent), time.time(), channel_id))
+                results.append((spent, int(row[1])))
+        return results
+
+    def refund(self, channel_id: str, amount: int) -> int:
+        """Take back a charge for output that was never sent; returns the new spent total."""
         channel_id = channel_id.lower()
         with self._write() as db:
             row = db.execute("SELECT spent FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
             if row is None:
-                raise LedgerConflict("unknown_channel", f"no voucher has been accepted for channel {channel_id}")
-            spent = int(row[0]) + amount
-            if spent > limit:
-                raise LedgerConflict("insufficient_funds", f"spending {amount} would pass the limit {limit}")
-            db.execute("UPDATE channels SET spent=?, updated_at=? WHERE channel_id=?", (str(spent), time.time(), channel_id))
+                raise LedgerConflict("unknown_channel", f"no voucher accepted for channel {channel_id}")
+            spent = max(int(row[0]) - amount, 0)
+            db.execute("UPDATE channels SET spent=?, updated_at=? WHERE channel_id=?",
+                       (str(spent), time.time(), channel_id))
             return spent
 
     def set_settled(self, channel_id: str, settled: int, *, finalized: bool = False) -> None:

@@ -38,11 +38,15 @@ class PaymentSettings:
     settle_threshold: int = 10**18
     settle_interval: float = 2.0
     cache_ttl: float = 5.0
+    rpc_url: str | None = None  # overrides the deployment file's
+    close_margin: int = 60
 
 
 class Payments:
     def __init__(self, settings: PaymentSettings, payee: LocalAccount) -> None:
         self.deployment = Deployment.load(settings.deployment)
+        if settings.rpc_url:
+            self.deployment = self.deployment.model_copy(update={"rpc_url": settings.rpc_url})
         self.w3 = Web3(Web3.HTTPProvider(self.deployment.rpc_url, request_kwargs={"timeout": 30}))
         if self.w3.eth.chain_id != self.deployment.chain_id:
             raise RuntimeError(f"RPC {self.deployment.rpc_url} is chain {self.w3.eth.chain_id}, "
@@ -51,7 +55,8 @@ class Payments:
         self.chain = ChannelChain(self.w3, self.deployment, ttl=settings.cache_ttl)
         self.ledger = Ledger(settings.data_dir / "ledger.sqlite")
         self.domain = VoucherDomain(self.deployment.chain_id, self.deployment.payment_channels)
-        self.verifier = VoucherVerifier(self.domain, self.chain, self.ledger, payee.address)
+        self.verifier = VoucherVerifier(self.domain, self.chain, self.ledger, payee.address,
+                                        close_margin=settings.close_margin)
         self.worker = SettlementWorker(self.chain, self.ledger, payee, threshold=settings.settle_threshold,
                                        interval=settings.settle_interval)
 

@@ -54,8 +54,9 @@ class VoucherVerifier:
         # settled in time, so it is refused rather than counted.
         self.close_margin = close_margin
 
-    def verify(self, voucher: Voucher) -> ChannelState:
-        """Every check, no side effect. Raises VoucherRejected."""
+    def verify(self, voucher: Voucher, *, allow_equal: bool = False) -> ChannelState:
+        """Every check, no side effect. Raises VoucherRejected. `allow_equal` admits a voucher equal to
+        the one held (a client naming its channel for another request without paying more)."""
         channel_id = voucher.channel_id_bytes
         amount = voucher.cumulative_amount
         try:
@@ -63,8 +64,11 @@ class VoucherVerifier:
             if amount > state.deposit or state.finalized:
                 state = self.chain.channel(channel_id, fresh=True)  # a top-up may be newer than the cache
         except UnknownChannel as exc:
-            raise VoucherRejected("unknown_channel", f"channel {voucher.channel_id} does not exist on this escrow "
-                                  f"(chain {self.domain.chain_id}, contract {self.domain.escrow}); open it first") from exc
+            raise VoucherRejected(
+                "unknown_channel",
+                f"channel {voucher.channel_id} does not exist on this escrow "
+                f"(chain {self.domain.chain_id}, contract {self.domain.escrow}); open it first",
+            ) from exc
         if state.finalized:
             raise VoucherRejected("channel_finalized", f"channel {voucher.channel_id} is closed; open a new one")
         if state.payee.lower() != self.payee:
@@ -73,7 +77,7 @@ class VoucherVerifier:
             raise VoucherRejected("exceeds_deposit",
                                   f"voucher amount {amount} exceeds the channel deposit {state.deposit}; top up first")
         accepted = self.ledger.accepted(voucher.channel_id)
-        if amount <= accepted:
+        if amount < accepted or (amount == accepted and not allow_equal):
             raise VoucherRejected("not_increasing", f"voucher amount {amount} does not exceed the accepted {accepted} "
                                   "(replayed or out of order); sign a higher cumulative amount")
         self._check_signer(voucher, state)
@@ -87,6 +91,10 @@ class VoucherVerifier:
     def accept(self, voucher: Voucher) -> ChannelBalance:
         """Verify, then persist; returns only once the voucher is durable (safe to acknowledge)."""
         self.verify(voucher)
+        return self.record(voucher)
+
+    def record(self, voucher: Voucher) -> ChannelBalance:
+        """Persist a verified voucher (durable on return)."""
         try:
             return self.ledger.record_voucher(voucher.channel_id, voucher.cumulative_amount, voucher.signature)
         except LedgerConflict as exc:  # a concurrent voucher for the same channel won the race

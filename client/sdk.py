@@ -1,0 +1,537 @@
+"""The client SDK: attest a node, pay it per token through a payment channel, verify every answer.
+
+    client = Client("http://node:8080", wallet, deployment=Deployment.load(".devnet/deployment.json"),
+                    deposit=10**18, allow_simulated=True)
+    print(client.chat([{"role": "user", "content": "hi"}], "dcml-demo").text)
+    oai = client.openai()          # the official SDK, paying and verifying through PayingTransport
+
+Trust: the node's keys come only from its verified attestation; a channel pays only that attested
+signing address; every acceptance and receipt must be signed by it and commit to the exact bytes sent
+and received, at the advertised prices. Everything signed or verified is kept in the spend store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+
+from client.attestation import AttestationDocument, Policy, VerifiedNode, verify_attestation
+from client.channel import ChannelClient, ChannelState
+from client.deployment import Deployment
+from client.paying_transport import (
+    EXCHANGE_EXTENSION,
+    AsyncPayingTransport,
+    Exchange,
+    PayingTransport,
+    PaymentError,
+    PaymentRejected,
+    ReceiptViolation,
+)
+from client.receipts import (
+    DEFAULT_DOMAIN,
+    Price,
+    ReceiptDomain,
+    ReceiptError,
+    SignedAcceptance,
+    SignedReceipt,
+    request_hash,
+    verify_acceptance,
+    verify_receipt,
+)
+from client.spend_store import SpendStore, StoredChannel, StoredReceipt, Violation
+from client.voucher import Voucher
+from client.x402 import (
+    ACCEPTANCE_HEADER,
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    SCHEME,
+    NeedVoucher,
+    PaymentRequired,
+    PaymentRequirement,
+    PaymentResponse,
+)
+
+__all__ = ["ChatResult", "ChatStream", "Client", "InsufficientDeposit", "NodeError", "PaymentError",
+           "PaymentRejected", "ReceiptViolation", "UntrustedTerms"]
+
+# Codes after which the channel we named can never admit a request: open another one.
+_DEAD_CHANNEL = {"unknown_channel", "channel_finalized", "channel_closing", "wrong_payee", "wrong_model",
+                 "wrong_token"}
+
+
+class UntrustedTerms(PaymentError):
+    """The node's payment terms do not match what this client verified or allows."""
+
+
+class InsufficientDeposit(PaymentError):
+    """The channel's deposit cannot cover what the node asks and automatic top-up is off."""
+
+
+class NodeError(Exception):
+    """The node answered with an error; `status` and `code` are the node's."""
+
+    def __init__(self, status: int, code: str | None, message: str) -> None:
+        super().__init__(f"node answered {status}{f' ({code})' if code else ''}: {message}")
+        self.status, self.code = status, code
+
+
+def _node_error(response: httpx.Response) -> NodeError:
+    try:
+        err = response.json()["error"]
+        return NodeError(response.status_code, err.get("code"), str(err.get("message")))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return NodeError(response.status_code, None, response.text[:300])
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    usage: dict[str, int] | None
+    receipt: SignedReceipt | None
+    cost: int  # wei, from the verified receipt
+    channel_id: str | None
+    response: dict[str, Any] | None = None  # the full JSON body (non-streamed)
+
+
+@dataclass
+class ChatStream:
+    """Iterate for text deltas; `result` is set once the stream ended and its receipt verified."""
+
+    _client: httpx.Client
+    _path: str
+    _body: bytes
+    result: ChatResult | None = None
+    _parts: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[str]:
+        usage = None
+        with self._client.stream("POST", self._path, content=self._body,
+                                 headers={"Content-Type": "application/json"}) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise _node_error(response)
+            exchange: Exchange = response.extensions[EXCHANGE_EXTENSION]
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    continue
+                obj = json.loads(payload)
+                if obj.get("error"):
+                    raise NodeError(200, obj["error"].get("code"), str(obj["error"].get("message")))
+                usage = obj.get("usage") or usage
+                for choice in obj.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content") or choice.get("text")
+                    if delta:
+                        self._parts.append(delta)
+                        yield delta
+        self.result = ChatResult("".join(self._parts), usage, exchange.receipt, exchange.cost, exchange.channel_id)
+
+
+@dataclass
+class _Live:
+    """In-process bookkeeping per channel that must not outlive the process."""
+
+    inflight: int = 0
+    uncertain: bool = True  # until a receipt checks exactly, spend by other processes may be unseen
+
+
+class Client:
+    """Pays one node for inference. Thread-safe; channel and voucher decisions are serialized."""
+
+    def __init__(
+        self,
+        node_url: str,
+        wallet: LocalAccount,
+        *,
+        deployment: Deployment,
+        session_key: LocalAccount | None = None,
+        policy: Policy | None = None,
+        allow_simulated: bool = False,
+        store: str | Path = "~/.dcml/client.sqlite",
+        deposit: int,
+        receipt_domain: ReceiptDomain | None = None,
+        max_price_per_token: int | None = None,
+        auto_top_up: bool = True,
+        timeout: float = 120.0,
+        w3: Web3 | None = None,
+    ) -> None:
+        if deposit <= 0:
+            raise ValueError("deposit must be a positive amount of wei")
+        self.node_url = node_url.rstrip("/")
+        self.wallet = wallet
+        self.deployment = deployment
+        self.session_key = session_key
+        self.policy = policy or Policy()
+        self.allow_simulated = allow_simulated
+        self.deposit = deposit
+        self.receipt_domain = receipt_domain or DEFAULT_DOMAIN
+        self.max_price_per_token = max_price_per_token
+        self.auto_top_up = auto_top_up
+        self.timeout = timeout
+        self.w3 = w3 or Web3(Web3.HTTPProvider(deployment.rpc_url, request_kwargs={"timeout": 30}))
+        self.chain = ChannelClient(self.w3, deployment, wallet)
+        self.store = SpendStore(store)
+        self.node: VerifiedNode | None = None
+        self._lock = threading.RLock()
+        self._live: dict[str, _Live] = {}
+        self._checked: set[str] = set()  # stored channels whose on-chain state was checked this process
+        self._http = httpx.Client(base_url=self.node_url, timeout=timeout)
+        self._paying = httpx.Client(base_url=self.node_url, timeout=timeout, transport=PayingTransport(self))
+
+    def close(self) -> None:
+        self._paying.close()
+        self._http.close()
+        self.store.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- attestation -----------------------------------------------------------------------------
+
+    def attest(self) -> VerifiedNode:
+        """Fetch and verify the node's attestation with a fresh nonce; remembers the attested keys."""
+        nonce = os.urandom(32)
+        try:
+            response = self._http.get("/v1/attestation", params={"nonce": nonce.hex()})
+        except httpx.HTTPError as exc:
+            raise NodeError(0, "unreachable", f"cannot reach {self.node_url}: {exc}") from exc
+        if response.status_code != 200:
+            raise _node_error(response)
+        doc = AttestationDocument.model_validate(response.json())
+        node = verify_attestation(doc, nonce=nonce, policy=self.policy, allow_simulated=self.allow_simulated)
+        with self._lock:
+            self.node = node
+        return node
+
+    def _node(self) -> VerifiedNode:
+        with self._lock:
+            if self.node is None:
+                self.attest()
+            assert self.node is not None
+            return self.node
+
+    # -- the OpenAI-compatible calls -------------------------------------------------------------
+
+    def chat(self, messages: list[dict[str, Any]], model: str, *, stream: bool = False,
+             **params: Any) -> ChatResult | ChatStream:
+        return self._call("/v1/chat/completions", {"model": model, "messages": messages, **params}, stream)
+
+    def complete(self, prompt: str, model: str, *, stream: bool = False, **params: Any) -> ChatResult | ChatStream:
+        return self._call("/v1/completions", {"model": model, "prompt": prompt, **params}, stream)
+
+    def _call(self, path: str, request: dict[str, Any], stream: bool) -> ChatResult | ChatStream:
+        if stream:
+            request = {"stream": True, "stream_options": {"include_usage": True}, **request}
+            return ChatStream(self._paying, path, json.dumps(request).encode())
+        response = self._paying.post(path, content=json.dumps(request).encode(),
+                                     headers={"Content-Type": "application/json"})
+        if response.status_code >= 400:
+            raise _node_error(response)
+        exchange: Exchange = response.extensions[EXCHANGE_EXTENSION]
+        data = response.json()
+        choice = (data.get("choices") or [{}])[0]
+        text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
+        return ChatResult(text, data.get("usage"), exchange.receipt, exchange.cost, exchange.channel_id, data)
+
+    def openai(self, **kwargs: Any) -> openai.OpenAI:
+        """The official client, paying and verifying through this Client."""
+        http = httpx.Client(transport=PayingTransport(self), timeout=self.timeout)
+        return openai.OpenAI(base_url=self.node_url + "/v1", api_key="dcml", http_client=http, **kwargs)
+
+    def async_openai(self, **kwargs: Any) -> openai.AsyncOpenAI:
+        http = httpx.AsyncClient(transport=AsyncPayingTransport(self), timeout=self.timeout)
+        return openai.AsyncOpenAI(base_url=self.node_url + "/v1", api_key="dcml", http_client=http, **kwargs)
+
+    # -- channels --------------------------------------------------------------------------------
+
+    def terms(self, model: str) -> PaymentRequirement:
+        """Ask the node for its terms for `model` (an unpaid request: answered 402 before any inference)."""
+        node = self._node()
+        body = {"model": model, "messages": [{"role": "user", "content": "terms?"}], "max_tokens": 1}
+        response = self._http.post("/v1/chat/completions", json=body)
+        if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
+            raise NodeError(response.status_code, None, f"expected a 402 with {PAYMENT_REQUIRED}: is payment "
+                            "enabled on this node?")
+        return self._check_terms(PaymentRequired.from_header(response.headers[PAYMENT_REQUIRED]), node)
+
+    def open_channel(self, model: str, deposit: int | None = None) -> StoredChannel:
+        req = self.terms(model)
+        with self._lock:
+            return self._open(req, model, deposit or self.deposit)
+
+    def channels(self) -> list[StoredChannel]:
+        return self.store.channels(payer=self.wallet.address)
+
+    def channel_state(self, channel_id: str) -> ChannelState:
+        return self.chain.get(_b32(channel_id))
+
+    def top_up(self, channel_id: str, amount: int) -> StoredChannel:
+        with self._lock:
+            self.chain.top_up(_b32(channel_id), amount)
+            self.store.update_channel(channel_id, deposit=self.channel_state(channel_id).deposit, status="open")
+        return self._stored(channel_id)
+
+    def close_channel(self, channel_id: str) -> StoredChannel:
+        """Ask to close: the node settles what it holds and refunds the rest, or `withdraw` after the grace period."""
+        with self._lock:
+            self.chain.request_close(_b32(channel_id))
+            self.store.update_channel(channel_id, status="closing")
+        return self._stored(channel_id)
+
+    def withdraw(self, channel_id: str) -> StoredChannel:
+        """After the grace period (if the node did not close it first): refund the unsettled deposit."""
+        with self._lock:
+            state = self.channel_state(channel_id)
+            if not state.finalized:
+                self.chain.withdraw(_b32(channel_id))
+            self.chain.claim_earnings(state.token)  # refunds are credited to a pull balance
+            self.store.update_channel(channel_id, status="closed")
+        return self._stored(channel_id)
+
+    def receipts(self, channel_id: str | None = None) -> list[StoredReceipt]:
+        return self.store.receipts(channel_id)
+
+    def violations(self) -> list[Violation]:
+        return self.store.violations()
+
+    def _stored(self, channel_id: str) -> StoredChannel:
+        ch = self.store.channel(channel_id)
+        if ch is None:
+            raise PaymentError(f"channel {channel_id} is not in the spend store {self.store.path}")
+        return ch
+
+    def _check_terms(self, required: PaymentRequired, node: VerifiedNode) -> PaymentRequirement:
+        req = next((r for r in required.accepts if r.scheme == SCHEME), None)
+        if req is None:
+            raise UntrustedTerms(f"the node offers no '{SCHEME}' payment scheme; this client pays only through "
+                                 "payment channels")
+        dep = self.deployment
+        if req.pay_to.lower() != node.signing_address.lower():
+            raise UntrustedTerms(f"the node asks to be paid at {req.pay_to}, not at its attested key "
+                                 f"{node.signing_address}: refusing to pay an unattested address")
+        if req.extra.escrow.lower() != dep.payment_channels.lower() or req.chain_id != dep.chain_id:
+            raise UntrustedTerms(f"the node names escrow {req.extra.escrow} on chain {req.chain_id}; your deployment "
+                                 f"is {dep.payment_channels} on {dep.chain_id}: use the node's deployment file")
+        highest = max(req.extra.price_per_input_token, req.extra.price_per_output_token)
+        if self.max_price_per_token is not None and highest > self.max_price_per_token:
+            raise UntrustedTerms(f"the node charges {highest} wei per token, above your max_price_per_token "
+                                 f"{self.max_price_per_token}; raise the limit or pick another node")
+        return req
+
+    def _open(self, req: PaymentRequirement, model: str, deposit: int) -> StoredChannel:
+        session = self.session_key or Account.create()
+        t = req.extra
+        channel_id = self.chain.open(req.pay_to, deposit, session_key=session.address,
+                                     model_id=bytes.fromhex(t.model_id.removeprefix("0x")), token=req.asset)
+        stored = StoredChannel(
+            channel_id="0x" + channel_id.hex(), node_url=self.node_url, model=model, model_id=t.model_id.lower(),
+            payer=self.wallet.address, payee=req.pay_to, escrow=t.escrow, chain_id=req.chain_id, token=req.asset,
+            session_address=session.address, deposit=deposit, accepted=0, spent=0, price_in=t.price_per_input_token,
+            price_out=t.price_per_output_token, prepay=t.prepay, credit_window=t.credit_window, status="open",
+            opened_at=time.time())
+        self.store.add_channel(stored, wallet=self.wallet, session_key=session)
+        self._checked.add(stored.channel_id)
+        self._live[stored.channel_id] = _Live(uncertain=False)  # new: we see every receipt from here on
+        return stored
+
+    def _usable(self, model: str) -> StoredChannel | None:
+        """The newest open stored channel for this node and model, checked once on-chain per process."""
+        node = self._node()
+        while True:
+            ch = self.store.find_open(payer=self.wallet.address, payee=node.signing_address,
+                                      escrow=self.deployment.payment_channels, chain_id=self.deployment.chain_id,
+                                      model=model)
+            if ch is None or ch.channel_id in self._checked:
+                return ch
+            state = self.channel_state(ch.channel_id)
+            self._checked.add(ch.channel_id)
+            if state.finalized or state.close_requested_at:
+                self.store.update_channel(ch.channel_id, status="closed" if state.finalized else "closing")
+                continue
+            if state.deposit != ch.deposit:
+                self.store.update_channel(ch.channel_id, deposit=state.deposit)
+            return self.store.channel(ch.channel_id)
+
+    def _sign(self, ch: StoredChannel, amount: int) -> Voucher:
+        """A voucher for at least `amount` (never re-signing lower), topping up when the deposit is short."""
+        highest = self.store.highest_voucher(ch.channel_id)
+        if highest is not None and highest[0] >= amount:
+            return Voucher(channel_id=ch.channel_id, cumulative_amount=highest[0], signature=highest[1])
+        if amount > ch.deposit:
+            if not self.auto_top_up:
+                raise InsufficientDeposit(f"the node asks for {amount} wei cumulative but channel {ch.channel_id} "
+                                          f"holds {ch.deposit}: `dcml channel topup` or enable auto_top_up")
+            extra = max(self.deposit, amount - ch.deposit)
+            self.chain.top_up(_b32(ch.channel_id), extra)
+            self.store.update_channel(ch.channel_id, deposit=ch.deposit + extra)
+        key = self.store.session_key(ch.channel_id, self.wallet)
+        voucher = self.chain.sign_voucher(key, _b32(ch.channel_id), amount)
+        self.store.record_voucher(ch.channel_id, amount, voucher.signature)  # before it leaves the process
+        return voucher
+
+    # -- Payer: called by the paying transports ---------------------------------------------------
+
+    def prepare(self, model: str) -> Voucher | None:
+        with self._lock:
+            ch = self._usable(model)
+            if ch is None:
+                return None
+            highest = self.store.highest_voucher(ch.channel_id)
+            return None if highest is None else Voucher(channel_id=ch.channel_id, cumulative_amount=highest[0],
+                                                        signature=highest[1])
+
+    def on_payment_required(self, required: PaymentRequired, exchange: Exchange, sent: Voucher | None) -> Voucher:
+        req = self._check_terms(required, self._node())
+        code = required.error or "payment_required"
+        with self._lock:
+            if sent is not None and code in _DEAD_CHANNEL:
+                self.store.update_channel(sent.channel_id, status="closed")
+            elif sent is not None and code not in ("insufficient_funds", "payment_required"):
+                raise PaymentRejected(code, f"{required.message or 'voucher refused'} (channel {sent.channel_id})")
+            ch = self._usable(exchange.model)
+            if ch is None:
+                ch = self._open(req, exchange.model, self.deposit)
+            t = req.extra
+            if (t.price_per_input_token, t.price_per_output_token) != (ch.price_in, ch.price_out):
+                self.store.update_channel(ch.channel_id, price_in=t.price_per_input_token,
+                                          price_out=t.price_per_output_token, prepay=t.prepay,
+                                          credit_window=t.credit_window)
+            if required.required_cumulative is not None:
+                amount = required.required_cumulative
+            else:  # a fresh voucher names the channel; the node's next 402 gives the exact amount
+                amount = max(ch.accepted, ch.spent + max(t.prepay, 1))
+            if sent is not None and amount <= sent.cumulative_amount and sent.channel_id == ch.channel_id:
+                raise PaymentRejected(code, f"the node asks for {amount} wei cumulative but already holds "
+                                      f"{sent.cumulative_amount}: {required.message}")
+            return self._sign(self._stored(ch.channel_id), amount)
+
+    def on_admitted(self, headers: httpx.Headers, exchange: Exchange) -> None:
+        node = self._node()
+        if PAYMENT_RESPONSE not in headers:
+            return  # a free node: the receipt is still checked
+        pr = PaymentResponse.from_header(headers[PAYMENT_RESPONSE])
+        exchange.channel_id, exchange.accepted, exchange.spent_at_admission = (pr.channel_id.lower(), pr.accepted,
+                                                                               pr.spent)
+        with self._lock:
+            self._live.setdefault(exchange.channel_id, _Live()).inflight += 1
+        try:
+            if self.store.channel(exchange.channel_id) is None:
+                raise ReceiptViolation("unknown_channel", f"the node charged channel {pr.channel_id}, not ours")
+            value = headers.get(ACCEPTANCE_HEADER)
+            if value is None:
+                raise ReceiptViolation("missing_acceptance", "a paid request was admitted without a signed "
+                                       "acceptance; the node breaks the protocol")
+            try:
+                signed = SignedAcceptance.model_validate_json(_b64(value))
+                verify_acceptance(signed.acceptance, signed.signature, expected_signer=node.signing_address,
+                                  domain=self.receipt_domain)
+            except ReceiptError as exc:
+                raise ReceiptViolation(exc.reason.value, str(exc)) from exc
+            except ValueError as exc:
+                raise ReceiptViolation("malformed", f"{ACCEPTANCE_HEADER} is not a signed acceptance: {exc}") from exc
+            a = signed.acceptance
+            if a.request_hash != request_hash(exchange.request_body):
+                raise ReceiptViolation("request_hash_mismatch", "the acceptance does not commit to the body you sent")
+            if a.channel_id != exchange.channel_id:
+                raise ReceiptViolation("channel_mismatch", f"acceptance names channel {a.channel_id}")
+        except ReceiptViolation as exc:
+            self._violation(exc, exchange, evidence=headers.get(ACCEPTANCE_HEADER))
+            self.on_aborted(exchange)
+            raise
+
+    def on_need_voucher(self, need: NeedVoucher, exchange: Exchange) -> Voucher:
+        with self._lock:
+            if need.channel_id.lower() != exchange.channel_id:
+                exc = ReceiptViolation("channel_mismatch", f"the node asks for a voucher on {need.channel_id}, "
+                                       f"not on this request's channel {exchange.channel_id}")
+                self._violation(exc, exchange)
+                raise exc
+            voucher = self._sign(self._stored(need.channel_id), need.required_cumulative)
+            exchange.vouchers.append(voucher)
+            return voucher
+
+    def on_receipt(self, exchange: Exchange, signed: SignedReceipt | None, *, response_bytes: bytes | None = None,
+                   sse_payloads: list[bytes] | None = None) -> Voucher | None:
+        node = self._node()
+        with self._lock:
+            live = self._live.get(exchange.channel_id or "")
+            exact = live is not None and live.inflight == 1 and not live.uncertain
+            if live is not None:
+                live.inflight -= 1
+            try:
+                if signed is None:
+                    raise ReceiptViolation("missing_receipt", "the answer came without a readable receipt; the "
+                                           "node breaks Proof of Response (fetch it at /v1/receipts/{id})")
+                r = signed.receipt
+                ch = self.store.channel(exchange.channel_id) if exchange.channel_id else None
+                if exchange.channel_id and r.channel_id != exchange.channel_id:
+                    raise ReceiptViolation("channel_mismatch", f"receipt charges {r.channel_id}, not this request's "
+                                           f"channel {exchange.channel_id}")
+                try:
+                    verify_receipt(r, signed.signature, expected_signer=node.signing_address,
+                                   request_bytes=exchange.request_body, response_bytes=response_bytes,
+                                   sse_payloads=sse_payloads,
+                                   price=Price(ch.price_in, ch.price_out) if ch else None,
+                                   previous_cumulative=ch.spent if ch and exact else None, domain=self.receipt_domain)
+                except ReceiptError as exc:
+                    raise ReceiptViolation(exc.reason.value, str(exc)) from exc
+                if ch and not exact and r.cumulative_spent < ch.spent + r.cost:
+                    raise ReceiptViolation("cumulative_mismatch", f"cumulativeSpent {r.cumulative_spent} went back: "
+                                           f"already saw {ch.spent}, plus this cost {r.cost}")
+            except ReceiptViolation as exc:
+                self._violation(exc, exchange, evidence=signed.model_dump_json(by_alias=True) if signed else None)
+                raise
+            self.store.record_receipt(signed, node_url=self.node_url, request_body=exchange.request_body)
+            exchange.receipt = signed
+            if ch is None:
+                return None
+            if live is not None:
+                # With nothing else in flight the store's spent is the node's again: check the next exactly.
+                live.uncertain = live.inflight > 0
+            ch = self._stored(ch.channel_id)
+            # Pay the credit this answer used now, as its verified receipt shows, so the node's exposure
+            # between requests is zero and the next request needs no extra round trip.
+            return self._sign(ch, r.cumulative_spent) if r.cumulative_spent > ch.accepted else None
+
+    def on_aborted(self, exchange: Exchange) -> None:
+        with self._lock:
+            live = self._live.get(exchange.channel_id or "")
+            if live is not None and not exchange.finished:
+                exchange.finished = True
+                live.inflight = max(0, live.inflight - 1)
+                live.uncertain = True  # the node charged for a receipt we never saw
+
+    def _violation(self, exc: ReceiptViolation, exchange: Exchange, evidence: str | None = None) -> None:
+        receipt_id = exchange.receipt.receipt.receipt_id if exchange.receipt else None
+        self.store.record_violation(node_url=self.node_url, reason=exc.reason, message=str(exc),
+                                    channel_id=exchange.channel_id, receipt_id=receipt_id, evidence=evidence)
+
+
+def _b32(channel_id: str) -> bytes:
+    raw = bytes.fromhex(channel_id.removeprefix("0x"))
+    if len(raw) != 32:
+        raise ValueError(f"channel id {channel_id} is not 32 bytes of hex")
+    return raw
+
+
+def _b64(value: str) -> bytes:
+    import base64
+
+    return base64.b64decode(value, validate=True)

@@ -1,0 +1,278 @@
+"""The payment gate: admits a paid request, charges its tokens before they are sent, and pauses a
+stream that reaches the end of what is paid plus the credit window until a voucher arrives.
+
+Money rules (ARCHITECTURE.md, "Paying over HTTP"):
+- a request is admitted only if `accepted − spent` covers its prompt plus the prepay (for a
+  non-streamed request: plus its whole `max_tokens`, since it cannot pause);
+- every charge is committed to the ledger (fsync) *before* the tokens it pays for leave the node;
+  concurrent charges share one commit (`SpendBatcher`), so a commit costs each stream one fsync wait
+  however many streams there are;
+- output may run at most `creditWindow` past what is accepted: the node's whole exposure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from eth_account.signers.local import LocalAccount
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from web3 import Web3
+
+from client.receipts import Acceptance, ReceiptDomain, sign_acceptance
+from client.voucher import MalformedVoucher, Voucher
+from client.x402 import (
+    ACCEPTANCE_HEADER,
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    PAYMENT_SIGNATURE,
+    VOUCHERS_PATH,
+    ChannelTerms,
+    NeedVoucher,
+    PaymentRequired,
+    PaymentRequirement,
+    PaymentResponse,
+)
+from node.api.errors import APIError
+from node.config import PaymentsConfig
+from node.payments.ledger import Ledger, LedgerConflict
+from node.payments.service import Payments, payment_error
+from node.payments.verifier import VoucherRejected, parse_voucher
+
+
+class PaymentNeeded(APIError):
+    """402 with the x402 `PAYMENT-REQUIRED` header saying what would admit the request."""
+
+    status = 402
+    type = "payment_required"
+
+
+class SpendBatcher:
+    """Group commit for charges: whatever accumulates while one commit is on disk goes in the next."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._pending: list[tuple[tuple[str, int, int], asyncio.Future[tuple[int, int]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spend-journal")
+
+    async def charge(self, channel_id: str, amount: int, slack: int) -> tuple[int, int]:
+        """(new spent, accepted) once durable; LedgerConflict if spent would pass accepted + slack."""
+        fut: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._pending.append(((channel_id, amount, slack), fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await loop.run_in_executor(self._executor, self.ledger.charge_many, [c for c, _ in batch])
+            except Exception as exc:  # nothing in the batch was committed
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(result, LedgerConflict):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+@dataclass
+class PaidRequest:
+    """One admitted request's account with its channel."""
+
+    channel_id: str
+    price: ChannelTerms
+    accepted: int
+    spent: int  # the channel's cumulative spent after this request's latest charge
+    cost: int = 0  # what this request has been charged so far
+    headers: dict[str, str] = field(default_factory=dict)
+    asked_at: int = -1  # the accepted amount when we last asked for a voucher (one ask per level)
+
+
+class PaymentGate:
+    def __init__(self, payments: Payments, config: PaymentsConfig, *, signer: LocalAccount,
+                 receipt_domain: ReceiptDomain, model_ids: dict[str, str]) -> None:
+        self.payments = payments
+        self.config = config
+        self.signer = signer
+        self.receipt_domain = receipt_domain
+        self.model_ids = model_ids  # served model name -> bytes32 hex (the channel's modelId must match)
+        dep = payments.deployment
+        self.token = Web3.to_checksum_address(config.token or dep.token)
+        self.batcher = SpendBatcher(payments.ledger)
+        self._funds: dict[str, asyncio.Event] = {}  # set when a voucher raises a channel's accepted amount
+
+    # -- terms -----------------------------------------------------------------------------------
+
+    def terms(self, model: str) -> ChannelTerms:
+        price = self.config.prices[model]
+        out = price.price_per_output_token
+        return ChannelTerms(escrow=self.payments.deployment.payment_channels, modelId=self.model_ids[model],
+                            pricePerInputToken=price.price_per_input_token, pricePerOutputToken=out,
+                            prepay=self.config.prepay_tokens * out, creditWindow=self.config.credit_tokens * out,
+                            voucherTimeoutSeconds=self.config.voucher_timeout_s)
+
+    def requirement(self, model: str) -> PaymentRequirement:
+        return PaymentRequirement(network=f"eip155:{self.payments.deployment.chain_id}", asset=self.token,
+                                  payTo=self.payments.payee.address, maxTimeoutSeconds=self.config.response_deadline_s,
+                                  extra=self.terms(model))
+
+    def needed(self, model: str, error: str, message: str, required: int | None = None) -> PaymentNeeded:
+        body = PaymentRequired(error=error, message=message, accepts=[self.requirement(model)],
+                               requiredCumulative=required)
+        return PaymentNeeded(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
+
+    # -- admission -------------------------------------------------------------------------------
+
+    async def admit(self, *, headers, model: str, request_hash: str, prompt_tokens: int, max_tokens: int,
+                    stream: bool) -> PaidRequest:
+        header = headers.get(PAYMENT_SIGNATURE)
+        terms = self.terms(model)
+        if not header:
+            raise self.needed(model, "payment_required", "this request must be paid: open a channel to payTo and "
+                              f"send a voucher in the {PAYMENT_SIGNATURE} header")
+        try:
+            voucher = Voucher.from_header(header)
+        except (MalformedVoucher, ValidationError, ValueError) as exc:
+            raise self.needed(model, "malformed", f"{PAYMENT_SIGNATURE} is not a voucher: {exc}") from None
+        try:
+            state = await run_in_threadpool(self.payments.verifier.verify, voucher, allow_equal=True)
+        except VoucherRejected as exc:
+            raise self.needed(model, exc.reason, str(exc)) from None
+        if state.token.lower() != self.token.lower():
+            raise self.needed(model, "wrong_token", f"channel pays in {state.token}; this node takes {self.token}")
+        if "0x" + state.params.model_id.hex() != terms.model_id.lower():
+            raise self.needed(model, "wrong_model", f"channel is for model 0x{state.params.model_id.hex()}, "
+                              f"not {model} ({terms.model_id}); open a channel for this model")
+        if voucher.cumulative_amount > self.payments.ledger.accepted(voucher.channel_id):
+            try:
+                await run_in_threadpool(self.payments.verifier.record, voucher)
+            except VoucherRejected as exc:
+                raise self.needed(model, exc.reason, str(exc)) from None
+            self._notify(voucher.channel_id)
+        balance = self.payments.ledger.get(voucher.channel_id)
+        assert balance is not None
+        prompt_cost = prompt_tokens * terms.price_per_input_token
+        ahead = max_tokens * terms.price_per_output_token if not stream else min(
+            terms.prepay, max_tokens * terms.price_per_output_token)
+        if balance.available < prompt_cost + ahead:
+            required = balance.spent + prompt_cost + ahead
+            raise self.needed(model, "insufficient_funds", f"channel has {balance.available} available; this "
+                              f"request needs {prompt_cost + ahead} ahead: sign a voucher for {required}", required)
+        try:
+            spent, _ = await self.batcher.charge(voucher.channel_id, prompt_cost, 0)
+        except LedgerConflict as exc:  # a concurrent request on the channel took the funds
+            raise self.needed(model, exc.reason, str(exc), balance.spent + prompt_cost + ahead) from None
+        paid = PaidRequest(voucher.channel_id, terms, balance.accepted, spent, prompt_cost)
+        acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=voucher.channel_id,
+                                                deadline=int(time.time()) + self.config.response_deadline_s),
+                                     self.signer, self.receipt_domain)
+        paid.headers = {
+            ACCEPTANCE_HEADER: base64.b64encode(acceptance.model_dump_json(by_alias=True).encode()).decode(),
+            PAYMENT_RESPONSE: PaymentResponse(channelId=voucher.channel_id, accepted=balance.accepted,
+                                              spent=spent).to_header(),
+        }
+        return paid
+
+    # -- charging output -------------------------------------------------------------------------
+
+    async def charge_output(self, paid: PaidRequest, tokens: int) -> tuple[bool, NeedVoucher | None]:
+        """Charge `tokens` of output, durably. Returns (charged, ask):
+        - charged is False when spent would pass accepted + credit: nothing is charged, the caller must
+          send `ask` and `wait_and_charge`;
+        - otherwise `ask`, if set, is an early request for a voucher, made once per accepted level when
+          output dips into the credit window: the client pays while the window hides the round trip."""
+        amount = tokens * paid.price.price_per_output_token
+        try:
+            paid.spent, accepted = await self.batcher.charge(paid.channel_id, amount, paid.price.credit_window)
+        except LedgerConflict as exc:
+            if exc.reason != "insufficient_funds":
+                raise
+            return False, NeedVoucher(channelId=paid.channel_id, spent=paid.spent,
+                                      requiredCumulative=paid.spent + amount)
+        paid.cost += amount
+        if paid.spent > accepted and paid.asked_at != accepted:
+            paid.asked_at = accepted
+            return True, NeedVoucher(channelId=paid.channel_id, spent=paid.spent, requiredCumulative=paid.spent)
+        return True, None
+
+    async def wait_and_charge(self, paid: PaidRequest, tokens: int) -> bool:
+        """After a blocking payment-need-voucher: wait for vouchers until `tokens` can be charged or the
+        voucher timeout passes (then False: the stream ends)."""
+        deadline = time.monotonic() + paid.price.voucher_timeout_s
+        while True:
+            event = self._funds.setdefault(paid.channel_id, asyncio.Event())
+            charged, _ = await self.charge_output(paid, tokens)
+            if charged:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+
+    async def refund(self, paid: PaidRequest) -> None:
+        """Undo a request's charges when it failed before any output left (an engine error or overload)."""
+        if paid.cost:
+            await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, paid.cost)
+            paid.cost = 0
+
+    def _notify(self, channel_id: str) -> None:
+        event = self._funds.pop(channel_id.lower(), None)
+        if event is not None:
+            event.set()  # wakes every stream of this channel; each re-checks its own charge
+
+    # -- the vouchers endpoint -------------------------------------------------------------------
+
+    def router(self) -> APIRouter:
+        router = APIRouter()
+
+        @router.post(VOUCHERS_PATH)
+        async def post_voucher(request: Request) -> JSONResponse:
+            try:
+                body = await request.json()
+            except ValueError:
+                return payment_error(400, "malformed", "body is not JSON: send {channelId, cumulativeAmount, "
+                                     "signature}")
+            try:
+                voucher = parse_voucher(body)
+                balance = await run_in_threadpool(self.payments.verifier.accept, voucher)
+            except VoucherRejected as exc:
+                return payment_error(400 if exc.reason.startswith("malformed") else 402, exc.reason, str(exc))
+            self._notify(voucher.channel_id)
+            return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
+                                 "spent": str(balance.spent)})
+
+        @router.get("/v1/payments/channels/{channel_id}")
+        async def get_channel(channel_id: str) -> JSONResponse:
+            """The node's account of one channel: what it accepted, what was served, what is settled."""
+            balance = self.payments.ledger.get(channel_id)
+            if balance is None:
+                return payment_error(404, "unknown_channel", f"no voucher accepted for channel {channel_id}")
+            return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
+                                 "spent": str(balance.spent), "settled": str(balance.settled),
+                                 "finalized": balance.finalized})
+
+        return router
+
+    def close(self) -> None:
+        self.batcher.close()
+

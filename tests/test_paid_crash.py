@@ -1,0 +1,99 @@
+"""A paid node process killed with SIGKILL mid-stream: after a restart every voucher it acknowledged is
+in its ledger, exactly once, and gets settled on-chain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from node.devnet import free_port
+from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, data_dir: Path, deployment_file: Path, port: int) -> None:
+    path.write_text(f"""
+data_dir = "{data_dir}"
+[server]
+port = {port}
+graceful_shutdown_s = 5
+[engine]
+kind = "synthetic"
+served_model_name = "{MODEL}"
+[payments]
+enabled = true
+deployment = "{deployment_file}"
+prepay_tokens = 8
+credit_tokens = 4
+voucher_timeout_s = 10
+settle_threshold = 1000000000000000000000000
+[payments.prices.{MODEL}]
+price_per_input_token = {PRICE_IN}
+price_per_output_token = {PRICE_OUT}
+""")
+
+
+class NodeProcess:
+    def __init__(self, config: Path, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=REPO,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, "node exited during start"
+            try:
+                self.health = httpx.get(f"{self.url}/health", timeout=1).json()
+                return
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "node did not start"
+                time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stream_then_restart_settles_every_acknowledged_voucher_once(
+    w3, deployment, payer, tmp_path
+) -> None:
+    deployment_file = tmp_path / "deployment.json"
+    deployment.save(deployment_file)
+    port = free_port()
+    config = tmp_path / "node.toml"
+    write_config(config, tmp_path / "data", deployment_file, port)
+    node = NodeProcess(config, port)
+    address = node.health["address"]
+    fund(w3, address)
+    client = RawPayer(w3, deployment, payer, node.url, address)
+    paid_mid_stream = 0
+
+    def crash_after_three() -> None:
+        nonlocal paid_mid_stream
+        paid_mid_stream += 1
+        if paid_mid_stream == 3:
+            node.proc.send_signal(signal.SIGKILL)
+
+    client.on_paid = crash_after_three
+    with pytest.raises(httpx.TransportError):
+        client.ask("tell me everything", max_tokens=1000)
+    assert node.proc.wait(timeout=30) == -signal.SIGKILL
+    assert paid_mid_stream == 3 and len(client.acked) >= 4  # the admission voucher and three mid-stream
+
+    node = NodeProcess(config, port)  # same data dir: same (dev-seed) identity and ledger
+    assert node.health["address"] == address
+    channel = "0x" + client.channel_id.hex()
+    held = httpx.get(f"{node.url}/v1/payments/channels/{channel}").json()
+    assert int(held["accepted"]) == max(client.acked)
+    assert int(held["spent"]) <= int(held["accepted"]) + 4 * PRICE_OUT  # never served beyond the credit window
+    node.proc.send_signal(signal.SIGTERM)
+    node.proc.wait(timeout=60)
+    assert client.channels.get(client.channel_id).settled == max(client.acked)
+    rows = sqlite3.connect(tmp_path / "data" / "ledger.sqlite").execute(
+        "SELECT cumulative FROM vouchers WHERE channel_id=?", (channel,)).fetchall()
+    assert sorted(int(r[0]) for r in rows) == sorted(set(client.acked))  # each acknowledged voucher once

@@ -72,3 +72,15 @@ def send(w3: Web3, account: LocalAccount, fn: ContractFunction, *, value: int = 
     if receipt["status"] != 1:
         raise TransactionFailed(action, f"reverted in block {receipt['blockNumber']} (tx {tx_hash.hex()})")
     return receipt
+
+
+def send_eth(w3: Web3, account: LocalAccount, to: str, value: int) -> TxReceipt:
+    """A plain ETH transfer (e.g. gas money for a node's enclave address)."""
+    tx = {"from": account.address, "to": Web3.to_checksum_address(to), "value": value, "gas": 21_000,
+          "gasPrice": w3.eth.gas_price, "nonce": w3.eth.get_transaction_count(account.address, "pending"),
+          "chainId": w3.eth.chain_id}
+    tx_hash = w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
+    if receipt["status"] != 1:
+        raise TransactionFailed("send ETH", f"reverted (tx {tx_hash.hex()})")
+    return receipt

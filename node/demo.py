@@ -1,120 +1,171 @@
-"""`make demo`: the payment channel's whole story on a local chain, printed step by step.
+"""`make demo`: the whole story on one machine, printed step by step.
 
-Start anvil and deploy; a publisher registers a model with a royalty; a client opens a channel to a
-node and pays it with signed vouchers over HTTP; the node verifies and stores each one, its
-settlement worker settles on-chain, the channel is closed; balances before and after are printed
-and checked to the wei against the vouchers.
+A local chain with the contracts; a publisher registers the demo model with a royalty; a node process
+(embedded engine, simulated TEE: its warning is printed) serves paid inference; a client verifies the
+node's attestation, opens a channel, streams a paid answer that needs mid-stream vouchers and checks
+every receipt; the client closes the channel, the node settles on its own; balances before and after
+are printed and the on-chain movements are checked against the sum of the receipts, to the wei.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
+import signal
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 from eth_account import Account
 from rich.console import Console
 from rich.table import Table
 from web3 import Web3
 
-from client.channel import ChannelClient
 from client.contracts import contract
-from client.model_registry import model_id, register_model
-from node.devnet import Devnet, free_port
-from node.payments.service import Payments, PaymentSettings, create_payments_app
+from client.model_registry import register_model
+from client.receipts import model_id_for
+from client.sdk import Client
+from client.tx import send_eth
+from node.devnet import REPO, Devnet, free_port
 
 console = Console(width=120)
-MODEL = "dcml-demo-llama"
+MODEL = "dcml-demo"
 ROYALTY_BPS = 250  # 2.5 % of every payment to the model's publisher
-PRICE_PER_TOKEN = 3 * 10**13  # 0.00003 dUSD per output token
+PRICE_IN, PRICE_OUT = 10**13, 3 * 10**13  # wei of the demo token per input / output token
+CREDIT_TOKENS = 8  # the node serves this far past what is paid, then asks for a voucher
+PROMPT = [{"role": "user", "content": "Tell me of the king and the sea."}]
+
+
+def node_config(path: Path, data_dir: Path, deployment_file: Path, port: int) -> None:
+    path.write_text(f"""
+data_dir = "{data_dir}"
+[server]
+port = {port}
+graceful_shutdown_s = 10
+[logging]
+level = "warning"
+[engine]
+kind = "embedded"
+served_model_name = "{MODEL}"
+model_dir = "{REPO / 'models' / 'demo'}"
+[payments]
+enabled = true
+deployment = "{deployment_file}"
+prepay_tokens = 0        # pay as you go: every voucher pays for tokens already served
+credit_tokens = {CREDIT_TOKENS}
+settle_threshold = 1000000000000000000000000
+settle_interval_s = 0.5
+[payments.prices.{MODEL}]
+price_per_input_token = {PRICE_IN}
+price_per_output_token = {PRICE_OUT}
+""")
+
+
+def start_node(config: Path, port: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the node exited during start-up; see its log above")
+        try:
+            httpx.get(f"{url}/health", timeout=1).raise_for_status()
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the node did not start within 120 s")
 
 
 def main() -> None:
     started = time.monotonic()
-    data_dir = Path(tempfile.mkdtemp(prefix="dcml-demo-"))
+    work = Path(tempfile.mkdtemp(prefix="dcml-demo-"))
     with Devnet(close_grace_period=900) as net:
         dep = net.deployment
         w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
-        client_wallet = Account.from_key(dep.accounts["client"].private_key)
-        node_key = Account.from_key(dep.accounts["node"].private_key)
-        publisher = Account.from_key(dep.accounts["publisher"].private_key)
+        accounts = {role: Account.from_key(dep.accounts[role].private_key)
+                    for role in ("deployer", "client", "publisher")}
         token = contract(w3, "TestToken", dep.token)
-        people = {"client": client_wallet.address, "node": node_key.address, "publisher": publisher.address,
-                  "escrow": dep.payment_channels}
-        console.rule("[bold]dcml demo: a payment channel on a local chain")
-        console.print(f"anvil at {dep.rpc_url}, chain {dep.chain_id}; PaymentChannels {dep.payment_channels}")
+        console.rule("[bold]dcml demo: attested, paid, verified inference on a local chain")
+        console.print(f"1. anvil at {dep.rpc_url} (chain {dep.chain_id}); PaymentChannels {dep.payment_channels}")
 
-        model = model_id(MODEL)
-        register_model(w3, dep, publisher, model, ROYALTY_BPS)
-        console.print(f"publisher registered [cyan]{MODEL}[/] with a {ROYALTY_BPS / 100:.1f} % royalty")
+        model_id = bytes.fromhex(model_id_for(MODEL)[2:])
+        register_model(w3, dep, accounts["publisher"], model_id, ROYALTY_BPS)
+        console.print(f"2. the publisher registered [cyan]{MODEL}[/] with a {ROYALTY_BPS / 100:.1f} % royalty")
+
+        deployment_file = work / "deployment.json"
+        dep.save(deployment_file)
+        port = free_port()
+        node_config(work / "node.toml", work / "node", deployment_file, port)
+        console.print("3. starting the node (embedded engine, [yellow]simulated TEE[/]: it says so below)…")
+        proc, url = start_node(work / "node.toml", port)
+        node_address = httpx.get(f"{url}/health").json()["address"]
+        # gas for the node's settlements: its payee is its (attested) enclave address
+        send_eth(w3, accounts["deployer"], node_address, 10**18)
+        people = {"client": accounts["client"].address, "node": node_address,
+                  "publisher": accounts["publisher"].address, "escrow": dep.payment_channels}
         before = {who: token.functions.balanceOf(addr).call() for who, addr in people.items()}
 
-        deployment_file = data_dir / "deployment.json"
-        dep.save(deployment_file)
-        payments = Payments(PaymentSettings(deployment_file, data_dir, settle_threshold=10**30), node_key)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_payments_app(payments), host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-        console.print(f"node payment endpoint up at http://127.0.0.1:{port}/v1/payments/vouchers")
+        try:
+            with Client(url, accounts["client"], deployment=dep, allow_simulated=True, store=work / "client.sqlite",
+                        deposit=10**18) as client:
+                verified = client.attest()
+                console.print(f"4. client verified the node's attestation: key {verified.signing_address} "
+                              f"(tee {verified.tee_type}; [yellow]simulated allowed for the demo only[/])")
+                console.print("5. streaming a paid answer (prepay 0, credit window "
+                              f"{CREDIT_TOKENS} tokens: vouchers flow while it streams):\n")
+                stream = client.chat(PROMPT, MODEL, stream=True, max_tokens=96, temperature=0.8, seed=7)
+                for piece in stream:
+                    console.print(piece, end="", highlight=False, markup=False)
+                result = stream.result
+                console.print()
+                channel_id = result.channel_id
+                vouchers = client.store.vouchers(channel_id)
+                receipts = client.receipts(channel_id)
+                console.print(f"\n   receipt verified: {result.receipt.receipt.input_tokens} input + "
+                              f"{result.receipt.receipt.output_tokens} output tokens, cost {result.cost} wei; "
+                              f"{len(vouchers)} vouchers signed, {len(receipts)} receipt(s) kept")
+                if len(vouchers) < 2:
+                    raise SystemExit("expected at least one mid-stream voucher")
+                client.close_channel(channel_id)
+                console.print("6. client requested close; the node's settlement worker settles and closes…")
+                deadline = time.monotonic() + 60
+                while not client.channel_state(channel_id).finalized:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the node did not close the channel within 60 s")
+                    time.sleep(0.3)
+                client.withdraw(channel_id)  # claims the refund credited at close
+                settled = client.channel_state(channel_id).settled
+                total = sum(r.cost for r in receipts)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        from client.channel import ChannelClient
 
-        session = Account.create()
-        channels = ChannelClient(w3, dep, client_wallet)
-        deposit = 10 * 10**18
-        channel_id = channels.open(node_key.address, deposit, session_key=session.address, model_id=model)
-        console.print(f"client opened channel 0x{channel_id.hex()[:16]}… with {deposit / 1e18:g} dUSD "
-                      f"(vouchers signed by session key {session.address[:10]}…)")
-
-        cumulative, vouchers = 0, 0
-        with httpx.Client(timeout=30) as http:
-            for tokens in (17, 42, 8, 64, 33, 120, 5, 90):  # a stream's worth of per-chunk payments
-                cumulative += tokens * PRICE_PER_TOKEN
-                voucher = channels.sign_voucher(session, channel_id, cumulative)
-                reply = http.post(f"http://127.0.0.1:{port}/v1/payments/vouchers", json=voucher.to_wire())
-                reply.raise_for_status()
-                vouchers += 1
-            replay = http.post(f"http://127.0.0.1:{port}/v1/payments/vouchers", json=voucher.to_wire())
-        console.print(f"client paid {vouchers} vouchers, cumulative {cumulative / 1e18:.6f} dUSD; "
-                      f"a replayed voucher was refused: [yellow]{replay.json()['error']['code']}[/]")
-
-        channels.request_close(channel_id)
-        console.print("client requested close; the node's settlement worker settles and closes on its own…")
-        deadline = time.monotonic() + 30
-        while not channels.get(channel_id).finalized:
-            if time.monotonic() > deadline:
-                raise SystemExit("the node did not close the channel within 30 s")
-            time.sleep(0.2)
-        server.should_exit = True
-        thread.join()
-        channels.claim_earnings()  # the client's refund
-        ChannelClient(w3, dep, publisher).claim_earnings()  # the royalty
+        ChannelClient(w3, dep, accounts["publisher"]).claim_earnings()
         after = {who: token.functions.balanceOf(addr).call() for who, addr in people.items()}
 
-        royalty = cumulative * ROYALTY_BPS // 10_000
-        expected = {"client": -cumulative, "node": cumulative - royalty, "publisher": royalty, "escrow": 0}
-        table = Table(title="token balances (dUSD, exact wei in the last column)")
-        for col in ("account", "before", "after", "change (wei)", "expected (wei)"):
-            table.add_column(col, justify="right" if col != "account" else "left")
-        ok = True
-        for who in people:
-            change = after[who] - before[who]
-            ok &= change == expected[who]
-            table.add_row(who, f"{before[who] / 1e18:,.6f}", f"{after[who] / 1e18:,.6f}", f"{change:+,}",
-                          f"{expected[who]:+,}")
-        console.print(table)
-        if not ok:
-            raise SystemExit("balances do not match the vouchers")
-        console.print(f"[green]on-chain movements equal the vouchers to the wei[/] "
-                      f"({time.monotonic() - started:.1f} s)")
-    shutil.rmtree(data_dir, ignore_errors=True)
+    royalty = settled * ROYALTY_BPS // 10_000
+    expected = {"client": -total, "node": total - royalty, "publisher": royalty, "escrow": 0}
+    table = Table(title="token balances (dUSD; changes in wei)")
+    for col in ("account", "before", "after", "change (wei)", "expected (wei)"):
+        table.add_column(col, justify="left" if col == "account" else "right")
+    ok = settled == total
+    for who in people:
+        change = after[who] - before[who]
+        ok &= change == expected[who]
+        table.add_row(who, f"{before[who] / 1e18:,.6f}", f"{after[who] / 1e18:,.6f}", f"{change:+,}",
+                      f"{expected[who]:+,}")
+    console.print(table)
+    console.print(f"sum of receipts {total:,} wei; settled on-chain {settled:,} wei")
+    if not ok:
+        raise SystemExit("on-chain movements do not match the receipts")
+    console.print(f"[green]on-chain movements equal the sum of the receipts to the wei[/] "
+                  f"({time.monotonic() - started:.1f} s)")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
     main()

@@ -199,7 +199,7 @@ class PaymentGate:
         - charged is False when spent would pass accepted + credit: nothing is charged, the caller must
           send `ask` and `wait_and_charge`;
         - otherwise `ask`, if set, is an early request for a voucher, made once per accepted level when
-          output dips into the credit window: the client pays while the window hides the round trip."""
+          half the credit window is in use: the client pays while the other half hides the round trip."""
         amount = tokens * paid.price.price_per_output_token
         try:
             paid.spent, accepted = await self.batcher.charge(paid.channel_id, amount, paid.price.credit_window)
@@ -209,7 +209,8 @@ class PaymentGate:
             return False, NeedVoucher(channelId=paid.channel_id, spent=paid.spent,
                                       requiredCumulative=paid.spent + amount)
         paid.cost += amount
-        if paid.spent > accepted and paid.asked_at != accepted:
+        # Ask early, once half the credit window is in use: the other half covers the round trip.
+        if paid.spent - accepted >= max(paid.price.credit_window // 2, 1) and paid.asked_at != accepted:
             paid.asked_at = accepted
             return True, NeedVoucher(channelId=paid.channel_id, spent=paid.spent, requiredCumulative=paid.spent)
         return True, None

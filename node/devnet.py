@@ -29,6 +29,9 @@ CONTRACTS = REPO / "contracts"
 ANVIL_MNEMONIC = "test test test test test test test test test test test junk"
 ROLES = ("deployer", "client", "node", "publisher", "client2", "node2", "client3", "node3")
 FAUCET_AMOUNT = 1_000_000 * 10**18  # test tokens minted to every non-deployer account
+NODE_MIN_STAKE = 100 * 10**18  # NodeRegistry: least dUSD stake per node
+NODE_UNBONDING_DELAY = 3600  # NodeRegistry: seconds from requestExit to withdrawStake (days on a live chain)
+NODE_EPOCH_LENGTH = 600  # NodeRegistry: least seconds between epoch bumps (re-attestation freshness)
 
 
 def tool(name: str) -> str:
@@ -133,6 +136,8 @@ def deploy_all(w3: Web3, rpc_url: str, *, close_grace_period: int) -> Deployment
     registry = deploy_contract(w3, deployer, "ModelRegistry")
     channels = deploy_contract(w3, deployer, "PaymentChannels", registry, close_grace_period)
     token = deploy_contract(w3, deployer, "TestToken", "Devnet USD", "dUSD")
+    node_registry = deploy_contract(w3, deployer, "NodeRegistry", token, NODE_MIN_STAKE, NODE_UNBONDING_DELAY,
+                                    NODE_EPOCH_LENGTH, deployer.address)
     erc20 = w3.eth.contract(address=token, abi=artifact("TestToken")["abi"])
     for role, acct in accounts.items():
         if role != "deployer":
@@ -142,6 +147,7 @@ def deploy_all(w3: Web3, rpc_url: str, *, close_grace_period: int) -> Deployment
         rpc_url=rpc_url,
         payment_channels=channels,
         model_registry=registry,
+        node_registry=node_registry,
         token=token,
         close_grace_period=close_grace_period,
         start_block=start_block,
@@ -161,6 +167,7 @@ def main() -> None:
     deployment.save(args.out)
     print(f"devnet up: {devnet.rpc_url} (chain {deployment.chain_id}); deployment written to {args.out}")
     print(f"  PaymentChannels {deployment.payment_channels}\n  ModelRegistry   {deployment.model_registry}\n"
+          f"  NodeRegistry    {deployment.node_registry}\n"
           f"  TestToken       {deployment.token}\nCtrl-C stops it.")
     try:
         signal.pause()

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from node.payments.ledger import Ledger, LedgerConflict
+from node.payments.ledger import ChargeOp, Ledger, LedgerConflict, VoucherOp
 
 CID = "0x" + "ab" * 32
 
@@ -59,13 +59,15 @@ def test_spending_is_capped_at_accepted_plus_slack(tmp_path) -> None:
     assert ledger.get(CID).spent == 11
 
 
-def test_a_batch_is_one_transaction_with_per_charge_results(tmp_path) -> None:
+def test_a_batch_is_one_transaction_with_per_op_results(tmp_path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
-    ledger.record_voucher(CID, 10, "0x01")
-    results = ledger.charge_many([(CID, 6, 0), (CID, 6, 0), (CID, 4, 0), ("0x" + "00" * 32, 1, 0)])
-    assert results[0] == (6, 10) and results[2] == (10, 10)
-    assert isinstance(results[1], LedgerConflict) and isinstance(results[3], LedgerConflict)
-    assert ledger.get(CID).spent == 10
+    results = ledger.apply([VoucherOp(CID, 10, "0x01"), ChargeOp(CID, 6), ChargeOp(CID, 6), ChargeOp(CID, 4),
+                            ChargeOp("0x" + "00" * 32, 1), VoucherOp(CID, 9, "0x02"), ChargeOp(CID, 2, slack=2)])
+    assert results[0].accepted == 10
+    assert (results[1].spent, results[3].spent, results[6].spent) == (6, 10, 12)
+    for refused in (results[2], results[4], results[5]):
+        assert isinstance(refused, LedgerConflict)
+    assert (ledger.get(CID).spent, ledger.get(CID).accepted) == (12, 10)
 
 
 def test_racing_vouchers_for_one_channel_keep_the_highest(tmp_path) -> None:
@@ -92,3 +94,14 @@ def test_racing_vouchers_for_one_channel_keep_the_highest(tmp_path) -> None:
     logged = [int(r[0]) for r in sqlite3.connect(tmp_path / "l.sqlite").execute(
         "SELECT cumulative FROM vouchers ORDER BY id")]
     assert logged == sorted(logged)  # in commit order, each accepted voucher beat every earlier one
+
+
+def test_a_group_is_all_or_nothing(tmp_path) -> None:
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.record_voucher(CID, 10, "0x01")
+    ok, refused = ledger.apply_groups([[VoucherOp(CID, 20, "0x02"), ChargeOp(CID, 15)],
+                                       [VoucherOp(CID, 30, "0x03"), ChargeOp(CID, 100)]])
+    assert [b.spent for b in ok] == [0, 15] and isinstance(refused, LedgerConflict)
+    balance = ledger.get(CID)
+    assert (balance.accepted, balance.spent) == (20, 15)  # the refused group's voucher was rolled back too
+    assert ledger.voucher_count(CID) == 2

@@ -68,6 +68,14 @@ def test_sigkill_mid_stream_then_restart_settles_every_acknowledged_voucher_once
     config = tmp_path / "node.toml"
     write_config(config, tmp_path / "data", deployment_file, port)
     node = NodeProcess(config, port)
+    try:
+        _crash_and_recover(w3, deployment, payer, tmp_path, config, port, node)
+    finally:
+        if node.proc.poll() is None:
+            node.proc.kill()
+
+
+def _crash_and_recover(w3, deployment, payer, tmp_path, config, port, node) -> None:
     address = node.health["address"]
     fund(w3, address)
     client = RawPayer(w3, deployment, payer, node.url, address)
@@ -86,6 +94,14 @@ def test_sigkill_mid_stream_then_restart_settles_every_acknowledged_voucher_once
     assert paid_mid_stream == 3 and len(client.acked) >= 4  # the admission voucher and three mid-stream
 
     node = NodeProcess(config, port)  # same data dir: same (dev-seed) identity and ledger
+    try:
+        _check_recovered(client, node, address, tmp_path)
+    finally:
+        if node.proc.poll() is None:
+            node.proc.kill()
+
+
+def _check_recovered(client, node, address, tmp_path) -> None:
     assert node.health["address"] == address
     channel = "0x" + client.channel_id.hex()
     held = httpx.get(f"{node.url}/v1/payments/channels/{channel}").json()

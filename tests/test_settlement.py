@@ -24,6 +24,19 @@ from tests.payments_helpers import node_payments
 REPO = Path(__file__).resolve().parents[1]
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    yield
+    while _STARTED:  # a failed assertion must not leave a node running
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class PaymentsProcess:
     """`python -m node.payments.service` as a separate OS process, so it can really be killed."""
 
@@ -38,6 +51,7 @@ class PaymentsProcess:
 
     def start(self) -> PaymentsProcess:
         self.proc = subprocess.Popen(self.args, cwd=REPO, env=self.env)
+        _STARTED.append(self.proc)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "payments process exited at start"

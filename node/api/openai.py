@@ -292,14 +292,13 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                         charged, ask = await gate.charge_output(paid, chunk.tokens)
                         if ask is not None:
                             yield named_event(NEED_VOUCHER_EVENT, ask.model_dump_json(by_alias=True).encode())
-                        if not charged:
-                            if not await gate.wait_and_charge(paid, chunk.tokens):
-                                meter.state.metrics.errors.labels("payment_timeout").inc()
-                                yield named_event(PAYMENT_TIMEOUT_EVENT, error_body(
-                                    f"no voucher came within {paid.price.voucher_timeout_s:g} s; the stream "
-                                    "ends here and the tokens already sent are paid from your vouchers",
-                                    "payment_required", None, "payment_timeout"))
-                                break
+                        if not charged and not await gate.wait_and_charge(paid, chunk.tokens):
+                            meter.state.metrics.errors.labels("payment_timeout").inc()
+                            yield named_event(PAYMENT_TIMEOUT_EVENT, error_body(
+                                f"no voucher came within {paid.price.voucher_timeout_s:g} s; the stream "
+                                "ends here and the tokens already sent are paid from your vouchers",
+                                "payment_required", None, "payment_timeout"))
+                            break
                     meter.output_tokens += chunk.tokens
                     if chunk.text or chunk.finish_reason is not None:  # like vLLM: no chunk for textless tokens
                         yield emit(shapes.chunk(chunk.text, chunk.finish_reason))

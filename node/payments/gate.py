@@ -5,8 +5,8 @@ Money rules (ARCHITECTURE.md, "Paying over HTTP"):
 - a request is admitted only if `accepted − spent` covers its prompt plus the prepay (for a
   non-streamed request: plus its whole `max_tokens`, since it cannot pause);
 - every charge is committed to the ledger (fsync) *before* the tokens it pays for leave the node;
-  concurrent charges share one commit (`SpendBatcher`), so a commit costs each stream one fsync wait
-  however many streams there are;
+  concurrent vouchers and charges share one commit (`LedgerWriter`), so a commit costs each stream one
+  fsync wait however many streams there are;
 - output may run at most `creditWindow` past what is accepted: the node's whole exposure.
 """
 
@@ -42,7 +42,7 @@ from client.x402 import (
 )
 from node.api.errors import APIError
 from node.config import PaymentsConfig
-from node.payments.ledger import Ledger, LedgerConflict
+from node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, VoucherOp
 from node.payments.service import Payments, payment_error
 from node.payments.verifier import VoucherRejected, parse_voucher
 
@@ -54,19 +54,23 @@ class PaymentNeeded(APIError):
     type = "payment_required"
 
 
-class SpendBatcher:
-    """Group commit for charges: whatever accumulates while one commit is on disk goes in the next."""
+class LedgerWriter:
+    """Group commit: vouchers and charges that arrive while one commit is on disk go in the next one."""
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self._pending: list[tuple[tuple[str, int, int], asyncio.Future[tuple[int, int]]]] = []
+        self._pending: list[tuple[list[LedgerOp], asyncio.Future[list[ChannelBalance]]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spend-journal")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
 
-    async def charge(self, channel_id: str, amount: int, slack: int) -> tuple[int, int]:
-        """(new spent, accepted) once durable; LedgerConflict if spent would pass accepted + slack."""
-        fut: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-        self._pending.append(((channel_id, amount, slack), fut))
+    async def write(self, op: LedgerOp) -> ChannelBalance:
+        """The channel's balance once `op` is durable; raises the LedgerConflict that refused it."""
+        return (await self.write_many([op]))[0]
+
+    async def write_many(self, ops: list[LedgerOp]) -> list[ChannelBalance]:
+        """Several ops in the same commit, all or nothing: if one is refused none of them is applied."""
+        fut: asyncio.Future[list[ChannelBalance]] = asyncio.get_running_loop().create_future()
+        self._pending.append((ops, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await fut
@@ -76,7 +80,8 @@ class SpendBatcher:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                results = await loop.run_in_executor(self._executor, self.ledger.charge_many, [c for c, _ in batch])
+                results = await loop.run_in_executor(self._executor, self.ledger.apply_groups,
+                                                     [ops for ops, _ in batch])
             except Exception as exc:  # nothing in the batch was committed
                 for _, fut in batch:
                     if not fut.done():
@@ -117,7 +122,7 @@ class PaymentGate:
         self.model_ids = model_ids  # served model name -> bytes32 hex (the channel's modelId must match)
         dep = payments.deployment
         self.token = Web3.to_checksum_address(config.token or dep.token)
-        self.batcher = SpendBatcher(payments.ledger)
+        self.writer = LedgerWriter(payments.ledger)
         self._funds: dict[str, asyncio.Event] = {}  # set when a voucher raises a channel's accepted amount
 
     # -- terms -----------------------------------------------------------------------------------
@@ -162,32 +167,35 @@ class PaymentGate:
         if "0x" + state.params.model_id.hex() != terms.model_id.lower():
             raise self.needed(model, "wrong_model", f"channel is for model 0x{state.params.model_id.hex()}, "
                               f"not {model} ({terms.model_id}); open a channel for this model")
-        if voucher.cumulative_amount > self.payments.ledger.accepted(voucher.channel_id):
-            try:
-                await run_in_threadpool(self.payments.verifier.record, voucher)
-            except VoucherRejected as exc:
-                raise self.needed(model, exc.reason, str(exc)) from None
-            self._notify(voucher.channel_id)
         balance = self.payments.ledger.get(voucher.channel_id)
-        assert balance is not None
+        accepted = max(voucher.cumulative_amount, balance.accepted if balance else 0)
+        spent_before = balance.spent if balance else 0
         prompt_cost = prompt_tokens * terms.price_per_input_token
         ahead = max_tokens * terms.price_per_output_token if not stream else min(
             terms.prepay, max_tokens * terms.price_per_output_token)
-        if balance.available < prompt_cost + ahead:
-            required = balance.spent + prompt_cost + ahead
-            raise self.needed(model, "insufficient_funds", f"channel has {balance.available} available; this "
+        if accepted - spent_before < prompt_cost + ahead:
+            required = spent_before + prompt_cost + ahead
+            raise self.needed(model, "insufficient_funds", f"channel has {accepted - spent_before} available; this "
                               f"request needs {prompt_cost + ahead} ahead: sign a voucher for {required}", required)
+        # One commit for the new voucher (if any) and the prompt's charge.
+        ops: list[LedgerOp] = []
+        if balance is None or voucher.cumulative_amount > balance.accepted:
+            ops.append(VoucherOp(voucher.channel_id, voucher.cumulative_amount, voucher.signature))
+        ops.append(ChargeOp(voucher.channel_id, prompt_cost))
         try:
-            spent, _ = await self.batcher.charge(voucher.channel_id, prompt_cost, 0)
-        except LedgerConflict as exc:  # a concurrent request on the channel took the funds
-            raise self.needed(model, exc.reason, str(exc), balance.spent + prompt_cost + ahead) from None
-        paid = PaidRequest(voucher.channel_id, terms, balance.accepted, spent, prompt_cost)
+            after = (await self.writer.write_many(ops))[-1]
+        except LedgerConflict as exc:  # a concurrent request or voucher on the channel got there first
+            raise self.needed(model, exc.reason, str(exc), spent_before + prompt_cost + ahead) from None
+        if len(ops) == 2:
+            self._notify(voucher.channel_id)
+        spent = after.spent
+        paid = PaidRequest(voucher.channel_id, terms, after.accepted, spent, prompt_cost)
         acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=voucher.channel_id,
                                                 deadline=int(time.time()) + self.config.response_deadline_s),
                                      self.signer, self.receipt_domain)
         paid.headers = {
             ACCEPTANCE_HEADER: base64.b64encode(acceptance.model_dump_json(by_alias=True).encode()).decode(),
-            PAYMENT_RESPONSE: PaymentResponse(channelId=voucher.channel_id, accepted=balance.accepted,
+            PAYMENT_RESPONSE: PaymentResponse(channelId=voucher.channel_id, accepted=after.accepted,
                                               spent=spent).to_header(),
         }
         return paid
@@ -202,7 +210,8 @@ class PaymentGate:
           half the credit window is in use: the client pays while the other half hides the round trip."""
         amount = tokens * paid.price.price_per_output_token
         try:
-            paid.spent, accepted = await self.batcher.charge(paid.channel_id, amount, paid.price.credit_window)
+            after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window))
+            paid.spent, accepted = after.spent, after.accepted
         except LedgerConflict as exc:
             if exc.reason != "insufficient_funds":
                 raise
@@ -236,6 +245,18 @@ class PaymentGate:
             await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, paid.cost)
             paid.cost = 0
 
+    async def _record(self, voucher: Voucher, model: str | None = None) -> ChannelBalance:
+        """Persist a verified voucher (group commit), then wake streams waiting on its channel."""
+        try:
+            balance = await self.writer.write(VoucherOp(voucher.channel_id, voucher.cumulative_amount,
+                                                        voucher.signature))
+        except LedgerConflict as exc:  # a concurrent voucher for the channel got there first
+            if model is not None:
+                raise self.needed(model, exc.reason, str(exc)) from None
+            raise VoucherRejected(exc.reason, str(exc)) from None
+        self._notify(voucher.channel_id)
+        return balance
+
     def _notify(self, channel_id: str) -> None:
         event = self._funds.pop(channel_id.lower(), None)
         if event is not None:
@@ -255,10 +276,10 @@ class PaymentGate:
                                      "signature}")
             try:
                 voucher = parse_voucher(body)
-                balance = await run_in_threadpool(self.payments.verifier.accept, voucher)
+                await run_in_threadpool(self.payments.verifier.verify, voucher)
+                balance = await self._record(voucher)
             except VoucherRejected as exc:
                 return payment_error(400 if exc.reason.startswith("malformed") else 402, exc.reason, str(exc))
-            self._notify(voucher.channel_id)
             return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
                                  "spent": str(balance.spent)})
 
@@ -275,5 +296,5 @@ class PaymentGate:
         return router
 
     def close(self) -> None:
-        self.batcher.close()
+        self.writer.close()
 

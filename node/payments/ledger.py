@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _SCHEMA = """
@@ -74,15 +74,19 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")  # durable at commit: we acknowledge after it
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        # Reads use their own connection: in WAL mode they see the last commit without waiting for the
+        # writer, whose lock is held across the fsync (a read must never stall the event loop on it).
+        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._read_lock = threading.Lock()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
     # -- reads ---------------------------------------------------------------------------------
 
-    # Reads take the lock too: the connection is shared, and a read must not see another thread's
-    # uncommitted write.
+    # Reads see committed data only (their own connection), never a write in progress.
 
     def get(self, channel_id: str) -> ChannelBalance | None:
         rows = self._read(f"{_SELECT} WHERE channel_id=?", (channel_id.lower(),))
@@ -100,65 +104,52 @@ class Ledger:
         return self._read("SELECT COUNT(*) FROM vouchers WHERE channel_id=?", (channel_id.lower(),))[0][0]
 
     def _read(self, sql: str, args: tuple) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
 
     # -- writes (each one transaction, committed before returning) ------------------------------
 
     def record_voucher(self, channel_id: str, cumulative: int, signature: str) -> ChannelBalance:
         """Store a verified voucher if it raises the channel's accepted amount; durable on return."""
-        channel_id = channel_id.lower()
-        with self._write() as db:
-            current = db.execute("SELECT accepted, finalized FROM channels WHERE channel_id=?",
-                                 (channel_id,)).fetchone()
-            if current and int(current[1]):
-                raise LedgerConflict("channel_finalized", f"channel {channel_id} is already closed")
-            if current and cumulative <= int(current[0]):
-                raise LedgerConflict(
-                    "not_increasing",
-                    f"voucher amount {cumulative} does not exceed the accepted {current[0]} "
-                    "(replayed or out of order); sign a higher cumulative amount",
-                )
-            now = time.time()
-            db.execute(
-                "INSERT INTO channels (channel_id, accepted, signature, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(channel_id) DO UPDATE SET accepted=excluded.accepted, "
-                "signature=excluded.signature, updated_at=excluded.updated_at",
-                (channel_id, str(cumulative), signature, now),
-            )
-            db.execute(
-                "INSERT INTO vouchers (channel_id, cumulative, signature, received_at) VALUES (?, ?, ?, ?)",
-                (channel_id, str(cumulative), signature, now),
-            )
-            return _balance(db.execute(f"{_SELECT} WHERE channel_id=?", (channel_id,)).fetchone())
+        (result,) = self.apply([VoucherOp(channel_id, cumulative, signature)])
+        if isinstance(result, LedgerConflict):
+            raise result
+        return result
 
     def add_spent(self, channel_id: str, amount: int, *, slack: int = 0) -> int:
         """Charge `amount` unless spent would pass accepted + `slack`; returns the new spent total."""
-        (result,) = self.charge_many([(channel_id, amount, slack)])
+        (result,) = self.apply([ChargeOp(channel_id, amount, slack)])
         if isinstance(result, LedgerConflict):
             raise result
-        return result[0]
+        return result.spent
 
-    def charge_many(self, charges: list[tuple[str, int, int]]) -> list[tuple[int, int] | LedgerConflict]:
-        """Apply (channel, amount, slack) charges in order, in ONE transaction (one fsync for the batch).
-        A charge may take spent up to accepted + slack (slack: the credit the node extends; 0 = prepaid only).
-        Each gets (new spent, accepted), or the LedgerConflict that refused it (nothing charged for it)."""
-        results: list[tuple[int, int] | LedgerConflict] = []
+    def apply_groups(self, groups: list[list[LedgerOp]]) -> list[list[ChannelBalance] | LedgerConflict]:
+        """Groups of ops in ONE transaction; each group is all or nothing (a savepoint), so a request's
+        voucher and charge land together or not at all."""
+        results: list[list[ChannelBalance] | LedgerConflict] = []
         with self._write() as db:
-            for channel_id, amount, slack in charges:
-                channel_id = channel_id.lower()
-                row = db.execute("SELECT spent, accepted FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
-                if row is None:
-                    results.append(LedgerConflict("unknown_channel", f"no voucher accepted for channel {channel_id}"))
-                    continue
-                spent, limit = int(row[0]) + amount, int(row[1]) + slack
-                if spent > limit:
-                    results.append(LedgerConflict(
-                        "insufficient_funds", f"charging {amount} would take spent to {spent}, past {limit}"))
-                    continue
-                db.execute("UPDATE channels SET spent=?, updated_at=? WHERE channel_id=?",
-                           (str(spent), time.time(), channel_id))
-                results.append((spent, int(row[1])))
+            for group in groups:
+                db.execute("SAVEPOINT grp")
+                try:
+                    results.append([op.apply(db) for op in group])
+                    db.execute("RELEASE grp")
+                except LedgerConflict as exc:
+                    db.execute("ROLLBACK TO grp")
+                    db.execute("RELEASE grp")
+                    results.append(exc)
+        return results
+
+    def apply(self, ops: list[LedgerOp]) -> list[ChannelBalance | LedgerConflict]:
+        """Apply vouchers and charges in order, in ONE transaction (one fsync for the whole batch: the node's
+        group commit). Each op gets the channel's balance after it, or the LedgerConflict that refused it
+        (that op changed nothing)."""
+        results: list[ChannelBalance | LedgerConflict] = []
+        with self._write() as db:
+            for op in ops:
+                try:
+                    results.append(op.apply(db))
+                except LedgerConflict as exc:
+                    results.append(exc)
         return results
 
     def refund(self, channel_id: str, amount: int) -> int:
@@ -188,6 +179,57 @@ class Ledger:
 
     def _write(self) -> _WriteTxn:
         return _WriteTxn(self._db, self._lock)
+
+
+@dataclass(frozen=True)
+class VoucherOp:
+    """Record a verified voucher: it must raise the channel's accepted amount."""
+
+    channel_id: str
+    cumulative: int
+    signature: str
+
+    def apply(self, db: sqlite3.Connection) -> ChannelBalance:
+        cid = self.channel_id.lower()
+        current = db.execute("SELECT accepted, finalized FROM channels WHERE channel_id=?", (cid,)).fetchone()
+        if current and int(current[1]):
+            raise LedgerConflict("channel_finalized", f"channel {cid} is already closed")
+        if current and self.cumulative <= int(current[0]):
+            raise LedgerConflict("not_increasing", f"voucher amount {self.cumulative} does not exceed the accepted "
+                                 f"{current[0]} (replayed or out of order); sign a higher cumulative amount")
+        now = time.time()
+        db.execute("INSERT INTO channels (channel_id, accepted, signature, updated_at) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT(channel_id) DO UPDATE SET accepted=excluded.accepted, "
+                   "signature=excluded.signature, updated_at=excluded.updated_at",
+                   (cid, str(self.cumulative), self.signature, now))
+        db.execute("INSERT INTO vouchers (channel_id, cumulative, signature, received_at) VALUES (?, ?, ?, ?)",
+                   (cid, str(self.cumulative), self.signature, now))
+        return _balance(db.execute(f"{_SELECT} WHERE channel_id=?", (cid,)).fetchone())
+
+
+@dataclass(frozen=True)
+class ChargeOp:
+    """Charge `amount` for service; spent may reach accepted + `slack` (the credit the node extends)."""
+
+    channel_id: str
+    amount: int
+    slack: int = 0
+
+    def apply(self, db: sqlite3.Connection) -> ChannelBalance:
+        cid = self.channel_id.lower()
+        row = db.execute(f"{_SELECT} WHERE channel_id=?", (cid,)).fetchone()
+        if row is None:
+            raise LedgerConflict("unknown_channel", f"no voucher accepted for channel {cid}")
+        before = _balance(row)
+        spent, limit = before.spent + self.amount, before.accepted + self.slack
+        if spent > limit:
+            raise LedgerConflict("insufficient_funds", f"charging {self.amount} would take spent to {spent}, "
+                                 f"past {limit}")
+        db.execute("UPDATE channels SET spent=?, updated_at=? WHERE channel_id=?", (str(spent), time.time(), cid))
+        return replace(before, spent=spent)
+
+
+LedgerOp = VoucherOp | ChargeOp
 
 
 class _WriteTxn:

@@ -37,7 +37,7 @@ class PaymentSettings:
     data_dir: Path
     settle_threshold: int = 10**18
     settle_interval: float = 2.0
-    cache_ttl: float = 5.0
+    cache_ttl: float = 30.0  # the worker re-reads open channels every round; top-ups trigger a re-read
     rpc_url: str | None = None  # overrides the deployment file's
     close_margin: int = 60
 

@@ -1,0 +1,264 @@
+"""What payments cost: the same daemon and paced engine with payments off and on, 64 concurrent streams,
+tokens/s and TTFT p50/p99 side by side; then vouchers accepted per second over HTTP.
+
+Paid streams run pay-as-you-go (prepay 0): the node charges every token durably before sending it and
+asks for a voucher when half the credit window is used; the load generator answers each ask on a second
+keep-alive connection, so the numbers include voucher signing, verification and the fsync'd commits.
+
+    .venv/bin/python bench/bench_payments.py --streams 64 --tokens 256 --rate 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_gateway import MODEL, PacedEngine, RawStream, Result, prompt  # noqa: E402
+from eth_account import Account  # noqa: E402
+from web3 import Web3  # noqa: E402
+
+from client.channel import ChannelClient  # noqa: E402
+from client.receipts import model_id_for  # noqa: E402
+from client.voucher import VoucherDomain  # noqa: E402
+from client.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE  # noqa: E402
+from node.devnet import Devnet, free_port  # noqa: E402
+
+PRICE_IN, PRICE_OUT = 10**9, 10**10
+CREDIT_TOKENS = 32
+
+
+def serve(port: int, rate: float, data_dir: str, deployment: str | None) -> None:
+    """Child process: the daemon with the paced engine, payments on when a deployment is given."""
+    import uvicorn
+
+    from node.api.app import create_app
+    from node.api.server import uvicorn_config
+    from node.config import load_settings
+    from node.identity import EnclaveIdentity
+    from node.logging import configure_logging
+    from node.tee.simulated import SimulatedProvider
+
+    configure_logging("warning")
+    payments = {"enabled": False}
+    if deployment:
+        payments = {"enabled": True, "deployment": deployment, "prepay_tokens": 0, "credit_tokens": CREDIT_TOKENS,
+                    "settle_threshold": 10**30,
+                    "prices": {MODEL: {"price_per_input_token": PRICE_IN, "price_per_output_token": PRICE_OUT}}}
+    settings = load_settings(None, data_dir=data_dir, limits={"max_tokens_cap": 100_000}, payments=payments)
+    identity = EnclaveIdentity.from_seed(b"bench-node-identity-seed-32bytes")
+    app = create_app(settings, engine=PacedEngine(rate, max_context=200_000), identity=identity,
+                     provider=SimulatedProvider())
+    uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, graceful_shutdown_s=5)).run()
+
+
+def start(rate: float, data_dir: str, deployment: str | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = [sys.executable, __file__, "--serve", str(port), "--rate", str(rate), "--data-dir", data_dir]
+    if deployment:
+        args += ["--deployment", deployment]
+    proc = subprocess.Popen(args, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("daemon did not come up")
+
+
+class PaidStream(RawStream):
+    """RawStream that sends a voucher header and answers `payment-need-voucher` on a second connection."""
+
+    def __init__(self, host: str, port: int, channel_id: bytes, session, domain: VoucherDomain) -> None:
+        super().__init__(host, port)
+        self.channel_id, self.session, self.domain = channel_id, session, domain
+        self.cumulative = 0
+        self.side: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    def header(self, amount: int) -> str:
+        self.cumulative = max(self.cumulative, amount)
+        return self.domain.sign(self.session, self.channel_id, self.cumulative).to_header()
+
+    async def pay(self, amount: int) -> None:
+        if self.side is None:
+            self.side = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.side
+        self.cumulative = max(self.cumulative, amount)
+        body = json.dumps(self.domain.sign(self.session, self.channel_id, self.cumulative).to_wire()).encode()
+        writer.write(f"POST /v1/payments/vouchers HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json"
+                     f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.decode())
+
+    async def post_paid(self, path: str, body: bytes, voucher: str) -> tuple[float | None, int]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        t0 = time.perf_counter()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"{PAYMENT_SIGNATURE}: {voucher}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.decode()[:300])
+        ttft, data, pending = None, bytearray(), b""
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n"))[:-2], 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")
+                break
+            piece = (await self.reader.readexactly(size + 2))[:-2]
+            if ttft is None and b'"delta":{"content":"' in piece:
+                ttft = time.perf_counter() - t0
+            data += piece
+            pending += piece
+            while b"\n\n" in pending:
+                event, pending = pending.split(b"\n\n", 1)
+                if event.startswith(f"event: {NEED_VOUCHER_EVENT}".encode()):
+                    need = json.loads(event.split(b"data: ", 1)[1])
+                    await self.pay(int(need["requiredCumulative"]))
+        usage = data.rfind(b'"completion_tokens":')
+        tokens = int(data[usage + 20:data.index(b"}", usage)]) if usage >= 0 else 0
+        return ttft, tokens
+
+
+async def run(url: str, streams: int, tokens: int, paid: list[PaidStream] | None, spread_s: float) -> Result:
+    host, port = url.removeprefix("http://").split(":")
+    conns = paid or [RawStream(host, int(port)) for _ in range(streams)]
+
+    async def one(i: int, delay: float = 0.0) -> tuple[int, float]:
+        await asyncio.sleep(delay)
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": prompt(i)}],
+                           "max_tokens": tokens, "seed": i, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        if paid:
+            c = paid[i]
+            # covers the prompt and any credit the previous stream left unpaid
+            ttft, n = await c.post_paid("/v1/chat/completions", body,
+                                        c.header(c.cumulative + 64 * PRICE_IN + CREDIT_TOKENS * PRICE_OUT))
+        else:
+            ttft, n = await conns[i].post_stream("/v1/chat/completions", body)
+        return n, ttft or 0.0
+
+    await asyncio.gather(*(one(i) for i in range(streams)))  # warm-up: connections, code paths, channel cache
+    t0 = time.perf_counter()
+    out = await asyncio.gather(*(one(i, i * spread_s / streams) for i in range(streams)))
+    for c in conns:
+        c.close()
+    name = ("paid (pay as you go)" if paid else "unpaid") + (f", spread {spread_s * 1000:g} ms" if spread_s
+                                                              else ", burst")
+    return Result(name, sum(n for n, _ in out), time.perf_counter() - t0, [t for _, t in out])
+
+
+async def voucher_rate(url: str, channels: list[tuple[bytes, object]], domain: VoucherDomain, n: int) -> float:
+    """Vouchers accepted per second over HTTP: `len(channels)` clients posting concurrently."""
+    host, port = url.removeprefix("http://").split(":")
+    streams = [PaidStream(host, int(port), cid, key, domain) for cid, key in channels]
+    per = n // len(streams)
+    signed = [[domain.sign(key, cid, 10**15 + k) for k in range(per)] for cid, key in channels]
+
+    # pre-signed: the timed loop measures the node, not the client's signing
+    async def post_presigned(s: PaidStream, vouchers) -> None:
+        reader, writer = await asyncio.open_connection(s.host, s.port)
+        for v in vouchers:
+            body = json.dumps(v.to_wire()).encode()
+            writer.write(f"POST /v1/payments/vouchers HTTP/1.1\r\nHost: {s.host}\r\nContent-Type: "
+                         f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head.decode())
+        writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(post_presigned(s, v) for s, v in zip(streams, signed, strict=True)))
+    return per * len(streams) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rate", type=float, default=50.0)
+    ap.add_argument("--vouchers", type=int, default=2000)
+    ap.add_argument("--spread-ms", type=float, default=100.0, help="second scenario: starts spread over this window")
+    ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--deployment", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve, args.rate, args.data_dir, args.deployment)
+        return
+
+    with Devnet() as net, tempfile.TemporaryDirectory() as tmp:
+        dep = net.deployment
+        dep_file = Path(tmp) / "deployment.json"
+        dep.save(dep_file)
+        w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
+        from node.identity import EnclaveIdentity
+
+        payee = EnclaveIdentity.from_seed(b"bench-node-identity-seed-32bytes").address
+        w3.provider.make_request("anvil_setBalance", [payee, hex(10**20)])
+        payer = ChannelClient(w3, dep, Account.from_key(dep.accounts["client"].private_key))
+        domain = VoucherDomain(dep.chain_id, dep.payment_channels)
+        model = bytes.fromhex(model_id_for(MODEL)[2:])
+        n_channels = args.streams + 9
+        keys = [Account.create() for _ in range(n_channels)]
+        ids = [payer.open(payee, 10**21, session_key=k.address, model_id=model) for k in keys]
+
+        spreads = [0.0, args.spread_ms / 1000]
+        proc, url = start(args.rate, str(Path(tmp) / "unpaid"), None)
+        try:
+            unpaid = [asyncio.run(run(url, args.streams, args.tokens, None, sp)) for sp in spreads]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        proc, url = start(args.rate, str(Path(tmp) / "paid"), str(dep_file))
+        try:
+            host, port = url.removeprefix("http://").split(":")
+            paid = []
+            for sp in spreads:
+                conns = [PaidStream(host, int(port), ids[i], keys[i], domain) for i in range(args.streams)]
+                for c, old in zip(conns, paid[-1][1] if paid else [], strict=False):
+                    c.cumulative = old.cumulative  # same channels: continue from the vouchers already signed
+                paid.append((asyncio.run(run(url, args.streams, args.tokens, conns, sp)), conns))
+            paid = [r for r, _ in paid]
+            rate_1 = asyncio.run(voucher_rate(url, [(ids[-1], keys[-1])], domain, args.vouchers // 4))
+            rate_8 = asyncio.run(voucher_rate(url, list(zip(ids[-9:-1], keys[-9:-1], strict=True)), domain,
+                                              args.vouchers))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    print(f"\n{args.streams} concurrent streams x {args.tokens} tokens, engine {args.rate:g} tok/s/stream, "
+          f"credit window {CREDIT_TOKENS} tokens, cpus={os.cpu_count()}")
+    print(f"{'':40}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'wall s':>8}")
+    for u, p in zip(unpaid, paid, strict=True):
+        for r in (u, p):
+            print(f"{r.name:40}{r.tokens_per_s:10.0f}{r.ttft_ms(0.5):13.2f}{r.ttft_ms(0.99):13.2f}{r.wall_s:8.2f}")
+        lost = 100 * (1 - p.tokens_per_s / u.tokens_per_s)
+        added = p.ttft_ms(0.5) - u.ttft_ms(0.5)
+        print(f"  -> throughput lost {lost:.2f} % (goal <= 5 %), p50 TTFT added {added:.2f} ms (goal <= 5 ms)")
+    print(f"vouchers accepted over HTTP: {rate_1:,.0f}/s (1 client), {rate_8:,.0f}/s (8 clients concurrently)")
+
+
+if __name__ == "__main__":
+    main()

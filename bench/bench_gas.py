@@ -15,19 +15,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eth_account import Account  # noqa: E402
-from web3 import Web3  # noqa: E402
-from web3.logs import DISCARD  # noqa: E402
+from eth_account import Account
+from web3 import Web3
+from web3.logs import DISCARD
 
-from client.channel import ETH, ChannelClient, ChannelParams  # noqa: E402
-from client.contracts import contract  # noqa: E402
-from client.model_registry import register_model  # noqa: E402
-from client.tx import send  # noqa: E402
-from node.devnet import Devnet  # noqa: E402
+from client.channel import ETH, ChannelClient, ChannelParams
+from client.contracts import contract
+from client.model_registry import register_model
+from client.tx import send
+from node.devnet import Devnet
 
 GOALS = {"open (ERC-20)": 90_000, "open (ETH)": 90_000, "settle (next)": 50_000, "close": 65_000}
 ANCHORS = {"open (ERC-20)": "Raiden openChannel 111,094; µRaiden createChannel 120,090",
-           "settle (next)": "Raiden settleChannel 108,569", "close": "µRaiden cooperativeClose 71,182; Nitro happy exit 111,514"}
+           "settle (next)": "Raiden settleChannel 108,569",
+           "close": "µRaiden cooperativeClose 71,182; Nitro happy exit 111,514"}
 
 
 def main() -> None:

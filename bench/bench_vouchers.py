@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eth_account import Account  # noqa: E402
-from web3 import Web3  # noqa: E402
+from eth_account import Account
+from web3 import Web3
 
-from client.channel import ChannelClient  # noqa: E402
-from node.devnet import Devnet  # noqa: E402
-from tests.payments_helpers import node_payments  # noqa: E402
+from client.channel import ChannelClient
+from node.devnet import Devnet
+from tests.payments_helpers import node_payments
 
 
 def rate(n: int, fn) -> float:

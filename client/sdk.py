@@ -463,9 +463,31 @@ class Client:
                                        f"not on this request's channel {exchange.channel_id}")
                 self._violation(exc, exchange)
                 raise exc
-            voucher = self._sign(self._stored(need.channel_id), need.required_cumulative)
+            ch = self._stored(need.channel_id)
+            ceiling = self._ceiling(exchange, ch)
+            if ceiling is not None and need.required_cumulative > ceiling:
+                exc = ReceiptViolation("overcharge", f"the node asks for {need.required_cumulative} wei cumulative, "
+                                       f"more than this request can cost ({ceiling}: spent at admission + "
+                                       "max_tokens x price); not paying")
+                self._violation(exc, exchange)
+                raise exc
+            voucher = self._sign(ch, need.required_cumulative)
             exchange.vouchers.append(voucher)
             return voucher
+
+    def _ceiling(self, exchange: Exchange, ch: StoredChannel) -> int | None:
+        """The most this request can bring the channel's spent to, when it alone is in flight on the channel
+        and names max_tokens: what was spent at admission (its prompt included) + max_tokens x price."""
+        if self._live.get(exchange.channel_id, _Live()).inflight != 1 or exchange.spent_at_admission is None:
+            return None
+        try:
+            body = json.loads(exchange.request_body)
+        except ValueError:
+            return None
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not isinstance(max_tokens, int):
+            return None
+        return exchange.spent_at_admission + max_tokens * ch.price_out
 
     def on_receipt(self, exchange: Exchange, signed: SignedReceipt | None, *, response_bytes: bytes | None = None,
                    sse_payloads: list[bytes] | None = None) -> Voucher | None:

@@ -239,3 +239,24 @@ def test_sse_filter_strips_control_events_and_holds_done() -> None:
     assert isinstance(items[1], NeedVoucher) and items[1].required_cumulative == 7
     assert f.payloads == [b'{"a":1}', b'{"b":2}', b"[DONE]"] and f.done_block == b"data: [DONE]\n\n"
     assert f.timed_out
+
+
+def test_a_node_asking_for_more_than_the_request_can_cost_is_not_paid(client: Client) -> None:
+    """A lying node's payment-need-voucher beyond spent-at-admission + max_tokens x price is refused."""
+    import json
+
+    from client.paying_transport import Exchange
+    from client.x402 import NeedVoucher
+
+    client.chat([{"role": "user", "content": "open the channel"}], MODEL, max_tokens=3)
+    (ch,) = client.channels()
+    exchange = Exchange(request_body=json.dumps({"model": MODEL, "max_tokens": 10}).encode(), model=MODEL,
+                        channel_id=ch.channel_id, spent_at_admission=ch.spent)
+    client._live[ch.channel_id].inflight = 1
+    honest = NeedVoucher(channelId=ch.channel_id, spent=ch.spent, requiredCumulative=ch.spent + 10 * PRICE_OUT)
+    assert client.on_need_voucher(honest, exchange).cumulative_amount == ch.spent + 10 * PRICE_OUT
+    greedy = NeedVoucher(channelId=ch.channel_id, spent=ch.spent, requiredCumulative=ch.spent + 11 * PRICE_OUT)
+    with pytest.raises(ReceiptViolation, match="overcharge"):
+        client.on_need_voucher(greedy, exchange)
+    assert client.store.highest_voucher(ch.channel_id)[0] == ch.spent + 10 * PRICE_OUT
+    assert [v.reason for v in client.violations()] == ["overcharge"]

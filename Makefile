@@ -23,7 +23,7 @@ build: setup
 	cd contracts && ./node_modules/.bin/forge build
 	$(PY) contracts/export_abi.py
 
-test: build test-contracts test-python
+test: build lint test-contracts test-python
 
 test-contracts:
 	cd contracts && ./node_modules/.bin/forge test
@@ -37,13 +37,15 @@ demo: build
 devnet: build
 	.venv/bin/dcml-devnet --out .devnet/deployment.json
 
-bench: build
+bench: build  # each prints its figure next to a baseline measured in the same run
 	$(PY) bench/bench_gas.py
 	$(PY) bench/bench_vouchers.py
+	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_gateway.py
+	$(PY) bench/bench_payments.py
 
-lint: setup
+lint:
 	.venv/bin/ruff check .
-	.venv/bin/ruff format --check .
 
 format: setup
 	.venv/bin/ruff format .

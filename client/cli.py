@@ -26,6 +26,7 @@ from rich.console import Console
 
 from client.attestation import AttestationDocument, AttestationError, Policy, verify_attestation
 from client.deployment import Deployment
+from client.model_cli import model_app
 from client.receipts import Price, ReceiptError, request_hash, verify_receipt
 from client.sdk import ChatResult, ChatStream, Client, NodeError, PaymentError
 from client.spend_store import SessionKeyLocked, StoredChannel
@@ -39,6 +40,7 @@ node_app = typer.Typer(help="Inspect nodes.", no_args_is_help=True)
 app.add_typer(channel_app, name="channel")
 app.add_typer(receipts_app, name="receipts")
 app.add_typer(node_app, name="node")
+app.add_typer(model_app, name="model")
 
 out = Console()
 err = Console(stderr=True)

@@ -165,7 +165,7 @@ class Discovery:
         self.stop()
 
     def _on_message(self, data: bytes, from_peer: str) -> None:  # trio thread: only enqueue
-        self._inbox.append((data, f"gossip:{from_peer[-8:]}"))
+        self._inbox.append((data, "gossip"))
 
     # admission: signature -> registry -> expiry -> replay ------------------------------------------------
 
@@ -202,8 +202,9 @@ class Discovery:
             check_fresh(advert)
             with self._lock:
                 last = self._last_seq.get(advert.node, -1)
-                if source == "dht" and advert.sequence <= last:  # DHT copies lag the gossip: stale, not hostile
-                    log.debug("stale DHT advert of %s (%d <= %d)", advert.node, advert.sequence, last)
+                if not source.startswith("gossip") and advert.sequence <= last:
+                    # DHT and sync copies lag the gossip: stale, not hostile (and ignored all the same).
+                    log.debug("stale %s advert of %s (%d <= %d)", source, advert.node, advert.sequence, last)
                     return None
                 if advert.sequence < last or (advert.sequence == last and self._latest[advert.node] != signed):
                     raise AdvertError(AdvertReason.REPLAYED,
@@ -213,7 +214,7 @@ class Discovery:
                     self._latest[advert.node] = signed
             return advert
         except AdvertError as exc:
-            if source == "dht" and exc.reason is AdvertReason.EXPIRED:  # a departed node's record, still stored
+            if source != "gossip" and exc.reason is AdvertReason.EXPIRED:  # a departed node's record, still held
                 log.debug("expired DHT advert of %s: %s", node, exc)
                 return None
             self._ignore(node, exc.reason, str(exc).split(": ", 1)[-1], source)
@@ -227,8 +228,29 @@ class Discovery:
 
     # DHT ------------------------------------------------------------------------------------------------
 
-    async def _dht_adverts(self, model_id: str | None) -> list[bytes]:
-        """Trio side: providers of the model (and registry peers) -> their signed advert records."""
+    async def _sync_adverts(self, max_peers: int = 3) -> list[bytes]:
+        """Trio side: the adverts a few connected peers (bootstrap first) hold; one round trip each."""
+        ov = self._overlay
+        assert ov is not None
+        connected = ov.connected_peers()
+        boot = [str(b.peer_id) for b in ov.bootstrap if str(b.peer_id) in connected]
+        peers = (boot + [p for p in connected if p not in boot])[:max_peers]
+        out: list[bytes] = []
+
+        async def ask(peer: str) -> None:
+            with trio.move_on_after(self.http_timeout_s):
+                try:
+                    out.extend(await ov.sync_adverts(peer))
+                except Exception as exc:
+                    log.debug("advert sync with %s failed: %r", peer, exc)
+
+        async with trio.open_nursery() as n:
+            for peer in peers:
+                n.start_soon(ask, peer)
+        return out
+
+    async def _dht_adverts(self, model_id: str | None, known: set[str]) -> list[bytes]:
+        """Trio side: providers of the model (and registry peers) not yet `known` -> their signed advert records."""
         ov = self._overlay
         assert ov is not None
         peers: set[str] = set()
@@ -237,6 +259,7 @@ class Discovery:
                 peers.update(await ov.find_providers(model_dht_key(model_id)))
         if isinstance(self.registry, RegistryPeers):
             peers.update(self.registry.peer_ids())
+        peers -= known
         out: list[bytes] = []
         limiter = trio.CapacityLimiter(16)
 
@@ -262,11 +285,18 @@ class Discovery:
         return out
 
     async def refresh(self, model_id: str | None = None, *, use_dht: bool = True) -> None:
-        """Pull adverts from the DHT (providers of `model_id`, registry peers) and admit everything received."""
-        if use_dht and self._bridge is not None:
-            for raw in await self._bridge.acall(self._dht_adverts, model_id):
-                self._inbox.append((raw, "dht"))
+        """Pull adverts held by connected peers, then from the DHT (providers of `model_id` and registry peers
+        we hold nothing from), and admit everything received."""
+        if self._bridge is not None:
+            for raw in await self._bridge.acall(self._sync_adverts):
+                self._inbox.append((raw, "sync"))
         self.process_inbox()
+        if use_dht and self._bridge is not None:
+            with self._lock:
+                known = {s.advert.peer_id for s in self._latest.values()}
+            for raw in await self._bridge.acall(self._dht_adverts, model_id, known):
+                self._inbox.append((raw, "dht"))
+            self.process_inbox()
 
     # live checks -------------------------------------------------------------------------------------
 

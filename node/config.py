@@ -38,6 +38,18 @@ class TeeConfig(_Section):
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
+class EncryptedModelConfig(_Section):
+    """An encrypted bundle whose key a publisher's broker releases only to attested nodes."""
+
+    bundle_dir: Path
+    broker_url: str
+    # openai/vLLM only: decrypt here (must be tmpfs/ramfs, never disk), then `vllm serve <tmpfs_dir>`.
+    tmpfs_dir: Path | None = None
+    # The expected manifest signer and release; default (payments on): ModelRegistry.terms / listing.
+    publisher: str | None = None
+    manifest_hash: str | None = None
+
+
 class EngineConfig(_Section):
     kind: Literal["embedded", "openai", "synthetic"] = "embedded"
     served_model_name: str = "dcml-demo"
@@ -46,6 +58,8 @@ class EngineConfig(_Section):
     api_key: SecretStr | None = None  # openai upstream (never printed by show-config)
     # Extra keyword arguments for the engine's constructor (e.g. synthetic: {tokens_per_second = 200}).
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # Weights from an encrypted bundle instead of model_dir (embedded: decrypted in memory only).
+    encrypted: EncryptedModelConfig | None = None
 
 
 class LimitsConfig(_Section):

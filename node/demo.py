@@ -1,10 +1,11 @@
 """`make demo`: the whole story on one machine, printed step by step.
 
-A local chain with the contracts; a publisher registers the demo model with a royalty; a node process
-(embedded engine, simulated TEE: its warning is printed) serves paid inference; a client verifies the
-node's attestation, opens a channel, streams a paid answer that needs mid-stream vouchers and checks
-every receipt; the client closes the channel, the node settles on its own; balances before and after
-are printed and the on-chain movements are checked against the sum of the receipts, to the wei.
+A local chain with the contracts; a publisher encrypts the demo model, publishes it with a royalty and
+runs its key broker; a node process (embedded engine, simulated TEE: its warning is printed) attests to
+the broker, gets the key sealed to its HPKE key and decrypts the weights in memory only; a client
+verifies the node's attestation, opens a channel, streams a paid answer that needs mid-stream vouchers
+and checks every receipt; the client closes the channel, the node settles on its own; balances before
+and after are printed and the on-chain movements are checked against the sum of the receipts, to the wei.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,12 +25,20 @@ from rich.console import Console
 from rich.table import Table
 from web3 import Web3
 
+from client.attestation import Policy, verify_attestation
 from client.contracts import contract
-from client.model_registry import register_model
+from client.key_broker import AuditLog, ChainMeasurements, KeyBroker, ModelEntry, measurement_id
+from client.key_broker import create_app as create_broker_app
+from client.model_bundle import encrypt_model, generate_key
+from client.model_cli import publish_model
 from client.receipts import model_id_for
 from client.sdk import Client
 from client.tx import send_eth
+from node.api.server import BackgroundServer
 from node.devnet import REPO, Devnet, free_port
+from node.identity import EnclaveIdentity
+from node.tee.document import build_attestation_document
+from node.tee.simulated import SimulatedProvider
 
 console = Console(width=120)
 MODEL = "dcml-demo"
@@ -38,7 +48,8 @@ CREDIT_TOKENS = 8  # the node serves this far past what is paid, then asks for a
 PROMPT = [{"role": "user", "content": "Tell me of the king and the sea."}]
 
 
-def node_config(path: Path, data_dir: Path, deployment_file: Path, port: int) -> None:
+def node_config(path: Path, data_dir: Path, deployment_file: Path, port: int, bundle_dir: Path,
+                broker_url: str) -> None:
     path.write_text(f"""
 data_dir = "{data_dir}"
 [server]
@@ -49,7 +60,9 @@ level = "warning"
 [engine]
 kind = "embedded"
 served_model_name = "{MODEL}"
-model_dir = "{REPO / 'models' / 'demo'}"
+[engine.encrypted]       # weights from the sealed bundle, key from the publisher's broker, clear only in RAM
+bundle_dir = "{bundle_dir}"
+broker_url = "{broker_url}"
 [payments]
 enabled = true
 deployment = "{deployment_file}"
@@ -61,6 +74,45 @@ settle_interval_s = 0.5
 price_per_input_token = {PRICE_IN}
 price_per_output_token = {PRICE_OUT}
 """)
+
+
+@dataclass
+class Broker:
+    server: BackgroundServer
+    audit: AuditLog
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def released(self) -> int:
+        return sum(1 for entry in self.audit.entries() if entry["outcome"] == "released")
+
+
+def publish_encrypted_model(w3: Web3, dep, publisher, work: Path) -> Broker:
+    """The publisher's side: seal the weights, publish the release on-chain, run the key broker."""
+    model_id = bytes.fromhex(model_id_for(MODEL)[2:])
+    key = generate_key()  # stays with the publisher's broker; nodes only ever see it sealed to their HPKE key
+    signed = encrypt_model(REPO / "models" / "demo", work / "bundle", model_id=model_id, model_name=MODEL,
+                           publisher=publisher, model_key=key)
+    audit = AuditLog(work / "broker.sqlite")
+    broker = KeyBroker(models={model_id: ModelEntry(model_id, key, bundle_dir=work / "bundle", manifest=signed)},
+                       policy=Policy(), audit=audit, allow_simulated=True,  # DEVELOPMENT ONLY: simulated TEE
+                       measurements=ChainMeasurements(w3, dep.model_registry))
+    server = BackgroundServer(create_broker_app(broker)).start()
+    publish_model(w3, dep.model_registry, publisher, signed, royalty_bps=ROYALTY_BPS, price_floor=0,
+                  broker_url=server.url, measurements=[simulated_measurement()])
+    console.print(f"2. the publisher sealed [cyan]{MODEL}[/] (AES-256-GCM, manifest "
+                  f"0x{signed.manifest_hash.hex()[:16]}…), published it with a {ROYALTY_BPS / 100:.1f} % royalty "
+                  f"and runs its key broker at {server.url}")
+    return Broker(server, audit)
+
+
+def simulated_measurement() -> bytes:
+    """The measurement id a simulated node reports (what a real publisher would read from a real build)."""
+    identity, nonce = EnclaveIdentity.generate(), os.urandom(32)
+    doc = build_attestation_document(identity, SimulatedProvider(), nonce, node_version="demo")
+    return measurement_id(verify_attestation(doc, nonce=nonce, policy=Policy(), allow_simulated=True))
 
 
 def start_node(config: Path, port: int) -> tuple[subprocess.Popen, str]:
@@ -91,16 +143,16 @@ def main() -> None:
         console.rule("[bold]dcml demo: attested, paid, verified inference on a local chain")
         console.print(f"1. anvil at {dep.rpc_url} (chain {dep.chain_id}); PaymentChannels {dep.payment_channels}")
 
-        model_id = bytes.fromhex(model_id_for(MODEL)[2:])
-        register_model(w3, dep, accounts["publisher"], model_id, ROYALTY_BPS)
-        console.print(f"2. the publisher registered [cyan]{MODEL}[/] with a {ROYALTY_BPS / 100:.1f} % royalty")
+        broker = publish_encrypted_model(w3, dep, accounts["publisher"], work)
 
         deployment_file = work / "deployment.json"
         dep.save(deployment_file)
         port = free_port()
-        node_config(work / "node.toml", work / "node", deployment_file, port)
-        console.print("3. starting the node (embedded engine, [yellow]simulated TEE[/]: it says so below)…")
+        node_config(work / "node.toml", work / "node", deployment_file, port, work / "bundle", broker.url)
+        console.print("3. starting the node (embedded engine, [yellow]simulated TEE[/]: it says so below); it "
+                      "attests to the broker and decrypts the model in memory…")
         proc, url = start_node(work / "node.toml", port)
+        console.print(f"   the broker released the model key: {broker.released()} release(s) in its audit log")
         node_address = httpx.get(f"{url}/health").json()["address"]
         # gas for the node's settlements: its payee is its (attested) enclave address
         send_eth(w3, accounts["deployer"], node_address, 10**18)
@@ -142,6 +194,7 @@ def main() -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
+            broker.server.stop()
         from client.channel import ChannelClient
 
         ChannelClient(w3, dep, accounts["publisher"]).claim_earnings()

@@ -18,7 +18,16 @@ import pytest
 import trio
 from eth_account import Account
 
-from client.advert import Advert, AdvertDomain, AdvertReason, SignedAdvert, resolve_model_id, sign_advert
+from client.advert import (
+    Advert,
+    AdvertDomain,
+    AdvertReason,
+    SignedAdvert,
+    advert_dht_key,
+    model_dht_key,
+    resolve_model_id,
+    sign_advert,
+)
 from client.discovery import Discovery, RegisteredNode, StaticRegistry
 from node.p2p.bridge import TrioThread
 from node.p2p.overlay import Overlay, OverlayConfig, peer_key_from_secret
@@ -110,6 +119,19 @@ def test_client_finds_exactly_the_nodes_serving_a_model(cluster: Cluster, discov
     assert f"node={n[8].address} reason=unregistered" in logged
     assert f"node={n[9].address} reason=attestation_failed" in logged
     print(f"\nall 6 demo nodes verified {elapsed:.2f} s after the first discover call")
+
+
+def test_dht_holds_signed_adverts_of_model_providers(cluster: Cluster, discovery: Discovery) -> None:
+    """The DHT path alone (providers of the model id -> signature-validated advert records) finds the demo nodes."""
+    bridge, ov = discovery._bridge, discovery._overlay
+    assert bridge is not None and ov is not None
+    providers = set(bridge.call(ov.find_providers, model_dht_key(DEMO), timeout=30))
+    n = cluster.nodes
+    assert {x.peer_id for x in n[:6]} <= providers
+    assert not providers & {x.peer_id for x in n[6:8]}  # "other" nodes do not provide "demo"
+    for x in n[:6]:  # the iterative DHT lookup, validated by the namespaced validator
+        raw = bridge.call(ov.get_value, advert_dht_key(x.peer_id), timeout=30)
+        assert raw is not None and SignedAdvert.from_bytes(raw).advert.node == x.address
 
 
 def test_api_stays_responsive_while_overlay_works(cluster: Cluster, discovery: Discovery) -> None:

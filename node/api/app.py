@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -27,6 +28,9 @@ from node.payments.gate import PaymentGate
 from node.payments.service import Payments, PaymentSettings
 from node.receipts import ReceiptSigner, ReceiptStore
 from node.tee.base import AttestationProvider
+
+if TYPE_CHECKING:
+    from node.model_source import EncryptedModelSource
 
 log = get_logger("dcml.node")
 
@@ -54,7 +58,31 @@ def build_identity(settings: NodeSettings, provider: AttestationProvider) -> Enc
     return EnclaveIdentity.generate()  # plain TDX: fresh keys each boot, re-registered on chain
 
 
-def build_engine(settings: NodeSettings) -> Engine:
+def encrypted_source(settings: NodeSettings) -> EncryptedModelSource:
+    """`[engine.encrypted]`, with the expected publisher and release read from ModelRegistry when the node
+    knows the chain (payments on) and the config does not pin them."""
+    from node.model_source import EncryptedModelSource  # torch: imported only when an encrypted model is used
+
+    enc = settings.engine.encrypted
+    assert enc is not None
+    publisher, manifest_hash = enc.publisher, enc.manifest_hash
+    if settings.payments.enabled and (publisher is None or manifest_hash is None):
+        from web3 import Web3
+
+        from client.contracts import contract
+        from client.deployment import Deployment
+
+        dep = Deployment.load(settings.payments.deployment)
+        registry = contract(Web3(Web3.HTTPProvider(settings.payments.rpc_url or dep.rpc_url)), "ModelRegistry",
+                            dep.model_registry)
+        model = bytes.fromhex(model_id_for(settings.engine.served_model_name)[2:])
+        publisher = publisher or registry.functions.terms(model).call()[0]
+        manifest_hash = manifest_hash or "0x" + bytes(registry.functions.listing(model).call()[0]).hex()
+    return EncryptedModelSource(enc.bundle_dir, enc.broker_url, publisher,
+                                bytes.fromhex(manifest_hash.removeprefix("0x")) if manifest_hash else None)
+
+
+def build_engine(settings: NodeSettings, identity: EnclaveIdentity, provider: AttestationProvider) -> Engine:
     e = settings.engine
     if e.kind == "synthetic":
         from node.engine.synthetic import SyntheticEngine
@@ -66,8 +94,22 @@ def build_engine(settings: NodeSettings) -> Engine:
         if not e.base_url:
             raise ValueError("engine.kind = 'openai' needs engine.base_url (e.g. http://127.0.0.1:8000)")
         api_key = e.api_key.get_secret_value() if e.api_key else None
+        tokenizer_dir = e.model_dir
+        if e.encrypted is not None:  # clear weights in tmpfs for the vLLM sidecar, never on disk
+            from node.model_source import materialize_to_tmpfs
+
+            if e.encrypted.tmpfs_dir is None:
+                raise ValueError("engine.encrypted with kind = 'openai' needs tmpfs_dir (a tmpfs mount vLLM reads)")
+            materialize_to_tmpfs(encrypted_source(settings), identity, provider, e.encrypted.tmpfs_dir,
+                                 node_version=__version__)
+            tokenizer_dir = e.encrypted.tmpfs_dir
         return OpenAIUpstreamEngine(e.base_url, e.served_model_name, api_key=api_key,  # type: ignore[arg-type]
-                                    tokenizer_dir=e.model_dir, **e.options)
+                                    tokenizer_dir=tokenizer_dir, **e.options)
+    if e.encrypted is not None:  # decrypted in memory only
+        from node.model_source import encrypted_embedded_engine
+
+        return encrypted_embedded_engine(encrypted_source(settings), identity, provider, node_version=__version__,
+                                         model_name=e.served_model_name, **e.options)  # type: ignore[arg-type]
     from node.engine.embedded import EmbeddedEngine  # torch: imported only when chosen
 
     if e.model_dir is None or not e.model_dir.is_dir():
@@ -98,7 +140,7 @@ def create_app(
 ) -> FastAPI:
     provider = provider or build_provider(settings)
     identity = identity or build_identity(settings, provider)
-    engine = engine or build_engine(settings)
+    engine = engine or build_engine(settings, identity, provider)
     rc = settings.receipts
     metrics = NodeMetrics(engine.queue_depth)
     domain = ReceiptDomain(rc.chain_id, rc.verifying_contract)

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -78,14 +79,16 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    nodes = []
-    bootstrap = list(a.bootstrap)
-    for i in range(a.count):
-        cfg = OverlayConfig(listen=a.listen, bootstrap=tuple(bootstrap))
-        nodes.append(start_node(a.data_dir / str(i), a.model, a.price_in, a.price_out, cfg,
-                                interval_s=a.interval, ttl_s=a.ttl, bad_attestation=a.bad_attestation))
-        if not bootstrap:  # later nodes of this process join through the first one
-            bootstrap = [nodes[0][1].addrs()[0]]
+    def start(i: int, bootstrap: list[str]) -> tuple[BackgroundServer, P2PService]:
+        return start_node(a.data_dir / str(i), a.model, a.price_in, a.price_out,
+                          OverlayConfig(listen=a.listen, bootstrap=tuple(bootstrap)),
+                          interval_s=a.interval, ttl_s=a.ttl, bad_attestation=a.bad_attestation)
+
+    nodes = [start(0, a.bootstrap)]
+    # Later nodes of this process start together and join through the given peers or the first node.
+    with ThreadPoolExecutor(max(1, a.count - 1)) as pool:
+        boot = a.bootstrap or [nodes[0][1].addrs()[0]]
+        nodes += list(pool.map(lambda i: start(i, boot), range(1, a.count)))
     print("READY", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -18,7 +18,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
@@ -33,7 +33,12 @@ from node.p2p.records import AdvertRecordValidator
 log = logging.getLogger("dcml.p2p")
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
+# A joining client asks a peer for the adverts it holds (gossip has no history for late joiners).
+# Response: frames of 4-byte big-endian length + SignedAdvert JSON, then EOF. Receivers check everything.
+SYNC_PROTOCOL = TProtocol("/dcml/advert-sync/1.0.0")
+SYNC_MAX_BYTES = 4 * 1024 * 1024
 MessageHandler = Callable[[bytes, str], None]
+AdvertSource = Callable[[], list[bytes]]
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,8 @@ class Overlay:
 
     def __init__(self, key_pair: KeyPair, config: OverlayConfig, domain: AdvertDomain,
                  on_message: MessageHandler | None = None,
-                 topic_validator: Callable[[bytes], bool] | None = None) -> None:
+                 topic_validator: Callable[[bytes], bool] | None = None,
+                 advert_source: AdvertSource | None = None) -> None:
         self.config = config
         self.key_pair = key_pair
         # Explicit security: Noise only (py-libp2p offers plaintext by default).
@@ -78,6 +84,22 @@ class Overlay:
         self._on_message = on_message
         self._topic_validator = topic_validator
         self.bootstrap = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in config.bootstrap]
+        if advert_source is not None:
+            source = advert_source
+
+            async def serve_sync(stream) -> None:  # type: ignore[no-untyped-def]
+                try:
+                    out, total = bytearray(), 0
+                    for raw in source():
+                        total += 4 + len(raw)
+                        if total > SYNC_MAX_BYTES:
+                            break
+                        out += len(raw).to_bytes(4, "big") + raw
+                    await stream.write(bytes(out))
+                finally:
+                    await stream.close()
+
+            self.host.set_stream_handler(SYNC_PROTOCOL, serve_sync)
 
     @property
     def peer_id(self) -> str:
@@ -146,6 +168,28 @@ class Overlay:
             if self.bootstrap and not self.host.get_connected_peers():
                 await self._dial_bootstrap()
 
+    async def sync_adverts(self, peer: str) -> list[bytes]:
+        """Ask `peer` for the adverts it holds (unverified: the caller checks each one)."""
+        stream = await self.host.new_stream(ID.from_base58(peer), [SYNC_PROTOCOL])
+        buf = bytearray()
+        try:
+            while len(buf) <= SYNC_MAX_BYTES:
+                try:
+                    chunk = await stream.read(65536)
+                except EOFError:  # StreamEOF
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+        finally:
+            await stream.close()
+        out, i = [], 0
+        while i + 4 <= len(buf):
+            n = int.from_bytes(buf[i:i + 4], "big")
+            out.append(bytes(buf[i + 4:i + 4 + n]))
+            i += 4 + n
+        return out
+
     async def publish(self, data: bytes) -> None:
         await self.pubsub.publish(TOPIC, data)
 
@@ -156,6 +200,10 @@ class Overlay:
         return await self.dht.provide(key)
 
     async def find_providers(self, key: str, count: int = 200) -> list[str]:
+        if not self.config.dht_server:
+            # py-libp2p answers from the local provider cache whenever it holds any entry for the key, and
+            # caches the first answers: a client would never see a provider that joined later.
+            self.dht.provider_store.providers.pop(_encode_key(key), None)
         return [str(p.peer_id) for p in await self.dht.find_providers(key, count)]
 
     async def get_value(self, key: str) -> bytes | None:

@@ -78,6 +78,7 @@ class P2PService:
         self._sequence = 0
         self.current: SignedAdvert | None = None
         self.published = 0
+        self._held: dict[str, SignedAdvert] = {}  # other nodes' adverts seen on the topic (validated)
 
     @property
     def overlay(self) -> Overlay:
@@ -106,9 +107,24 @@ class P2PService:
 
     async def _setup(self, nursery: trio.Nursery) -> None:
         key = peer_key_from_secret(bytes(self.identity.account.key))
-        self._overlay = Overlay(key, self.config, self.domain, topic_validator=gossip_validator(self.domain))
+        self._overlay = Overlay(key, self.config, self.domain, on_message=self._hold,
+                                topic_validator=gossip_validator(self.domain), advert_source=self._held_adverts)
         await self._overlay.open(nursery)
         nursery.start_soon(self._advertise_forever)
+
+    def _hold(self, data: bytes, _from_peer: str) -> None:
+        """Keep the newest advert per node (the topic validator already checked signature and expiry)."""
+        signed = SignedAdvert.from_bytes(data)
+        old = self._held.get(signed.advert.node)
+        if old is None or signed.advert.sequence > old.advert.sequence:
+            self._held[signed.advert.node] = signed
+
+    def _held_adverts(self) -> list[bytes]:
+        now = time.time()
+        for node in [n for n, s in self._held.items() if s.advert.expires_at <= now]:
+            del self._held[node]
+        own = [self.current] if self.current is not None else []
+        return [s.to_bytes() for s in [*own, *self._held.values()]]
 
     def sign_next(self, now: float | None = None) -> SignedAdvert:
         now = time.time() if now is None else now

@@ -41,6 +41,8 @@ app.add_typer(channel_app, name="channel")
 app.add_typer(receipts_app, name="receipts")
 app.add_typer(node_app, name="node")
 app.add_typer(model_app, name="model")
+nodes_app = typer.Typer(help="Find nodes on the overlay.", no_args_is_help=True)
+app.add_typer(nodes_app, name="nodes")
 
 out = Console()
 err = Console(stderr=True)
@@ -308,3 +310,36 @@ def node_attest(ctx: typer.Context, url: str) -> None:
             f"[green]verified[/] {url}\n  signing address  {node.signing_address}\n  tee              "
             f"{node.tee_type} ({node.marker})\n  tcb status       {node.tcb_status}\n  hpke key         "
             f"{node.hpke_public_key.hex()[:32]}…", highlight=False))
+
+
+# -- nodes ------------------------------------------------------------------------------------------
+
+
+@nodes_app.command("list")
+def nodes_list(
+    ctx: typer.Context,
+    bootstrap: Annotated[list[str], typer.Option("--bootstrap", envvar="DCML_BOOTSTRAP",
+                                                 help="Overlay peer multiaddr (/ip4/…/tcp/…/p2p/<id>); repeat.")],
+    model: Annotated[str | None, typer.Option(help="Only nodes serving this model (name or 0x id).")] = None,
+) -> None:
+    """Nodes whose signed adverts check out against the registry and their live attestation, cheapest first."""
+    from client.sdk import discover
+
+    opts: Options = ctx.obj
+    with _handled(opts):
+        offers = discover(Deployment.load(opts.deployment), bootstrap, model,
+                          policy=Policy.load(opts.policy) if opts.policy else None,
+                          allow_simulated=opts.allow_simulated)
+        rows = [{"address": o.address, "endpoint": o.endpoint, "model_id": o.model_id, "price_in": str(o.price_in),
+                 "price_out": str(o.price_out), "latency_ms": round(o.latency_ms, 1), "tee": o.tee_type}
+                for o in offers]
+
+        def human() -> None:
+            if not rows:
+                out.print("no verified node found" + (f" for {model}" if model else ""))
+            for r in rows:
+                out.print(f"{r['address']}  {r['endpoint']}  {r['model_id'][:10]}…  in={r['price_in']} "
+                          f"out={r['price_out']}  {r['latency_ms']} ms  {r['tee']}", highlight=False)
+
+        _emit(opts, rows, human)
+

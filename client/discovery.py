@@ -37,8 +37,10 @@ from client.advert import (
     verify_signature,
 )
 from client.attestation import AttestationDocument, AttestationError, Policy, verify_attestation
+from client.registry import RegistryClient
 
 log = logging.getLogger("dcml.discovery")
+_STORED = ("dht", "sync")  # copies held by others: stale or expired ones are expected, not hostile
 
 
 # --- the registry, as discovery needs it ------------------------------------------------------------
@@ -82,6 +84,32 @@ class StaticRegistry:
 
     def peer_ids(self) -> list[str]:
         return [n.peer_id for n in self._nodes.values() if n.peer_id and n.active]
+
+
+class ChainRegistry:
+    """The on-chain NodeRegistry seen through `RegistryView` (and `RegistryPeers`, from its records)."""
+
+    def __init__(self, registry: RegistryClient) -> None:
+        self.registry = registry
+
+    def get_node(self, address: str) -> RegisteredNode | None:
+        record = self.registry.node(address)
+        if record is None:
+            return None
+        return RegisteredNode(
+            address=record.node, attestation_hash="0x" + record.attestation_hash.hex(),
+            active=self.registry.is_active(record.node),
+            peer_id=_peer_id_text(record.peer_id), endpoint=record.endpoint,
+            hpke_public_key=record.hpke_public_key, tee_type=record.tee_name)
+
+    def peer_ids(self) -> list[str]:
+        return [_peer_id_text(r.peer_id) for r in self.registry.nodes() if r.peer_id]
+
+
+def _peer_id_text(raw: bytes) -> str:
+    from libp2p.peer.id import ID  # libp2p only where the overlay is used
+
+    return ID(raw).to_base58() if raw else ""
 
 
 def _hex32(value: str | bytes) -> str:
@@ -202,7 +230,7 @@ class Discovery:
             check_fresh(advert)
             with self._lock:
                 last = self._last_seq.get(advert.node, -1)
-                if not source.startswith("gossip") and advert.sequence <= last:
+                if source in _STORED and advert.sequence <= last:
                     # DHT and sync copies lag the gossip: stale, not hostile (and ignored all the same).
                     log.debug("stale %s advert of %s (%d <= %d)", source, advert.node, advert.sequence, last)
                     return None
@@ -214,7 +242,7 @@ class Discovery:
                     self._latest[advert.node] = signed
             return advert
         except AdvertError as exc:
-            if source != "gossip" and exc.reason is AdvertReason.EXPIRED:  # a departed node's record, still held
+            if source in _STORED and exc.reason is AdvertReason.EXPIRED:  # a departed node's record, still held
                 log.debug("expired DHT advert of %s: %s", node, exc)
                 return None
             self._ignore(node, exc.reason, str(exc).split(": ", 1)[-1], source)

@@ -192,6 +192,11 @@ class Client:
         self._http = httpx.Client(base_url=self.node_url, timeout=timeout)
         self._paying = httpx.Client(base_url=self.node_url, timeout=timeout, transport=PayingTransport(self))
 
+    @staticmethod
+    def discover(deployment: Deployment, bootstrap: list[str], model: str | None = None, **kwargs: Any) -> list:
+        """See `client.sdk.discover`: verified, ranked offers for `model` from the overlay."""
+        return discover(deployment, bootstrap, model, **kwargs)
+
     def close(self) -> None:
         self._paying.close()
         self._http.close()
@@ -557,3 +562,20 @@ def _b64(value: str) -> bytes:
     import base64
 
     return base64.b64decode(value, validate=True)
+
+
+def discover(deployment: Deployment, bootstrap: list[str], model: str | None = None, *,
+             policy: Policy | None = None, allow_simulated: bool = False, w3: Web3 | None = None) -> list:
+    """Nodes serving `model` found through the overlay (bootstrap peers), each advert checked against the
+    on-chain NodeRegistry and the node's live attestation; ranked by price, then latency (`NodeOffer`s)."""
+    from client.advert import AdvertDomain
+    from client.discovery import ChainRegistry, Discovery
+    from client.registry import RegistryClient
+
+    if not deployment.node_registry:
+        raise ValueError("the deployment names no node_registry: discovery needs it to check adverts")
+    w3 = w3 or Web3(Web3.HTTPProvider(deployment.rpc_url, request_kwargs={"timeout": 30}))
+    registry = ChainRegistry(RegistryClient(w3, deployment.node_registry))
+    with Discovery(bootstrap, registry, policy=policy, allow_simulated=allow_simulated,
+                   domain=AdvertDomain(deployment.chain_id, deployment.node_registry)) as overlay:
+        return overlay.discover(model)

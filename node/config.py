@@ -97,7 +97,8 @@ class PaymentsConfig(_Section):
     """Paid inference through payment channels (x402 `channel` scheme). Off: every request is free."""
 
     enabled: bool = False
-    deployment: Path = Path(".devnet/deployment.json")  # chain id, RPC, escrow, token (written by the devnet)
+    # Chain id, RPC and contract addresses (written by the devnet); also used by [registry] and [p2p].
+    deployment: Path = Path(".devnet/deployment.json")
     rpc_url: str | None = None  # overrides the deployment file's RPC
     token: str | None = None  # the channel token clients must use; default: the deployment's token
     prices: dict[str, ModelPrice] = Field(default_factory=dict)  # by served model name
@@ -108,6 +109,25 @@ class PaymentsConfig(_Section):
     settle_threshold: int = Field(10**18, gt=0)  # settle a channel once this much is unsettled
     settle_interval_s: float = Field(5.0, gt=0)
     close_margin_s: int = Field(60, ge=0)  # refuse vouchers this close to a requested close's deadline
+
+
+class RegistryConfig(_Section):
+    """On-chain NodeRegistry: register (or re-attest) at start, with a stake paid by the operator."""
+
+    enabled: bool = False
+    operator_key_env: str = "DCML_OPERATOR_KEY"  # the operator's wallet key (pays stake and gas), from the env
+    stake: int = Field(100 * 10**18, gt=0)  # in the registry's stake token (smallest unit)
+    endpoint: str = ""  # the public base URL clients call; default http://{server.host}:{server.port}
+
+
+class P2PConfig(_Section):
+    """The libp2p overlay: signed adverts on GossipSub, model providers in the Kademlia DHT."""
+
+    enabled: bool = False
+    listen: str = "/ip4/0.0.0.0/tcp/4001"
+    bootstrap: list[str] = Field(default_factory=list)  # "/ip4/…/tcp/…/p2p/<peer id>"; configure several
+    advert_interval_s: float = Field(30.0, gt=0)
+    advert_ttl_s: int = Field(120, gt=0)  # must exceed the interval
 
 
 class NodeSettings(BaseSettings):
@@ -121,6 +141,8 @@ class NodeSettings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     receipts: ReceiptsConfig = Field(default_factory=ReceiptsConfig)
     payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    p2p: P2PConfig = Field(default_factory=P2PConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -149,3 +149,68 @@ def test_manifest_from_another_publisher_or_release_is_refused(bundle):
         verify_manifest(signed, publisher="0x" + "11" * 20)
     with pytest.raises(BundleError, match="another release"):
         verify_manifest(signed, manifest_hash=bytes(32))
+
+
+def test_version_1_manifest_is_refused_clearly(bundle, copy):
+    """dcml-bundle/1 manifests (SHA-256 `sha256` fields) are refused up front, with what to do."""
+    manifest_path = copy / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"dcml-bundle/2"', '"dcml-bundle/1"')
+                             .replace('"blake3"', '"sha256"'))
+    with pytest.raises(BundleError, match=r"'dcml-bundle/1' is not 'dcml-bundle/2'.*re-seal") as e:
+        load_manifest(copy)
+    assert e.value.reason == BundleReason.MALFORMED
+    with pytest.raises(BundleError, match="re-seal"):
+        _open(copy, bundle[2])
+
+
+def test_manifest_hashes_are_plain_blake3(bundle):
+    """File hashes are plain BLAKE3 (b3sum-compatible) of the clear and sealed bytes; weights_hash commits to them."""
+    import blake3
+
+    from client.model_bundle import weights_hash
+
+    clear, bundle_dir, _, signed = bundle
+    m = signed.manifest
+    assert m.format == "dcml-bundle/2"
+    for f in m.files:
+        assert f.blake3 == blake3.blake3((clear / f.name).read_bytes()).hexdigest()
+        if f.sealed is not None:
+            assert f.sealed.blake3 == blake3.blake3((bundle_dir / f.sealed.path).read_bytes()).hexdigest()
+    assert m.weights_hash == "0x" + weights_hash(m.files).hex()
+    expected = blake3.blake3(b"dcml-weights-v2")
+    for f in sorted(m.sealed_files, key=lambda f: f.name):
+        expected.update(f.name.encode() + b"\0" + bytes.fromhex(f.blake3))
+    assert m.weights_hash == "0x" + expected.hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 4096 * 3, 4096 * 3 + 5, 4096 * 6, 4096 * 6 + 1, 4096 * 13 - 1])
+def test_chunk_and_block_boundaries_round_trip(tmp_path, monkeypatch, size):
+    """Sealing/opening work IO_BLOCK (here 3 chunks) at a time; every edge still round-trips and truncation
+    at a block boundary is still caught by the STREAM last flag."""
+    import os
+
+    import client.model_bundle as mb
+
+    monkeypatch.setattr(mb, "IO_BLOCK", 3 * 4096)
+    data = os.urandom(size)
+    (tmp_path / "w.bin").write_bytes(data)
+    key = generate_key()
+    entry = mb.seal_file(tmp_path / "w.bin", tmp_path / "w.bin.dcml", key, model_id=MODEL_ID, name="w.bin",
+                         chunk_size=4096)
+    assert entry.sealed.size == mb.sealed_size(size, 4096, "w.bin") == (tmp_path / "w.bin.dcml").stat().st_size
+    manifest = mb.Manifest(model_id="0x" + MODEL_ID.hex(), model_name="t", publisher=PUBLISHER.address,
+                           chunk_size=4096, created_at=0, key_commitment="", weights_hash="", files=[entry])
+    assert bytes(mb.decrypt_to_memory(tmp_path, manifest, entry, key)) == data
+    mb.decrypt_to_file(tmp_path, manifest, entry, key, tmp_path / "out" / "w.bin")
+    assert (tmp_path / "out" / "w.bin").read_bytes() == data
+    pieces = b"".join(bytes(p) for p in open_sealed(tmp_path / "w.bin.dcml", key, model_id=MODEL_ID, name="w.bin",
+                                                       entry=entry))
+    assert pieces == data
+    if size > 3 * 4096:  # cut after the first block: three whole chunks, none of them the last
+        sealed = tmp_path / "w.bin.dcml"
+        with open(sealed, "rb") as f:
+            _, header = SealedHeader.read(f)
+        sealed.write_bytes(sealed.read_bytes()[:len(header) + 3 * (4096 + TAG_LEN)])
+        with pytest.raises(BundleError) as e:
+            list(open_sealed(sealed, key, model_id=MODEL_ID, name="w.bin"))
+        assert e.value.reason == BundleReason.TRUNCATED

@@ -146,6 +146,12 @@ def create_app(
     domain = ReceiptDomain(rc.chain_id, rc.verifying_contract)
     model_id = rc.model_id or model_id_for(engine.model_name)
     gate = build_gate(settings, identity, engine, domain, model_id) if settings.payments.enabled else None
+    presence = None
+    if settings.registry.enabled or settings.p2p.enabled:
+        from node.network import NodePresence  # libp2p: imported only when the node joins the network
+
+        presence = NodePresence(settings, identity, provider, model_id=model_id,
+                                price=settings.payments.prices.get(engine.model_name))
     state = NodeState(
         settings=settings, engine=engine, identity=identity, provider=provider,
         store=ReceiptStore(settings.data_dir / "receipts.sqlite"),
@@ -160,6 +166,8 @@ def create_app(
                         "this node unless they set allow_simulated. Development only.")
         state.store.open()
         await engine.start()
+        if presence is not None:
+            await presence.start()
         if gate is not None:
             gate.payments.start()
             log.info("payments_on", payee=identity.address, escrow=gate.payments.deployment.payment_channels,
@@ -171,6 +179,8 @@ def create_app(
         finally:
             # uvicorn calls this after in-flight requests drained (or graceful_shutdown_s ran out).
             log.info("node_stopping")
+            if presence is not None:
+                await presence.stop()
             await engine.stop()
             await state.store.close()
             if gate is not None:  # settles whatever is unsettled before the process exits
@@ -180,6 +190,7 @@ def create_app(
 
     app = FastAPI(title="dcml node", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.node = state
+    app.state.presence = presence
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(attestation.router)

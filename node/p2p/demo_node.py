@@ -57,10 +57,14 @@ def start_node(data_dir: Path, models: list[str], price_in: int, price_out: int,
                         models=tuple(ModelOffer(resolve_model_id(m), price_in, price_out) for m in models))
     service = P2PService(identity, terms, overlay, AdvertDomain(), interval_s=interval_s, ttl_s=ttl_s)
     service.start()
-    print(json.dumps({"address": identity.address, "peer_id": service.overlay.peer_id, "addrs": service.addrs(),
-                      "endpoint": server.url, "attestation_hash": terms.attestation_hash,
-                      "models": [m.model_id for m in terms.models]}), flush=True)
     return server, service
+
+
+def describe(server: BackgroundServer, service: P2PService) -> str:
+    return json.dumps({"address": service.identity.address, "peer_id": service.overlay.peer_id,
+                       "addrs": service.addrs(), "endpoint": server.url,
+                       "attestation_hash": service.terms.attestation_hash,
+                       "models": [m.model_id for m in service.terms.models]})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(max(1, a.count - 1)) as pool:
         boot = a.bootstrap or [nodes[0][1].addrs()[0]]
         nodes += list(pool.map(lambda i: start(i, boot), range(1, a.count)))
+    for server, service in nodes:
+        print(describe(server, service), flush=True)
     print("READY", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

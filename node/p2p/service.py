@@ -115,6 +115,8 @@ class P2PService:
     def _hold(self, data: bytes, _from_peer: str) -> None:
         """Keep the newest advert per node (the topic validator already checked signature and expiry)."""
         signed = SignedAdvert.from_bytes(data)
+        if signed.advert.node == self.identity.address:
+            return
         old = self._held.get(signed.advert.node)
         if old is None or signed.advert.sequence > old.advert.sequence:
             self._held[signed.advert.node] = signed

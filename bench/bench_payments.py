@@ -3,7 +3,8 @@ tokens/s and TTFT p50/p99 side by side; then vouchers accepted per second over H
 
 Paid streams run pay-as-you-go (prepay 0): the node charges every token durably before sending it and
 asks for a voucher when half the credit window is used; the load generator answers each ask on a second
-keep-alive connection, so the numbers include voucher signing, verification and the fsync'd commits.
+keep-alive connection, so the numbers include the node's voucher verification and fsync'd commits and the
+client's mid-stream signing (on the same 2 cores); the admission vouchers are signed before the clock starts.
 
     .venv/bin/python bench/bench_payments.py --streams 64 --tokens 256 --rate 50
 """
@@ -143,21 +144,27 @@ async def run(url: str, streams: int, tokens: int, paid: list[PaidStream] | None
     host, port = url.removeprefix("http://").split(":")
     conns = paid or [RawStream(host, int(port)) for _ in range(streams)]
 
+    headers: list[str] = []
+
+    def sign_headers() -> None:
+        # The client's own signing is done before the clock starts: the figure is the node's cost.
+        # (Each covers the prompt and any credit the previous stream left unpaid.)
+        headers[:] = [c.header(c.cumulative + 64 * PRICE_IN + CREDIT_TOKENS * PRICE_OUT) for c in paid or []]
+
     async def one(i: int, delay: float = 0.0) -> tuple[int, float]:
         await asyncio.sleep(delay)
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": prompt(i)}],
                            "max_tokens": tokens, "seed": i, "stream": True,
                            "stream_options": {"include_usage": True}}).encode()
         if paid:
-            c = paid[i]
-            # covers the prompt and any credit the previous stream left unpaid
-            ttft, n = await c.post_paid("/v1/chat/completions", body,
-                                        c.header(c.cumulative + 64 * PRICE_IN + CREDIT_TOKENS * PRICE_OUT))
+            ttft, n = await paid[i].post_paid("/v1/chat/completions", body, headers[i])
         else:
             ttft, n = await conns[i].post_stream("/v1/chat/completions", body)
         return n, ttft or 0.0
 
+    sign_headers()
     await asyncio.gather(*(one(i) for i in range(streams)))  # warm-up: connections, code paths, channel cache
+    sign_headers()
     t0 = time.perf_counter()
     out = await asyncio.gather(*(one(i, i * spread_s / streams) for i in range(streams)))
     for c in conns:

@@ -27,6 +27,7 @@ the official OpenAI SDK stops at ``[DONE]`` and never sees it), and at ``GET /v1
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -315,8 +316,14 @@ def acceptance_signable(acceptance: Acceptance, domain: ReceiptDomain = DEFAULT_
     return _signable("Acceptance", ACCEPTANCE_FIELDS, acceptance.eip712_message(), domain)
 
 
+@functools.lru_cache(maxsize=16)
+def _private_key(raw: bytes) -> keys.PrivateKey:
+    """Deriving the public key costs more than the signature: keep the key object per signer."""
+    return keys.PrivateKey(raw)
+
+
 def _sign(digest: bytes, account: LocalAccount) -> str:
-    sig = keys.PrivateKey(bytes(account.key)).sign_msg_hash(digest)  # RFC 6979, low s
+    sig = _private_key(bytes(account.key)).sign_msg_hash(digest)  # RFC 6979, low s
     return "0x" + sig.r.to_bytes(32, "big").hex() + sig.s.to_bytes(32, "big").hex() + f"{sig.v + 27:02x}"
 
 

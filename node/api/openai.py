@@ -307,6 +307,8 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                 err = internal_error(exc, "stream")
                 meter.state.metrics.errors.labels("stream_aborted").inc()
                 yield emit(error_body(err.message, err.type, None, err.code))
+            if paid is not None:
+                await gate.refund_unused(paid)  # e.g. an answer with no output token: nothing to pay for it
             if meter.plan.include_usage:
                 yield emit(shapes.usage_chunk(meter.output_tokens))
             yield emit(DONE)

@@ -110,6 +110,7 @@ class PaidRequest:
     cost: int = 0  # what this request has been charged so far
     headers: dict[str, str] = field(default_factory=dict)
     asked_at: int = -1  # the accepted amount when we last asked for a voucher (one ask per level)
+    precharged: int = 0  # output tokens charged at admission, in the same commit (saves one before the 1st token)
 
 
 class PaymentGate:
@@ -182,6 +183,9 @@ class PaymentGate:
         if balance is None or voucher.cumulative_amount > balance.accepted:
             ops.append(VoucherOp(voucher.channel_id, voucher.cumulative_amount, voucher.signature))
         ops.append(ChargeOp(voucher.channel_id, prompt_cost))
+        first_token = terms.price_per_output_token if stream and max_tokens > 0 else 0
+        if first_token:  # the first output token rides on the admission commit (it may use the credit window)
+            ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window))
         try:
             after = (await self.writer.write_many(ops))[-1]
         except LedgerConflict as exc:  # a concurrent request or voucher on the channel got there first
@@ -189,7 +193,8 @@ class PaymentGate:
         if len(ops) == 2:
             self._notify(voucher.channel_id)
         spent = after.spent
-        paid = PaidRequest(voucher.channel_id, terms, after.accepted, spent, prompt_cost)
+        paid = PaidRequest(voucher.channel_id, terms, after.accepted, spent, prompt_cost + first_token,
+                           precharged=1 if first_token else 0)
         acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=voucher.channel_id,
                                                 deadline=int(time.time()) + self.config.response_deadline_s),
                                      self.signer, self.receipt_domain)
@@ -208,6 +213,11 @@ class PaymentGate:
           send `ask` and `wait_and_charge`;
         - otherwise `ask`, if set, is an early request for a voucher, made once per accepted level when
           half the credit window is in use: the client pays while the other half hides the round trip."""
+        used = min(tokens, paid.precharged)  # already charged at admission
+        paid.precharged -= used
+        tokens -= used
+        if tokens == 0:
+            return True, None
         amount = tokens * paid.price.price_per_output_token
         try:
             after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window))
@@ -243,7 +253,15 @@ class PaymentGate:
         """Undo a request's charges when it failed before any output left (an engine error or overload)."""
         if paid.cost:
             await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, paid.cost)
-            paid.cost = 0
+            paid.cost, paid.precharged = 0, 0
+
+    async def refund_unused(self, paid: PaidRequest) -> None:
+        """A stream that ended before using its precharged output token gives it back (before the receipt)."""
+        if paid.precharged:
+            amount = paid.precharged * paid.price.price_per_output_token
+            paid.spent = await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, amount)
+            paid.cost -= amount
+            paid.precharged = 0
 
     async def _record(self, voucher: Voucher, model: str | None = None) -> ChannelBalance:
         """Persist a verified voucher (group commit), then wake streams waiting on its channel."""

@@ -23,6 +23,7 @@ class Deployment(BaseModel):
     payment_channels: str
     model_registry: str
     node_registry: str | None = None  # NodeRegistry (None in deployment files written before it existed)
+    sla_court: str | None = None  # SLACourt (None in deployment files written before it existed)
     token: str
     close_grace_period: int
     start_block: int = 0  # where to start looking for the escrow's events

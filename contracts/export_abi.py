@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-CONTRACTS = ("PaymentChannels", "ModelRegistry", "TestToken", "NodeRegistry")
+CONTRACTS = ("PaymentChannels", "ModelRegistry", "TestToken", "NodeRegistry", "SLACourt")
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ ROLES = ("deployer", "client", "node", "publisher", "client2", "node2", "client3
 FAUCET_AMOUNT = 1_000_000 * 10**18  # test tokens minted to every non-deployer account
 NODE_MIN_STAKE = 100 * 10**18  # NodeRegistry: least dUSD stake per node
 NODE_UNBONDING_DELAY = 3600  # NodeRegistry: seconds from requestExit to withdrawStake (days on a live chain)
+SLA_DISPUTE_BOND = 10**15  # SLACourt: ETH bond for a no-response dispute
 NODE_EPOCH_LENGTH = 600  # NodeRegistry: least seconds between epoch bumps (re-attestation freshness)
 
 
@@ -138,6 +139,9 @@ def deploy_all(w3: Web3, rpc_url: str, *, close_grace_period: int) -> Deployment
     token = deploy_contract(w3, deployer, "TestToken", "Devnet USD", "dUSD")
     node_registry = deploy_contract(w3, deployer, "NodeRegistry", token, NODE_MIN_STAKE, NODE_UNBONDING_DELAY,
                                     NODE_EPOCH_LENGTH, deployer.address)
+    sla_court = deploy_contract(w3, deployer, "SLACourt", node_registry, SLA_DISPUTE_BOND)
+    registry_contract = w3.eth.contract(address=node_registry, abi=artifact("NodeRegistry")["abi"])
+    send(w3, deployer, registry_contract.functions.setSlasher(sla_court), action="set SLA court as slasher")
     erc20 = w3.eth.contract(address=token, abi=artifact("TestToken")["abi"])
     for role, acct in accounts.items():
         if role != "deployer":
@@ -148,6 +152,7 @@ def deploy_all(w3: Web3, rpc_url: str, *, close_grace_period: int) -> Deployment
         payment_channels=channels,
         model_registry=registry,
         node_registry=node_registry,
+        sla_court=sla_court,
         token=token,
         close_grace_period=close_grace_period,
         start_block=start_block,

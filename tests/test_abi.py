@@ -8,7 +8,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["PaymentChannels", "ModelRegistry", "TestToken", "NodeRegistry"])
+@pytest.mark.parametrize("name", ["PaymentChannels", "ModelRegistry", "TestToken", "NodeRegistry", "SLACourt"])
 def test_shipped_abi_matches_the_build(name: str) -> None:
     built = json.loads((REPO / "contracts" / "out" / f"{name}.sol" / f"{name}.json").read_text())["abi"]
     shipped = json.loads((REPO / "client" / "abi" / f"{name}.json").read_text())

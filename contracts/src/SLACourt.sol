@@ -1,0 +1,364 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {Address} from "@openzeppelin/contracts/utils/Address.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+import {NodeRegistry} from "./NodeRegistry.sol";
+
+/// @title SLACourt
+/// @notice Judges a node's service-level terms and its Proof of Response against its registry stake.
+///         A node publishes terms per model; a client proves a broken term with a receipt the node
+///         signed, or claims a missing answer with an acceptance the node signed, which the node
+///         refutes by posting the matching receipt within the response window.
+/// @dev Signed types (domain `{name: "dcml-receipts", version: "1", chainId, verifyingContract: this}`),
+///      exactly those of `client/receipts.py`:
+///        Receipt(bytes32 receiptId,bytes32 requestHash,bytes32 responseHash,bytes32 channelId,bytes32 modelId,
+///                uint32 inputTokens,uint32 outputTokens,uint128 cost,uint128 cumulativeSpent,uint64 acceptedAt,
+///                uint32 ttftMs,uint32 durationMs)
+///        Acceptance(bytes32 requestHash,bytes32 channelId,uint64 deadline)
+///      The signer must be the node's address in the NodeRegistry (the enclave key); 65-byte low-s only.
+///
+///      Who is compensated: the disputer (`msg.sender`). Receipts and acceptances are bearer claims held by
+///      the client; a no-response dispute costs a bond (`disputeBond`, native ETH) that the disputer gets
+///      back only if the node does not answer, and that goes to whoever posts the answer otherwise, so
+///      challenging an answering node costs the challenger. Limitation: a pending dispute transaction can be
+///      copied from the mempool; binding claims to the channel payer needs the payer on-chain per channel.
+///
+///      Terms are versioned: a version published at time T is valid from T + 1, so requests accepted at or
+///      before T (receipt `acceptedAt`) keep the older terms. An acceptance carries no acceptance time: it
+///      is judged by the terms in force at `deadline - ACCEPTANCE_SPAN`; nodes sign deadlines at most
+///      `ACCEPTANCE_SPAN` after accepting (the node's default is 300 s), so that time is never later than
+///      the real acceptance. An acceptance carries no model id either: the disputer names the model whose
+///      terms apply (the node is bound by every set of terms it published).
+///
+///      Rate: tokens after the first, over the time after the first token: a receipt breaks
+///      `minTokensPerSec` iff outputTokens > 1, durationMs > ttftMs and
+///      (outputTokens - 1) * 1000 < minTokensPerSec * (durationMs - ttftMs). A zero bound is no bound.
+///      Compensation is capped by the node's remaining stake; nothing is owed by a withdrawn node.
+contract SLACourt is EIP712, ReentrancyGuardTransient {
+    // ---------------------------------------------------------------- types
+
+    /// @notice The EIP-712 `Receipt` a node signs for each answer.
+    struct Receipt {
+        bytes32 receiptId;
+        bytes32 requestHash;
+        bytes32 responseHash;
+        bytes32 channelId;
+        bytes32 modelId;
+        uint32 inputTokens;
+        uint32 outputTokens;
+        uint128 cost;
+        uint128 cumulativeSpent;
+        uint64 acceptedAt;
+        uint32 ttftMs;
+        uint32 durationMs;
+    }
+
+    /// @notice The EIP-712 `Acceptance` a node signs when it admits a paid request.
+    struct Acceptance {
+        bytes32 requestHash;
+        bytes32 channelId;
+        uint64 deadline;
+    }
+
+    /// @notice One version of a node's terms for one model. Zero bounds are no bounds.
+    struct Terms {
+        uint32 maxTtftMs; // time to first token
+        uint32 minTokensPerSec; // decode rate after the first token
+        uint32 maxDurationMs; // response deadline: the whole answer within this many ms
+        uint32 responseWindow; // seconds the node has to answer a no-response dispute (> 0)
+        uint32 breachCostBps; // compensation for broken terms: breachFixed + cost * bps / 10000
+        uint64 validFrom; // set by the court: applies to requests accepted at or after it
+        uint128 breachFixed;
+        uint128 noResponseCompensation; // paid when the node never posts the receipt
+    }
+
+    enum DisputeStatus {
+        None,
+        Open,
+        Answered,
+        Finalized
+    }
+
+    /// @notice A no-response dispute (slot 0: disputer|status|deadline; slot 1: compensation; slot 2: bond).
+    struct Dispute {
+        address disputer;
+        DisputeStatus status;
+        uint64 answerBy; // the node must post the receipt at or before this time
+        address node;
+        uint128 compensation;
+        uint128 bond;
+        bytes32 requestHash;
+        bytes32 channelId;
+        bytes32 modelId;
+    }
+
+    // ---------------------------------------------------------------- constants
+
+    bytes32 public constant RECEIPT_TYPEHASH = keccak256(
+        "Receipt(bytes32 receiptId,bytes32 requestHash,bytes32 responseHash,bytes32 channelId,bytes32 modelId,"
+        "uint32 inputTokens,uint32 outputTokens,uint128 cost,uint128 cumulativeSpent,uint64 acceptedAt,"
+        "uint32 ttftMs,uint32 durationMs)"
+    );
+    bytes32 public constant ACCEPTANCE_TYPEHASH =
+        keccak256("Acceptance(bytes32 requestHash,bytes32 channelId,uint64 deadline)");
+    /// @notice Longest span from accepting a request to its acceptance's deadline that the court assumes.
+    uint64 public constant ACCEPTANCE_SPAN = 1 hours;
+    uint32 public constant MAX_RESPONSE_WINDOW = 7 days;
+    uint32 public constant MAX_BPS = 10_000 * 100; // at most 100x the cost
+
+    // ---------------------------------------------------------------- storage
+
+    NodeRegistry public immutable registry;
+    /// @notice Native-ETH bond for opening a no-response dispute.
+    uint256 public immutable disputeBond;
+
+    mapping(address node => mapping(bytes32 modelId => Terms[])) private _terms;
+    /// @notice keccak256(node, requestHash) => true once a broken-terms claim for that request was paid.
+    mapping(bytes32 claimKey => bool) public breachClaimed;
+    mapping(bytes32 disputeId => Dispute) private _disputes;
+
+    // ---------------------------------------------------------------- events
+
+    event TermsPublished(address indexed node, bytes32 indexed modelId, uint256 version, Terms terms);
+    event BreachCompensated(
+        address indexed node, bytes32 indexed requestHash, address indexed disputer, bytes32 receiptId, uint8 brokenTerms,
+        uint256 amount
+    );
+    event NoResponseDisputeOpened(
+        bytes32 indexed disputeId, address indexed node, bytes32 indexed requestHash, address disputer, bytes32 modelId,
+        uint64 answerBy, uint256 compensation
+    );
+    event DisputeAnswered(bytes32 indexed disputeId, address indexed node, bytes32 receiptId, address answeredBy);
+    event DisputeFinalized(bytes32 indexed disputeId, address indexed node, address indexed disputer, uint256 amount);
+
+    // ---------------------------------------------------------------- errors
+
+    error NotNodeOrOperator();
+    error NodeNotActive(address node);
+    error InvalidTerms();
+    error NoTerms(address node, bytes32 modelId, uint64 time);
+    error InvalidSignature();
+    error WrongSigner(address signer, address node);
+    error TermsNotBroken();
+    error AlreadyClaimed(bytes32 claimKey);
+    error NothingToCompensate(address node);
+    error DeadlineNotPassed(uint64 deadline);
+    error InvalidBond(uint256 sent, uint256 expected);
+    error DisputeExists(bytes32 disputeId);
+    error DisputeNotOpen(bytes32 disputeId);
+    error ReceiptMismatch();
+    error WindowClosed(uint64 answerBy);
+    error WindowOpen(uint64 answerBy);
+
+    // ---------------------------------------------------------------- constructor
+
+    /// @param registry_ The NodeRegistry whose slasher this court must be.
+    /// @param disputeBond_ Native-ETH bond for a no-response dispute (0 allowed).
+    constructor(NodeRegistry registry_, uint256 disputeBond_) EIP712("dcml-receipts", "1") {
+        registry = registry_;
+        disputeBond = disputeBond_;
+    }
+
+    // ---------------------------------------------------------------- terms
+
+    /// @notice Publishes new terms for `node` and `modelId`, valid from the next second on. Callable by
+    ///         the node's operator or the node key itself, while the node is active.
+    function publishTerms(address node, bytes32 modelId, Terms calldata t) external returns (uint256 version) {
+        NodeRegistry.Node memory n = registry.getNode(node);
+        if (msg.sender != n.operator && msg.sender != node) revert NotNodeOrOperator();
+        if (n.status != NodeRegistry.Status.Active) revert NodeNotActive(node);
+        if (t.responseWindow == 0 || t.responseWindow > MAX_RESPONSE_WINDOW || t.breachCostBps > MAX_BPS) {
+            revert InvalidTerms();
+        }
+        Terms memory stored = t;
+        stored.validFrom = uint64(block.timestamp) + 1;
+        Terms[] storage list = _terms[node][modelId];
+        uint256 len = list.length;
+        if (len != 0 && list[len - 1].validFrom == stored.validFrom) {
+            // Not yet in force for any request: replace the pending version.
+            version = len - 1;
+            list[version] = stored;
+        } else {
+            version = len;
+            list.push(stored);
+        }
+        emit TermsPublished(node, modelId, version, stored);
+    }
+
+    // ---------------------------------------------------------------- disputes
+
+    /// @notice Claims compensation for a receipt whose own figures break the node's terms in force at
+    ///         its `acceptedAt`. Each (node, request) is compensated at most once; paid to the caller.
+    function claimBreach(address node, Receipt calldata r, bytes calldata signature)
+        external
+        nonReentrant
+        returns (uint256 amount)
+    {
+        _checkSigner(hashReceipt(r), signature, node);
+        bytes32 key = claimKey(node, r.requestHash);
+        if (breachClaimed[key]) revert AlreadyClaimed(key);
+        Terms memory t = termsAt(node, r.modelId, r.acceptedAt);
+        uint8 broken = brokenTerms(t, r);
+        if (broken == 0) revert TermsNotBroken();
+        breachClaimed[key] = true;
+        amount = _capped(node, uint256(t.breachFixed) + uint256(r.cost) * t.breachCostBps / 10_000);
+        if (amount == 0) revert NothingToCompensate(node);
+        emit BreachCompensated(node, r.requestHash, msg.sender, r.receiptId, broken, amount);
+        registry.slash(node, amount, msg.sender);
+    }
+
+    /// @notice Opens a no-response dispute on an acceptance whose deadline has passed; send
+    ///         `disputeBond` as value. `modelId` names the terms to apply (see the contract doc).
+    function openNoResponse(address node, bytes32 modelId, Acceptance calldata a, bytes calldata signature)
+        external
+        payable
+        returns (bytes32 id)
+    {
+        if (msg.value != disputeBond) revert InvalidBond(msg.value, disputeBond);
+        _checkSigner(hashAcceptance(a), signature, node);
+        // forge-lint: disable-next-line(block-timestamp)
+        if (block.timestamp <= a.deadline) revert DeadlineNotPassed(a.deadline);
+        id = disputeId(node, a.requestHash);
+        if (_disputes[id].status != DisputeStatus.None) revert DisputeExists(id);
+        uint64 ref = a.deadline > ACCEPTANCE_SPAN ? a.deadline - ACCEPTANCE_SPAN : 0;
+        Terms memory t = termsAt(node, modelId, ref);
+        uint64 answerBy = uint64(block.timestamp) + t.responseWindow;
+        _disputes[id] = Dispute({
+            disputer: msg.sender,
+            status: DisputeStatus.Open,
+            answerBy: answerBy,
+            node: node,
+            compensation: t.noResponseCompensation,
+            // casting to 'uint128' is safe: a bond above 2^128 wei cannot be sent
+            // forge-lint: disable-next-line(unsafe-typecast)
+            bond: uint128(msg.value),
+            requestHash: a.requestHash,
+            channelId: a.channelId,
+            modelId: modelId
+        });
+        emit NoResponseDisputeOpened(id, node, a.requestHash, msg.sender, modelId, answerBy, t.noResponseCompensation);
+    }
+
+    /// @notice Closes an open no-response dispute with the node's receipt for the same request and channel,
+    ///         at or before `answerBy`. Anyone may post it; the bond goes to the caller.
+    function answer(bytes32 id, Receipt calldata r, bytes calldata signature) external nonReentrant {
+        Dispute storage d = _disputes[id];
+        if (d.status != DisputeStatus.Open) revert DisputeNotOpen(id);
+        // forge-lint: disable-next-line(block-timestamp)
+        if (block.timestamp > d.answerBy) revert WindowClosed(d.answerBy);
+        if (r.requestHash != d.requestHash || r.channelId != d.channelId) revert ReceiptMismatch();
+        _checkSigner(hashReceipt(r), signature, d.node);
+        d.status = DisputeStatus.Answered;
+        uint256 bond = d.bond;
+        emit DisputeAnswered(id, d.node, r.receiptId, msg.sender);
+        if (bond != 0) Address.sendValue(payable(msg.sender), bond);
+    }
+
+    /// @notice After `answerBy` with no answer: slashes the node (capped by its stake) to the disputer
+    ///         and returns the bond. Anyone may call it.
+    function finalize(bytes32 id) external nonReentrant returns (uint256 amount) {
+        Dispute storage d = _disputes[id];
+        if (d.status != DisputeStatus.Open) revert DisputeNotOpen(id);
+        // forge-lint: disable-next-line(block-timestamp)
+        if (block.timestamp <= d.answerBy) revert WindowOpen(d.answerBy);
+        d.status = DisputeStatus.Finalized;
+        address node = d.node;
+        address disputer = d.disputer;
+        uint256 bond = d.bond;
+        amount = _capped(node, d.compensation);
+        emit DisputeFinalized(id, node, disputer, amount);
+        if (amount != 0) registry.slash(node, amount, disputer);
+        if (bond != 0) Address.sendValue(payable(disputer), bond);
+    }
+
+    // ---------------------------------------------------------------- views
+
+    /// @notice The terms of `node` for `modelId` in force at `time` (reverts when there are none).
+    function termsAt(address node, bytes32 modelId, uint64 time) public view returns (Terms memory) {
+        Terms[] storage list = _terms[node][modelId];
+        for (uint256 i = list.length; i != 0; --i) {
+            if (list[i - 1].validFrom <= time) return list[i - 1];
+        }
+        revert NoTerms(node, modelId, time);
+    }
+
+    /// @notice How many versions of terms `node` published for `modelId`.
+    function termsCount(address node, bytes32 modelId) external view returns (uint256) {
+        return _terms[node][modelId].length;
+    }
+
+    /// @notice Version `i` of the terms of `node` for `modelId`.
+    function termsVersion(address node, bytes32 modelId, uint256 i) external view returns (Terms memory) {
+        return _terms[node][modelId][i];
+    }
+
+    /// @notice Bit set of the terms `r` breaks: 1 = TTFT, 2 = tokens per second, 4 = duration.
+    function brokenTerms(Terms memory t, Receipt calldata r) public pure returns (uint8 broken) {
+        if (t.maxTtftMs != 0 && r.ttftMs > t.maxTtftMs) broken |= 1;
+        if (t.minTokensPerSec != 0 && r.outputTokens > 1 && r.durationMs > r.ttftMs) {
+            if (uint256(r.outputTokens - 1) * 1000 < uint256(t.minTokensPerSec) * (r.durationMs - r.ttftMs)) {
+                broken |= 2;
+            }
+        }
+        if (t.maxDurationMs != 0 && r.durationMs > t.maxDurationMs) broken |= 4;
+    }
+
+    function getDispute(bytes32 id) external view returns (Dispute memory) {
+        return _disputes[id];
+    }
+
+    function disputeId(address node, bytes32 requestHash) public pure returns (bytes32) {
+        return keccak256(abi.encode(node, requestHash));
+    }
+
+    function claimKey(address node, bytes32 requestHash) public pure returns (bytes32) {
+        return keccak256(abi.encode(node, requestHash));
+    }
+
+    /// @notice The EIP-712 digest of a receipt under this court's domain.
+    function hashReceipt(Receipt calldata r) public view returns (bytes32) {
+        bytes memory enc = abi.encode(
+            RECEIPT_TYPEHASH,
+            r.receiptId,
+            r.requestHash,
+            r.responseHash,
+            r.channelId,
+            r.modelId,
+            r.inputTokens,
+            r.outputTokens,
+            r.cost,
+            r.cumulativeSpent,
+            r.acceptedAt,
+            r.ttftMs,
+            r.durationMs
+        );
+        return _hashTypedDataV4(keccak256(enc));
+    }
+
+    /// @notice The EIP-712 digest of an acceptance under this court's domain.
+    function hashAcceptance(Acceptance calldata a) public view returns (bytes32) {
+        return _hashTypedDataV4(keccak256(abi.encode(ACCEPTANCE_TYPEHASH, a.requestHash, a.channelId, a.deadline)));
+    }
+
+    function domainSeparator() external view returns (bytes32) {
+        return _domainSeparatorV4();
+    }
+
+    // ---------------------------------------------------------------- internal
+
+    function _checkSigner(bytes32 digest, bytes calldata signature, address node) private pure {
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, signature);
+        if (err != ECDSA.RecoverError.NoError) revert InvalidSignature();
+        if (signer != node) revert WrongSigner(signer, node);
+    }
+
+    /// @dev `amount` capped by what the registry can still slash from `node` (0 once it is withdrawn).
+    function _capped(address node, uint256 amount) private view returns (uint256) {
+        NodeRegistry.Node memory n = registry.getNode(node);
+        if (n.status != NodeRegistry.Status.Active && n.status != NodeRegistry.Status.Exiting) return 0;
+        return amount < n.stake ? amount : n.stake;
+    }
+}

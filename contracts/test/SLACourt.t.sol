@@ -1,0 +1,418 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {TestBase} from "./utils/TestBase.sol";
+import {NodeRegistry} from "../src/NodeRegistry.sol";
+import {SLACourt} from "../src/SLACourt.sol";
+import {TestToken} from "../src/TestToken.sol";
+
+abstract contract SLACourtFixture is TestBase {
+    uint256 internal constant STAKE = 1_000e18;
+    uint256 internal constant BOND = 0.01 ether;
+    uint256 internal constant NODE_KEY = 0xA11CE;
+    uint256 internal constant NODE2_KEY = 0xB0B;
+    uint256 internal constant OPERATOR_KEY = 0x0FE2;
+    address internal constant OWNER = address(0x0A11);
+    address internal constant CLIENT = address(0xC11E);
+    bytes32 internal constant MODEL = keccak256("tiny-model");
+
+    NodeRegistry internal registry;
+    SLACourt internal court;
+    TestToken internal token;
+    address internal node;
+    address internal node2;
+    address internal operator;
+
+    function setUp() public virtual {
+        vm.warp(1_700_000_000);
+        node = vm.addr(NODE_KEY);
+        node2 = vm.addr(NODE2_KEY);
+        operator = vm.addr(OPERATOR_KEY);
+        token = new TestToken("Stake", "STK");
+        registry = new NodeRegistry(address(token), 100e18, 7 days, 1 hours, OWNER);
+        court = new SLACourt(registry, BOND);
+        vm.prank(OWNER);
+        registry.setSlasher(address(court));
+        token.mint(operator, 1e30);
+        vm.prank(operator);
+        token.approve(address(registry), type(uint256).max);
+        _register(NODE_KEY);
+        _register(NODE2_KEY);
+        vm.deal(CLIENT, 100 ether);
+        vm.deal(operator, 100 ether);
+    }
+
+    function _register(uint256 key) internal {
+        bytes memory hpke = new bytes(1216);
+        NodeRegistry.Registration memory r = NodeRegistry.Registration({
+            node: vm.addr(key),
+            operator: operator,
+            endpoint: "https://node.example:8443",
+            peerId: hex"00240801122031a9",
+            hpkePublicKey: hpke,
+            attestationHash: keccak256("attestation"),
+            teeType: 3,
+            epoch: registry.currentEpoch(),
+            deadline: block.timestamp + 1 hours
+        });
+        bytes memory sig = _sign(key, registry.hashRegistration(r));
+        vm.prank(operator);
+        registry.register(r, STAKE, sig);
+    }
+
+    function _terms() internal pure returns (SLACourt.Terms memory t) {
+        t.maxTtftMs = 2_000;
+        t.minTokensPerSec = 10;
+        t.maxDurationMs = 60_000;
+        t.responseWindow = 1 hours;
+        t.breachCostBps = 20_000; // 2x the cost
+        t.breachFixed = 5e18;
+        t.noResponseCompensation = 50e18;
+    }
+
+    function _publish(address n, SLACourt.Terms memory t) internal {
+        vm.prank(operator);
+        court.publishTerms(n, MODEL, t);
+        vm.warp(block.timestamp + 1);
+    }
+
+    function _receipt(bytes32 requestHash) internal view returns (SLACourt.Receipt memory r) {
+        r.receiptId = keccak256(abi.encode("receipt", requestHash));
+        r.requestHash = requestHash;
+        r.responseHash = keccak256("response");
+        r.channelId = keccak256("channel");
+        r.modelId = MODEL;
+        r.inputTokens = 10;
+        r.outputTokens = 101;
+        r.cost = 1e18;
+        r.cumulativeSpent = 1e18;
+        r.acceptedAt = uint64(block.timestamp);
+        r.ttftMs = 500;
+        r.durationMs = 5_500; // 100 tokens in 5 s = 20 tok/s
+    }
+
+    function _acceptance(bytes32 requestHash) internal view returns (SLACourt.Acceptance memory a) {
+        a.requestHash = requestHash;
+        a.channelId = keccak256("channel");
+        a.deadline = uint64(block.timestamp + 300);
+    }
+
+    function _signR(uint256 key, SLACourt.Receipt memory r) internal view returns (bytes memory) {
+        return _sign(key, this.digestR(r));
+    }
+
+    function _signA(uint256 key, SLACourt.Acceptance memory a) internal view returns (bytes memory) {
+        return _sign(key, this.digestA(a));
+    }
+
+    function digestR(SLACourt.Receipt calldata r) external view returns (bytes32) {
+        return court.hashReceipt(r);
+    }
+
+    function digestA(SLACourt.Acceptance calldata a) external view returns (bytes32) {
+        return court.hashAcceptance(a);
+    }
+
+    function _stake(address n) internal view returns (uint256) {
+        return registry.getNode(n).stake;
+    }
+}
+
+contract SLACourtTest is SLACourtFixture {
+    function setUp() public override {
+        super.setUp();
+        _publish(node, _terms());
+        vm.warp(block.timestamp + 2 hours); // acceptances are judged at deadline - ACCEPTANCE_SPAN
+    }
+
+    function test_hashes_matchEip712Spec() public view {
+        bytes32 domain = keccak256(
+            abi.encode(
+                keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"),
+                keccak256("dcml-receipts"),
+                keccak256("1"),
+                block.chainid,
+                address(court)
+            )
+        );
+        vm.assertEq(court.domainSeparator(), domain);
+        SLACourt.Acceptance memory a = _acceptance(bytes32(uint256(7)));
+        bytes32 structHash = keccak256(
+            abi.encode(
+                keccak256("Acceptance(bytes32 requestHash,bytes32 channelId,uint64 deadline)"),
+                a.requestHash,
+                a.channelId,
+                a.deadline
+            )
+        );
+        vm.assertEq(this.digestA(a), keccak256(abi.encodePacked("\x19\x01", domain, structHash)));
+    }
+
+    function test_publishTerms_versionsAndAuth() public {
+        vm.assertEq(court.termsCount(node, MODEL), 1);
+        SLACourt.Terms memory t = court.termsVersion(node, MODEL, 0);
+        vm.assertEq(t.validFrom, 1_700_000_001);
+        vm.prank(CLIENT);
+        vm.expectRevert(SLACourt.NotNodeOrOperator.selector);
+        court.publishTerms(node, MODEL, _terms());
+        SLACourt.Terms memory bad = _terms();
+        bad.responseWindow = 0;
+        vm.prank(operator);
+        vm.expectRevert(SLACourt.InvalidTerms.selector);
+        court.publishTerms(node, MODEL, bad);
+        // the node key itself may publish; two versions in one second replace the pending one
+        vm.prank(node);
+        court.publishTerms(node, MODEL, _terms());
+        vm.prank(node);
+        court.publishTerms(node, MODEL, _terms());
+        vm.assertEq(court.termsCount(node, MODEL), 2);
+    }
+
+    function test_claimBreach_ttft_compensatesOnce() public {
+        SLACourt.Receipt memory r = _receipt(keccak256("req-1"));
+        r.ttftMs = 2_001;
+        bytes memory sig = _signR(NODE_KEY, r);
+        uint256 before = token.balanceOf(CLIENT);
+        vm.prank(CLIENT);
+        uint256 paid = court.claimBreach(node, r, sig);
+        vm.assertEq(paid, 5e18 + 2e18);
+        vm.assertEq(token.balanceOf(CLIENT) - before, paid);
+        vm.assertEq(_stake(node), STAKE - paid);
+        vm.prank(CLIENT);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.AlreadyClaimed.selector, court.claimKey(node, r.requestHash)));
+        court.claimBreach(node, r, sig);
+        // another receipt (new id) for the same request cannot be claimed either
+        r.receiptId = bytes32(uint256(1));
+        bytes memory sig2 = _signR(NODE_KEY, r);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.AlreadyClaimed.selector, court.claimKey(node, r.requestHash)));
+        court.claimBreach(node, r, sig2);
+    }
+
+    function test_claimBreach_rateAndDuration() public {
+        SLACourt.Receipt memory r = _receipt(keccak256("slow"));
+        r.durationMs = 10_501; // 100 tokens in 10.001 s < 10 tok/s
+        bytes memory rs = _signR(NODE_KEY, r);
+        vm.prank(CLIENT);
+        court.claimBreach(node, r, rs);
+        SLACourt.Receipt memory r2 = _receipt(keccak256("long"));
+        r2.outputTokens = 10_000;
+        r2.durationMs = 60_001;
+        SLACourt.Terms memory t = court.termsAt(node, MODEL, r2.acceptedAt);
+        vm.assertEq(court.brokenTerms(t, r2), 4);
+        bytes memory rs2 = _signR(NODE_KEY, r2);
+        vm.prank(CLIENT);
+        court.claimBreach(node, r2, rs2);
+    }
+
+    function test_claimBreach_refusesGoodReceiptForgedAndWrongKey() public {
+        SLACourt.Receipt memory r = _receipt(keccak256("ok"));
+        bytes memory sig = _signR(NODE_KEY, r);
+        vm.expectRevert(SLACourt.TermsNotBroken.selector);
+        court.claimBreach(node, r, sig);
+        // altering any figure after signing: the signature recovers another key
+        r.ttftMs = 9_999;
+        vm.expectRevert();
+        court.claimBreach(node, r, sig);
+        // signed by another registered node, claimed against this one
+        bytes memory sig2 = _signR(NODE2_KEY, r);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.WrongSigner.selector, node2, node));
+        court.claimBreach(node, r, sig2);
+        // high-s and short signatures
+        bytes32 digest = this.digestR(r);
+        vm.expectRevert(SLACourt.InvalidSignature.selector);
+        court.claimBreach(node, r, _highS(NODE_KEY, digest));
+        vm.expectRevert(SLACourt.InvalidSignature.selector);
+        court.claimBreach(node, r, hex"1234");
+    }
+
+    function test_claimBreach_refusesOtherChain() public {
+        SLACourt.Receipt memory r = _receipt(keccak256("chain"));
+        r.ttftMs = 5_000;
+        bytes memory sig = _signR(NODE_KEY, r);
+        vm.chainId(999);
+        vm.expectRevert();
+        court.claimBreach(node, r, sig);
+    }
+
+    function test_claimBreach_usesTermsAtAcceptedAt() public {
+        SLACourt.Receipt memory r = _receipt(keccak256("old"));
+        r.ttftMs = 2_500; // fine under the new terms, broken under the old ones
+        SLACourt.Terms memory loose = _terms();
+        loose.maxTtftMs = 3_000;
+        vm.prank(operator);
+        court.publishTerms(node, MODEL, loose); // same second as acceptedAt: not yet in force
+        vm.warp(block.timestamp + 10);
+        bytes memory rs = _signR(NODE_KEY, r);
+        vm.prank(CLIENT);
+        court.claimBreach(node, r, rs);
+        SLACourt.Receipt memory r2 = _receipt(keccak256("new"));
+        r2.ttftMs = 2_500;
+        bytes memory sig2 = _signR(NODE_KEY, r2);
+        vm.expectRevert(SLACourt.TermsNotBroken.selector);
+        court.claimBreach(node, r2, sig2);
+    }
+
+    function test_claimBreach_noTermsBeforePublication() public {
+        SLACourt.Receipt memory r = _receipt(keccak256("early"));
+        r.acceptedAt = 1_699_999_000;
+        r.ttftMs = 9_000;
+        bytes memory sig = _signR(NODE_KEY, r);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.NoTerms.selector, node, MODEL, r.acceptedAt));
+        court.claimBreach(node, r, sig);
+    }
+
+    function _open(bytes32 req) internal returns (bytes32 id, SLACourt.Acceptance memory a) {
+        a = _acceptance(req);
+        bytes memory sig = _signA(NODE_KEY, a);
+        vm.warp(a.deadline + 1);
+        vm.prank(CLIENT);
+        id = court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+    }
+
+    function test_noResponse_answeredClosesWithoutSlash() public {
+        bytes32 req = keccak256("answered");
+        SLACourt.Receipt memory r = _receipt(req);
+        (bytes32 id,) = _open(req);
+        vm.assertEq(uint256(court.getDispute(id).status), uint256(SLACourt.DisputeStatus.Open));
+        uint256 opBefore = operator.balance;
+        bytes memory rs = _signR(NODE_KEY, r);
+        vm.prank(operator);
+        court.answer(id, r, rs);
+        vm.assertEq(operator.balance - opBefore, BOND);
+        vm.assertEq(uint256(court.getDispute(id).status), uint256(SLACourt.DisputeStatus.Answered));
+        vm.warp(block.timestamp + 2 hours);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.DisputeNotOpen.selector, id));
+        court.finalize(id);
+        vm.assertEq(_stake(node), STAKE);
+    }
+
+    function test_noResponse_unansweredFinalizesAndSlashes() public {
+        (bytes32 id,) = _open(keccak256("silent"));
+        vm.expectRevert();
+        court.finalize(id);
+        vm.warp(block.timestamp + 1 hours + 1);
+        uint256 before = token.balanceOf(CLIENT);
+        uint256 ethBefore = CLIENT.balance;
+        vm.prank(address(0xD00D));
+        vm.assertEq(court.finalize(id), 50e18);
+        vm.assertEq(token.balanceOf(CLIENT) - before, 50e18);
+        vm.assertEq(CLIENT.balance - ethBefore, BOND);
+        vm.assertEq(_stake(node), STAKE - 50e18);
+        // a late receipt cannot reopen it
+        SLACourt.Receipt memory r = _receipt(keccak256("silent"));
+        bytes memory sig = _signR(NODE_KEY, r);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.DisputeNotOpen.selector, id));
+        court.answer(id, r, sig);
+    }
+
+    function test_noResponse_refusals() public {
+        SLACourt.Acceptance memory a = _acceptance(keccak256("x"));
+        bytes memory sig = _signA(NODE_KEY, a);
+        vm.prank(CLIENT);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.DeadlineNotPassed.selector, a.deadline));
+        court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+        vm.warp(a.deadline + 1);
+        vm.prank(CLIENT);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.InvalidBond.selector, 0, BOND));
+        court.openNoResponse(node, MODEL, a, sig);
+        bytes memory sigOther = _signA(NODE2_KEY, a);
+        vm.prank(CLIENT);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.WrongSigner.selector, node2, node));
+        court.openNoResponse{value: BOND}(node, MODEL, a, sigOther);
+        a.deadline += 1; // altered after signing
+        vm.prank(CLIENT);
+        vm.expectRevert();
+        court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+        a.deadline -= 1;
+        vm.prank(CLIENT);
+        bytes32 id = court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+        vm.prank(CLIENT);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.DisputeExists.selector, id));
+        court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+        // answers for another request, another channel, or signed by another key are refused
+        SLACourt.Receipt memory r = _receipt(keccak256("other"));
+        bytes memory rs = _signR(NODE_KEY, r);
+        vm.expectRevert(SLACourt.ReceiptMismatch.selector);
+        court.answer(id, r, rs);
+        r = _receipt(a.requestHash);
+        r.channelId = bytes32(0);
+        rs = _signR(NODE_KEY, r);
+        vm.expectRevert(SLACourt.ReceiptMismatch.selector);
+        court.answer(id, r, rs);
+        r = _receipt(a.requestHash);
+        rs = _signR(NODE2_KEY, r);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.WrongSigner.selector, node2, node));
+        court.answer(id, r, rs);
+        vm.warp(block.timestamp + 1 hours + 1);
+        bytes memory late = _signR(NODE_KEY, r);
+        vm.expectRevert();
+        court.answer(id, r, late);
+    }
+
+    function test_noResponse_termsAtDeadlineMinusSpan() public {
+        SLACourt.Acceptance memory a = _acceptance(keccak256("span"));
+        bytes memory sig = _signA(NODE_KEY, a);
+        SLACourt.Terms memory harsh = _terms();
+        harsh.noResponseCompensation = 500e18;
+        vm.prank(operator);
+        court.publishTerms(node, MODEL, harsh); // after acceptance: must not apply
+        vm.warp(a.deadline + 1);
+        vm.prank(CLIENT);
+        bytes32 id = court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+        vm.assertEq(court.getDispute(id).compensation, 50e18);
+    }
+
+    function test_compensationCappedByStake() public {
+        SLACourt.Terms memory t = _terms();
+        t.noResponseCompensation = uint128(STAKE * 2);
+        _publish(node, t);
+        vm.warp(block.timestamp + 1 hours);
+        (bytes32 id,) = _open(keccak256("cap"));
+        vm.warp(block.timestamp + 1 hours + 1);
+        vm.assertEq(court.finalize(id), STAKE);
+        vm.assertEq(_stake(node), 0);
+        SLACourt.Receipt memory r = _receipt(keccak256("after"));
+        r.ttftMs = 9_000;
+        bytes memory sig = _signR(NODE_KEY, r);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.NothingToCompensate.selector, node));
+        court.claimBreach(node, r, sig);
+    }
+
+    /// forge-config: default.fuzz.runs = 128
+    function testFuzz_breachDecisionMatchesRule(uint32 ttft, uint32 duration, uint32 outTokens) public {
+        SLACourt.Receipt memory r = _receipt(keccak256(abi.encode(ttft, duration, outTokens)));
+        r.ttftMs = ttft;
+        r.durationMs = duration;
+        r.outputTokens = outTokens;
+        SLACourt.Terms memory t = _terms();
+        bool ttftBroken = ttft > t.maxTtftMs;
+        bool rateBroken = outTokens > 1 && duration > ttft
+            && uint256(outTokens - 1) * 1000 < uint256(t.minTokensPerSec) * (duration - ttft);
+        bool durBroken = duration > t.maxDurationMs;
+        bytes memory sig = _signR(NODE_KEY, r);
+        vm.prank(CLIENT);
+        if (!(ttftBroken || rateBroken || durBroken)) {
+            vm.expectRevert(SLACourt.TermsNotBroken.selector);
+            court.claimBreach(node, r, sig);
+            vm.assertEq(_stake(node), STAKE);
+        } else {
+            uint256 paid = court.claimBreach(node, r, sig);
+            vm.assertEq(paid, 7e18);
+            vm.assertEq(_stake(node), STAKE - paid);
+        }
+    }
+
+    /// forge-config: default.fuzz.runs = 128
+    function testFuzz_answeringNodeNeverSlashed(bytes32 req, uint32 wait) public {
+        (bytes32 id,) = _open(req);
+        vm.warp(block.timestamp + bound(wait, 0, 1 hours));
+        SLACourt.Receipt memory r = _receipt(req);
+        bytes memory rs = _signR(NODE_KEY, r);
+        vm.prank(operator);
+        court.answer(id, r, rs);
+        vm.warp(block.timestamp + 30 days);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.DisputeNotOpen.selector, id));
+        court.finalize(id);
+        vm.assertEq(_stake(node), STAKE);
+    }
+}

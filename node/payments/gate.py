@@ -180,7 +180,8 @@ class PaymentGate:
                               f"request needs {prompt_cost + ahead} ahead: sign a voucher for {required}", required)
         # One commit for the new voucher (if any) and the prompt's charge.
         ops: list[LedgerOp] = []
-        if balance is None or voucher.cumulative_amount > balance.accepted:
+        new_voucher = balance is None or voucher.cumulative_amount > balance.accepted
+        if new_voucher:
             ops.append(VoucherOp(voucher.channel_id, voucher.cumulative_amount, voucher.signature))
         ops.append(ChargeOp(voucher.channel_id, prompt_cost))
         first_token = terms.price_per_output_token if stream and max_tokens > 0 else 0
@@ -190,7 +191,7 @@ class PaymentGate:
             after = (await self.writer.write_many(ops))[-1]
         except LedgerConflict as exc:  # a concurrent request or voucher on the channel got there first
             raise self.needed(model, exc.reason, str(exc), spent_before + prompt_cost + ahead) from None
-        if len(ops) == 2:
+        if new_voucher:  # streams of this channel paused for funds may go on
             self._notify(voucher.channel_id)
         spent = after.spent
         paid = PaidRequest(voucher.channel_id, terms, after.accepted, spent, prompt_cost + first_token,

@@ -9,8 +9,11 @@
   within ``responseWindow`` (the bond goes to whoever answers); otherwise anyone finalizes it and the node's
   stake pays ``noResponseCompensation`` to the disputer, whose bond is returned.
 
-Compensation goes to the caller (receipts and acceptances are bearer claims: keep them private). The
-court verifies signatures with the EIP-712 types of `client.receipts` under
+Claims are bound to the channel's payer: both disputes carry the channel's `client.channel.ChannelParams`,
+the court re-derives the channel id as PaymentChannels does (with the escrow's address and the chain id),
+requires it to equal the signed ``channelId`` and requires the sender to be ``params.payer``, who is paid.
+So the claim must be sent from the payer wallet (not the session key), and a copy sent by anyone else
+reverts (``NotPayer``). The court verifies signatures with the EIP-712 types of `client.receipts` under
 ``ReceiptDomain(chain_id, court_address)``; the signer must be the node's registered enclave address.
 """
 
@@ -29,6 +32,7 @@ from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.types import TxReceipt
 
+from client.channel import ChannelParams
 from client.receipts import Receipt, ReceiptDomain, SignedAcceptance, SignedReceipt
 from client.tx import TransactionFailed, send
 
@@ -176,16 +180,20 @@ class SLACourtClient:
         fn = self.contract.functions.publishTerms(to_checksum_address(node), _b32(model_id), terms.as_tuple())
         return self._send(operator, fn, "publishTerms")
 
-    def claim_breach(self, account: LocalAccount, node: str, signed: SignedReceipt) -> TxReceipt:
-        fn = self.contract.functions.claimBreach(to_checksum_address(node), receipt_tuple(signed.receipt),
-                                                 _sig(signed.signature))
+    def claim_breach(self, account: LocalAccount, node: str, params: ChannelParams,
+                     signed: SignedReceipt) -> TxReceipt:
+        """Claim as `account`, which must be `params.payer` (the channel's payer is the one paid)."""
+        fn = self.contract.functions.claimBreach(to_checksum_address(node), params.as_struct(),
+                                                 receipt_tuple(signed.receipt), _sig(signed.signature))
         return self._send(account, fn, "claimBreach")
 
-    def open_no_response(self, account: LocalAccount, node: str, model_id: str, signed: SignedAcceptance) -> bytes:
+    def open_no_response(self, account: LocalAccount, node: str, model_id: str, params: ChannelParams,
+                         signed: SignedAcceptance) -> bytes:
+        """Open as `account`, which must be `params.payer`; returns the dispute id."""
         a = signed.acceptance
         fn = self.contract.functions.openNoResponse(
-            to_checksum_address(node), _b32(model_id), (_b32(a.request_hash), _b32(a.channel_id), a.deadline),
-            _sig(signed.signature))
+            to_checksum_address(node), _b32(model_id), params.as_struct(),
+            (_b32(a.request_hash), _b32(a.channel_id), a.deadline), _sig(signed.signature))
         self._send(account, fn, "openNoResponse", value=self.dispute_bond())
         return self.dispute_id(node, a.request_hash)
 
@@ -197,6 +205,12 @@ class SLACourtClient:
         return self._send(account, self.contract.functions.finalize(dispute_id), "finalize")
 
     # ---- reads
+
+    def escrow(self) -> str:
+        return self.contract.functions.escrow().call()
+
+    def channel_id_of(self, params: ChannelParams) -> bytes:
+        return bytes(self.contract.functions.channelIdOf(params.as_struct()).call())
 
     def dispute_bond(self) -> int:
         return self.contract.functions.disputeBond().call()

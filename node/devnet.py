@@ -139,7 +139,7 @@ def deploy_all(w3: Web3, rpc_url: str, *, close_grace_period: int) -> Deployment
     token = deploy_contract(w3, deployer, "TestToken", "Devnet USD", "dUSD")
     node_registry = deploy_contract(w3, deployer, "NodeRegistry", token, NODE_MIN_STAKE, NODE_UNBONDING_DELAY,
                                     NODE_EPOCH_LENGTH, deployer.address)
-    sla_court = deploy_contract(w3, deployer, "SLACourt", node_registry, SLA_DISPUTE_BOND)
+    sla_court = deploy_contract(w3, deployer, "SLACourt", node_registry, channels, SLA_DISPUTE_BOND)
     registry_contract = w3.eth.contract(address=node_registry, abi=artifact("NodeRegistry")["abi"])
     send(w3, deployer, registry_contract.functions.setSlasher(sla_court), action="set SLA court as slasher")
     erc20 = w3.eth.contract(address=token, abi=artifact("TestToken")["abi"])

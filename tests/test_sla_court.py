@@ -1,17 +1,20 @@
 """SLACourt against a real anvil: Proof of Response and broken-terms disputes, signed by client.receipts.
 
-The module runs its own anvil (it moves the chain's clock) and deploys its own NodeRegistry + SLACourt.
+The module runs its own anvil (it moves the chain's clock) and deploys its own NodeRegistry + SLACourt,
+bound to a PaymentChannels escrow deployed the way the devnet does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 from eth_account import Account
 from web3 import Web3
 
-from client.deployment import Deployment
+from client.channel import ETH, ZERO_ADDRESS, ChannelParams
 from client.receipts import (
     Acceptance,
     Receipt,
@@ -22,7 +25,7 @@ from client.receipts import (
     sign_receipt,
 )
 from client.sla import Broken, DisputeStatus, SLACourtClient, SLAError, Terms, broken_terms
-from node.devnet import Devnet, artifact, deploy_contract
+from node.devnet import Devnet, artifact, deploy_contract, dev_accounts
 from node.identity import EnclaveIdentity
 from node.registry import ensure_registered
 from node.tee.simulated import SimulatedProvider
@@ -30,22 +33,39 @@ from node.tee.simulated import SimulatedProvider
 STAKE = 10**18
 BOND = 10**15
 MODEL = model_id_for("tiny")
-CHANNEL = "0x" + "ab" * 32
 PEER_ID = bytes.fromhex("002408011220") + b"\x11" * 32
 TERMS = Terms(max_ttft_ms=2000, min_tokens_per_sec=10, max_duration_ms=60_000, response_window=600,
               breach_cost_bps=20_000, breach_fixed=10**16, no_response_compensation=5 * 10**16)
 
 
+@contextmanager
+def escrow_chain() -> Iterator[tuple[Web3, str]]:
+    """A fresh anvil with ModelRegistry + PaymentChannels deployed as `node.devnet.deploy_all` deploys them.
+
+    Only the escrow is deployed (not the devnet's SLACourt), so this works whatever constructor the devnet
+    passes the court. Yields (w3, PaymentChannels address).
+    """
+    def deploy_escrow(w3: Web3, rpc_url: str, *, close_grace_period: int) -> str:
+        deployer = dev_accounts()["deployer"]
+        model_registry = deploy_contract(w3, deployer, "ModelRegistry")
+        return deploy_contract(w3, deployer, "PaymentChannels", model_registry, close_grace_period)
+
+    with mock.patch("node.devnet.deploy_all", deploy_escrow), Devnet() as devnet:
+        yield Web3(Web3.HTTPProvider(devnet.rpc_url, request_kwargs={"timeout": 30})), devnet.deployment
+
+
+def channel_params(payer: str, payee: str) -> ChannelParams:
+    return ChannelParams(payer=payer, payee=payee, token=ETH, salt=b"\x5a" * 32, authorized_signer=payer,
+                         model_id=bytes.fromhex(MODEL[2:]), publisher=ZERO_ADDRESS, publisher_bps=0)
+
+
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict]:
-    with Devnet() as devnet:
-        net: Deployment = devnet.deployment
-        w3 = Web3(Web3.HTTPProvider(net.rpc_url, request_kwargs={"timeout": 30}))
-        deployer = Account.from_key(net.accounts["deployer"].private_key)
-        operator = Account.from_key(net.accounts["node"].private_key)
-        client = Account.from_key(net.accounts["client"].private_key)
+    with escrow_chain() as (w3, escrow):
+        accounts = dev_accounts()
+        deployer, operator, client = accounts["deployer"], accounts["node"], accounts["client"]
         registry = deploy_contract(w3, deployer, "NodeRegistry", "0x" + "00" * 20, STAKE, 3600, 600, deployer.address)
-        court = deploy_contract(w3, deployer, "SLACourt", registry, BOND)
+        court = deploy_contract(w3, deployer, "SLACourt", registry, escrow, BOND)
         reg = w3.eth.contract(address=registry, abi=artifact("NodeRegistry")["abi"])
         reg.functions.setSlasher(court).transact({"from": deployer.address})
         nodes = []
@@ -58,7 +78,10 @@ def env() -> Iterator[dict]:
         for n in nodes:
             sla.publish_terms(operator, n.address, MODEL, TERMS)
         _travel(w3, 2 * 3600)
-        yield dict(w3=w3, sla=sla, reg=reg, node=nodes[0], other=nodes[1], client=client, operator=operator)
+        params = channel_params(client.address, operator.address)
+        yield dict(w3=w3, sla=sla, reg=reg, node=nodes[0], other=nodes[1], client=client, operator=operator,
+                   escrow=escrow, params=params, channel="0x" + params.channel_id(escrow, w3.eth.chain_id).hex(),
+                   thief=accounts["client2"])
 
 
 def _travel(w3: Web3, seconds: int) -> None:
@@ -76,13 +99,13 @@ def _stake(env: dict, node) -> int:
 
 def _receipt(env: dict, body: bytes, **kw) -> Receipt:
     fields = dict(receiptId="0x" + "01" * 32, requestHash=request_hash(body), responseHash="0x" + "02" * 32,
-                  channelId=CHANNEL, modelId=MODEL, inputTokens=5, outputTokens=101, cost=10**15,
+                  channelId=env["channel"], modelId=MODEL, inputTokens=5, outputTokens=101, cost=10**15,
                   cumulativeSpent=10**15, acceptedAt=_now(env["w3"]) - 5, ttftMs=400, durationMs=5400)
     return Receipt(**{**fields, **kw})
 
 
 def _acceptance(env: dict, body: bytes) -> Acceptance:
-    return Acceptance(requestHash=request_hash(body), channelId=CHANNEL, deadline=_now(env["w3"]) + 300)
+    return Acceptance(requestHash=request_hash(body), channelId=env["channel"], deadline=_now(env["w3"]) + 300)
 
 
 def test_digests_match_the_contract(env: dict) -> None:
@@ -100,7 +123,7 @@ def test_answering_node_closes_the_dispute_and_keeps_its_stake(env: dict) -> Non
     acc = sign_acceptance(_acceptance(env, b"answered"), node, sla.domain)
     _travel(env["w3"], 301)
     before = _stake(env, node)
-    dispute_id = sla.open_no_response(client, node.address, MODEL, acc)
+    dispute_id = sla.open_no_response(client, node.address, MODEL, env["params"], acc)
     assert sla.dispute(dispute_id).status == DisputeStatus.OPEN
     receipt = sign_receipt(_receipt(env, b"answered"), node, sla.domain)
     sla.answer(operator, dispute_id, receipt)
@@ -116,7 +139,7 @@ def test_silent_node_is_slashed_to_the_wei(env: dict) -> None:
     sla, node, client, w3 = env["sla"], env["node"], env["client"], env["w3"]
     acc = sign_acceptance(_acceptance(env, b"silent"), node, sla.domain)
     _travel(w3, 301)
-    dispute_id = sla.open_no_response(client, node.address, MODEL, acc)
+    dispute_id = sla.open_no_response(client, node.address, MODEL, env["params"], acc)
     with pytest.raises(SLAError, match="WindowOpen"):
         sla.finalize(client, dispute_id)
     _travel(w3, 601)
@@ -135,11 +158,11 @@ def test_ttft_breach_compensated_once(env: dict) -> None:
     assert broken_terms(TERMS, r) == Broken.TTFT and sla.check_receipt(node.address, r) == Broken.TTFT
     signed = sign_receipt(r, node, sla.domain)
     before = _stake(env, node)
-    sla.claim_breach(client, node.address, signed)
+    sla.claim_breach(client, node.address, env["params"], signed)
     assert _stake(env, node) == before - TERMS.compensation(r)
     assert sla.breach_claimed(node.address, r.request_hash)
     with pytest.raises(SLAError, match="AlreadyClaimed"):
-        sla.claim_breach(client, node.address, signed)
+        sla.claim_breach(client, node.address, env["params"], signed)
 
 
 def test_forgeries_are_refused_on_chain(env: dict) -> None:
@@ -148,13 +171,13 @@ def test_forgeries_are_refused_on_chain(env: dict) -> None:
     good = sign_receipt(r, node, sla.domain)
     altered = good.model_copy(update={"receipt": r.model_copy(update={"cost": r.cost * 100})})
     with pytest.raises(SLAError, match=r"WrongSigner|InvalidSignature"):
-        sla.claim_breach(client, node.address, altered)
+        sla.claim_breach(client, node.address, env["params"], altered)
     with pytest.raises(SLAError, match="WrongSigner"):
-        sla.claim_breach(client, node.address, sign_receipt(r, other, sla.domain))
+        sla.claim_breach(client, node.address, env["params"], sign_receipt(r, other, sla.domain))
     with pytest.raises(SLAError, match="WrongSigner"):
-        sla.claim_breach(client, node.address, sign_receipt(r, node, ReceiptDomain(1, sla.address)))
+        sla.claim_breach(client, node.address, env["params"], sign_receipt(r, node, ReceiptDomain(1, sla.address)))
     with pytest.raises(SLAError, match="WrongSigner"):
-        sla.claim_breach(client, node.address, sign_receipt(r, Account.create(), sla.domain))
+        sla.claim_breach(client, node.address, env["params"], sign_receipt(r, Account.create(), sla.domain))
     acc = _acceptance(env, b"forged-acc")
     _travel(env["w3"], 301)
     signed = sign_acceptance(acc, node, sla.domain)
@@ -162,5 +185,35 @@ def test_forgeries_are_refused_on_chain(env: dict) -> None:
     for bad in (tampered, sign_acceptance(acc, other, sla.domain),
                 sign_acceptance(acc, node, ReceiptDomain(1, sla.address))):
         with pytest.raises(SLAError, match=r"WrongSigner|InvalidSignature"):
-            sla.open_no_response(client, node.address, MODEL, bad)
+            sla.open_no_response(client, node.address, MODEL, env["params"], bad)
     assert not sla.breach_claimed(node.address, r.request_hash)
+
+
+def test_channel_id_matches_the_escrow(env: dict) -> None:
+    sla, w3, params = env["sla"], env["w3"], env["params"]
+    escrow = w3.eth.contract(address=env["escrow"], abi=artifact("PaymentChannels")["abi"])
+    assert sla.escrow() == env["escrow"]
+    expected = params.channel_id(env["escrow"], w3.eth.chain_id)
+    assert sla.channel_id_of(params) == expected == bytes(escrow.functions.channelIdOf(params.as_struct()).call())
+
+
+def test_copied_claims_are_refused_and_the_payer_is_paid(env: dict) -> None:
+    sla, node, client, thief, w3 = env["sla"], env["node"], env["client"], env["thief"], env["w3"]
+    signed = sign_receipt(_receipt(env, b"copied", ttftMs=3000), node, sla.domain)
+    # a mempool watcher replays the client's exact claim: not the payer
+    with pytest.raises(SLAError, match="NotPayer"):
+        sla.claim_breach(thief, node.address, env["params"], signed)
+    # or names itself payer: the channel id no longer matches the one the node signed
+    with pytest.raises(SLAError, match="ChannelMismatch"):
+        sla.claim_breach(thief, node.address, channel_params(thief.address, env["operator"].address), signed)
+    acc = sign_acceptance(_acceptance(env, b"copied-open"), node, sla.domain)
+    _travel(w3, 301)
+    with pytest.raises(SLAError, match="NotPayer"):
+        sla.open_no_response(thief, node.address, MODEL, env["params"], acc)
+    balance = w3.eth.get_balance(client.address)
+    tx = sla.claim_breach(client, node.address, env["params"], signed)
+    paid = sla.events("BreachCompensated")[-1]
+    assert paid["disputer"] == client.address
+    assert w3.eth.get_balance(client.address) == balance + paid["amount"] - tx["gasUsed"] * tx["effectiveGasPrice"]
+    dispute_id = sla.open_no_response(client, node.address, MODEL, env["params"], acc)
+    assert sla.dispute(dispute_id).disputer == client.address

@@ -6,6 +6,7 @@ import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 import {NodeRegistry} from "./NodeRegistry.sol";
+import {PaymentChannels} from "./PaymentChannels.sol";
 
 /// @title SLACourt
 /// @notice Judges a node's service-level terms and its Proof of Response against its registry stake.
@@ -20,11 +21,14 @@ import {NodeRegistry} from "./NodeRegistry.sol";
 ///        Acceptance(bytes32 requestHash,bytes32 channelId,uint64 deadline)
 ///      The signer must be the node's address in the NodeRegistry (the enclave key); 65-byte low-s only.
 ///
-///      Who is compensated: the disputer (`msg.sender`). Receipts and acceptances are bearer claims held by
-///      the client; a no-response dispute costs a bond (`disputeBond`, native ETH) that the disputer gets
-///      back only if the node does not answer, and that goes to whoever posts the answer otherwise, so
-///      challenging an answering node costs the challenger. Limitation: a pending dispute transaction can be
-///      copied from the mempool; binding claims to the channel payer needs the payer on-chain per channel.
+///      Who is compensated: the channel's payer, and only the payer may claim. Both disputes carry the
+///      channel's {PaymentChannels.ChannelParams}; the court re-derives the channel id exactly as the escrow
+///      does (`keccak256(abi.encode(params, escrow, block.chainid))`), requires it to be the id the node
+///      signed, and requires `msg.sender == params.payer`. So a claim copied from the mempool by anyone else
+///      reverts (`NotPayer`). The channel need not still be open: its id alone binds the payer.
+///      A no-response dispute costs a bond (`disputeBond`, native ETH) that the payer gets back only if the
+///      node does not answer, and that goes to whoever posts the answer otherwise, so challenging an
+///      answering node costs the challenger.
 ///
 ///      Terms are versioned: a version published at time T is valid from T + 1, so requests accepted at or
 ///      before T (receipt `acceptedAt`) keep the older terms. An acceptance carries no acceptance time: it
@@ -112,6 +116,8 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
     // ---------------------------------------------------------------- storage
 
     NodeRegistry public immutable registry;
+    /// @notice The PaymentChannels escrow whose channel ids receipts and acceptances name.
+    address public immutable escrow;
     /// @notice Native-ETH bond for opening a no-response dispute.
     uint256 public immutable disputeBond;
 
@@ -124,12 +130,21 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
 
     event TermsPublished(address indexed node, bytes32 indexed modelId, uint256 version, Terms terms);
     event BreachCompensated(
-        address indexed node, bytes32 indexed requestHash, address indexed disputer, bytes32 receiptId, uint8 brokenTerms,
+        address indexed node,
+        bytes32 indexed requestHash,
+        address indexed disputer,
+        bytes32 receiptId,
+        uint8 brokenTerms,
         uint256 amount
     );
     event NoResponseDisputeOpened(
-        bytes32 indexed disputeId, address indexed node, bytes32 indexed requestHash, address disputer, bytes32 modelId,
-        uint64 answerBy, uint256 compensation
+        bytes32 indexed disputeId,
+        address indexed node,
+        bytes32 indexed requestHash,
+        address disputer,
+        bytes32 modelId,
+        uint64 answerBy,
+        uint256 compensation
     );
     event DisputeAnswered(bytes32 indexed disputeId, address indexed node, bytes32 receiptId, address answeredBy);
     event DisputeFinalized(bytes32 indexed disputeId, address indexed node, address indexed disputer, uint256 amount);
@@ -152,13 +167,17 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
     error ReceiptMismatch();
     error WindowClosed(uint64 answerBy);
     error WindowOpen(uint64 answerBy);
+    error ChannelMismatch(bytes32 signed, bytes32 derived);
+    error NotPayer(address caller, address payer);
 
     // ---------------------------------------------------------------- constructor
 
     /// @param registry_ The NodeRegistry whose slasher this court must be.
+    /// @param escrow_ The PaymentChannels escrow (its address is part of every channel id).
     /// @param disputeBond_ Native-ETH bond for a no-response dispute (0 allowed).
-    constructor(NodeRegistry registry_, uint256 disputeBond_) EIP712("dcml-receipts", "1") {
+    constructor(NodeRegistry registry_, address escrow_, uint256 disputeBond_) EIP712("dcml-receipts", "1") {
         registry = registry_;
+        escrow = escrow_;
         disputeBond = disputeBond_;
     }
 
@@ -191,12 +210,15 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
     // ---------------------------------------------------------------- disputes
 
     /// @notice Claims compensation for a receipt whose own figures break the node's terms in force at
-    ///         its `acceptedAt`. Each (node, request) is compensated at most once; paid to the caller.
-    function claimBreach(address node, Receipt calldata r, bytes calldata signature)
-        external
-        nonReentrant
-        returns (uint256 amount)
-    {
+    ///         its `acceptedAt`. Each (node, request) is compensated at most once. `params` are the terms
+    ///         of the receipt's channel; only their payer may claim, and is paid.
+    function claimBreach(
+        address node,
+        PaymentChannels.ChannelParams calldata params,
+        Receipt calldata r,
+        bytes calldata signature
+    ) external nonReentrant returns (uint256 amount) {
+        _checkPayer(params, r.channelId);
         _checkSigner(hashReceipt(r), signature, node);
         bytes32 key = claimKey(node, r.requestHash);
         if (breachClaimed[key]) revert AlreadyClaimed(key);
@@ -206,18 +228,22 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
         breachClaimed[key] = true;
         amount = _capped(node, uint256(t.breachFixed) + uint256(r.cost) * t.breachCostBps / 10_000);
         if (amount == 0) revert NothingToCompensate(node);
-        emit BreachCompensated(node, r.requestHash, msg.sender, r.receiptId, broken, amount);
-        registry.slash(node, amount, msg.sender);
+        emit BreachCompensated(node, r.requestHash, params.payer, r.receiptId, broken, amount);
+        registry.slash(node, amount, params.payer);
     }
 
     /// @notice Opens a no-response dispute on an acceptance whose deadline has passed; send
-    ///         `disputeBond` as value. `modelId` names the terms to apply (see the contract doc).
-    function openNoResponse(address node, bytes32 modelId, Acceptance calldata a, bytes calldata signature)
-        external
-        payable
-        returns (bytes32 id)
-    {
+    ///         `disputeBond` as value. `modelId` names the terms to apply (see the contract doc). `params`
+    ///         are the terms of the acceptance's channel; only their payer may open it, and is paid.
+    function openNoResponse(
+        address node,
+        bytes32 modelId,
+        PaymentChannels.ChannelParams calldata params,
+        Acceptance calldata a,
+        bytes calldata signature
+    ) external payable returns (bytes32 id) {
         if (msg.value != disputeBond) revert InvalidBond(msg.value, disputeBond);
+        _checkPayer(params, a.channelId);
         _checkSigner(hashAcceptance(a), signature, node);
         // forge-lint: disable-next-line(block-timestamp)
         if (block.timestamp <= a.deadline) revert DeadlineNotPassed(a.deadline);
@@ -227,7 +253,7 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
         Terms memory t = termsAt(node, modelId, ref);
         uint64 answerBy = uint64(block.timestamp) + t.responseWindow;
         _disputes[id] = Dispute({
-            disputer: msg.sender,
+            disputer: params.payer,
             status: DisputeStatus.Open,
             answerBy: answerBy,
             node: node,
@@ -239,7 +265,7 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
             channelId: a.channelId,
             modelId: modelId
         });
-        emit NoResponseDisputeOpened(id, node, a.requestHash, msg.sender, modelId, answerBy, t.noResponseCompensation);
+        emit NoResponseDisputeOpened(id, node, a.requestHash, params.payer, modelId, answerBy, t.noResponseCompensation);
     }
 
     /// @notice Closes an open no-response dispute with the node's receipt for the same request and channel,
@@ -347,7 +373,19 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
         return _domainSeparatorV4();
     }
 
+    /// @notice The id PaymentChannels gives the channel with these terms on this chain.
+    function channelIdOf(PaymentChannels.ChannelParams calldata params) public view returns (bytes32) {
+        return keccak256(abi.encode(params, escrow, block.chainid));
+    }
+
     // ---------------------------------------------------------------- internal
+
+    /// @dev `params` must hash to the signed `channelId` and the caller must be their payer.
+    function _checkPayer(PaymentChannels.ChannelParams calldata params, bytes32 channelId) private view {
+        bytes32 derived = channelIdOf(params);
+        if (derived != channelId) revert ChannelMismatch(channelId, derived);
+        if (msg.sender != params.payer) revert NotPayer(msg.sender, params.payer);
+    }
 
     function _checkSigner(bytes32 digest, bytes calldata signature, address node) private pure {
         (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, signature);

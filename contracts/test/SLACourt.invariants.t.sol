@@ -3,6 +3,7 @@ pragma solidity ^0.8.24;
 
 import {SLACourt} from "../src/SLACourt.sol";
 import {NodeRegistry} from "../src/NodeRegistry.sol";
+import {PaymentChannels} from "../src/PaymentChannels.sol";
 import {SLACourtFixture} from "./SLACourt.t.sol";
 
 /// @dev Drives the court with a sloppy node (NODE_KEY: slow receipts, sometimes silent) and an honest node
@@ -33,7 +34,7 @@ contract SLACourtHandler {
         bytes32 req = keccak256(abi.encode("req", reqSeed));
         address n = honest ? f.node2() : f.node();
         (SLACourt.Receipt memory r, bytes memory sig) = f.signedReceipt(honest, req, honest ? 100 : ttft % 10_000);
-        try court.claimBreach(n, r, sig) returns (uint256 amount) {
+        try court.claimBreach(n, f.paramsOf(address(this)), r, sig) returns (uint256 amount) {
             paidToClient += amount;
             if (paidPerRequest[keccak256(abi.encode(n, req))]++ != 0) doublePaid++;
         } catch {}
@@ -44,7 +45,7 @@ contract SLACourtHandler {
         (SLACourt.Acceptance memory a, bytes memory sig) = f.signedAcceptance(honest, req);
         f.warpTo(a.deadline + 1);
         address n = honest ? f.node2() : f.node();
-        try court.openNoResponse{value: 0}(n, f.model(), a, sig) returns (bytes32 id) {
+        try court.openNoResponse{value: 0}(n, f.model(), f.paramsOf(address(this)), a, sig) returns (bytes32 id) {
             if (honest) {
                 (SLACourt.Receipt memory r, bytes memory rs) = f.signedReceipt(true, req, 100);
                 court.answer(id, r, rs); // the honest node answers at once
@@ -70,6 +71,7 @@ interface SLACourtFixtureView {
     function node() external view returns (address);
     function node2() external view returns (address);
     function model() external view returns (bytes32);
+    function paramsOf(address payer) external view returns (PaymentChannels.ChannelParams memory);
     function publishFor(address n, uint32 ttft, uint128 comp) external;
     function warpBy(uint256 dt) external;
     function warpTo(uint256 t) external;
@@ -95,7 +97,7 @@ contract SLACourtInvariants is SLACourtFixture {
     /// @dev The fixture's court is the registry's slasher; the invariant court replaces it on a fresh registry.
     function _rewire() internal {
         registry = new NodeRegistry(address(token), 100e18, 7 days, 1 hours, OWNER);
-        court = new SLACourt(registry, 0);
+        court = new SLACourt(registry, address(escrow), 0);
         vm.prank(OWNER);
         registry.setSlasher(address(court));
         vm.prank(operator);
@@ -107,6 +109,10 @@ contract SLACourtInvariants is SLACourtFixture {
     // ---- hooks for the handler (the fixture owns the keys and cheatcodes)
     function model() external pure returns (bytes32) {
         return MODEL;
+    }
+
+    function paramsOf(address payer) external view returns (PaymentChannels.ChannelParams memory) {
+        return _params(payer);
     }
 
     function publishFor(address n, uint32 ttft, uint128 comp) external {
@@ -132,6 +138,7 @@ contract SLACourtInvariants is SLACourtFixture {
         returns (SLACourt.Receipt memory r, bytes memory sig)
     {
         r = _receipt(req);
+        r.channelId = _channel(msg.sender);
         r.acceptedAt = uint64(block.timestamp - 1);
         r.ttftMs = ttft;
         sig = _sign(honest ? NODE2_KEY : NODE_KEY, this.digestR(r));
@@ -143,6 +150,7 @@ contract SLACourtInvariants is SLACourtFixture {
         returns (SLACourt.Acceptance memory a, bytes memory sig)
     {
         a = _acceptance(req);
+        a.channelId = _channel(msg.sender);
         a.deadline = uint64(block.timestamp - 1);
         sig = _sign(honest ? NODE2_KEY : NODE_KEY, this.digestA(a));
     }

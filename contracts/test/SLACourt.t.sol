@@ -3,6 +3,8 @@ pragma solidity ^0.8.24;
 
 import {TestBase} from "./utils/TestBase.sol";
 import {NodeRegistry} from "../src/NodeRegistry.sol";
+import {ModelRegistry} from "../src/ModelRegistry.sol";
+import {PaymentChannels} from "../src/PaymentChannels.sol";
 import {SLACourt} from "../src/SLACourt.sol";
 import {TestToken} from "../src/TestToken.sol";
 
@@ -14,11 +16,13 @@ abstract contract SLACourtFixture is TestBase {
     uint256 internal constant OPERATOR_KEY = 0x0FE2;
     address internal constant OWNER = address(0x0A11);
     address internal constant CLIENT = address(0xC11E);
+    address internal constant THIEF = address(0x7E1F);
     bytes32 internal constant MODEL = keccak256("tiny-model");
 
     NodeRegistry internal registry;
     SLACourt internal court;
     TestToken internal token;
+    PaymentChannels internal escrow;
     address internal node;
     address internal node2;
     address internal operator;
@@ -30,7 +34,8 @@ abstract contract SLACourtFixture is TestBase {
         operator = vm.addr(OPERATOR_KEY);
         token = new TestToken("Stake", "STK");
         registry = new NodeRegistry(address(token), 100e18, 7 days, 1 hours, OWNER);
-        court = new SLACourt(registry, BOND);
+        escrow = new PaymentChannels(address(new ModelRegistry()), 1 hours);
+        court = new SLACourt(registry, address(escrow), BOND);
         vm.prank(OWNER);
         registry.setSlasher(address(court));
         token.mint(operator, 1e30);
@@ -39,6 +44,7 @@ abstract contract SLACourtFixture is TestBase {
         _register(NODE_KEY);
         _register(NODE2_KEY);
         vm.deal(CLIENT, 100 ether);
+        vm.deal(THIEF, 100 ether);
         vm.deal(operator, 100 ether);
     }
 
@@ -80,7 +86,7 @@ abstract contract SLACourtFixture is TestBase {
         r.receiptId = keccak256(abi.encode("receipt", requestHash));
         r.requestHash = requestHash;
         r.responseHash = keccak256("response");
-        r.channelId = keccak256("channel");
+        r.channelId = _channel(CLIENT);
         r.modelId = MODEL;
         r.inputTokens = 10;
         r.outputTokens = 101;
@@ -93,8 +99,37 @@ abstract contract SLACourtFixture is TestBase {
 
     function _acceptance(bytes32 requestHash) internal view returns (SLACourt.Acceptance memory a) {
         a.requestHash = requestHash;
-        a.channelId = keccak256("channel");
+        a.channelId = _channel(CLIENT);
         a.deadline = uint64(block.timestamp + 300);
+    }
+
+    /// @dev The terms of `payer`'s channel to the operator (the channel need not be opened).
+    function _params(address payer) internal view returns (PaymentChannels.ChannelParams memory p) {
+        p.payer = payer;
+        p.payee = operator;
+        p.token = address(token);
+        p.salt = keccak256("salt");
+        p.authorizedSigner = address(0x5E55);
+        p.modelId = MODEL;
+    }
+
+    /// @dev The escrow's id for `_params(payer)`, recomputed here as PaymentChannels documents it.
+    function _channel(address payer) internal view returns (bytes32) {
+        return keccak256(abi.encode(_params(payer), address(escrow), block.chainid));
+    }
+
+    /// @dev claimBreach as CLIENT with CLIENT's channel.
+    function _claim(address n, SLACourt.Receipt memory r, bytes memory sig) internal returns (uint256) {
+        PaymentChannels.ChannelParams memory p = _params(CLIENT);
+        vm.prank(CLIENT);
+        return court.claimBreach(n, p, r, sig);
+    }
+
+    /// @dev openNoResponse as CLIENT with CLIENT's channel, sending `value`.
+    function _openNR(uint256 value, SLACourt.Acceptance memory a, bytes memory sig) internal returns (bytes32) {
+        PaymentChannels.ChannelParams memory p = _params(CLIENT);
+        vm.prank(CLIENT);
+        return court.openNoResponse{value: value}(node, MODEL, p, a, sig);
     }
 
     function _signR(uint256 key, SLACourt.Receipt memory r) internal view returns (bytes memory) {
@@ -173,56 +208,113 @@ contract SLACourtTest is SLACourtFixture {
         r.ttftMs = 2_001;
         bytes memory sig = _signR(NODE_KEY, r);
         uint256 before = token.balanceOf(CLIENT);
-        vm.prank(CLIENT);
-        uint256 paid = court.claimBreach(node, r, sig);
+        uint256 paid = _claim(node, r, sig);
         vm.assertEq(paid, 5e18 + 2e18);
         vm.assertEq(token.balanceOf(CLIENT) - before, paid);
         vm.assertEq(_stake(node), STAKE - paid);
-        vm.prank(CLIENT);
         vm.expectRevert(abi.encodeWithSelector(SLACourt.AlreadyClaimed.selector, court.claimKey(node, r.requestHash)));
-        court.claimBreach(node, r, sig);
+        _claim(node, r, sig);
         // another receipt (new id) for the same request cannot be claimed either
         r.receiptId = bytes32(uint256(1));
         bytes memory sig2 = _signR(NODE_KEY, r);
         vm.expectRevert(abi.encodeWithSelector(SLACourt.AlreadyClaimed.selector, court.claimKey(node, r.requestHash)));
-        court.claimBreach(node, r, sig2);
+        _claim(node, r, sig2);
+    }
+
+    function test_channelId_matchesEscrow() public view {
+        PaymentChannels.ChannelParams memory p = _params(CLIENT);
+        vm.assertEq(court.channelIdOf(p), escrow.channelIdOf(p));
+        vm.assertEq(court.channelIdOf(p), _channel(CLIENT));
+        vm.assertEq(court.escrow(), address(escrow));
+    }
+
+    /// forge-config: default.fuzz.runs = 256
+    function testFuzz_channelId_matchesEscrow(PaymentChannels.ChannelParams calldata p) public view {
+        vm.assertEq(court.channelIdOf(p), escrow.channelIdOf(p));
+    }
+
+    function test_claimBreach_copiedByThirdPartyRefused() public {
+        SLACourt.Receipt memory r = _receipt(keccak256("copied"));
+        r.ttftMs = 2_001;
+        bytes memory sig = _signR(NODE_KEY, r);
+        PaymentChannels.ChannelParams memory p = _params(CLIENT);
+        // the exact calldata of the client's claim, sent by a mempool watcher
+        vm.prank(THIEF);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.NotPayer.selector, THIEF, CLIENT));
+        court.claimBreach(node, p, r, sig);
+        // naming itself as payer changes the channel id: no longer the one the node signed
+        PaymentChannels.ChannelParams memory own = _params(THIEF);
+        vm.prank(THIEF);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.ChannelMismatch.selector, r.channelId, _channel(THIEF)));
+        court.claimBreach(node, own, r, sig);
+        // any other changed term (here the escrow's payee) fails the same way
+        p.payee = THIEF;
+        vm.prank(CLIENT);
+        vm.expectRevert();
+        court.claimBreach(node, p, r, sig);
+        uint256 before = token.balanceOf(CLIENT);
+        uint256 paid = _claim(node, r, sig);
+        vm.assertEq(token.balanceOf(CLIENT) - before, paid);
+        vm.assertEq(token.balanceOf(THIEF), 0);
+    }
+
+    function test_openNoResponse_copiedByThirdPartyRefused() public {
+        SLACourt.Acceptance memory a = _acceptance(keccak256("copied-open"));
+        bytes memory sig = _signA(NODE_KEY, a);
+        vm.warp(a.deadline + 1);
+        PaymentChannels.ChannelParams memory p = _params(CLIENT);
+        vm.prank(THIEF);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.NotPayer.selector, THIEF, CLIENT));
+        court.openNoResponse{value: BOND}(node, MODEL, p, a, sig);
+        PaymentChannels.ChannelParams memory own = _params(THIEF);
+        vm.prank(THIEF);
+        vm.expectRevert(abi.encodeWithSelector(SLACourt.ChannelMismatch.selector, a.channelId, _channel(THIEF)));
+        court.openNoResponse{value: BOND}(node, MODEL, own, a, sig);
+        bytes32 id = _openNR(BOND, a, sig);
+        vm.assertEq(court.getDispute(id).disputer, CLIENT);
+        // whoever finalizes, the payer is paid and gets the bond back
+        vm.warp(block.timestamp + 1 hours + 1);
+        uint256 ethBefore = CLIENT.balance;
+        vm.prank(THIEF);
+        court.finalize(id);
+        vm.assertEq(token.balanceOf(CLIENT), 50e18);
+        vm.assertEq(CLIENT.balance - ethBefore, BOND);
+        vm.assertEq(token.balanceOf(THIEF), 0);
     }
 
     function test_claimBreach_rateAndDuration() public {
         SLACourt.Receipt memory r = _receipt(keccak256("slow"));
         r.durationMs = 10_501; // 100 tokens in 10.001 s < 10 tok/s
         bytes memory rs = _signR(NODE_KEY, r);
-        vm.prank(CLIENT);
-        court.claimBreach(node, r, rs);
+        _claim(node, r, rs);
         SLACourt.Receipt memory r2 = _receipt(keccak256("long"));
         r2.outputTokens = 10_000;
         r2.durationMs = 60_001;
         SLACourt.Terms memory t = court.termsAt(node, MODEL, r2.acceptedAt);
         vm.assertEq(court.brokenTerms(t, r2), 4);
         bytes memory rs2 = _signR(NODE_KEY, r2);
-        vm.prank(CLIENT);
-        court.claimBreach(node, r2, rs2);
+        _claim(node, r2, rs2);
     }
 
     function test_claimBreach_refusesGoodReceiptForgedAndWrongKey() public {
         SLACourt.Receipt memory r = _receipt(keccak256("ok"));
         bytes memory sig = _signR(NODE_KEY, r);
         vm.expectRevert(SLACourt.TermsNotBroken.selector);
-        court.claimBreach(node, r, sig);
+        _claim(node, r, sig);
         // altering any figure after signing: the signature recovers another key
         r.ttftMs = 9_999;
         vm.expectRevert();
-        court.claimBreach(node, r, sig);
+        _claim(node, r, sig);
         // signed by another registered node, claimed against this one
         bytes memory sig2 = _signR(NODE2_KEY, r);
         vm.expectRevert(abi.encodeWithSelector(SLACourt.WrongSigner.selector, node2, node));
-        court.claimBreach(node, r, sig2);
+        _claim(node, r, sig2);
         // high-s and short signatures
         bytes32 digest = this.digestR(r);
         vm.expectRevert(SLACourt.InvalidSignature.selector);
-        court.claimBreach(node, r, _highS(NODE_KEY, digest));
+        _claim(node, r, _highS(NODE_KEY, digest));
         vm.expectRevert(SLACourt.InvalidSignature.selector);
-        court.claimBreach(node, r, hex"1234");
+        _claim(node, r, hex"1234");
     }
 
     function test_claimBreach_refusesOtherChain() public {
@@ -231,7 +323,7 @@ contract SLACourtTest is SLACourtFixture {
         bytes memory sig = _signR(NODE_KEY, r);
         vm.chainId(999);
         vm.expectRevert();
-        court.claimBreach(node, r, sig);
+        _claim(node, r, sig);
     }
 
     function test_claimBreach_usesTermsAtAcceptedAt() public {
@@ -243,13 +335,12 @@ contract SLACourtTest is SLACourtFixture {
         court.publishTerms(node, MODEL, loose); // same second as acceptedAt: not yet in force
         vm.warp(block.timestamp + 10);
         bytes memory rs = _signR(NODE_KEY, r);
-        vm.prank(CLIENT);
-        court.claimBreach(node, r, rs);
+        _claim(node, r, rs);
         SLACourt.Receipt memory r2 = _receipt(keccak256("new"));
         r2.ttftMs = 2_500;
         bytes memory sig2 = _signR(NODE_KEY, r2);
         vm.expectRevert(SLACourt.TermsNotBroken.selector);
-        court.claimBreach(node, r2, sig2);
+        _claim(node, r2, sig2);
     }
 
     function test_claimBreach_noTermsBeforePublication() public {
@@ -258,15 +349,14 @@ contract SLACourtTest is SLACourtFixture {
         r.ttftMs = 9_000;
         bytes memory sig = _signR(NODE_KEY, r);
         vm.expectRevert(abi.encodeWithSelector(SLACourt.NoTerms.selector, node, MODEL, r.acceptedAt));
-        court.claimBreach(node, r, sig);
+        _claim(node, r, sig);
     }
 
     function _open(bytes32 req) internal returns (bytes32 id, SLACourt.Acceptance memory a) {
         a = _acceptance(req);
         bytes memory sig = _signA(NODE_KEY, a);
         vm.warp(a.deadline + 1);
-        vm.prank(CLIENT);
-        id = court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+        id = _openNR(BOND, a, sig);
     }
 
     function test_noResponse_answeredClosesWithoutSlash() public {
@@ -308,27 +398,21 @@ contract SLACourtTest is SLACourtFixture {
     function test_noResponse_refusals() public {
         SLACourt.Acceptance memory a = _acceptance(keccak256("x"));
         bytes memory sig = _signA(NODE_KEY, a);
-        vm.prank(CLIENT);
         vm.expectRevert(abi.encodeWithSelector(SLACourt.DeadlineNotPassed.selector, a.deadline));
-        court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+        _openNR(BOND, a, sig);
         vm.warp(a.deadline + 1);
-        vm.prank(CLIENT);
         vm.expectRevert(abi.encodeWithSelector(SLACourt.InvalidBond.selector, 0, BOND));
-        court.openNoResponse(node, MODEL, a, sig);
+        _openNR(0, a, sig);
         bytes memory sigOther = _signA(NODE2_KEY, a);
-        vm.prank(CLIENT);
         vm.expectRevert(abi.encodeWithSelector(SLACourt.WrongSigner.selector, node2, node));
-        court.openNoResponse{value: BOND}(node, MODEL, a, sigOther);
+        _openNR(BOND, a, sigOther);
         a.deadline += 1; // altered after signing
-        vm.prank(CLIENT);
         vm.expectRevert();
-        court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+        _openNR(BOND, a, sig);
         a.deadline -= 1;
-        vm.prank(CLIENT);
-        bytes32 id = court.openNoResponse{value: BOND}(node, MODEL, a, sig);
-        vm.prank(CLIENT);
+        bytes32 id = _openNR(BOND, a, sig);
         vm.expectRevert(abi.encodeWithSelector(SLACourt.DisputeExists.selector, id));
-        court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+        _openNR(BOND, a, sig);
         // answers for another request, another channel, or signed by another key are refused
         SLACourt.Receipt memory r = _receipt(keccak256("other"));
         bytes memory rs = _signR(NODE_KEY, r);
@@ -357,8 +441,7 @@ contract SLACourtTest is SLACourtFixture {
         vm.prank(operator);
         court.publishTerms(node, MODEL, harsh); // after acceptance: must not apply
         vm.warp(a.deadline + 1);
-        vm.prank(CLIENT);
-        bytes32 id = court.openNoResponse{value: BOND}(node, MODEL, a, sig);
+        bytes32 id = _openNR(BOND, a, sig);
         vm.assertEq(court.getDispute(id).compensation, 50e18);
     }
 
@@ -375,7 +458,7 @@ contract SLACourtTest is SLACourtFixture {
         r.ttftMs = 9_000;
         bytes memory sig = _signR(NODE_KEY, r);
         vm.expectRevert(abi.encodeWithSelector(SLACourt.NothingToCompensate.selector, node));
-        court.claimBreach(node, r, sig);
+        _claim(node, r, sig);
     }
 
     /// forge-config: default.fuzz.runs = 128
@@ -390,13 +473,12 @@ contract SLACourtTest is SLACourtFixture {
             && uint256(outTokens - 1) * 1000 < uint256(t.minTokensPerSec) * (duration - ttft);
         bool durBroken = duration > t.maxDurationMs;
         bytes memory sig = _signR(NODE_KEY, r);
-        vm.prank(CLIENT);
         if (!(ttftBroken || rateBroken || durBroken)) {
             vm.expectRevert(SLACourt.TermsNotBroken.selector);
-            court.claimBreach(node, r, sig);
+            _claim(node, r, sig);
             vm.assertEq(_stake(node), STAKE);
         } else {
-            uint256 paid = court.claimBreach(node, r, sig);
+            uint256 paid = _claim(node, r, sig);
             vm.assertEq(paid, 7e18);
             vm.assertEq(_stake(node), STAKE - paid);
         }

@@ -1,0 +1,117 @@
+"""Answers no-response disputes against this node: Proof of Response, automated.
+
+`SlaWatcher` polls the SLA court for `NoResponseDisputeOpened` events naming this node, and for each
+dispute still open posts the stored receipt whose ``requestHash`` matches (`SLACourt.answer`), well
+inside the response window. A dispute with no stored receipt is logged and left alone (the node never
+answered that request, so it cannot refute it). Runs in a background thread; `start()` / `stop()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+from web3 import Web3
+
+from client.receipts import SignedReceipt
+from client.sla import DisputeStatus, SLACourtClient, SLAError
+
+log = logging.getLogger(__name__)
+
+ReceiptLookup = Callable[[str], "SignedReceipt | None"]
+
+
+class SlaWatcher:
+    """Polls `court_address` every `interval_s` and answers open disputes against `node_address`.
+
+    `receipt_lookup(request_hash)` (0x-prefixed lowercase hex) returns the stored signed receipt or None.
+    `sender_account` pays the gas of `answer` and receives the disputer's bond.
+    """
+
+    def __init__(self, w3: Web3, court_address: str, node_address: str, receipt_lookup: ReceiptLookup,
+                 sender_account: LocalAccount, *, interval_s: float = 10.0, from_block: int | None = None) -> None:
+        self.court = SLACourtClient(w3, court_address)
+        self.w3 = w3
+        self.node = to_checksum_address(node_address)
+        self.lookup = receipt_lookup
+        self.sender = sender_account
+        self.interval_s = interval_s
+        self._next_block = from_block
+        self._done: set[bytes] = set()  # disputes answered, or no longer open
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.answered: list[bytes] = []  # dispute ids this watcher answered, in order
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="sla-watcher", daemon=True)
+        self._thread.start()
+        log.info("SLA watcher started for node %s on court %s (every %ss)", self.node, self.court.address,
+                 self.interval_s)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        log.info("SLA watcher stopped")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:
+                log.exception("SLA watcher poll failed; retrying in %ss", self.interval_s)
+            self._stop.wait(self.interval_s)
+
+    def poll_once(self) -> int:
+        """One pass: fetch new dispute events for this node and answer the open ones. Returns answers sent."""
+        head = self.w3.eth.block_number
+        start = 0 if self._next_block is None else self._next_block
+        if start > head:
+            return 0
+        event = self.court.contract.events.NoResponseDisputeOpened()
+        logs = event.get_logs(from_block=start, to_block=head, argument_filters={"node": self.node})
+        sent = 0
+        for entry in logs:
+            dispute_id = bytes(entry["args"]["disputeId"])
+            if dispute_id in self._done or entry["args"]["node"] != self.node:
+                continue
+            sent += self._handle(dispute_id)
+        self._next_block = head + 1
+        return sent
+
+    def _handle(self, dispute_id: bytes) -> int:
+        dispute = self.court.dispute(dispute_id)
+        if dispute.status != DisputeStatus.OPEN:
+            self._done.add(dispute_id)
+            return 0
+        request = "0x" + dispute.request_hash.hex()
+        signed = self.lookup(request)
+        if signed is None:
+            log.warning("SLA dispute %s: no stored receipt for request %s; cannot answer (window closes at %d)",
+                        dispute_id.hex(), request, dispute.answer_by)
+            self._done.add(dispute_id)
+            return 0
+        if signed.receipt.channel_id.lower() != "0x" + dispute.channel_id.hex():
+            log.warning("SLA dispute %s: stored receipt for %s is for channel %s, dispute names 0x%s",
+                        dispute_id.hex(), request, signed.receipt.channel_id, dispute.channel_id.hex())
+            self._done.add(dispute_id)
+            return 0
+        try:
+            tx = self.court.answer(self.sender, dispute_id, signed)
+        except SLAError as exc:
+            log.error("SLA dispute %s: answer refused: %s", dispute_id.hex(), exc.reason)
+            if exc.reason in ("DisputeNotOpen", "WindowClosed", "ReceiptMismatch", "WrongSigner"):
+                self._done.add(dispute_id)
+            return 0
+        self._done.add(dispute_id)
+        self.answered.append(dispute_id)
+        log.info("SLA dispute %s answered with receipt %s for request %s (tx %s, gas %d)", dispute_id.hex(),
+                 signed.receipt.receipt_id, request, tx["transactionHash"].hex(), tx["gasUsed"])
+        return 1

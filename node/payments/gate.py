@@ -20,9 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from eth_account.signers.local import LocalAccount
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from web3 import Web3
 
@@ -33,7 +32,6 @@ from client.x402 import (
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
     PAYMENT_SIGNATURE,
-    VOUCHERS_PATH,
     ChannelTerms,
     NeedVoucher,
     PaymentRequired,
@@ -43,8 +41,8 @@ from client.x402 import (
 from node.api.errors import APIError
 from node.config import PaymentsConfig
 from node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, VoucherOp
-from node.payments.service import Payments, payment_error
-from node.payments.verifier import VoucherRejected, parse_voucher
+from node.payments.service import Payments, payments_router
+from node.payments.verifier import VoucherRejected
 
 
 class PaymentNeeded(APIError):
@@ -284,35 +282,12 @@ class PaymentGate:
     # -- the vouchers endpoint -------------------------------------------------------------------
 
     def router(self) -> APIRouter:
-        router = APIRouter()
+        """The vouchers endpoint with this gate's group commit (and wake-up of paused streams)."""
+        return payments_router(self.payments, accept=self._accept)
 
-        @router.post(VOUCHERS_PATH)
-        async def post_voucher(request: Request) -> JSONResponse:
-            try:
-                body = await request.json()
-            except ValueError:
-                return payment_error(400, "malformed", "body is not JSON: send {channelId, cumulativeAmount, "
-                                     "signature}")
-            try:
-                voucher = parse_voucher(body)
-                await run_in_threadpool(self.payments.verifier.verify, voucher)
-                balance = await self._record(voucher)
-            except VoucherRejected as exc:
-                return payment_error(400 if exc.reason.startswith("malformed") else 402, exc.reason, str(exc))
-            return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
-                                 "spent": str(balance.spent)})
-
-        @router.get("/v1/payments/channels/{channel_id}")
-        async def get_channel(channel_id: str) -> JSONResponse:
-            """The node's account of one channel: what it accepted, what was served, what is settled."""
-            balance = self.payments.ledger.get(channel_id)
-            if balance is None:
-                return payment_error(404, "unknown_channel", f"no voucher accepted for channel {channel_id}")
-            return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
-                                 "spent": str(balance.spent), "settled": str(balance.settled),
-                                 "finalized": balance.finalized})
-
-        return router
+    async def _accept(self, voucher: Voucher) -> ChannelBalance:
+        await run_in_threadpool(self.payments.verifier.verify, voucher)
+        return await self._record(voucher)
 
     def close(self) -> None:
         self.writer.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,9 @@ from fastapi.responses import JSONResponse
 from web3 import Web3
 
 from client.deployment import Deployment
-from client.voucher import VoucherDomain
+from client.voucher import Voucher, VoucherDomain
 from node.payments.chain import ChannelChain
-from node.payments.ledger import Ledger
+from node.payments.ledger import ChannelBalance, Ledger
 from node.payments.settlement import SettlementWorker
 from node.payments.verifier import VoucherRejected, VoucherVerifier, parse_voucher
 
@@ -74,8 +75,19 @@ def payment_error(status: int, reason: str, message: str) -> JSONResponse:
                         content={"error": {"message": message, "type": "payment_error", "param": None, "code": reason}})
 
 
-def payments_router(payments: Payments) -> APIRouter:
+AcceptVoucher = Callable[[Voucher], Awaitable[ChannelBalance]]
+
+
+def payments_router(payments: Payments, accept: AcceptVoucher | None = None) -> APIRouter:
+    """`POST /v1/payments/vouchers` and `GET /v1/payments/channels/{id}`. `accept` verifies and durably
+    records a voucher (default: the verifier's own commit, off the event loop); the paid node passes its
+    group-committing version, which also wakes streams waiting for funds."""
     router = APIRouter()
+
+    async def verifier_accept(voucher: Voucher) -> ChannelBalance:
+        return await run_in_threadpool(payments.verifier.accept, voucher)
+
+    accept = accept or verifier_accept
 
     @router.post("/v1/payments/vouchers")
     async def post_voucher(request: Request) -> JSONResponse:
@@ -85,8 +97,7 @@ def payments_router(payments: Payments) -> APIRouter:
             return payment_error(400, "malformed", "body is not JSON: send {channelId, cumulativeAmount, signature}")
         try:
             voucher = parse_voucher(body)
-            # verify + fsync'd commit off the event loop; we answer only once it is durable
-            balance = await run_in_threadpool(payments.verifier.accept, voucher)
+            balance = await accept(voucher)  # returns once the voucher is durable: only then do we answer
         except VoucherRejected as exc:
             return payment_error(400 if exc.reason.startswith("malformed") else 402, exc.reason, str(exc))
         return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
@@ -94,6 +105,7 @@ def payments_router(payments: Payments) -> APIRouter:
 
     @router.get("/v1/payments/channels/{channel_id}")
     async def get_channel(channel_id: str) -> JSONResponse:
+        """The node's account of one channel: what it accepted, what was served, what is settled."""
         balance = payments.ledger.get(channel_id)
         if balance is None:
             return payment_error(404, "unknown_channel", f"no voucher accepted for channel {channel_id}")

@@ -61,8 +61,9 @@ def test_spending_is_capped_at_accepted_plus_slack(tmp_path) -> None:
 
 def test_a_batch_is_one_transaction_with_per_op_results(tmp_path) -> None:
     ledger = Ledger(tmp_path / "l.sqlite")
-    results = ledger.apply([VoucherOp(CID, 10, "0x01"), ChargeOp(CID, 6), ChargeOp(CID, 6), ChargeOp(CID, 4),
-                            ChargeOp("0x" + "00" * 32, 1), VoucherOp(CID, 9, "0x02"), ChargeOp(CID, 2, slack=2)])
+    ops = [VoucherOp(CID, 10, "0x01"), ChargeOp(CID, 6), ChargeOp(CID, 6), ChargeOp(CID, 4),
+           ChargeOp("0x" + "00" * 32, 1), VoucherOp(CID, 9, "0x02"), ChargeOp(CID, 2, slack=2)]
+    results = [r if isinstance(r, LedgerConflict) else r[0] for r in ledger.apply_groups([[op] for op in ops])]
     assert results[0].accepted == 10
     assert (results[1].spent, results[3].spent, results[6].spent) == (6, 10, 12)
     for refused in (results[2], results[4], results[5]):

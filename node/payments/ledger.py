@@ -111,17 +111,11 @@ class Ledger:
 
     def record_voucher(self, channel_id: str, cumulative: int, signature: str) -> ChannelBalance:
         """Store a verified voucher if it raises the channel's accepted amount; durable on return."""
-        (result,) = self.apply([VoucherOp(channel_id, cumulative, signature)])
-        if isinstance(result, LedgerConflict):
-            raise result
-        return result
+        return self._apply_one(VoucherOp(channel_id, cumulative, signature))
 
     def add_spent(self, channel_id: str, amount: int, *, slack: int = 0) -> int:
         """Charge `amount` unless spent would pass accepted + `slack`; returns the new spent total."""
-        (result,) = self.apply([ChargeOp(channel_id, amount, slack)])
-        if isinstance(result, LedgerConflict):
-            raise result
-        return result.spent
+        return self._apply_one(ChargeOp(channel_id, amount, slack)).spent
 
     def apply_groups(self, groups: list[list[LedgerOp]]) -> list[list[ChannelBalance] | LedgerConflict]:
         """Groups of ops in ONE transaction; each group is all or nothing (a savepoint), so a request's
@@ -139,18 +133,11 @@ class Ledger:
                     results.append(exc)
         return results
 
-    def apply(self, ops: list[LedgerOp]) -> list[ChannelBalance | LedgerConflict]:
-        """Apply vouchers and charges in order, in ONE transaction (one fsync for the whole batch: the node's
-        group commit). Each op gets the channel's balance after it, or the LedgerConflict that refused it
-        (that op changed nothing)."""
-        results: list[ChannelBalance | LedgerConflict] = []
-        with self._write() as db:
-            for op in ops:
-                try:
-                    results.append(op.apply(db))
-                except LedgerConflict as exc:
-                    results.append(exc)
-        return results
+    def _apply_one(self, op: LedgerOp) -> ChannelBalance:
+        (result,) = self.apply_groups([[op]])
+        if isinstance(result, LedgerConflict):
+            raise result
+        return result[0]
 
     def refund(self, channel_id: str, amount: int) -> int:
         """Take back a charge for output that was never sent; returns the new spent total."""

@@ -40,6 +40,8 @@ from eth_keys import keys
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from client.voucher import recover_digest_signer
+
 DOMAIN_NAME = "dcml-receipts"
 DOMAIN_VERSION = "1"
 ZERO_ADDRESS = "0x" + "00" * 20
@@ -278,7 +280,6 @@ _DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chai
 RECEIPT_TYPEHASH = keccak(_encode_type("Receipt", RECEIPT_FIELDS))
 ACCEPTANCE_TYPEHASH = keccak(_encode_type("Acceptance", ACCEPTANCE_FIELDS))
 # secp256k1 group order; signatures with s above half of it are malleable and refused (as OpenZeppelin does).
-_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 def _separator(domain: ReceiptDomain) -> bytes:
@@ -340,20 +341,12 @@ def sign_acceptance(
 
 
 def _recover(digest: bytes, signature: str) -> str:
-    """65-byte r‖s‖v, v in {27, 28}, low s: the rules OpenZeppelin's ECDSA applies on-chain."""
+    """65-byte r‖s‖v, v in {27, 28}, low s (OpenZeppelin's on-chain rules), checked by the one
+    implementation vouchers and registrations use too."""
     try:
-        sig = bytes.fromhex(signature.removeprefix("0x"))
-    except ValueError as exc:
-        raise ReceiptError(ReceiptReason.BAD_SIGNATURE, "signature is not hex") from exc
-    if len(sig) != 65:
-        raise ReceiptError(ReceiptReason.BAD_SIGNATURE, f"signature must be 65 bytes, got {len(sig)}")
-    r, s, v = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"), sig[64]
-    if v not in (27, 28) or not 0 < s <= _SECP256K1_N // 2 or not 0 < r < _SECP256K1_N:
-        raise ReceiptError(ReceiptReason.BAD_SIGNATURE, "signature has v not in {27, 28} or a high/zero s or r")
-    try:
-        return keys.Signature(vrs=(v - 27, r, s)).recover_public_key_from_msg_hash(digest).to_checksum_address()
-    except Exception as exc:  # eth_keys raises several unrelated types for points not on the curve
-        raise ReceiptError(ReceiptReason.BAD_SIGNATURE, f"signature does not recover: {exc}") from exc
+        return recover_digest_signer(digest, bytes.fromhex(signature.removeprefix("0x")))
+    except ValueError as exc:  # not hex, or MalformedVoucher: wrong length, v, high/zero s or r, no key
+        raise ReceiptError(ReceiptReason.BAD_SIGNATURE, f"bad signature: {exc}") from exc
 
 
 def _check_signer(recovered: str, expected_signer: str) -> None:

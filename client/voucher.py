@@ -107,10 +107,12 @@ def _check_fields(channel_id: bytes, cumulative_amount: int) -> None:
 
 
 def check_signature_shape(signature: bytes) -> None:
-    """65 bytes, low s, v in {27, 28}: the same rules OpenZeppelin's ECDSA applies on-chain."""
+    """65 bytes, r in range, low s, v in {27, 28}: the same rules OpenZeppelin's ECDSA applies on-chain."""
     if len(signature) != 65:
         raise MalformedVoucher(f"signature must be 65 bytes (r, s, v), got {len(signature)}")
-    s = int.from_bytes(signature[32:64], "big")
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:64], "big")
+    if not 0 < r < SECP256K1_N:
+        raise MalformedVoucher("signature has a zero or out-of-range r value")
     if s == 0 or s > SECP256K1_N // 2:
         raise MalformedVoucher("signature has a high or zero s value (malleable); sign again with low s")
     if signature[64] not in (27, 28):

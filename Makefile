@@ -39,6 +39,7 @@ devnet: build
 
 bench: build  # each prints its figure next to a baseline measured in the same run
 	$(PY) bench/bench_gas.py
+	$(PY) bench/bench_sla_gas.py
 	$(PY) bench/bench_vouchers.py
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_gateway.py

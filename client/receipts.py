@@ -14,10 +14,10 @@ recomputed by the client from the bytes it actually sent and received:
   (``dcml-receipt``, and the payment events ``payment-need-voucher`` / ``payment-timeout``) do **not**.
   For a sealed stream the payloads are the opened plaintexts. See `stream_response_hash`.
 
-The signing domain is ``{name: "dcml-receipts", version: "1", chainId, verifyingContract}``. The
-verifying contract is the future SLA court; until it is deployed nodes sign with chainId 31337 (anvil)
-and the zero address (`DEFAULT_DOMAIN`), and clients must verify against the same values the node
-advertises in its config.
+The signing domain is ``{name: "dcml-receipts", version: "1", chainId, verifyingContract}``: the SLA court
+(`contracts/src/SLACourt.sol`) of the deployment, which verifies the same types on-chain. A node that has
+no court deployment (payments and registry off) signs with chainId 31337 and the zero address
+(`DEFAULT_DOMAIN`); clients verify against the domain of the deployment they pay through.
 
 On the wire a receipt travels as `SignedReceipt` JSON: in the ``X-DCML-Receipt`` header (base64 of
 that JSON, non-streamed), as the ``event: dcml-receipt`` SSE event after ``data: [DONE]`` (streamed;
@@ -51,7 +51,7 @@ RECEIPT_ID_HEADER = "X-DCML-Receipt-Id"
 RECEIPT_EVENT = "dcml-receipt"
 DONE_PAYLOAD = b"[DONE]"
 
-# Defined once; the SLA contract will hash exactly these strings.
+# Defined once; SLACourt hashes exactly these strings (test_sla_court checks the digests).
 RECEIPT_FIELDS = [
     {"name": "receiptId", "type": "bytes32"},
     {"name": "requestHash", "type": "bytes32"},
@@ -69,6 +69,7 @@ RECEIPT_FIELDS = [
 ACCEPTANCE_FIELDS = [
     {"name": "requestHash", "type": "bytes32"},
     {"name": "channelId", "type": "bytes32"},
+    {"name": "acceptedAt", "type": "uint64"},
     {"name": "deadline", "type": "uint64"},
 ]
 _UINT_BITS = {"uint32": 32, "uint64": 64, "uint128": 128}
@@ -160,10 +161,12 @@ class Receipt(_Typed):
 
 
 class Acceptance(_Typed):
-    """The node's promise, when it admits a paid request, to answer it before `deadline` (unix seconds)."""
+    """The node's promise, when it admits a paid request at `acceptedAt`, to answer it before `deadline`
+    (unix seconds). `acceptedAt` picks the SLA terms in force for the request, as a receipt's does."""
 
     request_hash: str = Field(alias="requestHash")
     channel_id: str = Field(alias="channelId")
+    accepted_at: int = Field(alias="acceptedAt", ge=0, lt=2**64)
     deadline: int = Field(ge=0, lt=2**64)
 
     @field_validator("request_hash", "channel_id")

@@ -50,8 +50,10 @@ def decode_revert(exc: Exception) -> str:
     return str(exc)
 
 
-def send(w3: Web3, account: LocalAccount, fn: ContractFunction, *, value: int = 0, action: str = "") -> TxReceipt:
-    """Estimate (which surfaces reverts with their reason), sign, send and wait for one transaction."""
+def send(w3: Web3, account: LocalAccount, fn: ContractFunction, *, value: int = 0, action: str = "",
+         min_gas: int = 0) -> TxReceipt:
+    """Estimate (which surfaces reverts with their reason), sign, send and wait for one transaction.
+    `min_gas` floors the limit where the estimate's state may not be the one the transaction meets."""
     action = action or fn.fn_name
     params: dict[str, Any] = {"from": account.address, "value": value}
     try:
@@ -61,7 +63,7 @@ def send(w3: Web3, account: LocalAccount, fn: ContractFunction, *, value: int = 
     tx = fn.build_transaction(
         {
             **params,
-            "gas": gas + gas // 5,
+            "gas": max(gas + gas // 5, min_gas),
             "nonce": w3.eth.get_transaction_count(account.address, "pending"),
             "chainId": w3.eth.chain_id,
         }

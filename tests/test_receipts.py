@@ -95,7 +95,7 @@ def test_typehash_is_the_documented_struct():
     for domain in (ReceiptDomain(), ReceiptDomain(8453, "0x" + "ab" * 20)):
         m = receipt_signable(r, domain)
         assert receipt_digest(r, domain) == keccak(b"\x19" + m.version + m.header + m.body)
-    acc = Acceptance(requestHash=r.request_hash, channelId=ZERO32, deadline=5)
+    acc = Acceptance(requestHash=r.request_hash, channelId=ZERO32, acceptedAt=1, deadline=5)
     m = acceptance_signable(acc)
     assert acceptance_digest(acc) == keccak(b"\x19" + m.version + m.header + m.body)
 
@@ -151,7 +151,8 @@ def test_stream_hash_definition():
 
 
 def test_acceptance_round_trip():
-    acc = Acceptance(requestHash=request_hash(REQUEST), channelId=ZERO32, deadline=1_700_000_100)
+    acc = Acceptance(requestHash=request_hash(REQUEST), channelId=ZERO32, acceptedAt=1_700_000_000,
+                     deadline=1_700_000_100)
     signed = sign_acceptance(acc, NODE_KEY)
     verify_acceptance(signed.acceptance, signed.signature, expected_signer=NODE_KEY.address)
     with pytest.raises(ReceiptError):

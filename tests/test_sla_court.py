@@ -105,17 +105,18 @@ def _receipt(env: dict, body: bytes, **kw) -> Receipt:
 
 
 def _acceptance(env: dict, body: bytes) -> Acceptance:
-    return Acceptance(requestHash=request_hash(body), channelId=env["channel"], deadline=_now(env["w3"]) + 300)
+    now = _now(env["w3"])
+    return Acceptance(requestHash=request_hash(body), channelId=env["channel"], acceptedAt=now, deadline=now + 300)
 
 
 def test_digests_match_the_contract(env: dict) -> None:
     from client.receipts import acceptance_digest, receipt_digest
     sla = env["sla"]
     r, a = _receipt(env, b"d"), _acceptance(env, b"d")
-    from client.sla import receipt_tuple
+    from client.sla import acceptance_tuple, receipt_tuple
     assert receipt_digest(r, sla.domain) == bytes(sla.contract.functions.hashReceipt(receipt_tuple(r)).call())
     assert acceptance_digest(a, sla.domain) == bytes(sla.contract.functions.hashAcceptance(
-        (bytes.fromhex(a.request_hash[2:]), bytes.fromhex(a.channel_id[2:]), a.deadline)).call())
+        acceptance_tuple(a)).call())
 
 
 def test_answering_node_closes_the_dispute_and_keeps_its_stake(env: dict) -> None:

@@ -60,8 +60,8 @@ def test_watcher_answers_a_dispute_against_an_answering_node(caplog) -> None:
             lookups.append(h)
             return store.get(h)
 
-        acc = sign_acceptance(Acceptance(requestHash=request_hash(body), channelId=channel, deadline=now + 300),
-                              node, sla.domain)
+        acc = sign_acceptance(Acceptance(requestHash=request_hash(body), channelId=channel, acceptedAt=now,
+                                         deadline=now + 300), node, sla.domain)
         watcher = SlaWatcher(w3, court, node.address, lookup, operator, interval_s=0.1,
                              from_block=w3.eth.block_number)
         watcher.start()

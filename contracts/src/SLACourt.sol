@@ -18,7 +18,7 @@ import {PaymentChannels} from "./PaymentChannels.sol";
 ///        Receipt(bytes32 receiptId,bytes32 requestHash,bytes32 responseHash,bytes32 channelId,bytes32 modelId,
 ///                uint32 inputTokens,uint32 outputTokens,uint128 cost,uint128 cumulativeSpent,uint64 acceptedAt,
 ///                uint32 ttftMs,uint32 durationMs)
-///        Acceptance(bytes32 requestHash,bytes32 channelId,uint64 deadline)
+///        Acceptance(bytes32 requestHash,bytes32 channelId,uint64 acceptedAt,uint64 deadline)
 ///      The signer must be the node's address in the NodeRegistry (the enclave key); 65-byte low-s only.
 ///
 ///      Who is compensated: the channel's payer, and only the payer may claim. Both disputes carry the
@@ -31,11 +31,10 @@ import {PaymentChannels} from "./PaymentChannels.sol";
 ///      answering node costs the challenger.
 ///
 ///      Terms are versioned: a version published at time T is valid from T + 1, so requests accepted at or
-///      before T (receipt `acceptedAt`) keep the older terms. An acceptance carries no acceptance time: it
-///      is judged by the terms in force at `deadline - ACCEPTANCE_SPAN`; nodes sign deadlines at most
-///      `ACCEPTANCE_SPAN` after accepting (the node's default is 300 s), so that time is never later than
-///      the real acceptance. An acceptance carries no model id either: the disputer names the model whose
-///      terms apply (the node is bound by every set of terms it published).
+///      before T (receipt and acceptance `acceptedAt`) keep the older terms. `acceptedAt` is the node's
+///      signed word; clients refuse an acceptance or receipt whose `acceptedAt` is far from their own
+///      clock, so a node cannot move a request under older terms. An acceptance carries no model id: the
+///      disputer names the model whose terms apply (the node is bound by every set of terms it published).
 ///
 ///      Rate: tokens after the first, over the time after the first token: a receipt breaks
 ///      `minTokensPerSec` iff outputTokens > 1, durationMs > ttftMs and
@@ -64,7 +63,8 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
     struct Acceptance {
         bytes32 requestHash;
         bytes32 channelId;
-        uint64 deadline;
+        uint64 acceptedAt; // unix seconds; selects the terms in force
+        uint64 deadline; // the node promises the receipt by then
     }
 
     /// @notice One version of a node's terms for one model. Zero bounds are no bounds.
@@ -107,9 +107,7 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
         "uint32 ttftMs,uint32 durationMs)"
     );
     bytes32 public constant ACCEPTANCE_TYPEHASH =
-        keccak256("Acceptance(bytes32 requestHash,bytes32 channelId,uint64 deadline)");
-    /// @notice Longest span from accepting a request to its acceptance's deadline that the court assumes.
-    uint64 public constant ACCEPTANCE_SPAN = 1 hours;
+        keccak256("Acceptance(bytes32 requestHash,bytes32 channelId,uint64 acceptedAt,uint64 deadline)");
     uint32 public constant MAX_RESPONSE_WINDOW = 7 days;
     uint32 public constant MAX_BPS = 10_000 * 100; // at most 100x the cost
 
@@ -156,6 +154,7 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
     error InvalidTerms();
     error NoTerms(address node, bytes32 modelId, uint64 time);
     error InvalidSignature();
+    error InvalidAcceptance();
     error WrongSigner(address signer, address node);
     error TermsNotBroken();
     error AlreadyClaimed(bytes32 claimKey);
@@ -249,8 +248,8 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
         if (block.timestamp <= a.deadline) revert DeadlineNotPassed(a.deadline);
         id = disputeId(node, a.requestHash);
         if (_disputes[id].status != DisputeStatus.None) revert DisputeExists(id);
-        uint64 ref = a.deadline > ACCEPTANCE_SPAN ? a.deadline - ACCEPTANCE_SPAN : 0;
-        Terms memory t = termsAt(node, modelId, ref);
+        if (a.acceptedAt > a.deadline) revert InvalidAcceptance();
+        Terms memory t = termsAt(node, modelId, a.acceptedAt);
         uint64 answerBy = uint64(block.timestamp) + t.responseWindow;
         _disputes[id] = Dispute({
             disputer: params.payer,
@@ -364,9 +363,19 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
         return _hashTypedDataV4(keccak256(enc));
     }
 
+    /// @notice Who signed `r` under this court's domain (the zero address for a malformed or high-s
+    ///         signature): lets anyone check a receipt against a node's registered key in one call.
+    function receiptSigner(Receipt calldata r, bytes calldata signature) external view returns (address signer) {
+        ECDSA.RecoverError err;
+        (signer, err,) = ECDSA.tryRecover(hashReceipt(r), signature);
+        if (err != ECDSA.RecoverError.NoError) signer = address(0);
+    }
+
     /// @notice The EIP-712 digest of an acceptance under this court's domain.
     function hashAcceptance(Acceptance calldata a) public view returns (bytes32) {
-        return _hashTypedDataV4(keccak256(abi.encode(ACCEPTANCE_TYPEHASH, a.requestHash, a.channelId, a.deadline)));
+        return _hashTypedDataV4(
+            keccak256(abi.encode(ACCEPTANCE_TYPEHASH, a.requestHash, a.channelId, a.acceptedAt, a.deadline))
+        );
     }
 
     function domainSeparator() external view returns (bytes32) {

@@ -163,12 +163,14 @@ contract SLACourtHandler {
     function _open(uint256 deadlineSeed, bool toHonest) internal returns (bytes32 id, bytes32 req) {
         address n = toHonest ? honest : sloppy;
         req = keccak256(abi.encode("open", ++nonce));
-        // judged at deadline - ACCEPTANCE_SPAN, which must be in some terms' reach; deadline already passed
-        uint64 lo = firstValidFrom + court.ACCEPTANCE_SPAN();
-        if (block.timestamp <= lo) vm.warp(lo + 1);
+        // judged at acceptedAt, which must be in some terms' reach; the deadline has already passed
+        uint64 lo = firstValidFrom;
+        if (block.timestamp <= lo + 1) vm.warp(lo + 2);
         uint64 deadline = uint64(bound(deadlineSeed, lo, block.timestamp - 1));
-        (SLACourt.Terms memory t, bool older) = _ghostAt(n, deadline - court.ACCEPTANCE_SPAN());
-        SLACourt.Acceptance memory a = SLACourt.Acceptance({requestHash: req, channelId: channelId, deadline: deadline});
+        uint64 acceptedAt = uint64(bound(uint256(keccak256(abi.encode(deadlineSeed, nonce))), lo, deadline));
+        (SLACourt.Terms memory t, bool older) = _ghostAt(n, acceptedAt);
+        SLACourt.Acceptance memory a =
+            SLACourt.Acceptance({requestHash: req, channelId: channelId, acceptedAt: acceptedAt, deadline: deadline});
         bytes memory sig = _sign(toHonest ? honestKey : sloppyKey, court.hashAcceptance(a));
 
         vm.deal(client, client.balance + bond);
@@ -286,6 +288,7 @@ contract SLACourtHandler {
             SLACourt.Acceptance memory a = SLACourt.Acceptance({
                 requestHash: keccak256(abi.encode("bad-open", seed)),
                 channelId: channelId,
+                acceptedAt: firstValidFrom,
                 deadline: kind == 5 ? uint64(block.timestamp - 1) : uint64(block.timestamp + bound(seed, 0, 300))
             });
             bytes memory sig = _sign(sloppyKey, court.hashAcceptance(a));

@@ -100,6 +100,7 @@ abstract contract SLACourtFixture is TestBase {
     function _acceptance(bytes32 requestHash) internal view returns (SLACourt.Acceptance memory a) {
         a.requestHash = requestHash;
         a.channelId = _channel(CLIENT);
+        a.acceptedAt = uint64(block.timestamp);
         a.deadline = uint64(block.timestamp + 300);
     }
 
@@ -157,7 +158,7 @@ contract SLACourtTest is SLACourtFixture {
     function setUp() public override {
         super.setUp();
         _publish(node, _terms());
-        vm.warp(block.timestamp + 2 hours); // acceptances are judged at deadline - ACCEPTANCE_SPAN
+        vm.warp(block.timestamp + 2 hours);
     }
 
     function test_hashes_matchEip712Spec() public view {
@@ -174,9 +175,10 @@ contract SLACourtTest is SLACourtFixture {
         SLACourt.Acceptance memory a = _acceptance(bytes32(uint256(7)));
         bytes32 structHash = keccak256(
             abi.encode(
-                keccak256("Acceptance(bytes32 requestHash,bytes32 channelId,uint64 deadline)"),
+                keccak256("Acceptance(bytes32 requestHash,bytes32 channelId,uint64 acceptedAt,uint64 deadline)"),
                 a.requestHash,
                 a.channelId,
+                a.acceptedAt,
                 a.deadline
             )
         );
@@ -317,6 +319,17 @@ contract SLACourtTest is SLACourtFixture {
         _claim(node, r, hex"1234");
     }
 
+    function test_receiptSigner_recoversOrZero() public {
+        SLACourt.Receipt memory r = _receipt(keccak256("who"));
+        bytes memory sig = _signR(NODE_KEY, r);
+        vm.assertEq(court.receiptSigner(r, sig), node);
+        vm.assertEq(court.receiptSigner(r, _highS(NODE_KEY, this.digestR(r))), address(0));
+        vm.assertEq(court.receiptSigner(r, hex"1234"), address(0));
+        r.cost += 1; // altered after signing: some other address
+        address other = court.receiptSigner(r, sig);
+        vm.assertTrue(other != node && other != address(0));
+    }
+
     function test_claimBreach_refusesOtherChain() public {
         SLACourt.Receipt memory r = _receipt(keccak256("chain"));
         r.ttftMs = 5_000;
@@ -433,7 +446,7 @@ contract SLACourtTest is SLACourtFixture {
         court.answer(id, r, late);
     }
 
-    function test_noResponse_termsAtDeadlineMinusSpan() public {
+    function test_noResponse_termsAtAcceptedAt() public {
         SLACourt.Acceptance memory a = _acceptance(keccak256("span"));
         bytes memory sig = _signA(NODE_KEY, a);
         SLACourt.Terms memory harsh = _terms();
@@ -443,6 +456,37 @@ contract SLACourtTest is SLACourtFixture {
         vm.warp(a.deadline + 1);
         bytes32 id = _openNR(BOND, a, sig);
         vm.assertEq(court.getDispute(id).compensation, 50e18);
+        // accepted after the new version took effect: the new terms apply
+        SLACourt.Acceptance memory b = _acceptance(keccak256("later"));
+        b.acceptedAt = uint64(block.timestamp);
+        b.deadline = uint64(block.timestamp + 10);
+        bytes memory sigB = _signA(NODE_KEY, b);
+        vm.warp(b.deadline + 1);
+        vm.assertEq(court.getDispute(_openNR(BOND, b, sigB)).compensation, 500e18);
+    }
+
+    function test_noResponse_freshTermsDisputableAtOnce() public {
+        // terms published a second ago already bind a request accepted now, whatever its deadline
+        SLACourt.Terms memory t = _terms();
+        t.noResponseCompensation = 7e18;
+        _publish(node2, t);
+        vm.warp(block.timestamp + 1);
+        SLACourt.Acceptance memory a = _acceptance(keccak256("fresh"));
+        a.deadline = uint64(block.timestamp + 5);
+        bytes memory sig = _signA(NODE2_KEY, a);
+        vm.warp(a.deadline + 1);
+        vm.prank(CLIENT);
+        bytes32 id = court.openNoResponse{value: BOND}(node2, MODEL, _params(CLIENT), a, sig);
+        vm.assertEq(court.getDispute(id).compensation, 7e18);
+    }
+
+    function test_noResponse_acceptedAfterDeadlineRefused() public {
+        SLACourt.Acceptance memory a = _acceptance(keccak256("backwards"));
+        a.acceptedAt = a.deadline + 1;
+        bytes memory sig = _signA(NODE_KEY, a);
+        vm.warp(a.acceptedAt + 1);
+        vm.expectRevert(SLACourt.InvalidAcceptance.selector);
+        _openNR(BOND, a, sig);
     }
 
     function test_compensationCappedByStake() public {

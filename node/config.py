@@ -9,8 +9,11 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from client.deployment import Deployment
+from client.receipts import ReceiptDomain
 
 _toml_path: ContextVar[Path | None] = ContextVar("dcml_node_toml_path", default=None)
 
@@ -70,20 +73,29 @@ class LimitsConfig(_Section):
 
 
 class ReceiptsConfig(_Section):
-    # EIP-712 domain of receipts/acceptances: the SLA court contract, once deployed. Until then
-    # anvil's chain id and the zero address; clients must verify against the same values.
-    chain_id: int = 31337
-    verifying_contract: str = "0x" + "00" * 20
+    # EIP-712 domain of receipts/acceptances (`resolve_receipt_domain`). Unset (the default): the deployment's
+    # SLA court when payments or the registry are on and the deployment names one, else chain 31337 and the
+    # zero address. Set verifying_contract (with chain_id) only to sign for another court.
+    chain_id: int | None = Field(None, gt=0)
+    verifying_contract: str | None = None
     # modelId in receipts; empty means keccak256(served_model_name).
     model_id: str = ""
 
     @field_validator("verifying_contract")
     @classmethod
-    def _address(cls, v: str) -> str:
+    def _address(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if not (v.startswith("0x") and len(v) == 42):
             raise ValueError("verifying_contract must be a 0x-prefixed 20-byte address")
         bytes.fromhex(v[2:])
         return v
+
+    @model_validator(mode="after")
+    def _chain_with_contract(self) -> ReceiptsConfig:
+        if self.verifying_contract is not None and self.chain_id is None:
+            raise ValueError("[receipts] verifying_contract is set: set chain_id too (the chain the contract is on)")
+        return self
 
 
 class ModelPrice(_Section):
@@ -130,6 +142,28 @@ class P2PConfig(_Section):
     advert_ttl_s: int = Field(120, gt=0)  # must exceed the interval
 
 
+class SlaConfig(_Section):
+    """Service terms published in the SLA court, backed by the registry stake. Bounds of 0 are no bounds.
+
+    At start the node benchmarks its engine against the terms and refuses to start (or warns) if it cannot
+    meet them, publishes them when they changed, and answers no-response disputes with its stored receipts.
+    """
+
+    enabled: bool = False
+    max_ttft_ms: int = Field(0, ge=0, lt=2**32)
+    min_tokens_per_sec: int = Field(0, ge=0, lt=2**32)  # decode rate: tokens after the first / time after it
+    max_duration_ms: int = Field(0, ge=0, lt=2**32)  # whole answer, up to limits.max_tokens_cap tokens
+    response_window_s: int = Field(3600, gt=0, le=7 * 86400)  # to answer a no-response dispute
+    breach_cost_bps: int = Field(0, ge=0, le=1_000_000)  # a broken-terms claim pays cost x bps / 10000 ...
+    breach_fixed: int = Field(0, ge=0, lt=2**128)  # ... plus this (stake token, smallest unit)
+    no_response_compensation: int = Field(0, ge=0, lt=2**128)  # stake token, smallest unit
+    on_unmet: Literal["refuse", "warn"] = "refuse"  # the benchmark misses the terms: do not start, or warn
+    benchmark_runs: int = Field(3, gt=0)
+    benchmark_prompt_tokens: int = Field(32, gt=0)
+    benchmark_max_tokens: int = Field(32, ge=2)  # at least 2: the decode rate needs tokens after the first
+    watch_interval_s: float = Field(5.0, gt=0)  # how often the court is polled for disputes
+
+
 class NodeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DCML_NODE__", env_nested_delimiter="__", extra="forbid")
 
@@ -143,6 +177,15 @@ class NodeSettings(BaseSettings):
     payments: PaymentsConfig = Field(default_factory=PaymentsConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     p2p: P2PConfig = Field(default_factory=P2PConfig)
+    sla: SlaConfig = Field(default_factory=SlaConfig)
+
+    @model_validator(mode="after")
+    def _sla_needs_stake_and_payments(self) -> NodeSettings:
+        # Terms are backed by the registry stake and published with the operator key; they judge paid requests.
+        if self.sla.enabled and not (self.registry.enabled and self.payments.enabled):
+            raise ValueError("[sla] enabled needs [registry] enabled (the stake backs the terms, the operator key "
+                             "publishes them) and [payments] enabled (the court judges paid requests)")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -176,3 +219,25 @@ def load_settings(path: Path | str | None = None, **overrides) -> NodeSettings:
         return NodeSettings(**overrides)
     finally:
         _toml_path.reset(token)
+
+
+def resolve_receipt_domain(settings: NodeSettings) -> ReceiptDomain:
+    """The EIP-712 domain receipts and acceptances are signed under; clients must verify under the same one.
+
+    1. `[receipts] verifying_contract` (with `chain_id`) when set explicitly;
+    2. else, when payments or the registry are on and the deployment file names an SLA court, that court on the
+       deployment's chain: receipts the court can judge;
+    3. else `ReceiptDomain()` (chain 31337, the zero address), or that with `[receipts] chain_id` if set.
+    """
+    rc = settings.receipts
+    if rc.verifying_contract is not None:
+        assert rc.chain_id is not None  # checked by ReceiptsConfig
+        return ReceiptDomain(rc.chain_id, rc.verifying_contract)
+    if settings.payments.enabled or settings.registry.enabled:
+        dep = Deployment.load(settings.payments.deployment)
+        if dep.sla_court:
+            if rc.chain_id is not None and rc.chain_id != dep.chain_id:
+                raise ValueError(f"[receipts] chain_id {rc.chain_id} is not the deployment's chain {dep.chain_id}: "
+                                 "remove it (the SLA court's chain is used)")
+            return ReceiptDomain(dep.chain_id, dep.sla_court)
+    return ReceiptDomain() if rc.chain_id is None else ReceiptDomain(rc.chain_id)

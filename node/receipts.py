@@ -1,8 +1,10 @@
 """Proof of Response on the node: sign a receipt for every answer and keep it durably (SQLite, WAL).
 
 Receipts are committed (fsync'd) before the response's last byte leaves, so a receipt a client was
-promised can always be fetched again at `GET /v1/receipts/{id}`, even after a crash. Commits from
-concurrent requests are grouped into one transaction on one writer thread.
+promised can always be fetched again (`GET /v1/receipts/{id}`, or by request hash), even after a crash,
+and posted to the SLA court against a no-response dispute. The signed acceptances of paid requests are
+kept the same way, before they leave. Commits from concurrent requests are grouped into one transaction
+on one writer thread.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
 
-from client.receipts import ZERO32, Receipt, ReceiptDomain, SignedReceipt, hex32, sign_receipt
+from client.receipts import ZERO32, Receipt, ReceiptDomain, SignedAcceptance, SignedReceipt, hex32, sign_receipt
+
+_INSERT_RECEIPT = "INSERT INTO receipts (id, created_at, body) VALUES (?, ?, ?)"
+_INSERT_ACCEPTANCE = ("INSERT INTO acceptances (request_hash, channel_id, deadline, body, created_at) "
+                      "VALUES (?, ?, ?, ?, ?)")
+# The lookup by request hash uses this exact expression, so SQLite uses the index (no schema migration needed).
+_RECEIPT_REQUEST = "json_extract(body, '$.receipt.requestHash')"
 
 
 def new_receipt_id() -> str:
@@ -62,13 +70,14 @@ class ReceiptSigner:
 
 
 class ReceiptStore:
-    """Durable map receipt id -> signed receipt JSON. Use `open()`/`close()` around the app's life."""
+    """Durable signed receipts (by id and by request hash) and acceptances (by request hash).
+    Use `open()`/`close()` around the app's life."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[tuple[str, int, str, asyncio.Future[None]]] = []
+        self._pending: list[tuple[str, tuple, asyncio.Future[None]]] = []  # (insert statement, row, done)
         self._flusher: asyncio.Task[None] | None = None
 
     def open(self) -> None:
@@ -81,8 +90,13 @@ class ReceiptStore:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before we report it done
+        # IF NOT EXISTS throughout: a store written by an older node gains the new table and index here.
         conn.execute("CREATE TABLE IF NOT EXISTS receipts (id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, "
                      "body TEXT NOT NULL)")
+        conn.execute(f"CREATE INDEX IF NOT EXISTS receipts_by_request ON receipts ({_RECEIPT_REQUEST})")
+        conn.execute("CREATE TABLE IF NOT EXISTS acceptances (request_hash TEXT NOT NULL, channel_id TEXT NOT NULL, "
+                     "deadline INTEGER NOT NULL, body TEXT NOT NULL, created_at INTEGER NOT NULL)")
+        conn.execute("CREATE INDEX IF NOT EXISTS acceptances_by_request ON acceptances (request_hash)")
         self._conn = conn
 
     async def close(self) -> None:
@@ -99,11 +113,22 @@ class ReceiptStore:
             self._conn.close()
             self._conn = None
 
+    # -- writes (group-committed) ------------------------------------------------------------------
+
     async def put(self, signed: SignedReceipt) -> None:
         """Return once the receipt is committed to disk."""
+        await self._commit(_INSERT_RECEIPT, (signed.receipt.receipt_id, int(time.time()),
+                                             signed.model_dump_json(by_alias=True)))
+
+    async def put_acceptance(self, signed: SignedAcceptance) -> None:
+        """Return once the signed acceptance is committed to disk (before it may leave the node)."""
+        a = signed.acceptance
+        await self._commit(_INSERT_ACCEPTANCE, (a.request_hash, a.channel_id, a.deadline,
+                                                signed.model_dump_json(by_alias=True), int(time.time())))
+
+    async def _commit(self, statement: str, row: tuple) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((signed.receipt.receipt_id, int(time.time()),
-                              signed.model_dump_json(by_alias=True), fut))
+        self._pending.append((statement, row, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         await fut
@@ -113,7 +138,7 @@ class ReceiptStore:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                await loop.run_in_executor(self._executor, self._write, [row[:3] for row in batch])
+                await loop.run_in_executor(self._executor, self._write, [(sql, row) for sql, row, _ in batch])
             except Exception as exc:
                 for *_, fut in batch:
                     if not fut.done():
@@ -123,21 +148,60 @@ class ReceiptStore:
                     if not fut.done():
                         fut.set_result(None)
 
-    def _write(self, rows: list[tuple[str, int, str]]) -> None:
+    def _write(self, rows: list[tuple[str, tuple]]) -> None:
         assert self._conn is not None, "ReceiptStore.open() was not called"
-        self._conn.execute("BEGIN")  # one transaction (one fsync) per batch
+        by_statement: dict[str, list[tuple]] = {}
+        for sql, row in rows:
+            by_statement.setdefault(sql, []).append(row)
+        self._conn.execute("BEGIN")  # one transaction (one fsync) per batch, receipts and acceptances alike
         try:
-            self._conn.executemany("INSERT INTO receipts (id, created_at, body) VALUES (?, ?, ?)", rows)
+            for sql, group in by_statement.items():
+                self._conn.executemany(sql, group)
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
 
+    # -- reads -------------------------------------------------------------------------------------
+
     async def get(self, receipt_id: str) -> SignedReceipt | None:
-        body = await asyncio.get_running_loop().run_in_executor(self._executor, self._read, receipt_id.lower())
+        body = await self._run(self._read, receipt_id.lower())
         return None if body is None else SignedReceipt.model_validate_json(body)
 
-    def _read(self, receipt_id: str) -> str | None:
+    async def get_by_request(self, request_hash: str) -> SignedReceipt | None:
+        """The newest receipt for the request whose body hashes to `request_hash` (0x hex), or None."""
+        body = await self._run(self._read_by_request, request_hash.lower())
+        return None if body is None else SignedReceipt.model_validate_json(body)
+
+    async def get_acceptance(self, request_hash: str) -> SignedAcceptance | None:
+        """The newest acceptance signed for `request_hash`, or None."""
+        body = await self._run(self._read_acceptance, request_hash.lower())
+        return None if body is None else SignedAcceptance.model_validate_json(body)
+
+    def lookup_request(self, request_hash: str) -> SignedReceipt | None:
+        """`get_by_request` for other threads (the SLA watcher): runs on the store's thread and waits."""
+        if self._executor is None:
+            raise RuntimeError("the receipt store is closed")
+        body = self._executor.submit(self._read_by_request, request_hash.lower()).result()
+        return None if body is None else SignedReceipt.model_validate_json(body)
+
+    async def _run(self, fn, *args):
+        if self._executor is None:
+            raise RuntimeError("the receipt store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _one(self, sql: str, arg: str) -> str | None:
         assert self._conn is not None, "ReceiptStore.open() was not called"
-        row = self._conn.execute("SELECT body FROM receipts WHERE id = ?", (receipt_id,)).fetchone()
+        row = self._conn.execute(sql, (arg,)).fetchone()
         return None if row is None else row[0]
+
+    def _read(self, receipt_id: str) -> str | None:
+        return self._one("SELECT body FROM receipts WHERE id = ?", receipt_id)
+
+    def _read_by_request(self, request_hash: str) -> str | None:
+        return self._one(f"SELECT body FROM receipts WHERE {_RECEIPT_REQUEST} = ? ORDER BY rowid DESC LIMIT 1",
+                         request_hash)
+
+    def _read_acceptance(self, request_hash: str) -> str | None:
+        return self._one("SELECT body FROM acceptances WHERE request_hash = ? ORDER BY rowid DESC LIMIT 1",
+                         request_hash)

@@ -4,6 +4,10 @@
 dispute still open posts the stored receipt whose ``requestHash`` matches (`SLACourt.answer`), well
 inside the response window. A dispute with no stored receipt is logged and left alone (the node never
 answered that request, so it cannot refute it). Runs in a background thread; `start()` / `stop()`.
+
+A restarted node starts scanning at `first_block_since(w3, now - DISPUTE_LOOKBACK_S)`: a dispute stays
+answerable for at most the court's longest response window, so that range holds every dispute it can
+still answer, including those opened while it was down (answered ones are skipped by their status).
 """
 
 from __future__ import annotations
@@ -22,6 +26,21 @@ from client.sla import DisputeStatus, SLACourtClient, SLAError
 log = logging.getLogger(__name__)
 
 ReceiptLookup = Callable[[str], "SignedReceipt | None"]
+MAX_RESPONSE_WINDOW_S = 7 * 86400  # SLACourt.MAX_RESPONSE_WINDOW
+DISPUTE_LOOKBACK_S = MAX_RESPONSE_WINDOW_S + 3600  # plus an hour of slack (clock skew, late blocks)
+
+
+def first_block_since(w3: Web3, timestamp: int, *, low: int = 0) -> int:
+    """The first block at or after `low` whose timestamp is >= `timestamp` (binary search, ~log2(n) reads);
+    the head + 1 if none is."""
+    high = w3.eth.block_number + 1
+    while low < high:
+        mid = (low + high) // 2
+        if w3.eth.get_block(mid)["timestamp"] >= timestamp:
+            high = mid
+        else:
+            low = mid + 1
+    return low
 
 
 class SlaWatcher:
@@ -32,13 +51,15 @@ class SlaWatcher:
     """
 
     def __init__(self, w3: Web3, court_address: str, node_address: str, receipt_lookup: ReceiptLookup,
-                 sender_account: LocalAccount, *, interval_s: float = 10.0, from_block: int | None = None) -> None:
+                 sender_account: LocalAccount, *, interval_s: float = 10.0, from_block: int | None = None,
+                 max_block_range: int = 5000) -> None:
         self.court = SLACourtClient(w3, court_address)
         self.w3 = w3
         self.node = to_checksum_address(node_address)
         self.lookup = receipt_lookup
         self.sender = sender_account
         self.interval_s = interval_s
+        self.max_block_range = max_block_range  # blocks per eth_getLogs call (providers cap the range)
         self._next_block = from_block
         self._done: set[bytes] = set()  # disputes answered, or no longer open
         self._stop = threading.Event()
@@ -73,17 +94,16 @@ class SlaWatcher:
         """One pass: fetch new dispute events for this node and answer the open ones. Returns answers sent."""
         head = self.w3.eth.block_number
         start = 0 if self._next_block is None else self._next_block
-        if start > head:
-            return 0
         event = self.court.contract.events.NoResponseDisputeOpened()
-        logs = event.get_logs(from_block=start, to_block=head, argument_filters={"node": self.node})
         sent = 0
-        for entry in logs:
-            dispute_id = bytes(entry["args"]["disputeId"])
-            if dispute_id in self._done or entry["args"]["node"] != self.node:
-                continue
-            sent += self._handle(dispute_id)
-        self._next_block = head + 1
+        while start <= head and not self._stop.is_set():
+            end = min(head, start + self.max_block_range - 1)
+            for entry in event.get_logs(from_block=start, to_block=end, argument_filters={"node": self.node}):
+                dispute_id = bytes(entry["args"]["disputeId"])
+                if dispute_id in self._done or entry["args"]["node"] != self.node:
+                    continue
+                sent += self._handle(dispute_id)
+            self._next_block = start = end + 1
         return sent
 
     def _handle(self, dispute_id: bytes) -> int:

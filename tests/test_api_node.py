@@ -9,10 +9,11 @@ import httpx
 import pytest
 
 from client.attestation import AttestationDocument, Policy, verify_attestation
+from client.receipts import ReceiptDomain
 from node import __version__
 from node.api.app import create_app
 from node.api.server import BackgroundServer
-from node.config import ConfigError, load_settings
+from node.config import ConfigError, load_settings, resolve_receipt_domain
 from node.engine.synthetic import SyntheticEngine
 from node.identity import EnclaveIdentity
 from node.tee.simulated import SimulatedProvider
@@ -78,7 +79,7 @@ def test_config_file_and_environment(tmp_path, monkeypatch):
     s = load_settings(cfg)
     assert (s.server.port, s.engine.kind, s.engine.served_model_name, s.limits.max_tokens_cap) == (
         9200, "synthetic", "m", 77)
-    assert s.receipts.chain_id == 31337 and s.receipts.verifying_contract == "0x" + "00" * 20
+    assert s.receipts.chain_id is None and resolve_receipt_domain(s) == ReceiptDomain()  # no court: the default
     with pytest.raises(ConfigError):
         load_settings(tmp_path / "missing.toml")
     cfg.write_text("[server]\nprot = 1\n")

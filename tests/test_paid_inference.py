@@ -11,7 +11,7 @@ import threading
 import httpx
 import pytest
 
-from client.receipts import Price, verify_signed_receipt
+from client.receipts import Price, ReceiptDomain, verify_signed_receipt
 from client.x402 import PAYMENT_REQUIRED, PaymentRequired
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, start_paid_node
 
@@ -55,7 +55,8 @@ def test_paid_stream_pays_mid_stream_and_the_receipts_match(w3, deployment, paye
     assert receipt.cost == 3 * PRICE_IN + 40 * PRICE_OUT
     assert receipt.cumulative_spent == receipt.cost
     verify_signed_receipt(answer.receipt, expected_signer=node.identity.address, request_bytes=answer.request,
-                          sse_payloads=answer.payloads, price=Price(PRICE_IN, PRICE_OUT))
+                          sse_payloads=answer.payloads, price=Price(PRICE_IN, PRICE_OUT),
+                          domain=ReceiptDomain(deployment.chain_id, deployment.sla_court))
     balance = node.ledger.get("0x" + client.channel_id.hex())
     assert balance.spent == receipt.cumulative_spent
     assert balance.spent - balance.accepted <= 4 * PRICE_OUT  # never beyond the credit window
@@ -100,11 +101,13 @@ def test_a_forged_receipt_is_rejected_by_the_client(w3, deployment, payer, node)
     assert answer.status == 200
     body = answer.request
     verify_signed_receipt(answer.receipt, expected_signer=node.identity.address, request_bytes=body,
-                          response_bytes=answer.raw, price=Price(PRICE_IN, PRICE_OUT))
+                          response_bytes=answer.raw, price=Price(PRICE_IN, PRICE_OUT),
+                          domain=ReceiptDomain(deployment.chain_id, deployment.sla_court))
     cheaper = answer.receipt.model_copy(update={"receipt": answer.receipt.receipt.model_copy(update={"cost": 1})})
     with pytest.raises(ReceiptError):
         verify_signed_receipt(cheaper, expected_signer=node.identity.address, request_bytes=body,
-                              response_bytes=answer.raw)
+                              response_bytes=answer.raw,
+                              domain=ReceiptDomain(deployment.chain_id, deployment.sla_court))
 
 
 def test_two_clients_on_one_node_and_one_client_on_two_nodes_keep_exact_accounts(

@@ -1,10 +1,13 @@
-"""The app factory: wires config, engine, enclave identity, TEE provider and receipt store into FastAPI.
+"""The app factory: wires config, engine, enclave identity, TEE provider, receipt store, payment gate and
+the SLA court (terms checked and published at start, disputes answered) into FastAPI.
 
-Tests and the (later) payment gate inject their own parts through `create_app`'s keyword arguments.
+Tests inject their own parts through `create_app`'s keyword arguments.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -20,7 +23,7 @@ from node.api.body_limit import BodyLimitMiddleware
 from node.api.errors import install_error_handlers
 from node.api.metrics import MetricsMiddleware, NodeMetrics
 from node.api.state import NodeState, node_state
-from node.config import NodeSettings
+from node.config import NodeSettings, resolve_receipt_domain
 from node.engine.base import Engine
 from node.identity import EnclaveIdentity
 from node.logging import get_logger
@@ -30,7 +33,10 @@ from node.receipts import ReceiptSigner, ReceiptStore
 from node.tee.base import AttestationProvider
 
 if TYPE_CHECKING:
+    from client.sla import Terms
     from node.model_source import EncryptedModelSource
+    from node.sla_watcher import SlaWatcher
+
 
 log = get_logger("dcml.node")
 
@@ -119,7 +125,7 @@ def build_engine(settings: NodeSettings, identity: EnclaveIdentity, provider: At
 
 
 def build_gate(settings: NodeSettings, identity: EnclaveIdentity, engine: Engine, domain: ReceiptDomain,
-               model_id: str) -> PaymentGate:
+               model_id: str, store: ReceiptStore | None = None) -> PaymentGate:
     """Payments: the node's enclave key is the payee (clients pay only the key they attested)."""
     cfg = settings.payments
     if engine.model_name not in cfg.prices:
@@ -128,7 +134,64 @@ def build_gate(settings: NodeSettings, identity: EnclaveIdentity, engine: Engine
                                         settle_interval=cfg.settle_interval_s, rpc_url=cfg.rpc_url,
                                         close_margin=cfg.close_margin_s), identity.account)
     return PaymentGate(payments, cfg, signer=identity.account, receipt_domain=domain,
-                       model_ids={engine.model_name: model_id})
+                       model_ids={engine.model_name: model_id},
+                       record_acceptance=store.put_acceptance if store is not None else None)
+
+
+async def check_sla_terms(settings: NodeSettings, engine: Engine) -> Terms:
+    """Benchmark the (started) engine against `[sla]`: raise `TermsUnmet` if it cannot meet them and
+    `on_unmet = "refuse"`, warn loudly if "warn". Returns the terms to publish."""
+    from node.sla_terms import TermsUnmet, measure, terms_from_config, unmet
+
+    sla = settings.sla
+    terms = terms_from_config(sla)
+    bench = await measure(engine, sla.benchmark_runs, sla.benchmark_prompt_tokens, sla.benchmark_max_tokens)
+    reasons = unmet(terms, bench, max_tokens=settings.limits.max_tokens_cap)
+    log.info("sla_benchmark", ttft_ms=round(bench.ttft_ms, 1), tokens_per_sec=round(bench.tokens_per_sec, 1),
+             duration_ms=round(bench.duration_ms, 1), runs=bench.runs, max_tokens=bench.max_tokens)
+    if reasons and sla.on_unmet == "refuse":
+        raise TermsUnmet(reasons, bench)
+    if reasons:
+        log.warning("SLA TERMS NOT MET BY THIS ENGINE, PUBLISHING THEM ANYWAY (on_unmet = \"warn\"): clients "
+                    "may claim compensation from the stake for every breach", reasons=reasons,
+                    measured=bench.describe())
+    return terms
+
+
+def start_sla_court(settings: NodeSettings, identity: EnclaveIdentity, store: ReceiptStore, model_id: str,
+                    domain: ReceiptDomain, terms: Terms) -> SlaWatcher:
+    """Publish `terms` if they changed and start answering no-response disputes. Blocking (web3): run it in
+    a thread. The node must already be registered (the court accepts terms of active nodes only)."""
+    from eth_account import Account
+    from web3 import Web3
+
+    from client.deployment import Deployment
+    from client.sla import SLACourtClient
+    from node.sla_terms import publish_terms_if_changed
+    from node.sla_watcher import DISPUTE_LOOKBACK_S, SlaWatcher, first_block_since
+
+    dep = Deployment.load(settings.payments.deployment)
+    if not dep.sla_court:
+        raise ValueError("[sla] is enabled but the deployment file names no sla_court")
+    if (domain.chain_id, domain.verifying_contract.lower()) != (dep.chain_id, dep.sla_court.lower()):
+        raise ValueError(f"[sla] is enabled but receipts are signed for {domain}, not the deployment's SLA court "
+                         f"{dep.sla_court} on chain {dep.chain_id}: unset [receipts] verifying_contract and chain_id")
+    key = os.environ.get(settings.registry.operator_key_env)
+    if not key:
+        raise ValueError(f"[sla] is enabled: put the operator's key in ${settings.registry.operator_key_env}")
+    operator = Account.from_key(key)
+    w3 = Web3(Web3.HTTPProvider(settings.payments.rpc_url or dep.rpc_url, request_kwargs={"timeout": 30}))
+    court = SLACourtClient(w3, dep.sla_court)
+    published = publish_terms_if_changed(court, operator, identity.address, model_id, terms)
+    log.info("sla_terms", published=published, node=identity.address, model_id=model_id, court=dep.sla_court)
+    # A dispute is answerable until openedAt + its response window (at most the court's maximum), so every
+    # dispute a restarted node can still answer, including those opened while it was down, is in this range.
+    now = w3.eth.get_block("latest")["timestamp"]
+    from_block = first_block_since(w3, now - DISPUTE_LOOKBACK_S, low=dep.start_block)
+    watcher = SlaWatcher(w3, dep.sla_court, identity.address, store.lookup_request, operator,
+                         interval_s=settings.sla.watch_interval_s, from_block=from_block)
+    watcher.start()
+    return watcher
 
 
 def create_app(
@@ -141,11 +204,11 @@ def create_app(
     provider = provider or build_provider(settings)
     identity = identity or build_identity(settings, provider)
     engine = engine or build_engine(settings, identity, provider)
-    rc = settings.receipts
     metrics = NodeMetrics(engine.queue_depth)
-    domain = ReceiptDomain(rc.chain_id, rc.verifying_contract)
-    model_id = rc.model_id or model_id_for(engine.model_name)
-    gate = build_gate(settings, identity, engine, domain, model_id) if settings.payments.enabled else None
+    domain = resolve_receipt_domain(settings)
+    model_id = settings.receipts.model_id or model_id_for(engine.model_name)
+    store = ReceiptStore(settings.data_dir / "receipts.sqlite")
+    gate = build_gate(settings, identity, engine, domain, model_id, store) if settings.payments.enabled else None
     presence = None
     if settings.registry.enabled or settings.p2p.enabled:
         from node.network import NodePresence  # libp2p: imported only when the node joins the network
@@ -153,8 +216,7 @@ def create_app(
         presence = NodePresence(settings, identity, provider, model_id=model_id,
                                 price=settings.payments.prices.get(engine.model_name))
     state = NodeState(
-        settings=settings, engine=engine, identity=identity, provider=provider,
-        store=ReceiptStore(settings.data_dir / "receipts.sqlite"),
+        settings=settings, engine=engine, identity=identity, provider=provider, store=store,
         signer=ReceiptSigner(identity.account, domain, model_id),
         metrics=metrics, node_version=__version__, gate=gate,
     )
@@ -164,33 +226,59 @@ def create_app(
         if provider.tee_type == "simulated":
             log.warning("SIMULATED TEE: NOT CONFIDENTIAL. Keys and prompts are unprotected and clients refuse "
                         "this node unless they set allow_simulated. Development only.")
-        state.store.open()
-        await engine.start()
-        if presence is not None:
-            await presence.start()
-        if gate is not None:
-            gate.payments.start()
-            log.info("payments_on", payee=identity.address, escrow=gate.payments.deployment.payment_channels,
-                     chain_id=gate.payments.deployment.chain_id, token=gate.token)
+        started: list[str] = []  # what to stop, also when the start itself fails
+        try:
+            state.store.open()
+            started.append("store")
+            await engine.start()
+            started.append("engine")
+            # Benchmarked before registering: a node refusing its own terms does not touch the chain.
+            terms = await check_sla_terms(settings, engine) if settings.sla.enabled else None
+            if presence is not None:
+                started.append("presence")
+                await presence.start()
+            if terms is not None:
+                app.state.sla_watcher = await asyncio.to_thread(start_sla_court, settings, identity, state.store,
+                                                                model_id, domain, terms)
+            if gate is not None:
+                gate.payments.start()
+                started.append("payments")
+                log.info("payments_on", payee=identity.address, escrow=gate.payments.deployment.payment_channels,
+                         chain_id=gate.payments.deployment.chain_id, token=gate.token)
+        except BaseException:
+            await _shutdown(app, started)
+            raise
         log.info("node_started", address=identity.address, tee=provider.tee_type, model=engine.model_name,
-                 version=__version__, receipts_chain_id=rc.chain_id)
+                 version=__version__, receipts_chain_id=domain.chain_id,
+                 receipts_verifying_contract=domain.verifying_contract)
         try:
             yield
         finally:
             # uvicorn calls this after in-flight requests drained (or graceful_shutdown_s ran out).
             log.info("node_stopping")
-            if presence is not None:
-                await presence.stop()
-            await engine.stop()
-            await state.store.close()
-            if gate is not None:  # settles whatever is unsettled before the process exits
-                await run_in_threadpool(gate.payments.stop)
-                gate.close()
+            await _shutdown(app, started)
             log.info("node_stopped")
+
+    async def _shutdown(app: FastAPI, started: list[str]) -> None:
+        watcher = app.state.sla_watcher
+        if watcher is not None:  # before the store closes: it reads receipts from it
+            await asyncio.to_thread(watcher.stop)
+            app.state.sla_watcher = None
+        if "presence" in started:
+            await presence.stop()
+        if "engine" in started:
+            await engine.stop()
+        if "store" in started:
+            await state.store.close()
+        if gate is not None:
+            if "payments" in started:  # settles whatever is unsettled before the process exits
+                await run_in_threadpool(gate.payments.stop)
+            gate.close()
 
     app = FastAPI(title="dcml node", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.node = state
     app.state.presence = presence
+    app.state.sla_watcher = None  # the running SlaWatcher while [sla] is enabled
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(attestation.router)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
@@ -169,7 +170,8 @@ async def _serve(request: Request, kind: Kind) -> Response:
         if state.gate is not None:  # paid node: admit (and charge the prompt) before any compute
             paid = await state.gate.admit(headers=request.headers, model=plan.model, request_hash=req_hash,
                                           prompt_tokens=plan.prompt_tokens,
-                                          max_tokens=plan.generation.params.max_tokens, stream=plan.stream)
+                                          max_tokens=plan.generation.params.max_tokens, stream=plan.stream,
+                                          accepted_at=accepted_at)
         stream = state.engine.stream(plan.generation)
         try:
             first = await _first_chunk(stream)
@@ -280,6 +282,7 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
         return data_event(payload)
 
     async def body() -> AsyncIterator[bytes]:
+        receipted = False
         try:
             if meter.plan.kind == "chat":
                 yield emit(shapes.role_chunk())
@@ -313,14 +316,29 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                 yield emit(shapes.usage_chunk(meter.output_tokens))
             yield emit(DONE)
             receipt_json = await meter.receipt(receipt_id, hasher.hexdigest())
+            receipted = True
             yield named_event(RECEIPT_EVENT, receipt_json.encode())
         finally:
-            await stream.aclose()  # frees the engine slot when the client disconnects
+            with anyio.CancelScope(shield=True):  # the client's disconnect cancels us; finish the bookkeeping
+                await stream.aclose()  # frees the engine slot when the client disconnects
+                if not receipted:
+                    await _receipt_after_disconnect(meter, receipt_id, hasher)
 
     headers = {**SSE_HEADERS, RECEIPT_ID_HEADER: receipt_id, **_paid_headers(meter)}
     if key is not None:
         headers.update(SEALED_RESPONSE_HEADERS)
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+async def _receipt_after_disconnect(meter: _Meter, receipt_id: str, hasher: StreamHasher) -> None:
+    """The client went away mid-answer: still sign and keep a receipt for what was served (a prefix of the
+    stream, no [DONE]), so a no-response dispute over this accepted request can be answered with it. The
+    client can fetch it at /v1/receipts?request_hash=."""
+    try:
+        await meter.receipt(receipt_id, hasher.hexdigest())
+        log.debug("receipt_after_disconnect", receipt_id=receipt_id, output_tokens=meter.output_tokens)
+    except Exception:
+        log.exception("receipt_after_disconnect_failed", receipt_id=receipt_id)
 
 
 @router.post("/v1/chat/completions")

@@ -2,7 +2,8 @@
 
 * `SyntheticEngine` measures everything that is not the model (gateway, payments, HTTP) and lets
   tests drive the API without torch. One "token" is one word; the output is deterministic per
-  (prompt, seed).
+  (prompt, seed). By default it runs flat out; `first_token_ms` and `tokens_per_second` make it behave
+  like a model of known speed (SLA tests, demos).
 * `make_upstream_app(engine)` serves `/v1/completions` (streamed or not, with `usage` and
   `stream_options.include_usage`) and vLLM's `/tokenize`, so `OpenAIUpstreamEngine` is tested against
   a real HTTP server. Like vLLM, the stream skips chunks with no text (a token that completes no
@@ -30,12 +31,17 @@ WORDS = tuple(_WORDS.split(" "))
 
 class SyntheticEngine:
     def __init__(self, *, model_name: str = "synthetic", max_context: int = 8192, max_inflight: int = 1024,
-                 empty_every: int = 0, yield_every: int = 16) -> None:
+                 empty_every: int = 0, yield_every: int = 16, first_token_ms: float = 0,
+                 tokens_per_second: float = 0) -> None:
+        if first_token_ms < 0 or tokens_per_second < 0:
+            raise ValueError("first_token_ms and tokens_per_second must be >= 0 (0 = no delay / flat out)")
         self.model_name = model_name
         self.max_context = max_context
         self.max_inflight = max_inflight
         self.empty_every = empty_every  # every n-th token carries no text (0 = never)
         self.yield_every = yield_every  # give the event loop a turn every n tokens, else run flat out
+        self.first_token_s = first_token_ms / 1000  # sleep before the first token (0 = none)
+        self.token_interval_s = 1 / tokens_per_second if tokens_per_second else 0.0  # 0 = flat out
         self._inflight = 0
 
     async def start(self) -> None:
@@ -61,7 +67,16 @@ class SyntheticEngine:
             p = request.params
             start = int.from_bytes(hashlib.sha256(f"{p.seed}|{request.prompt}".encode()).digest()[:4], "big")
             text = ""
+            loop = asyncio.get_running_loop()
+            if self.first_token_s:
+                await asyncio.sleep(self.first_token_s)
+            first_at = loop.time()
             for i in range(p.max_tokens):
+                if self.token_interval_s and i:
+                    # Token i is due i intervals after the first: sleeps' overshoot does not accumulate.
+                    delay = first_at + i * self.token_interval_s - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                 piece = "" if self.empty_every and (i + 1) % self.empty_every == 0 else " " + WORDS[
                     (start + i) % len(WORDS)]
                 text += piece

@@ -8,6 +8,10 @@ Money rules (ARCHITECTURE.md, "Paying over HTTP"):
   concurrent vouchers and charges share one commit (`LedgerWriter`), so a commit costs each stream one
   fsync wait however many streams there are;
 - output may run at most `creditWindow` past what is accepted: the node's whole exposure.
+
+The signed acceptance (the node's promise to answer by a deadline, which a client can take to the SLA
+court) is stored durably before it leaves, so the node can always answer a dispute about it; that write
+shares the admission's wait with the ledger commit.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,7 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from web3 import Web3
 
-from client.receipts import Acceptance, ReceiptDomain, sign_acceptance
+from client.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
 from client.voucher import MalformedVoucher, Voucher
 from client.x402 import (
     ACCEPTANCE_HEADER,
@@ -38,7 +43,7 @@ from client.x402 import (
     PaymentRequirement,
     PaymentResponse,
 )
-from node.api.errors import APIError
+from node.api.errors import APIError, internal_error
 from node.config import PaymentsConfig
 from node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, VoucherOp
 from node.payments.service import Payments, payments_router
@@ -50,6 +55,9 @@ class PaymentNeeded(APIError):
 
     status = 402
     type = "payment_required"
+
+
+RecordAcceptance = Callable[[SignedAcceptance], Awaitable[None]]
 
 
 class LedgerWriter:
@@ -113,12 +121,15 @@ class PaidRequest:
 
 class PaymentGate:
     def __init__(self, payments: Payments, config: PaymentsConfig, *, signer: LocalAccount,
-                 receipt_domain: ReceiptDomain, model_ids: dict[str, str]) -> None:
+                 receipt_domain: ReceiptDomain, model_ids: dict[str, str],
+                 record_acceptance: RecordAcceptance | None = None) -> None:
         self.payments = payments
         self.config = config
         self.signer = signer
         self.receipt_domain = receipt_domain
         self.model_ids = model_ids  # served model name -> bytes32 hex (the channel's modelId must match)
+        # Durable store of signed acceptances (ReceiptStore.put_acceptance); None: not kept (tests, no SLA).
+        self.record_acceptance = record_acceptance
         dep = payments.deployment
         self.token = Web3.to_checksum_address(config.token or dep.token)
         self.writer = LedgerWriter(payments.ledger)
@@ -147,7 +158,9 @@ class PaymentGate:
     # -- admission -------------------------------------------------------------------------------
 
     async def admit(self, *, headers, model: str, request_hash: str, prompt_tokens: int, max_tokens: int,
-                    stream: bool) -> PaidRequest:
+                    stream: bool, accepted_at: float | None = None) -> PaidRequest:
+        """Admit and charge a paid request, or raise `PaymentNeeded`. `accepted_at` (unix seconds; default now)
+        is signed in the acceptance: pass the receipt's, so both select the same SLA terms."""
         header = headers.get(PAYMENT_SIGNATURE)
         terms = self.terms(model)
         if not header:
@@ -185,24 +198,43 @@ class PaymentGate:
         first_token = terms.price_per_output_token if stream and max_tokens > 0 else 0
         if first_token:  # the first output token rides on the admission commit (it may use the credit window)
             ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window))
-        try:
-            after = (await self.writer.write_many(ops))[-1]
-        except LedgerConflict as exc:  # a concurrent request or voucher on the channel got there first
-            raise self.needed(model, exc.reason, str(exc), spent_before + prompt_cost + ahead) from None
+        # Signed before the commit so that its durable write shares the wait with the ledger's.
+        now = int(time.time())
+        acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=voucher.channel_id,
+                                                acceptedAt=now if accepted_at is None else int(accepted_at),
+                                                deadline=now + self.config.response_deadline_s),
+                                     self.signer, self.receipt_domain)
+        charged = prompt_cost + first_token
+        after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged,
+                                             spent_before + prompt_cost + ahead)
         if new_voucher:  # streams of this channel paused for funds may go on
             self._notify(voucher.channel_id)
         spent = after.spent
-        paid = PaidRequest(voucher.channel_id, terms, after.accepted, spent, prompt_cost + first_token,
+        paid = PaidRequest(voucher.channel_id, terms, after.accepted, spent, charged,
                            precharged=1 if first_token else 0)
-        acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=voucher.channel_id,
-                                                deadline=int(time.time()) + self.config.response_deadline_s),
-                                     self.signer, self.receipt_domain)
         paid.headers = {
             ACCEPTANCE_HEADER: base64.b64encode(acceptance.model_dump_json(by_alias=True).encode()).decode(),
             PAYMENT_RESPONSE: PaymentResponse(channelId=voucher.channel_id, accepted=after.accepted,
                                               spent=spent).to_header(),
         }
         return paid
+
+    async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
+                                acceptance: SignedAcceptance, charged: int, required: int) -> ChannelBalance:
+        """The admission's ledger ops and the acceptance's store write, concurrently; both must succeed
+        before anything is sent. An acceptance stored for a refused request is harmless: it never left."""
+        writes = [self.writer.write_many(ops)]
+        if self.record_acceptance is not None:
+            writes.append(self.record_acceptance(acceptance))
+        ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
+        if isinstance(ledger, LedgerConflict):  # a concurrent request or voucher on the channel got there first
+            raise self.needed(model, ledger.reason, str(ledger), required) from None
+        if isinstance(ledger, BaseException):
+            raise ledger
+        if stored and isinstance(stored[0], BaseException):  # charged, but the promise is not durable: undo it
+            await run_in_threadpool(self.payments.ledger.refund, channel_id, charged)
+            raise internal_error(stored[0], "acceptance_store") from None
+        return ledger[-1]
 
     # -- charging output -------------------------------------------------------------------------
 

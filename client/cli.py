@@ -4,6 +4,7 @@
     dcml node attest http://127.0.0.1:8080 --allow-simulated
     dcml chat --node http://127.0.0.1:8080 --model dcml-demo "Hello" --allow-simulated
     dcml channel list --json
+    dcml disputes list             # SLA claims and no-response disputes; `open` / `finalize` send them
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from pydantic import ValidationError
 from rich.console import Console
+from rich.table import Table
+from web3 import Web3
 
 from client.attestation import AttestationDocument, AttestationError, Policy, verify_attestation
 from client.deployment import Deployment
+from client.disputes import DisputeRow, Disputes
 from client.model_cli import model_app
 from client.receipts import Price, ReceiptError, request_hash, verify_receipt
 from client.sdk import ChatResult, ChatStream, Client, NodeError, PaymentError
-from client.spend_store import SessionKeyLocked, StoredChannel
+from client.sla import SLAError
+from client.spend_store import SessionKeyLocked, SpendStore, StoredChannel
 from client.tx import TransactionFailed
 
 app = typer.Typer(name="dcml", help="Pay attested LLM nodes per token and verify every answer.",
@@ -43,10 +48,13 @@ app.add_typer(node_app, name="node")
 app.add_typer(model_app, name="model")
 nodes_app = typer.Typer(help="Find nodes on the overlay.", no_args_is_help=True)
 app.add_typer(nodes_app, name="nodes")
+disputes_app = typer.Typer(help="SLA court: claim broken terms, dispute unanswered requests, collect.",
+                           no_args_is_help=True)
+app.add_typer(disputes_app, name="disputes")
 
 out = Console()
 err = Console(stderr=True)
-EXPECTED = (PaymentError, NodeError, AttestationError, ReceiptError, TransactionFailed, SessionKeyLocked,
+EXPECTED = (PaymentError, NodeError, AttestationError, ReceiptError, TransactionFailed, SessionKeyLocked, SLAError,
             FileNotFoundError, httpx.HTTPError, ValidationError, ValueError, KeyError)
 
 
@@ -73,6 +81,18 @@ class Options:
         return Client(node_url, self.wallet(), deployment=Deployment.load(self.deployment),
                       policy=Policy.load(self.policy) if self.policy else None, allow_simulated=self.allow_simulated,
                       store=self.store, deposit=deposit, max_price_per_token=max_price)
+
+    @contextmanager
+    def disputes(self) -> Iterator[Disputes]:
+        """The payer wallet's SLA claims and disputes; node URLs come from the stored acceptances."""
+        deployment = Deployment.load(self.deployment)
+        wallet = self.wallet()
+        store = SpendStore(self.store)
+        try:
+            w3 = Web3(Web3.HTTPProvider(deployment.rpc_url, request_kwargs={"timeout": 30}))
+            yield Disputes(w3, deployment, wallet, store)
+        finally:
+            store.close()
 
 
 @app.callback()
@@ -343,3 +363,62 @@ def nodes_list(
 
         _emit(opts, rows, human)
 
+
+# -- disputes ---------------------------------------------------------------------------------------
+
+
+def _short(value: str | None, n: int = 10) -> str:
+    return "-" if not value else value if len(value) <= n + 2 else value[: n + 2] + "…"
+
+
+def _dispute_table(rows: list[DisputeRow], empty: str) -> None:
+    if not rows:
+        out.print(empty)
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("kind", "id", "status", "due", "node", "expected", "paid", "broken / reason"):
+        table.add_column(col)
+    for r in rows:
+        note = ", ".join(r.broken) + ("; " if r.broken and r.reason else "") + (r.reason or "")
+        table.add_row(r.kind, _short(r.id), r.status, "yes" if r.due else "", _short(r.node),
+                      "-" if r.expected is None else str(r.expected), "-" if r.amount is None else str(r.amount),
+                      note or "-")
+    out.print(table, highlight=False)
+
+
+@disputes_app.command("list")
+def disputes_list(ctx: typer.Context,
+                  due: Annotated[bool, typer.Option(help="Only items with something to send now.")] = False) -> None:
+    """Breach claims (receipts that broke the node's terms) and no-response disputes, with their amounts."""
+    opts: Options = ctx.obj
+    with _handled(opts), opts.disputes() as disputes:
+        rows = [r for r in disputes.list() if r.due or not due]
+        _emit(opts, [r.as_json() for r in rows],
+              lambda: _dispute_table(rows, "nothing to claim or dispute" if due else "no claims or disputes yet"))
+
+
+@disputes_app.command("open")
+def disputes_open(
+    ctx: typer.Context,
+    node: Annotated[str | None, typer.Option(help="Only this node (signing address or URL).")] = None,
+    request_hash: Annotated[str | None, typer.Option(help="Only this request (0x sha256 of its body).")] = None,
+    receipt: Annotated[str | None, typer.Option(help="Only the breach claim of this receipt id.")] = None,
+) -> None:
+    """Claim every pending breach and open a no-response dispute (bond paid) for every accepted request past
+    its deadline without a receipt, unless the node serves the receipt when asked."""
+    opts: Options = ctx.obj
+    with _handled(opts), opts.disputes() as disputes:
+        rows = disputes.open_due(node=node, request_hash=request_hash, receipt_id=receipt)
+        _emit(opts, [r.as_json() for r in rows], lambda: _dispute_table(rows, "nothing due"))
+
+
+@disputes_app.command("finalize")
+def disputes_finalize(
+    ctx: typer.Context,
+    dispute_id: Annotated[str | None, typer.Argument(help="One dispute id (default: every open one).")] = None,
+) -> None:
+    """Collect compensation for disputes the node left unanswered past their window; record answered ones."""
+    opts: Options = ctx.obj
+    with _handled(opts), opts.disputes() as disputes:
+        rows = disputes.finalize_due(dispute_id=dispute_id)
+        _emit(opts, [r.as_json() for r in rows], lambda: _dispute_table(rows, "no dispute is ready to finalize"))

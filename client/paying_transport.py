@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -82,6 +83,7 @@ class Exchange:
     receipt: SignedReceipt | None = None
     vouchers: list[Voucher] = field(default_factory=list)  # signed during this exchange
     finished: bool = False
+    started_at: float = field(default_factory=time.time)  # our clock when the request was sent
 
     @property
     def cost(self) -> int:

@@ -8,15 +8,22 @@
 Trust: the node's keys come only from its verified attestation; a channel pays only that attested
 signing address; every acceptance and receipt must be signed by it and commit to the exact bytes sent
 and received, at the advertised prices. Everything signed or verified is kept in the spend store.
+
+SLA: with a deployment that names an SLA court, acceptances and receipts are verified under the court's
+EIP-712 domain and kept as evidence. Each receipt is checked against the node's published terms; a broken
+term does not fail the call (the answer is valid and paid): it shows in `ChatResult.sla_broken` and becomes a
+pending claim in `client.disputes` (`dcml disputes open` sends it). An acceptance whose receipt never came is
+disputed after its deadline by `client.disputes.open_due()`, or automatically with ``auto_dispute=True``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ from web3 import Web3
 from client.attestation import AttestationDocument, Policy, VerifiedNode, verify_attestation
 from client.channel import ChannelClient, ChannelState
 from client.deployment import Deployment
+from client.disputes import Disputes
 from client.paying_transport import (
     EXCHANGE_EXTENSION,
     AsyncPayingTransport,
@@ -50,6 +58,7 @@ from client.receipts import (
     verify_acceptance,
     verify_receipt,
 )
+from client.sla import Broken
 from client.spend_store import SpendStore, StoredChannel, StoredReceipt, Violation
 from client.voucher import Voucher
 from client.x402 import (
@@ -66,9 +75,14 @@ from client.x402 import (
 __all__ = ["ChatResult", "ChatStream", "Client", "InsufficientDeposit", "NodeError", "PaymentError",
            "PaymentRejected", "ReceiptViolation", "UntrustedTerms"]
 
+log = logging.getLogger("dcml.client")
+
 # Codes after which the channel we named can never admit a request: open another one.
 _DEAD_CHANNEL = {"unknown_channel", "channel_finalized", "channel_closing", "wrong_payee", "wrong_model",
                  "wrong_token"}
+# Receipt checks that fail only after the signature, request hash and channel checked out: such a receipt
+# still answers a no-response dispute on-chain, so its acceptance must not be disputed.
+_SIGNED_FOR_THE_REQUEST = {"response_hash_mismatch", "cost_mismatch", "cumulative_mismatch", "accepted_at_skew"}
 
 
 class UntrustedTerms(PaymentError):
@@ -103,6 +117,7 @@ class ChatResult:
     cost: int  # wei, from the verified receipt
     channel_id: str | None
     response: dict[str, Any] | None = None  # the full JSON body (non-streamed)
+    sla_broken: Broken = Broken.NONE  # terms the receipt breaks: a claim is pending in `Client.disputes`
 
 
 @dataclass
@@ -114,6 +129,7 @@ class ChatStream:
     _body: bytes
     result: ChatResult | None = None
     _parts: list[str] = field(default_factory=list)
+    _sla_of: Callable[[SignedReceipt | None], Broken] | None = None
 
     def __iter__(self) -> Iterator[str]:
         usage = None
@@ -138,7 +154,9 @@ class ChatStream:
                     if delta:
                         self._parts.append(delta)
                         yield delta
-        self.result = ChatResult("".join(self._parts), usage, exchange.receipt, exchange.cost, exchange.channel_id)
+        broken = self._sla_of(exchange.receipt) if self._sla_of else Broken.NONE
+        self.result = ChatResult("".join(self._parts), usage, exchange.receipt, exchange.cost, exchange.channel_id,
+                                 sla_broken=broken)
 
 
 @dataclass
@@ -150,7 +168,14 @@ class _Live:
 
 
 class Client:
-    """Pays one node for inference. Thread-safe; channel and voucher decisions are serialized."""
+    """Pays one node for inference. Thread-safe; channel and voucher decisions are serialized.
+
+    `receipt_domain` defaults to the deployment's SLA court (else `DEFAULT_DOMAIN`), as nodes sign.
+    `check_sla` checks each receipt against the node's published terms; `auto_dispute` runs a daemon thread
+    that every `dispute_interval_s` opens due disputes and finalizes unanswered ones (see `client.disputes`).
+    Dispute transactions come from the same wallet as channel top-ups, so they hold the same lock while they
+    are mined (rare: only after a broken term or a missing answer).
+    """
 
     def __init__(
         self,
@@ -168,6 +193,10 @@ class Client:
         auto_top_up: bool = True,
         timeout: float = 120.0,
         w3: Web3 | None = None,
+        check_sla: bool = True,
+        auto_dispute: bool = False,
+        dispute_interval_s: float = 30.0,
+        max_clock_skew_s: float = 300.0,
     ) -> None:
         if deposit <= 0:
             raise ValueError("deposit must be a positive amount of wei")
@@ -178,7 +207,15 @@ class Client:
         self.policy = policy or Policy()
         self.allow_simulated = allow_simulated
         self.deposit = deposit
-        self.receipt_domain = receipt_domain or DEFAULT_DOMAIN
+        if receipt_domain is None:
+            receipt_domain = (ReceiptDomain(deployment.chain_id, deployment.sla_court) if deployment.sla_court
+                              else DEFAULT_DOMAIN)
+        self.receipt_domain = receipt_domain
+        self.check_sla = check_sla
+        # A node's signed acceptedAt picks the SLA terms a request is judged by: one far from our clock could
+        # move the request under older, laxer terms (or before any), so it is a violation.
+        self.max_clock_skew_s = max_clock_skew_s
+        self.dispute_interval_s = dispute_interval_s
         self.max_price_per_token = max_price_per_token
         self.auto_top_up = auto_top_up
         self.timeout = timeout
@@ -191,6 +228,13 @@ class Client:
         self._checked: set[str] = set()  # stored channels whose on-chain state was checked this process
         self._http = httpx.Client(base_url=self.node_url, timeout=timeout)
         self._paying = httpx.Client(base_url=self.node_url, timeout=timeout, transport=PayingTransport(self))
+        self._disputes: Disputes | None = None
+        self._stop = threading.Event()
+        self._disputer: threading.Thread | None = None
+        if auto_dispute:
+            self.disputes  # noqa: B018 -- fails now, not in the thread, when the deployment has no court
+            self._disputer = threading.Thread(target=self._dispute_loop, name="dcml-disputes", daemon=True)
+            self._disputer.start()
 
     @staticmethod
     def discover(deployment: Deployment, bootstrap: list[str], model: str | None = None, **kwargs: Any) -> list:
@@ -198,6 +242,9 @@ class Client:
         return discover(deployment, bootstrap, model, **kwargs)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._disputer is not None:
+            self._disputer.join(timeout=30)  # a transaction in flight finishes, so its outcome is recorded
         self._paying.close()
         self._http.close()
         self.store.close()
@@ -207,6 +254,42 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- SLA disputes ----------------------------------------------------------------------------
+
+    @property
+    def disputes(self) -> Disputes:
+        """Breach claims and no-response disputes of this wallet (`client.disputes.Disputes`); needs a court."""
+        with self._lock:
+            if self._disputes is None:
+                # tx_lock: disputes are sent from the wallet that also tops up channels here (one nonce sequence)
+                self._disputes = Disputes(self.w3, self.deployment, self.wallet, self.store,
+                                          domain=self.receipt_domain, tx_lock=self._lock)
+            return self._disputes
+
+    def _dispute_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.disputes.open_due()
+                self.disputes.finalize_due()
+            except Exception:
+                log.exception("automatic disputes failed; retrying in %s s", self.dispute_interval_s)
+            self._stop.wait(self.dispute_interval_s)
+
+    def _sla_of(self, signed: SignedReceipt | None) -> Broken:
+        claim = self.store.breach_claim(signed.receipt.receipt_id) if signed is not None else None
+        return Broken(claim.broken) if claim is not None else Broken.NONE
+
+    def _check_sla(self, exchange: Exchange) -> None:
+        """The receipt against the node's terms; never fails the call: a broken term is a claim, not an error,
+        and a failed chain read only skips the check."""
+        signed = exchange.receipt
+        if not (self.check_sla and self.deployment.sla_court and signed is not None and exchange.channel_id):
+            return
+        try:
+            self.disputes.check_receipt(signed, node_address=self._node().signing_address, node_url=self.node_url)
+        except Exception as exc:
+            log.warning("SLA check of receipt %s skipped: %s", signed.receipt.receipt_id, exc)
 
     # -- attestation -----------------------------------------------------------------------------
 
@@ -244,7 +327,7 @@ class Client:
     def _call(self, path: str, request: dict[str, Any], stream: bool) -> ChatResult | ChatStream:
         if stream:
             request = {"stream": True, "stream_options": {"include_usage": True}, **request}
-            return ChatStream(self._paying, path, json.dumps(request).encode())
+            return ChatStream(self._paying, path, json.dumps(request).encode(), _sla_of=self._sla_of)
         response = self._paying.post(path, content=json.dumps(request).encode(),
                                      headers={"Content-Type": "application/json"})
         if response.status_code >= 400:
@@ -253,7 +336,8 @@ class Client:
         data = response.json()
         choice = (data.get("choices") or [{}])[0]
         text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
-        return ChatResult(text, data.get("usage"), exchange.receipt, exchange.cost, exchange.channel_id, data)
+        return ChatResult(text, data.get("usage"), exchange.receipt, exchange.cost, exchange.channel_id, data,
+                          sla_broken=self._sla_of(exchange.receipt))
 
     def openai(self, **kwargs: Any) -> openai.OpenAI:
         """The official client, paying and verifying through this Client."""
@@ -437,7 +521,8 @@ class Client:
         with self._lock:
             self._live.setdefault(exchange.channel_id, _Live()).inflight += 1
         try:
-            if self.store.channel(exchange.channel_id) is None:
+            ch = self.store.channel(exchange.channel_id)
+            if ch is None:
                 raise ReceiptViolation("unknown_channel", f"the node charged channel {pr.channel_id}, not ours")
             value = headers.get(ACCEPTANCE_HEADER)
             if value is None:
@@ -456,6 +541,12 @@ class Client:
                 raise ReceiptViolation("request_hash_mismatch", "the acceptance does not commit to the body you sent")
             if a.channel_id != exchange.channel_id:
                 raise ReceiptViolation("channel_mismatch", f"acceptance names channel {a.channel_id}")
+            if abs(a.accepted_at - time.time()) > self.max_clock_skew_s or a.deadline < a.accepted_at:
+                raise ReceiptViolation("accepted_at_skew", f"the acceptance says accepted at {a.accepted_at}, "
+                                       f"deadline {a.deadline}; our clock says {int(time.time())}")
+            # Before the answer starts: if it never comes, this is the evidence for a no-response dispute.
+            self.store.record_acceptance(signed, node_address=node.signing_address, node_url=self.node_url,
+                                         model_id=ch.model_id)
         except ReceiptViolation as exc:
             self._violation(exc, exchange, evidence=headers.get(ACCEPTANCE_HEADER))
             self.on_aborted(exchange)
@@ -496,6 +587,12 @@ class Client:
 
     def on_receipt(self, exchange: Exchange, signed: SignedReceipt | None, *, response_bytes: bytes | None = None,
                    sse_payloads: list[bytes] | None = None) -> Voucher | None:
+        settle = self._receipt(exchange, signed, response_bytes=response_bytes, sse_payloads=sse_payloads)
+        self._check_sla(exchange)  # outside the lock: a chain read (on a cache miss) holds up no other request
+        return settle
+
+    def _receipt(self, exchange: Exchange, signed: SignedReceipt | None, *, response_bytes: bytes | None,
+                 sse_payloads: list[bytes] | None) -> Voucher | None:
         node = self._node()
         with self._lock:
             live = self._live.get(exchange.channel_id or "")
@@ -519,13 +616,21 @@ class Client:
                                    previous_cumulative=ch.spent if ch and exact else None, domain=self.receipt_domain)
                 except ReceiptError as exc:
                     raise ReceiptViolation(exc.reason.value, str(exc)) from exc
+                if not (exchange.started_at - self.max_clock_skew_s <= r.accepted_at
+                        <= time.time() + self.max_clock_skew_s):
+                    raise ReceiptViolation("accepted_at_skew", f"the receipt says accepted at {r.accepted_at}; the "
+                                           f"request was sent at {int(exchange.started_at)} by our clock")
                 if ch and not exact and r.cumulative_spent < ch.spent + r.cost:
                     raise ReceiptViolation("cumulative_mismatch", f"cumulativeSpent {r.cumulative_spent} went back: "
                                            f"already saw {ch.spent}, plus this cost {r.cost}")
             except ReceiptViolation as exc:
                 self._violation(exc, exchange, evidence=signed.model_dump_json(by_alias=True) if signed else None)
+                if signed is not None and exc.reason in _SIGNED_FOR_THE_REQUEST:
+                    self.store.mark_answered(node.signing_address, signed.receipt.request_hash,
+                                             signed.receipt.receipt_id)
                 raise
             self.store.record_receipt(signed, node_url=self.node_url, request_body=exchange.request_body)
+            self.store.mark_answered(node.signing_address, r.request_hash, r.receipt_id)
             exchange.receipt = signed
             if ch is None:
                 return None

@@ -33,10 +33,9 @@ from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.types import TxReceipt
 
 from client.channel import ChannelParams
-from client.receipts import Receipt, ReceiptDomain, SignedAcceptance, SignedReceipt
+from client.receipts import Acceptance, Receipt, ReceiptDomain, SignedAcceptance, SignedReceipt
 from client.tx import TransactionFailed, send
 
-ACCEPTANCE_SPAN = 3600  # SLACourt.ACCEPTANCE_SPAN: acceptances are judged at deadline - this
 _BUILD = Path(__file__).resolve().parents[1] / "contracts" / "out" / "SLACourt.sol" / "SLACourt.json"
 
 
@@ -48,6 +47,9 @@ def court_abi() -> list[dict]:
     if shipped.exists():
         return json.loads(shipped.read_text())
     return json.loads(_BUILD.read_text())["abi"]
+
+
+PUBLISH_TERMS_GAS = 260_000
 
 
 class Broken(IntFlag):
@@ -132,6 +134,10 @@ def receipt_tuple(r: Receipt) -> tuple:
             r.input_tokens, r.output_tokens, r.cost, r.cumulative_spent, r.accepted_at, r.ttft_ms, r.duration_ms)
 
 
+def acceptance_tuple(a: Acceptance) -> tuple:
+    return (_b32(a.request_hash), _b32(a.channel_id), a.accepted_at, a.deadline)
+
+
 def _sig(signature: str) -> bytes:
     return bytes.fromhex(signature.removeprefix("0x"))
 
@@ -163,11 +169,16 @@ class SLACourtClient:
 
     # ---- writes
 
-    def _send(self, account: LocalAccount, fn, action: str, value: int = 0) -> TxReceipt:
+    def _send(self, account: LocalAccount, fn, action: str, value: int = 0, min_gas: int = 0) -> TxReceipt:
         try:
-            return send(self.w3, account, fn, value=value, action=action)
+            return send(self.w3, account, fn, value=value, action=action, min_gas=min_gas)
         except TransactionFailed as exc:
             raise SLAError(action, self._reason(exc)) from exc
+
+    @property
+    def error_names(self) -> frozenset[str]:
+        """The court's custom errors: a refusal naming one is the court's answer; anything else may be transient."""
+        return frozenset(self._errors.values())
 
     def _reason(self, exc: TransactionFailed) -> str:
         cause = exc.__cause__
@@ -178,7 +189,9 @@ class SLACourtClient:
 
     def publish_terms(self, operator: LocalAccount, node: str, model_id: str, terms: Terms) -> TxReceipt:
         fn = self.contract.functions.publishTerms(to_checksum_address(node), _b32(model_id), terms.as_tuple())
-        return self._send(operator, fn, "publishTerms")
+        # Estimated in the same second as the previous version, the cheap "replace" path is priced; mined in
+        # the next second the transaction pushes a new version (~210k gas): floor the limit at that.
+        return self._send(operator, fn, "publishTerms", min_gas=PUBLISH_TERMS_GAS)
 
     def claim_breach(self, account: LocalAccount, node: str, params: ChannelParams,
                      signed: SignedReceipt) -> TxReceipt:
@@ -190,12 +203,17 @@ class SLACourtClient:
     def open_no_response(self, account: LocalAccount, node: str, model_id: str, params: ChannelParams,
                          signed: SignedAcceptance) -> bytes:
         """Open as `account`, which must be `params.payer`; returns the dispute id."""
+        return self.open_no_response_tx(account, node, model_id, params, signed)[0]
+
+    def open_no_response_tx(self, account: LocalAccount, node: str, model_id: str, params: ChannelParams,
+                            signed: SignedAcceptance) -> tuple[bytes, TxReceipt]:
+        """`open_no_response`, also returning the transaction's receipt (the bond is sent with it)."""
         a = signed.acceptance
         fn = self.contract.functions.openNoResponse(
             to_checksum_address(node), _b32(model_id), params.as_struct(),
-            (_b32(a.request_hash), _b32(a.channel_id), a.deadline), _sig(signed.signature))
-        self._send(account, fn, "openNoResponse", value=self.dispute_bond())
-        return self.dispute_id(node, a.request_hash)
+            acceptance_tuple(a), _sig(signed.signature))
+        tx = self._send(account, fn, "openNoResponse", value=self.dispute_bond())
+        return self.dispute_id(node, a.request_hash), tx
 
     def answer(self, account: LocalAccount, dispute_id: bytes, signed: SignedReceipt) -> TxReceipt:
         fn = self.contract.functions.answer(dispute_id, receipt_tuple(signed.receipt), _sig(signed.signature))

@@ -1,5 +1,6 @@
 """The client's durable record of its spending: channels (with their session keys), vouchers signed,
-receipts verified and violations seen, in one SQLite file.
+receipts verified, violations seen, and the SLA remedies they give (acceptances that may need a
+no-response dispute, receipts that break the node's terms), in one SQLite file.
 
 A later process reuses a channel from here. Session keys are stored encrypted (AES-256-GCM under a key
 derived by HKDF from the wallet's private key, so the file alone does not let anyone sign vouchers) and
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from client.receipts import SignedReceipt
+from client.receipts import SignedAcceptance, SignedReceipt
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS channels (
@@ -80,6 +81,46 @@ CREATE TABLE IF NOT EXISTS violations (
     message     TEXT NOT NULL,
     evidence    TEXT,                   -- the offending signed receipt/acceptance JSON, if any
     at          REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS acceptances (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_address   TEXT NOT NULL,         -- lower case: the attested signing key (channel payee)
+    request_hash   TEXT NOT NULL,
+    node_url       TEXT NOT NULL,         -- where to fetch a missing receipt before disputing
+    channel_id     TEXT NOT NULL,
+    model_id       TEXT NOT NULL,         -- whose published terms apply
+    deadline       INTEGER NOT NULL,
+    signature      TEXT NOT NULL,
+    signed_json    TEXT NOT NULL,         -- SignedAcceptance JSON: the dispute's evidence
+    receipt_id     TEXT,                  -- set once a receipt for the request arrived (or was fetched)
+    dispute_id     TEXT,
+    dispute_status TEXT,                  -- open | answered | finalized | refused
+    answer_by      INTEGER,
+    expected       TEXT,                  -- the court's noResponseCompensation at opening
+    amount         TEXT,                  -- what finalizing paid
+    tx             TEXT,
+    reason         TEXT,                  -- last refusal or failure
+    recorded_at    REAL NOT NULL,
+    updated_at     REAL NOT NULL,
+    UNIQUE (node_address, request_hash, deadline)
+);
+CREATE INDEX IF NOT EXISTS acceptances_open ON acceptances (receipt_id, dispute_status, deadline);
+CREATE TABLE IF NOT EXISTS breach_claims (
+    receipt_id     TEXT PRIMARY KEY,
+    node_address   TEXT NOT NULL,
+    node_url       TEXT NOT NULL,
+    channel_id     TEXT NOT NULL,
+    request_hash   TEXT NOT NULL,
+    broken         INTEGER NOT NULL,      -- client.sla.Broken bits
+    expected       TEXT NOT NULL,         -- Terms.compensation (before the cap by the node's stake)
+    signed_json    TEXT NOT NULL,         -- the signed receipt: the claim's evidence
+    status         TEXT NOT NULL DEFAULT 'pending',  -- pending | claimed | refused
+    amount         TEXT,
+    tx             TEXT,
+    reason         TEXT,
+    recorded_at    REAL NOT NULL,
+    updated_at     REAL NOT NULL,
+    UNIQUE (node_address, request_hash)   -- the court pays once per (node, request)
 );
 """
 _KEY_INFO = b"dcml spend-store session key v1"
@@ -167,6 +208,71 @@ class Violation:
     message: str
     evidence: str | None
     at: float
+
+
+@dataclass(frozen=True)
+class StoredAcceptance:
+    """A verified acceptance, and the no-response dispute over it once there is one."""
+
+    id: int
+    node_address: str
+    request_hash: str
+    node_url: str
+    channel_id: str
+    model_id: str
+    deadline: int
+    signed: SignedAcceptance
+    receipt_id: str | None
+    dispute_id: str | None
+    dispute_status: str | None  # None (not disputed) | open | answered | finalized | refused
+    answer_by: int | None
+    expected: int | None
+    amount: int | None
+    tx: str | None
+    reason: str | None
+    recorded_at: float
+
+
+@dataclass(frozen=True)
+class BreachClaim:
+    """A verified receipt whose own figures break the node's terms: a claim to send (or sent) to the court."""
+
+    receipt_id: str
+    node_address: str
+    node_url: str
+    channel_id: str
+    request_hash: str
+    broken: int  # client.sla.Broken bits
+    expected: int
+    signed: SignedReceipt
+    status: str  # pending | claimed | refused
+    amount: int | None
+    tx: str | None
+    reason: str | None
+    recorded_at: float
+
+
+_ACCEPTANCE_COLS = ("id, node_address, request_hash, node_url, channel_id, model_id, deadline, signed_json, "
+                    "receipt_id, dispute_id, dispute_status, answer_by, expected, amount, tx, reason, recorded_at")
+_CLAIM_COLS = ("receipt_id, node_address, node_url, channel_id, request_hash, broken, expected, signed_json, status, "
+               "amount, tx, reason, recorded_at")
+
+
+def _int(value: str | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _acceptance(row: tuple) -> StoredAcceptance:
+    (aid, node, rh, url, cid, mid, deadline, js, rid, did, dstatus, answer_by, expected, amount, tx, reason,
+     at) = row
+    return StoredAcceptance(aid, node, rh, url, cid, mid, deadline, SignedAcceptance.model_validate_json(js), rid,
+                            did, dstatus, answer_by, _int(expected), _int(amount), tx, reason, at)
+
+
+def _claim(row: tuple) -> BreachClaim:
+    rid, node, url, cid, rh, broken, expected, js, status, amount, tx, reason, at = row
+    return BreachClaim(rid, node, url, cid, rh, broken, int(expected), SignedReceipt.from_json(js), status,
+                       _int(amount), tx, reason, at)
 
 
 _CHANNEL_COLS = ("channel_id, node_url, model, model_id, payer, payee, escrow, chain_id, token, session_address, "
@@ -330,3 +436,97 @@ class SpendStore:
             rows = self._db.execute("SELECT id, channel_id, receipt_id, node_url, reason, message, evidence, at "
                                     "FROM violations ORDER BY id").fetchall()
         return [Violation(*r) for r in rows]
+
+    # -- acceptances (no-response disputes) ------------------------------------------------------
+
+    def record_acceptance(self, signed: SignedAcceptance, *, node_address: str, node_url: str, model_id: str) -> None:
+        """Keep a verified acceptance: the evidence for a no-response dispute if its receipt never comes."""
+        a, now = signed.acceptance, time.time()
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO acceptances (node_address, request_hash, node_url, channel_id, model_id, "
+                       "deadline, signature, signed_json, recorded_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (node_address.lower(), a.request_hash, node_url, a.channel_id, model_id.lower(), a.deadline,
+                        signed.signature, signed.model_dump_json(by_alias=True), now, now))
+
+    def mark_answered(self, node_address: str, request_hash: str, receipt_id: str) -> int:
+        """The node answered `request_hash`: its unanswered acceptances need no dispute (the court takes any
+        receipt of the node for the same request as the answer). Returns how many were marked."""
+        with self._tx() as db:
+            return db.execute("UPDATE acceptances SET receipt_id = ?, updated_at = ? WHERE node_address = ? AND "
+                              "request_hash = ? AND receipt_id IS NULL",
+                              (receipt_id, time.time(), node_address.lower(), request_hash.lower())).rowcount
+
+    def _acceptances(self, where: str, args: tuple = ()) -> list[StoredAcceptance]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_ACCEPTANCE_COLS} FROM acceptances WHERE {where} ORDER BY id",
+                                    args).fetchall()
+        return [_acceptance(r) for r in rows]
+
+    def acceptance(self, acceptance_id: int) -> StoredAcceptance | None:
+        found = self._acceptances("id = ?", (acceptance_id,))
+        return found[0] if found else None
+
+    def acceptances(self, *, node_address: str | None = None, request_hash: str | None = None
+                    ) -> list[StoredAcceptance]:
+        where, args = "1=1", []
+        if node_address:
+            where, args = where + " AND node_address = ?", [*args, node_address.lower()]
+        if request_hash:
+            where, args = where + " AND request_hash = ?", [*args, request_hash.lower()]
+        return self._acceptances(where, tuple(args))
+
+    def overdue_acceptances(self, now: int) -> list[StoredAcceptance]:
+        """No receipt, not disputed, and the deadline is behind `now` (chain time: the court's clock)."""
+        return self._acceptances("receipt_id IS NULL AND dispute_status IS NULL AND deadline < ?", (now,))
+
+    def disputed_acceptances(self, status: str | None = None) -> list[StoredAcceptance]:
+        if status is None:
+            return self._acceptances("dispute_status IS NOT NULL")
+        return self._acceptances("dispute_status = ?", (status,))
+
+    def update_acceptance(self, acceptance_id: int, **fields: int | str | None) -> None:
+        allowed = {"receipt_id", "dispute_id", "dispute_status", "answer_by", "expected", "amount", "tx", "reason"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"can only update {sorted(allowed)}")
+        values = [str(v) if k in ("expected", "amount") and v is not None else v for k, v in fields.items()]
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE acceptances SET {sets}, updated_at = ? WHERE id = ?",
+                       (*values, time.time(), acceptance_id))
+
+    # -- breach claims (broken terms) ------------------------------------------------------------
+
+    def record_breach_claim(self, signed: SignedReceipt, *, node_address: str, node_url: str, broken: int,
+                            expected: int) -> bool:
+        """A pending claim for a receipt that breaks the terms; False if this (node, request) already has one."""
+        r, now = signed.receipt, time.time()
+        with self._tx() as db:
+            return db.execute(
+                "INSERT OR IGNORE INTO breach_claims (receipt_id, node_address, node_url, channel_id, request_hash, "
+                "broken, expected, signed_json, recorded_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (r.receipt_id, node_address.lower(), node_url, r.channel_id, r.request_hash, int(broken),
+                 str(expected), signed.model_dump_json(by_alias=True), now, now)).rowcount == 1
+
+    def breach_claims(self, status: str | None = None) -> list[BreachClaim]:
+        sql, args = f"SELECT {_CLAIM_COLS} FROM breach_claims", ()
+        if status:
+            sql, args = sql + " WHERE status = ?", (status,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY recorded_at, rowid", args).fetchall()
+        return [_claim(r) for r in rows]
+
+    def breach_claim(self, receipt_id: str) -> BreachClaim | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_CLAIM_COLS} FROM breach_claims WHERE receipt_id = ?",
+                                   (receipt_id.lower(),)).fetchone()
+        return _claim(row) if row else None
+
+    def update_breach_claim(self, receipt_id: str, **fields: int | str | None) -> None:
+        allowed = {"status", "amount", "tx", "reason"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"can only update {sorted(allowed)}")
+        values = [str(v) if k == "amount" and v is not None else v for k, v in fields.items()]
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE breach_claims SET {sets}, updated_at = ? WHERE receipt_id = ?",
+                       (*values, time.time(), receipt_id.lower()))

@@ -103,3 +103,11 @@ def test_chat_streams_to_the_terminal(dcml, node: PaidNode) -> None:
     assert len(result.stdout.split()) >= 20  # the streamed words
     (rec,) = dcml("receipts", "list")
     assert rec["output_tokens"] == 25
+
+
+def test_disputes_after_an_answered_chat(dcml, node: PaidNode) -> None:
+    dcml("chat", "--node", node.url, "--model", MODEL, "--max-tokens", "3", "hi")
+    # the acceptance was kept and matched with its receipt; the node published no terms to break
+    assert dcml("disputes", "list") == []
+    assert dcml("disputes", "open") == [] and dcml("disputes", "finalize") == []
+    assert "no claims or disputes yet" in dcml("disputes", "list", human=True).stdout

@@ -179,6 +179,35 @@ def test_forged_receipt_signer_is_rejected(client: Client) -> None:
                                                 "max_tokens": 3})
 
 
+def test_acceptance_dated_far_from_our_clock_is_a_violation(client: Client, node: PaidNode) -> None:
+    """A node that signs acceptedAt an hour back (under older, laxer SLA terms) is caught at admission."""
+    import base64
+
+    from client.receipts import SignedAcceptance, sign_acceptance
+    from client.x402 import ACCEPTANCE_HEADER
+
+    class Backdate(httpx.BaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx.HTTPTransport()
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            response = self.inner.handle_request(request)
+            if ACCEPTANCE_HEADER in response.headers:
+                a = SignedAcceptance.model_validate_json(base64.b64decode(response.headers[ACCEPTANCE_HEADER]))
+                moved = a.acceptance.model_copy(update={"accepted_at": a.acceptance.accepted_at - 3600})
+                headers = httpx.Headers(response.headers)
+                resigned = sign_acceptance(moved, node.identity.account, client.receipt_domain)
+                headers[ACCEPTANCE_HEADER] = base64.b64encode(resigned.model_dump_json(by_alias=True).encode()).decode()
+                return httpx.Response(200, headers=headers, content=response.read())
+            return response
+
+    http = httpx.Client(base_url=client.node_url, transport=PayingTransport(client, inner=Backdate()))
+    with pytest.raises(ReceiptViolation, match="accepted_at_skew"):
+        http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                "max_tokens": 3})
+    assert [v.reason for v in client.violations()] == ["accepted_at_skew"]
+
+
 def test_channel_is_reused_by_a_later_process(client: Client, node: PaidNode, wallet: LocalAccount,
                                               deployment: Deployment, w3: Web3) -> None:
     first = client.chat([{"role": "user", "content": "a"}], MODEL, max_tokens=3)

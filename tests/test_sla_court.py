@@ -1,14 +1,13 @@
 """SLACourt against a real anvil: Proof of Response and broken-terms disputes, signed by client.receipts.
 
 The module runs its own anvil (it moves the chain's clock) and deploys its own NodeRegistry + SLACourt,
-bound to a PaymentChannels escrow deployed the way the devnet does.
+bound to the devnet's PaymentChannels escrow.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from unittest import mock
 
 import pytest
 from eth_account import Account
@@ -40,18 +39,12 @@ TERMS = Terms(max_ttft_ms=2000, min_tokens_per_sec=10, max_duration_ms=60_000, r
 
 @contextmanager
 def escrow_chain() -> Iterator[tuple[Web3, str]]:
-    """A fresh anvil with ModelRegistry + PaymentChannels deployed as `node.devnet.deploy_all` deploys them.
-
-    Only the escrow is deployed (not the devnet's SLACourt), so this works whatever constructor the devnet
-    passes the court. Yields (w3, PaymentChannels address).
-    """
-    def deploy_escrow(w3: Web3, rpc_url: str, *, close_grace_period: int) -> str:
-        deployer = dev_accounts()["deployer"]
-        model_registry = deploy_contract(w3, deployer, "ModelRegistry")
-        return deploy_contract(w3, deployer, "PaymentChannels", model_registry, close_grace_period)
-
-    with mock.patch("node.devnet.deploy_all", deploy_escrow), Devnet() as devnet:
-        yield Web3(Web3.HTTPProvider(devnet.rpc_url, request_kwargs={"timeout": 30})), devnet.deployment
+    """A fresh anvil with the devnet's contracts; yields (w3, PaymentChannels address). The tests deploy their
+    own NodeRegistry and SLACourt on it, with a stake and bond of their own."""
+    with Devnet() as devnet:
+        assert devnet.deployment is not None
+        w3 = Web3(Web3.HTTPProvider(devnet.rpc_url, request_kwargs={"timeout": 30}))
+        yield w3, devnet.deployment.payment_channels
 
 
 def channel_params(payer: str, payee: str) -> ChannelParams:

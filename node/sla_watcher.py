@@ -62,6 +62,9 @@ class SlaWatcher:
         self.max_block_range = max_block_range  # blocks per eth_getLogs call (providers cap the range)
         self._next_block = from_block
         self._done: set[bytes] = set()  # disputes answered, or no longer open
+        # Open disputes not answerable yet (the receipt is still being produced, or a transaction failed):
+        # tried again on every poll until answered, closed, or past their window.
+        self._retry: set[bytes] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.answered: list[bytes] = []  # dispute ids this watcher answered, in order
@@ -95,29 +98,39 @@ class SlaWatcher:
         head = self.w3.eth.block_number
         start = 0 if self._next_block is None else self._next_block
         event = self.court.contract.events.NoResponseDisputeOpened()
-        sent = 0
+        sent = sum(self._handle(dispute_id) for dispute_id in list(self._retry))
         while start <= head and not self._stop.is_set():
             end = min(head, start + self.max_block_range - 1)
             for entry in event.get_logs(from_block=start, to_block=end, argument_filters={"node": self.node}):
                 dispute_id = bytes(entry["args"]["disputeId"])
-                if dispute_id in self._done or entry["args"]["node"] != self.node:
+                if dispute_id in self._done or dispute_id in self._retry or entry["args"]["node"] != self.node:
                     continue
                 sent += self._handle(dispute_id)
             self._next_block = start = end + 1
         return sent
 
+    def _later(self, dispute_id: bytes, answer_by: int) -> int:
+        """Try again on the next poll, while the window is open."""
+        if self.w3.eth.get_block("latest")["timestamp"] > answer_by:
+            self._retry.discard(dispute_id)
+            self._done.add(dispute_id)
+        else:
+            self._retry.add(dispute_id)
+        return 0
+
     def _handle(self, dispute_id: bytes) -> int:
         dispute = self.court.dispute(dispute_id)
         if dispute.status != DisputeStatus.OPEN:
+            self._retry.discard(dispute_id)
             self._done.add(dispute_id)
             return 0
         request = "0x" + dispute.request_hash.hex()
         signed = self.lookup(request)
-        if signed is None:
-            log.warning("SLA dispute %s: no stored receipt for request %s; cannot answer (window closes at %d)",
-                        dispute_id.hex(), request, dispute.answer_by)
-            self._done.add(dispute_id)
-            return 0
+        if signed is None:  # never answered, or the answer is still streaming: its receipt may yet come
+            if dispute_id not in self._retry:
+                log.warning("SLA dispute %s: no stored receipt for request %s yet; watching until the window "
+                            "closes at %d", dispute_id.hex(), request, dispute.answer_by)
+            return self._later(dispute_id, dispute.answer_by)
         if signed.receipt.channel_id.lower() != "0x" + dispute.channel_id.hex():
             log.warning("SLA dispute %s: stored receipt for %s is for channel %s, dispute names 0x%s",
                         dispute_id.hex(), request, signed.receipt.channel_id, dispute.channel_id.hex())
@@ -128,8 +141,11 @@ class SlaWatcher:
         except SLAError as exc:
             log.error("SLA dispute %s: answer refused: %s", dispute_id.hex(), exc.reason)
             if exc.reason in ("DisputeNotOpen", "WindowClosed", "ReceiptMismatch", "WrongSigner"):
+                self._retry.discard(dispute_id)
                 self._done.add(dispute_id)
-            return 0
+                return 0
+            return self._later(dispute_id, dispute.answer_by)  # e.g. a transaction that did not go through
+        self._retry.discard(dispute_id)
         self._done.add(dispute_id)
         self.answered.append(dispute_id)
         log.info("SLA dispute %s answered with receipt %s for request %s (tx %s, gas %d)", dispute_id.hex(),

@@ -26,6 +26,7 @@ _INSERT_ACCEPTANCE = ("INSERT INTO acceptances (request_hash, channel_id, deadli
                       "VALUES (?, ?, ?, ?, ?)")
 # The lookup by request hash uses this exact expression, so SQLite uses the index (no schema migration needed).
 _RECEIPT_REQUEST = "json_extract(body, '$.receipt.requestHash')"
+_RECEIPT_CHANNEL = "json_extract(body, '$.receipt.channelId')"
 
 
 def new_receipt_id() -> str:
@@ -178,11 +179,13 @@ class ReceiptStore:
         body = await self._run(self._read_acceptance, request_hash.lower())
         return None if body is None else SignedAcceptance.model_validate_json(body)
 
-    def lookup_request(self, request_hash: str) -> SignedReceipt | None:
-        """`get_by_request` for other threads (the SLA watcher): runs on the store's thread and waits."""
+    def lookup_request(self, request_hash: str, channel_id: str | None = None) -> SignedReceipt | None:
+        """`get_by_request` for other threads (the SLA watcher): runs on the store's thread and waits. With
+        `channel_id`, only a receipt charged to that channel (the same body may have been sent on two)."""
         if self._executor is None:
             raise RuntimeError("the receipt store is closed")
-        body = self._executor.submit(self._read_by_request, request_hash.lower()).result()
+        body = self._executor.submit(self._read_by_request, request_hash.lower(),
+                                     channel_id.lower() if channel_id else None).result()
         return None if body is None else SignedReceipt.model_validate_json(body)
 
     async def _run(self, fn, *args):
@@ -190,17 +193,20 @@ class ReceiptStore:
             raise RuntimeError("the receipt store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _one(self, sql: str, arg: str) -> str | None:
+    def _one(self, sql: str, *args: str) -> str | None:
         assert self._conn is not None, "ReceiptStore.open() was not called"
-        row = self._conn.execute(sql, (arg,)).fetchone()
+        row = self._conn.execute(sql, args).fetchone()
         return None if row is None else row[0]
 
     def _read(self, receipt_id: str) -> str | None:
         return self._one("SELECT body FROM receipts WHERE id = ?", receipt_id)
 
-    def _read_by_request(self, request_hash: str) -> str | None:
-        return self._one(f"SELECT body FROM receipts WHERE {_RECEIPT_REQUEST} = ? ORDER BY rowid DESC LIMIT 1",
-                         request_hash)
+    def _read_by_request(self, request_hash: str, channel_id: str | None = None) -> str | None:
+        if channel_id is None:
+            return self._one(f"SELECT body FROM receipts WHERE {_RECEIPT_REQUEST} = ? ORDER BY rowid DESC LIMIT 1",
+                             request_hash)
+        return self._one(f"SELECT body FROM receipts WHERE {_RECEIPT_REQUEST} = ? AND {_RECEIPT_CHANNEL} = ? "
+                         "ORDER BY rowid DESC LIMIT 1", request_hash, channel_id)
 
     def _read_acceptance(self, request_hash: str) -> str | None:
         return self._one("SELECT body FROM acceptances WHERE request_hash = ? ORDER BY rowid DESC LIMIT 1",

@@ -25,7 +25,7 @@ from client.sla import DisputeStatus, SLACourtClient, SLAError
 
 log = logging.getLogger(__name__)
 
-ReceiptLookup = Callable[[str], "SignedReceipt | None"]
+ReceiptLookup = Callable[[str, str], "SignedReceipt | None"]
 MAX_RESPONSE_WINDOW_S = 7 * 86400  # SLACourt.MAX_RESPONSE_WINDOW
 DISPUTE_LOOKBACK_S = MAX_RESPONSE_WINDOW_S + 3600  # plus an hour of slack (clock skew, late blocks)
 
@@ -46,7 +46,8 @@ def first_block_since(w3: Web3, timestamp: int, *, low: int = 0) -> int:
 class SlaWatcher:
     """Polls `court_address` every `interval_s` and answers open disputes against `node_address`.
 
-    `receipt_lookup(request_hash)` (0x-prefixed lowercase hex) returns the stored signed receipt or None.
+    `receipt_lookup(request_hash, channel_id)` (0x-prefixed lowercase hex) returns the stored signed receipt
+    for that request on that channel, or None.
     `sender_account` pays the gas of `answer` and receives the disputer's bond.
     """
 
@@ -125,17 +126,12 @@ class SlaWatcher:
             self._done.add(dispute_id)
             return 0
         request = "0x" + dispute.request_hash.hex()
-        signed = self.lookup(request)
+        signed = self.lookup(request, "0x" + dispute.channel_id.hex())
         if signed is None:  # never answered, or the answer is still streaming: its receipt may yet come
             if dispute_id not in self._retry:
                 log.warning("SLA dispute %s: no stored receipt for request %s yet; watching until the window "
                             "closes at %d", dispute_id.hex(), request, dispute.answer_by)
             return self._later(dispute_id, dispute.answer_by)
-        if signed.receipt.channel_id.lower() != "0x" + dispute.channel_id.hex():
-            log.warning("SLA dispute %s: stored receipt for %s is for channel %s, dispute names 0x%s",
-                        dispute_id.hex(), request, signed.receipt.channel_id, dispute.channel_id.hex())
-            self._done.add(dispute_id)
-            return 0
         try:
             tx = self.court.answer(self.sender, dispute_id, signed)
         except SLAError as exc:

@@ -142,7 +142,10 @@ def test_paid_answer_keeps_its_acceptance_and_receipt_signed_for_the_court(w3, d
         acceptance = SignedAcceptance.model_validate_json(base64.b64decode(answer.headers[ACCEPTANCE_HEADER.lower()]))
         store: ReceiptStore = app.state.node.store
         assert asyncio.run(store.get_acceptance(h)) == acceptance  # durable before it was sent
-        assert store.lookup_request(h) == answer.receipt  # what the dispute watcher posts
+        assert store.lookup_request(h) == answer.receipt
+        # what the dispute watcher posts: the receipt of that request on the dispute's channel only
+        assert store.lookup_request(h, answer.receipt.receipt.channel_id) == answer.receipt
+        assert store.lookup_request(h, "0x" + "cd" * 32) is None
 
         r = httpx.get(f"{server.url}/v1/receipts", params={"request_hash": h})
         assert r.status_code == 200 and r.json() == answer.receipt.model_dump(mode="json", by_alias=True)

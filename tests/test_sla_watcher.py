@@ -57,7 +57,8 @@ def test_watcher_answers_a_dispute_against_an_answering_node(caplog) -> None:
         store: dict = {}  # the answer is still streaming: its receipt is stored only after the dispute opens
         lookups: list[str] = []
 
-        def lookup(h: str):
+        def lookup(h: str, channel_id: str):
+            assert channel_id == channel
             lookups.append(h)
             return store.get(h)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -111,7 +111,8 @@ class Disputes:
 
     def __init__(self, w3: Web3, deployment: Deployment, wallet: LocalAccount, store: SpendStore, *,
                  domain: ReceiptDomain | None = None, fetch_receipts: bool = True, http_timeout: float = 10.0,
-                 tx_lock: AbstractContextManager | None = None, terms_ttl_s: float = TERMS_TTL_S) -> None:
+                 tx_lock: AbstractContextManager | None = None, terms_ttl_s: float = TERMS_TTL_S,
+                 answering: Callable[[str], bool] | None = None) -> None:
         if not deployment.sla_court:
             raise ValueError("the deployment names no sla_court: there is no court to claim from (use a deployment "
                              "file written by a devnet or deployer that includes SLACourt)")
@@ -126,6 +127,9 @@ class Disputes:
         self.terms_ttl_s = terms_ttl_s
         self._book = ChannelBook(contract(w3, "PaymentChannels", deployment.payment_channels), deployment)
         self._tx_lock = tx_lock if tx_lock is not None else nullcontext()
+        # Requests whose answer is still arriving in this process: past its deadline or not, the node will
+        # answer a dispute with that receipt and take the bond, so they are not disputed while it streams.
+        self._answering = answering or (lambda request_hash: False)
         self._batch = threading.Lock()  # one open/finalize pass at a time (the auto thread and a caller)
         self._terms: dict[tuple[str, str], tuple[float, list[Terms]]] = {}
         self._terms_lock = threading.Lock()
@@ -214,7 +218,8 @@ class Disputes:
             done: list[DisputeRow] = []
             if receipt_id is None:
                 for a in self.store.overdue_acceptances(now):
-                    if _matches(a.node_address, a.node_url, a.request_hash, node, request_hash):
+                    if (_matches(a.node_address, a.node_url, a.request_hash, node, request_hash)
+                            and not self._answering(a.request_hash)):
                         done.append(self._open(a, now))
             for c in self.store.breach_claims("pending"):
                 if (_matches(c.node_address, c.node_url, c.request_hash, node, request_hash)

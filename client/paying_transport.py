@@ -84,6 +84,7 @@ class Exchange:
     vouchers: list[Voucher] = field(default_factory=list)  # signed during this exchange
     finished: bool = False
     started_at: float = field(default_factory=time.time)  # our clock when the request was sent
+    request_hash: str | None = None  # set once the node's acceptance of it verified
 
     @property
     def cost(self) -> int:

@@ -229,6 +229,7 @@ class Client:
         self._http = httpx.Client(base_url=self.node_url, timeout=timeout)
         self._paying = httpx.Client(base_url=self.node_url, timeout=timeout, transport=PayingTransport(self))
         self._disputes: Disputes | None = None
+        self._answering: set[str] = set()  # request hashes admitted whose answer is still arriving
         self._stop = threading.Event()
         self._disputer: threading.Thread | None = None
         if auto_dispute:
@@ -264,7 +265,8 @@ class Client:
             if self._disputes is None:
                 # tx_lock: disputes are sent from the wallet that also tops up channels here (one nonce sequence)
                 self._disputes = Disputes(self.w3, self.deployment, self.wallet, self.store,
-                                          domain=self.receipt_domain, tx_lock=self._lock)
+                                          domain=self.receipt_domain, tx_lock=self._lock,
+                                          answering=self._answering.__contains__)
             return self._disputes
 
     def _dispute_loop(self) -> None:
@@ -547,6 +549,8 @@ class Client:
             # Before the answer starts: if it never comes, this is the evidence for a no-response dispute.
             self.store.record_acceptance(signed, node_address=node.signing_address, node_url=self.node_url,
                                          model_id=ch.model_id)
+            exchange.request_hash = a.request_hash
+            self._answering.add(a.request_hash)
         except ReceiptViolation as exc:
             self._violation(exc, exchange, evidence=headers.get(ACCEPTANCE_HEADER))
             self.on_aborted(exchange)
@@ -595,6 +599,7 @@ class Client:
                  sse_payloads: list[bytes] | None) -> Voucher | None:
         node = self._node()
         with self._lock:
+            self._answering.discard(exchange.request_hash or "")
             live = self._live.get(exchange.channel_id or "")
             exact = live is not None and live.inflight == 1 and not live.uncertain
             if live is not None:
@@ -644,6 +649,7 @@ class Client:
 
     def on_aborted(self, exchange: Exchange) -> None:
         with self._lock:
+            self._answering.discard(exchange.request_hash or "")
             live = self._live.get(exchange.channel_id or "")
             if live is not None and not exchange.finished:
                 exchange.finished = True

@@ -3,8 +3,8 @@ registry and SLA on), the SDK and `dcml disputes` as the client, the devnet's SL
 
 - a node that answered is challenged anyway: its watcher posts the receipt, the dispute closes, no stake moves
   (and a client that hung up mid-stream finds the node's receipt for what was served instead of disputing);
-- a node killed after accepting: the client's dispute is finalized after the window, the node's stake is
-  slashed and the client compensated, to the wei;
+- a node killed after accepting: the client's dispute (not opened while the answer was still streaming) is
+  finalized after the window, the node's stake is slashed and the client compensated, to the wei;
 - a receipt that breaks the TTFT term: compensated once, the second claim refused; forged and altered receipts
   and acceptances, another key, another chain id: all refused on-chain.
 
@@ -241,14 +241,16 @@ def test_node_killed_after_accepting_is_slashed_and_the_client_compensated_to_th
             assert next(stream)
             (accepted,) = client.store.acceptances()
             assert accepted.receipt_id is None and accepted.node_url == node.url
+            chain.travel(DEADLINE_S + 5)
+            assert client.disputes.open_due() == []  # still streaming: the node would answer with its receipt
             node.kill()  # SIGKILL after accepting, mid-answer: no receipt is ever signed
             with pytest.raises(Exception):  # noqa: B017 - the connection dies; its exact type is httpx's business
                 for _ in stream:
                     pass
+            assert [r.status for r in client.disputes.list()] == ["due"]
     finally:
         node.stop()
 
-    chain.travel(DEADLINE_S + 5)
     (due,) = _dcml(chain, store, "disputes", "list", "--due")
     assert (due["kind"], due["status"], due["request_hash"]) == ("no_response", "due", accepted.request_hash)
     eth_before = chain.w3.eth.get_balance(chain.payer.address)

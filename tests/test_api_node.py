@@ -85,6 +85,14 @@ def test_config_file_and_environment(tmp_path, monkeypatch):
     cfg.write_text("[server]\nprot = 1\n")
     with pytest.raises(ValueError):
         load_settings(cfg)
+    # SLA terms are backed by the registry stake and judge paid requests: both must be on
+    cfg.write_text("[sla]\nenabled = true\n[payments]\nenabled = true\n")
+    with pytest.raises(ValueError, match=r"\[sla\] enabled needs \[registry\]"):
+        load_settings(cfg)
+    # a receipts domain names its chain with its contract
+    cfg.write_text('[receipts]\nverifying_contract = "0x' + "11" * 20 + '"\n')
+    with pytest.raises(ValueError, match="set chain_id too"):
+        load_settings(cfg)
 
 
 def test_example_config_loads():

@@ -4,8 +4,9 @@ A local chain with the contracts; a publisher encrypts the demo model, publishes
 runs its key broker; a node process (embedded engine, simulated TEE: its warning is printed) attests to
 the broker, gets the key sealed to its HPKE key and decrypts the weights in memory only; a client
 verifies the node's attestation, opens a channel, streams a paid answer that needs mid-stream vouchers
-and checks every receipt; the client closes the channel, the node settles on its own; balances before
-and after are printed and the on-chain movements are checked against the sum of the receipts, to the wei.
+and checks every receipt, also against the SLA terms the node published (backed by its registry stake);
+the client closes the channel, the node settles on its own; balances before and after are printed and the
+on-chain movements are checked against the sum of the receipts, to the wei.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from client.model_bundle import encrypt_model, generate_key
 from client.model_cli import publish_model
 from client.receipts import model_id_for
 from client.sdk import Client
+from client.sla import Broken, SLACourtClient
 from client.tx import send_eth
 from node.api.server import BackgroundServer
 from node.devnet import REPO, Devnet, free_port
@@ -46,6 +48,9 @@ ROYALTY_BPS = 250  # 2.5 % of every payment to the model's publisher
 PRICE_IN, PRICE_OUT = 10**13, 3 * 10**13  # wei of the demo token per input / output token
 CREDIT_TOKENS = 8  # the node serves this far past what is paid, then asks for a voucher
 PROMPT = [{"role": "user", "content": "Tell me of the king and the sea."}]
+# The node's SLA terms (generous: the node benchmarks its engine at start and refuses terms it cannot meet).
+MAX_TTFT_MS, MIN_TOKENS_PER_SEC = 5000, 5
+STAKE = 100 * 10**18
 
 
 def node_config(path: Path, data_dir: Path, deployment_file: Path, port: int, bundle_dir: Path,
@@ -73,6 +78,15 @@ settle_interval_s = 0.5
 [payments.prices.{MODEL}]
 price_per_input_token = {PRICE_IN}
 price_per_output_token = {PRICE_OUT}
+[registry]               # registered with a stake (operator key from $DCML_OPERATOR_KEY)
+enabled = true
+stake = {STAKE}
+[sla]                    # published in the SLA court, backed by the stake; disputes answered automatically
+enabled = true
+max_ttft_ms = {MAX_TTFT_MS}
+min_tokens_per_sec = {MIN_TOKENS_PER_SEC}
+breach_fixed = 1000000000000000000
+no_response_compensation = 10000000000000000000
 """)
 
 
@@ -115,8 +129,9 @@ def simulated_measurement() -> bytes:
     return measurement_id(verify_attestation(doc, nonce=nonce, policy=Policy(), allow_simulated=True))
 
 
-def start_node(config: Path, port: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=REPO)
+def start_node(config: Path, port: int, operator_key: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=REPO,
+                            env={**os.environ, "DCML_OPERATOR_KEY": operator_key})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -138,7 +153,7 @@ def main() -> None:
         dep = net.deployment
         w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
         accounts = {role: Account.from_key(dep.accounts[role].private_key)
-                    for role in ("deployer", "client", "publisher")}
+                    for role in ("deployer", "client", "publisher", "node")}
         token = contract(w3, "TestToken", dep.token)
         console.rule("[bold]dcml demo: attested, paid, verified inference on a local chain")
         console.print(f"1. anvil at {dep.rpc_url} (chain {dep.chain_id}); PaymentChannels {dep.payment_channels}")
@@ -150,10 +165,16 @@ def main() -> None:
         port = free_port()
         node_config(work / "node.toml", work / "node", deployment_file, port, work / "bundle", broker.url)
         console.print("3. starting the node (embedded engine, [yellow]simulated TEE[/]: it says so below); it "
-                      "attests to the broker and decrypts the model in memory…")
-        proc, url = start_node(work / "node.toml", port)
+                      "attests to the broker, decrypts the model in memory, registers with a stake and "
+                      "publishes its SLA terms…")
+        proc, url = start_node(work / "node.toml", port, dep.accounts["node"].private_key)
         console.print(f"   the broker released the model key: {broker.released()} release(s) in its audit log")
         node_address = httpx.get(f"{url}/health").json()["address"]
+        (terms,) = SLACourtClient(w3, dep.sla_court).terms_versions(node_address, model_id_for(MODEL))
+        console.print(f"   SLA terms in the court {dep.sla_court}: first token within {terms.max_ttft_ms} ms, "
+                      f"at least {terms.min_tokens_per_sec} tokens/s, backed by a {STAKE / 1e18:.0f} dUSD stake")
+        while time.time() <= terms.valid_from:  # the terms apply to requests accepted after they took effect
+            time.sleep(0.1)
         # gas for the node's settlements: its payee is its (attested) enclave address
         send_eth(w3, accounts["deployer"], node_address, 10**18)
         people = {"client": accounts["client"].address, "node": node_address,
@@ -176,9 +197,12 @@ def main() -> None:
                 channel_id = result.channel_id
                 vouchers = client.store.vouchers(channel_id)
                 receipts = client.receipts(channel_id)
-                console.print(f"\n   receipt verified: {result.receipt.receipt.input_tokens} input + "
-                              f"{result.receipt.receipt.output_tokens} output tokens, cost {result.cost} wei; "
-                              f"{len(vouchers)} vouchers signed, {len(receipts)} receipt(s) kept")
+                r = result.receipt.receipt
+                console.print(f"\n   receipt verified: {r.input_tokens} input + {r.output_tokens} output tokens, "
+                              f"cost {result.cost} wei; {len(vouchers)} vouchers signed, {len(receipts)} receipt(s) "
+                              f"kept; SLA: first token in {r.ttft_ms} ms, "
+                              + ("within the terms" if result.sla_broken == Broken.NONE
+                                 else f"[red]broken ({result.sla_broken!r}): a claim is pending[/]"))
                 if len(vouchers) < 2:
                     raise SystemExit("expected at least one mid-stream voucher")
                 client.close_channel(channel_id)

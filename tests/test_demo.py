@@ -16,4 +16,5 @@ def test_demo_runs_and_balances_to_the_wei() -> None:
     assert done.returncode == 0, out[-3000:]
     assert "SIMULATED TEE" in out  # the warning is visible
     assert "the broker released the model key: 1 release(s)" in out
+    assert "SLA terms in the court" in out and "within the terms" in out  # published, and the receipt checked
     assert "on-chain movements equal the sum of the receipts to the wei" in out

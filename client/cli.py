@@ -29,7 +29,7 @@ from web3 import Web3
 
 from client.attestation import AttestationDocument, AttestationError, Policy, verify_attestation
 from client.deployment import Deployment
-from client.disputes import DisputeRow, Disputes
+from client.disputes import DisputeRow, Disputes, broken_names
 from client.model_cli import model_app
 from client.receipts import Price, ReceiptError, request_hash, verify_receipt
 from client.sdk import ChatResult, ChatStream, Client, NodeError, PaymentError
@@ -168,12 +168,21 @@ def chat(
             result = client.chat(messages, model, **params)
         assert isinstance(result, ChatResult)
         receipt = result.receipt.receipt if result.receipt else None
+        broken = broken_names(result.sla_broken)
+
+        def human() -> None:
+            if not stream:
+                out.print(result.text, highlight=False, markup=False)
+            err.print(f"[green]paid {_eth(result.cost)}[/] for {receipt.input_tokens if receipt else '?'} in + "
+                      f"{receipt.output_tokens if receipt else '?'} out tokens; receipt "
+                      f"{receipt.receipt_id if receipt else '-'} verified", highlight=False)
+            if broken:
+                err.print(f"[yellow]the answer broke the node's SLA terms ({', '.join(broken)}): a claim is pending, "
+                          "send it with `dcml disputes open`[/]", highlight=False)
+
         _emit(opts, {"text": result.text, "usage": result.usage, "cost": str(result.cost),
-                     "channel_id": result.channel_id, "receipt_id": receipt.receipt_id if receipt else None},
-              lambda: (None if stream else out.print(result.text, highlight=False, markup=False),
-                       err.print(f"[green]paid {_eth(result.cost)}[/] for {receipt.input_tokens if receipt else '?'}"
-                                 f" in + {receipt.output_tokens if receipt else '?'} out tokens; receipt "
-                                 f"{receipt.receipt_id if receipt else '-'} verified", highlight=False)))
+                     "channel_id": result.channel_id, "receipt_id": receipt.receipt_id if receipt else None,
+                     "sla_broken": broken}, human)
 
 
 # -- channels ---------------------------------------------------------------------------------------

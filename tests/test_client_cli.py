@@ -59,7 +59,7 @@ def test_attest_chat_channels_receipts(dcml, node: PaidNode) -> None:
     assert attested["signing_address"] == node.identity.address and attested["simulated"]
 
     answer = dcml("chat", "--node", node.url, "--model", MODEL, "--max-tokens", "6", "hello")
-    assert answer["text"] and int(answer["cost"]) > 0 and answer["receipt_id"]
+    assert answer["text"] and int(answer["cost"]) > 0 and answer["receipt_id"] and answer["sla_broken"] == []
 
     (ch,) = dcml("channel", "list", "--chain")
     assert ch["channel_id"] == answer["channel_id"] and ch["payee"] == node.identity.address

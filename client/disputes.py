@@ -31,10 +31,9 @@ from web3.types import TxReceipt
 from client.channel import ChannelBook, ChannelParams
 from client.contracts import contract
 from client.deployment import Deployment
-from client.receipts import ReceiptDomain, ReceiptError, SignedReceipt, receipt_digest
+from client.receipts import ReceiptDomain, ReceiptError, SignedReceipt, recover_receipt_signer
 from client.sla import Broken, DisputeStatus, SLACourtClient, SLAError, Terms, broken_terms
 from client.spend_store import BreachClaim, SpendStore, StoredAcceptance
-from client.voucher import recover_digest_signer
 
 log = logging.getLogger("dcml.disputes")
 
@@ -323,7 +322,7 @@ class Disputes:
         try:
             signed = SignedReceipt.from_json(response.content)
             r = signed.receipt
-            signer = recover_digest_signer(receipt_digest(r, self.domain), _b32(signed.signature))
+            signer = recover_receipt_signer(r, signed.signature, self.domain)
         except (ReceiptError, ValueError) as exc:
             self.store.record_violation(node_url=a.node_url, reason="malformed", channel_id=a.channel_id,
                                         message=f"/v1/receipts served no valid receipt for {a.request_hash}: {exc}")

@@ -352,6 +352,11 @@ def _recover(digest: bytes, signature: str) -> str:
         raise ReceiptError(ReceiptReason.BAD_SIGNATURE, f"bad signature: {exc}") from exc
 
 
+def recover_receipt_signer(receipt: Receipt, signature: str, domain: ReceiptDomain = DEFAULT_DOMAIN) -> str:
+    """Who signed `receipt` under `domain` (raises `ReceiptError` BAD_SIGNATURE for a malformed signature)."""
+    return _recover(receipt_digest(receipt, domain), signature)
+
+
 def _check_signer(recovered: str, expected_signer: str) -> None:
     if recovered.lower() != expected_signer.lower():
         raise ReceiptError(
@@ -377,7 +382,7 @@ def verify_receipt(
     commits to exactly these request and response bytes (and, with `price`, to a consistent cost)."""
     if (response_bytes is None) == (sse_payloads is None):
         raise TypeError("pass exactly one of response_bytes (non-streamed) or sse_payloads (streamed)")
-    _check_signer(_recover(receipt_digest(receipt, domain), signature), expected_signer)
+    _check_signer(recover_receipt_signer(receipt, signature, domain), expected_signer)
     if request_hash(request_bytes) != receipt.request_hash:
         raise ReceiptError(ReceiptReason.REQUEST_HASH_MISMATCH,
                            "requestHash is not sha256 of the body you sent; do not pay for this answer")

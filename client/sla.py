@@ -246,6 +246,14 @@ class SLACourtClient:
         return [Terms.from_tuple(f.termsVersion(to_checksum_address(node), _b32(model_id), i).call())
                 for i in range(n)]
 
+    def latest_terms(self, node: str, model_id: str) -> Terms | None:
+        """The newest published version (possibly not yet in force), or None if the node never published."""
+        f = self.contract.functions
+        count = f.termsCount(to_checksum_address(node), _b32(model_id)).call()
+        if not count:
+            return None
+        return Terms.from_tuple(f.termsVersion(to_checksum_address(node), _b32(model_id), count - 1).call())
+
     def check_receipt(self, node: str, receipt: Receipt) -> Broken:
         """Off-chain: the terms the receipt breaks under the node's terms at its acceptedAt (NONE if no terms)."""
         terms = self.terms_at(node, receipt.model_id, receipt.accepted_at)

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 from eth_account.signers.local import LocalAccount
-from eth_utils import to_checksum_address
 
 from client.sla import SLACourtClient, Terms
 from node.config import SlaConfig
@@ -113,17 +112,10 @@ def terms_from_config(sla: SlaConfig) -> Terms:
                  no_response_compensation=sla.no_response_compensation)
 
 
-def latest_terms(court: SLACourtClient, node_address: str, model_id: str) -> Terms | None:
-    """The newest published version (possibly not yet in force), or None if the node never published."""
-    f, node, model = court.contract.functions, to_checksum_address(node_address), bytes.fromhex(model_id[2:])
-    count = f.termsCount(node, model).call()
-    return Terms.from_tuple(f.termsVersion(node, model, count - 1).call()) if count else None
-
-
 def publish_terms_if_changed(court: SLACourtClient, operator: LocalAccount, node_address: str, model_id: str,
                              terms: Terms) -> bool:
     """Publish `terms` unless the newest version already says the same (valid_from aside). Blocking web3."""
-    latest = latest_terms(court, node_address, model_id)
+    latest = court.latest_terms(node_address, model_id)
     if latest is not None and latest.model_copy(update={"valid_from": 0}) == terms.model_copy(
             update={"valid_from": 0}):
         return False

@@ -1,0 +1,1 @@
+"""Pinned NVIDIA roots (package data): Device Identity CA and CoRIM signing root, from NVIDIA/nvtrust."""

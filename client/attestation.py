@@ -14,6 +14,7 @@ import json
 import time
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ import dcap_qvl
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from client.gpu_evidence import GpuEvidenceError, GpuResult, verify_bundle
 from client.identity import HPKE_PUBLIC_KEY_LEN, NONCE_LEN
 from client.identity import report_data as binding_report_data
 from client.measurements import (
@@ -61,15 +63,23 @@ class Reason(StrEnum):
     COMPOSE_HASH_MISMATCH = "compose_hash_mismatch"
     COMPOSE_HASH_NOT_ALLOWED = "compose_hash_not_allowed"
     REPORT_DATA_MISMATCH = "report_data_mismatch"
-    GPU_EVIDENCE = "gpu_evidence"
+    GPU_EVIDENCE = "gpu_evidence"  # the stapled GPU evidence fails verification (gpu_reason says how)
+    GPU_EVIDENCE_MISSING = "gpu_evidence_missing"
+    GPU_NOT_ALLOWED = "gpu_not_allowed"  # verified, but the policy refuses its architecture/driver/VBIOS
 
 
 class AttestationError(Exception):
-    """A document failed verification. `reason` is machine-readable; the message says what to do."""
+    """A document failed verification. `reason` is machine-readable; the message says what to do.
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    For GPU evidence, `gpu_reason` is the verifier's GpuReason (e.g. rim_mismatch) and `gpu_index` the GPU.
+    """
+
+    def __init__(self, reason: Reason, message: str, *, gpu_reason: str | None = None,
+                 gpu_index: int | None = None) -> None:
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
+        self.gpu_reason = gpu_reason
+        self.gpu_index = gpu_index
 
 
 # --- policy -----------------------------------------------------------------------------------
@@ -118,6 +128,38 @@ class SimulatedPolicy(_Section):
     _norm = field_validator("signers")(_hex_list)
 
 
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".")) if v else ()
+
+
+def _driver_older(version: str | None, minimum: str) -> bool:
+    try:
+        return _version_tuple(version or "") < _version_tuple(minimum)
+    except ValueError:
+        return True  # a driver version that is not dotted numbers cannot be shown to meet a minimum
+
+
+class GpuPolicy(_Section):
+    """NVIDIA GPU evidence (verified offline, see client/gpu_evidence.py): what a verifier requires of it."""
+
+    required: bool = False  # refuse documents without GPU evidence
+    allowed_architectures: list[str] = ["hopper", "blackwell"]
+    min_driver_version: str = ""  # e.g. "550.54.15"; empty = any driver NVIDIA signed a RIM for
+    allowed_vbios_versions: list[str] = []  # e.g. ["96.00.5E.00.01"]; empty refuses any GPU, "*" accepts any
+    revocation_required: bool = False  # refuse evidence stapled without OCSP/CRL data for both chains
+
+    @field_validator("min_driver_version")
+    @classmethod
+    def _driver(cls, v: str) -> str:
+        _version_tuple(v)  # a typo fails at load time
+        return v
+
+    @field_validator("allowed_vbios_versions")
+    @classmethod
+    def _vbios(cls, v: list[str]) -> list[str]:
+        return [x.upper() for x in v]
+
+
 class Policy(_Section):
     """What a verifier accepts; load it from configs/policy.toml."""
 
@@ -126,6 +168,7 @@ class Policy(_Section):
     measurements: MeasurementPolicy = MeasurementPolicy()
     dstack: DstackPolicy = DstackPolicy()
     simulated: SimulatedPolicy = SimulatedPolicy()
+    gpu: GpuPolicy = GpuPolicy()
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
@@ -171,7 +214,8 @@ class VerifiedNode:
     simulated: bool = False
     advisory_ids: tuple[str, ...] = ()
     compose_hash: str | None = None
-    gpu_evidence_verified: bool = False  # NRAS signatures are not checked here (see parse_nras_response)
+    gpu_evidence_verified: bool = False  # every stapled GPU report verified offline (client/gpu_evidence.py)
+    gpus: tuple[GpuResult, ...] = ()
 
     @property
     def marker(self) -> str:
@@ -291,6 +335,7 @@ def verify_attestation(
             "quote report_data does not bind this signing address, HPKE key and nonce; the keys in the "
             "document are not the attested ones: do not use this node",
         )
+    gpus = _verify_gpus(doc, parsed.report_data, policy.gpu, now)
     return VerifiedNode(
         signing_address=signing_address,
         hpke_public_key=hpke_public_key,
@@ -300,7 +345,42 @@ def verify_attestation(
         simulated=doc.tee_type == "simulated",
         advisory_ids=advisories,
         compose_hash=compose_hash,
+        gpu_evidence_verified=bool(gpus),
+        gpus=gpus,
     )
+
+
+def _verify_gpus(doc: AttestationDocument, report_data: bytes, policy: GpuPolicy,
+                 now: int | None) -> tuple[GpuResult, ...]:
+    """Stapled GPU evidence must bind the verified report_data and pass; the policy may require it."""
+    if doc.gpu_evidence is None:
+        if policy.required:
+            raise AttestationError(Reason.GPU_EVIDENCE_MISSING, "the policy requires GPU evidence and the document "
+                                   "has none: this node has no attested GPU (or [tee.gpu] is off)")
+        return ()
+    when = datetime.now(UTC) if now is None else datetime.fromtimestamp(now, UTC)
+    try:
+        results = verify_bundle(doc.gpu_evidence, report_data=report_data, now=when)
+    except GpuEvidenceError as exc:
+        raise AttestationError(Reason.GPU_EVIDENCE, exc.message, gpu_reason=exc.reason.value) from exc
+    for i, r in enumerate(results):
+        if not r.ok:
+            assert r.reason is not None
+            raise AttestationError(Reason.GPU_EVIDENCE, f"GPU {i}: {r.describe()}", gpu_reason=r.reason.value,
+                                   gpu_index=i)
+        problem = None
+        if r.architecture not in policy.allowed_architectures and ANY not in policy.allowed_architectures:
+            problem = f"architecture {r.architecture} is not in [gpu].allowed_architectures"
+        elif _driver_older(r.driver_version, policy.min_driver_version):
+            problem = f"driver {r.driver_version} is older than [gpu].min_driver_version {policy.min_driver_version}"
+        elif ANY not in policy.allowed_vbios_versions and (r.vbios_version or "") not in policy.allowed_vbios_versions:
+            problem = (f"VBIOS {r.vbios_version} is not in [gpu].allowed_vbios_versions; if you trust it, add "
+                       "it in configs/policy.toml")
+        elif policy.revocation_required and not r.revocation_checked:
+            problem = "no revocation data was stapled and [gpu].revocation_required is set"
+        if problem:
+            raise AttestationError(Reason.GPU_NOT_ALLOWED, f"GPU {i}: {problem}", gpu_index=i)
+    return tuple(results)
 
 
 def _verify_simulated(quote: bytes, policy: Policy, allow_simulated: bool) -> TdxQuote:

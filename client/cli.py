@@ -334,11 +334,17 @@ def node_attest(ctx: typer.Context, url: str) -> None:
                                   allow_simulated=opts.allow_simulated)
         data = {"url": url, "signing_address": node.signing_address, "hpke_public_key": node.hpke_public_key.hex(),
                 "tee_type": node.tee_type, "tcb_status": node.tcb_status, "simulated": node.simulated,
-                "compose_hash": node.compose_hash}
+                "compose_hash": node.compose_hash,
+                "gpus": [{"architecture": g.architecture, "driver_version": g.driver_version,
+                          "vbios_version": g.vbios_version, "revocation_checked": g.revocation_checked}
+                         for g in node.gpus]}
+        gpus = "".join(f"\n  gpu {i}            {g.describe()}; revocation "
+                       f"{'checked' if g.revocation_checked else 'NOT checked (no OCSP/CRL stapled)'}"
+                       for i, g in enumerate(node.gpus))
         _emit(opts, data, lambda: out.print(
             f"[green]verified[/] {url}\n  signing address  {node.signing_address}\n  tee              "
             f"{node.tee_type} ({node.marker})\n  tcb status       {node.tcb_status}\n  hpke key         "
-            f"{node.hpke_public_key.hex()[:32]}…", highlight=False))
+            f"{node.hpke_public_key.hex()[:32]}…{gpus}", highlight=False))
 
 
 # -- nodes ------------------------------------------------------------------------------------------

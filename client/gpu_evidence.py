@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cache
 from importlib import resources
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509 import ocsp
 from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from signxml import SignatureConfiguration, SignatureMethod, XMLVerifier
 from signxml.algorithms import DigestAlgorithm
 from signxml.exceptions import SignXMLException
@@ -440,7 +443,7 @@ def check_revocation(chain: Sequence[x509.Certificate], root: x509.Certificate, 
         responses = [ocsp.load_der_ocsp_response(r) for r in data.ocsp]
     except ValueError as exc:
         raise GpuEvidenceError(GpuReason.REVOCATION_INVALID, f"revocation data does not parse ({exc})") from exc
-    for cert, issuer in zip(path, path[1:], strict=False):
+    for cert, issuer in itertools.pairwise(path):
         name = cert.subject.rfc4514_string()
         if _crl_covers(cert, issuer, crls, now) or _ocsp_covers(cert, issuer, responses, now):
             continue
@@ -551,15 +554,16 @@ def gpu_nonce(report_data: bytes) -> bytes:
 
 
 def _architecture(leaf: x509.Certificate) -> str:
-    cns = leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
-    chip = str(cns[0].value).split(" ", 1)[0] if cns else ""
+    chip = gpu_chip(leaf)
     if chip not in ARCHITECTURES:
         raise GpuEvidenceError(GpuReason.CHAIN_INVALID, f"leaf certificate names an unknown GPU {chip!r}")
     return ARCHITECTURES[chip]
 
 
-def _chip(leaf: x509.Certificate) -> str:
-    return str(leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value).split(" ", 1)[0]
+def gpu_chip(leaf: x509.Certificate) -> str:
+    """The chip a device leaf certificate names (CN "GH100 A01 GSP FMC LF" -> "GH100"); RIMs name the same."""
+    cns = leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    return str(cns[0].value).split(" ", 1)[0] if cns else ""
 
 
 def compare_measurements(report: MeasurementReport, rims: Sequence[Rim]) -> tuple[int, ...]:
@@ -628,7 +632,8 @@ def _verify_gpu(report_bytes, cert_chain, nonce, now, driver_rim, vbios_rim, req
     try:
         key.verify(der, report.signed_bytes, ec.ECDSA(hashes.SHA384()))
     except InvalidSignature as exc:
-        raise GpuEvidenceError(GpuReason.SIGNATURE_INVALID, "report signature does not verify with the leaf key") from exc
+        raise GpuEvidenceError(GpuReason.SIGNATURE_INVALID, "report signature does not verify with the leaf key") \
+            from exc
     if report.fwid is not None:
         if report.fwid not in certificate_fwids(leaf, arch):
             raise GpuEvidenceError(GpuReason.FWID_MISMATCH,
@@ -644,7 +649,7 @@ def _verify_gpu(report_bytes, cert_chain, nonce, now, driver_rim, vbios_rim, req
     if revocation:
         for rim in rims:
             check_revocation(rim.chain, rroot, revocation, now)
-    chip = _chip(leaf)
+    chip = gpu_chip(leaf)
     for rim, want, what in ((rims[0], report.driver_version, "driver"), (rims[1], report.vbios_version, "VBIOS")):
         if rim.version.upper() != (want or "").upper() or rim.product != chip:
             raise GpuEvidenceError(GpuReason.RIM_VERSION_MISMATCH,
@@ -654,3 +659,87 @@ def _verify_gpu(report_bytes, cert_chain, nonce, now, driver_rim, vbios_rim, req
         raise GpuEvidenceError(GpuReason.RIM_MISMATCH, "golden measurements differ from the report", bad)
     state["rims_checked"] = True
     state["revocation_checked"] = bool(revocation)
+
+
+# --- the document: one report per GPU, RIMs once, revocation data --------------------------------
+
+BUNDLE_FORMAT = "dcml-gpu-v1"
+MAX_GPUS = 16
+MAX_RIMS = 32
+
+
+class GpuItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    report: str = Field(max_length=2 * MAX_REPORT_BYTES)  # hex: SPDM request ‖ signed response
+    certificate_chain: str = Field(max_length=MAX_CHAIN_BYTES)  # PEM, leaf first
+    driver_rim: int = Field(ge=0, lt=MAX_RIMS)  # index into GpuEvidenceBundle.rims
+    vbios_rim: int = Field(ge=0, lt=MAX_RIMS)
+
+
+class GpuEvidenceBundle(BaseModel):
+    """`gpu_evidence` of an attestation document: everything a verifier needs offline, RIMs shared by GPUs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["dcml-gpu-v1"] = BUNDLE_FORMAT
+    gpus: list[GpuItem] = Field(min_length=1, max_length=MAX_GPUS)
+    rims: list[str] = Field(max_length=MAX_RIMS)  # RIM XML text
+    revocation: dict[str, list[str]] | None = None  # {"ocsp": [base64 DER], "crls": [base64 DER]}
+
+
+def build_bundle(gpus: Sequence[tuple[bytes, str, str, str]], revocation: Revocation | None = None) -> dict[str, Any]:
+    """Staple (report, PEM chain, driver RIM XML, VBIOS RIM XML) per GPU; identical RIMs are stored once."""
+    rims: list[str] = []
+
+    def index(xml: str) -> int:
+        if xml not in rims:
+            rims.append(xml)
+        return rims.index(xml)
+
+    items = [GpuItem(report=r.hex(), certificate_chain=c, driver_rim=index(d), vbios_rim=index(v))
+             for r, c, d, v in gpus]
+    bundle = GpuEvidenceBundle(gpus=items, rims=rims, revocation=revocation.to_json() if revocation else None)
+    return bundle.model_dump(exclude_none=True)
+
+
+def verify_bundle(bundle: dict[str, Any] | GpuEvidenceBundle, *, report_data: bytes, now: datetime,
+                  device_root_cert: x509.Certificate | None = None,
+                  rim_root_cert: x509.Certificate | None = None) -> list[GpuResult]:
+    """Verify every GPU of a stapled bundle against nonce sha256("dcml-gpu-v1" ‖ report_data); each RIM once.
+
+    Raises GpuEvidenceError(MALFORMED) only when the bundle itself does not parse.
+    """
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    try:
+        parsed = bundle if isinstance(bundle, GpuEvidenceBundle) else GpuEvidenceBundle.model_validate(bundle)
+    except ValidationError as exc:
+        raise GpuEvidenceError(GpuReason.MALFORMED, f"gpu_evidence is not a {BUNDLE_FORMAT} bundle: "
+                               f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from exc
+    revocation = Revocation.from_json(parsed.revocation)
+    rroot = rim_root_cert or rim_root()
+    rims: dict[int, Rim | GpuEvidenceError] = {}
+    nonce = gpu_nonce(report_data)
+    results = []
+    for item in parsed.gpus:
+        failed = None
+        for i in (item.driver_rim, item.vbios_rim):
+            if i >= len(parsed.rims):
+                failed = GpuEvidenceError(GpuReason.RIM_MISSING, f"RIM {i} is not in the bundle")
+                break
+            if i not in rims:
+                try:
+                    rims[i] = verify_rim(parsed.rims[i], now, rroot)
+                except GpuEvidenceError as exc:
+                    rims[i] = exc
+            if isinstance(rims[i], GpuEvidenceError):
+                failed = rims[i]
+                break
+        if failed is not None:
+            results.append(GpuResult(False, failed.reason, failed.message, failed.indices))
+            continue
+        results.append(verify_gpu(item.report, item.certificate_chain, nonce=nonce, now=now,
+                                  driver_rim=rims[item.driver_rim], vbios_rim=rims[item.vbios_rim],
+                                  revocation=revocation, device_root_cert=device_root_cert, rim_root_cert=rroot))
+    return results

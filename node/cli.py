@@ -21,13 +21,18 @@ def run(config: ConfigOption = None) -> None:
     from node.api.server import uvicorn_config
     from node.config import ConfigError, load_settings
     from node.logging import configure_logging
+    from node.tee.base import TeeError
 
     try:
         settings = load_settings(config)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     configure_logging(settings.logging.level, settings.logging.format)
-    api = create_app(settings)
+    try:
+        api = create_app(settings)
+    except TeeError as exc:  # e.g. [tee.gpu] on a machine without GPU CC mode: say so, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     server = uvicorn.Server(uvicorn_config(api, host=settings.server.host, port=settings.server.port,
                                            graceful_shutdown_s=settings.server.graceful_shutdown_s))
     server.run()  # installs SIGINT/SIGTERM handlers: stop accepting, drain, then lifespan shutdown

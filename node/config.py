@@ -34,11 +34,21 @@ class LoggingConfig(_Section):
     format: Literal["console", "json"] = "console"
 
 
+class GpuTeeConfig(_Section):
+    """NVIDIA GPU evidence (NVML) stapled to every quote; clients verify it offline (client/gpu_evidence.py)."""
+
+    enabled: bool = False
+    rim_dir: Path = Path("rims")  # driver and VBIOS RIMs (*.swidtag, *.xml) fetched ahead of time
+    revocation_dir: Path | None = None  # optional OCSP responses (*.ocsp) and CRLs (*.crl), DER
+    devices: list[int] = Field(default_factory=list)  # NVML indices; empty = every GPU
+
+
 class TeeConfig(_Section):
     provider: Literal["simulated", "tdx", "dstack"] = "simulated"
     # Provider-specific options, passed as keyword arguments to the provider's constructor
     # (e.g. tdx: {configfs_path = "/sys/kernel/config/tsm/report"}, dstack: {socket = "/var/run/dstack.sock"}).
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    gpu: GpuTeeConfig = Field(default_factory=GpuTeeConfig)
 
 
 class EncryptedModelConfig(_Section):

@@ -42,6 +42,15 @@ log = get_logger("dcml.node")
 
 
 def build_provider(settings: NodeSettings) -> AttestationProvider:
+    provider = _tee_provider(settings)
+    if settings.tee.gpu.enabled:  # every quote then carries NVML evidence; refuses to start without CC mode
+        from node.tee.gpu import with_gpu_evidence
+
+        return with_gpu_evidence(provider, settings.tee.gpu)
+    return provider
+
+
+def _tee_provider(settings: NodeSettings) -> AttestationProvider:
     tee = settings.tee
     if tee.provider == "simulated":
         from node.tee.simulated import SimulatedProvider

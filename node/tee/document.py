@@ -35,6 +35,6 @@ def build_attestation_document(
         report_data=parsed.report_data.hex(),
         node_version=node_version,
         measurements=parsed.measurements(),
-        gpu_evidence=gpu_evidence,
+        gpu_evidence=gpu_evidence or evidence.extra.get("gpu_evidence"),  # stapled by GpuAttestingProvider
         app_info=evidence.extra.get("app_info"),
     )

@@ -209,6 +209,8 @@ def parse_report(data: bytes) -> MeasurementReport:
     while pos < len(opaque_raw):
         head, pos = _take(opaque_raw, pos, 4, "opaque field")
         kind, size = struct.unpack("<HH", head)
+        if kind in opaque:
+            raise GpuEvidenceError(GpuReason.MALFORMED, f"opaque field {kind} appears twice")
         opaque[kind], pos = _take(opaque_raw, pos, size, f"opaque field {kind}")
     return MeasurementReport(request, response, request[4:36], responder_nonce, measurements, opaque, signature)
 
@@ -616,9 +618,6 @@ def _verify_gpu(report_bytes, cert_chain, nonce, now, driver_rim, vbios_rim, req
             raise GpuEvidenceError(GpuReason.MALFORMED, "report is not hex") from exc
     report = parse_report(report_bytes)
     state.update(report=report, driver_version=report.driver_version, vbios_version=report.vbios_version)
-    if not hmac.compare_digest(report.nonce, nonce):
-        raise GpuEvidenceError(GpuReason.NONCE_MISMATCH,
-                               f"report answers nonce {report.nonce.hex()}, expected {nonce.hex()} (stale or replayed)")
     chain = load_chain(cert_chain)
     verify_chain(chain, droot, now, bad=GpuReason.CHAIN_INVALID)
     leaf = chain[0]
@@ -634,6 +633,10 @@ def _verify_gpu(report_bytes, cert_chain, nonce, now, driver_rim, vbios_rim, req
     except InvalidSignature as exc:
         raise GpuEvidenceError(GpuReason.SIGNATURE_INVALID, "report signature does not verify with the leaf key") \
             from exc
+    # After the signature: a tampered report says signature_invalid, a genuine but stale one nonce_mismatch.
+    if not hmac.compare_digest(report.nonce, nonce):
+        raise GpuEvidenceError(GpuReason.NONCE_MISMATCH,
+                               f"report answers nonce {report.nonce.hex()}, expected {nonce.hex()} (stale or replayed)")
     if report.fwid is not None:
         if report.fwid not in certificate_fwids(leaf, arch):
             raise GpuEvidenceError(GpuReason.FWID_MISMATCH,

@@ -40,6 +40,29 @@ def run(config: ConfigOption = None) -> None:
         raise typer.Exit(1)
 
 
+@app.command("fetch-rims")
+def fetch_rims(
+    config: ConfigOption = None,
+    service: Annotated[str, typer.Option(help="NVIDIA RIM service base URL")] = "https://rim.attestation.nvidia.com",
+) -> None:
+    """Fetch the driver and VBIOS RIMs this machine's GPUs need into [tee.gpu] rim_dir (run ahead of time)."""
+    import os
+
+    from node.config import load_settings
+    from node.tee.base import TeeError
+    from node.tee.gpu import NvmlCollector
+    from node.tee.gpu import fetch_rims as fetch
+
+    settings = load_settings(config)
+    try:
+        saved = fetch(NvmlCollector(settings.tee.gpu.devices).collect(os.urandom(32)), settings.tee.gpu.rim_dir,
+                      service=service)
+    except TeeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{len(saved)} RIM(s) saved to {settings.tee.gpu.rim_dir}")
+
+
 @app.command("show-config")
 def show_config(config: ConfigOption = None) -> None:
     """Print the effective configuration (file + environment) as JSON."""

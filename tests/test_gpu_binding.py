@@ -6,6 +6,8 @@ real NVIDIA vectors check the verifier itself in test_gpu_evidence.py.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -75,8 +77,7 @@ def test_node_staples_eight_gpus_and_the_client_verifies_offline(provider):
     assert all(g.ok and g.fwid_checked and g.rims_checked and not g.revocation_checked for g in node.gpus)
     # the report's nonce is sha256("dcml-gpu-v1" || report_data of the quote)
     report_data = bytes.fromhex(doc.report_data)
-    assert node.gpus[0].report.nonce == gpu_nonce(report_data) == __import__("hashlib").sha256(
-        b"dcml-gpu-v1" + report_data).digest()
+    assert node.gpus[0].report.nonce == gpu_nonce(report_data) == hashlib.sha256(b"dcml-gpu-v1" + report_data).digest()
 
 
 def test_evidence_for_another_quote_is_refused_even_though_valid(provider):
@@ -307,3 +308,47 @@ def test_malformed_bundles_are_typed_refusals(bundle):
     doc = _doc(SimulatedProvider(), nonce).model_copy(update={"gpu_evidence": bundle})
     err = _refused(doc, nonce)
     assert err.reason == Reason.GPU_EVIDENCE and err.gpu_reason, str(err)
+
+
+# --- the operator fetches RIMs ahead of time (NVIDIA's RIM service API, served on loopback) -------
+
+
+def test_fetch_rims_from_a_rim_service(tmp_path):
+    from fastapi import FastAPI, HTTPException
+
+    from node.api.server import BackgroundServer
+    from node.tee.gpu import GpuReport, fetch_rims, load_rims, rim_ids
+
+    vec = Path(gpu_evidence.__file__).resolve().parents[2] / "shared" / "vectors" / "nvidia" / "hopper-545"
+    served = {"NV_GPU_DRIVER_GH100_545.00": (vec / "Driver_RIM_test_no_gpu.swidtag").read_bytes(),
+              "NV_GPU_VBIOS_1010_0200_882_96005E0001": (vec / "1010_0200_882_96005E0001_test_no_gpu.swidtag")
+              .read_bytes()}
+    calls: list[str] = []
+    service = FastAPI()
+
+    @service.get("/v1/rim/{rim_id}")
+    def rim(rim_id: str) -> dict:
+        calls.append(rim_id)
+        if rim_id not in served:
+            raise HTTPException(404)
+        return {"id": rim_id, "rim": base64.b64encode(served[rim_id]).decode(), "rim_format": "TCG"}
+
+    gpu = GpuReport(bytes.fromhex((vec / "attestationReport.txt").read_text().strip()),
+                    (vec / "gpuAkCertChain.txt").read_text())
+    assert rim_ids(gpu) == tuple(served)
+    pinned = datetime(2024, 6, 1, tzinfo=UTC)
+    with BackgroundServer(service) as server:
+        saved = fetch_rims([gpu, gpu], tmp_path / "rims", service=server.url, now=pinned)
+        assert sorted(p.name for p in saved) == sorted(f"{i}.swidtag" for i in served)
+        assert fetch_rims([gpu], tmp_path / "rims", service=server.url, now=pinned) == []  # cached
+        assert len(calls) == 2
+        # a forged RIM from the service is not saved; an unknown id is a clear error
+        served["NV_GPU_DRIVER_GH100_545.00"] = served["NV_GPU_DRIVER_GH100_545.00"].replace(b"True", b"False", 1)
+        with pytest.raises(TeeError, match="does not verify"):
+            fetch_rims([gpu], tmp_path / "other", service=server.url, now=pinned)
+        assert not list((tmp_path / "other").iterdir())
+        del served["NV_GPU_VBIOS_1010_0200_882_96005E0001"]
+        served["NV_GPU_DRIVER_GH100_545.00"] = (vec / "Driver_RIM_test_no_gpu.swidtag").read_bytes()
+        with pytest.raises(TeeError, match="HTTP 404"):
+            fetch_rims([gpu], tmp_path / "third", service=server.url, now=pinned)
+    assert len(load_rims(tmp_path / "rims", pinned)) == 2

@@ -7,6 +7,8 @@ come from directories the operator fills ahead of time, so a client verifies eve
 
 from __future__ import annotations
 
+import base64
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -14,7 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
+
 from client.gpu_evidence import (
+    MAX_RIM_BYTES,
     GpuEvidenceError,
     Revocation,
     Rim,
@@ -28,6 +33,7 @@ from client.gpu_evidence import (
 from node.tee.base import AttestationProvider, Evidence, TeeError
 
 RIM_SUFFIXES = (".swidtag", ".xml")
+RIM_SERVICE = "https://rim.attestation.nvidia.com"  # NVIDIA's RIM service: GET /v1/rim/{id} -> {"rim": base64}
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,53 @@ def load_rims(rim_dir: Path, now: datetime | None = None) -> list[tuple[str, Rim
         except GpuEvidenceError as exc:
             raise TeeError(f"RIM {path} does not verify: {exc}") from exc
     return out
+
+
+def rim_ids(item: GpuReport) -> tuple[str, str]:
+    """NVIDIA RIM service ids of a GPU's driver and VBIOS RIMs, read from its report and leaf certificate."""
+    try:
+        r = parse_report(item.report)
+        chip = gpu_chip(load_chain(item.cert_chain)[0])
+    except GpuEvidenceError as exc:
+        raise TeeError(f"the GPU returned evidence that does not parse ({exc})") from exc
+    vbios = (r.vbios_version or "").replace(".", "")
+    return (f"NV_GPU_DRIVER_{chip}_{r.driver_version}",
+            f"NV_GPU_VBIOS_{r.project}_{r.project_sku}_{r.chip_sku}_{vbios}".upper())
+
+
+def fetch_rims(reports: Sequence[GpuReport], rim_dir: Path, *, service: str = RIM_SERVICE,
+               http: httpx.Client | None = None, now: datetime | None = None) -> list[Path]:
+    """Operator tool, run ahead of time: fetch the RIMs these GPUs need into `rim_dir` (cached by id).
+
+    What is saved must verify (signature and chain to the pinned RIM root): the service is only a transport.
+    """
+    rim_dir.mkdir(parents=True, exist_ok=True)
+    client = http or httpx.Client(timeout=30)
+    saved = []
+    try:
+        for rim_id in dict.fromkeys(i for item in reports for i in rim_ids(item)):
+            path = rim_dir / f"{rim_id}.swidtag"
+            if path.exists():
+                continue
+            response = client.get(f"{service.rstrip('/')}/v1/rim/{rim_id}")
+            if response.status_code != 200 or len(response.content) > 2 * MAX_RIM_BYTES:
+                raise TeeError(f"RIM service: {rim_id} -> HTTP {response.status_code} ({len(response.content)} bytes)")
+            try:
+                xml = base64.b64decode(response.json()["rim"], validate=True)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise TeeError(f"RIM service: {rim_id} is not {{\"rim\": base64}}") from exc
+            try:
+                verify_rim(xml, now or datetime.now(UTC))
+            except GpuEvidenceError as exc:
+                raise TeeError(f"RIM {rim_id} from {service} does not verify: {exc}") from exc
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(xml)
+            os.replace(tmp, path)
+            saved.append(path)
+    finally:
+        if http is None:
+            client.close()
+    return saved
 
 
 def load_revocation(directory: Path | None) -> Revocation | None:

@@ -225,11 +225,18 @@ def load_chain(pem: bytes | str) -> list[x509.Certificate]:
         raise GpuEvidenceError(GpuReason.CHAIN_INVALID, f"certificate chain is {len(pem)} bytes")
     try:
         certs = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
+    except Exception as exc:  # ValueError, or x509.InvalidVersion for a garbled version field
         raise GpuEvidenceError(GpuReason.CHAIN_INVALID, f"certificate chain does not parse ({exc})") from exc
     if not 1 <= len(certs) <= MAX_CHAIN_CERTS:
         raise GpuEvidenceError(GpuReason.CHAIN_INVALID, f"chain has {len(certs)} certificates")
     return certs
+
+
+def _subject(cert: x509.Certificate) -> str:
+    try:
+        return cert.subject.rfc4514_string()
+    except Exception:  # a corrupted name must not turn a refusal into a crash
+        return "<unreadable subject>"
 
 
 def verify_chain(
@@ -237,31 +244,30 @@ def verify_chain(
 ) -> None:
     """Leaf-first chain: each certificate signed by the next, the last equal to or issued by `root`.
 
-    Signatures fail with `bad`; a certificate outside its validity at `now` fails with EXPIRED.
+    Every link's signature is checked first (failing with `bad`), so EXPIRED is only ever said of genuine
+    certificates outside their validity at `now`.
     """
     path = list(certs)
     if path[-1] != root:
         path.append(root)
     for i, cert in enumerate(path):
+        issuer = path[i + 1] if i + 1 < len(path) else root
+        try:
+            if i > 0 and not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                raise GpuEvidenceError(bad, f"{_subject(cert)} is not a CA but issues")
+            cert.verify_directly_issued_by(issuer)
+        except GpuEvidenceError:
+            raise
+        except Exception as exc:  # bad signature, wrong issuer, unsupported key, duplicate or garbled extensions
+            raise GpuEvidenceError(bad, f"{_subject(cert)} is not validly signed by {_subject(issuer)} "
+                                   f"({type(exc).__name__})") from exc
+    for cert in path:
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise GpuEvidenceError(
                 GpuReason.EXPIRED,
-                f"certificate {cert.subject.rfc4514_string()} is valid {cert.not_valid_before_utc:%Y-%m-%d} to "
+                f"certificate {_subject(cert)} is valid {cert.not_valid_before_utc:%Y-%m-%d} to "
                 f"{cert.not_valid_after_utc:%Y-%m-%d}, not at {now:%Y-%m-%dT%H:%M:%SZ}",
             )
-        issuer = path[i + 1] if i + 1 < len(path) else root
-        if i > 0:
-            try:
-                if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-                    raise GpuEvidenceError(bad, f"{cert.subject.rfc4514_string()} is not a CA but issues")
-            except x509.ExtensionNotFound as exc:
-                raise GpuEvidenceError(bad, f"{cert.subject.rfc4514_string()} lacks basicConstraints") from exc
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            raise GpuEvidenceError(
-                bad, f"{cert.subject.rfc4514_string()} is not signed by {issuer.subject.rfc4514_string()}"
-            ) from exc
 
 
 def _der_items(buf: bytes) -> Iterable[tuple[int, bytes]]:
@@ -291,7 +297,7 @@ def certificate_fwids(cert: x509.Certificate, arch: str) -> list[bytes]:
     """
     try:
         ext = cert.extensions.get_extension_for_oid(TCB_INFO_OIDS[arch])
-    except (KeyError, x509.ExtensionNotFound):
+    except Exception:  # absent, unknown architecture, or garbled extensions: no FWID to match
         return []
     out: list[bytes] = []
 
@@ -356,7 +362,7 @@ def _rim_certs(tree: etree._Element) -> list[x509.Certificate]:
         raise GpuEvidenceError(GpuReason.RIM_CHAIN_INVALID, f"RIM embeds {len(nodes)} signer certificates")
     try:
         return [x509.load_der_x509_certificate(base64.b64decode("".join((n.text or "").split()))) for n in nodes]
-    except ValueError as exc:
+    except Exception as exc:  # ValueError, or x509.InvalidVersion for a garbled version field
         raise GpuEvidenceError(GpuReason.RIM_CHAIN_INVALID, f"RIM signer certificate does not parse ({exc})") from exc
 
 
@@ -446,7 +452,7 @@ def check_revocation(chain: Sequence[x509.Certificate], root: x509.Certificate, 
     except ValueError as exc:
         raise GpuEvidenceError(GpuReason.REVOCATION_INVALID, f"revocation data does not parse ({exc})") from exc
     for cert, issuer in itertools.pairwise(path):
-        name = cert.subject.rfc4514_string()
+        name = _subject(cert)
         if _crl_covers(cert, issuer, crls, now) or _ocsp_covers(cert, issuer, responses, now):
             continue
         raise GpuEvidenceError(GpuReason.REVOCATION_INVALID, f"no fresh OCSP response or CRL covers {name}")
@@ -464,7 +470,7 @@ def _crl_covers(cert: x509.Certificate, issuer: x509.Certificate, crls: list[x50
         if not _fresh(crl.last_update_utc, crl.next_update_utc, now):
             continue
         if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-            raise GpuEvidenceError(GpuReason.REVOKED, f"{cert.subject.rfc4514_string()} is on its issuer's CRL")
+            raise GpuEvidenceError(GpuReason.REVOKED, f"{_subject(cert)} is on its issuer's CRL")
         return True
     return False
 
@@ -485,7 +491,7 @@ def _ocsp_covers(cert: x509.Certificate, issuer: x509.Certificate, responses: li
             if signer is None or not _fresh(single.this_update_utc, single.next_update_utc, now):
                 continue
             if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
-                raise GpuEvidenceError(GpuReason.REVOKED, f"OCSP says {cert.subject.rfc4514_string()} is revoked")
+                raise GpuEvidenceError(GpuReason.REVOKED, f"OCSP says {_subject(cert)} is revoked")
             if single.certificate_status == ocsp.OCSPCertStatus.GOOD:
                 return True
     return False
@@ -564,7 +570,10 @@ def _architecture(leaf: x509.Certificate) -> str:
 
 def gpu_chip(leaf: x509.Certificate) -> str:
     """The chip a device leaf certificate names (CN "GH100 A01 GSP FMC LF" -> "GH100"); RIMs name the same."""
-    cns = leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    try:
+        cns = leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    except Exception:
+        return ""
     return str(cns[0].value).split(" ", 1)[0] if cns else ""
 
 
@@ -604,6 +613,9 @@ def verify_gpu(
                     device_root_cert or device_root(), rim_root_cert or rim_root(), state)
     except GpuEvidenceError as exc:
         return GpuResult(False, exc.reason, exc.message, exc.indices, **state)
+    except Exception as exc:
+        return GpuResult(False, GpuReason.MALFORMED, f"evidence could not be processed ({type(exc).__name__})",
+                         **state)
     return GpuResult(True, **state)
 
 
@@ -623,7 +635,10 @@ def _verify_gpu(report_bytes, cert_chain, nonce, now, driver_rim, vbios_rim, req
     leaf = chain[0]
     arch = _architecture(leaf)
     state["architecture"] = arch
-    key = leaf.public_key()
+    try:
+        key = leaf.public_key()
+    except Exception as exc:  # a garbled SubjectPublicKeyInfo
+        raise GpuEvidenceError(GpuReason.CHAIN_INVALID, f"leaf public key does not parse ({exc})") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise GpuEvidenceError(GpuReason.CHAIN_INVALID, "leaf key is not ECDSA P-384")
     sig = report.signature
@@ -736,6 +751,9 @@ def verify_bundle(bundle: dict[str, Any] | GpuEvidenceBundle, *, report_data: by
                     rims[i] = verify_rim(parsed.rims[i], now, rroot)
                 except GpuEvidenceError as exc:
                     rims[i] = exc
+                except Exception as exc:
+                    rims[i] = GpuEvidenceError(GpuReason.RIM_MALFORMED, f"RIM could not be processed "
+                                               f"({type(exc).__name__})")
             if isinstance(rims[i], GpuEvidenceError):
                 failed = rims[i]
                 break

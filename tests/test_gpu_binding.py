@@ -352,3 +352,15 @@ def test_fetch_rims_from_a_rim_service(tmp_path):
         with pytest.raises(TeeError, match="HTTP 404"):
             fetch_rims([gpu], tmp_path / "third", service=server.url, now=pinned)
     assert len(load_rims(tmp_path / "rims", pinned)) == 2
+
+
+def test_report_fwid_not_in_the_leaf_is_fwid_mismatch(machine):
+    gpu = machine.gpus[0]
+    genuine = gpu.fwid
+    gpu.fwid = os.urandom(48)  # the device reports a FWID its certificate does not carry
+    report = machine.report(gpu, bytes(32))
+    gpu.fwid = genuine
+    result = gpu_evidence.verify_gpu(report, gpu.chain, nonce=bytes(32), now=datetime.now(UTC), require_rims=False)
+    assert result.reason == GpuReason.FWID_MISMATCH
+    assert gpu_evidence.verify_gpu(machine.report(gpu, bytes(32)), gpu.chain, nonce=bytes(32), now=datetime.now(UTC),
+                                   require_rims=False).fwid_checked

@@ -261,3 +261,35 @@ def test_rim_with_a_wrapped_unsigned_payload_refused():
     # signature wrapping: a second Payload outside what the signature covers must not be read
     wrapped = VBIOS_RIM.replace(b"</SoftwareIdentity>", b"<Extra/></SoftwareIdentity>")
     assert _verify(vbios=wrapped).reason == GpuReason.RIM_SIGNATURE_INVALID
+
+
+def test_random_corruption_of_chain_rim_and_report_is_always_typed():
+    import base64
+    import random
+
+    rng = random.Random(16)
+    der = [base64.b64encode(c.public_bytes(Encoding.DER)) for c in load_chain(CHAIN)]
+    for _ in range(150):
+        # a certificate whose DER has a flipped byte, re-wrapped as valid PEM/base64
+        i = rng.randrange(len(der))
+        raw = bytearray(base64.b64decode(der[i]))
+        raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+        pems = [base64.b64decode(d) if j != i else bytes(raw) for j, d in enumerate(der)]
+        chain = b"".join(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(p) + b"-----END CERTIFICATE-----\n"
+                         for p in pems)
+        assert not _verify(chain=chain, driver=None, vbios=None, require_rims=False).ok
+        rim = bytearray(DRIVER_RIM)
+        for _ in range(rng.randrange(1, 4)):
+            rim[rng.randrange(len(rim))] = rng.randrange(256)
+        assert not _verify(driver=bytes(rim)).ok or bytes(rim) == DRIVER_RIM
+        report = bytearray(REPORT)
+        report[rng.randrange(len(report))] = rng.randrange(256)
+        result = _verify(bytes(report))
+        assert result.ok == (bytes(report) == REPORT) and (result.ok or result.reason is not None)
+
+
+def test_garbage_rim_signer_certificate_is_typed():
+    start = DRIVER_RIM.index(b"<ds:X509Certificate>") + len(b"<ds:X509Certificate>")
+    end = DRIVER_RIM.index(b"</ds:X509Certificate>")
+    for junk in (b"AAAA", b"!!!", b""):
+        assert _verify(driver=DRIVER_RIM[:start] + junk + DRIVER_RIM[end:]).reason == GpuReason.RIM_CHAIN_INVALID

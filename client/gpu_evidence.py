@@ -452,10 +452,15 @@ def check_revocation(chain: Sequence[x509.Certificate], root: x509.Certificate, 
     except ValueError as exc:
         raise GpuEvidenceError(GpuReason.REVOCATION_INVALID, f"revocation data does not parse ({exc})") from exc
     for cert, issuer in itertools.pairwise(path):
-        name = _subject(cert)
-        if _crl_covers(cert, issuer, crls, now) or _ocsp_covers(cert, issuer, responses, now):
-            continue
-        raise GpuEvidenceError(GpuReason.REVOCATION_INVALID, f"no fresh OCSP response or CRL covers {name}")
+        try:
+            covered = _crl_covers(cert, issuer, crls, now) or _ocsp_covers(cert, issuer, responses, now)
+        except GpuEvidenceError:
+            raise
+        except Exception as exc:  # e.g. an OCSP hash algorithm we cannot compute: not usable evidence
+            raise GpuEvidenceError(GpuReason.REVOCATION_INVALID, f"revocation data unusable ({exc})") from exc
+        if not covered:
+            raise GpuEvidenceError(GpuReason.REVOCATION_INVALID, f"no fresh OCSP response or CRL covers "
+                                   f"{_subject(cert)}")
 
 
 def _fresh(this_update: datetime, next_update: datetime | None, now: datetime) -> bool:
@@ -520,10 +525,11 @@ def _ocsp_signer(resp: ocsp.OCSPResponse, issuer: x509.Certificate) -> x509.Cert
                 continue
         try:
             key = candidate.public_key()
-            assert isinstance(key, ec.EllipticCurvePublicKey)
+            if not isinstance(key, ec.EllipticCurvePublicKey):  # NVIDIA's chains are ECDSA throughout
+                continue
             key.verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(resp.signature_hash_algorithm))
             return candidate
-        except (AssertionError, InvalidSignature, ValueError, TypeError):
+        except (InvalidSignature, ValueError, TypeError):
             continue
     return None
 

@@ -364,3 +364,14 @@ def test_report_fwid_not_in_the_leaf_is_fwid_mismatch(machine):
     assert result.reason == GpuReason.FWID_MISMATCH
     assert gpu_evidence.verify_gpu(machine.report(gpu, bytes(32)), gpu.chain, nonce=bytes(32), now=datetime.now(UTC),
                                    require_rims=False).fwid_checked
+
+
+def test_rim_ids_from_a_hostile_report_are_refused(machine):
+    from node.tee.gpu import GpuReport, rim_ids
+
+    gpu = machine.gpus[0]
+    assert rim_ids(GpuReport(machine.report(gpu, bytes(32)), gpu.chain)) == (
+        f"NV_GPU_DRIVER_GH100_{DRIVER}", "NV_GPU_VBIOS_1010_0200_882_96009F0001")
+    machine.driver = "../../etc/x"
+    with pytest.raises(TeeError, match="unusable RIM id"):
+        rim_ids(GpuReport(machine.report(gpu, bytes(32)), gpu.chain))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ from node.tee.base import AttestationProvider, Evidence, TeeError
 
 RIM_SUFFIXES = (".swidtag", ".xml")
 RIM_SERVICE = "https://rim.attestation.nvidia.com"  # NVIDIA's RIM service: GET /v1/rim/{id} -> {"rim": base64}
+RIM_ID = re.compile(r"NV_GPU_(DRIVER|VBIOS)_[A-Za-z0-9_.\-]{1,96}")  # ids become file names and URL paths
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,12 @@ def rim_ids(item: GpuReport) -> tuple[str, str]:
     except GpuEvidenceError as exc:
         raise TeeError(f"the GPU returned evidence that does not parse ({exc})") from exc
     vbios = (r.vbios_version or "").replace(".", "")
-    return (f"NV_GPU_DRIVER_{chip}_{r.driver_version}",
-            f"NV_GPU_VBIOS_{r.project}_{r.project_sku}_{r.chip_sku}_{vbios}".upper())
+    ids = (f"NV_GPU_DRIVER_{chip}_{r.driver_version}",
+           f"NV_GPU_VBIOS_{r.project}_{r.project_sku}_{r.chip_sku}_{vbios}".upper())
+    for rim_id in ids:
+        if not RIM_ID.fullmatch(rim_id) or ".." in rim_id:
+            raise TeeError(f"the GPU's report yields an unusable RIM id {rim_id!r}")
+    return ids
 
 
 def fetch_rims(reports: Sequence[GpuReport], rim_dir: Path, *, service: str = RIM_SERVICE,

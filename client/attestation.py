@@ -356,7 +356,7 @@ def _verify_gpus(doc: AttestationDocument, report_data: bytes, policy: GpuPolicy
     if doc.gpu_evidence is None:
         if policy.required:
             raise AttestationError(Reason.GPU_EVIDENCE_MISSING, "the policy requires GPU evidence and the document "
-                                   "has none: this node has no attested GPU (or [tee.gpu] is off)")
+                                   "has none: this node has no attested GPU (or its tee.gpu is off)")
         return ()
     when = datetime.now(UTC) if now is None else datetime.fromtimestamp(now, UTC)
     try:
@@ -365,19 +365,19 @@ def _verify_gpus(doc: AttestationDocument, report_data: bytes, policy: GpuPolicy
         raise AttestationError(Reason.GPU_EVIDENCE, exc.message, gpu_reason=exc.reason.value) from exc
     for i, r in enumerate(results):
         if not r.ok:
-            assert r.reason is not None
-            raise AttestationError(Reason.GPU_EVIDENCE, f"GPU {i}: {r.describe()}", gpu_reason=r.reason.value,
+            raise AttestationError(Reason.GPU_EVIDENCE, f"GPU {i}: {r.describe()}", gpu_reason=str(r.reason),
                                    gpu_index=i)
         problem = None
         if r.architecture not in policy.allowed_architectures and ANY not in policy.allowed_architectures:
-            problem = f"architecture {r.architecture} is not in [gpu].allowed_architectures"
+            problem = f"architecture {r.architecture} is not in policy gpu.allowed_architectures"
         elif _driver_older(r.driver_version, policy.min_driver_version):
-            problem = f"driver {r.driver_version} is older than [gpu].min_driver_version {policy.min_driver_version}"
+            problem = (f"driver {r.driver_version} is older than policy gpu.min_driver_version "
+                       f"{policy.min_driver_version}")
         elif ANY not in policy.allowed_vbios_versions and (r.vbios_version or "") not in policy.allowed_vbios_versions:
-            problem = (f"VBIOS {r.vbios_version} is not in [gpu].allowed_vbios_versions; if you trust it, add "
+            problem = (f"VBIOS {r.vbios_version} is not in policy gpu.allowed_vbios_versions; if you trust it, add "
                        "it in configs/policy.toml")
         elif policy.revocation_required and not r.revocation_checked:
-            problem = "no revocation data was stapled and [gpu].revocation_required is set"
+            problem = "no revocation data was stapled and policy gpu.revocation_required is set"
         if problem:
             raise AttestationError(Reason.GPU_NOT_ALLOWED, f"GPU {i}: {problem}", gpu_index=i)
     return tuple(results)

@@ -180,6 +180,8 @@ def test_node_without_gpu_cc_refuses_to_start_with_a_clear_error(tmp_path):
 
     result = CliRunner().invoke(app, ["run", "--config", str(cfg)])
     assert result.exit_code == 1 and "[tee.gpu] is enabled but" in result.output, result.output
+    result = CliRunner().invoke(app, ["fetch-rims", "--config", str(cfg)])
+    assert result.exit_code == 1 and "[tee.gpu] is enabled but" in result.output, result.output
 
 
 # --- the key broker: a publisher can require GPU evidence before releasing a model key ----------

@@ -22,9 +22,10 @@ All amounts are decimal strings: they are uint128 wei and JSON numbers lose prec
 from __future__ import annotations
 
 import base64
-import json
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
+
+from client import safejson
 
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
 PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
@@ -34,6 +35,7 @@ NEED_VOUCHER_EVENT = "payment-need-voucher"
 PAYMENT_TIMEOUT_EVENT = "payment-timeout"
 VOUCHERS_PATH = "/v1/payments/vouchers"
 SCHEME = "channel"
+MAX_HEADER_CHARS = 16384  # size bound of an x402 header, checked before it is decoded
 
 
 class _Wire(BaseModel):
@@ -44,7 +46,9 @@ class _Wire(BaseModel):
 
     @classmethod
     def from_header(cls, value: str):
-        return cls.model_validate(json.loads(base64.b64decode(value, validate=True)))
+        if len(value) > MAX_HEADER_CHARS:
+            raise ValueError(f"x402 header is {len(value)} characters; at most {MAX_HEADER_CHARS} are read")
+        return cls.model_validate(safejson.loads(base64.b64decode(value, validate=True), max_bytes=MAX_HEADER_CHARS))
 
 
 class ChannelTerms(_Wire):

@@ -29,7 +29,8 @@ def run(config: ConfigOption = None) -> None:
     configure_logging(settings.logging.level, settings.logging.format)
     api = create_app(settings)
     server = uvicorn.Server(uvicorn_config(api, host=settings.server.host, port=settings.server.port,
-                                           graceful_shutdown_s=settings.server.graceful_shutdown_s))
+                                           graceful_shutdown_s=settings.server.graceful_shutdown_s,
+                                           limits=settings.server))
     server.run()  # installs SIGINT/SIGTERM handlers: stop accepting, drain, then lifespan shutdown
     if not server.started:
         raise typer.Exit(1)

@@ -57,6 +57,12 @@ class PaymentNeeded(APIError):
     type = "payment_required"
 
 
+class MalformedPayment(PaymentNeeded):
+    """400: the payment payload itself cannot be read (x402: an invalid payload is a Bad Request)."""
+
+    status = 400
+
+
 RecordAcceptance = Callable[[SignedAcceptance], Awaitable[None]]
 
 
@@ -153,7 +159,8 @@ class PaymentGate:
     def needed(self, model: str, error: str, message: str, required: int | None = None) -> PaymentNeeded:
         body = PaymentRequired(error=error, message=message, accepts=[self.requirement(model)],
                                requiredCumulative=required)
-        return PaymentNeeded(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
+        cls = MalformedPayment if error.startswith("malformed") else PaymentNeeded
+        return cls(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
 
     # -- admission -------------------------------------------------------------------------------
 

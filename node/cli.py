@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,9 @@ def run(config: ConfigOption = None) -> None:
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     configure_logging(settings.logging.level, settings.logging.format)
+    # uvicorn re-raises a captured SIGTERM after its clean shutdown, which ends the process before atexit: write
+    # out the queued log records first (logging is asynchronous, node.logging).
+    signal.signal(signal.SIGTERM, _flush_logs_then_die)
     api = create_app(settings)
     server = uvicorn.Server(uvicorn_config(api, host=settings.server.host, port=settings.server.port,
                                            graceful_shutdown_s=settings.server.graceful_shutdown_s,
@@ -34,6 +38,14 @@ def run(config: ConfigOption = None) -> None:
     server.run()  # installs SIGINT/SIGTERM handlers: stop accepting, drain, then lifespan shutdown
     if not server.started:
         raise typer.Exit(1)
+
+
+def _flush_logs_then_die(sig: int, _frame: object) -> None:
+    from node.logging import flush_logging
+
+    flush_logging()
+    signal.signal(sig, signal.SIG_DFL)
+    signal.raise_signal(sig)
 
 
 @app.command("show-config")

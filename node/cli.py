@@ -31,6 +31,7 @@ def run(config: ConfigOption = None) -> None:
     # uvicorn re-raises a captured SIGTERM after its clean shutdown, which ends the process before atexit: write
     # out the queued log records first (logging is asynchronous, node.logging).
     signal.signal(signal.SIGTERM, _flush_logs_then_die)
+    _raise_fd_limit()
     api = create_app(settings)
     server = uvicorn.Server(uvicorn_config(api, host=settings.server.host, port=settings.server.port,
                                            graceful_shutdown_s=settings.server.graceful_shutdown_s,
@@ -38,6 +39,16 @@ def run(config: ConfigOption = None) -> None:
     server.run()  # installs SIGINT/SIGTERM handlers: stop accepting, drain, then lifespan shutdown
     if not server.started:
         raise typer.Exit(1)
+
+
+def _raise_fd_limit() -> None:
+    """Connections are bounded by [server] max_concurrency and the per-source cap, not by running out of file
+    descriptors (a default soft limit of 1,024 is below max_concurrency)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _flush_logs_then_die(sig: int, _frame: object) -> None:

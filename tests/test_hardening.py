@@ -226,6 +226,8 @@ def test_slow_and_half_sent_requests_beside_healthy_streams(node, payer) -> None
     assert len(results) == 4
     for status, chunks, receipted, _ in results:
         assert status == 200 and receipted and chunks >= 200, results  # healthy streams unaffected
+    print(f"\n/health beside 36 slow connections and 4 streams: p50 {statistics.median(probes):.1f} ms, "
+          f"max {max(probes):.1f} ms")
     assert statistics.median(probes) < 100, probes
     assert max(probes) < 1000, probes
 
@@ -360,3 +362,25 @@ def test_the_node_still_serves_after_all_of_this(node, payer) -> None:
     results: list = []
     _stream(node, payer, results, max_tokens=20)
     assert results[0][0] == 200 and results[0][2]
+
+
+def test_server_wide_concurrency_limit_is_a_503(tmp_path) -> None:
+    from node.api.app import create_app
+    from node.api.server import BackgroundServer
+    from node.config import load_settings
+    from node.engine.synthetic import SyntheticEngine
+    from node.identity import EnclaveIdentity
+    from node.tee.simulated import SimulatedProvider
+
+    settings = load_settings(None, data_dir=tmp_path, server={"max_concurrency": 4})
+    app = create_app(settings, engine=SyntheticEngine(model_name=MODEL), identity=EnclaveIdentity.generate(),
+                     provider=SimulatedProvider())
+    with BackgroundServer(app) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
+        time.sleep(0.2)
+        assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 503
+        for s in idle:
+            s.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200

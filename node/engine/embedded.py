@@ -322,7 +322,12 @@ class EmbeddedEngine:
                     cum = sorted_x.softmax(-1).cumsum(-1)
                     cut = (cum - sorted_x.softmax(-1)) >= p.top_p  # keep the smallest prefix reaching top_p
                     x = x.scatter(0, order[cut], float("-inf"))
-                picks[i] = int(torch.multinomial(x.softmax(-1), 1, generator=r.generator))
+                probs = x.softmax(-1)
+                # Checked before sampling: on CUDA, multinomial over inf/nan is a device-side assert that
+                # poisons the whole context (every request), not an exception for this row.
+                if not bool(torch.isfinite(probs).all() & (probs.sum() > 0)):
+                    raise ValueError("the sampling distribution is not finite for these parameters")
+                picks[i] = int(torch.multinomial(probs, 1, generator=r.generator))
             except Exception as exc:
                 picks[i] = exc
         return picks

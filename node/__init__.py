@@ -1,7 +1,5 @@
 """dcml node daemon: attested inference, paid through payment channels."""
 
-from client.safejson import restore_recursion_limit
+import client  # noqa: F401  # restores Python's recursion limit after py_ecc raised it (client.safejson)
 
 __version__ = "0.1.0"
-
-restore_recursion_limit()  # py_ecc (through eth-account) raises it to 100,000 at import: deep input would segfault

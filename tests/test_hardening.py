@@ -384,3 +384,13 @@ def test_server_wide_concurrency_limit_is_a_503(tmp_path) -> None:
             s.close()
         time.sleep(0.2)
         assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
+
+
+def test_recursion_limit_is_pythons_own_after_every_import() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, node.api.app, node.cli, client.sdk, eth_account, py_ecc, web3; "
+            "print(sys.getrecursionlimit())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "1000"

@@ -34,8 +34,8 @@ class ServerConfig(_Section):
     body_timeout_s: float = Field(30.0, gt=0)
     max_header_bytes: int = Field(65536, gt=0)  # request line + headers; more gets 431
     keep_alive_s: float = Field(5.0, gt=0)
-    max_connections_per_source: int = Field(256, gt=0)
-    max_concurrency: int = Field(2048, gt=0)
+    max_connections_per_source: int = Field(512, gt=0)  # behind a reverse proxy every client is one source: raise it
+    max_concurrency: int = Field(4096, gt=0)
 
 
 class LoggingConfig(_Section):

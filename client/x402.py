@@ -8,7 +8,8 @@ The exchange (ARCHITECTURE.md, "Paying over HTTP"):
    `creditWindow` (wei of output the node serves beyond what is paid before it pauses).
 2. The client retries with `PAYMENT-SIGNATURE`: base64 of a voucher (`client.voucher.Voucher.to_header`).
    A voucher equal to the one the node already holds is fine (it names the channel); a lower one is
-   refused.
+   refused (402). A payload that is not a voucher at all (not base64, not JSON, too long or too deep, a bad
+   field) is a `400` with code `malformed`.
 3. Every admitted response carries `PAYMENT-RESPONSE` (base64 `PaymentResponse`: accepted and spent
    cumulative amounts at admission) and `X-DCML-Acceptance` (base64 signed acceptance of the request).
 4. While streaming, before output would pass `accepted + creditWindow`, the node sends

@@ -394,3 +394,36 @@ def test_recursion_limit_is_pythons_own_after_every_import() -> None:
             "print(sys.getrecursionlimit())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "1000"
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_a_logged_exception_shows_no_locals_and_no_message(fmt, capsys) -> None:
+    import logging
+
+    import structlog
+
+    from node.logging import configure_logging, flush_logging, get_logger
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    configure_logging("debug", fmt)
+    try:
+        def handle(prompt: str) -> None:
+            raise ValueError(f"cannot handle {prompt}")
+
+        try:
+            handle(CANARY)
+        except ValueError as exc:
+            get_logger("dcml.test").error("internal_error", exc_info=exc)
+        try:
+            handle(CANARY)
+        except ValueError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+        flush_logging()
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        structlog.reset_defaults()
+    err = capsys.readouterr().err
+    assert "internal_error" in err and "handle" in err and "ValueError" in err  # where, and what kind
+    assert CANARY not in err

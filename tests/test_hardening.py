@@ -24,7 +24,7 @@ from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund
 
 DEEP = 100_000  # a 100k-deep array overflowed the C stack once py_ecc had raised the recursion limit
 CANARY = "CANARY-7f3a9c-prompt-must-not-leak"
-HEADER_TIMEOUT_S, BODY_TIMEOUT_S, PER_SOURCE = 2, 3, 48
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S, PER_SOURCE = 2, 3, 64
 
 
 def write_config(path: Path, data_dir: Path, deployment_file: Path, port: int) -> None:

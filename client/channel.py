@@ -124,6 +124,9 @@ class ChannelBook:
     def add(self, channel_id: bytes, params: ChannelParams) -> None:
         self._params[channel_id] = params
 
+    def known(self, channel_id: bytes) -> bool:
+        return channel_id in self._params
+
     def params(self, channel_id: bytes) -> ChannelParams:
         found = self._params.get(channel_id)
         if found is None:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from client import safejson
 from client.identity import HPKE_SUITE, hpke_public_key_from_bytes
 
 SEALED_CONTENT_TYPE = "application/dcml-sealed+json"
@@ -43,6 +44,7 @@ RESPONSE_KEY_LEN = 32
 _REQUEST_INFO = b"dcml-e2e-v1 request "
 _RESPONSE_INFO = b"dcml-e2e-v1 response"
 _CHUNK_AAD = b"dcml-e2e-v1 chunk"
+MAX_SEALED_BYTES = 64 * 1024 * 1024  # an envelope or chunk is parsed only below this (the node bounds bodies lower)
 
 
 class E2EReason(StrEnum):
@@ -94,7 +96,7 @@ class ResponseKey:
 
     def open(self, payload: bytes | str, expected_seq: int) -> tuple[bytes, bool]:
         try:
-            obj = json.loads(payload)
+            obj = safejson.loads(payload, max_bytes=MAX_SEALED_BYTES)
             seq, final, ct = obj["seq"], obj["final"], base64.b64decode(obj["ct"], validate=True)
             if not isinstance(seq, int) or not isinstance(final, bool):
                 raise TypeError("seq must be an integer and final a boolean")
@@ -174,7 +176,7 @@ class StreamOpener:
 def open_request(envelope: bytes, private_key, public_bytes: bytes, *, path: str) -> tuple[bytes, ResponseKey]:
     """Open a sealed request with the enclave's HPKE private key: (inner body, key to seal the answer)."""
     try:
-        obj = json.loads(envelope)
+        obj = safejson.loads(envelope, max_bytes=MAX_SEALED_BYTES)
         version, kid, ct = obj["v"], obj["kid"], base64.b64decode(obj["ct"], validate=True)
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise E2EError(E2EReason.MALFORMED,

@@ -21,9 +21,12 @@ from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from client import safejson
+
 DOMAIN_NAME = "PaymentChannels"
 DOMAIN_VERSION = "1"
 UINT128_MAX = 2**128 - 1
+MAX_HEADER_CHARS = 2048  # a PAYMENT-SIGNATURE header is ~300 characters; anything longer is refused unparsed
 # secp256k1 group order; signatures with s above half of it are malleable and refused (as on-chain).
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
@@ -192,14 +195,21 @@ class Voucher(BaseModel):
 
     @classmethod
     def from_header(cls, value: str) -> Voucher:
+        if len(value) > MAX_HEADER_CHARS:  # bounded before decoding: a voucher is ~300 characters
+            raise MalformedVoucher(f"PAYMENT-SIGNATURE is {len(value)} characters; a voucher takes at most "
+                                   f"{MAX_HEADER_CHARS}")
         try:
-            data = json.loads(base64.b64decode(value, validate=True))
+            data = safejson.loads(base64.b64decode(value, validate=True), max_bytes=MAX_HEADER_CHARS)
         except (ValueError, TypeError) as exc:
-            raise MalformedVoucher("PAYMENT-SIGNATURE is not base64-encoded JSON") from exc
+            raise MalformedVoucher("PAYMENT-SIGNATURE is not base64-encoded JSON (or is nested too deep)") from exc
+        if not isinstance(data, dict):
+            raise MalformedVoucher("PAYMENT-SIGNATURE must encode a JSON object {channelId, cumulativeAmount, "
+                                   "signature}")
         return cls.model_validate(data)
 
 
 def _parse_decimal(v: str) -> int:
-    if not v.isdigit():
+    # ASCII only: str.isdigit() and int() also take other scripts' digits ("١٢٣" would parse as 123).
+    if not (v.isascii() and v.isdigit()) or len(v) > 40:  # 2**128 has 39 digits
         raise MalformedVoucher("cumulativeAmount must be a decimal integer string")
     return int(v)

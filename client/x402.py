@@ -8,7 +8,8 @@ The exchange (ARCHITECTURE.md, "Paying over HTTP"):
    `creditWindow` (wei of output the node serves beyond what is paid before it pauses).
 2. The client retries with `PAYMENT-SIGNATURE`: base64 of a voucher (`client.voucher.Voucher.to_header`).
    A voucher equal to the one the node already holds is fine (it names the channel); a lower one is
-   refused.
+   refused (402). A payload that is not a voucher at all (not base64, not JSON, too long or too deep, a bad
+   field) is a `400` with code `malformed`.
 3. Every admitted response carries `PAYMENT-RESPONSE` (base64 `PaymentResponse`: accepted and spent
    cumulative amounts at admission) and `X-DCML-Acceptance` (base64 signed acceptance of the request).
 4. While streaming, before output would pass `accepted + creditWindow`, the node sends
@@ -22,9 +23,10 @@ All amounts are decimal strings: they are uint128 wei and JSON numbers lose prec
 from __future__ import annotations
 
 import base64
-import json
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
+
+from client import safejson
 
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
 PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
@@ -34,6 +36,7 @@ NEED_VOUCHER_EVENT = "payment-need-voucher"
 PAYMENT_TIMEOUT_EVENT = "payment-timeout"
 VOUCHERS_PATH = "/v1/payments/vouchers"
 SCHEME = "channel"
+MAX_HEADER_CHARS = 16384  # size bound of an x402 header, checked before it is decoded
 
 
 class _Wire(BaseModel):
@@ -44,7 +47,9 @@ class _Wire(BaseModel):
 
     @classmethod
     def from_header(cls, value: str):
-        return cls.model_validate(json.loads(base64.b64decode(value, validate=True)))
+        if len(value) > MAX_HEADER_CHARS:
+            raise ValueError(f"x402 header is {len(value)} characters; at most {MAX_HEADER_CHARS} are read")
+        return cls.model_validate(safejson.loads(base64.b64decode(value, validate=True), max_bytes=MAX_HEADER_CHARS))
 
 
 class ChannelTerms(_Wire):

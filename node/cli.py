@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -28,13 +29,18 @@ def run(config: ConfigOption = None) -> None:
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     configure_logging(settings.logging.level, settings.logging.format)
+    # uvicorn re-raises a captured SIGTERM after its clean shutdown, which ends the process before atexit: write
+    # out the queued log records first (logging is asynchronous, node.logging).
+    signal.signal(signal.SIGTERM, _flush_logs_then_die)
+    _raise_fd_limit()
     try:
         api = create_app(settings)
     except TeeError as exc:  # e.g. [tee.gpu] on a machine without GPU CC mode: say so, no traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     server = uvicorn.Server(uvicorn_config(api, host=settings.server.host, port=settings.server.port,
-                                           graceful_shutdown_s=settings.server.graceful_shutdown_s))
+                                           graceful_shutdown_s=settings.server.graceful_shutdown_s,
+                                           limits=settings.server))
     server.run()  # installs SIGINT/SIGTERM handlers: stop accepting, drain, then lifespan shutdown
     if not server.started:
         raise typer.Exit(1)
@@ -61,6 +67,24 @@ def fetch_rims(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{len(saved)} RIM(s) saved to {settings.tee.gpu.rim_dir}")
+
+
+def _raise_fd_limit() -> None:
+    """Connections are bounded by [server] max_concurrency and the per-source cap, not by running out of file
+    descriptors (a default soft limit of 1,024 is below max_concurrency)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _flush_logs_then_die(sig: int, _frame: object) -> None:
+    from node.logging import flush_logging
+
+    flush_logging()
+    signal.signal(sig, signal.SIG_DFL)
+    signal.raise_signal(sig)
 
 
 @app.command("show-config")

@@ -27,6 +27,15 @@ class ServerConfig(_Section):
     port: int = Field(8080, ge=0, le=65535)
     # Seconds uvicorn waits for in-flight streams to finish after SIGTERM before cutting them.
     graceful_shutdown_s: float = Field(30.0, ge=0)
+    # Slow and junk clients (node.api.guard): a connection must finish its request headers, and then its body,
+    # within these deadlines or it is closed; one source address holds at most max_connections_per_source
+    # connections; past max_concurrency connections or requests in all, new requests get 503.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_header_bytes: int = Field(65536, gt=0)  # request line + headers; more gets 431
+    keep_alive_s: float = Field(5.0, gt=0)
+    max_connections_per_source: int = Field(512, gt=0)  # behind a reverse proxy every client is one source: raise it
+    max_concurrency: int = Field(4096, gt=0)
 
 
 class LoggingConfig(_Section):

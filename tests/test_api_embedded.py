@@ -53,3 +53,25 @@ def test_concurrent_completions(sdk):
         model="demo", prompt="Rome", max_tokens=8, temperature=0)
     together = asyncio.run(run())
     assert together[1].choices[0].text == alone.choices[0].text  # batching does not change greedy output
+
+
+def test_tiny_temperature_is_a_400_beside_healthy_streams(sdk):
+    """Positive temperatures that float32 cannot sample with are refused (400); streams already running finish."""
+    client, url = sdk
+    solo = client.completions.create(model="demo", prompt="Rome", max_tokens=16, temperature=0).choices[0].text
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as aclient:
+            async def healthy() -> str:
+                stream = await aclient.completions.create(model="demo", prompt="Rome", max_tokens=16, temperature=0,
+                                                          stream=True)
+                return "".join([c.choices[0].text async for c in stream if c.choices])
+
+            tasks = [asyncio.create_task(healthy()) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            for bad in ({"temperature": 1e-46}, {"temperature": 1e-30}, {"top_p": 1e-46}, {"seed": 2**64}):
+                with pytest.raises(openai.BadRequestError):
+                    await aclient.completions.create(model="demo", prompt="Rome", max_tokens=16, **bad)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 120)
+
+    assert asyncio.run(run()) == [solo] * 3

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
-from node.engine.embedded import EmbeddedEngine, _held_back, _Request
+from node.engine.embedded import EmbeddedEngine, RequestFailed, _held_back, _Request
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 DEVICE = os.environ.get("DCML_TEST_DEVICE", "cpu")  # "cuda" to run the same checks on a GPU
@@ -190,3 +190,20 @@ def test_held_back():
     assert _held_back("abc", ("bcd", "c"), 0) == 2
     assert _held_back("xab", ("abz",), 0) == 2
     assert _held_back("xab", ("abz",), 2) == 0  # never reaches back before what was already sent
+
+
+def test_a_request_that_cannot_be_sampled_fails_alone(engine):
+    """A temperature that rounds to zero in float32 (the API refuses it; the engine must survive it anyway):
+    that request fails at once with RequestFailed, its batch neighbours finish unchanged, nothing hangs."""
+    solo = greedy(engine, PROMPTS[1], 20)
+
+    async def mixed():
+        healthy = [asyncio.create_task(collect(engine, PROMPTS[1], max_tokens=20, temperature=0)) for _ in range(3)]
+        await asyncio.sleep(0.05)  # the healthy ones are decoding when the bad one joins the batch
+        with pytest.raises(RequestFailed):
+            await asyncio.wait_for(collect(engine, "Rome", max_tokens=20, temperature=1e-46), 30)
+        return await asyncio.wait_for(asyncio.gather(*healthy), 60)
+
+    for text, _ in asyncio.run(mixed()):
+        assert text == solo
+    assert greedy(engine, PROMPTS[1], 20) == solo  # and the engine goes on serving

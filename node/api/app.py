@@ -22,6 +22,7 @@ from node.api import attestation, openai, receipts
 from node.api.body_limit import BodyLimitMiddleware
 from node.api.errors import install_error_handlers
 from node.api.metrics import MetricsMiddleware, NodeMetrics
+from node.api.openapi import install_openapi
 from node.api.state import NodeState, node_state
 from node.config import NodeSettings, resolve_receipt_domain
 from node.engine.base import Engine
@@ -306,6 +307,7 @@ def create_app(
         body, content_type = node_state(request).metrics.render()
         return Response(body, media_type=content_type)
 
+    install_openapi(app)  # after every route: request bodies, statuses and content types as the node answers
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: also counts 413s
     return app

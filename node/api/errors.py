@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from node.logging import get_logger
 
@@ -35,8 +36,9 @@ class BadRequest(APIError):
 class ModelNotFound(APIError):
     status = 404
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist; GET /v1/models lists the models this node serves.",
+    def __init__(self, served: str) -> None:
+        # The requested name is not quoted back: no error body repeats what the client sent.
+        super().__init__(f"The requested model does not exist here; this node serves `{served}` (GET /v1/models).",
                          param="model", code="model_not_found")
 
 
@@ -93,6 +95,12 @@ def install_error_handlers(app: FastAPI) -> None:
         type_ = "invalid_request_error" if exc.status_code < 500 else "internal_server_error"
         return Response(error_body(str(exc.detail), type_), status_code=exc.status_code,
                         media_type="application/json", headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> Response:
+        # The client hung up while we read its body: a normal close, nothing to log and nobody to answer
+        # (499 is nginx's "client closed request", seen only by the metrics).
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:

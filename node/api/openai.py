@@ -77,7 +77,7 @@ def _parse(kind: Kind, body: bytes, state: NodeState) -> _Plan:
         raise BadRequest(str(exc), param="prompt") from None
     engine, limits = state.engine, state.settings.limits
     if req.model != engine.model_name:
-        raise ModelNotFound(req.model)
+        raise ModelNotFound(engine.model_name)
 
     prompt_tokens = engine.count_tokens(prompt)
     prompt_cap = min(limits.max_prompt_tokens, engine.max_context - 1)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+# Positive values below these are refused (400), not silently changed: logits divided by a smaller temperature
+# overflow float32 (vLLM clamps to the same 1e-2), and a smaller top_p rounds to zero in float32.
+MIN_TEMPERATURE = 1e-2
+MIN_TOP_P = 1e-6
 
 
 class _Model(BaseModel):
@@ -41,7 +46,7 @@ class _Sampling(_Model):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: StrictInt = Field(1, ge=1, le=1)  # one choice per request: receipts sign one answer
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what a torch generator can be seeded with
     stop: str | list[str] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -51,6 +56,21 @@ class _Sampling(_Model):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be defined when stream=true")
         return self
+
+    @field_validator("temperature")
+    @classmethod
+    def _usable_temperature(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"a positive temperature below {MIN_TEMPERATURE} cannot be sampled in float32 (the "
+                             "logits overflow); send 0 for greedy decoding")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _usable_top_p(cls, v: float | None) -> float | None:
+        if v is not None and v < MIN_TOP_P:
+            raise ValueError(f"top_p below {MIN_TOP_P} is not representable; send temperature 0 for greedy decoding")
+        return v
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:

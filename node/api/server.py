@@ -9,11 +9,23 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from node.api.guard import GuardedHttpTools
+from node.config import ServerConfig
 
-def uvicorn_config(app: FastAPI, *, host: str, port: int, graceful_shutdown_s: float) -> uvicorn.Config:
+
+def uvicorn_config(app: FastAPI, *, host: str, port: int, graceful_shutdown_s: float,
+                   limits: ServerConfig | None = None) -> uvicorn.Config:
+    """`limits`: deadlines and caps against slow and junk clients (node.api.guard); default: the app's
+    `[server]` settings when it is a node app, else the defaults."""
+    if limits is None:
+        node = getattr(app.state, "node", None)
+        limits = node.settings.server if node is not None else ServerConfig()
     # log_config=None: logging is ours (node.logging); access logs off: the metrics count requests.
-    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
-                          timeout_graceful_shutdown=graceful_shutdown_s)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=graceful_shutdown_s, http=GuardedHttpTools,
+                            timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_concurrency)
+    config.dcml_server = limits  # read by GuardedHttpTools
+    return config
 
 
 class BackgroundServer:

@@ -45,6 +45,14 @@ class EngineStopped(RuntimeError):
     """The engine was stopped while the request was waiting or running."""
 
 
+class RequestFailed(RuntimeError):
+    """This request failed inside the engine (its cause is chained); other requests are unaffected."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.__cause__ = cause
+
+
 @dataclass(eq=False)
 class _Request:
     prompt_ids: list[int]
@@ -198,25 +206,28 @@ class EmbeddedEngine:
         return ids
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._stopping:
-                try:
-                    self._admit()
-                    if not self._running:
-                        self._wake.wait(timeout=0.5)
-                        self._wake.clear()
-                        continue
-                    self._decode_step()
-                except Exception as exc:  # never let one bad step kill the engine: fail the batch instead
-                    for r in self._running:
-                        self._emit(r, exc)
-                    self._running, self._cache, self._mask = [], None, None
-        err = EngineStopped("engine stopped")
-        with self._lock:
-            pending, self._waiting = list(self._waiting), collections.deque()
-        for r in pending + self._running:
-            self._emit(r, err)
-        self._running, self._cache, self._mask = [], None, None
+        try:
+            with torch.inference_mode():
+                while not self._stopping:
+                    try:
+                        self._admit()
+                        if not self._running:
+                            self._wake.wait(timeout=0.5)
+                            self._wake.clear()
+                            continue
+                        self._decode_step()
+                    except Exception as exc:  # the batch's forward pass failed: no row can go on
+                        for r in self._running:
+                            self._emit(r, RequestFailed("the engine failed while decoding this batch", exc))
+                        self._running, self._cache, self._mask = [], None, None
+        finally:  # stopped, or the thread is dying: every waiting or running request gets an answer
+            err = EngineStopped("engine stopped")
+            with self._lock:
+                pending, self._waiting = list(self._waiting), collections.deque()
+            for r in pending + self._running:
+                if not r.done:
+                    self._emit(r, err)
+            self._running, self._cache, self._mask = [], None, None
 
     def _admit(self) -> None:
         while len(self._running) < self.max_batch:
@@ -226,7 +237,10 @@ class EmbeddedEngine:
                 req = self._waiting.popleft()
             if req.cancelled:
                 continue
-            self._prefill(req)
+            try:
+                self._prefill(req)
+            except Exception as exc:  # this request's prompt or parameters: it fails alone
+                self._emit(req, RequestFailed("the engine could not start this request", exc))
 
     def _prefill(self, req: _Request) -> None:
         ids = torch.tensor([req.prompt_ids], device=self.device)
@@ -234,6 +248,8 @@ class EmbeddedEngine:
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         req.pos = len(req.prompt_ids)
         tok = self._sample_rows(out.logits[:, -1, :], [req])[0]
+        if isinstance(tok, Exception):
+            raise tok
         self._on_token(req, tok)
         if req.done:
             return
@@ -265,7 +281,12 @@ class EmbeddedEngine:
         self.steps += 1
         for r, tok in zip(rows, self._sample_rows(out.logits[:, -1, :], rows), strict=True):
             r.pos += 1
-            self._on_token(r, tok)
+            try:
+                if isinstance(tok, Exception):
+                    raise tok
+                self._on_token(r, tok)
+            except Exception as exc:  # this row alone: its neighbours keep decoding
+                self._emit(r, RequestFailed("the engine failed while sampling this request", exc))
         self._drop_finished()
 
     def _drop_finished(self) -> None:
@@ -286,20 +307,29 @@ class EmbeddedEngine:
 
     # ------------------------------------------------------------------ sampling and text
 
-    def _sample_rows(self, logits: torch.Tensor, rows: list[_Request]) -> list[int]:
+    def _sample_rows(self, logits: torch.Tensor, rows: list[_Request]) -> list[int | Exception]:
+        """One token per row; a row whose sampling fails gets its exception instead (its neighbours do not)."""
         logits = logits.float()
-        picks = logits.argmax(dim=-1).tolist()  # greedy rows, all at once
+        picks: list[int | Exception] = logits.argmax(dim=-1).tolist()  # greedy rows, all at once
         for i, r in enumerate(rows):
             p = r.params
             if p.temperature <= 0:
                 continue
-            x = logits[i] / p.temperature
-            if p.top_p < 1.0:
-                sorted_x, order = torch.sort(x, descending=True)
-                cum = sorted_x.softmax(-1).cumsum(-1)
-                cut = (cum - sorted_x.softmax(-1)) >= p.top_p  # keep the smallest prefix reaching top_p
-                x = x.scatter(0, order[cut], float("-inf"))
-            picks[i] = int(torch.multinomial(x.softmax(-1), 1, generator=r.generator))
+            try:
+                x = logits[i] / p.temperature
+                if p.top_p < 1.0:
+                    sorted_x, order = torch.sort(x, descending=True)
+                    cum = sorted_x.softmax(-1).cumsum(-1)
+                    cut = (cum - sorted_x.softmax(-1)) >= p.top_p  # keep the smallest prefix reaching top_p
+                    x = x.scatter(0, order[cut], float("-inf"))
+                probs = x.softmax(-1)
+                # Checked before sampling: on CUDA, multinomial over inf/nan is a device-side assert that
+                # poisons the whole context (every request), not an exception for this row.
+                if not bool(torch.isfinite(probs).all() & (probs.sum() > 0)):
+                    raise ValueError("the sampling distribution is not finite for these parameters")
+                picks[i] = int(torch.multinomial(probs, 1, generator=r.generator))
+            except Exception as exc:
+                picks[i] = exc
         return picks
 
     def _on_token(self, r: _Request, tok: int) -> None:

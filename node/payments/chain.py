@@ -44,6 +44,10 @@ class ChannelChain:
         self._cache: dict[bytes, tuple[float, ChannelState]] = {}
         self._lock = threading.Lock()
         self._code: dict[str, bool] = {}
+        # Ids a stranger sent that have no channel, with when that was read: junk vouchers cost one cached
+        # dict lookup, not an RPC each (and never a log scan).
+        self._unknown: dict[bytes, float] = {}
+        self.negative_ttl = 5.0
 
     def channel(self, channel_id: bytes, *, fresh: bool = False) -> ChannelState:
         """Raises UnknownChannel for an id never opened on this escrow."""
@@ -52,10 +56,26 @@ class ChannelChain:
             hit = self._cache.get(channel_id)
             if hit and now - hit[0] < self.ttl:
                 return hit[1]
+        if not self.book.known(channel_id):
+            self._check_exists(channel_id, now)
         state = read_state(self.escrow, channel_id, self.book.params(channel_id))
         with self._lock:
             self._cache[channel_id] = (now, state)
         return state
+
+    def _check_exists(self, channel_id: bytes, now: float) -> None:
+        """Before the terms are looked up in the opening's logs: one indexed read (`getChannel`, a mapping
+        lookup) says whether the id was ever opened; a negative answer is cached for `negative_ttl`."""
+        seen = self._unknown.get(channel_id)
+        if seen is not None and now - seen < self.negative_ttl:
+            raise UnknownChannel(f"channel 0x{channel_id.hex()} was never opened on escrow {self.escrow.address}")
+        deposit = self.escrow.functions.getChannel(channel_id).call()[0]  # a channel exists iff deposit != 0
+        if deposit == 0:
+            with self._lock:
+                if len(self._unknown) >= 100_000:  # bounded: a flood of distinct ids cannot grow memory
+                    self._unknown.clear()
+                self._unknown[channel_id] = now
+            raise UnknownChannel(f"channel 0x{channel_id.hex()} was never opened on escrow {self.escrow.address}")
 
     def is_contract(self, address: str) -> bool:
         if address not in self._code:

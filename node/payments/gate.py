@@ -57,6 +57,12 @@ class PaymentNeeded(APIError):
     type = "payment_required"
 
 
+class MalformedPayment(PaymentNeeded):
+    """400: the payment payload itself cannot be read (x402: an invalid payload is a Bad Request)."""
+
+    status = 400
+
+
 RecordAcceptance = Callable[[SignedAcceptance], Awaitable[None]]
 
 
@@ -134,6 +140,7 @@ class PaymentGate:
         self.token = Web3.to_checksum_address(config.token or dep.token)
         self.writer = LedgerWriter(payments.ledger)
         self._funds: dict[str, asyncio.Event] = {}  # set when a voucher raises a channel's accepted amount
+        self._intake = ThreadPoolExecutor(max_workers=8, thread_name_prefix="voucher-intake")
 
     # -- terms -----------------------------------------------------------------------------------
 
@@ -153,7 +160,8 @@ class PaymentGate:
     def needed(self, model: str, error: str, message: str, required: int | None = None) -> PaymentNeeded:
         body = PaymentRequired(error=error, message=message, accepts=[self.requirement(model)],
                                requiredCumulative=required)
-        return PaymentNeeded(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
+        cls = MalformedPayment if error.startswith("malformed") else PaymentNeeded
+        return cls(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -318,9 +326,12 @@ class PaymentGate:
         return payments_router(self.payments, accept=self._accept)
 
     async def _accept(self, voucher: Voucher) -> ChannelBalance:
-        await run_in_threadpool(self.payments.verifier.verify, voucher)
+        # Its own few threads: vouchers posted by strangers (chain reads for unknown channels) never take the
+        # threads paid admissions verify on.
+        await asyncio.get_running_loop().run_in_executor(self._intake, self.payments.verifier.verify, voucher)
         return await self._record(voucher)
 
     def close(self) -> None:
+        self._intake.shutdown(wait=True)
         self.writer.close()
 

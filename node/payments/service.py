@@ -22,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from web3 import Web3
 
+from client import safejson
 from client.deployment import Deployment
 from client.voucher import Voucher, VoucherDomain
 from node.payments.chain import ChannelChain
@@ -30,6 +31,7 @@ from node.payments.settlement import SettlementWorker
 from node.payments.verifier import VoucherRejected, VoucherVerifier, parse_voucher
 
 log = logging.getLogger("dcml.payments")
+MAX_VOUCHER_BODY = 4096  # bytes; a voucher is ~300
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,11 @@ def payments_router(payments: Payments, accept: AcceptVoucher | None = None) -> 
 
     @router.post("/v1/payments/vouchers")
     async def post_voucher(request: Request) -> JSONResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            return payment_error(400, "malformed", "body is not JSON: send {channelId, cumulativeAmount, signature}")
+        try:  # bounded and depth-limited: a voucher is ~300 bytes of flat JSON
+            body = safejson.loads(await request.body(), max_bytes=MAX_VOUCHER_BODY)
+        except ValueError as exc:
+            return payment_error(400, "malformed", f"body is not a voucher ({exc}): send {{channelId, "
+                                 "cumulativeAmount, signature}")
         try:
             voucher = parse_voucher(body)
             balance = await accept(voucher)  # returns once the voucher is durable: only then do we answer

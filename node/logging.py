@@ -73,6 +73,18 @@ class _EnqueueOnly(logging.handlers.QueueHandler):
             _EnqueueOnly.dropped += 1
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (a test runner may swap it and close the old one)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
     """One call at start: JSON lines (`fmt="json"`, for collectors) or human-readable console output."""
     global _listener
@@ -93,7 +105,7 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _render_exception, renderer],

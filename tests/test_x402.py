@@ -1,0 +1,194 @@
+"""x402 v2 exactly: every header the node emits or accepts validates under the official `x402` SDK's models,
+malformed payment input is a 400 with a reason, and the SDK's own httpx client, with our `channel` scheme
+registered through its extension point, pays a real node on anvil (streamed and not); receipts verify and
+what the node settles on-chain equals the receipts to the wei."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+import pytest
+from x402.http.clients import x402HttpxClient
+from x402.http.utils import (
+    decode_payment_required_header,
+    decode_payment_response_header,
+    decode_payment_signature_header,
+)
+from x402.schemas import PaymentRequired as SdkPaymentRequired
+
+from client.receipts import Price, ReceiptDomain, SignedReceipt, parse_sse_stream, verify_signed_receipt
+from client.x402 import (
+    PAYMENT_REQUIRED,
+    PAYMENT_RESPONSE,
+    PAYMENT_SIGNATURE,
+    PaymentPayload,
+    PaymentRequired,
+    SettlementResponse,
+)
+from client.x402_channel import ChannelEvmScheme, channel_x402_client
+from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, start_paid_node
+
+
+@pytest.fixture
+def deployment_file(deployment, tmp_path):
+    path = tmp_path / "deployment.json"
+    deployment.save(path)
+    return path
+
+
+@pytest.fixture
+def node(w3, deployment_file, tmp_path):
+    paid = start_paid_node(w3, deployment_file, tmp_path / "node")
+    yield paid
+    paid.server.stop()
+
+
+def _completion(node, headers: dict | None = None, *, max_tokens: int = 5, stream: bool = False) -> httpx.Response:
+    return httpx.post(f"{node.url}/v1/completions", headers=headers or {}, timeout=30,
+                      json={"model": MODEL, "prompt": "a b c", "max_tokens": max_tokens, "stream": stream})
+
+
+def _sdk_402(r: httpx.Response) -> SdkPaymentRequired:
+    required = decode_payment_required_header(r.headers[PAYMENT_REQUIRED])
+    assert isinstance(required, SdkPaymentRequired) and required.x402_version == 2
+    assert required.resource is not None and required.resource.url.endswith("/v1/completions")
+    (req,) = required.accepts
+    assert req.scheme == "channel" and req.amount.isdigit()
+    assert all(isinstance(v, str) for k, v in req.extra.items() if k != "voucherTimeoutSeconds")
+    return required
+
+
+def test_unpaid_402_is_an_sdk_payment_required_with_amount_and_resource(node, deployment) -> None:
+    r = _completion(node, max_tokens=5)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "payment_required"
+    required = _sdk_402(r)
+    (req,) = required.accepts
+    assert req.network == f"eip155:{deployment.chain_id}" and req.pay_to == node.identity.address
+    assert int(req.amount) == 3 * PRICE_IN + 5 * PRICE_OUT  # what admitting this request needs now
+    assert req.extra["escrow"] == deployment.payment_channels
+    assert set(json.loads(base64.b64decode(r.headers[PAYMENT_REQUIRED]))) <= {
+        "x402Version", "error", "resource", "accepts", "extensions"}  # nothing outside the standard
+
+
+def test_error_paths_validate_under_the_sdk(w3, deployment, payer, node) -> None:
+    client = RawPayer(w3, deployment, payer, node.url, node.identity.address)
+    offer = PaymentRequired.from_header(_completion(node).headers[PAYMENT_REQUIRED]).accepts[0]
+    # insufficient: 402 naming the channel and the cumulative amount that admits the request
+    short = PaymentPayload(accepted=offer, payload=client.voucher(1)).to_header()
+    assert decode_payment_signature_header(short).accepted.scheme == "channel"
+    r = _completion(node, {PAYMENT_SIGNATURE: short})
+    assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_funds"
+    extra = _sdk_402(r).accepts[0].extra
+    assert extra["channelId"] == "0x" + client.channel_id.hex()
+    assert int(extra["requiredCumulative"]) == 3 * PRICE_IN + 5 * PRICE_OUT
+    # another offer (wrong payee) echoed in `accepted`: refused with the right offer
+    wrong = offer.model_copy(update={"pay_to": payer.address})
+    r = _completion(node, {PAYMENT_SIGNATURE: PaymentPayload(accepted=wrong, payload=client.voucher(10**15))
+                           .to_header()})
+    assert r.status_code == 402 and r.json()["error"]["code"] == "accepted_mismatch"
+    _sdk_402(r)
+    # paid, then a stream that runs out of credit ends with payment-timeout: its PAYMENT-RESPONSE still validates
+    other = RawPayer(w3, deployment, payer, node.url, node.identity.address)
+    answer = other.ask("x y", max_tokens=100, pay_mid_stream=False)
+    assert answer.timed_out
+    settle = decode_payment_response_header(answer.headers[PAYMENT_RESPONSE.lower()])
+    assert settle.success and settle.network == f"eip155:{deployment.chain_id}"
+    assert node.ledger.get("0x" + other.channel_id.hex()).accepted == other.cumulative
+
+
+MALFORMED = [
+    b"not base64 at all!",
+    base64.b64encode(b"{not json"),
+    base64.b64encode(b"[1, 2, 3]"),
+    base64.b64encode(b"[" * 100_000 + b"]" * 100_000)[:8000],  # deep nesting, cut
+    base64.b64encode(b"{" + b'"a":' * 10 + b"1}"),
+    base64.b64encode(json.dumps({"x402Version": 1, "payload": {}}).encode()),
+    base64.b64encode(json.dumps({"x402Version": 2, "accepted": {"scheme": "exact"}, "payload": {}}).encode()),
+    base64.b64encode(json.dumps({"channelId": "0x12", "cumulativeAmount": "1", "signature": "0x"}).encode()),
+    b"A" * 20_000,  # huge
+]
+
+
+@pytest.mark.parametrize("value", MALFORMED, ids=range(len(MALFORMED)))
+def test_malformed_payment_is_400_with_a_reason_and_the_offer(node, value: bytes) -> None:
+    r = _completion(node, {PAYMENT_SIGNATURE: value.decode()})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "malformed_payment" and err["message"]
+    _sdk_402(r)  # the offer rides along, so a client can fix its payment
+
+
+def test_a_payload_with_a_bad_voucher_field_is_400(w3, deployment, payer, node) -> None:
+    client = RawPayer(w3, deployment, payer, node.url, node.identity.address)
+    offer = PaymentRequired.from_header(_completion(node).headers[PAYMENT_REQUIRED]).accepts[0]
+    good = json.loads(base64.b64decode(PaymentPayload(accepted=offer, payload=client.voucher(10**15)).to_header()))
+    for field, value in (("cumulativeAmount", "-1"), ("cumulativeAmount", str(2**128)), ("channelId", "0xzz"),
+                         ("signature", 12)):
+        bad = {**good, "payload": {**good["payload"], field: value}}
+        r = _completion(node, {PAYMENT_SIGNATURE: base64.b64encode(json.dumps(bad).encode()).decode()})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)
+    assert node.ledger.get("0x" + client.channel_id.hex()) is None  # nothing recorded
+
+
+def test_old_shape_bare_voucher_is_still_accepted(w3, deployment, payer, node) -> None:
+    client = RawPayer(w3, deployment, payer, node.url, node.identity.address)
+    r = _completion(node, {PAYMENT_SIGNATURE: client.voucher(10**15).to_header()})
+    assert r.status_code == 200
+    assert decode_payment_response_header(r.headers[PAYMENT_RESPONSE]).success
+
+
+def test_non_streamed_payment_response_carries_the_final_figures(w3, deployment, payer, node) -> None:
+    client = RawPayer(w3, deployment, payer, node.url, node.identity.address)
+    offer = PaymentRequired.from_header(_completion(node).headers[PAYMENT_REQUIRED]).accepts[0]
+    r = _completion(node, {PAYMENT_SIGNATURE: PaymentPayload(accepted=offer, payload=client.voucher(10**15))
+                           .to_header()}, max_tokens=7)
+    assert r.status_code == 200
+    receipt = SignedReceipt.from_header(r.headers["x-dcml-receipt"]).receipt
+    sdk = decode_payment_response_header(r.headers[PAYMENT_RESPONSE])
+    ours = SettlementResponse.from_header(r.headers[PAYMENT_RESPONSE])
+    assert sdk.amount == str(receipt.cost) and ours.spent == receipt.cumulative_spent
+    assert ours.figures.cost == receipt.cost and ours.accepted == 10**15
+    assert sdk.payer.lower() == payer.address.lower()
+    digest = node.app.state.node.gate.payments.verifier.domain.digest(client.channel_id, 10**15)
+    assert sdk.transaction == "0x" + digest.hex()  # the commitment of the accepted voucher
+
+
+def test_the_sdk_httpx_client_pays_streamed_and_non_streamed_answers(w3, deployment, payer, node) -> None:
+    scheme = ChannelEvmScheme(w3, deployment, payer, deposit=10**17, payee=node.identity.address)
+    x402 = channel_x402_client(scheme)
+    domain = ReceiptDomain(deployment.chain_id, deployment.sla_court)
+    price = Price(PRICE_IN, PRICE_OUT)
+
+    async def run() -> list[int]:
+        costs = []
+        async with x402HttpxClient(x402, timeout=30) as http:
+            for i, stream in enumerate((False, True, True, False)):
+                body = json.dumps({"model": MODEL, "prompt": f"hello {i}", "max_tokens": 6, "stream": stream}).encode()
+                async with http.stream("POST", f"{node.url}/v1/completions", content=body,
+                                       headers={"content-type": "application/json"}) as r:
+                    raw = await r.aread()
+                    assert r.status_code == 200, raw
+                    settle = decode_payment_response_header(r.headers[PAYMENT_RESPONSE])
+                    assert settle.success and settle.payer.lower() == payer.address.lower()
+                    if stream:
+                        payloads, signed = parse_sse_stream(raw)
+                        verify_signed_receipt(signed, expected_signer=node.identity.address, request_bytes=body,
+                                              sse_payloads=payloads, price=price, domain=domain)
+                    else:
+                        signed = SignedReceipt.from_header(r.headers["x-dcml-receipt"])
+                        verify_signed_receipt(signed, expected_signer=node.identity.address, request_bytes=body,
+                                              response_bytes=raw, price=price, domain=domain)
+                        assert settle.amount == str(signed.receipt.cost)
+                    costs.append(signed.receipt.cost)
+        return costs
+
+    costs = asyncio.run(run())
+    assert len(scheme._by_id) == 1  # one channel, opened on the first offer
+    (channel_id,) = scheme._by_id
+    balance = node.ledger.get(channel_id)
+    assert balance.spent == sum(costs) == balance.accepted  # paid exactly what the receipts say
+    node.server.stop()  # graceful: the worker settles everything before exiting
+    assert scheme.chain.get(bytes.fromhex(channel_id[2:])).settled == sum(costs)

@@ -192,3 +192,29 @@ def test_the_sdk_httpx_client_pays_streamed_and_non_streamed_answers(w3, deploym
     assert balance.spent == sum(costs) == balance.accepted  # paid exactly what the receipts say
     node.server.stop()  # graceful: the worker settles everything before exiting
     assert scheme.chain.get(bytes.fromhex(channel_id[2:])).settled == sum(costs)
+
+
+def test_receipts_and_acceptances_carry_uints_as_decimal_strings(w3, deployment, payer, node) -> None:
+    """Above 2**53 a JSON number is rounded by JavaScript: every uint on the wire is a decimal string, and the
+    Python models still read the old integer form (one release)."""
+    from client.receipts import Receipt, SignedAcceptance, receipt_digest
+
+    client = RawPayer(w3, deployment, payer, node.url, node.identity.address)
+    offer = PaymentRequired.from_header(_completion(node).headers[PAYMENT_REQUIRED]).accepts[0]
+    voucher = client.voucher(10**17)
+    for _ in range(3):
+        r = _completion(node, {PAYMENT_SIGNATURE: PaymentPayload(accepted=offer, payload=voucher).to_header()},
+                        max_tokens=1024)
+        assert r.status_code == 200, r.text
+    fetched = httpx.get(f"{node.url}/v1/receipts/{r.headers['x-dcml-receipt-id']}").json()["receipt"]
+    assert int(fetched["cumulativeSpent"]) == 3 * (3 * PRICE_IN + 1024 * PRICE_OUT) > 2**53
+    assert all(isinstance(fetched[k], str) for k in ("cost", "cumulativeSpent", "inputTokens", "acceptedAt"))
+    acceptance = json.loads(base64.b64decode(r.headers["x-dcml-acceptance"]))["acceptance"]
+    assert isinstance(acceptance["acceptedAt"], str) and isinstance(acceptance["deadline"], str)
+    old = {k: int(v) if v.isdigit() else v for k, v in fetched.items()}  # the pre-release integer form
+    domain = ReceiptDomain(deployment.chain_id, deployment.sla_court)
+    assert receipt_digest(Receipt.model_validate(old), domain) == receipt_digest(Receipt.model_validate(fetched),
+                                                                                 domain)
+    SignedAcceptance.model_validate_json(base64.b64decode(r.headers["x-dcml-acceptance"]))
+    with pytest.raises(ValueError):
+        Receipt.model_validate({**fetched, "cost": "1e20"})

@@ -218,3 +218,24 @@ def test_receipts_and_acceptances_carry_uints_as_decimal_strings(w3, deployment,
     SignedAcceptance.model_validate_json(base64.b64decode(r.headers["x-dcml-acceptance"]))
     with pytest.raises(ValueError):
         Receipt.model_validate({**fetched, "cost": "1e20"})
+
+
+def test_readme_gives_the_eip712_type_strings_the_code_signs() -> None:
+    from pathlib import Path
+
+    from client import advert, model_bundle, receipts, registry, voucher
+
+    def type_string(name: str, fields: list[dict]) -> str:
+        return f"{name}(" + ",".join(f"{f['type']} {f['name']}" for f in fields) + ")"
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, fields in (("Voucher", voucher.EIP712_TYPES["Voucher"]), ("Receipt", receipts.RECEIPT_FIELDS),
+                         ("Acceptance", receipts.ACCEPTANCE_FIELDS),
+                         ("Registration", registry.EIP712_TYPES["Registration"]),
+                         ("Reattestation", registry.EIP712_TYPES["Reattestation"]), ("Advert", advert.ADVERT_FIELDS),
+                         ("BundleManifest", model_bundle.MANIFEST_TYPES["BundleManifest"])):
+        assert f"`{type_string(name, fields)}`" in readme, name
+    assert f'name: "{advert.DOMAIN_NAME}", version: "{advert.DOMAIN_VERSION}"' in readme
+    assert f'name: "{registry.DOMAIN_NAME}", version: "{registry.DOMAIN_VERSION}"' in readme
+    assert f'name: "{receipts.DOMAIN_NAME}", version: "{receipts.DOMAIN_VERSION}"' in readme
+    assert 'name: "{name}", version: "{version}"'.format(**model_bundle.MANIFEST_DOMAIN) in readme

@@ -30,9 +30,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_serializer
 
 from client.voucher import MalformedVoucher, Voucher
 
@@ -65,6 +65,10 @@ def _uint(v: object) -> int:
     return v
 
 
+# A uint on the wire: written as a decimal string, read from a decimal string or (one release) a JSON integer.
+Uint = Annotated[int, BeforeValidator(_uint), PlainSerializer(str, return_type=str)]
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(populate_by_name=True, frozen=True)
 
@@ -84,23 +88,14 @@ class ChannelTerms(_Wire):
 
     escrow: str
     model_id: str = Field(alias="modelId")
-    price_per_input_token: int = Field(alias="pricePerInputToken")
-    price_per_output_token: int = Field(alias="pricePerOutputToken")
-    prepay: int
-    credit_window: int = Field(alias="creditWindow")
+    price_per_input_token: Uint = Field(alias="pricePerInputToken")
+    price_per_output_token: Uint = Field(alias="pricePerOutputToken")
+    prepay: Uint
+    credit_window: Uint = Field(alias="creditWindow")
     voucher_timeout_s: float = Field(alias="voucherTimeoutSeconds")
     # Set when the client named a channel that is short: that channel and the cumulative amount admitting it.
     channel_id: str | None = Field(alias="channelId", default=None)
-    required_cumulative: int | None = Field(alias="requiredCumulative", default=None)
-
-    _uints = field_validator("price_per_input_token", "price_per_output_token", "prepay", "credit_window",
-                             "required_cumulative", mode="before")(classmethod(lambda cls, v: None if v is None
-                                                                                else _uint(v)))
-
-    @field_serializer("price_per_input_token", "price_per_output_token", "prepay", "credit_window",
-                      "required_cumulative")
-    def _as_decimal(self, v: int | None) -> str | None:
-        return None if v is None else str(v)
+    required_cumulative: Uint | None = Field(alias="requiredCumulative", default=None)
 
     def cost(self, input_tokens: int, output_tokens: int) -> int:
         return input_tokens * self.price_per_input_token + output_tokens * self.price_per_output_token
@@ -111,17 +106,11 @@ class PaymentRequirement(_Wire):
 
     scheme: str = SCHEME
     network: str  # "eip155:<chainId>"
-    amount: int  # atomic units: what admitting this request needs now (decimal string on the wire)
+    amount: Uint  # atomic units: what admitting this request needs now
     asset: str  # token address; the zero address is native ETH
     pay_to: str = Field(alias="payTo")  # the node's payee address: channels must pay it
     max_timeout_seconds: int = Field(alias="maxTimeoutSeconds", default=300)
     extra: ChannelTerms
-
-    _amount = field_validator("amount", mode="before")(classmethod(lambda cls, v: _uint(v)))
-
-    @field_serializer("amount")
-    def _as_decimal(self, v: int) -> str:
-        return str(v)
 
     @property
     def chain_id(self) -> int:
@@ -208,15 +197,9 @@ class ChannelFigures(_Wire):
     """`SettlementResponse.extensions.channel`: the channel's cumulative figures after this request."""
 
     channel_id: str = Field(alias="channelId")
-    accepted: int
-    spent: int
-    cost: int  # what this request was charged (final on a non-streamed answer)
-
-    _uints = field_validator("accepted", "spent", "cost", mode="before")(classmethod(lambda cls, v: _uint(v)))
-
-    @field_serializer("accepted", "spent", "cost")
-    def _as_decimal(self, v: int) -> str:
-        return str(v)
+    accepted: Uint
+    spent: Uint
+    cost: Uint  # what this request was charged (final on a non-streamed answer)
 
 
 class SettlementResponse(_Wire):
@@ -253,11 +236,5 @@ PaymentResponse = SettlementResponse  # the pre-v2 name, for one release
 
 class NeedVoucher(_Wire):
     channel_id: str = Field(alias="channelId")
-    required_cumulative: int = Field(alias="requiredCumulative")
-    spent: int
-
-    _uints = field_validator("required_cumulative", "spent", mode="before")(classmethod(lambda cls, v: _uint(v)))
-
-    @field_serializer("required_cumulative", "spent")
-    def _as_decimal(self, v: int) -> str:
-        return str(v)
+    required_cumulative: Uint = Field(alias="requiredCumulative")
+    spent: Uint

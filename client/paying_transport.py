@@ -35,7 +35,6 @@ from client.x402 import (
     PAYMENT_REQUIRED,
     PAYMENT_SIGNATURE,
     PAYMENT_TIMEOUT_EVENT,
-    SCHEME,
     VOUCHERS_PATH,
     NeedVoucher,
     PaymentPayload,
@@ -170,7 +169,7 @@ def _payment_required(response: httpx.Response, offers: dict[str, PaymentRequire
         message = json.loads(response.content)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = None
-    offer = next((r for r in required.accepts if r.scheme == SCHEME), None)
+    offer = next((r for r in required.accepts if isinstance(r, PaymentRequirement)), None)
     if offer is not None:
         offers[model] = offer.model_copy(update={"extra": offer.extra.model_copy(
             update={"channel_id": None, "required_cumulative": None})})

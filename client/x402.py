@@ -30,7 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_serializer
 
@@ -104,7 +104,7 @@ class ChannelTerms(_Wire):
 class PaymentRequirement(_Wire):
     """x402 v2 `PaymentRequirements` for the channel scheme."""
 
-    scheme: str = SCHEME
+    scheme: Literal["channel"] = SCHEME
     network: str  # "eip155:<chainId>"
     amount: Uint  # atomic units: what admitting this request needs now
     asset: str  # token address; the zero address is native ETH
@@ -125,6 +125,18 @@ class PaymentRequirement(_Wire):
                 and a.extra.model_id.lower() == b.extra.model_id.lower())
 
 
+class OtherRequirement(_Wire):
+    """An offer of another scheme (e.g. x402's `batch-settlement`): kept as it came, never paid by this package."""
+
+    scheme: str
+    network: str
+    amount: str
+    asset: str
+    pay_to: str = Field(alias="payTo")
+    max_timeout_seconds: int = Field(alias="maxTimeoutSeconds")
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
 class ResourceInfo(_Wire):
     url: str
     description: str | None = None
@@ -135,14 +147,14 @@ class PaymentRequired(_Wire):
     x402_version: int = Field(alias="x402Version", default=X402_VERSION)
     error: str | None = None  # why this 402: "payment_required", "insufficient_funds", a voucher rejection code
     resource: ResourceInfo | None = None
-    accepts: list[PaymentRequirement]
+    accepts: list[PaymentRequirement | OtherRequirement]
     extensions: dict[str, Any] | None = None
     # Not on the wire: the human-readable reason travels in the JSON error body beside the header.
     message: str | None = Field(default=None, exclude=True)
 
     @property
     def required_cumulative(self) -> int | None:
-        ours = next((r for r in self.accepts if r.scheme == SCHEME), None)
+        ours = next((r for r in self.accepts if isinstance(r, PaymentRequirement)), None)
         return None if ours is None else ours.extra.required_cumulative
 
 

@@ -239,3 +239,20 @@ def test_readme_gives_the_eip712_type_strings_the_code_signs() -> None:
     assert f'name: "{registry.DOMAIN_NAME}", version: "{registry.DOMAIN_VERSION}"' in readme
     assert f'name: "{receipts.DOMAIN_NAME}", version: "{receipts.DOMAIN_VERSION}"' in readme
     assert 'name: "{name}", version: "{version}"'.format(**model_bundle.MANIFEST_DOMAIN) in readme
+
+
+def test_an_offer_with_another_scheme_beside_channel_still_parses() -> None:
+    """A 402 may offer x402's `batch-settlement` beside `channel`: our models keep it and our clients pick ours."""
+    channel = {"scheme": "channel", "network": "eip155:1", "amount": "5", "asset": "0x" + "1" * 40,
+               "payTo": "0x" + "2" * 40, "maxTimeoutSeconds": 60,
+               "extra": {"escrow": "0x" + "3" * 40, "modelId": "0x" + "4" * 64, "pricePerInputToken": "1",
+                         "pricePerOutputToken": "2", "prepay": "3", "creditWindow": "4",
+                         "voucherTimeoutSeconds": 2}}
+    batch = {**channel, "scheme": "batch-settlement", "extra": {"receiverAuthorizer": "0x" + "5" * 40,
+                                                               "withdrawDelay": 900, "name": "T", "version": "1"}}
+    header = base64.b64encode(json.dumps({"x402Version": 2, "accepts": [batch, channel]}).encode()).decode()
+    required = PaymentRequired.from_header(header)
+    assert [r.scheme for r in required.accepts] == ["batch-settlement", "channel"]
+    assert required.accepts[1].extra.prepay == 3 and required.accepts[0].extra["withdrawDelay"] == 900
+    assert json.loads(base64.b64decode(required.to_header()))["accepts"] == [batch, channel]
+    assert decode_payment_required_header(required.to_header()).accepts[1].scheme == "channel"

@@ -256,3 +256,19 @@ def test_an_offer_with_another_scheme_beside_channel_still_parses() -> None:
     assert required.accepts[1].extra.prepay == 3 and required.accepts[0].extra["withdrawDelay"] == 900
     assert json.loads(base64.b64decode(required.to_header()))["accepts"] == [batch, channel]
     assert decode_payment_required_header(required.to_header()).accepts[1].scheme == "channel"
+
+
+def test_cli_json_rows_carry_no_json_numbers_for_uints() -> None:
+    from client.disputes import DisputeRow
+    from client.spend_store import StoredChannel
+
+    big = 2**100
+    ch = StoredChannel(channel_id="0x" + "1" * 64, node_url="http://n", model="m", model_id="0x" + "2" * 64,
+                       payer="0xa", payee="0xb", escrow="0xc", chain_id=2**60, token="0xd", session_address="0xe",
+                       deposit=big, accepted=big, spent=big, price_in=big, price_out=big, prepay=big,
+                       credit_window=big, status="open", opened_at=1.5)
+    row = DisputeRow(kind="no_response", id="0x1", status="due", due=True, node="0xn", node_url="http://n",
+                  channel_id="0x2", request_hash="0x3", expected=big, amount=None, tx=None, reason=None,
+                  deadline=2**40, answer_by=2**40)
+    for out in (ch.as_json(), row.as_json()):
+        assert not [k for k, v in out.items() if isinstance(v, int) and not isinstance(v, bool)], out

@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup build test test-contracts test-python demo devnet bench lint format clean
 
-setup: .venv/.installed contracts/node_modules/.installed
+setup: .venv/.installed contracts/node_modules/.installed tests/js/node_modules/.installed
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -17,6 +17,10 @@ setup: .venv/.installed contracts/node_modules/.installed
 
 contracts/node_modules/.installed: contracts/package.json contracts/package-lock.json
 	cd contracts && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json  # ethers, for tests/test_js_wire.py
+	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 build: setup
@@ -54,4 +58,4 @@ format: setup
 	.venv/bin/ruff check --fix .
 
 clean:
-	rm -rf .venv contracts/node_modules contracts/out contracts/cache .devnet .pytest_cache
+	rm -rf .venv contracts/node_modules tests/js/node_modules contracts/out contracts/cache .devnet .pytest_cache

@@ -84,8 +84,8 @@ class DisputeRow:
     def as_json(self) -> dict:
         out = dict(self.__dict__)
         out["broken"] = list(self.broken)
-        for k in ("expected", "amount"):
-            out[k] = None if out[k] is None else str(out[k])  # uint128: JSON numbers lose precision
+        for k in ("expected", "amount", "deadline", "answer_by"):
+            out[k] = None if out[k] is None else str(out[k])  # every uint a decimal string (JSON numbers round)
         return out
 
 

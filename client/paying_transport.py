@@ -37,7 +37,9 @@ from client.x402 import (
     PAYMENT_TIMEOUT_EVENT,
     VOUCHERS_PATH,
     NeedVoucher,
+    PaymentPayload,
     PaymentRequired,
+    PaymentRequirement,
 )
 
 log = logging.getLogger("dcml.client")
@@ -127,11 +129,13 @@ def _paid(request: httpx.Request) -> bool:
     return request.method == "POST" and request.url.path.endswith(PAID_PATHS)
 
 
-def _with_voucher(request: httpx.Request, body: bytes, voucher: Voucher | None) -> httpx.Request:
+def _with_voucher(request: httpx.Request, body: bytes, voucher: Voucher | None,
+                  offer: PaymentRequirement | None = None) -> httpx.Request:
     headers = httpx.Headers(request.headers)
     headers["Accept-Encoding"] = "identity"  # hashes are over the bytes the node sent, not a re-encoding
-    if voucher is not None:
-        headers[PAYMENT_SIGNATURE] = voucher.to_header()
+    if voucher is not None:  # a v2 PaymentPayload once the node's offer is known; before that the bare voucher
+        headers[PAYMENT_SIGNATURE] = (PaymentPayload(accepted=offer, payload=voucher).to_header() if offer
+                                      else voucher.to_header())
     else:
         headers.pop(PAYMENT_SIGNATURE, None)
     return httpx.Request(request.method, request.url, headers=headers, content=body, extensions=request.extensions)
@@ -153,12 +157,23 @@ def _voucher_answer(status: int, body: bytes) -> None:
     raise PaymentRejected(code, message)
 
 
-def _payment_required(response: httpx.Response) -> PaymentRequired:
+def _payment_required(response: httpx.Response, offers: dict[str, PaymentRequirement], model: str
+                      ) -> PaymentRequired:
+    """The 402's PaymentRequired (its message from the JSON body); remembers the channel offer for `model`."""
     try:
-        return PaymentRequired.from_header(response.headers[PAYMENT_REQUIRED])
+        required = PaymentRequired.from_header(response.headers[PAYMENT_REQUIRED])
     except (ValueError, TypeError) as exc:
         raise PaymentError(f"the node's {PAYMENT_REQUIRED} header is not x402 JSON ({exc}); is this a dcml node?") \
             from exc
+    try:
+        message = json.loads(response.content)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = None
+    offer = next((r for r in required.accepts if isinstance(r, PaymentRequirement)), None)
+    if offer is not None:
+        offers[model] = offer.model_copy(update={"extra": offer.extra.model_copy(
+            update={"channel_id": None, "required_cumulative": None})})
+    return required.model_copy(update={"message": message if isinstance(message, str) else None})
 
 
 def _receipt_header(headers: httpx.Headers) -> SignedReceipt | None:
@@ -241,6 +256,7 @@ class PayingTransport(httpx.BaseTransport):
 
     def __init__(self, payer: Payer, inner: httpx.BaseTransport | None = None) -> None:
         self.payer = payer
+        self._offers: dict[str, PaymentRequirement] = {}  # model -> the node's channel offer, from its last 402
         self.inner = inner or httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -253,12 +269,13 @@ class PayingTransport(httpx.BaseTransport):
         exchange = Exchange(request_body=body, model=model)
         voucher = self.payer.prepare(model)
         for _ in range(MAX_PAYMENT_ROUNDS):
-            response = self.inner.handle_request(_with_voucher(request, body, voucher))
+            response = self.inner.handle_request(_with_voucher(request, body, voucher, self._offers.get(model)))
             if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
                 break
             response.read()
             response.close()
-            voucher = self.payer.on_payment_required(_payment_required(response), exchange, voucher)
+            voucher = self.payer.on_payment_required(_payment_required(response, self._offers, model), exchange,
+                                                     voucher)
         else:
             raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
                                "client may be spending the same channel: retry, or open a separate channel")
@@ -340,6 +357,7 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, payer: Payer, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self.payer = payer
+        self._offers: dict[str, PaymentRequirement] = {}  # model -> the node's channel offer, from its last 402
         self.inner = inner or httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -352,13 +370,14 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
         exchange = Exchange(request_body=body, model=model)
         voucher = await anyio.to_thread.run_sync(self.payer.prepare, model)
         for _ in range(MAX_PAYMENT_ROUNDS):
-            response = await self.inner.handle_async_request(_with_voucher(request, body, voucher))
+            response = await self.inner.handle_async_request(_with_voucher(request, body, voucher,
+                                                                           self._offers.get(model)))
             if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
                 break
             await response.aread()
             await response.aclose()
-            voucher = await anyio.to_thread.run_sync(self.payer.on_payment_required, _payment_required(response),
-                                                     exchange, voucher)
+            required = _payment_required(response, self._offers, model)
+            voucher = await anyio.to_thread.run_sync(self.payer.on_payment_required, required, exchange, voucher)
         else:
             raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
                                "client may be spending the same channel: retry, or open a separate channel")

@@ -38,7 +38,7 @@ from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
 from eth_keys import keys
 from eth_utils import to_checksum_address
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
 from client.voucher import recover_digest_signer
 
@@ -130,8 +130,27 @@ def _bytes32(value: str, what: str) -> str:
     return value.lower()
 
 
+def _uint_in(v: object) -> object:
+    """uints arrive as decimal strings (the wire form) or, for one release, JSON integers."""
+    if isinstance(v, bool | float) or (isinstance(v, str) and not (v.isascii() and v.isdigit())):
+        raise ValueError("must be a decimal integer string")
+    return v
+
+
 class _Typed(BaseModel):
+    """An EIP-712 struct. In JSON every uint is a decimal string (JSON numbers lose precision past 2**53 in
+    JavaScript) and every bytes32 is 0x hex; decimal strings and integers are both read, for one release."""
+
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _uints(cls, v: object, info) -> object:
+        return _uint_in(v) if cls.model_fields[info.field_name].annotation in (int, "int") else v
+
+    @field_serializer("*", when_used="json")
+    def _uints_as_decimal(self, v: object) -> object:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     def eip712_message(self) -> dict:
         return {k: (bytes.fromhex(v[2:]) if isinstance(v, str) else v)

@@ -409,7 +409,7 @@ class Client:
         return ch
 
     def _check_terms(self, required: PaymentRequired, node: VerifiedNode) -> PaymentRequirement:
-        req = next((r for r in required.accepts if r.scheme == SCHEME), None)
+        req = next((r for r in required.accepts if isinstance(r, PaymentRequirement)), None)
         if req is None:
             raise UntrustedTerms(f"the node offers no '{SCHEME}' payment scheme; this client pays only through "
                                  "payment channels")

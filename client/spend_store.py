@@ -173,8 +173,8 @@ class StoredChannel:
 
     def as_json(self) -> dict:
         out = dict(self.__dict__)
-        for k in ("deposit", "accepted", "spent", "price_in", "price_out", "prepay", "credit_window"):
-            out[k] = str(out[k])  # uint128: JSON numbers lose precision
+        for k in ("chain_id", "deposit", "accepted", "spent", "price_in", "price_out", "prepay", "credit_window"):
+            out[k] = str(out[k])  # every uint a decimal string: JSON numbers lose precision past 2**53
         return out
 
 
@@ -194,7 +194,7 @@ class StoredReceipt:
     def as_json(self) -> dict:
         return {"receipt_id": self.receipt_id, "channel_id": self.channel_id, "node_url": self.node_url,
                 "cost": str(self.cost), "cumulative_spent": str(self.cumulative_spent),
-                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "input_tokens": str(self.input_tokens), "output_tokens": str(self.output_tokens),
                 "recorded_at": self.recorded_at}
 
 

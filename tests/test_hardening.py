@@ -121,7 +121,7 @@ def test_deep_nesting_at_every_entry_point_is_a_400(node, payer) -> None:
     for header in (base64.b64encode(deep).decode(), base64.b64encode(b"[" * 1000).decode()):
         r = http.post("/v1/completions", content=completion(), headers={"content-type": "application/json",
                                                                          PAYMENT_SIGNATURE: header})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "malformed", r.text
+        assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_payment", r.text
         assert "PAYMENT-REQUIRED" in r.headers  # the terms still come with it
     # the vouchers endpoint: deep, and deep inside the size bound
     for body in (deep, b'{"channelId":' + b"[" * 1000 + b"]" * 1000 + b"}"):
@@ -144,13 +144,13 @@ def test_malformed_payment_input_is_a_400_with_a_reason(node, payer) -> None:
         header = base64.b64encode(json.dumps(bad).encode()).decode()
         r = http.post("/v1/completions", content=completion(), headers={"content-type": "application/json",
                                                                          PAYMENT_SIGNATURE: header})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "malformed", r.text
+        assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_payment", r.text
         assert r.json()["error"]["message"]
         r = http.post("/v1/payments/vouchers", json=bad)
         assert r.status_code == 400 and r.json()["error"]["code"] == "malformed", r.text
     r = http.post("/v1/completions", content=completion(), headers={"content-type": "application/json",
                                                                      PAYMENT_SIGNATURE: "%%% not base64"})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_payment"
     assert_alive(node)
 
 

@@ -171,7 +171,7 @@ async def _serve(request: Request, kind: Kind) -> Response:
             paid = await state.gate.admit(headers=request.headers, model=plan.model, request_hash=req_hash,
                                           prompt_tokens=plan.prompt_tokens,
                                           max_tokens=plan.generation.params.max_tokens, stream=plan.stream,
-                                          accepted_at=accepted_at)
+                                          accepted_at=accepted_at, resource=str(request.url))
         stream = state.engine.stream(plan.generation)
         try:
             first = await _first_chunk(stream)

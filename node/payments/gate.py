@@ -27,21 +27,25 @@ from dataclasses import dataclass, field
 from eth_account.signers.local import LocalAccount
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 from web3 import Web3
 
 from client.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
-from client.voucher import MalformedVoucher, Voucher
+from client.voucher import Voucher
 from client.x402 import (
     ACCEPTANCE_HEADER,
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
     PAYMENT_SIGNATURE,
+    SCHEME,
+    ChannelFigures,
     ChannelTerms,
+    MalformedPayment,
     NeedVoucher,
     PaymentRequired,
     PaymentRequirement,
-    PaymentResponse,
+    ResourceInfo,
+    SettlementResponse,
+    parse_payment,
 )
 from node.api.errors import APIError, internal_error
 from node.config import PaymentsConfig
@@ -57,10 +61,11 @@ class PaymentNeeded(APIError):
     type = "payment_required"
 
 
-class MalformedPayment(PaymentNeeded):
-    """400: the payment payload itself cannot be read (x402: an invalid payload is a Bad Request)."""
+class PaymentMalformed(PaymentNeeded):
+    """400: the payment header cannot be read (x402 transport: malformed input is a bad request)."""
 
     status = 400
+    type = "invalid_request_error"
 
 
 RecordAcceptance = Callable[[SignedAcceptance], Awaitable[None]]
@@ -120,9 +125,19 @@ class PaidRequest:
     accepted: int
     spent: int  # the channel's cumulative spent after this request's latest charge
     cost: int = 0  # what this request has been charged so far
-    headers: dict[str, str] = field(default_factory=dict)
+    acceptance: str = ""  # the signed acceptance, base64 (X-DCML-Acceptance)
+    settlement: dict = field(default_factory=dict)  # SettlementResponse fields other than the figures
     asked_at: int = -1  # the accepted amount when we last asked for a voucher (one ask per level)
     precharged: int = 0  # output tokens charged at admission, in the same commit (saves one before the 1st token)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The response's payment headers with the figures as they stand now: read after the last charge
+        (a non-streamed answer) they are the request's final ones."""
+        figures = ChannelFigures(channelId=self.channel_id, accepted=self.accepted, spent=self.spent, cost=self.cost)
+        settlement = SettlementResponse(**self.settlement, amount=str(self.cost),
+                                        extensions={SCHEME: figures.to_json()})
+        return {ACCEPTANCE_HEADER: self.acceptance, PAYMENT_RESPONSE: settlement.to_header()}
 
 
 class PaymentGate:
@@ -152,51 +167,68 @@ class PaymentGate:
                             prepay=self.config.prepay_tokens * out, creditWindow=self.config.credit_tokens * out,
                             voucherTimeoutSeconds=self.config.voucher_timeout_s)
 
-    def requirement(self, model: str) -> PaymentRequirement:
+    def requirement(self, model: str, amount: int | None = None, channel_id: str | None = None,
+                    required: int | None = None) -> PaymentRequirement:
+        """The offer; `amount` is what admitting the request needs now (default: a prepay of output)."""
+        terms = self.terms(model)
+        if required is not None:
+            terms = terms.model_copy(update={"channel_id": channel_id, "required_cumulative": required})
         return PaymentRequirement(network=f"eip155:{self.payments.deployment.chain_id}", asset=self.token,
+                                  amount=terms.prepay if amount is None else amount,
                                   payTo=self.payments.payee.address, maxTimeoutSeconds=self.config.response_deadline_s,
-                                  extra=self.terms(model))
+                                  extra=terms)
 
-    def needed(self, model: str, error: str, message: str, required: int | None = None) -> PaymentNeeded:
-        body = PaymentRequired(error=error, message=message, accepts=[self.requirement(model)],
-                               requiredCumulative=required)
-        cls = MalformedPayment if error.startswith("malformed") else PaymentNeeded
-        return cls(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
+    def needed(self, model: str, error: str, message: str, required: int | None = None, *, amount: int | None = None,
+               channel_id: str | None = None, resource: str = "", status: type[PaymentNeeded] = PaymentNeeded
+               ) -> PaymentNeeded:
+        body = PaymentRequired(error=error, resource=ResourceInfo(url=resource or "/", mimeType="application/json"),
+                               accepts=[self.requirement(model, amount, channel_id, required)])
+        return status(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
 
     # -- admission -------------------------------------------------------------------------------
 
     async def admit(self, *, headers, model: str, request_hash: str, prompt_tokens: int, max_tokens: int,
-                    stream: bool, accepted_at: float | None = None) -> PaidRequest:
+                    stream: bool, accepted_at: float | None = None, resource: str = "") -> PaidRequest:
         """Admit and charge a paid request, or raise `PaymentNeeded`. `accepted_at` (unix seconds; default now)
         is signed in the acceptance: pass the receipt's, so both select the same SLA terms."""
         header = headers.get(PAYMENT_SIGNATURE)
         terms = self.terms(model)
-        if not header:
-            raise self.needed(model, "payment_required", "this request must be paid: open a channel to payTo and "
-                              f"send a voucher in the {PAYMENT_SIGNATURE} header")
-        try:
-            voucher = Voucher.from_header(header)
-        except (MalformedVoucher, ValidationError, ValueError) as exc:
-            raise self.needed(model, "malformed", f"{PAYMENT_SIGNATURE} is not a voucher: {exc}") from None
-        try:
-            state = await run_in_threadpool(self.payments.verifier.verify, voucher, allow_equal=True)
-        except VoucherRejected as exc:
-            raise self.needed(model, exc.reason, str(exc)) from None
-        if state.token.lower() != self.token.lower():
-            raise self.needed(model, "wrong_token", f"channel pays in {state.token}; this node takes {self.token}")
-        if "0x" + state.params.model_id.hex() != terms.model_id.lower():
-            raise self.needed(model, "wrong_model", f"channel is for model 0x{state.params.model_id.hex()}, "
-                              f"not {model} ({terms.model_id}); open a channel for this model")
-        balance = self.payments.ledger.get(voucher.channel_id)
-        accepted = max(voucher.cumulative_amount, balance.accepted if balance else 0)
-        spent_before = balance.spent if balance else 0
         prompt_cost = prompt_tokens * terms.price_per_input_token
         ahead = max_tokens * terms.price_per_output_token if not stream else min(
             terms.prepay, max_tokens * terms.price_per_output_token)
-        if accepted - spent_before < prompt_cost + ahead:
-            required = spent_before + prompt_cost + ahead
-            raise self.needed(model, "insufficient_funds", f"channel has {accepted - spent_before} available; this "
-                              f"request needs {prompt_cost + ahead} ahead: sign a voucher for {required}", required)
+        need = prompt_cost + ahead  # what admitting this request needs available on the channel
+
+        def needed(error: str, message: str, required: int | None = None, channel_id: str | None = None,
+                   status: type[PaymentNeeded] = PaymentNeeded) -> PaymentNeeded:
+            return self.needed(model, error, message, required, amount=need, channel_id=channel_id,
+                               resource=resource, status=status)
+
+        if not header:
+            raise needed("payment_required", "this request must be paid: open a channel to payTo and send a "
+                         f"PaymentPayload with a voucher in the {PAYMENT_SIGNATURE} header")
+        try:
+            voucher, chosen = parse_payment(header)
+        except MalformedPayment as exc:
+            raise needed("malformed_payment", str(exc), status=PaymentMalformed) from None
+        if chosen is not None and not chosen.matches(self.requirement(model)):
+            raise needed("accepted_mismatch", "the PaymentPayload's `accepted` is not this node's offer for "
+                         f"{model} (scheme, network, asset, payTo, escrow and modelId must match accepts[0])")
+        try:
+            state = await run_in_threadpool(self.payments.verifier.verify, voucher, allow_equal=True)
+        except VoucherRejected as exc:
+            raise needed(exc.reason, str(exc)) from None
+        if state.token.lower() != self.token.lower():
+            raise needed("wrong_token", f"channel pays in {state.token}; this node takes {self.token}")
+        if "0x" + state.params.model_id.hex() != terms.model_id.lower():
+            raise needed("wrong_model", f"channel is for model 0x{state.params.model_id.hex()}, "
+                         f"not {model} ({terms.model_id}); open a channel for this model")
+        balance = self.payments.ledger.get(voucher.channel_id)
+        accepted = max(voucher.cumulative_amount, balance.accepted if balance else 0)
+        spent_before = balance.spent if balance else 0
+        if accepted - spent_before < need:
+            required = spent_before + need
+            raise needed("insufficient_funds", f"channel has {accepted - spent_before} available; this "
+                         f"request needs {need} ahead: sign a voucher for {required}", required, voucher.channel_id)
         # One commit for the new voucher (if any) and the prompt's charge.
         ops: list[LedgerOp] = []
         new_voucher = balance is None or voucher.cumulative_amount > balance.accepted
@@ -218,14 +250,13 @@ class PaymentGate:
         if new_voucher:  # streams of this channel paused for funds may go on
             self._notify(voucher.channel_id)
         spent = after.spent
-        paid = PaidRequest(voucher.channel_id, terms, after.accepted, spent, charged,
-                           precharged=1 if first_token else 0)
-        paid.headers = {
-            ACCEPTANCE_HEADER: base64.b64encode(acceptance.model_dump_json(by_alias=True).encode()).decode(),
-            PAYMENT_RESPONSE: PaymentResponse(channelId=voucher.channel_id, accepted=after.accepted,
-                                              spent=spent).to_header(),
-        }
-        return paid
+        # `transaction`: the commitment identifier of the channel's accepted voucher, its EIP-712 digest.
+        commitment = self.payments.verifier.domain.digest(voucher.channel_id_bytes, after.accepted)
+        settlement = {"transaction": "0x" + commitment.hex(), "payer": state.payer,
+                      "network": f"eip155:{self.payments.deployment.chain_id}"}
+        return PaidRequest(voucher.channel_id, terms, after.accepted, spent, charged,
+                           acceptance=base64.b64encode(acceptance.model_dump_json(by_alias=True).encode()).decode(),
+                           settlement=settlement, precharged=1 if first_token else 0)
 
     async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
                                 acceptance: SignedAcceptance, charged: int, required: int) -> ChannelBalance:
@@ -236,7 +267,7 @@ class PaymentGate:
             writes.append(self.record_acceptance(acceptance))
         ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
         if isinstance(ledger, LedgerConflict):  # a concurrent request or voucher on the channel got there first
-            raise self.needed(model, ledger.reason, str(ledger), required) from None
+            raise self.needed(model, ledger.reason, str(ledger), required, channel_id=channel_id) from None
         if isinstance(ledger, BaseException):
             raise ledger
         if stored and isinstance(stored[0], BaseException):  # charged, but the promise is not durable: undo it

@@ -70,6 +70,7 @@ class LimitsConfig(_Section):
     max_tokens_cap: int = Field(1024, gt=0)  # the largest max_tokens a request may ask for
     default_max_tokens: int = Field(256, gt=0)  # when the request names none (capped by the context left)
     max_body_bytes: int = Field(1_048_576, gt=0)
+    body_read_timeout_s: float = Field(10.0, gt=0)  # the whole request body must arrive within this (408)
 
 
 class ReceiptsConfig(_Section):

@@ -60,10 +60,10 @@ class PaidNode:
         return self.app.state.node.gate.payments.ledger
 
 
-def start_paid_node(w3: Web3, deployment_file: Path, data_dir: Path, **kw) -> PaidNode:
+def start_paid_node(w3: Web3, deployment_file: Path, data_dir: Path, *, engine=None, **kw) -> PaidNode:
     identity = EnclaveIdentity.generate()
     fund(w3, identity.address)
-    app = create_app(paid_settings(deployment_file, data_dir, **kw), engine=SyntheticEngine(model_name=MODEL),
+    app = create_app(paid_settings(deployment_file, data_dir, **kw), engine=engine or SyntheticEngine(model_name=MODEL),
                      identity=identity, provider=SimulatedProvider())
     return PaidNode(BackgroundServer(app).start(), identity, app)
 

@@ -36,6 +36,9 @@ import {PaymentChannels} from "./PaymentChannels.sol";
 ///      clock, so a node cannot move a request under older terms. An acceptance carries no model id: the
 ///      disputer names the model whose terms apply (the node is bound by every set of terms it published).
 ///
+///      What the node signs (node/api/openai.py): ttftMs and durationMs are counted from the moment the whole
+///      request was read and admitted, and durationMs leaves out the time the stream waited for the payer's
+///      vouchers, so neither a trickled body nor a withheld voucher is the node's time.
 ///      Rate: tokens after the first, over the time after the first token: a receipt breaks
 ///      `minTokensPerSec` iff outputTokens > 1, durationMs > ttftMs and
 ///      (outputTokens - 1) * 1000 < minTokensPerSec * (durationMs - ttftMs). A zero bound is no bound.

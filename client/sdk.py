@@ -76,6 +76,8 @@ __all__ = ["ChatResult", "ChatStream", "Client", "InsufficientDeposit", "NodeErr
            "PaymentRejected", "ReceiptViolation", "UntrustedTerms"]
 
 log = logging.getLogger("dcml.client")
+# A node signs acceptances only under SLA terms in force by its clock; ours may differ by this much.
+TERMS_CLOCK_MARGIN_S = 10
 
 # Codes after which the channel we named can never admit a request: open another one.
 _DEAD_CHANNEL = {"unknown_channel", "channel_finalized", "channel_closing", "wrong_payee", "wrong_model",
@@ -281,6 +283,17 @@ class Client:
     def _sla_of(self, signed: SignedReceipt | None) -> Broken:
         claim = self.store.breach_claim(signed.receipt.receipt_id) if signed is not None else None
         return Broken(claim.broken) if claim is not None else Broken.NONE
+
+    def _terms_in_force(self, node_address: str, model_id: str, at: float) -> bool:
+        """Whether the node has SLA terms in force for `model_id` at our time `at`, less a margin for clocks
+        (nodes sign acceptances only under terms in force). No court, or a failed chain read: assume it has."""
+        if not self.deployment.sla_court:
+            return False
+        try:
+            return self.disputes.terms_at(node_address, model_id, int(at) - TERMS_CLOCK_MARGIN_S) is not None
+        except Exception as exc:
+            log.warning("could not read the node's SLA terms: %s", exc)
+            return True
 
     def _check_sla(self, exchange: Exchange) -> None:
         """The receipt against the node's terms; never fails the call: a broken term is a claim, not an error,
@@ -528,8 +541,10 @@ class Client:
                 raise ReceiptViolation("unknown_channel", f"the node charged channel {pr.channel_id}, not ours")
             value = headers.get(ACCEPTANCE_HEADER)
             if value is None:
+                if not self._terms_in_force(node.signing_address, ch.model_id, exchange.started_at):
+                    return  # no SLA terms in force: the node promises nothing the court could judge
                 raise ReceiptViolation("missing_acceptance", "a paid request was admitted without a signed "
-                                       "acceptance; the node breaks the protocol")
+                                       "acceptance although the node's SLA terms are in force")
             try:
                 signed = SignedAcceptance.model_validate_json(_b64(value))
                 verify_acceptance(signed.acceptance, signed.signature, expected_signer=node.signing_address,

@@ -2,6 +2,7 @@
 real node on loopback, real vouchers and the devnet's contracts on anvil.
 
 - trickled body / withheld voucher (finding 1): the receipt's figures measure the node, so no breach is claimable;
+- a paid node without SLA terms in force (finding 10) signs no acceptance the court could not judge;
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from client.receipts import parse_sse_stream
 from client.sla import Broken, Terms, broken_terms
-from client.x402 import PAYMENT_SIGNATURE
+from client.x402 import ACCEPTANCE_HEADER, PAYMENT_SIGNATURE
 from node.engine.synthetic import SyntheticEngine
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, start_paid_node
 
@@ -103,5 +104,25 @@ def test_withheld_voucher_does_not_count_against_the_nodes_duration_or_rate(w3, 
         assert wall_ms > 1000 * len(held)  # the stream really waited for the attacker
         assert receipt.duration_ms < 2000  # but the receipt signs only the node's own time
         assert broken_terms(TERMS, receipt) == Broken(0)
+    finally:
+        node.server.stop()
+
+
+def test_no_acceptance_is_signed_without_terms_in_force(w3, deployment, deployment_file, payer, tmp_path):
+    """Finding 10: a paid node with [sla] off (or before its terms' validFrom) signed acceptances under the court's
+    domain that the court cannot judge (`openNoResponse` reverts NoTerms): it must sign none."""
+    node = start_paid_node(w3, deployment_file, tmp_path / "node")  # [sla] off, as by default
+    try:
+        client = RawPayer(w3, deployment, payer, node.url, node.identity.address)
+        gate = node.app.state.node.gate
+        for stream in (True, False):
+            answer = client.ask("no terms here", max_tokens=3, stream=stream)
+            assert answer.status == 200 and ACCEPTANCE_HEADER.lower() not in answer.headers
+        gate.terms_in_force_from[MODEL] = int(time.time()) + 3600  # published, not yet in force
+        answer = client.ask("not yet", max_tokens=3)
+        assert answer.status == 200 and ACCEPTANCE_HEADER.lower() not in answer.headers
+        gate.terms_in_force_from[MODEL] = int(time.time()) - 1  # in force: the promise is judgeable, so made
+        answer = client.ask("now", max_tokens=3)
+        assert answer.status == 200 and ACCEPTANCE_HEADER.lower() in answer.headers
     finally:
         node.server.stop()

@@ -130,6 +130,10 @@ class PaymentGate:
         self.model_ids = model_ids  # served model name -> bytes32 hex (the channel's modelId must match)
         # Durable store of signed acceptances (ReceiptStore.put_acceptance); None: not kept (tests, no SLA).
         self.record_acceptance = record_acceptance
+        # Served model name -> unix time from which the node's SLA terms for it are in force in the court. An
+        # acceptance under the court's domain is signed only for requests accepted then or later: without terms
+        # in force the court cannot judge it (`openNoResponse` reverts NoTerms), so it would promise nothing.
+        self.terms_in_force_from: dict[str, int] = {}
         dep = payments.deployment
         self.token = Web3.to_checksum_address(config.token or dep.token)
         self.writer = LedgerWriter(payments.ledger)
@@ -200,10 +204,13 @@ class PaymentGate:
             ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window))
         # Signed before the commit so that its durable write shares the wait with the ledger's.
         now = int(time.time())
-        acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=voucher.channel_id,
-                                                acceptedAt=now if accepted_at is None else int(accepted_at),
-                                                deadline=now + self.config.response_deadline_s),
-                                     self.signer, self.receipt_domain)
+        at = now if accepted_at is None else int(accepted_at)
+        in_force_from = self.terms_in_force_from.get(model)
+        acceptance = None
+        if in_force_from is not None and at >= in_force_from:
+            acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=voucher.channel_id,
+                                                    acceptedAt=at, deadline=now + self.config.response_deadline_s),
+                                         self.signer, self.receipt_domain)
         charged = prompt_cost + first_token
         after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged,
                                              spent_before + prompt_cost + ahead)
@@ -212,19 +219,19 @@ class PaymentGate:
         spent = after.spent
         paid = PaidRequest(voucher.channel_id, terms, after.accepted, spent, charged,
                            precharged=1 if first_token else 0)
-        paid.headers = {
-            ACCEPTANCE_HEADER: base64.b64encode(acceptance.model_dump_json(by_alias=True).encode()).decode(),
-            PAYMENT_RESPONSE: PaymentResponse(channelId=voucher.channel_id, accepted=after.accepted,
-                                              spent=spent).to_header(),
-        }
+        paid.headers = {PAYMENT_RESPONSE: PaymentResponse(channelId=voucher.channel_id, accepted=after.accepted,
+                                                          spent=spent).to_header()}
+        if acceptance is not None:
+            paid.headers[ACCEPTANCE_HEADER] = base64.b64encode(acceptance.model_dump_json(by_alias=True).encode()
+                                                               ).decode()
         return paid
 
     async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
-                                acceptance: SignedAcceptance, charged: int, required: int) -> ChannelBalance:
+                                acceptance: SignedAcceptance | None, charged: int, required: int) -> ChannelBalance:
         """The admission's ledger ops and the acceptance's store write, concurrently; both must succeed
         before anything is sent. An acceptance stored for a refused request is harmless: it never left."""
         writes = [self.writer.write_many(ops)]
-        if self.record_acceptance is not None:
+        if self.record_acceptance is not None and acceptance is not None:
             writes.append(self.record_acceptance(acceptance))
         ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
         if isinstance(ledger, LedgerConflict):  # a concurrent request or voucher on the channel got there first

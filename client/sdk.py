@@ -490,6 +490,13 @@ class Client:
         self.store.record_voucher(ch.channel_id, amount, voucher.signature)  # before it leaves the process
         return voucher
 
+    def _release(self, ch: StoredChannel, amount: int) -> Voucher:
+        """A voucher for exactly `amount`, below the highest one (which stays the channel's current voucher)."""
+        key = self.store.session_key(ch.channel_id, self.wallet)
+        voucher = self.chain.sign_voucher(key, _b32(ch.channel_id), amount)
+        self.store.record_voucher(ch.channel_id, amount, voucher.signature)  # evidence; `accepted` stays the highest
+        return voucher
+
     # -- Payer: called by the paying transports ---------------------------------------------------
 
     def prepare(self, model: str) -> Voucher | None:
@@ -660,7 +667,13 @@ class Client:
             ch = self._stored(ch.channel_id)
             # Pay the credit this answer used now, as its verified receipt shows, so the node's exposure
             # between requests is zero and the next request needs no extra round trip.
-            return self._sign(ch, r.cumulative_spent) if r.cumulative_spent > ch.accepted else None
+            if r.cumulative_spent > ch.accepted:
+                return self._sign(ch, r.cumulative_spent)
+            if exact and r.cumulative_spent < ch.accepted:
+                # It reserved more than it used (a non-streamed max_tokens, a prepay): re-sign down to exactly
+                # the receipts, which the node settles instead (a release), so settled = receipts.
+                return self._release(ch, r.cumulative_spent)
+            return None
 
     def on_aborted(self, exchange: Exchange) -> None:
         with self._lock:

@@ -122,6 +122,10 @@ class PaymentsConfig(_Section):
     settle_threshold: int = Field(10**18, gt=0)  # settle a channel once this much is unsettled
     settle_interval_s: float = Field(5.0, gt=0)
     close_margin_s: int = Field(60, ge=0)  # refuse vouchers this close to a requested close's deadline
+    # Sybil resistance (issue 19): channels holding less than min_deposit are refused; a settle or close worth
+    # less than min_settle_value (about its gas, in the token) is never sent: dust is left to the payer's withdraw.
+    min_deposit: int = Field(0, ge=0)
+    min_settle_value: int = Field(0, ge=0)
 
 
 class RegistryConfig(_Section):

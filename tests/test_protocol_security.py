@@ -3,6 +3,8 @@ real node on loopback, real vouchers and the devnet's contracts on anvil.
 
 - trickled body / withheld voucher (finding 1): the receipt's figures measure the node, so no breach is claimable;
 - a paid node without SLA terms in force (finding 10) signs no acceptance the court could not judge;
+- 1-wei Sybil channels (finding 8): no unpaid output, no gas spent on dust, small deposits refused;
+- non-streamed settlement (finding 11): with prepay 0 what is settled equals the receipts.
 """
 
 from __future__ import annotations
@@ -126,3 +128,109 @@ def test_no_acceptance_is_signed_without_terms_in_force(w3, deployment, deployme
         assert answer.status == 200 and ACCEPTANCE_HEADER.lower() in answer.headers
     finally:
         node.server.stop()
+
+
+def _wallet(w3, deployment):
+    """A fresh payer with gas and tokens (channels and balances never mix between tests)."""
+    from eth_account import Account
+
+    from client.contracts import contract
+    from client.tx import send
+
+    acct = Account.create()
+    w3.provider.make_request("anvil_setBalance", [acct.address, hex(10**20)])
+    donor = Account.from_key(deployment.accounts["client"].private_key)
+    send(w3, donor, contract(w3, "TestToken", deployment.token).functions.transfer(acct.address, 10**19),
+         action="fund")
+    return acct
+
+
+def test_sybil_one_wei_channel_gets_nothing_unpaid_and_costs_the_node_no_gas(w3, deployment, deployment_file,
+                                                                           tmp_path):
+    """Finding 8: a 1-wei channel, a 1-wei voucher and an empty prompt got 32 output tokens unpaid, and the node then
+    spent ~47.6k gas settling the 1 wei. Credit is now earned (never more than the channel paid) and dust is never
+    settled."""
+    node = start_paid_node(w3, deployment_file, tmp_path / "node", prepay_tokens=0, credit_tokens=32,
+                           min_settle_value=10**15)
+    try:
+        sybil = RawPayer(w3, deployment, _wallet(w3, deployment), node.url, node.identity.address, deposit=1)
+        body = json.dumps({"model": MODEL, "prompt": "", "max_tokens": 32, "stream": True}).encode()
+        headers = {"content-type": "application/json", PAYMENT_SIGNATURE: sybil.voucher(1).to_header()}
+        r = httpx.post(f"{node.url}/v1/completions", content=body, headers=headers, timeout=30)
+        assert r.status_code == 402  # the first token must be paid: a 1-wei channel has earned no credit
+        balance = node.ledger.get("0x" + sybil.channel_id.hex())
+        assert balance is None or balance.spent <= balance.accepted  # nothing served unpaid
+        # A payer who pays what is asked, then stops paying, gets at most as much unpaid as it paid.
+        payer = RawPayer(w3, deployment, _wallet(w3, deployment), node.url, node.identity.address)
+        answer = payer.ask("a", max_tokens=200, pay_mid_stream=False)
+        assert answer.status == 200 and answer.timed_out
+        b = node.ledger.get("0x" + payer.channel_id.hex())
+        assert b.spent == answer.receipt.receipt.cost and b.spent - b.accepted <= b.accepted
+        # The 1-wei voucher is dust: the node spends no gas on it, not even at shutdown.
+        dust = RawPayer(w3, deployment, _wallet(w3, deployment), node.url, node.identity.address, deposit=10)
+        assert dust.post_voucher(1).status_code == 200
+        gate = node.app.state.node.gate
+        actions = gate.payments.worker.run_once(flush=True)
+        assert "0x" + dust.channel_id.hex() not in {a.channel_id for a in actions}
+        assert dust.channels.get(dust.channel_id).settled == 0
+    finally:
+        node.server.stop()
+
+
+def test_channels_below_the_minimum_deposit_are_refused(w3, deployment, deployment_file, tmp_path):
+    node = start_paid_node(w3, deployment_file, tmp_path / "node", min_deposit=10**16)
+    try:
+        small = RawPayer(w3, deployment, _wallet(w3, deployment), node.url, node.identity.address, deposit=10**16 - 1)
+        answer = small.ask("a b", max_tokens=4)
+        assert answer.status == 402 and "deposit_too_small" in answer.raw.decode()
+        big = RawPayer(w3, deployment, _wallet(w3, deployment), node.url, node.identity.address, deposit=10**16)
+        assert big.ask("a b", max_tokens=4).status == 200
+    finally:
+        node.server.stop()
+
+
+def test_non_streamed_settlement_equals_the_receipts(w3, deployment, deployment_file, tmp_path):
+    """Finding 11: a non-streamed request reserves max_tokens in the voucher; answers that stop early left the
+    reservation to be settled (1.92e15 settled against 1.56e15 of receipts). The SDK now re-signs down to the
+    receipts after each answer and the node settles that release: with prepay 0, settled == receipts."""
+    from client.sdk import Client
+
+    node = start_paid_node(w3, deployment_file, tmp_path / "node", prepay_tokens=0, credit_tokens=4)
+    try:
+        with Client(node.url, _wallet(w3, deployment), deployment=deployment, allow_simulated=True, w3=w3,
+                    store=tmp_path / "spend.sqlite", deposit=10**17) as client:
+            for i in range(3):  # each stops after its first token, far below max_tokens
+                r = client.chat([{"role": "user", "content": f"short {i}"}], MODEL, max_tokens=40, stop=[" "])
+                assert r.receipt.receipt.output_tokens < 40
+            s = client.chat([{"role": "user", "content": "then a stream"}], MODEL, max_tokens=10, stream=True)
+            "".join(s)
+            r = client.complete("and a last one", MODEL, max_tokens=30, stop=[" "])
+            receipts = client.receipts()
+            total = sum(x.cost for x in receipts)
+            assert receipts[-1].cumulative_spent == total and client.violations() == []
+            (ch,) = client.channels()
+            assert ch.accepted > total  # it did reserve more than the answers used...
+            node.app.state.node.gate.payments.worker.run_once(flush=True)
+            assert client.channel_state(ch.channel_id).settled == total  # ...and only the receipts were settled
+    finally:
+        node.server.stop()
+
+
+def test_a_release_covers_what_was_served_and_a_higher_voucher_supersedes_it(tmp_path):
+    from node.payments.ledger import ChargeOp, Ledger, LedgerConflict, ReleaseOp, VoucherOp
+
+    ledger, cid = Ledger(tmp_path / "ledger.sqlite"), "0x" + "ab" * 32
+    ledger.apply_groups([[VoucherOp(cid, 1000, "0xhigh"), ChargeOp(cid, 300)]])
+    for bad in (299, 1000, 1200):  # below what was served; not below the accepted voucher
+        (result,) = ledger.apply_groups([[ReleaseOp(cid, bad, "0xr")]])
+        assert isinstance(result, LedgerConflict)
+    ledger.apply_groups([[ReleaseOp(cid, 300, "0xexact")]])
+    assert ledger.get(cid).settle_target == (300, "0xexact")
+    ledger.apply_groups([[ChargeOp(cid, 50)]])  # served past the release: the full voucher is owed again
+    assert ledger.get(cid).settle_target == (1000, "0xhigh")
+    ledger.apply_groups([[ReleaseOp(cid, 350, "0xr2")]])
+    assert ledger.get(cid).settle_target == (350, "0xr2")
+    ledger.apply_groups([[VoucherOp(cid, 2000, "0xnext")]])  # a new reservation supersedes the release
+    assert ledger.get(cid).settle_target == (2000, "0xnext")
+    (replayed,) = ledger.apply_groups([[ReleaseOp(cid, 1000, "0xhigh")]])  # an old voucher is no release
+    assert isinstance(replayed, LedgerConflict) and replayed.reason == "not_increasing"

@@ -7,7 +7,10 @@ Money rules (ARCHITECTURE.md, "Paying over HTTP"):
 - every charge is committed to the ledger (fsync) *before* the tokens it pays for leave the node;
   concurrent vouchers and charges share one commit (`LedgerWriter`), so a commit costs each stream one
   fsync wait however many streams there are;
-- output may run at most `creditWindow` past what is accepted: the node's whole exposure.
+- output may run at most `creditWindow` past what is accepted, and never more past it than the channel has
+  paid in all (credit is earned: a 1-wei channel gets none): the node's whole exposure;
+- a voucher below the accepted one, posted after a receipt, releases the unused part of a reservation:
+  settlement then takes it (`ledger.ReleaseOp`), so what is settled equals the receipts.
 
 The signed acceptance (the node's promise to answer by a deadline, which a client can take to the SLA
 court) is stored durably before it leaves, so the node can always answer a dispute about it; that write
@@ -45,7 +48,7 @@ from client.x402 import (
 )
 from node.api.errors import APIError, internal_error
 from node.config import PaymentsConfig
-from node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, VoucherOp
+from node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, ReleaseOp, VoucherOp
 from node.payments.service import Payments, payments_router
 from node.payments.verifier import VoucherRejected
 
@@ -183,12 +186,19 @@ class PaymentGate:
         if "0x" + state.params.model_id.hex() != terms.model_id.lower():
             raise self.needed(model, "wrong_model", f"channel is for model 0x{state.params.model_id.hex()}, "
                               f"not {model} ({terms.model_id}); open a channel for this model")
+        if state.deposit < self.config.min_deposit:  # Sybil channels must at least lock real capital
+            raise self.needed(model, "deposit_too_small", f"channel holds {state.deposit}; this node takes "
+                              f"channels of at least {self.config.min_deposit}: top it up or open a larger one")
         balance = self.payments.ledger.get(voucher.channel_id)
         accepted = max(voucher.cumulative_amount, balance.accepted if balance else 0)
         spent_before = balance.spent if balance else 0
         prompt_cost = prompt_tokens * terms.price_per_input_token
         ahead = max_tokens * terms.price_per_output_token if not stream else min(
             terms.prepay, max_tokens * terms.price_per_output_token)
+        if stream and max_tokens > 0 and min(terms.credit_window, accepted) < terms.price_per_output_token:
+            # Credit is earned (`ChargeOp.earned_credit`): until the channel has paid a token's worth, its
+            # first output token is paid ahead too.
+            ahead = max(ahead, terms.price_per_output_token)
         if accepted - spent_before < prompt_cost + ahead:
             required = spent_before + prompt_cost + ahead
             raise self.needed(model, "insufficient_funds", f"channel has {accepted - spent_before} available; this "
@@ -201,7 +211,7 @@ class PaymentGate:
         ops.append(ChargeOp(voucher.channel_id, prompt_cost))
         first_token = terms.price_per_output_token if stream and max_tokens > 0 else 0
         if first_token:  # the first output token rides on the admission commit (it may use the credit window)
-            ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window))
+            ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window, earned_credit=True))
         # Signed before the commit so that its durable write shares the wait with the ledger's.
         now = int(time.time())
         at = now if accepted_at is None else int(accepted_at)
@@ -258,7 +268,8 @@ class PaymentGate:
             return True, None
         amount = tokens * paid.price.price_per_output_token
         try:
-            after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window))
+            after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window,
+                                                     earned_credit=True))
             paid.spent, accepted = after.spent, after.accepted
         except LedgerConflict as exc:
             if exc.reason != "insufficient_funds":
@@ -325,8 +336,20 @@ class PaymentGate:
         return payments_router(self.payments, accept=self._accept)
 
     async def _accept(self, voucher: Voucher) -> ChannelBalance:
+        if voucher.cumulative_amount < self.payments.ledger.accepted(voucher.channel_id):
+            return await self._release(voucher)
         await run_in_threadpool(self.payments.verifier.verify, voucher)
         return await self._record(voucher)
+
+    async def _release(self, voucher: Voucher) -> ChannelBalance:
+        """A voucher below the accepted one, signed by the payer after a receipt: settlement takes it instead
+        (`ReleaseOp`), so a reservation no answer used (a non-streamed max_tokens) is never settled."""
+        await run_in_threadpool(self.payments.verifier.verify, voucher, allow_lower=True)
+        try:
+            return await self.writer.write(ReleaseOp(voucher.channel_id, voucher.cumulative_amount,
+                                                     voucher.signature))
+        except LedgerConflict as exc:
+            raise VoucherRejected(exc.reason, str(exc)) from None
 
     def close(self) -> None:
         self.writer.close()

@@ -118,6 +118,15 @@ class SimulatedPolicy(_Section):
     _norm = field_validator("signers")(_hex_list)
 
 
+class ModelTrust(_Section):
+    """Who may take a royalty on a model (`[models."<served name>"]`): the ModelRegistry is first come, first
+    served, so a squatter can register a model id before its real publisher; a client pays only channels whose
+    registry terms match what it names here."""
+
+    publisher: str | None = None  # the publisher's address; None: any, as long as the royalty is within bounds
+    max_royalty_bps: int = Field(0, ge=0, le=10_000)
+
+
 class Policy(_Section):
     """What a verifier accepts; load it from configs/policy.toml."""
 
@@ -126,6 +135,8 @@ class Policy(_Section):
     measurements: MeasurementPolicy = MeasurementPolicy()
     dstack: DstackPolicy = DstackPolicy()
     simulated: SimulatedPolicy = SimulatedPolicy()
+    # By served model name. A model not named here is paid only without a royalty (registry bps 0).
+    models: dict[str, ModelTrust] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:

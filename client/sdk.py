@@ -439,11 +439,32 @@ class Client:
                                  f"{self.max_price_per_token}; raise the limit or pick another node")
         return req
 
+    def _check_publisher(self, model: str, model_id: bytes) -> int:
+        """The registry's publisher and royalty for `model_id` against our policy (`Policy.models`), before any
+        money is locked: a squatter who registered the id first would otherwise take the royalty."""
+        publisher, bps = self.chain.royalty_terms(model_id)
+        trust = self.policy.models.get(model)
+        if trust is None:
+            if bps:
+                raise UntrustedTerms(f"model {model} (0x{model_id.hex()}) pays a {bps} bps royalty to {publisher}, "
+                                     f"whom your policy does not name: add [models.\"{model}\"] with its publisher "
+                                     "and max_royalty_bps if you trust it (model ids can be squatted)")
+            return bps
+        if trust.publisher is not None and publisher.lower() != trust.publisher.lower():
+            raise UntrustedTerms(f"model {model} (0x{model_id.hex()}) is registered to {publisher}, not to the "
+                                 f"publisher your policy names ({trust.publisher}): a squatted model id")
+        if bps > trust.max_royalty_bps:
+            raise UntrustedTerms(f"model {model} pays a {bps} bps royalty, above your max_royalty_bps "
+                                 f"{trust.max_royalty_bps}")
+        return bps  # the open reverts if it changes before the channel is opened
+
     def _open(self, req: PaymentRequirement, model: str, deposit: int) -> StoredChannel:
         session = self.session_key or Account.create()
         t = req.extra
-        channel_id = self.chain.open(req.pay_to, deposit, session_key=session.address,
-                                     model_id=bytes.fromhex(t.model_id.removeprefix("0x")), token=req.asset)
+        model_id = bytes.fromhex(t.model_id.removeprefix("0x"))
+        bps = self._check_publisher(model, model_id)
+        channel_id = self.chain.open(req.pay_to, deposit, session_key=session.address, model_id=model_id,
+                                     token=req.asset, expected_bps=bps)
         stored = StoredChannel(
             channel_id="0x" + channel_id.hex(), node_url=self.node_url, model=model, model_id=t.model_id.lower(),
             payer=self.wallet.address, payee=req.pay_to, escrow=t.escrow, chain_id=req.chain_id, token=req.asset,

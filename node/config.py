@@ -100,10 +100,14 @@ class ReceiptsConfig(_Section):
 
 
 class ModelPrice(_Section):
-    """Prices in the channel token's smallest unit (wei) per token."""
+    """Prices in the channel token's smallest unit (wei) per token, and who may take a royalty on them: the
+    ModelRegistry is first come, first served, so the node admits only channels whose snapshotted publisher is
+    `publisher` (when set) with at most `max_royalty_bps`. Unset: channels with no royalty only."""
 
     price_per_input_token: int = Field(ge=0)
     price_per_output_token: int = Field(gt=0)
+    publisher: str | None = None
+    max_royalty_bps: int | None = Field(None, ge=0, le=10_000)  # None: 10_000 with a publisher, else 0
 
 
 class PaymentsConfig(_Section):

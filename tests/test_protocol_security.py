@@ -5,6 +5,7 @@ real node on loopback, real vouchers and the devnet's contracts on anvil.
 - a paid node without SLA terms in force (finding 10) signs no acceptance the court could not judge;
 - 1-wei Sybil channels (finding 8): no unpaid output, no gas spent on dust, small deposits refused;
 - non-streamed settlement (finding 11): with prepay 0 what is settled equals the receipts.
+- a squatted model id (finding 5): the SDK and the node both refuse channels whose royalty goes to a squatter.
 """
 
 from __future__ import annotations
@@ -234,3 +235,69 @@ def test_a_release_covers_what_was_served_and_a_higher_voucher_supersedes_it(tmp
     assert ledger.get(cid).settle_target == (2000, "0xnext")
     (replayed,) = ledger.apply_groups([[ReleaseOp(cid, 1000, "0xhigh")]])  # an old voucher is no release
     assert isinstance(replayed, LedgerConflict) and replayed.reason == "not_increasing"
+
+
+def test_squatted_model_id_takes_nothing_from_the_node(w3, deployment, deployment_file, tmp_path):
+    """Finding 5: ModelRegistry is first come, first served and a model's id is keccak(served name); a squatter
+    registered it with a 100 % royalty, the SDK paid whatever the registry showed and the node's gate never looked:
+    the node received 0 and the squatter 1.92e15. Now the client's policy and the node's config name the publisher
+    and the royalty they accept, and both refuse the squatted channel."""
+    from eth_account import Account
+
+    from client.attestation import ModelTrust, Policy
+    from client.channel import ChannelClient
+    from client.contracts import contract
+    from client.receipts import model_id_for
+    from client.sdk import Client, UntrustedTerms
+    from client.tx import send
+    from node.api.app import create_app
+    from node.api.server import BackgroundServer
+    from node.identity import EnclaveIdentity
+    from node.tee.simulated import SimulatedProvider
+    from tests.paid_helpers import fund, paid_settings
+
+    served = f"squat-{time.time_ns()}"  # its own model id: the session chain is shared with other tests
+    squatter, publisher = Account.create(), Account.create()
+    for who in (squatter, publisher):
+        w3.provider.make_request("anvil_setBalance", [who.address, hex(10**20)])
+    registry = contract(w3, "ModelRegistry", deployment.model_registry)
+    send(w3, squatter, registry.functions.register(bytes.fromhex(model_id_for(served)[2:]), 10_000), action="squat")
+
+    settings = paid_settings(deployment_file, tmp_path / "node", prepay_tokens=0)
+    price = settings.payments.prices[MODEL].model_copy(update={"publisher": publisher.address,
+                                                               "max_royalty_bps": 300})
+    settings = settings.model_copy(update={"payments": settings.payments.model_copy(
+        update={"prices": {served: price}})})
+    identity = EnclaveIdentity.generate()
+    fund(w3, identity.address)
+    app = create_app(settings, engine=SyntheticEngine(model_name=served), identity=identity,
+                     provider=SimulatedProvider())
+    server = BackgroundServer(app).start()
+    try:
+        victim = _wallet(w3, deployment)
+        # The real SDK, policy naming the real publisher: it refuses to lock money in the squatted id's channel.
+        policy = Policy(models={served: ModelTrust(publisher=publisher.address, max_royalty_bps=300)})
+        with Client(server.url, victim, deployment=deployment, allow_simulated=True, w3=w3, policy=policy,
+                    store=tmp_path / "spend.sqlite", deposit=10**17) as client:
+            with pytest.raises(UntrustedTerms, match="squatted"):
+                client.chat([{"role": "user", "content": "hi"}], served, max_tokens=4)
+            assert client.channels() == []
+        # Without a policy entry the SDK pays no royalty at all, so it refuses too.
+        with Client(server.url, victim, deployment=deployment, allow_simulated=True, w3=w3,
+                    store=tmp_path / "spend2.sqlite", deposit=10**17) as client, \
+                pytest.raises(UntrustedTerms, match="10000 bps"):
+            client.chat([{"role": "user", "content": "hi"}], served, max_tokens=4)
+        # A client that opens the squatted channel anyway is refused by the node: it serves nothing through it,
+        # so nothing is ever settled there and the squatter's royalty is 0.
+        channels = ChannelClient(w3, deployment, victim)
+        session = Account.create()
+        cid = channels.open(identity.address, 10**17, session_key=session.address,
+                            model_id=bytes.fromhex(model_id_for(served)[2:]))
+        body = json.dumps({"model": served, "prompt": "a b", "max_tokens": 4, "stream": True}).encode()
+        voucher = channels.sign_voucher(session, cid, 10**15)
+        r = httpx.post(f"{server.url}/v1/completions", content=body, timeout=30,
+                       headers={"content-type": "application/json", PAYMENT_SIGNATURE: voucher.to_header()})
+        assert r.status_code == 402 and "untrusted_publisher" in r.text
+        assert app.state.node.gate.payments.ledger.get("0x" + cid.hex()) is None
+    finally:
+        server.stop()

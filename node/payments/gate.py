@@ -162,6 +162,19 @@ class PaymentGate:
                                requiredCumulative=required)
         return PaymentNeeded(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
 
+    def _untrusted_royalty(self, model: str, publisher: str, bps: int) -> str | None:
+        """Why a channel's snapshotted royalty terms are refused (None: accepted). A squatter who registered
+        the model id first would otherwise take `bps` of everything this node earns."""
+        price = self.config.prices[model]
+        limit = price.max_royalty_bps if price.max_royalty_bps is not None else (10_000 if price.publisher else 0)
+        if price.publisher is not None and bps and publisher.lower() != price.publisher.lower():
+            return (f"the channel pays a {bps} bps royalty to {publisher}, not to {model}'s publisher "
+                    f"{price.publisher}: its model id is squatted; this node refuses such channels")
+        if bps > limit:
+            return (f"the channel pays a {bps} bps royalty to {publisher}; this node accepts at most {limit} bps for "
+                    f"{model}")
+        return None
+
     # -- admission -------------------------------------------------------------------------------
 
     async def admit(self, *, headers, model: str, request_hash: str, prompt_tokens: int, max_tokens: int,
@@ -186,6 +199,8 @@ class PaymentGate:
         if "0x" + state.params.model_id.hex() != terms.model_id.lower():
             raise self.needed(model, "wrong_model", f"channel is for model 0x{state.params.model_id.hex()}, "
                               f"not {model} ({terms.model_id}); open a channel for this model")
+        if (why := self._untrusted_royalty(model, state.params.publisher, state.params.publisher_bps)) is not None:
+            raise self.needed(model, "untrusted_publisher", why)
         if state.deposit < self.config.min_deposit:  # Sybil channels must at least lock real capital
             raise self.needed(model, "deposit_too_small", f"channel holds {state.deposit}; this node takes "
                               f"channels of at least {self.config.min_deposit}: top it up or open a larger one")

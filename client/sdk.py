@@ -36,6 +36,7 @@ from web3 import Web3
 
 from client.attestation import AttestationDocument, Policy, VerifiedNode, verify_attestation
 from client.channel import ChannelClient, ChannelState
+from client.contracts import contract
 from client.deployment import Deployment
 from client.disputes import Disputes
 from client.paying_transport import (
@@ -228,6 +229,7 @@ class Client:
         self._lock = threading.RLock()
         self._live: dict[str, _Live] = {}
         self._checked: set[str] = set()  # stored channels whose on-chain state was checked this process
+        self._unbonding: int | None = None  # NodeRegistry.unbondingDelay (immutable), read once
         self._http = httpx.Client(base_url=self.node_url, timeout=timeout)
         self._paying = httpx.Client(base_url=self.node_url, timeout=timeout, transport=PayingTransport(self))
         self._disputes: Disputes | None = None
@@ -283,6 +285,17 @@ class Client:
     def _sla_of(self, signed: SignedReceipt | None) -> Broken:
         claim = self.store.breach_claim(signed.receipt.receipt_id) if signed is not None else None
         return Broken(claim.broken) if claim is not None else Broken.NONE
+
+    def _unbonding_delay(self) -> int:
+        """The registry's unbonding delay (0 without a registry or on a failed read: no check)."""
+        if self._unbonding is None and self.deployment.node_registry:
+            try:
+                self._unbonding = contract(self.w3, "NodeRegistry", self.deployment.node_registry
+                                           ).functions.unbondingDelay().call()
+            except Exception as exc:
+                log.warning("could not read the registry's unbonding delay: %s", exc)
+                return 0
+        return self._unbonding or 0
 
     def _terms_in_force(self, node_address: str, model_id: str, at: float) -> bool:
         """Whether the node has SLA terms in force for `model_id` at our time `at`, less a margin for clocks
@@ -589,6 +602,10 @@ class Client:
             if abs(a.accepted_at - time.time()) > self.max_clock_skew_s or a.deadline < a.accepted_at:
                 raise ReceiptViolation("accepted_at_skew", f"the acceptance says accepted at {a.accepted_at}, "
                                        f"deadline {a.deadline}; our clock says {int(time.time())}")
+            if (unbonding := self._unbonding_delay()) and a.deadline - a.accepted_at > unbonding // 2:
+                # A node exiting as it accepts could withdraw its stake before a dispute could even be opened.
+                raise ReceiptViolation("deadline_too_far", f"the acceptance's deadline is {a.deadline - a.accepted_at}"
+                                       f" s away, more than half the registry's {unbonding} s unbonding delay")
             # Before the answer starts: if it never comes, this is the evidence for a no-response dispute.
             self.store.record_acceptance(signed, node_address=node.signing_address, node_url=self.node_url,
                                          model_id=ch.model_id)

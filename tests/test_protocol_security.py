@@ -6,6 +6,8 @@ real node on loopback, real vouchers and the devnet's contracts on anvil.
 - 1-wei Sybil channels (finding 8): no unpaid output, no gas spent on dust, small deposits refused;
 - non-streamed settlement (finding 11): with prepay 0 what is settled equals the receipts.
 - a squatted model id (finding 5): the SDK and the node both refuse channels whose royalty goes to a squatter.
+- exit during a dispute (finding 6): Foundry tests in contracts/test/SLACourt.exit.t.sol; here, the SDK refuses an
+  acceptance whose deadline would outlast the unbonding.
 """
 
 from __future__ import annotations
@@ -301,3 +303,28 @@ def test_squatted_model_id_takes_nothing_from_the_node(w3, deployment, deploymen
         assert app.state.node.gate.payments.ledger.get("0x" + cid.hex()) is None
     finally:
         server.stop()
+
+
+def test_sdk_refuses_an_acceptance_whose_deadline_outlasts_the_unbonding(w3, deployment, deployment_file, tmp_path):
+    """Finding 6, client side: a node that promises a deadline longer than the registry's unbonding delay could
+    exit as it accepts and withdraw before a no-response dispute can even be opened; the SDK refuses it."""
+    from client.paying_transport import ReceiptViolation
+    from client.sdk import Client
+
+    unbonding = _unbonding_delay(w3, deployment)
+    node = start_paid_node(w3, deployment_file, tmp_path / "node", prepay_tokens=0, response_deadline_s=unbonding)
+    node.app.state.node.gate.terms_in_force_from[MODEL] = 0  # as if its SLA terms were in force
+    try:
+        with Client(node.url, _wallet(w3, deployment), deployment=deployment, allow_simulated=True, w3=w3,
+                    store=tmp_path / "spend.sqlite", deposit=10**17) as client:
+            with pytest.raises(ReceiptViolation, match="deadline_too_far"):
+                client.chat([{"role": "user", "content": "hi"}], MODEL, max_tokens=3)
+            assert [v.reason for v in client.violations()] == ["deadline_too_far"]
+    finally:
+        node.server.stop()
+
+
+def _unbonding_delay(w3, deployment) -> int:
+    from client.contracts import contract
+
+    return contract(w3, "NodeRegistry", deployment.node_registry).functions.unbondingDelay().call()

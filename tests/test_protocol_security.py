@@ -4,8 +4,8 @@ real node on loopback, real vouchers and the devnet's contracts on anvil.
 - trickled body / withheld voucher (finding 1): the receipt's figures measure the node, so no breach is claimable;
 - a paid node without SLA terms in force (finding 10) signs no acceptance the court could not judge;
 - 1-wei Sybil channels (finding 8): no unpaid output, no gas spent on dust, small deposits refused;
-- non-streamed settlement (finding 11): with prepay 0 what is settled equals the receipts.
-- a squatted model id (finding 5): the SDK and the node both refuse channels whose royalty goes to a squatter.
+- non-streamed settlement (finding 11): with prepay 0 what is settled equals the receipts;
+- a squatted model id (finding 5): the SDK and the node both refuse channels whose royalty goes to a squatter;
 - exit during a dispute (finding 6): Foundry tests in contracts/test/SLACourt.exit.t.sol; here, the SDK refuses an
   acceptance whose deadline would outlast the unbonding.
 """

@@ -160,6 +160,15 @@ class GpuPolicy(_Section):
         return [x.upper() for x in v]
 
 
+class ModelTrust(_Section):
+    """Who may take a royalty on a model (`[models."<served name>"]`): the ModelRegistry is first come, first
+    served, so a squatter can register a model id before its real publisher; a client pays only channels whose
+    registry terms match what it names here."""
+
+    publisher: str | None = None  # the publisher's address; None: any, as long as the royalty is within bounds
+    max_royalty_bps: int = Field(0, ge=0, le=10_000)
+
+
 class Policy(_Section):
     """What a verifier accepts; load it from configs/policy.toml."""
 
@@ -169,6 +178,8 @@ class Policy(_Section):
     dstack: DstackPolicy = DstackPolicy()
     simulated: SimulatedPolicy = SimulatedPolicy()
     gpu: GpuPolicy = GpuPolicy()
+    # By served model name. A model not named here is paid only without a royalty (registry bps 0).
+    models: dict[str, ModelTrust] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:

@@ -164,11 +164,13 @@ class ChannelClient:
         model_id: bytes = b"\0" * 32,
         token: str | None = None,
         salt: bytes | None = None,
+        expected_bps: int | None = None,
     ) -> bytes:
-        """Lock `deposit` for `payee`; returns the channel id. ERC-20 deposits are approved first."""
+        """Lock `deposit` for `payee`; returns the channel id. ERC-20 deposits are approved first. The open
+        reverts unless the model's royalty is still `expected_bps` (default: what the registry says now)."""
         token = self.deployment.token if token is None else token
         salt = salt or os.urandom(32)
-        _, bps = self.royalty_terms(model_id)
+        bps = self.royalty_terms(model_id)[1] if expected_bps is None else expected_bps
         payee, token, session_key = (Web3.to_checksum_address(a) for a in (payee, token, session_key))
         value = 0
         if token == ETH:

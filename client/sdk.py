@@ -36,6 +36,7 @@ from web3 import Web3
 
 from client.attestation import AttestationDocument, Policy, VerifiedNode, verify_attestation
 from client.channel import ChannelClient, ChannelState
+from client.contracts import contract
 from client.deployment import Deployment
 from client.disputes import Disputes
 from client.paying_transport import (
@@ -76,6 +77,8 @@ __all__ = ["ChatResult", "ChatStream", "Client", "InsufficientDeposit", "NodeErr
            "PaymentRejected", "ReceiptViolation", "UntrustedTerms"]
 
 log = logging.getLogger("dcml.client")
+# A node signs acceptances only under SLA terms in force by its clock; ours may differ by this much.
+TERMS_CLOCK_MARGIN_S = 10
 
 # Codes after which the channel we named can never admit a request: open another one.
 _DEAD_CHANNEL = {"unknown_channel", "channel_finalized", "channel_closing", "wrong_payee", "wrong_model",
@@ -226,6 +229,7 @@ class Client:
         self._lock = threading.RLock()
         self._live: dict[str, _Live] = {}
         self._checked: set[str] = set()  # stored channels whose on-chain state was checked this process
+        self._unbonding: int | None = None  # NodeRegistry.unbondingDelay (immutable), read once
         self._http = httpx.Client(base_url=self.node_url, timeout=timeout)
         self._paying = httpx.Client(base_url=self.node_url, timeout=timeout, transport=PayingTransport(self))
         self._disputes: Disputes | None = None
@@ -281,6 +285,28 @@ class Client:
     def _sla_of(self, signed: SignedReceipt | None) -> Broken:
         claim = self.store.breach_claim(signed.receipt.receipt_id) if signed is not None else None
         return Broken(claim.broken) if claim is not None else Broken.NONE
+
+    def _unbonding_delay(self) -> int:
+        """The registry's unbonding delay (0 without a registry or on a failed read: no check)."""
+        if self._unbonding is None and self.deployment.node_registry:
+            try:
+                self._unbonding = contract(self.w3, "NodeRegistry", self.deployment.node_registry
+                                           ).functions.unbondingDelay().call()
+            except Exception as exc:
+                log.warning("could not read the registry's unbonding delay: %s", exc)
+                return 0
+        return self._unbonding or 0
+
+    def _terms_in_force(self, node_address: str, model_id: str, at: float) -> bool:
+        """Whether the node has SLA terms in force for `model_id` at our time `at`, less a margin for clocks
+        (nodes sign acceptances only under terms in force). No court, or a failed chain read: assume it has."""
+        if not self.deployment.sla_court:
+            return False
+        try:
+            return self.disputes.terms_at(node_address, model_id, int(at) - TERMS_CLOCK_MARGIN_S) is not None
+        except Exception as exc:
+            log.warning("could not read the node's SLA terms: %s", exc)
+            return True
 
     def _check_sla(self, exchange: Exchange) -> None:
         """The receipt against the node's terms; never fails the call: a broken term is a claim, not an error,
@@ -426,11 +452,32 @@ class Client:
                                  f"{self.max_price_per_token}; raise the limit or pick another node")
         return req
 
+    def _check_publisher(self, model: str, model_id: bytes) -> int:
+        """The registry's publisher and royalty for `model_id` against our policy (`Policy.models`), before any
+        money is locked: a squatter who registered the id first would otherwise take the royalty."""
+        publisher, bps = self.chain.royalty_terms(model_id)
+        trust = self.policy.models.get(model)
+        if trust is None:
+            if bps:
+                raise UntrustedTerms(f"model {model} (0x{model_id.hex()}) pays a {bps} bps royalty to {publisher}, "
+                                     f"whom your policy does not name: add [models.\"{model}\"] with its publisher "
+                                     "and max_royalty_bps if you trust it (model ids can be squatted)")
+            return bps
+        if trust.publisher is not None and publisher.lower() != trust.publisher.lower():
+            raise UntrustedTerms(f"model {model} (0x{model_id.hex()}) is registered to {publisher}, not to the "
+                                 f"publisher your policy names ({trust.publisher}): a squatted model id")
+        if bps > trust.max_royalty_bps:
+            raise UntrustedTerms(f"model {model} pays a {bps} bps royalty, above your max_royalty_bps "
+                                 f"{trust.max_royalty_bps}")
+        return bps  # the open reverts if it changes before the channel is opened
+
     def _open(self, req: PaymentRequirement, model: str, deposit: int) -> StoredChannel:
         session = self.session_key or Account.create()
         t = req.extra
-        channel_id = self.chain.open(req.pay_to, deposit, session_key=session.address,
-                                     model_id=bytes.fromhex(t.model_id.removeprefix("0x")), token=req.asset)
+        model_id = bytes.fromhex(t.model_id.removeprefix("0x"))
+        bps = self._check_publisher(model, model_id)
+        channel_id = self.chain.open(req.pay_to, deposit, session_key=session.address, model_id=model_id,
+                                     token=req.asset, expected_bps=bps)
         stored = StoredChannel(
             channel_id="0x" + channel_id.hex(), node_url=self.node_url, model=model, model_id=t.model_id.lower(),
             payer=self.wallet.address, payee=req.pay_to, escrow=t.escrow, chain_id=req.chain_id, token=req.asset,
@@ -475,6 +522,13 @@ class Client:
         key = self.store.session_key(ch.channel_id, self.wallet)
         voucher = self.chain.sign_voucher(key, _b32(ch.channel_id), amount)
         self.store.record_voucher(ch.channel_id, amount, voucher.signature)  # before it leaves the process
+        return voucher
+
+    def _release(self, ch: StoredChannel, amount: int) -> Voucher:
+        """A voucher for exactly `amount`, below the highest one (which stays the channel's current voucher)."""
+        key = self.store.session_key(ch.channel_id, self.wallet)
+        voucher = self.chain.sign_voucher(key, _b32(ch.channel_id), amount)
+        self.store.record_voucher(ch.channel_id, amount, voucher.signature)  # evidence; `accepted` stays the highest
         return voucher
 
     # -- Payer: called by the paying transports ---------------------------------------------------
@@ -528,8 +582,10 @@ class Client:
                 raise ReceiptViolation("unknown_channel", f"the node charged channel {pr.channel_id}, not ours")
             value = headers.get(ACCEPTANCE_HEADER)
             if value is None:
+                if not self._terms_in_force(node.signing_address, ch.model_id, exchange.started_at):
+                    return  # no SLA terms in force: the node promises nothing the court could judge
                 raise ReceiptViolation("missing_acceptance", "a paid request was admitted without a signed "
-                                       "acceptance; the node breaks the protocol")
+                                       "acceptance although the node's SLA terms are in force")
             try:
                 signed = SignedAcceptance.model_validate_json(_b64(value))
                 verify_acceptance(signed.acceptance, signed.signature, expected_signer=node.signing_address,
@@ -546,6 +602,10 @@ class Client:
             if abs(a.accepted_at - time.time()) > self.max_clock_skew_s or a.deadline < a.accepted_at:
                 raise ReceiptViolation("accepted_at_skew", f"the acceptance says accepted at {a.accepted_at}, "
                                        f"deadline {a.deadline}; our clock says {int(time.time())}")
+            if (unbonding := self._unbonding_delay()) and a.deadline - a.accepted_at > unbonding // 2:
+                # A node exiting as it accepts could withdraw its stake before a dispute could even be opened.
+                raise ReceiptViolation("deadline_too_far", f"the acceptance's deadline is {a.deadline - a.accepted_at}"
+                                       f" s away, more than half the registry's {unbonding} s unbonding delay")
             # Before the answer starts: if it never comes, this is the evidence for a no-response dispute.
             self.store.record_acceptance(signed, node_address=node.signing_address, node_url=self.node_url,
                                          model_id=ch.model_id)
@@ -645,7 +705,13 @@ class Client:
             ch = self._stored(ch.channel_id)
             # Pay the credit this answer used now, as its verified receipt shows, so the node's exposure
             # between requests is zero and the next request needs no extra round trip.
-            return self._sign(ch, r.cumulative_spent) if r.cumulative_spent > ch.accepted else None
+            if r.cumulative_spent > ch.accepted:
+                return self._sign(ch, r.cumulative_spent)
+            if exact and r.cumulative_spent < ch.accepted:
+                # It reserved more than it used (a non-streamed max_tokens, a prepay): re-sign down to exactly
+                # the receipts, which the node settles instead (a release), so settled = receipts.
+                return self._release(ch, r.cumulative_spent)
+            return None
 
     def on_aborted(self, exchange: Exchange) -> None:
         with self._lock:

@@ -89,6 +89,7 @@ class LimitsConfig(_Section):
     max_tokens_cap: int = Field(1024, gt=0)  # the largest max_tokens a request may ask for
     default_max_tokens: int = Field(256, gt=0)  # when the request names none (capped by the context left)
     max_body_bytes: int = Field(1_048_576, gt=0)
+    body_read_timeout_s: float = Field(10.0, gt=0)  # the whole request body must arrive within this (408)
 
 
 class ReceiptsConfig(_Section):
@@ -118,10 +119,14 @@ class ReceiptsConfig(_Section):
 
 
 class ModelPrice(_Section):
-    """Prices in the channel token's smallest unit (wei) per token."""
+    """Prices in the channel token's smallest unit (wei) per token, and who may take a royalty on them: the
+    ModelRegistry is first come, first served, so the node admits only channels whose snapshotted publisher is
+    `publisher` (when set) with at most `max_royalty_bps`. Unset: channels with no royalty only."""
 
     price_per_input_token: int = Field(ge=0)
     price_per_output_token: int = Field(gt=0)
+    publisher: str | None = None
+    max_royalty_bps: int | None = Field(None, ge=0, le=10_000)  # None: 10_000 with a publisher, else 0
 
 
 class PaymentsConfig(_Section):
@@ -140,6 +145,10 @@ class PaymentsConfig(_Section):
     settle_threshold: int = Field(10**18, gt=0)  # settle a channel once this much is unsettled
     settle_interval_s: float = Field(5.0, gt=0)
     close_margin_s: int = Field(60, ge=0)  # refuse vouchers this close to a requested close's deadline
+    # Sybil resistance (issue 19): channels holding less than min_deposit are refused; a settle or close worth
+    # less than min_settle_value (about its gas, in the token) is never sent: dust is left to the payer's withdraw.
+    min_deposit: int = Field(0, ge=0)
+    min_settle_value: int = Field(0, ge=0)
 
 
 class RegistryConfig(_Section):

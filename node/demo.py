@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from web3 import Web3
 
-from client.attestation import Policy, verify_attestation
+from client.attestation import ModelTrust, Policy, verify_attestation
 from client.contracts import contract
 from client.key_broker import AuditLog, ChainMeasurements, KeyBroker, ModelEntry, measurement_id
 from client.key_broker import create_app as create_broker_app
@@ -54,7 +54,7 @@ STAKE = 100 * 10**18
 
 
 def node_config(path: Path, data_dir: Path, deployment_file: Path, port: int, bundle_dir: Path,
-                broker_url: str) -> None:
+                broker_url: str, publisher: str) -> None:
     path.write_text(f"""
 data_dir = "{data_dir}"
 [server]
@@ -78,6 +78,8 @@ settle_interval_s = 0.5
 [payments.prices.{MODEL}]
 price_per_input_token = {PRICE_IN}
 price_per_output_token = {PRICE_OUT}
+publisher = "{publisher}"  # only channels whose royalty goes to the real publisher (model ids can be squatted)
+max_royalty_bps = {ROYALTY_BPS}
 [registry]               # registered with a stake (operator key from $DCML_OPERATOR_KEY)
 enabled = true
 stake = {STAKE}
@@ -163,7 +165,8 @@ def main() -> None:
         deployment_file = work / "deployment.json"
         dep.save(deployment_file)
         port = free_port()
-        node_config(work / "node.toml", work / "node", deployment_file, port, work / "bundle", broker.url)
+        node_config(work / "node.toml", work / "node", deployment_file, port, work / "bundle", broker.url,
+                    accounts["publisher"].address)
         console.print("3. starting the node (embedded engine, [yellow]simulated TEE[/]: it says so below); it "
                       "attests to the broker, decrypts the model in memory, registers with a stake and "
                       "publishes its SLA terms…")
@@ -182,7 +185,11 @@ def main() -> None:
         before = {who: token.functions.balanceOf(addr).call() for who, addr in people.items()}
 
         try:
+            # The client names the model's publisher and the royalty it accepts (a squatted id is refused).
+            policy = Policy(models={MODEL: ModelTrust(publisher=accounts["publisher"].address,
+                                                      max_royalty_bps=ROYALTY_BPS)})
             with Client(url, accounts["client"], deployment=dep, allow_simulated=True, store=work / "client.sqlite",
+                        policy=policy,
                         deposit=10**18) as client:
                 verified = client.attest()
                 console.print(f"4. client verified the node's attestation: key {verified.signing_address} "

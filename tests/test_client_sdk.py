@@ -186,6 +186,8 @@ def test_acceptance_dated_far_from_our_clock_is_a_violation(client: Client, node
     from client.receipts import SignedAcceptance, sign_acceptance
     from client.x402 import ACCEPTANCE_HEADER
 
+    node.app.state.node.gate.terms_in_force_from[MODEL] = 0  # as if SLA terms were in force: it signs acceptances
+
     class Backdate(httpx.BaseTransport):
         def __init__(self) -> None:
             self.inner = httpx.HTTPTransport()

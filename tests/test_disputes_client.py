@@ -360,6 +360,7 @@ def test_sdk_keeps_acceptances_and_claims_a_slow_first_token(tmp_path: Path) -> 
         app = create_app(paid_settings(deployment_file, tmp_path / "node", prepay_tokens=0),
                          engine=SyntheticEngine(model_name=SERVED, first_token_ms=300), identity=identity,
                          provider=SimulatedProvider())
+        app.state.node.gate.terms_in_force_from[SERVED] = valid_from  # what [sla] on does after publishing
         server = BackgroundServer(app).start()
         try:
             with Client(server.url, accounts["client"], deployment=dep, allow_simulated=True, w3=w3,

@@ -145,6 +145,8 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
     address[] private _nodeList;
     /// @notice EIP-712 digests already consumed by a registration or re-attestation.
     mapping(bytes32 digest => bool) public digestUsed;
+    /// @notice Disputes against `node` the slasher holds open: the stake cannot be withdrawn meanwhile.
+    mapping(address node => uint256) public openDisputes;
 
     // ---------------------------------------------------------------- events
 
@@ -172,6 +174,8 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
     event StakeWithdrawn(address indexed node, address indexed operator, uint256 amount);
     /// @notice The slasher took `amount` of the stake of `node` and sent it to `recipient`.
     event Slashed(address indexed node, address indexed recipient, uint256 amount, uint256 remainingStake);
+    /// @notice The slasher opened (`open` true) or closed a dispute against `node`; `count` are open now.
+    event DisputeLock(address indexed node, bool open, uint256 count);
     /// @notice The slasher was set (once).
     event SlasherSet(address indexed slasher);
     /// @notice Epoch `epochIndex` started with value `epoch`.
@@ -210,6 +214,8 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
     error UnbondingActive(uint64 unbondingEndsAt);
     error NotSlashable(address node);
     error SlashExceedsStake(uint256 amount, uint256 stake);
+    error DisputesPending(address node, uint256 open);
+    error NoOpenDispute(address node);
     // Funds.
     error StakeBelowMinimum(uint256 stake, uint256 minStake);
     error StakeOverflow();
@@ -363,6 +369,9 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
         if (n.status != Status.Exiting) revert NotExiting(node);
         // forge-lint: disable-next-line(block-timestamp)
         if (block.timestamp < n.unbondingEndsAt) revert UnbondingActive(n.unbondingEndsAt);
+        // A node must not leave with the stake a pending dispute may take (it would pay the client 0).
+        uint256 pending = openDisputes[node];
+        if (pending != 0) revert DisputesPending(node, pending);
         uint256 amount = n.stake;
         n.stake = 0;
         n.status = Status.Withdrawn;
@@ -389,6 +398,22 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
         n.slashed += uint128(amount);
         emit Slashed(node, recipient, amount, remaining);
         _pay(recipient, amount);
+    }
+
+    /// @notice Holds the stake of `node` in place while a dispute against it is open. Slasher only.
+    function lockStake(address node) external {
+        if (msg.sender != slasher || msg.sender == address(0)) revert NotSlasher();
+        uint256 count = ++openDisputes[node];
+        emit DisputeLock(node, true, count);
+    }
+
+    /// @notice Releases one {lockStake} once its dispute was answered or finalized. Slasher only.
+    function unlockStake(address node) external {
+        if (msg.sender != slasher || msg.sender == address(0)) revert NotSlasher();
+        uint256 count = openDisputes[node];
+        if (count == 0) revert NoOpenDispute(node);
+        openDisputes[node] = --count;
+        emit DisputeLock(node, false, count);
     }
 
     // ---------------------------------------------------------------- views

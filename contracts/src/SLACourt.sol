@@ -36,10 +36,15 @@ import {PaymentChannels} from "./PaymentChannels.sol";
 ///      clock, so a node cannot move a request under older terms. An acceptance carries no model id: the
 ///      disputer names the model whose terms apply (the node is bound by every set of terms it published).
 ///
+///      What the node signs (node/api/openai.py): ttftMs and durationMs are counted from the moment the whole
+///      request was read and admitted, and durationMs leaves out the time the stream waited for the payer's
+///      vouchers, so neither a trickled body nor a withheld voucher is the node's time.
 ///      Rate: tokens after the first, over the time after the first token: a receipt breaks
 ///      `minTokensPerSec` iff outputTokens > 1, durationMs > ttftMs and
 ///      (outputTokens - 1) * 1000 < minTokensPerSec * (durationMs - ttftMs). A zero bound is no bound.
 ///      Compensation is capped by the node's remaining stake; nothing is owed by a withdrawn node.
+///      An open no-response dispute locks the node's stake in the registry (`lockStake`) until it is
+///      answered or finalized, so a node cannot exit and withdraw before the court judges it.
 contract SLACourt is EIP712, ReentrancyGuardTransient {
     // ---------------------------------------------------------------- types
 
@@ -265,6 +270,7 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
             modelId: modelId
         });
         emit NoResponseDisputeOpened(id, node, a.requestHash, params.payer, modelId, answerBy, t.noResponseCompensation);
+        registry.lockStake(node); // released by answer or finalize: no withdrawal in between
     }
 
     /// @notice Closes an open no-response dispute with the node's receipt for the same request and channel,
@@ -279,6 +285,7 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
         d.status = DisputeStatus.Answered;
         uint256 bond = d.bond;
         emit DisputeAnswered(id, d.node, r.receiptId, msg.sender);
+        registry.unlockStake(d.node);
         if (bond != 0) Address.sendValue(payable(msg.sender), bond);
     }
 
@@ -296,6 +303,7 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
         amount = _capped(node, d.compensation);
         emit DisputeFinalized(id, node, disputer, amount);
         if (amount != 0) registry.slash(node, amount, disputer);
+        registry.unlockStake(node);
         if (bond != 0) Address.sendValue(payable(disputer), bond);
     }
 

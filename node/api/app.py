@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -142,7 +143,8 @@ def build_gate(settings: NodeSettings, identity: EnclaveIdentity, engine: Engine
         raise ValueError(f"payments are on but [payments.prices.{engine.model_name}] is missing in the config")
     payments = Payments(PaymentSettings(cfg.deployment, settings.data_dir, settle_threshold=cfg.settle_threshold,
                                         settle_interval=cfg.settle_interval_s, rpc_url=cfg.rpc_url,
-                                        close_margin=cfg.close_margin_s), identity.account)
+                                        close_margin=cfg.close_margin_s, min_settle_value=cfg.min_settle_value),
+                        identity.account)
     return PaymentGate(payments, cfg, signer=identity.account, receipt_domain=domain,
                        model_ids={engine.model_name: model_id},
                        record_acceptance=store.put_acceptance if store is not None else None)
@@ -169,9 +171,10 @@ async def check_sla_terms(settings: NodeSettings, engine: Engine) -> Terms:
 
 
 def start_sla_court(settings: NodeSettings, identity: EnclaveIdentity, store: ReceiptStore, model_id: str,
-                    domain: ReceiptDomain, terms: Terms) -> SlaWatcher:
+                    domain: ReceiptDomain, terms: Terms) -> tuple[SlaWatcher, int]:
     """Publish `terms` if they changed and start answering no-response disputes. Blocking (web3): run it in
-    a thread. The node must already be registered (the court accepts terms of active nodes only)."""
+    a thread. The node must already be registered (the court accepts terms of active nodes only). Returns the
+    watcher and the `validFrom` of the terms now published (requests accepted before it have none)."""
     from eth_account import Account
     from web3 import Web3
 
@@ -193,7 +196,10 @@ def start_sla_court(settings: NodeSettings, identity: EnclaveIdentity, store: Re
     w3 = Web3(Web3.HTTPProvider(settings.payments.rpc_url or dep.rpc_url, request_kwargs={"timeout": 30}))
     court = SLACourtClient(w3, dep.sla_court)
     published = publish_terms_if_changed(court, operator, identity.address, model_id, terms)
-    log.info("sla_terms", published=published, node=identity.address, model_id=model_id, court=dep.sla_court)
+    latest = court.latest_terms(identity.address, model_id)
+    assert latest is not None  # just published, or unchanged
+    log.info("sla_terms", published=published, node=identity.address, model_id=model_id, court=dep.sla_court,
+             valid_from=latest.valid_from)
     # A dispute is answerable until openedAt + its response window (at most the court's maximum), so every
     # dispute a restarted node can still answer, including those opened while it was down, is in this range.
     now = w3.eth.get_block("latest")["timestamp"]
@@ -201,7 +207,18 @@ def start_sla_court(settings: NodeSettings, identity: EnclaveIdentity, store: Re
     watcher = SlaWatcher(w3, dep.sla_court, identity.address, store.lookup_request, operator,
                          interval_s=settings.sla.watch_interval_s, from_block=from_block)
     watcher.start()
-    return watcher
+    return watcher, latest.valid_from
+
+
+async def wait_for_terms(valid_from: int, limit_s: float = 60.0) -> None:
+    """Wait until our clock reaches the terms' `validFrom` (the court's block time + 1) before serving, so every
+    acceptance we sign falls under them. Bounded: past `limit_s` the gate still signs none before `validFrom`."""
+    wait = valid_from - time.time()
+    if wait > limit_s:
+        log.warning("sla_terms_in_future", valid_from=valid_from, wait_s=round(wait, 1),
+                    hint="the chain's clock is ahead of ours: no acceptances are signed until then")
+    if wait > 0:
+        await asyncio.sleep(min(wait, limit_s))
 
 
 def create_app(
@@ -248,8 +265,11 @@ def create_app(
                 started.append("presence")
                 await presence.start()
             if terms is not None:
-                app.state.sla_watcher = await asyncio.to_thread(start_sla_court, settings, identity, state.store,
-                                                                model_id, domain, terms)
+                app.state.sla_watcher, valid_from = await asyncio.to_thread(
+                    start_sla_court, settings, identity, state.store, model_id, domain, terms)
+                if gate is not None:
+                    gate.terms_in_force_from[engine.model_name] = valid_from
+                await wait_for_terms(valid_from)
             if gate is not None:
                 gate.payments.start()
                 started.append("payments")

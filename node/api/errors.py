@@ -51,6 +51,10 @@ class PayloadTooLarge(APIError):
     status = 413
 
 
+class RequestTimeout(APIError):
+    status = 408
+
+
 class Overloaded(APIError):
     status = 429
     type = "rate_limit_error"

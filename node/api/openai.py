@@ -30,7 +30,16 @@ from client.receipts import (
     response_hash,
 )
 from client.x402 import NEED_VOUCHER_EVENT, PAYMENT_TIMEOUT_EVENT
-from node.api.errors import APIError, BadRequest, ModelNotFound, Overloaded, PayloadTooLarge, error_body, internal_error
+from node.api.errors import (
+    APIError,
+    BadRequest,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    error_body,
+    internal_error,
+)
 from node.api.protocol import ChatCompletionRequest, CompletionRequest
 from node.api.sealing import SEALED_RESPONSE_HEADERS, open_body
 from node.api.sse import DONE, SSE_HEADERS, data_event, named_event
@@ -158,10 +167,20 @@ async def _first_chunk(stream: AsyncIterator[TokenChunk]) -> TokenChunk | None:
                          headers={"Retry-After": "1"}) from None
 
 
+async def _read_body(request: Request, timeout_s: float) -> bytes:
+    """The whole body within `timeout_s`: a client trickling it ties up a connection, never the node's clocks."""
+    try:
+        with anyio.fail_after(timeout_s):
+            return await request.body()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s; send it at once",
+                             code="body_timeout") from None
+
+
 async def _serve(request: Request, kind: Kind) -> Response:
     state = node_state(request)
-    accepted_at, t0 = time.time(), time.perf_counter()
-    raw = await request.body()
+    accepted_at = time.time()
+    raw = await _read_body(request, state.settings.limits.body_read_timeout_s)
     opened = open_body(request, raw, state.identity)  # sealing errors before opening stay plaintext
     paid: PaidRequest | None = None
     try:
@@ -172,6 +191,9 @@ async def _serve(request: Request, kind: Kind) -> Response:
                                           prompt_tokens=plan.prompt_tokens,
                                           max_tokens=plan.generation.params.max_tokens, stream=plan.stream,
                                           accepted_at=accepted_at, resource=str(request.url))
+        # The SLA clock starts once the whole body is read and the request admitted: a client that trickles
+        # its body (or a slow payment check it caused) must not be able to inflate the node's TTFT.
+        t0 = time.perf_counter()
         stream = state.engine.stream(plan.generation)
         try:
             first = await _first_chunk(stream)
@@ -207,10 +229,12 @@ class _Meter:
     ttft: float
     paid: PaidRequest | None = None
     output_tokens: int = 0
+    paused_s: float = 0.0  # time the stream waited for the payer's voucher: the client's, not the node's
 
     async def receipt(self, receipt_id: str, response_hash_: str) -> str:
-        """Sign and durably store the receipt; returns its wire JSON."""
-        duration = time.perf_counter() - self.t0
+        """Sign and durably store the receipt; returns its wire JSON. Its duration (and so the decode rate
+        the court derives from it) leaves out the pauses spent waiting for the payer's vouchers."""
+        duration = time.perf_counter() - self.t0 - self.paused_s
         m = self.state.metrics
         m.output_tokens.labels(self.plan.model).inc(self.output_tokens)
         m.generation_seconds.labels(self.plan.model).observe(duration)
@@ -295,7 +319,11 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                         charged, ask = await gate.charge_output(paid, chunk.tokens)
                         if ask is not None:
                             yield named_event(NEED_VOUCHER_EVENT, ask.model_dump_json(by_alias=True).encode())
-                        if not charged and not await gate.wait_and_charge(paid, chunk.tokens):
+                        if not charged:
+                            paused_at = time.perf_counter()
+                            charged = await gate.wait_and_charge(paid, chunk.tokens)
+                            meter.paused_s += time.perf_counter() - paused_at
+                        if not charged:
                             meter.state.metrics.errors.labels("payment_timeout").inc()
                             yield named_event(PAYMENT_TIMEOUT_EVENT, error_body(
                                 f"no voucher came within {paid.price.voucher_timeout_s:g} s; the stream "

@@ -7,7 +7,10 @@ Money rules (ARCHITECTURE.md, "Paying over HTTP"):
 - every charge is committed to the ledger (fsync) *before* the tokens it pays for leave the node;
   concurrent vouchers and charges share one commit (`LedgerWriter`), so a commit costs each stream one
   fsync wait however many streams there are;
-- output may run at most `creditWindow` past what is accepted: the node's whole exposure.
+- output may run at most `creditWindow` past what is accepted, and never more past it than the channel has
+  paid in all (credit is earned: a 1-wei channel gets none): the node's whole exposure;
+- a voucher below the accepted one, posted after a receipt, releases the unused part of a reservation:
+  settlement then takes it (`ledger.ReleaseOp`), so what is settled equals the receipts.
 
 The signed acceptance (the node's promise to answer by a deadline, which a client can take to the SLA
 court) is stored durably before it leaves, so the node can always answer a dispute about it; that write
@@ -49,7 +52,7 @@ from client.x402 import (
 )
 from node.api.errors import APIError, internal_error
 from node.config import PaymentsConfig
-from node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, VoucherOp
+from node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, ReleaseOp, VoucherOp
 from node.payments.service import Payments, payments_router
 from node.payments.verifier import VoucherRejected
 
@@ -125,7 +128,7 @@ class PaidRequest:
     accepted: int
     spent: int  # the channel's cumulative spent after this request's latest charge
     cost: int = 0  # what this request has been charged so far
-    acceptance: str = ""  # the signed acceptance, base64 (X-DCML-Acceptance)
+    acceptance: str | None = None  # the signed acceptance, base64 (X-DCML-Acceptance); None without SLA terms
     settlement: dict = field(default_factory=dict)  # SettlementResponse fields other than the figures
     asked_at: int = -1  # the accepted amount when we last asked for a voucher (one ask per level)
     precharged: int = 0  # output tokens charged at admission, in the same commit (saves one before the 1st token)
@@ -137,7 +140,10 @@ class PaidRequest:
         figures = ChannelFigures(channelId=self.channel_id, accepted=self.accepted, spent=self.spent, cost=self.cost)
         settlement = SettlementResponse(**self.settlement, amount=str(self.cost),
                                         extensions={SCHEME: figures.to_json()})
-        return {ACCEPTANCE_HEADER: self.acceptance, PAYMENT_RESPONSE: settlement.to_header()}
+        headers = {PAYMENT_RESPONSE: settlement.to_header()}
+        if self.acceptance is not None:
+            headers[ACCEPTANCE_HEADER] = self.acceptance
+        return headers
 
 
 class PaymentGate:
@@ -151,6 +157,10 @@ class PaymentGate:
         self.model_ids = model_ids  # served model name -> bytes32 hex (the channel's modelId must match)
         # Durable store of signed acceptances (ReceiptStore.put_acceptance); None: not kept (tests, no SLA).
         self.record_acceptance = record_acceptance
+        # Served model name -> unix time from which the node's SLA terms for it are in force in the court. An
+        # acceptance under the court's domain is signed only for requests accepted then or later: without terms
+        # in force the court cannot judge it (`openNoResponse` reverts NoTerms), so it would promise nothing.
+        self.terms_in_force_from: dict[str, int] = {}
         dep = payments.deployment
         self.token = Web3.to_checksum_address(config.token or dep.token)
         self.writer = LedgerWriter(payments.ledger)
@@ -184,6 +194,19 @@ class PaymentGate:
         body = PaymentRequired(error=error, resource=ResourceInfo(url=resource or "/", mimeType="application/json"),
                                accepts=[self.requirement(model, amount, channel_id, required)])
         return status(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
+
+    def _untrusted_royalty(self, model: str, publisher: str, bps: int) -> str | None:
+        """Why a channel's snapshotted royalty terms are refused (None: accepted). A squatter who registered
+        the model id first would otherwise take `bps` of everything this node earns."""
+        price = self.config.prices[model]
+        limit = price.max_royalty_bps if price.max_royalty_bps is not None else (10_000 if price.publisher else 0)
+        if price.publisher is not None and bps and publisher.lower() != price.publisher.lower():
+            return (f"the channel pays a {bps} bps royalty to {publisher}, not to {model}'s publisher "
+                    f"{price.publisher}: its model id is squatted; this node refuses such channels")
+        if bps > limit:
+            return (f"the channel pays a {bps} bps royalty to {publisher}; this node accepts at most {limit} bps for "
+                    f"{model}")
+        return None
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -222,9 +245,19 @@ class PaymentGate:
         if "0x" + state.params.model_id.hex() != terms.model_id.lower():
             raise needed("wrong_model", f"channel is for model 0x{state.params.model_id.hex()}, "
                          f"not {model} ({terms.model_id}); open a channel for this model")
+        if (why := self._untrusted_royalty(model, state.params.publisher, state.params.publisher_bps)) is not None:
+            raise needed("untrusted_publisher", why)
+        if state.deposit < self.config.min_deposit:  # Sybil channels must at least lock real capital
+            raise needed("deposit_too_small", f"channel holds {state.deposit}; this node takes channels of at "
+                         f"least {self.config.min_deposit}: top it up or open a larger one")
         balance = self.payments.ledger.get(voucher.channel_id)
         accepted = max(voucher.cumulative_amount, balance.accepted if balance else 0)
         spent_before = balance.spent if balance else 0
+        if stream and max_tokens > 0 and min(terms.credit_window, accepted) < terms.price_per_output_token:
+            # Credit is earned (`ChargeOp.earned_credit`): until the channel has paid a token's worth, its
+            # first output token is paid ahead too.
+            ahead = max(ahead, terms.price_per_output_token)
+            need = prompt_cost + ahead
         if accepted - spent_before < need:
             required = spent_before + need
             raise needed("insufficient_funds", f"channel has {accepted - spent_before} available; this "
@@ -237,13 +270,16 @@ class PaymentGate:
         ops.append(ChargeOp(voucher.channel_id, prompt_cost))
         first_token = terms.price_per_output_token if stream and max_tokens > 0 else 0
         if first_token:  # the first output token rides on the admission commit (it may use the credit window)
-            ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window))
+            ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window, earned_credit=True))
         # Signed before the commit so that its durable write shares the wait with the ledger's.
         now = int(time.time())
-        acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=voucher.channel_id,
-                                                acceptedAt=now if accepted_at is None else int(accepted_at),
-                                                deadline=now + self.config.response_deadline_s),
-                                     self.signer, self.receipt_domain)
+        at = now if accepted_at is None else int(accepted_at)
+        in_force_from = self.terms_in_force_from.get(model)
+        acceptance = None
+        if in_force_from is not None and at >= in_force_from:
+            acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=voucher.channel_id,
+                                                    acceptedAt=at, deadline=now + self.config.response_deadline_s),
+                                         self.signer, self.receipt_domain)
         charged = prompt_cost + first_token
         after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged,
                                              spent_before + prompt_cost + ahead)
@@ -255,15 +291,16 @@ class PaymentGate:
         settlement = {"transaction": "0x" + commitment.hex(), "payer": state.payer,
                       "network": f"eip155:{self.payments.deployment.chain_id}"}
         return PaidRequest(voucher.channel_id, terms, after.accepted, spent, charged,
-                           acceptance=base64.b64encode(acceptance.model_dump_json(by_alias=True).encode()).decode(),
+                           acceptance=None if acceptance is None else base64.b64encode(
+                               acceptance.model_dump_json(by_alias=True).encode()).decode(),
                            settlement=settlement, precharged=1 if first_token else 0)
 
     async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
-                                acceptance: SignedAcceptance, charged: int, required: int) -> ChannelBalance:
+                                acceptance: SignedAcceptance | None, charged: int, required: int) -> ChannelBalance:
         """The admission's ledger ops and the acceptance's store write, concurrently; both must succeed
         before anything is sent. An acceptance stored for a refused request is harmless: it never left."""
         writes = [self.writer.write_many(ops)]
-        if self.record_acceptance is not None:
+        if self.record_acceptance is not None and acceptance is not None:
             writes.append(self.record_acceptance(acceptance))
         ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
         if isinstance(ledger, LedgerConflict):  # a concurrent request or voucher on the channel got there first
@@ -290,7 +327,8 @@ class PaymentGate:
             return True, None
         amount = tokens * paid.price.price_per_output_token
         try:
-            after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window))
+            after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window,
+                                                     earned_credit=True))
             paid.spent, accepted = after.spent, after.accepted
         except LedgerConflict as exc:
             if exc.reason != "insufficient_funds":
@@ -357,10 +395,22 @@ class PaymentGate:
         return payments_router(self.payments, accept=self._accept)
 
     async def _accept(self, voucher: Voucher) -> ChannelBalance:
+        if voucher.cumulative_amount < self.payments.ledger.accepted(voucher.channel_id):
+            return await self._release(voucher)
         # Its own few threads: vouchers posted by strangers (chain reads for unknown channels) never take the
         # threads paid admissions verify on.
         await asyncio.get_running_loop().run_in_executor(self._intake, self.payments.verifier.verify, voucher)
         return await self._record(voucher)
+
+    async def _release(self, voucher: Voucher) -> ChannelBalance:
+        """A voucher below the accepted one, signed by the payer after a receipt: settlement takes it instead
+        (`ReleaseOp`), so a reservation no answer used (a non-streamed max_tokens) is never settled."""
+        await run_in_threadpool(self.payments.verifier.verify, voucher, allow_lower=True)
+        try:
+            return await self.writer.write(ReleaseOp(voucher.channel_id, voucher.cumulative_amount,
+                                                     voucher.signature))
+        except LedgerConflict as exc:
+            raise VoucherRejected(exc.reason, str(exc)) from None
 
     def close(self) -> None:
         self._intake.shutdown(wait=True)

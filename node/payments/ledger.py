@@ -22,7 +22,9 @@ CREATE TABLE IF NOT EXISTS channels (
     spent        TEXT NOT NULL DEFAULT '0', -- cost of what was served (persisted before serving)
     settled      TEXT NOT NULL DEFAULT '0', -- confirmed on-chain
     finalized    INTEGER NOT NULL DEFAULT 0,
-    updated_at   REAL NOT NULL
+    updated_at   REAL NOT NULL,
+    released     TEXT,                      -- a lower voucher the payer signed after its receipt: settle only
+    released_sig TEXT                       -- this much while nothing more is served (NULL: settle accepted)
 );
 CREATE TABLE IF NOT EXISTS vouchers (       -- append-only audit trail of every accepted voucher
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -34,7 +36,8 @@ CREATE TABLE IF NOT EXISTS vouchers (       -- append-only audit trail of every 
 );
 """
 
-_SELECT = "SELECT channel_id, accepted, signature, spent, settled, finalized FROM channels"
+_SELECT = ("SELECT channel_id, accepted, signature, spent, settled, finalized, released, released_sig "
+           "FROM channels")
 
 
 class LedgerConflict(Exception):
@@ -53,10 +56,21 @@ class ChannelBalance:
     spent: int
     settled: int
     finalized: bool
+    released: int | None = None  # see `settle_target`
+    released_signature: str | None = None
 
     @property
     def unsettled(self) -> int:
-        return self.accepted - self.settled
+        return self.settle_target[0] - self.settled
+
+    @property
+    def settle_target(self) -> tuple[int, str | None]:
+        """The voucher to settle: the payer's release (a voucher re-signed down to its receipts' total after an
+        answer that did not use all it reserved, e.g. a non-streamed max_tokens) while it still covers what was
+        served, else the highest voucher. So with prepay 0 what is settled equals the receipts."""
+        if self.released is not None and self.released >= self.spent:
+            return self.released, self.released_signature
+        return self.accepted, self.signature
 
     @property
     def available(self) -> int:
@@ -74,6 +88,10 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")  # durable at commit: we acknowledge after it
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(channels)")}
+        for column in ("released", "released_sig"):  # ledgers written before releases existed
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE channels ADD COLUMN {column} TEXT")
         # Reads use their own connection: in WAL mode they see the last commit without waiting for the
         # writer, whose lock is held across the fsync (a read must never stall the event loop on it).
         self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -187,7 +205,7 @@ class VoucherOp:
         now = time.time()
         db.execute("INSERT INTO channels (channel_id, accepted, signature, updated_at) VALUES (?, ?, ?, ?) "
                    "ON CONFLICT(channel_id) DO UPDATE SET accepted=excluded.accepted, "
-                   "signature=excluded.signature, updated_at=excluded.updated_at",
+                   "signature=excluded.signature, updated_at=excluded.updated_at, released=NULL, released_sig=NULL",
                    (cid, str(self.cumulative), self.signature, now))
         db.execute("INSERT INTO vouchers (channel_id, cumulative, signature, received_at) VALUES (?, ?, ?, ?)",
                    (cid, str(self.cumulative), self.signature, now))
@@ -196,11 +214,14 @@ class VoucherOp:
 
 @dataclass(frozen=True)
 class ChargeOp:
-    """Charge `amount` for service; spent may reach accepted + `slack` (the credit the node extends)."""
+    """Charge `amount` for service; spent may reach accepted + `slack` (the credit the node extends). With
+    `earned_credit` the slack is at most what the channel has paid (accepted): a channel that paid nothing (a
+    Sybil's 1-wei voucher) gets no credit, and no channel gets more unpaid service than it paid for."""
 
     channel_id: str
     amount: int
     slack: int = 0
+    earned_credit: bool = False
 
     def apply(self, db: sqlite3.Connection) -> ChannelBalance:
         cid = self.channel_id.lower()
@@ -208,7 +229,8 @@ class ChargeOp:
         if row is None:
             raise LedgerConflict("unknown_channel", f"no voucher accepted for channel {cid}")
         before = _balance(row)
-        spent, limit = before.spent + self.amount, before.accepted + self.slack
+        slack = min(self.slack, before.accepted) if self.earned_credit else self.slack
+        spent, limit = before.spent + self.amount, before.accepted + slack
         if spent > limit:
             raise LedgerConflict("insufficient_funds", f"charging {self.amount} would take spent to {spent}, "
                                  f"past {limit}")
@@ -216,7 +238,42 @@ class ChargeOp:
         return replace(before, spent=spent)
 
 
-LedgerOp = VoucherOp | ChargeOp
+@dataclass(frozen=True)
+class ReleaseOp:
+    """Record a verified voucher *below* the accepted one that the payer signed after a receipt: the part of
+    its earlier voucher that no answer used (a reservation) is released, settlement takes this one instead.
+    It must still cover everything served; a higher voucher later supersedes it."""
+
+    channel_id: str
+    cumulative: int
+    signature: str
+
+    def apply(self, db: sqlite3.Connection) -> ChannelBalance:
+        cid = self.channel_id.lower()
+        row = db.execute(f"{_SELECT} WHERE channel_id=?", (cid,)).fetchone()
+        if row is None:
+            raise LedgerConflict("unknown_channel", f"no voucher accepted for channel {cid}")
+        b = _balance(row)
+        if b.finalized:
+            raise LedgerConflict("channel_finalized", f"channel {cid} is already closed")
+        if not (max(b.spent, b.settled) <= self.cumulative < b.accepted):
+            raise LedgerConflict("bad_release", f"a release must cover what was served and settled "
+                                 f"({max(b.spent, b.settled)}) and stay below the accepted {b.accepted}")
+        if b.released is not None and self.cumulative <= b.released:
+            raise LedgerConflict("not_increasing", f"release {self.cumulative} does not exceed {b.released}")
+        if db.execute("SELECT 1 FROM vouchers WHERE channel_id=? AND cumulative=?", (cid, str(self.cumulative))
+                      ).fetchone():  # an old voucher replayed (by anyone who saw it) is not the payer's release
+            raise LedgerConflict("not_increasing", f"voucher {self.cumulative} was already received (replayed); "
+                                 "sign a higher cumulative amount")
+        now = time.time()
+        db.execute("UPDATE channels SET released=?, released_sig=?, updated_at=? WHERE channel_id=?",
+                   (str(self.cumulative), self.signature, now, cid))
+        db.execute("INSERT INTO vouchers (channel_id, cumulative, signature, received_at) VALUES (?, ?, ?, ?)",
+                   (cid, str(self.cumulative), self.signature, now))
+        return replace(b, released=self.cumulative, released_signature=self.signature)
+
+
+LedgerOp = VoucherOp | ChargeOp | ReleaseOp
 
 
 class _WriteTxn:
@@ -245,4 +302,6 @@ def _balance(row: tuple) -> ChannelBalance:
         spent=int(row[3]),
         settled=int(row[4]),
         finalized=bool(row[5]),
+        released=None if row[6] is None else int(row[6]),
+        released_signature=row[7],
     )

@@ -43,6 +43,7 @@ class PaymentSettings:
     cache_ttl: float = 30.0  # the worker re-reads open channels every round; top-ups trigger a re-read
     rpc_url: str | None = None  # overrides the deployment file's
     close_margin: int = 60
+    min_settle_value: int = 0  # no settle or close for less (its gas would exceed it)
 
 
 class Payments:
@@ -61,7 +62,7 @@ class Payments:
         self.verifier = VoucherVerifier(self.domain, self.chain, self.ledger, payee.address,
                                         close_margin=settings.close_margin)
         self.worker = SettlementWorker(self.chain, self.ledger, payee, threshold=settings.settle_threshold,
-                                       interval=settings.settle_interval)
+                                       interval=settings.settle_interval, min_value=settings.min_settle_value)
 
     def start(self) -> None:
         self.worker.start()

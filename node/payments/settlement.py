@@ -38,11 +38,15 @@ class SettlementWorker:
         threshold: int,
         interval: float = 2.0,
         auto_claim: bool = True,
+        min_value: int = 0,
     ) -> None:
         self.chain = chain
         self.ledger = ledger
         self.payee = payee
         self.threshold = threshold
+        # Dust: no settle or close transaction for less than this (its gas would cost more than it brings in),
+        # not even at shutdown; the voucher stays in the ledger until more is owed or the channel closes.
+        self.min_value = min_value
         self.interval = interval
         self.auto_claim = auto_claim
         self._stop = threading.Event()
@@ -76,24 +80,26 @@ class SettlementWorker:
         state = self.chain.channel(channel_id, fresh=True)
         if state.settled > balance.settled or state.finalized:  # landed before a crash, or closed on-chain
             self.ledger.set_settled(balance.channel_id, state.settled, finalized=state.finalized)
+        target, sig_hex = balance.settle_target  # what was served, when the payer released a reservation
         if state.finalized:
-            if balance.accepted > state.settled:
+            if target > state.settled:
                 log.error("channel %s finalized with %d accepted but unsettled", balance.channel_id,
-                          balance.accepted - state.settled)
+                          target - state.settled)
             return None
-        signature = bytes.fromhex(balance.signature[2:]) if balance.signature else b""
-        unsettled = balance.accepted - state.settled
-        if state.close_requested_at:
+        signature = bytes.fromhex(sig_hex[2:]) if sig_hex else b""
+        unsettled = target - state.settled
+        dust = 0 < unsettled < self.min_value  # not worth its gas: left to the payer's withdraw at close
+        if state.close_requested_at and not dust:
             # The payer wants out: settle everything and refund the rest now, well inside the grace period.
-            receipt = self.chain.close(self.payee, channel_id, max(balance.accepted, state.settled), signature)
-            self.ledger.set_settled(balance.channel_id, max(balance.accepted, state.settled), finalized=True)
-            log.info("closed %s at %d on the payer's request", balance.channel_id, balance.accepted)
-            return SettlementAction(balance.channel_id, "close", balance.accepted, receipt["transactionHash"].hex())
-        if unsettled > 0 and (flush or unsettled >= self.threshold):
-            receipt = self.chain.settle(self.payee, channel_id, balance.accepted, signature)
-            self.ledger.set_settled(balance.channel_id, balance.accepted)
-            log.info("settled %s up to %d (+%d)", balance.channel_id, balance.accepted, unsettled)
-            return SettlementAction(balance.channel_id, "settle", balance.accepted, receipt["transactionHash"].hex())
+            receipt = self.chain.close(self.payee, channel_id, max(target, state.settled), signature)
+            self.ledger.set_settled(balance.channel_id, max(target, state.settled), finalized=True)
+            log.info("closed %s at %d on the payer's request", balance.channel_id, target)
+            return SettlementAction(balance.channel_id, "close", target, receipt["transactionHash"].hex())
+        if unsettled > 0 and not dust and (flush or unsettled >= self.threshold):
+            receipt = self.chain.settle(self.payee, channel_id, target, signature)
+            self.ledger.set_settled(balance.channel_id, target)
+            log.info("settled %s up to %d (+%d)", balance.channel_id, target, unsettled)
+            return SettlementAction(balance.channel_id, "settle", target, receipt["transactionHash"].hex())
         return None
 
     def _claim(self, token: str) -> None:

@@ -54,9 +54,10 @@ class VoucherVerifier:
         # settled in time, so it is refused rather than counted.
         self.close_margin = close_margin
 
-    def verify(self, voucher: Voucher, *, allow_equal: bool = False) -> ChannelState:
+    def verify(self, voucher: Voucher, *, allow_equal: bool = False, allow_lower: bool = False) -> ChannelState:
         """Every check, no side effect. Raises VoucherRejected. `allow_equal` admits a voucher equal to
-        the one held (a client naming its channel for another request without paying more)."""
+        the one held (a client naming its channel for another request without paying more); `allow_lower` one
+        below it (a release: `ledger.ReleaseOp` checks its amount)."""
         channel_id = voucher.channel_id_bytes
         amount = voucher.cumulative_amount
         try:
@@ -77,7 +78,7 @@ class VoucherVerifier:
             raise VoucherRejected("exceeds_deposit",
                                   f"voucher amount {amount} exceeds the channel deposit {state.deposit}; top up first")
         accepted = self.ledger.accepted(voucher.channel_id)
-        if amount < accepted or (amount == accepted and not allow_equal):
+        if (amount < accepted and not allow_lower) or (amount == accepted and not allow_equal):
             raise VoucherRejected("not_increasing", f"voucher amount {amount} does not exceed the accepted {accepted} "
                                   "(replayed or out of order); sign a higher cumulative amount")
         self._check_signer(voucher, state)

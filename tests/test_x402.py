@@ -199,6 +199,7 @@ def test_receipts_and_acceptances_carry_uints_as_decimal_strings(w3, deployment,
     Python models still read the old integer form (one release)."""
     from client.receipts import Receipt, SignedAcceptance, receipt_digest
 
+    node.app.state.node.gate.terms_in_force_from[MODEL] = 0  # as if SLA terms were in force: it signs acceptances
     client = RawPayer(w3, deployment, payer, node.url, node.identity.address)
     offer = PaymentRequired.from_header(_completion(node).headers[PAYMENT_REQUIRED]).accepts[0]
     voucher = client.voucher(10**17)

@@ -75,7 +75,7 @@ def fetch_model_key(broker_url: str, manifest: Manifest, identity: EnclaveIdenti
     base = broker_url.rstrip("/") + f"/v1/models/{manifest.model_id}"
     client = http or httpx.Client(timeout=timeout)
     try:
-        r = client.get(base + "/nonce")
+        r = client.get(base + "/nonce", params={"node": identity.address})
         _raise_for(r, "nonce")
         nonce = bytes.fromhex(r.json()["nonce"])
         doc = build_attestation_document(identity, provider, nonce, node_version=node_version)

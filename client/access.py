@@ -28,9 +28,8 @@ AUTH_HEADER = "X-DCML-Auth"
 MAX_SKEW_S = 300
 
 
-def receipts_resource(request_hash: str, channel_id: str | None = None) -> str:
-    return f"receipts?request_hash={request_hash.lower()}" + (f"&channel_id={channel_id.lower()}" if channel_id
-                                                              else "")
+def receipts_resource(request_hash: str, channel_id: str) -> str:
+    return f"receipts?request_hash={request_hash.lower()}&channel_id={channel_id.lower()}"
 
 
 def channel_resource(channel_id: str) -> str:

@@ -42,34 +42,36 @@ def _guess(prompt: str) -> str:
     return request_hash(json.dumps(body).encode())
 
 
-def _find(node: PaidNode, h: str, headers: dict | None = None) -> httpx.Response:
-    return httpx.get(f"{node.url}/v1/receipts", params={"request_hash": h}, headers=headers or {}, timeout=10)
+def _find(node: PaidNode, h: str, cid: str, headers: dict | None = None) -> httpx.Response:
+    return httpx.get(f"{node.url}/v1/receipts", params={"request_hash": h, "channel_id": cid}, headers=headers or {},
+                     timeout=10)
 
 
 def test_receipt_guessing_reveals_nothing(node: PaidNode, served, payer) -> None:
     victim, h, receipt, _ = served
     right, wrong = _guess("my diagnosis is"), _guess("my diagnosis is not")
+    cid = "0x" + victim.channel_id.hex()  # channel ids are public on chain
     assert right == h  # the guess is right: on the old node this was a 200 with channel, cost and time
     stranger = Account.create()
     for headers in ({}, {AUTH_HEADER: "1:0x00"}, {AUTH_HEADER: "garbage"}):
-        a, b = _find(node, right, headers), _find(node, wrong, headers)
+        a, b = _find(node, right, cid, headers), _find(node, wrong, cid, headers)
         assert a.status_code == b.status_code == 401 and a.json()["error"]["code"] == "auth_required"
     # a well-formed signature by someone who does not pay the channel: the same 404 as for a wrong guess
-    a = _find(node, right, auth_header(stranger, node.identity.address, receipts_resource(right)))
-    b = _find(node, wrong, auth_header(stranger, node.identity.address, receipts_resource(wrong)))
+    a = _find(node, right, cid, auth_header(stranger, node.identity.address, receipts_resource(right, cid)))
+    b = _find(node, wrong, cid, auth_header(stranger, node.identity.address, receipts_resource(wrong, cid)))
     assert a.status_code == b.status_code == 404
     assert a.json()["error"]["message"].replace(right, "H") == b.json()["error"]["message"].replace(wrong, "H")
     # the payer's own signature, replayed for another hash, another node, or too late, is worth nothing
     # (a signature over another message recovers to some unrelated address: treated as a stranger's)
-    sig = victim.auth(receipts_resource(wrong))
-    assert _find(node, right, sig).status_code == 404
-    other_node = auth_header(victim.session, Account.create().address, receipts_resource(right))
-    assert _find(node, right, other_node).status_code == 404
-    stale = auth_header(victim.session, node.identity.address, receipts_resource(right), now=1_000_000)
-    assert _find(node, right, stale).status_code == 401
+    sig = victim.auth(receipts_resource(wrong, cid))
+    assert _find(node, right, cid, sig).status_code == 404
+    other_node = auth_header(victim.session, Account.create().address, receipts_resource(right, cid))
+    assert _find(node, right, cid, other_node).status_code == 404
+    stale = auth_header(victim.session, node.identity.address, receipts_resource(right, cid), now=1_000_000)
+    assert _find(node, right, cid, stale).status_code == 401
     # the payer (its session key, or its wallet) gets its receipt
     for signer in (victim.session, payer):
-        r = _find(node, right, auth_header(signer, node.identity.address, receipts_resource(right)))
+        r = _find(node, right, cid, auth_header(signer, node.identity.address, receipts_resource(right, cid)))
         assert r.status_code == 200 and SignedReceipt.from_json(r.content) == receipt
 
 

@@ -77,10 +77,11 @@ class Options:
                 raise ValueError(f"no wallet key: set ${self.key_env} or pass --key-file")
         return Account.from_key(key)
 
-    def client(self, node_url: str, *, deposit: int = 10**18, max_price: int | None = None) -> Client:
+    def client(self, node_url: str, *, deposit: int = 10**18, max_price: int | None = None,
+               seal: bool = True) -> Client:
         return Client(node_url, self.wallet(), deployment=Deployment.load(self.deployment),
                       policy=Policy.load(self.policy) if self.policy else None, allow_simulated=self.allow_simulated,
-                      store=self.store, deposit=deposit, max_price_per_token=max_price)
+                      store=self.store, deposit=deposit, max_price_per_token=max_price, seal=seal)
 
     @contextmanager
     def disputes(self) -> Iterator[Disputes]:
@@ -147,12 +148,14 @@ def chat(
     deposit: Annotated[int, typer.Option(help="Deposit (wei) for a new channel, and per top-up.")] = 10**18,
     max_price: Annotated[int | None, typer.Option(help="Refuse nodes charging more wei per token.")] = None,
     stream: Annotated[bool, typer.Option(help="Stream tokens as they come.")] = True,
+    seal: Annotated[bool, typer.Option(help="Seal the prompt end to end to the node's attested key "
+                                       "(--no-seal sends it in clear).")] = True,
 ) -> None:
     """Send one chat message, print the answer and what it cost."""
     opts: Options = ctx.obj
     text = sys.stdin.read() if prompt == "-" else prompt
     params = {} if max_tokens is None else {"max_tokens": max_tokens}
-    with _handled(opts), opts.client(node, deposit=deposit, max_price=max_price) as client:
+    with _handled(opts), opts.client(node, deposit=deposit, max_price=max_price, seal=seal) as client:
         if not opts.json:
             attested = client.attest()
             err.print(f"[dim]node {attested.signing_address} ({attested.marker})[/]", highlight=False)
@@ -182,7 +185,7 @@ def chat(
 
         _emit(opts, {"text": result.text, "usage": result.usage, "cost": str(result.cost),
                      "channel_id": result.channel_id, "receipt_id": receipt.receipt_id if receipt else None,
-                     "sla_broken": broken}, human)
+                     "sla_broken": broken, "sealed": result.sealed}, human)
 
 
 # -- channels ---------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ terms, and no-response disputes (Proof of Response) for accepted requests whose 
 
 Everything is sent from the channel's payer wallet: the court pays only the payer and refuses anyone else
 (`client.sla`). Before disputing an acceptance, the node is asked for the receipt
-(``GET {node_url}/v1/receipts?request_hash=``): a client whose stream broke would otherwise open a dispute
-the node wins with that receipt, and lose its bond. A refusal by the court is recorded on its item and
-never stops a batch.
+(``GET {node_url}/v1/receipts?request_hash=``, signed by the payer: `client.access`): a client whose stream
+broke would otherwise open a dispute the node wins with that receipt, and lose its bond. A refusal by the
+court is recorded on its item and never stops a batch.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from web3 import Web3
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
+from client.access import auth_header, receipts_resource
 from client.channel import ChannelBook, ChannelParams
 from client.contracts import contract
 from client.deployment import Deployment
@@ -312,8 +313,11 @@ class Disputes:
         """The node's receipt for an accepted request, if it serves one that would answer a dispute: signed by
         the node under our domain, for the same request and channel."""
         url = f"{a.node_url.rstrip('/')}/v1/receipts"
+        # Only the payer may look a receipt up by request hash (client.access): the query is signed.
+        auth = auth_header(self.wallet, a.node_address, receipts_resource(a.request_hash, a.channel_id))
         try:
-            response = httpx.get(url, params={"request_hash": a.request_hash}, timeout=self.http_timeout)
+            response = httpx.get(url, params={"request_hash": a.request_hash, "channel_id": a.channel_id},
+                                 headers=auth, timeout=self.http_timeout)
         except httpx.HTTPError as exc:
             log.info("node %s unreachable for the receipt of %s: %s", a.node_url, a.request_hash, exc)
             return None

@@ -2,12 +2,14 @@
 
 Protocol (JSON over HTTP)::
 
-    GET  /v1/models/{model_id}/nonce  -> {"nonce": <64 hex>, "expires_in": s}
+    GET  /v1/models/{model_id}/nonce?node=<signing address>  -> {"nonce": <64 hex>, "expires_in": s}
     POST /v1/models/{model_id}/key    {"nonce": <hex>, "attestation": AttestationDocument}
                                       -> {"model_id", "kid", "sealed_key": <base64>, "manifest_hash"}
     GET  /v1/models/{model_id}/manifest, /v1/models/{model_id}/files/{path}   (the public bundle)
 
-A nonce is single-use and short-lived, so a document is good for one request. A key is released when:
+A nonce is bound to the model and to the requesting node's signing address (an HMAC under a broker secret,
+see `NonceStore`), single-use and short-lived, so a document is good for one request, and issuing one keeps
+no state: strangers asking for nonces cannot exhaust anything a real node needs. A key is released when:
 the document verifies with `client.attestation.verify_attestation` against the broker's policy and
 that nonce (simulated quotes only with the development flag); the enclave's measurement id is in the
 model's allow-list (the on-chain `ModelRegistry.allowedMeasurements` when a registry is configured)
@@ -175,36 +177,52 @@ class AuditLog:
 
 
 class NonceStore:
-    """Single-use nonces bound to a model, valid for `ttl_s`; bounded so it cannot be used to fill memory."""
+    """Nonces bound to the model and to the requesting node, valid for `ttl_s`, used once; issuing keeps no state.
 
-    def __init__(self, ttl_s: float = 60.0, max_outstanding: int = 10_000,
+    nonce = expiry_ms u64 ‖ random(8) ‖ HMAC-SHA256(secret, label ‖ model_id ‖ node address ‖ expiry ‖ random)[:16].
+    A stranger can fetch as many nonces as the rate limiter lets it, for any node address: they fill no pool
+    (the v1 store held every outstanding nonce, so 10,000 of them from many addresses starved real nodes), and
+    a nonce only verifies for the node it was asked for. Single use: a nonce whose attestation verified is
+    remembered until it expires (only real enclaves get there; still bounded by `max_outstanding`)."""
+
+    _LABEL = b"dcml-broker-nonce-v1"
+
+    def __init__(self, ttl_s: float = 60.0, max_outstanding: int = 100_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s, self.max_outstanding, self._clock = ttl_s, max_outstanding, clock
-        self._nonces: dict[bytes, tuple[bytes, float]] = {}
+        self._secret = os.urandom(32)
+        self._used: dict[bytes, float] = {}
         self._lock = threading.Lock()
 
-    def issue(self, model_id: bytes) -> bytes:
-        now = self._clock()
-        with self._lock:
-            if len(self._nonces) >= self.max_outstanding:
-                self._nonces = {n: v for n, v in self._nonces.items() if v[1] > now}
-                if len(self._nonces) >= self.max_outstanding:
-                    raise BrokerRefusal(BrokerReason.RATE_LIMITED, "too many outstanding nonces; retry shortly")
-            nonce = os.urandom(NONCE_LEN)
-            self._nonces[nonce] = (model_id, now + self.ttl_s)
-            return nonce
+    def _mac(self, model_id: bytes, node: bytes, head: bytes) -> bytes:
+        return hmac.new(self._secret, self._LABEL + model_id + node + head, hashlib.sha256).digest()[:16]
 
-    def consume(self, model_id: bytes, nonce: bytes) -> None:
-        with self._lock:
-            entry = self._nonces.pop(nonce, None)  # popped whatever happens next: one attempt per nonce
-        if entry is None:
-            raise BrokerRefusal(BrokerReason.NONCE_UNKNOWN,
-                                "nonce unknown or already used: fetch a fresh one from /nonce and attest again")
-        if entry[0] != model_id:
-            raise BrokerRefusal(BrokerReason.NONCE_UNKNOWN, "nonce was issued for another model")
-        if entry[1] <= self._clock():
+    def issue(self, model_id: bytes, node: bytes) -> bytes:
+        head = int(1000 * (self._clock() + self.ttl_s)).to_bytes(8, "big") + os.urandom(8)
+        return head + self._mac(model_id, node, head)
+
+    def check(self, model_id: bytes, node: bytes, nonce: bytes) -> None:
+        """Cheap, before the attestation is verified: issued here, for this model and node, not expired."""
+        if len(nonce) != NONCE_LEN or not hmac.compare_digest(nonce[16:], self._mac(model_id, node, nonce[:16])):
+            raise BrokerRefusal(BrokerReason.NONCE_UNKNOWN, "nonce was not issued here for this model and node: "
+                                "fetch one from /nonce?node=<your signing address> and attest again")
+        if int.from_bytes(nonce[:8], "big") / 1000 <= self._clock():
             raise BrokerRefusal(BrokerReason.NONCE_UNKNOWN,
                                 f"nonce expired (valid {self.ttl_s:.0f} s): fetch a fresh one and attest again")
+
+    def consume(self, model_id: bytes, node: bytes, nonce: bytes) -> None:
+        """After the attestation over `nonce` verified: mark it used (a second use is a replay)."""
+        self.check(model_id, node, nonce)
+        now = self._clock()
+        with self._lock:
+            if nonce in self._used:
+                raise BrokerRefusal(BrokerReason.NONCE_UNKNOWN,
+                                    "nonce already used: fetch a fresh one from /nonce and attest again")
+            if len(self._used) >= self.max_outstanding:
+                self._used = {n: exp for n, exp in self._used.items() if exp > now}
+                if len(self._used) >= self.max_outstanding:
+                    raise BrokerRefusal(BrokerReason.RATE_LIMITED, "too many keys released lately; retry shortly")
+            self._used[nonce] = int.from_bytes(nonce[:8], "big") / 1000
 
 
 class RateLimiter:
@@ -305,9 +323,9 @@ class KeyBroker:
             raise BrokerRefusal(BrokerReason.UNKNOWN_MODEL, f"this broker holds no key for model 0x{model_id.hex()}")
         return entry
 
-    def issue_nonce(self, model_id: bytes) -> bytes:
+    def issue_nonce(self, model_id: bytes, node: str) -> bytes:
         self.model(model_id)
-        return self.nonces.issue(model_id)
+        return self.nonces.issue(model_id, _address(node))
 
     def release(self, model_id: bytes, request: KeyRequest, client: str = "") -> KeyRelease:
         """Check everything and seal the key, logging the outcome (release or refusal) either way."""
@@ -329,7 +347,7 @@ class KeyBroker:
             nonce = bytes.fromhex(request.nonce.removeprefix("0x"))
         except ValueError as exc:
             raise BrokerRefusal(BrokerReason.BAD_REQUEST, "nonce is not hex") from exc
-        self.nonces.consume(model_id, nonce)
+        self.nonces.check(model_id, _address(request.attestation.signing_address), nonce)  # before costly checks
         try:
             node = verify_attestation(request.attestation, nonce=nonce, policy=self.policy,
                                       collateral=self.collateral, allow_simulated=self.allow_simulated)
@@ -340,6 +358,7 @@ class KeyBroker:
                 raise BrokerRefusal(BrokerReason.NONCE_UNKNOWN, "the attestation answers another nonce (a replayed "
                                     "document): attest again over the nonce you were given", exc.reason.value) from exc
             raise BrokerRefusal(reason, str(exc), exc.reason.value) from exc
+        self.nonces.consume(model_id, _address(node.signing_address), nonce)
         mid_hex = measurement_id(node).hex()
         log.update(node=node.signing_address, measurement=mid_hex,
                    kid=hashlib.sha256(node.hpke_public_key).hexdigest())
@@ -373,6 +392,17 @@ def _model_id(text: str) -> bytes:
     return raw
 
 
+def _address(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text.removeprefix("0x"))
+    except (ValueError, AttributeError):
+        raw = b""
+    if len(raw) != 20:
+        raise BrokerRefusal(BrokerReason.BAD_REQUEST, "node must be the requesting enclave's signing address "
+                            "(0x + 40 hex digits): the nonce is bound to it")
+    return raw
+
+
 def _refusal(exc: BrokerRefusal) -> JSONResponse:
     headers = {"Retry-After": "60"} if exc.reason == BrokerReason.RATE_LIMITED else None
     body = {"error": {"code": exc.reason.value, "message": exc.message, "detail": exc.detail}}
@@ -391,9 +421,9 @@ def create_app(broker: KeyBroker) -> FastAPI:
         return request.client.host if request.client else "unknown"
 
     @app.get("/v1/models/{model_id}/nonce")
-    def nonce(model_id: str, request: Request) -> dict[str, Any]:
+    def nonce(model_id: str, request: Request, node: str = "") -> dict[str, Any]:
         broker.limiter.check(_client(request))
-        return {"nonce": broker.issue_nonce(_model_id(model_id)).hex(), "expires_in": broker.nonces.ttl_s}
+        return {"nonce": broker.issue_nonce(_model_id(model_id), node).hex(), "expires_in": broker.nonces.ttl_s}
 
     @app.post("/v1/models/{model_id}/key")
     async def key(model_id: str, request: Request) -> JSONResponse:

@@ -29,6 +29,12 @@ name: name || 0x00 || blake3(clear file))``: a public commitment to the clear we
 holding them can recompute. BLAKE3 (SIMD, multi-threaded on large inputs) keeps hashing off the
 critical path: sealing and opening run near AES-GCM speed, where SHA-256 held them to ~1 GB/s.
 Version-1 manifests (SHA-256 fields ``sha256``) are refused with `BundleReason.MALFORMED`: re-seal.
+
+File names are checked when a manifest is verified (`check_names`), because a valid signature says only
+who published the bundle, not that its names are harmless: each name is a relative POSIX path of plain
+components (no absolute path, no ``.``/``..``, no backslash, NUL or empty component, no leading dot),
+unique, and a sealed file lives exactly at ``name + ".dcml"``. Every write and read of a bundle file goes
+through `safe_join`, which also checks the resolved path stays under its directory (symlinks included).
 """
 
 from __future__ import annotations
@@ -220,7 +226,60 @@ def verify_manifest(signed: SignedManifest, *, publisher: str | None = None,
         raise BundleError(BundleReason.HASH_MISMATCH,
                           f"manifest hash {m.digest().hex()} is not the published one {manifest_hash.hex()}: "
                           "the bundle is another release than the registry's")
+    check_names(m)
     return m
+
+
+_NAME_MAX = 255  # per component, as on Linux filesystems
+_PATH_MAX = 1024
+
+
+def _bad_name(name: str) -> str | None:
+    """Why `name` cannot be a bundle file name, or None."""
+    if not name or len(name.encode()) > _PATH_MAX:
+        return "empty or too long"
+    if "\\" in name or "\0" in name or any(ord(c) < 0x20 for c in name):
+        return "backslash or control character"
+    if name.startswith("/"):
+        return "absolute path"
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            return "empty, '.' or '..' component"
+        if part.startswith("."):
+            return "hidden component"
+        if len(part.encode()) > _NAME_MAX:
+            return "component too long"
+    return None
+
+
+def check_names(manifest: Manifest) -> None:
+    """Refuse a manifest whose file names could escape the bundle or its output directory (see module doc)."""
+    seen: set[str] = {MANIFEST_FILE}
+    for entry in manifest.files:
+        paths = [entry.name] + ([entry.sealed.path] if entry.sealed is not None else [])
+        for path in paths:
+            why = _bad_name(path)
+            if why is not None:
+                raise BundleError(BundleReason.MALFORMED, f"manifest file name {path!r} is refused ({why}): a "
+                                  "bundle holds only relative paths inside its own directory")
+            if path in seen:
+                raise BundleError(BundleReason.MALFORMED, f"manifest names {path!r} twice")
+            seen.add(path)
+        if entry.sealed is not None and entry.sealed.path != entry.name + SEALED_SUFFIX:
+            raise BundleError(BundleReason.MALFORMED, f"sealed file {entry.sealed.path!r} must be "
+                              f"{entry.name + SEALED_SUFFIX!r}: the manifest's layout allows nothing else")
+
+
+def safe_join(root: str | Path, name: str) -> Path:
+    """`root / name` for a checked bundle name, refusing any result outside `root` once resolved."""
+    why = _bad_name(name)
+    if why is not None:
+        raise BundleError(BundleReason.MALFORMED, f"file name {name!r} is refused ({why})")
+    base = Path(root).resolve()
+    path = (base / name).resolve()
+    if not path.is_relative_to(base):
+        raise BundleError(BundleReason.MALFORMED, f"{name!r} resolves to {path}, outside {base} (a symlink?)")
+    return path
 
 
 def load_manifest(bundle_dir: str | Path) -> SignedManifest:
@@ -555,7 +614,7 @@ def decrypt_to_memory(bundle_dir: str | Path, manifest: Manifest, entry: FileEnt
     assert entry.sealed is not None
     out = _uninitialized_bytearray(entry.size)
     try:
-        for piece in _open_sealed(Path(bundle_dir) / entry.sealed.path, model_key, model_id=manifest.model_id_bytes,
+        for piece in _open_sealed(safe_join(bundle_dir, entry.sealed.path), model_key, model_id=manifest.model_id_bytes,
                                   name=entry.name, entry=entry, dest=memoryview(out)):
             if progress:
                 progress(len(piece))
@@ -576,10 +635,10 @@ def decrypt_to_file(bundle_dir: str | Path, manifest: Manifest, entry: FileEntry
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
-            for piece in open_sealed(Path(bundle_dir) / entry.sealed.path, model_key,
+            for piece in open_sealed(safe_join(bundle_dir, entry.sealed.path), model_key,
                                      model_id=manifest.model_id_bytes, name=entry.name, entry=entry):
                 _write_all(f, piece)
                 if progress:
@@ -655,19 +714,39 @@ def model_size(model_dir: str | Path) -> int:
     return sum((src / n).stat().st_size for n in _walk(src))
 
 
-def verify_clear_files(bundle_dir: str | Path, manifest: Manifest) -> None:
-    """Check the clear files (config, tokenizer) against the manifest: they steer the model too."""
+def read_clear_files(bundle_dir: str | Path, manifest: Manifest) -> dict[str, bytes]:
+    """The clear files (config, tokenizer, templates) as verified bytes, each read once: hand these bytes,
+    not the directory, to whatever loads them, so a file swapped after the check (or one the manifest does
+    not list) is never used."""
+    out: dict[str, bytes] = {}
     for entry in manifest.files:
         if entry.sealed is not None:
             continue
-        path = Path(bundle_dir) / entry.name
+        path = safe_join(bundle_dir, entry.name)
         try:
-            digest = blake3_hex(path.read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError as exc:
             raise BundleError(BundleReason.TRUNCATED, f"{path} is missing from the bundle") from exc
-        if digest != entry.blake3:
+        if blake3_hex(data) != entry.blake3:
             raise BundleError(BundleReason.HASH_MISMATCH, f"{path} differs from the manifest: the bundle was "
                               "altered; fetch it again")
+        out[entry.name] = data
+    return out
+
+
+def verify_clear_files(bundle_dir: str | Path, manifest: Manifest) -> None:
+    """Check the clear files (config, tokenizer) against the manifest: they steer the model too."""
+    read_clear_files(bundle_dir, manifest)
+
+
+def write_clear_files(files: dict[str, bytes], out_dir: str | Path) -> None:
+    """Write verified clear files under `out_dir` (checked names only, never outside it)."""
+    for name, data in files.items():
+        dst = safe_join(out_dir, name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def decrypt_model(bundle_dir: str | Path, model_key: bytes, *, publisher: str | None = None,

@@ -13,11 +13,15 @@ must say) belong to a `Payer` (`client.sdk.Client`). A transport only moves byte
   it is verified, so a consumer that stops at `[DONE]` (the SDK does) still gets it checked;
 * a receipt that fails verification is recorded as a violation by the payer and raised as
   `ReceiptViolation` from the response (`handle_request` for a full answer, the stream's last read for
-  a streamed one): code that asked for an answer is never handed an unverified one as if it were fine.
+  a streamed one): code that asked for an answer is never handed an unverified one as if it were fine;
+* when the payer names the node's attested HPKE key (`Payer.seal_key`; the SDK does by default), every
+  attempt is sealed afresh end to end (`client.e2e`) and the answer, its acceptance and its receipt are
+  opened here: the consumer sees plain OpenAI bytes, the network and the operator see ciphertext only.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -28,9 +32,20 @@ from typing import Protocol
 import anyio.to_thread
 import httpx
 
+from client.e2e import (
+    SEALED_CONTENT_TYPE,
+    SEALED_HEADER,
+    E2EError,
+    ResponseKey,
+    SealedRequest,
+    StreamOpener,
+    open_response,
+    seal_request,
+)
 from client.receipts import DONE_PAYLOAD, RECEIPT_EVENT, RECEIPT_HEADER, ReceiptError, SignedReceipt
 from client.voucher import Voucher
 from client.x402 import (
+    ACCEPTANCE_HEADER,
     NEED_VOUCHER_EVENT,
     PAYMENT_REQUIRED,
     PAYMENT_SIGNATURE,
@@ -65,6 +80,10 @@ class PaymentTimeout(PaymentError):
     """The node paused the stream for a voucher and ended it because none arrived in time."""
 
 
+class SealedResponseError(PaymentError):
+    """A sealed request's answer came unsealed or does not open: altered in transit, or not from the enclave."""
+
+
 class ReceiptViolation(PaymentError):
     """A receipt or acceptance failed verification (recorded in the spend store); `reason` says which check."""
 
@@ -87,6 +106,7 @@ class Exchange:
     finished: bool = False
     started_at: float = field(default_factory=time.time)  # our clock when the request was sent
     request_hash: str | None = None  # set once the node's acceptance of it verified
+    sealed: bool = False  # the request went sealed end to end and its answer opened
 
     @property
     def cost(self) -> int:
@@ -101,6 +121,9 @@ class Payer(Protocol):
 
     def on_payment_required(self, required: PaymentRequired, exchange: Exchange, sent: Voucher | None) -> Voucher:
         """A 402: return the voucher to retry with (opening or topping up a channel as needed)."""
+
+    def seal_key(self) -> bytes | None:
+        """The attested node's HPKE public key to seal requests to, or None to send them in clear."""
 
     def on_admitted(self, headers: httpx.Headers, exchange: Exchange) -> None:
         """Check the acceptance and PAYMENT-RESPONSE of an admitted request (raise ReceiptViolation)."""
@@ -130,7 +153,7 @@ def _paid(request: httpx.Request) -> bool:
 
 
 def _with_voucher(request: httpx.Request, body: bytes, voucher: Voucher | None,
-                  offer: PaymentRequirement | None = None) -> httpx.Request:
+                  offer: PaymentRequirement | None = None, sealed: SealedRequest | None = None) -> httpx.Request:
     headers = httpx.Headers(request.headers)
     headers["Accept-Encoding"] = "identity"  # hashes are over the bytes the node sent, not a re-encoding
     if voucher is not None:  # a v2 PaymentPayload once the node's offer is known; before that the bare voucher
@@ -138,7 +161,68 @@ def _with_voucher(request: httpx.Request, body: bytes, voucher: Voucher | None,
                                       else voucher.to_header())
     else:
         headers.pop(PAYMENT_SIGNATURE, None)
+    if sealed is not None:
+        headers.pop("Content-Length", None)
+        headers.update(sealed.headers)
+        body = sealed.body
     return httpx.Request(request.method, request.url, headers=headers, content=body, extensions=request.extensions)
+
+
+def _seal(key: bytes | None, body: bytes, url: httpx.URL) -> SealedRequest | None:
+    """Sealed afresh for every attempt: the node answers each sealed request once (its replay cache)."""
+    return None if key is None else seal_request(body, key, path=url.path)
+
+
+def _response_key(response: httpx.Response, sealed: SealedRequest | None) -> ResponseKey | None:
+    if sealed is None:
+        return None
+    if response.headers.get(SEALED_HEADER) != "1":
+        raise SealedResponseError(f"the node answered a sealed request unsealed ({response.status_code}): refusing "
+                                  "it, since anyone on the path could have written it")
+    try:
+        return sealed.key_for(response.headers)
+    except E2EError as exc:
+        raise SealedResponseError(str(exc)) from exc
+
+
+def _opened_headers(headers: httpx.Headers, key: ResponseKey | None, content_type: str | None) -> httpx.Headers:
+    """The response headers with the sealed acceptance and receipt opened, as an unsealed answer has them."""
+    if key is None:
+        return headers
+    out = httpx.Headers(headers)
+    out.pop("Content-Length", None)
+    if content_type is not None:
+        out["Content-Type"] = content_type
+    for name, kind in ((ACCEPTANCE_HEADER, "acceptance"), (RECEIPT_HEADER, "receipt")):
+        if name in out:
+            try:
+                out[name] = base64.b64encode(key.open_aux(kind, base64.b64decode(out[name], validate=True))).decode()
+            except (E2EError, ValueError) as exc:
+                raise SealedResponseError(f"the sealed {kind} does not open: {exc}") from exc
+    return out
+
+
+def _opened_error(response: httpx.Response, data: bytes, sealed: SealedRequest | None) -> httpx.Response:
+    """An error answer to a sealed request, opened (a node error before it could open the request is clear)."""
+    if sealed is None or not response.headers.get("content-type", "").startswith(SEALED_CONTENT_TYPE):
+        return httpx.Response(response.status_code, headers=response.headers, content=data,
+                              extensions=response.extensions)
+    key = _response_key(response, sealed)
+    try:
+        plain = open_response(key, data)
+    except E2EError as exc:
+        raise SealedResponseError(f"the sealed error answer does not open: {exc}") from exc
+    return httpx.Response(response.status_code, headers=_opened_headers(response.headers, key, "application/json"),
+                          content=plain, extensions=response.extensions)
+
+
+def _opened_body(key: ResponseKey | None, data: bytes) -> bytes:
+    if key is None:
+        return data
+    try:
+        return open_response(key, data)
+    except E2EError as exc:
+        raise SealedResponseError(f"the sealed answer does not open: {exc}") from exc
 
 
 def _voucher_request(url: httpx.URL, voucher: Voucher) -> httpx.Request:
@@ -195,8 +279,10 @@ class SseFilter:
     payer must handle. `payloads` collects what the receipt's responseHash covers: the data of unnamed
     events only, `[DONE]` included (`client.receipts`, as `parse_sse_stream` reads a stream)."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: ResponseKey | None = None) -> None:
         self._buf = b""
+        self.key = key  # a sealed stream: every data payload and the receipt are opened with it
+        self._opener = StreamOpener(key) if key is not None else None
         self.payloads: list[bytes] = []
         self.receipt: SignedReceipt | None = None
         self.receipt_error: str | None = None
@@ -230,11 +316,18 @@ class SseFilter:
         payload = b"\n".join(lines)
         if event == RECEIPT_EVENT:
             try:
-                self.receipt = SignedReceipt.from_json(payload)
-            except ReceiptError as exc:
+                self.receipt = SignedReceipt.from_json(payload if self.key is None
+                                                       else self.key.open_aux("receipt", payload))
+            except (ReceiptError, E2EError) as exc:
                 self.receipt_error = str(exc)
             return
         if event in (None, "message"):
+            if self._opener is not None:
+                try:
+                    payload = self._opener.open(payload)
+                except E2EError as exc:
+                    raise SealedResponseError(f"a sealed stream chunk does not open: {exc}") from exc
+                lines = payload.split(b"\n")
             self.payloads.append(payload)
             data = b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
             if payload == DONE_PAYLOAD:
@@ -268,8 +361,10 @@ class PayingTransport(httpx.BaseTransport):
             return self.inner.handle_request(request)  # let the node say what is wrong with the body
         exchange = Exchange(request_body=body, model=model)
         voucher = self.payer.prepare(model)
+        seal_key = self.payer.seal_key()
         for _ in range(MAX_PAYMENT_ROUNDS):
-            response = self.inner.handle_request(_with_voucher(request, body, voucher, self._offers.get(model)))
+            sealed = _seal(seal_key, body, request.url)
+            response = self.inner.handle_request(_with_voucher(request, body, voucher, self._offers.get(model), sealed))
             if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
                 break
             response.read()
@@ -280,18 +375,33 @@ class PayingTransport(httpx.BaseTransport):
             raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
                                "client may be spending the same channel: retry, or open a separate channel")
         if response.status_code >= 400:
-            return response  # the caller's HTTP client reports it as usual
-        self.payer.on_admitted(response.headers, exchange)
+            if sealed is None:
+                return response  # the caller's HTTP client reports it as usual
+            data = response.read()
+            response.close()
+            return _opened_error(response, data, sealed)
+        try:
+            key = _response_key(response, sealed)
+            headers = _opened_headers(response.headers, key, None if _is_sse(response) else "application/json")
+        except SealedResponseError:
+            response.close()
+            raise
+        exchange.sealed = key is not None
+        self.payer.on_admitted(headers, exchange)
         extensions = {**response.extensions, EXCHANGE_EXTENSION: exchange}
         if _is_sse(response):
-            stream = _SyncPaidStream(self, response, exchange, request.url)
-            return httpx.Response(response.status_code, headers=response.headers, stream=stream,
-                                  extensions=extensions)
+            stream = _SyncPaidStream(self, response, exchange, request.url, key)
+            return httpx.Response(response.status_code, headers=headers, stream=stream, extensions=extensions)
         data = response.read()
         response.close()
-        settle = self.payer.on_receipt(exchange, _receipt_header(response.headers), response_bytes=data)
+        try:
+            data = _opened_body(key, data)
+        except SealedResponseError:
+            self.payer.on_aborted(exchange)
+            raise
+        settle = self.payer.on_receipt(exchange, _receipt_header(headers), response_bytes=data)
         self._settle(request.url, settle)
-        return httpx.Response(response.status_code, headers=response.headers, content=data, extensions=extensions)
+        return httpx.Response(response.status_code, headers=headers, content=data, extensions=extensions)
 
     def post_voucher(self, url: httpx.URL, voucher: Voucher) -> None:
         response = self.inner.handle_request(_voucher_request(url, voucher))
@@ -315,9 +425,9 @@ class PayingTransport(httpx.BaseTransport):
 
 class _SyncPaidStream(httpx.SyncByteStream):
     def __init__(self, transport: PayingTransport, upstream: httpx.Response, exchange: Exchange,
-                 url: httpx.URL) -> None:
+                 url: httpx.URL, key: ResponseKey | None = None) -> None:
         self.transport, self.upstream, self.exchange, self.url = transport, upstream, exchange, url
-        self.filter = SseFilter()
+        self.filter = SseFilter(key)
 
     def __iter__(self) -> Iterator[bytes]:
         payer = self.transport.payer
@@ -369,9 +479,11 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
             return await self.inner.handle_async_request(request)
         exchange = Exchange(request_body=body, model=model)
         voucher = await anyio.to_thread.run_sync(self.payer.prepare, model)
+        seal_key = await anyio.to_thread.run_sync(self.payer.seal_key)
         for _ in range(MAX_PAYMENT_ROUNDS):
+            sealed = _seal(seal_key, body, request.url)
             response = await self.inner.handle_async_request(_with_voucher(request, body, voucher,
-                                                                           self._offers.get(model)))
+                                                                           self._offers.get(model), sealed))
             if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
                 break
             await response.aread()
@@ -382,19 +494,34 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
             raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
                                "client may be spending the same channel: retry, or open a separate channel")
         if response.status_code >= 400:
-            return response
-        await anyio.to_thread.run_sync(self.payer.on_admitted, response.headers, exchange)
+            if sealed is None:
+                return response
+            data = await response.aread()
+            await response.aclose()
+            return _opened_error(response, data, sealed)
+        try:
+            key = _response_key(response, sealed)
+            headers = _opened_headers(response.headers, key, None if _is_sse(response) else "application/json")
+        except SealedResponseError:
+            await response.aclose()
+            raise
+        exchange.sealed = key is not None
+        await anyio.to_thread.run_sync(self.payer.on_admitted, headers, exchange)
         extensions = {**response.extensions, EXCHANGE_EXTENSION: exchange}
         if _is_sse(response):
-            stream = _AsyncPaidStream(self, response, exchange, request.url)
-            return httpx.Response(response.status_code, headers=response.headers, stream=stream,
-                                  extensions=extensions)
+            stream = _AsyncPaidStream(self, response, exchange, request.url, key)
+            return httpx.Response(response.status_code, headers=headers, stream=stream, extensions=extensions)
         data = await response.aread()
         await response.aclose()
+        try:
+            data = _opened_body(key, data)
+        except SealedResponseError:
+            await anyio.to_thread.run_sync(self.payer.on_aborted, exchange)
+            raise
         settle = await anyio.to_thread.run_sync(
-            lambda: self.payer.on_receipt(exchange, _receipt_header(response.headers), response_bytes=data))
+            lambda: self.payer.on_receipt(exchange, _receipt_header(headers), response_bytes=data))
         await self._settle(request.url, settle)
-        return httpx.Response(response.status_code, headers=response.headers, content=data, extensions=extensions)
+        return httpx.Response(response.status_code, headers=headers, content=data, extensions=extensions)
 
     async def post_voucher(self, url: httpx.URL, voucher: Voucher) -> None:
         response = await self.inner.handle_async_request(_voucher_request(url, voucher))
@@ -417,9 +544,9 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
 
 class _AsyncPaidStream(httpx.AsyncByteStream):
     def __init__(self, transport: AsyncPayingTransport, upstream: httpx.Response, exchange: Exchange,
-                 url: httpx.URL) -> None:
+                 url: httpx.URL, key: ResponseKey | None = None) -> None:
         self.transport, self.upstream, self.exchange, self.url = transport, upstream, exchange, url
-        self.filter = SseFilter()
+        self.filter = SseFilter(key)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         payer = self.transport.payer

@@ -9,6 +9,9 @@ Trust: the node's keys come only from its verified attestation; a channel pays o
 signing address; every acceptance and receipt must be signed by it and commit to the exact bytes sent
 and received, at the advertised prices. Everything signed or verified is kept in the spend store.
 
+Sealing: every inference request is sealed end to end to the node's attested HPKE key (`client.e2e`), and
+its answer, acceptance and receipt are opened here; pass ``seal=False`` to send prompts in clear (opt out).
+
 SLA: with a deployment that names an SLA court, acceptances and receipts are verified under the court's
 EIP-712 domain and kept as evidence. Each receipt is checked against the node's published terms; a broken
 term does not fail the call (the answer is valid and paid): it shows in `ChatResult.sla_broken` and becomes a
@@ -121,6 +124,7 @@ class ChatResult:
     channel_id: str | None
     response: dict[str, Any] | None = None  # the full JSON body (non-streamed)
     sla_broken: Broken = Broken.NONE  # terms the receipt breaks: a claim is pending in `Client.disputes`
+    sealed: bool = False  # the request and its answer travelled sealed end to end
 
 
 @dataclass
@@ -159,7 +163,7 @@ class ChatStream:
                         yield delta
         broken = self._sla_of(exchange.receipt) if self._sla_of else Broken.NONE
         self.result = ChatResult("".join(self._parts), usage, exchange.receipt, exchange.cost, exchange.channel_id,
-                                 sla_broken=broken)
+                                 sla_broken=broken, sealed=exchange.sealed)
 
 
 @dataclass
@@ -200,6 +204,7 @@ class Client:
         auto_dispute: bool = False,
         dispute_interval_s: float = 30.0,
         max_clock_skew_s: float = 300.0,
+        seal: bool = True,
     ) -> None:
         if deposit <= 0:
             raise ValueError("deposit must be a positive amount of wei")
@@ -215,6 +220,7 @@ class Client:
                               else DEFAULT_DOMAIN)
         self.receipt_domain = receipt_domain
         self.check_sla = check_sla
+        self.seal = seal  # seal requests to the attested HPKE key (end to end); False sends them in clear
         # A node's signed acceptedAt picks the SLA terms a request is judged by: one far from our clock could
         # move the request under older, laxer terms (or before any), so it is a violation.
         self.max_clock_skew_s = max_clock_skew_s
@@ -365,7 +371,7 @@ class Client:
         choice = (data.get("choices") or [{}])[0]
         text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
         return ChatResult(text, data.get("usage"), exchange.receipt, exchange.cost, exchange.channel_id, data,
-                          sla_broken=self._sla_of(exchange.receipt))
+                          sla_broken=self._sla_of(exchange.receipt), sealed=exchange.sealed)
 
     def openai(self, **kwargs: Any) -> openai.OpenAI:
         """The official client, paying and verifying through this Client."""
@@ -566,6 +572,9 @@ class Client:
                 raise PaymentRejected(code, f"the node asks for {amount} wei cumulative but already holds "
                                       f"{sent.cumulative_amount}: {required.message}")
             return self._sign(self._stored(ch.channel_id), amount)
+
+    def seal_key(self) -> bytes | None:
+        return self._node().hpke_public_key if self.seal else None
 
     def on_admitted(self, headers: httpx.Headers, exchange: Exchange) -> None:
         node = self._node()

@@ -2,10 +2,13 @@
 
 Two ways to hand the weights to an engine:
 * embedded: `EncryptedEmbeddedEngine` gets a state dict built from buffers in RAM (safetensors parsed
-  in place with `torch.frombuffer`, no copy); config and tokenizer are the bundle's clear files,
-  checked against the signed manifest.
-* vLLM sidecar: `materialize_to_tmpfs` writes the clear HF directory into a tmpfs mount (RAM, inside
-  the CVM's encrypted memory) and refuses any other filesystem. Point `vllm serve` at it.
+  in place with `torch.frombuffer`, no copy); config, tokenizer and templates are loaded from a private
+  directory holding exactly the manifest's clear files, written from the bytes that were verified;
+* vLLM sidecar: `materialize_to_tmpfs` writes the clear HF directory into an empty tmpfs mount (RAM,
+  inside the CVM's encrypted memory) and refuses any other filesystem. Point `vllm serve` at it.
+
+Either way the engine never reads the bundle directory itself: a file the operator drops there (say a
+`chat_template.jinja`) or swaps after the check is never used, because only verified bytes are copied.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +37,10 @@ from client.model_bundle import (
     decrypt_model,
     decrypt_to_file,
     load_manifest,
-    verify_clear_files,
+    read_clear_files,
+    safe_join,
     verify_manifest,
+    write_clear_files,
 )
 from node.engine.embedded import EmbeddedEngine
 from node.identity import EnclaveIdentity
@@ -69,7 +75,7 @@ def fetch_model_key(broker_url: str, manifest: Manifest, identity: EnclaveIdenti
     base = broker_url.rstrip("/") + f"/v1/models/{manifest.model_id}"
     client = http or httpx.Client(timeout=timeout)
     try:
-        r = client.get(base + "/nonce")
+        r = client.get(base + "/nonce", params={"node": identity.address})
         _raise_for(r, "nonce")
         nonce = bytes.fromhex(r.json()["nonce"])
         doc = build_attestation_document(identity, provider, nonce, node_version=node_version)
@@ -144,11 +150,13 @@ def state_dict_from_weights(weights: Mapping[str, bytearray]) -> dict[str, torch
 
 
 class EncryptedEmbeddedEngine(EmbeddedEngine):
-    """EmbeddedEngine whose weights come from memory. `model_dir` is the bundle: config and tokenizer
-    are its clear (manifest-checked) files; the sealed weights arrive as `state_dict`."""
+    """EmbeddedEngine whose weights come from memory and whose config, tokenizer and templates come from
+    `clear_files` (the manifest's verified bytes, nothing else), written to a private directory it owns."""
 
-    def __init__(self, bundle_dir: str | Path, state_dict: dict[str, torch.Tensor], **kwargs: Any) -> None:
-        super().__init__(bundle_dir, **kwargs)
+    def __init__(self, clear_files: dict[str, bytes], state_dict: dict[str, torch.Tensor], **kwargs: Any) -> None:
+        self._clear_dir = tempfile.TemporaryDirectory(prefix="dcml-model-")  # 0700, removed with the engine
+        write_clear_files(clear_files, self._clear_dir.name)
+        super().__init__(self._clear_dir.name, **kwargs)
         self._state_dict: dict[str, torch.Tensor] | None = state_dict
 
     def _load_model(self) -> torch.nn.Module:
@@ -167,21 +175,25 @@ class EncryptedEmbeddedEngine(EmbeddedEngine):
 
 
 def open_bundle(source: EncryptedModelSource, identity: EnclaveIdentity, provider: AttestationProvider, *,
-                node_version: str, http: httpx.Client | None = None) -> tuple[Manifest, dict[str, bytearray]]:
-    """Verify the manifest, get the key from the broker, and open every weight file into RAM."""
+                node_version: str, http: httpx.Client | None = None
+                ) -> tuple[Manifest, dict[str, bytes], dict[str, bytearray]]:
+    """Verify the manifest, get the key from the broker, open every weight file into RAM:
+    (manifest, verified clear files, weights)."""
     manifest = verify_manifest(load_manifest(source.bundle_dir), publisher=source.publisher,
                                manifest_hash=source.manifest_hash)
     key = fetch_model_key(source.broker_url, manifest, identity, provider, node_version=node_version, http=http)
-    return decrypt_model(source.bundle_dir, key, publisher=source.publisher, manifest_hash=source.manifest_hash)
+    manifest, weights = decrypt_model(source.bundle_dir, key, publisher=source.publisher,
+                                      manifest_hash=source.manifest_hash)
+    return manifest, read_clear_files(source.bundle_dir, manifest), weights
 
 
 def encrypted_embedded_engine(source: EncryptedModelSource, identity: EnclaveIdentity,
                               provider: AttestationProvider, *, node_version: str,
                               http: httpx.Client | None = None, **engine_kwargs: Any) -> EncryptedEmbeddedEngine:
     """The factory `[engine.encrypted]` uses for kind = "embedded"."""
-    manifest, weights = open_bundle(source, identity, provider, node_version=node_version, http=http)
+    manifest, clear, weights = open_bundle(source, identity, provider, node_version=node_version, http=http)
     engine_kwargs.setdefault("model_name", manifest.model_name)
-    return EncryptedEmbeddedEngine(source.bundle_dir, state_dict_from_weights(weights), **engine_kwargs)
+    return EncryptedEmbeddedEngine(clear, state_dict_from_weights(weights), **engine_kwargs)
 
 
 # --- tmpfs for a vLLM sidecar -------------------------------------------------------------------
@@ -223,23 +235,25 @@ def _swap_active() -> bool:
 
 def materialize_to_tmpfs(source: EncryptedModelSource, identity: EnclaveIdentity, provider: AttestationProvider,
                          tmpfs_dir: str | Path, *, node_version: str, http: httpx.Client | None = None) -> Path:
-    """Write the clear HF directory (for `vllm serve <dir>`) into `tmpfs_dir`, one chunk at a time."""
+    """Write the clear HF directory (for `vllm serve <dir>`) into `tmpfs_dir`, one chunk at a time.
+
+    `tmpfs_dir` must be empty (or absent): vLLM reads every file there, so nothing but the manifest's files
+    may be in it."""
     require_ram_path(tmpfs_dir)
     out = Path(tmpfs_dir)
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise ModelSourceError(f"{out} is not empty: vLLM would read whatever else is there (a chat template, "
+                               "a config); give the node an empty tmpfs directory")
     manifest = verify_manifest(load_manifest(source.bundle_dir), publisher=source.publisher,
                                manifest_hash=source.manifest_hash)
-    verify_clear_files(source.bundle_dir, manifest)
+    clear = read_clear_files(source.bundle_dir, manifest)
     key = fetch_model_key(source.broker_url, manifest, identity, provider, node_version=node_version, http=http)
     try:
-        for entry in manifest.files:
-            dst = out / entry.name
-            if entry.sealed is None:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(source.bundle_dir) / entry.name, dst)
-            else:
-                decrypt_to_file(source.bundle_dir, manifest, entry, key, dst)
-                os.chmod(dst, 0o600)
+        write_clear_files(clear, out)
+        for entry in manifest.sealed_files:
+            decrypt_to_file(source.bundle_dir, manifest, entry, key, safe_join(out, entry.name))
+            os.chmod(safe_join(out, entry.name), 0o600)
     except (BundleError, OSError):
         shutil.rmtree(out, ignore_errors=True)  # never leave a half-verified model behind
         raise

@@ -12,6 +12,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
+from client.access import auth_header
 from client.channel import ChannelClient
 from client.deployment import Deployment
 from client.receipts import SignedReceipt, model_id_for, parse_sse_stream
@@ -89,12 +90,17 @@ class RawPayer:
         self.channels = ChannelClient(w3, deployment, wallet)
         self.session = Account.create()
         self.node_url = node_url
+        self.payee = payee
         self.channel_id = self.channels.open(payee, deposit, session_key=self.session.address,
                                              model_id=bytes.fromhex(model_id_for(MODEL)[2:]))
         self.cumulative = 0
         self.acked: list[int] = []  # voucher amounts the node acknowledged
         self.on_paid = None  # called after each mid-stream voucher is acknowledged (tests crash the node there)
         self.http = httpx.Client(timeout=60)
+
+    def auth(self, resource: str) -> dict[str, str]:
+        """Reads only the payer may make (`client.access`), signed by this channel's session key."""
+        return auth_header(self.session, self.payee, resource)
 
     def voucher(self, cumulative: int) -> Voucher:
         self.cumulative = max(self.cumulative, cumulative)

@@ -60,6 +60,7 @@ def test_attest_chat_channels_receipts(dcml, node: PaidNode) -> None:
 
     answer = dcml("chat", "--node", node.url, "--model", MODEL, "--max-tokens", "6", "hello")
     assert answer["text"] and int(answer["cost"]) > 0 and answer["receipt_id"] and answer["sla_broken"] == []
+    assert answer["sealed"] is True  # end to end by default (issue 19, finding 12)
 
     (ch,) = dcml("channel", "list", "--chain")
     assert ch["channel_id"] == answer["channel_id"] and ch["payee"] == node.identity.address

@@ -142,6 +142,7 @@ class _Tamper(httpx.BaseTransport):
 
 
 def test_tampered_answer_is_rejected_and_recorded(client: Client) -> None:
+    client.seal = False  # the man in the middle plays a cheating node: on the clear path it can rewrite
     http = httpx.Client(base_url=client.node_url, transport=PayingTransport(client, inner=_Tamper()))
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     with pytest.raises(ReceiptViolation, match="response_hash_mismatch"):
@@ -156,6 +157,7 @@ def test_tampered_answer_is_rejected_and_recorded(client: Client) -> None:
 
 
 def test_forged_receipt_signer_is_rejected(client: Client) -> None:
+    client.seal = False  # the man in the middle plays a cheating node: on the clear path it can rewrite
     forger = Account.create()
 
     class Forge(httpx.BaseTransport):
@@ -181,6 +183,7 @@ def test_forged_receipt_signer_is_rejected(client: Client) -> None:
 
 def test_acceptance_dated_far_from_our_clock_is_a_violation(client: Client, node: PaidNode) -> None:
     """A node that signs acceptedAt an hour back (under older, laxer SLA terms) is caught at admission."""
+    client.seal = False  # the man in the middle plays a cheating node: on the clear path it can rewrite
     import base64
 
     from client.receipts import SignedAcceptance, sign_acceptance

@@ -71,7 +71,7 @@ def make(tmp_path, clock):
 
 
 def _attest(client: TestClient, ident: EnclaveIdentity, nonce: bytes | None = None) -> tuple[bytes, dict]:
-    nonce = nonce or bytes.fromhex(client.get(URL + "/nonce").json()["nonce"])
+    nonce = nonce or bytes.fromhex(client.get(URL + "/nonce", params={"node": ident.address}).json()["nonce"])
     doc = build_attestation_document(ident, PROVIDER, nonce, node_version="t")
     return nonce, {"nonce": nonce.hex(), "attestation": doc.model_dump(mode="json")}
 
@@ -146,7 +146,7 @@ def test_stale_reused_and_replayed_nonces_are_refused(make, clock):
     assert client.post(URL + "/key", json=body).status_code == 200
     _refused(client.post(URL + "/key", json=body), "nonce_unknown")  # reused nonce
 
-    fresh = client.get(URL + "/nonce").json()["nonce"]
+    fresh = client.get(URL + "/nonce", params={"node": ident.address}).json()["nonce"]
     replay = {**body, "nonce": fresh}  # the old document under a fresh nonce
     r = client.post(URL + "/key", json=replay)
     _refused(r, "nonce_unknown")
@@ -156,16 +156,19 @@ def test_stale_reused_and_replayed_nonces_are_refused(make, clock):
 
 def test_rate_limit_and_bad_requests(make, clock):
     client, _ = make(limiter=RateLimiter(per_minute=60, burst=2, clock=clock))
-    assert client.get(URL + "/nonce").status_code == 200
-    assert client.get(URL + "/nonce").status_code == 200
-    r = client.get(URL + "/nonce")
+    node = {"node": EnclaveIdentity.generate().address}
+    assert client.get(URL + "/nonce", params=node).status_code == 200
+    assert client.get(URL + "/nonce", params=node).status_code == 200
+    r = client.get(URL + "/nonce", params=node)
     _refused(r, "rate_limited", 429)
     assert r.headers["Retry-After"]
     clock.now += 1
-    assert client.get(URL + "/nonce").status_code == 200
+    assert client.get(URL + "/nonce", params=node).status_code == 200
     clock.now += 10
-    _refused(client.get("/v1/models/0x" + "cd" * 32 + "/nonce"), "unknown_model", 404)
+    _refused(client.get("/v1/models/0x" + "cd" * 32 + "/nonce", params=node), "unknown_model", 404)
     _refused(client.post(URL + "/key", json={"nonce": "zz"}), "bad_request", 400)
+    clock.now += 10
+    _refused(client.get(URL + "/nonce"), "bad_request", 400)  # a nonce is always bound to a requesting node
 
 
 def test_unregistered_node_refused_and_measurements_read_on_chain(make, w3, deployment, node_account, publisher):
@@ -183,3 +186,39 @@ def test_unregistered_node_refused_and_measurements_read_on_chain(make, w3, depl
     client, _ = make(allowed=frozenset(), node_check=RegistryNodeCheck(registry), measurements=chain)
     _refused(client.post(URL + "/key", json=_attest(client, stranger)[1]), "unregistered")
     assert client.post(URL + "/key", json=_attest(client, registered)[1]).status_code == 200
+
+
+# ---- issue 19, finding 9: nonce flooding --------------------------------------------------------
+
+def test_nonce_flood_from_many_sources_does_not_starve_a_real_node(make):
+    """10,000 nonces from 1,000 source addresses (the pool the v1 broker kept held 10,000 at most), asked
+    for the real node's address and for strangers': the real node still gets its key, and a nonce asked for
+    one node is refused for another."""
+    import httpx
+
+    _, broker = make()
+    app = create_app(broker)
+    real = EnclaveIdentity.generate()
+
+    async def flood() -> int:
+        ok = 0
+        for i in range(1000):
+            transport = httpx.ASGITransport(app=app, client=(f"10.{i // 250}.{i % 250}.1", 1234))
+            async with httpx.AsyncClient(transport=transport, base_url="http://broker") as c:
+                for j in range(10):
+                    who = real.address if j % 2 else "0x" + os.urandom(20).hex()
+                    ok += (await c.get(URL + "/nonce", params={"node": who})).status_code == 200
+        return ok
+
+    import asyncio
+
+    assert asyncio.run(flood()) == 10_000
+    client = TestClient(app)
+    stolen = bytes.fromhex(client.get(URL + "/nonce", params={"node": real.address}).json()["nonce"])
+    _, body = _attest(client, EnclaveIdentity.generate(), stolen)  # another enclave uses the real node's nonce
+    _refused(client.post(URL + "/key", json=body), "nonce_unknown")
+    nonce, body = _attest(client, real)
+    r = client.post(URL + "/key", json=body)
+    assert r.status_code == 200, r.text
+    assert open_model_key(base64.b64decode(r.json()["sealed_key"]), real.hpke_private_key, model_id=MODEL,
+                          nonce=nonce) == b"k" * 32

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from web3 import Web3
 
+from client.access import receipts_resource
 from client.channel import find_params
 from client.deployment import Deployment
 from client.receipts import (
@@ -147,9 +148,14 @@ def test_paid_answer_keeps_its_acceptance_and_receipt_signed_for_the_court(w3, d
         assert store.lookup_request(h, answer.receipt.receipt.channel_id) == answer.receipt
         assert store.lookup_request(h, "0x" + "cd" * 32) is None
 
-        r = httpx.get(f"{server.url}/v1/receipts", params={"request_hash": h})
+        # by request hash for the payer only (client.access): signed by the channel's session key
+        cid = answer.receipt.receipt.channel_id
+        r = httpx.get(f"{server.url}/v1/receipts", params={"request_hash": h, "channel_id": cid},
+                      headers=client.auth(receipts_resource(h, cid)))
         assert r.status_code == 200 and r.json() == answer.receipt.model_dump(mode="json", by_alias=True)
-        r = httpx.get(f"{server.url}/v1/receipts", params={"request_hash": "0x" + "ab" * 32})
+        other = "0x" + "ab" * 32
+        r = httpx.get(f"{server.url}/v1/receipts", params={"request_hash": other, "channel_id": cid},
+                      headers=client.auth(receipts_resource(other, cid)))
         assert r.status_code == 404 and r.json()["error"]["code"] == "receipt_not_found"
         assert httpx.get(f"{server.url}/v1/receipts", params={"request_hash": "0x12"}).status_code == 400
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from client.access import channel_resource
 from node.devnet import free_port
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund
 
@@ -104,7 +105,8 @@ def _crash_and_recover(w3, deployment, payer, tmp_path, config, port, node) -> N
 def _check_recovered(client, node, address, tmp_path) -> None:
     assert node.health["address"] == address
     channel = "0x" + client.channel_id.hex()
-    held = httpx.get(f"{node.url}/v1/payments/channels/{channel}").json()
+    held = httpx.get(f"{node.url}/v1/payments/channels/{channel}",
+                     headers=client.auth(channel_resource(channel))).json()
     assert int(held["accepted"]) == max(client.acked)
     assert int(held["spent"]) <= int(held["accepted"]) + 4 * PRICE_OUT  # never served beyond the credit window
     node.proc.send_signal(signal.SIGTERM)

@@ -15,6 +15,7 @@ import pytest
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
+from client.access import auth_header, channel_resource
 from client.channel import ChannelClient
 from client.deployment import Deployment
 from client.tx import TransactionFailed
@@ -70,8 +71,11 @@ class PaymentsProcess:
     def post(self, voucher) -> httpx.Response:
         return httpx.post(f"{self.url}/v1/payments/vouchers", json=voucher.to_wire(), timeout=30)
 
-    def balance(self, channel_id: bytes) -> dict:
-        return httpx.get(f"{self.url}/v1/payments/channels/0x{channel_id.hex()}", timeout=10).json()
+    def balance(self, channel_id: bytes, signer: LocalAccount, payee: str) -> dict:
+        """Channel state is for its payer only (`client.access`): read as the session key."""
+        cid = "0x" + channel_id.hex()
+        return httpx.get(f"{self.url}/v1/payments/channels/{cid}", timeout=10,
+                         headers=auth_header(signer, payee, channel_resource(cid))).json()
 
 
 @pytest.fixture
@@ -96,7 +100,7 @@ def test_sigkill_between_vouchers_loses_nothing_and_counts_nothing_twice(
 
     node = PaymentsProcess(deployment_file, tmp_path / "node", node_account, threshold=1).start()
     try:
-        assert node.balance(channel_id)["accepted"] == str(40_000)
+        assert node.balance(channel_id, session_key, node_account.address)["accepted"] == str(40_000)
         replay = node.post(acked[-1])  # an acknowledged voucher replayed after the crash
         assert replay.status_code == 402 and replay.json()["error"]["code"] == "not_increasing"
         deadline = time.monotonic() + 30

@@ -31,6 +31,7 @@ from eth_account.signers.local import LocalAccount
 from typer.testing import CliRunner
 from web3 import Web3
 
+from client.access import auth_header, receipts_resource
 from client.channel import find_params
 from client.cli import app as cli_app
 from client.contracts import contract
@@ -173,10 +174,12 @@ def _dcml(chain: Chain, store: Path, *args: str) -> list[dict]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _receipt_by_request(node: NodeProcess, req: str, timeout: float = 10.0) -> SignedReceipt:
+def _receipt_by_request(node: NodeProcess, req: str, channel: str, payer: LocalAccount,
+                        timeout: float = 10.0) -> SignedReceipt:
     deadline = time.monotonic() + timeout
-    while True:
-        r = httpx.get(f"{node.url}/v1/receipts", params={"request_hash": req}, timeout=5)
+    while True:  # for the payer only (client.access)
+        r = httpx.get(f"{node.url}/v1/receipts", params={"request_hash": req, "channel_id": channel}, timeout=5,
+                      headers=auth_header(payer, node.address, receipts_resource(req, channel)))
         if r.status_code == 200:
             return SignedReceipt.from_json(r.content)
         assert r.status_code == 404 and time.monotonic() < deadline, r.text
@@ -197,7 +200,7 @@ def test_answering_node_is_challenged_and_its_watcher_closes_the_dispute(chain: 
             acceptances = {a.request_hash: a for a in client.store.acceptances()}
             assert len(acceptances) == 2
             (hung_up,) = [h for h, a in acceptances.items() if a.receipt_id is None]
-            partial = _receipt_by_request(node, hung_up)
+            partial = _receipt_by_request(node, hung_up, acceptances[hung_up].channel_id, chain.payer)
             assert 1 <= partial.receipt.output_tokens < 400
 
             # Past the deadline the client's own remedies find nothing to dispute: it fetches the receipt.

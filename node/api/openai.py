@@ -2,7 +2,9 @@
 
 Every answer is metered and ends with a signed receipt (`node.receipts`): non-streamed in the
 `X-DCML-Receipt` header, streamed as an `event: dcml-receipt` SSE event after `data: [DONE]`, where
-the official OpenAI SDK has already stopped reading.
+the official OpenAI SDK has already stopped reading. For a sealed request (`client.e2e`) the receipt and
+the acceptance are sealed too and no receipt id travels in clear: their requestHash would let anyone on
+the path test a guess of the prompt.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from client.receipts import (
     request_hash,
     response_hash,
 )
-from client.x402 import NEED_VOUCHER_EVENT, PAYMENT_TIMEOUT_EVENT
+from client.x402 import ACCEPTANCE_HEADER, NEED_VOUCHER_EVENT, PAYMENT_TIMEOUT_EVENT
 from node.api.errors import (
     APIError,
     BadRequest,
@@ -41,7 +43,7 @@ from node.api.errors import (
     internal_error,
 )
 from node.api.protocol import ChatCompletionRequest, CompletionRequest
-from node.api.sealing import SEALED_RESPONSE_HEADERS, open_body
+from node.api.sealing import OpenedBody, open_body
 from node.api.sse import DONE, SSE_HEADERS, data_event, named_event
 from node.api.state import NodeState, node_state
 from node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
@@ -181,7 +183,7 @@ async def _serve(request: Request, kind: Kind) -> Response:
     state = node_state(request)
     accepted_at = time.time()
     raw = await _read_body(request, state.settings.limits.body_read_timeout_s)
-    opened = open_body(request, raw, state.identity)  # sealing errors before opening stay plaintext
+    opened = open_body(request, raw, state.identity, state.replay)  # sealing errors before opening stay plaintext
     paid: PaidRequest | None = None
     try:
         plan = _parse(kind, opened.body, state)
@@ -205,7 +207,7 @@ async def _serve(request: Request, kind: Kind) -> Response:
         ttft = time.perf_counter() - t0
         state.metrics.ttft.labels(plan.model).observe(ttft)
         state.metrics.prompt_tokens.labels(plan.model).inc(plan.prompt_tokens)
-        meter = _Meter(state, plan, req_hash, accepted_at, t0, ttft, paid)
+        meter = _Meter(state, plan, req_hash, accepted_at, t0, ttft, paid, sealing=opened)
         if plan.stream:
             return _streaming_response(meter, first, stream, opened.key)
         return await _full_response(meter, first, stream, opened.key)
@@ -216,7 +218,7 @@ async def _serve(request: Request, kind: Kind) -> Response:
         # The request was sealed: even the error may reveal something about it, so it is sealed too.
         body = error_body(err.message, err.type, err.param, err.code)
         return Response(opened.key.seal(body, 0, True), status_code=err.status, media_type=SEALED_CONTENT_TYPE,
-                        headers={**err.headers, **SEALED_RESPONSE_HEADERS})
+                        headers={**err.headers, **opened.headers})
 
 
 @dataclass
@@ -230,6 +232,7 @@ class _Meter:
     paid: PaidRequest | None = None
     output_tokens: int = 0
     paused_s: float = 0.0  # time the stream waited for the payer's voucher: the client's, not the node's
+    sealing: OpenedBody | None = None
 
     async def receipt(self, receipt_id: str, response_hash_: str) -> str:
         """Sign and durably store the receipt; returns its wire JSON. Its duration (and so the decode rate
@@ -256,7 +259,13 @@ def _paid_fields(paid: PaidRequest | None) -> dict:
 
 
 def _paid_headers(meter: _Meter) -> dict[str, str]:
-    return meter.paid.headers if meter.paid is not None else {}
+    """Payment headers (the acceptance sealed when the request was) and, when sealed, the salt and flag."""
+    headers = dict(meter.paid.headers) if meter.paid is not None else {}
+    if meter.sealing is not None and meter.sealing.key is not None:
+        if ACCEPTANCE_HEADER in headers:
+            headers[ACCEPTANCE_HEADER] = meter.sealing.seal_header("acceptance", headers[ACCEPTANCE_HEADER])
+        headers.update(meter.sealing.headers)
+    return headers
 
 
 async def _full_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIterator[TokenChunk],
@@ -281,11 +290,11 @@ async def _full_response(meter: _Meter, first: TokenChunk | None, stream: AsyncI
     body = _Shapes(meter.plan).full("".join(parts), finish, meter.output_tokens)
     receipt_id = new_receipt_id()
     receipt_json = await meter.receipt(receipt_id, response_hash(body))
-    headers = {RECEIPT_ID_HEADER: receipt_id, RECEIPT_HEADER: base64.b64encode(receipt_json.encode()).decode(),
-               **_paid_headers(meter)}
+    headers = _paid_headers(meter)
     if key is not None:
-        return Response(key.seal(body, 0, True), media_type=SEALED_CONTENT_TYPE,
-                        headers={**headers, **SEALED_RESPONSE_HEADERS})
+        headers[RECEIPT_HEADER] = base64.b64encode(key.seal_aux("receipt", receipt_json.encode())).decode()
+        return Response(key.seal(body, 0, True), media_type=SEALED_CONTENT_TYPE, headers=headers)
+    headers.update({RECEIPT_ID_HEADER: receipt_id, RECEIPT_HEADER: base64.b64encode(receipt_json.encode()).decode()})
     return Response(body, media_type="application/json", headers=headers)
 
 
@@ -345,16 +354,17 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
             yield emit(DONE)
             receipt_json = await meter.receipt(receipt_id, hasher.hexdigest())
             receipted = True
-            yield named_event(RECEIPT_EVENT, receipt_json.encode())
+            yield named_event(RECEIPT_EVENT, receipt_json.encode() if key is None
+                              else key.seal_aux("receipt", receipt_json.encode()))
         finally:
             with anyio.CancelScope(shield=True):  # the client's disconnect cancels us; finish the bookkeeping
                 await stream.aclose()  # frees the engine slot when the client disconnects
                 if not receipted:
                     await _receipt_after_disconnect(meter, receipt_id, hasher)
 
-    headers = {**SSE_HEADERS, RECEIPT_ID_HEADER: receipt_id, **_paid_headers(meter)}
-    if key is not None:
-        headers.update(SEALED_RESPONSE_HEADERS)
+    headers = {**SSE_HEADERS, **_paid_headers(meter)}
+    if key is None:
+        headers[RECEIPT_ID_HEADER] = receipt_id
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from node.api.metrics import NodeMetrics
+from node.api.sealing import ReplayCache
 from node.config import NodeSettings
 from node.engine.base import Engine
 from node.identity import EnclaveIdentity
@@ -26,6 +27,7 @@ class NodeState:
     metrics: NodeMetrics
     node_version: str
     gate: PaymentGate | None = None  # None: payments off, every request is free
+    replay: ReplayCache = field(default_factory=ReplayCache)  # sealed requests already answered
 
 
 def node_state(request: Request) -> NodeState:

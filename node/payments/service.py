@@ -23,8 +23,10 @@ from fastapi.responses import JSONResponse
 from web3 import Web3
 
 from client import safejson
+from client.access import AUTH_HEADER, channel_resource, recover_auth
 from client.deployment import Deployment
 from client.voucher import Voucher, VoucherDomain
+from node.payments.access import payer_may_read
 from node.payments.chain import ChannelChain
 from node.payments.ledger import ChannelBalance, Ledger
 from node.payments.settlement import SettlementWorker
@@ -108,11 +110,18 @@ def payments_router(payments: Payments, accept: AcceptVoucher | None = None) -> 
                              "spent": str(balance.spent)})
 
     @router.get("/v1/payments/channels/{channel_id}")
-    async def get_channel(channel_id: str) -> JSONResponse:
-        """The node's account of one channel: what it accepted, what was served, what is settled."""
-        balance = payments.ledger.get(channel_id)
+    async def get_channel(channel_id: str, request: Request) -> JSONResponse:
+        """The node's account of one channel: what it accepted, what was served, what is settled. For the
+        channel's payer (or session key) only (`client.access`); anyone else gets the same 404 as no channel."""
+        signer = recover_auth(request.headers.get(AUTH_HEADER), payments.payee.address, channel_resource(channel_id))
+        if signer is None:
+            return payment_error(401, "auth_required", f"channel state is for its payer only: sign the read with "
+                                 f"the payer or session key ({AUTH_HEADER}, see client.access)")
+        allowed = await run_in_threadpool(payer_may_read, payments.chain, channel_id, signer)
+        balance = payments.ledger.get(channel_id) if allowed else None
         if balance is None:
-            return payment_error(404, "unknown_channel", f"no voucher accepted for channel {channel_id}")
+            return payment_error(404, "unknown_channel", f"no voucher accepted for channel {channel_id} that this "
+                                 "signer may read")
         return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
                              "spent": str(balance.spent), "settled": str(balance.settled),
                              "finalized": balance.finalized})

@@ -207,22 +207,30 @@ class _Meter:
     ttft: float
     paid: PaidRequest | None = None
     output_tokens: int = 0
+    signed_json: str | None = None  # the receipt, once signed and stored: one per request
 
     async def receipt(self, receipt_id: str, response_hash_: str) -> str:
-        """Sign and durably store the receipt; returns its wire JSON."""
-        duration = time.perf_counter() - self.t0
-        m = self.state.metrics
-        m.output_tokens.labels(self.plan.model).inc(self.output_tokens)
-        m.generation_seconds.labels(self.plan.model).observe(duration)
-        signed = self.state.signer.sign(receipt_id, Metering(
-            request_hash=self.request_hash, response_hash=response_hash_, input_tokens=self.plan.prompt_tokens,
-            output_tokens=self.output_tokens, accepted_at=self.accepted_at, ttft_s=self.ttft, duration_s=duration,
-            **_paid_fields(self.paid)))
-        await self.state.store.put(signed)
+        """Sign and durably store the receipt (once: a second call returns the first); returns its wire JSON.
+        Shielded from the client's hang-up, so a receipt is either wholly written and counted or not started."""
+        if self.signed_json is not None:
+            return self.signed_json
+        with anyio.CancelScope(shield=True):
+            # A paid request's receipt counts what was charged, to the token (gate.charge_output).
+            output_tokens = self.paid.output_tokens if self.paid is not None else self.output_tokens
+            duration = time.perf_counter() - self.t0
+            signed = self.state.signer.sign(receipt_id, Metering(
+                request_hash=self.request_hash, response_hash=response_hash_, input_tokens=self.plan.prompt_tokens,
+                output_tokens=output_tokens, accepted_at=self.accepted_at, ttft_s=self.ttft, duration_s=duration,
+                **_paid_fields(self.paid)))
+            await self.state.store.put(signed)
+            self.signed_json = signed.model_dump_json(by_alias=True)
+            m = self.state.metrics  # counted once the receipt is durable: metrics equal the receipts
+            m.output_tokens.labels(self.plan.model).inc(output_tokens)
+            m.generation_seconds.labels(self.plan.model).observe(duration)
         log.debug("answered", receipt_id=receipt_id, model=self.plan.model, input_tokens=self.plan.prompt_tokens,
-                  output_tokens=self.output_tokens, ttft_ms=round(1000 * self.ttft, 1),
+                  output_tokens=output_tokens, ttft_ms=round(1000 * self.ttft, 1),
                   duration_ms=round(1000 * duration, 1))
-        return signed.model_dump_json(by_alias=True)
+        return self.signed_json
 
 
 def _paid_fields(paid: PaidRequest | None) -> dict:
@@ -282,12 +290,11 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
         return data_event(payload)
 
     async def body() -> AsyncIterator[bytes]:
-        receipted = False
+        paid, gate = meter.paid, meter.state.gate
         try:
             if meter.plan.kind == "chat":
                 yield emit(shapes.role_chunk())
             chunk = first
-            paid, gate = meter.paid, meter.state.gate
             try:
                 while chunk is not None:
                     if paid is not None and chunk.tokens:
@@ -316,12 +323,13 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                 yield emit(shapes.usage_chunk(meter.output_tokens))
             yield emit(DONE)
             receipt_json = await meter.receipt(receipt_id, hasher.hexdigest())
-            receipted = True
             yield named_event(RECEIPT_EVENT, receipt_json.encode())
         finally:
             with anyio.CancelScope(shield=True):  # the client's disconnect cancels us; finish the bookkeeping
                 await stream.aclose()  # frees the engine slot when the client disconnects
-                if not receipted:
+                if meter.signed_json is None:  # hung up before the receipt: one is still written, exactly one
+                    if paid is not None:
+                        await gate.refund_unused(paid)
                     await _receipt_after_disconnect(meter, receipt_id, hasher)
 
     headers = {**SSE_HEADERS, RECEIPT_ID_HEADER: receipt_id, **_paid_headers(meter)}

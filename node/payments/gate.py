@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import anyio
 from eth_account.signers.local import LocalAccount
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
@@ -117,6 +118,7 @@ class PaidRequest:
     headers: dict[str, str] = field(default_factory=dict)
     asked_at: int = -1  # the accepted amount when we last asked for a voucher (one ask per level)
     precharged: int = 0  # output tokens charged at admission, in the same commit (saves one before the 1st token)
+    output_tokens: int = 0  # output tokens charged (and counted as served): what the receipt's outputTokens says
 
 
 class PaymentGate:
@@ -244,21 +246,27 @@ class PaymentGate:
           send `ask` and `wait_and_charge`;
         - otherwise `ask`, if set, is an early request for a voucher, made once per accepted level when
           half the credit window is in use: the client pays while the other half hides the round trip."""
-        used = min(tokens, paid.precharged)  # already charged at admission
-        paid.precharged -= used
-        tokens -= used
-        if tokens == 0:
+        # Shielded: a charge that lands is always counted in this request's account (and so in its receipt),
+        # even when the client hangs up while the commit is on disk.
+        with anyio.CancelScope(shield=True):
+            used = min(tokens, paid.precharged)  # already charged at admission
+            amount = (tokens - used) * paid.price.price_per_output_token
+            accepted = paid.accepted
+            if amount:
+                try:
+                    after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window))
+                except LedgerConflict as exc:
+                    if exc.reason != "insufficient_funds":
+                        raise
+                    return False, NeedVoucher(channelId=paid.channel_id, spent=paid.spent,
+                                              requiredCumulative=paid.spent + amount)
+                paid.spent, accepted = after.spent, after.accepted
+                paid.accepted = accepted
+            paid.precharged -= used
+            paid.cost += amount
+            paid.output_tokens += tokens
+        if not amount:
             return True, None
-        amount = tokens * paid.price.price_per_output_token
-        try:
-            after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window))
-            paid.spent, accepted = after.spent, after.accepted
-        except LedgerConflict as exc:
-            if exc.reason != "insufficient_funds":
-                raise
-            return False, NeedVoucher(channelId=paid.channel_id, spent=paid.spent,
-                                      requiredCumulative=paid.spent + amount)
-        paid.cost += amount
         # Ask early, once half the credit window is in use: the other half covers the round trip.
         if paid.spent - accepted >= max(paid.price.credit_window // 2, 1) and paid.asked_at != accepted:
             paid.asked_at = accepted
@@ -284,15 +292,16 @@ class PaymentGate:
         """Undo a request's charges when it failed before any output left (an engine error or overload)."""
         if paid.cost:
             await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, paid.cost)
-            paid.cost, paid.precharged = 0, 0
+            paid.cost, paid.precharged, paid.output_tokens = 0, 0, 0
 
     async def refund_unused(self, paid: PaidRequest) -> None:
         """A stream that ended before using its precharged output token gives it back (before the receipt)."""
-        if paid.precharged:
-            amount = paid.precharged * paid.price.price_per_output_token
-            paid.spent = await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, amount)
-            paid.cost -= amount
-            paid.precharged = 0
+        with anyio.CancelScope(shield=True):  # a refund that lands is always reflected in the receipt
+            if paid.precharged:
+                amount = paid.precharged * paid.price.price_per_output_token
+                paid.spent = await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, amount)
+                paid.cost -= amount
+                paid.precharged = 0
 
     async def _record(self, voucher: Voucher, model: str | None = None) -> ChannelBalance:
         """Persist a verified voucher (group commit), then wake streams waiting on its channel."""

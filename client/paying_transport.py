@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -44,7 +45,10 @@ log = logging.getLogger("dcml.client")
 
 PAID_PATHS = ("/v1/chat/completions", "/v1/completions")
 EXCHANGE_EXTENSION = "dcml.exchange"  # response.extensions key holding the `Exchange`
-MAX_PAYMENT_ROUNDS = 4  # unpaid -> open channel -> exact amount -> (a concurrent request took it) -> give up
+# unpaid -> open channel -> exact amount -> (a concurrent request on the channel spent it first: again) -> give up.
+# Each round raises our voucher to what the node asks (on_payment_required refuses to re-sign lower), so many
+# requests sharing one channel may need several rounds; a node can ask for any amount in one round anyway.
+MAX_PAYMENT_ROUNDS = 128
 
 
 class PaymentError(Exception):
@@ -85,6 +89,7 @@ class Exchange:
     finished: bool = False
     started_at: float = field(default_factory=time.time)  # our clock when the request was sent
     request_hash: str | None = None  # set once the node's acceptance of it verified
+    offered: str | None = None  # the channel a voucher was sent on, until the node admits (or refuses) the request
 
     @property
     def cost(self) -> int:
@@ -94,7 +99,7 @@ class Exchange:
 class Payer(Protocol):
     """What a paying transport needs from its owner. Every method may block (chain, SQLite, HTTP)."""
 
-    def prepare(self, model: str) -> Voucher | None:
+    def prepare(self, model: str, exchange: Exchange) -> Voucher | None:
         """Attest the node if not yet done; the current voucher of the channel for `model`, if any."""
 
     def on_payment_required(self, required: PaymentRequired, exchange: Exchange, sent: Voucher | None) -> Voucher:
@@ -111,7 +116,14 @@ class Payer(Protocol):
         """Verify and record; raise ReceiptViolation. Returns a voucher that pays any credit used, to post."""
 
     def on_aborted(self, exchange: Exchange) -> None:
-        """The response ended before its receipt (consumer closed it or the connection broke)."""
+        """The response ended before its receipt (consumer closed it or the connection broke), or the request
+        was never admitted."""
+
+
+def _backoff(rounds: int) -> float:
+    """Pause before re-paying: none for the usual first rounds (open, exact amount), then a growing, jittered
+    one, so requests contending for one channel spread out instead of outrunning each other's vouchers."""
+    return 0.0 if rounds < 2 else random.uniform(0, min(0.01 * 2 ** (rounds - 2), 0.5))
 
 
 def _model_of(body: bytes) -> str | None:
@@ -150,6 +162,8 @@ def _voucher_answer(status: int, body: bytes) -> None:
         code, message = str(err.get("code") or "rejected"), str(err.get("message"))
     except (ValueError, KeyError, TypeError, AttributeError):
         code, message = "rejected", body[:200].decode(errors="replace")
+    if code == "not_increasing":
+        return  # the node already holds this voucher or a higher one (a concurrent stream of ours posted it)
     raise PaymentRejected(code, message)
 
 
@@ -251,18 +265,24 @@ class PayingTransport(httpx.BaseTransport):
         if model is None:
             return self.inner.handle_request(request)  # let the node say what is wrong with the body
         exchange = Exchange(request_body=body, model=model)
-        voucher = self.payer.prepare(model)
-        for _ in range(MAX_PAYMENT_ROUNDS):
-            response = self.inner.handle_request(_with_voucher(request, body, voucher))
-            if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
-                break
-            response.read()
-            response.close()
-            voucher = self.payer.on_payment_required(_payment_required(response), exchange, voucher)
-        else:
-            raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
-                               "client may be spending the same channel: retry, or open a separate channel")
+        try:
+            voucher = self.payer.prepare(model, exchange)
+            for rounds in range(MAX_PAYMENT_ROUNDS):
+                response = self.inner.handle_request(_with_voucher(request, body, voucher))
+                if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
+                    break
+                response.read()
+                response.close()
+                time.sleep(_backoff(rounds))
+                voucher = self.payer.on_payment_required(_payment_required(response), exchange, voucher)
+            else:
+                raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
+                                   "client may be spending the same channel: retry, or open a separate channel")
+        except BaseException:
+            self.payer.on_aborted(exchange)
+            raise
         if response.status_code >= 400:
+            self.payer.on_aborted(exchange)
             return response  # the caller's HTTP client reports it as usual
         self.payer.on_admitted(response.headers, exchange)
         extensions = {**response.extensions, EXCHANGE_EXTENSION: exchange}
@@ -350,19 +370,25 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
         if model is None:
             return await self.inner.handle_async_request(request)
         exchange = Exchange(request_body=body, model=model)
-        voucher = await anyio.to_thread.run_sync(self.payer.prepare, model)
-        for _ in range(MAX_PAYMENT_ROUNDS):
-            response = await self.inner.handle_async_request(_with_voucher(request, body, voucher))
-            if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
-                break
-            await response.aread()
-            await response.aclose()
-            voucher = await anyio.to_thread.run_sync(self.payer.on_payment_required, _payment_required(response),
-                                                     exchange, voucher)
-        else:
-            raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
-                               "client may be spending the same channel: retry, or open a separate channel")
+        try:
+            voucher = await anyio.to_thread.run_sync(self.payer.prepare, model, exchange)
+            for rounds in range(MAX_PAYMENT_ROUNDS):
+                response = await self.inner.handle_async_request(_with_voucher(request, body, voucher))
+                if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
+                    break
+                await response.aread()
+                await response.aclose()
+                await anyio.sleep(_backoff(rounds))
+                voucher = await anyio.to_thread.run_sync(self.payer.on_payment_required,
+                                                         _payment_required(response), exchange, voucher)
+            else:
+                raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
+                                   "client may be spending the same channel: retry, or open a separate channel")
+        except BaseException:
+            await anyio.to_thread.run_sync(self.payer.on_aborted, exchange)
+            raise
         if response.status_code >= 400:
+            await anyio.to_thread.run_sync(self.payer.on_aborted, exchange)
             return response
         await anyio.to_thread.run_sync(self.payer.on_admitted, response.headers, exchange)
         extensions = {**response.extensions, EXCHANGE_EXTENSION: exchange}

@@ -207,8 +207,7 @@ class PaymentGate:
                                                 deadline=now + self.config.response_deadline_s),
                                      self.signer, self.receipt_domain)
         charged = prompt_cost + first_token
-        after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged,
-                                             spent_before + prompt_cost + ahead)
+        after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged, prompt_cost + ahead)
         if new_voucher:  # streams of this channel paused for funds may go on
             self._notify(voucher.channel_id)
         spent = after.spent
@@ -222,15 +221,20 @@ class PaymentGate:
         return paid
 
     async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
-                                acceptance: SignedAcceptance, charged: int, required: int) -> ChannelBalance:
+                                acceptance: SignedAcceptance, charged: int, need: int) -> ChannelBalance:
         """The admission's ledger ops and the acceptance's store write, concurrently; both must succeed
         before anything is sent. An acceptance stored for a refused request is harmless: it never left."""
         writes = [self.writer.write_many(ops)]
         if self.record_acceptance is not None:
             writes.append(self.record_acceptance(acceptance))
         ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
+        if isinstance(ledger, LedgerConflict) and ledger.reason == "not_increasing" and isinstance(ops[0], VoucherOp):
+            # A concurrent request on the channel recorded this voucher (or a higher one) first. It was valid when
+            # verified and still names the channel: admit on what is held now (the charges re-check the funds).
+            (ledger,) = await asyncio.gather(self.writer.write_many(ops[1:]), return_exceptions=True)
         if isinstance(ledger, LedgerConflict):  # a concurrent request or voucher on the channel got there first
-            raise self.needed(model, ledger.reason, str(ledger), required) from None
+            now = self.payments.ledger.get(channel_id)  # ask for what would admit it now, not before the race
+            raise self.needed(model, ledger.reason, str(ledger), (now.spent if now else 0) + need) from None
         if isinstance(ledger, BaseException):
             raise ledger
         if stored and isinstance(stored[0], BaseException):  # charged, but the promise is not durable: undo it

@@ -511,6 +511,10 @@ class Client:
     def on_payment_required(self, required: PaymentRequired, exchange: Exchange, sent: Voucher | None) -> Voucher:
         req = self._check_terms(required, self._node())
         code = required.error or "payment_required"
+        if sent is not None and code == "channel_unconfirmed":  # the node waits for more blocks on the opening
+            time.sleep(1.0)
+            with self._lock:
+                return self._offer(exchange, sent)
         with self._lock:
             if sent is not None and code in _DEAD_CHANNEL:
                 self.store.update_channel(sent.channel_id, status="closed")

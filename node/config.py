@@ -121,6 +121,9 @@ class PaymentsConfig(_Section):
     settle_threshold: int = Field(10**18, gt=0)  # settle a channel once this much is unsettled
     settle_interval_s: float = Field(5.0, gt=0)
     close_margin_s: int = Field(60, ge=0)  # refuse vouchers this close to a requested close's deadline
+    # A channel is trusted (vouchers on it counted) once its opening has this many confirmations (1: mined).
+    # Set it to what your chain needs for a reorg not to undo the opening (e.g. 3+ on an L2, 12+ on L1).
+    confirmations: int = Field(1, ge=1)
 
 
 class RegistryConfig(_Section):

@@ -132,7 +132,8 @@ def build_gate(settings: NodeSettings, identity: EnclaveIdentity, engine: Engine
         raise ValueError(f"payments are on but [payments.prices.{engine.model_name}] is missing in the config")
     payments = Payments(PaymentSettings(cfg.deployment, settings.data_dir, settle_threshold=cfg.settle_threshold,
                                         settle_interval=cfg.settle_interval_s, rpc_url=cfg.rpc_url,
-                                        close_margin=cfg.close_margin_s), identity.account)
+                                        close_margin=cfg.close_margin_s, confirmations=cfg.confirmations),
+                        identity.account)
     return PaymentGate(payments, cfg, signer=identity.account, receipt_domain=domain,
                        model_ids={engine.model_name: model_id},
                        record_acceptance=store.put_acceptance if store is not None else None)

@@ -23,8 +23,22 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_serializer
+
+from client.voucher import is_decimal
+
+
+def _amount(v: object) -> object:
+    """An amount is a non-negative integer or a string of ASCII digits (no sign, space, '_' or other script)."""
+    ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (isinstance(v, str) and is_decimal(v))
+    if not ok:
+        raise ValueError("an amount must be a non-negative integer or a string of ASCII digits 0-9")
+    return int(v)
+
+
+Amount = Annotated[int, BeforeValidator(_amount)]
 
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
 PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
@@ -52,10 +66,10 @@ class ChannelTerms(_Wire):
 
     escrow: str
     model_id: str = Field(alias="modelId")
-    price_per_input_token: int = Field(alias="pricePerInputToken")
-    price_per_output_token: int = Field(alias="pricePerOutputToken")
-    prepay: int
-    credit_window: int = Field(alias="creditWindow")
+    price_per_input_token: Amount = Field(alias="pricePerInputToken")
+    price_per_output_token: Amount = Field(alias="pricePerOutputToken")
+    prepay: Amount
+    credit_window: Amount = Field(alias="creditWindow")
     voucher_timeout_s: float = Field(alias="voucherTimeoutSeconds")
 
     @field_serializer("price_per_input_token", "price_per_output_token", "prepay", "credit_window")
@@ -85,7 +99,7 @@ class PaymentRequired(_Wire):
     message: str | None = None
     accepts: list[PaymentRequirement]
     # When the client named a channel that is short: the cumulative amount that would admit the request.
-    required_cumulative: int | None = Field(alias="requiredCumulative", default=None)
+    required_cumulative: Amount | None = Field(alias="requiredCumulative", default=None)
 
     @field_serializer("required_cumulative")
     def _as_decimal(self, v: int | None) -> str | None:
@@ -94,8 +108,8 @@ class PaymentRequired(_Wire):
 
 class PaymentResponse(_Wire):
     channel_id: str = Field(alias="channelId")
-    accepted: int
-    spent: int
+    accepted: Amount
+    spent: Amount
 
     @field_serializer("accepted", "spent")
     def _as_decimal(self, v: int) -> str:
@@ -104,8 +118,8 @@ class PaymentResponse(_Wire):
 
 class NeedVoucher(_Wire):
     channel_id: str = Field(alias="channelId")
-    required_cumulative: int = Field(alias="requiredCumulative")
-    spent: int
+    required_cumulative: Amount = Field(alias="requiredCumulative")
+    spent: Amount
 
     @field_serializer("required_cumulative", "spent")
     def _as_decimal(self, v: int) -> str:

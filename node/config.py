@@ -124,6 +124,10 @@ class PaymentsConfig(_Section):
     # A channel is trusted (vouchers on it counted) once its opening has this many confirmations (1: mined).
     # Set it to what your chain needs for a reorg not to undo the opening (e.g. 3+ on an L2, 12+ on L1).
     confirmations: int = Field(1, ge=1)
+    # Channels whose session signer is a contract (ERC-1271) can revoke it after being served, so their vouchers
+    # stop settling. "refuse" (default): such channels are not served. "settle_first": each new voucher is settled
+    # on-chain before it is counted, so what such a payer owes unsettled never exceeds the credit window.
+    contract_signers: Literal["refuse", "settle_first"] = "refuse"
 
 
 class RegistryConfig(_Section):

@@ -31,6 +31,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from web3 import Web3
 
+from client.channel import ChannelState
 from client.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
 from client.voucher import MalformedVoucher, Voucher
 from client.x402 import (
@@ -181,6 +182,7 @@ class PaymentGate:
         if "0x" + state.params.model_id.hex() != terms.model_id.lower():
             raise self.needed(model, "wrong_model", f"channel is for model 0x{state.params.model_id.hex()}, "
                               f"not {model} ({terms.model_id}); open a channel for this model")
+        settle_first = await self._contract_signer(model, state)
         balance = self.payments.ledger.get(voucher.channel_id)
         accepted = max(voucher.cumulative_amount, balance.accepted if balance else 0)
         spent_before = balance.spent if balance else 0
@@ -197,6 +199,8 @@ class PaymentGate:
         if new_voucher:
             ops.append(VoucherOp(voucher.channel_id, voucher.cumulative_amount, voucher.signature))
         ops.append(ChargeOp(voucher.channel_id, prompt_cost))
+        if new_voucher and settle_first:
+            await self._settle_first(voucher, model)
         first_token = terms.price_per_output_token if stream and max_tokens > 0 else 0
         if first_token:  # the first output token rides on the admission commit (it may use the credit window)
             ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window))
@@ -208,6 +212,8 @@ class PaymentGate:
                                      self.signer, self.receipt_domain)
         charged = prompt_cost + first_token
         after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged, prompt_cost + ahead)
+        if new_voucher and settle_first:
+            await run_in_threadpool(self.payments.ledger.set_settled, voucher.channel_id, voucher.cumulative_amount)
         if new_voucher:  # streams of this channel paused for funds may go on
             self._notify(voucher.channel_id)
         spent = after.spent
@@ -331,8 +337,40 @@ class PaymentGate:
         return payments_router(self.payments, accept=self._accept)
 
     async def _accept(self, voucher: Voucher) -> ChannelBalance:
-        await run_in_threadpool(self.payments.verifier.verify, voucher)
-        return await self._record(voucher)
+        state = await run_in_threadpool(self.payments.verifier.verify, voucher)
+        if not await self._contract_signer(None, state):
+            return await self._record(voucher)
+        await self._settle_first(voucher, None)
+        balance = await self._record(voucher)
+        await run_in_threadpool(self.payments.ledger.set_settled, voucher.channel_id, voucher.cumulative_amount)
+        return balance
+
+    # -- contract (ERC-1271) signers ----------------------------------------------------------
+
+    async def _contract_signer(self, model: str | None, state: ChannelState) -> bool:
+        """Whether the channel's signer is a contract, whose vouchers must then be settled before they count
+        (`contract_signers = "settle_first"`); refused under the default "refuse". A contract can revoke its
+        signatures after being served, and a voucher that no longer verifies on-chain cannot be settled."""
+        if not await run_in_threadpool(self.payments.chain.is_contract, state.authorized_signer):
+            return False
+        if self.config.contract_signers == "refuse":
+            message = (f"channel signer {state.authorized_signer} is a contract (ERC-1271); this node serves only "
+                       "channels whose session signer is a key: open one with an EOA session key")
+            if model is None:
+                raise VoucherRejected("contract_signer", message)
+            raise self.needed(model, "contract_signer", message)
+        return True
+
+    async def _settle_first(self, voucher: Voucher, model: str | None) -> None:
+        try:
+            await run_in_threadpool(self.payments.worker.settle_now, voucher.channel_id, voucher.cumulative_amount,
+                                    voucher.signature)
+        except Exception as exc:  # a revoked or refusing contract signer: the voucher is worth nothing
+            message = (f"the channel's contract signer did not let this voucher settle on-chain ({type(exc).__name__}"
+                       "); it is not counted")
+            if model is None:
+                raise VoucherRejected("signer_refused", message) from None
+            raise self.needed(model, "signer_refused", message) from None
 
     def close(self) -> None:
         self.writer.close()

@@ -97,6 +97,12 @@ class SettlementWorker:
                     self._claim(token)
         return done
 
+    def settle_now(self, channel_id: str, cumulative: int, signature: str) -> None:
+        """Settle one voucher on-chain now (before it is counted: a contract signer's channel), between rounds:
+        the payee's transactions go one at a time. Raises what the chain raised (it was not settled)."""
+        with self._round:
+            self.chain.settle(self.payee, bytes.fromhex(channel_id[2:]), cumulative, bytes.fromhex(signature[2:]))
+
     def failing(self) -> dict[str, int]:
         """Channels whose settlement is failing now, with their consecutive failures."""
         return {cid: n for cid, (n, _) in self._failures.items()}

@@ -69,8 +69,10 @@ def metric(node: PaidNode, name: str) -> float:
 
 
 def test_official_openai_client_30_streams_one_receipt_each_no_error(
-        node: PaidNode, w3: Web3, deployment: Deployment, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        node: PaidNode, w3: Web3, deployment: Deployment, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capfd: pytest.CaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
+    capfd.readouterr()
     before_receipts, before_tokens = len(node_receipts(node)), metric(node, "dcml_output_tokens_total")
     with Client(node.url, funded_wallet(w3, deployment), deployment=deployment, allow_simulated=True,
                 store=tmp_path / "spend.sqlite", deposit=10**17, w3=w3) as client:
@@ -85,8 +87,11 @@ def test_official_openai_client_30_streams_one_receipt_each_no_error(
     new = node_receipts(node)[before_receipts:]
     assert len(new) == 30
     assert metric(node, "dcml_output_tokens_total") - before_tokens == sum(r.receipt.output_tokens for r in new)
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]  # stdlib logging (uvicorn, settlement)
     assert errors == [], [r.getMessage() for r in errors]
+    out = "\n".join(capfd.readouterr())  # the node's structlog events, rendered to the console
+    for bad in ("[error", "[critical", "Traceback", "UNIQUE", "receipt_after_disconnect_failed"):
+        assert bad not in out, out[-2000:]
 
 
 def _cut_stream(payer: RawPayer, url: str, prompt: str, cut: int) -> bool:
@@ -124,3 +129,40 @@ def test_hang_up_at_random_bytes_every_charge_in_one_receipt(node: PaidNode, w3:
     assert sum(r.receipt.cost for r in mine) == balance.spent == max(r.receipt.cumulative_spent for r in mine)
     for r in mine:
         assert r.receipt.cost == r.receipt.input_tokens * 10**12 + r.receipt.output_tokens * 3 * 10**12
+
+
+def test_plain_openai_client_hangs_up_after_done_one_receipt_each(tmp_path: Path, capfd: pytest.CaptureFixture
+                                                                   ) -> None:
+    """The official client, straight at a free node: it stops reading at [DONE] and closes while the node is
+    storing the receipt (the hang-up that used to insert a second receipt under the same id)."""
+    import openai
+
+    from node.api.app import create_app
+    from node.api.server import BackgroundServer
+    from node.config import load_settings
+    from node.engine.synthetic import SyntheticEngine
+    from node.identity import EnclaveIdentity
+    from node.tee.simulated import SimulatedProvider
+
+    settings = load_settings(None, data_dir=tmp_path, engine={"kind": "synthetic", "served_model_name": MODEL,
+                                                              "model_dir": None})
+    app = create_app(settings, engine=SyntheticEngine(model_name=MODEL), identity=EnclaveIdentity.generate(),
+                     provider=SimulatedProvider())
+    srv = BackgroundServer(app).start()
+    free = PaidNode(srv, None, app)
+    try:
+        capfd.readouterr()
+        oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+        for i in range(30):
+            stream = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"q{i}"}],
+                                                 max_tokens=3 + i % 5, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        time.sleep(0.3)
+        receipts = node_receipts(free)
+        assert len(receipts) == 30 and len({r.receipt.request_hash for r in receipts}) == 30
+        assert metric(free, "dcml_output_tokens_total") == sum(r.receipt.output_tokens for r in receipts)
+    finally:
+        srv.stop()
+    out = "\n".join(capfd.readouterr())
+    for bad in ("[error", "Traceback", "UNIQUE", "receipt_after_disconnect_failed"):
+        assert bad not in out, out[-2000:]

@@ -166,3 +166,28 @@ def test_plain_openai_client_hangs_up_after_done_one_receipt_each(tmp_path: Path
     out = "\n".join(capfd.readouterr())
     for bad in ("[error", "Traceback", "UNIQUE", "receipt_after_disconnect_failed"):
         assert bad not in out, out[-2000:]
+
+
+def test_a_duplicate_receipt_fails_alone_not_its_batch(tmp_path: Path) -> None:
+    import asyncio
+
+    from node.receipts import ReceiptStore
+    from tests.test_receipts import NODE_KEY, make_receipt, sign_receipt
+
+    signed = [sign_receipt(make_receipt(), NODE_KEY) for _ in range(8)]
+
+    async def run() -> list:
+        store = ReceiptStore(tmp_path / "receipts.sqlite")
+        store.open()
+        try:
+            await store.put(signed[0])
+            # One commit group: seven new receipts and a second write under an id already stored.
+            results = await asyncio.gather(*(store.put(s) for s in [*signed[1:4], signed[0], *signed[4:]]),
+                                           return_exceptions=True)
+            return [results, [await store.get(s.receipt.receipt_id) for s in signed]]
+        finally:
+            await store.close()
+
+    results, stored = asyncio.run(run())
+    assert [isinstance(r, Exception) for r in results] == [False, False, False, True, False, False, False, False]
+    assert stored == signed

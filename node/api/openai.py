@@ -43,6 +43,7 @@ from node.receipts import Metering, new_receipt_id
 log = get_logger("dcml.api")
 router = APIRouter()
 Kind = Literal["chat", "completion"]
+_REASK_S = 1.0  # a stream paused for funds asks again this often (other streams of its channel may spend them)
 
 
 def _json(obj: dict) -> bytes:
@@ -302,7 +303,15 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                         charged, ask = await gate.charge_output(paid, chunk.tokens)
                         if ask is not None:
                             yield named_event(NEED_VOUCHER_EVENT, ask.model_dump_json(by_alias=True).encode())
-                        if not charged and not await gate.wait_and_charge(paid, chunk.tokens):
+                        if not charged:
+                            deadline = time.monotonic() + paid.price.voucher_timeout_s
+                            while not isinstance(waited := await gate.wait_and_charge(
+                                    paid, chunk.tokens, deadline=deadline, ask_after=_REASK_S,
+                                    asked=ask.required_cumulative if ask else 0), bool):
+                                ask = waited  # other streams of the channel spent what we asked for: ask again
+                                yield named_event(NEED_VOUCHER_EVENT, ask.model_dump_json(by_alias=True).encode())
+                            charged = waited
+                        if not charged:
                             meter.state.metrics.errors.labels("payment_timeout").inc()
                             yield named_event(PAYMENT_TIMEOUT_EVENT, error_body(
                                 f"no voucher came within {paid.price.voucher_timeout_s:g} s; the stream "

@@ -268,8 +268,11 @@ class PaymentGate:
                 except LedgerConflict as exc:
                     if exc.reason != "insufficient_funds":
                         raise
-                    return False, NeedVoucher(channelId=paid.channel_id, spent=paid.spent,
-                                              requiredCumulative=paid.spent + amount)
+                    # Ask from the channel's spent now: other streams of the channel charge too, and a voucher
+                    # sized from this request's last view would be stale (lower than the node already holds).
+                    now = self.payments.ledger.get(paid.channel_id)
+                    spent = max(now.spent if now else 0, paid.spent)
+                    return False, NeedVoucher(channelId=paid.channel_id, spent=spent, requiredCumulative=spent + amount)
                 paid.spent, accepted = after.spent, after.accepted
                 paid.accepted = accepted
             paid.precharged -= used
@@ -283,20 +286,27 @@ class PaymentGate:
             return True, NeedVoucher(channelId=paid.channel_id, spent=paid.spent, requiredCumulative=paid.spent)
         return True, None
 
-    async def wait_and_charge(self, paid: PaidRequest, tokens: int) -> bool:
-        """After a blocking payment-need-voucher: wait for vouchers until `tokens` can be charged or the
-        voucher timeout passes (then False: the stream ends)."""
-        deadline = time.monotonic() + paid.price.voucher_timeout_s
+    async def wait_and_charge(self, paid: PaidRequest, tokens: int, *, deadline: float | None = None,
+                              ask_after: float | None = None, asked: int = 0) -> bool | NeedVoucher:
+        """After a blocking payment-need-voucher: wait for vouchers until `tokens` can be charged (True) or
+        `deadline` (monotonic; default: the voucher timeout from now) passes (False: the stream ends). With
+        `ask_after`, a stream still short after that long gets a fresh ask to send before calling again with the
+        same deadline, if the channel's other streams spent since it asked for `asked` (so the voucher it asked
+        for no longer covers it)."""
+        deadline = time.monotonic() + paid.price.voucher_timeout_s if deadline is None else deadline
+        ask_at = time.monotonic() + ask_after if ask_after else deadline
         while True:
             event = self._funds.setdefault(paid.channel_id, asyncio.Event())
-            charged, _ = await self.charge_output(paid, tokens)
+            charged, ask = await self.charge_output(paid, tokens)
             if charged:
                 return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 return False
+            if now >= ask_at and ask is not None and ask.required_cumulative > asked:
+                return ask
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
+                await asyncio.wait_for(event.wait(), min(deadline, ask_at) - now)
 
     async def refund(self, paid: PaidRequest) -> None:
         """Undo a request's charges when it failed before any output left (an engine error or overload)."""

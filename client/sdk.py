@@ -536,7 +536,7 @@ class Client:
                                           price_out=t.price_per_output_token, prepay=t.prepay,
                                           credit_window=t.credit_window)
             if required.required_cumulative is not None:
-                amount = required.required_cumulative + self._headroom(exchange, ch.channel_id, t.credit_window,
+                amount = required.required_cumulative + self._headroom(exchange, ch.channel_id,
                                                                        t.price_per_output_token)
             else:  # a fresh voucher names the channel; the node's next 402 gives the exact amount
                 amount = max(ch.accepted, ch.spent + max(t.prepay, 1))
@@ -545,12 +545,12 @@ class Client:
                                       f"{sent.cumulative_amount}: {required.message}")
             return self._offer(exchange, self._sign(self._stored(ch.channel_id), amount))
 
-    def _headroom(self, exchange: Exchange, channel_id: str, credit_window: int, price_out: int) -> int:
-        """Extra to sign on a 402 while other requests of ours stream on the channel: they spend what the node
-        asked for during our round trip, so an exact voucher would always arrive stale. The extra is at most the
-        credit window and at most this request's own output (max_tokens x price), which spends it: with every
-        answer run to max_tokens the vouchers still equal the receipts; an answer that stops early leaves at
-        most the credit window paid ahead, spent by the next request."""
+    def _headroom(self, exchange: Exchange, channel_id: str, price_out: int) -> int:
+        """Extra to sign on a 402 while other requests of ours use the channel: their streams spend what the node
+        asked for during our round trip, so an exact voucher would always arrive stale. The extra is this request's
+        own output at most (max_tokens x price, what a non-streamed request reserves), which its answer spends:
+        with every answer run to max_tokens the vouchers still equal the receipts; one that stops early leaves
+        the rest paid ahead on the channel, for the next request."""
         live = self._live.get(channel_id, _Live())
         if live.inflight + live.offered - (exchange.offered == channel_id) == 0:
             return 0
@@ -559,7 +559,7 @@ class Client:
             max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         except (ValueError, AttributeError):
             return 0
-        return min(credit_window, max_tokens * price_out) if isinstance(max_tokens, int) and max_tokens > 0 else 0
+        return max_tokens * price_out if isinstance(max_tokens, int) and max_tokens > 0 else 0
 
     def on_admitted(self, headers: httpx.Headers, exchange: Exchange) -> None:
         node = self._node()

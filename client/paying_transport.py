@@ -49,6 +49,7 @@ EXCHANGE_EXTENSION = "dcml.exchange"  # response.extensions key holding the `Exc
 # Each round raises our voucher to what the node asks (on_payment_required refuses to re-sign lower), so many
 # requests sharing one channel may need several rounds; a node can ask for any amount in one round anyway.
 MAX_PAYMENT_ROUNDS = 128
+_STREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)  # one connection per stream
 
 
 class PaymentError(Exception):
@@ -90,6 +91,7 @@ class Exchange:
     started_at: float = field(default_factory=time.time)  # our clock when the request was sent
     request_hash: str | None = None  # set once the node's acceptance of it verified
     offered: str | None = None  # the channel a voucher was sent on, until the node admits (or refuses) the request
+    alone_epoch: int | None = None  # the payer's mark that no other request shared the channel since admission
 
     @property
     def cost(self) -> int:
@@ -255,7 +257,10 @@ class PayingTransport(httpx.BaseTransport):
 
     def __init__(self, payer: Payer, inner: httpx.BaseTransport | None = None) -> None:
         self.payer = payer
-        self.inner = inner or httpx.HTTPTransport()
+        # Own pools: streams hold their connection for the whole answer, so many concurrent streams need as many
+        # connections, and a voucher a paused stream waits for must never queue behind those streams.
+        self.inner = inner or httpx.HTTPTransport(limits=_STREAM_LIMITS)
+        self.vouchers = inner or httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if not _paid(request):
@@ -297,7 +302,7 @@ class PayingTransport(httpx.BaseTransport):
         return httpx.Response(response.status_code, headers=response.headers, content=data, extensions=extensions)
 
     def post_voucher(self, url: httpx.URL, voucher: Voucher) -> None:
-        response = self.inner.handle_request(_voucher_request(url, voucher))
+        response = self.vouchers.handle_request(_voucher_request(url, voucher))
         try:
             _voucher_answer(response.status_code, response.read())
         finally:
@@ -314,6 +319,8 @@ class PayingTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self.inner.close()
+        if self.vouchers is not self.inner:
+            self.vouchers.close()
 
 
 class _SyncPaidStream(httpx.SyncByteStream):
@@ -360,7 +367,8 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, payer: Payer, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self.payer = payer
-        self.inner = inner or httpx.AsyncHTTPTransport()
+        self.inner = inner or httpx.AsyncHTTPTransport(limits=_STREAM_LIMITS)
+        self.vouchers = inner or httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not _paid(request):
@@ -404,7 +412,7 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
         return httpx.Response(response.status_code, headers=response.headers, content=data, extensions=extensions)
 
     async def post_voucher(self, url: httpx.URL, voucher: Voucher) -> None:
-        response = await self.inner.handle_async_request(_voucher_request(url, voucher))
+        response = await self.vouchers.handle_async_request(_voucher_request(url, voucher))
         try:
             _voucher_answer(response.status_code, await response.aread())
         finally:
@@ -420,6 +428,8 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+        if self.vouchers is not self.inner:
+            await self.vouchers.aclose()
 
 
 class _AsyncPaidStream(httpx.AsyncByteStream):

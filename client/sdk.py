@@ -165,6 +165,7 @@ class _Live:
 
     inflight: int = 0
     offered: int = 0  # requests sent with a voucher on the channel and not yet admitted (the node may charge them)
+    epoch: int = 0  # bumped whenever a request is offered or admitted on the channel
     uncertain: bool = True  # until a receipt checks exactly, spend by other processes may be unseen
 
 
@@ -497,7 +498,9 @@ class Client:
         channel = voucher.channel_id.lower()
         if exchange.offered != channel:
             self._unoffer(exchange)
-            self._live.setdefault(channel, _Live()).offered += 1
+            live = self._live.setdefault(channel, _Live())
+            live.offered += 1
+            live.epoch += 1
             exchange.offered = channel
         return voucher
 
@@ -570,7 +573,11 @@ class Client:
                                                                                pr.spent)
         with self._lock:
             self._unoffer(exchange)
-            self._live.setdefault(exchange.channel_id, _Live()).inflight += 1
+            live = self._live.setdefault(exchange.channel_id, _Live())
+            live.inflight += 1
+            live.epoch += 1
+            # Alone on the channel from here on while the epoch stays put (`_ceiling`).
+            exchange.alone_epoch = live.epoch if live.inflight == 1 and not live.offered else None
         try:
             ch = self.store.channel(exchange.channel_id)
             if ch is None:
@@ -625,10 +632,11 @@ class Client:
             return voucher
 
     def _ceiling(self, exchange: Exchange, ch: StoredChannel) -> int | None:
-        """The most this request can bring the channel's spent to, when it alone is in flight on the channel
-        and names max_tokens: what was spent at admission (its prompt included) + max_tokens x price."""
+        """The most this request can bring the channel's spent to, when it has been alone on the channel since its
+        admission and names max_tokens: what was spent at admission (its prompt included) + max_tokens x price."""
         live = self._live.get(exchange.channel_id, _Live())
-        if live.inflight != 1 or live.offered or exchange.spent_at_admission is None:
+        alone = exchange.alone_epoch is not None and exchange.alone_epoch == live.epoch
+        if not alone or live.inflight != 1 or live.offered or exchange.spent_at_admission is None:
             return None
         try:
             body = json.loads(exchange.request_body)

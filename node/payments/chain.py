@@ -79,6 +79,10 @@ class ChannelChain:
             self._code[address] = len(self.w3.eth.get_code(Web3.to_checksum_address(address))) > 0
         return self._code[address]
 
+    def known_contract(self, address: str) -> bool | None:
+        """`is_contract` if already looked up, else None (no RPC)."""
+        return self._code.get(address)
+
     def erc1271_valid(self, signer: str, digest: bytes, signature: bytes) -> bool:
         wallet = self.w3.eth.contract(address=Web3.to_checksum_address(signer), abi=_ERC1271_ABI)
         try:

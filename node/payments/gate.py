@@ -361,7 +361,9 @@ class PaymentGate:
         """Whether the channel's signer is a contract, whose vouchers must then be settled before they count
         (`contract_signers = "settle_first"`); refused under the default "refuse". A contract can revoke its
         signatures after being served, and a voucher that no longer verifies on-chain cannot be settled."""
-        if not await run_in_threadpool(self.payments.chain.is_contract, state.authorized_signer):
+        chain, signer = self.payments.chain, state.authorized_signer
+        known = chain.known_contract(signer)  # cached: no thread hop on the admission path
+        if not (known if known is not None else await run_in_threadpool(chain.is_contract, signer)):
             return False
         if self.config.contract_signers == "refuse":
             message = (f"channel signer {state.authorized_signer} is a contract (ERC-1271); this node serves only "

@@ -245,9 +245,35 @@ def _to_collateral(collateral: Collateral) -> dcap_qvl.QuoteCollateralV3:
     return dcap_qvl.QuoteCollateralV3.from_json(json.dumps(collateral))
 
 
-def cache_collateral(quote: bytes, collateral: Collateral) -> None:
-    """Remember collateral for the quote's platform (FMSPC) so later verifications can omit it."""
-    _collateral_cache[dcap_qvl.Quote.parse(quote).fmspc()] = _to_collateral(collateral)
+def _issued(collateral: dcap_qvl.QuoteCollateralV3) -> str:
+    """The TCB info's issue date (ISO 8601 UTC, so it orders as a string)."""
+    return str(json.loads(collateral.tcb_info).get("issueDate", ""))
+
+
+def _fmspc(quote: bytes) -> str:
+    try:
+        return dcap_qvl.Quote.parse(quote).fmspc()
+    except (ValueError, TypeError) as exc:  # a corrupted quote or PCK certificate chain
+        raise AttestationError(Reason.QUOTE_MALFORMED, f"cannot read the quote's platform (FMSPC): {exc}") from exc
+
+
+def cache_collateral(quote: bytes, collateral: Collateral, *, now: int | None = None) -> bool:
+    """Remember collateral for the quote's platform (FMSPC) so later verifications can omit it. Only valid
+    collateral is kept (it must verify this quote, at `now`), and it replaces what is cached only if it is at
+    least as new: an old or bad one can never displace good collateral. Returns whether it was stored;
+    raises AttestationError if it does not verify the quote."""
+    col = _to_collateral(collateral)
+    fmspc = _fmspc(quote)
+    try:
+        dcap_verify(quote, col, int(time.time()) if now is None else now)
+    except ValueError as exc:
+        raise AttestationError(Reason.QUOTE_INVALID, f"collateral does not verify this quote ({exc}); not cached") \
+            from exc
+    cached = _collateral_cache.get(fmspc)
+    if cached is not None and _issued(col) < _issued(cached):
+        return False
+    _collateral_cache[fmspc] = col
+    return True
 
 
 async def fetch_collateral(quote: bytes, pccs_url: str = dcap_qvl.INTEL_PCS_URL) -> dcap_qvl.QuoteCollateralV3:
@@ -305,7 +331,28 @@ def verify_attestation(
 
     `expected_report_data` replaces the key/nonce binding (only for fixed-report-data test vectors).
     `collateral` defaults to what fetch_collateral/cache_collateral stored for the quote's FMSPC.
+    Fails closed: whatever goes wrong, including inside the parsers, is an AttestationError with a reason.
     """
+    try:
+        return _verify_attestation(doc, nonce=nonce, policy=policy, collateral=collateral, now=now,
+                                   allow_simulated=allow_simulated, expected_report_data=expected_report_data)
+    except AttestationError:
+        raise
+    except Exception as exc:  # a parser's bare error on hostile input: still a typed refusal, never a crash
+        raise AttestationError(Reason.BAD_DOCUMENT, f"the document cannot be verified ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from exc
+
+
+def _verify_attestation(
+    doc: AttestationDocument,
+    *,
+    nonce: bytes,
+    policy: Policy,
+    collateral: Collateral | None,
+    now: int | None,
+    allow_simulated: bool,
+    expected_report_data: bytes | None,
+) -> VerifiedNode:
     if len(nonce) != NONCE_LEN:
         raise AttestationError(Reason.NONCE_MISMATCH, f"nonce must be {NONCE_LEN} bytes (use os.urandom(32))")
     if not hmac.compare_digest(_hex(doc.nonce, "nonce"), nonce):
@@ -425,9 +472,8 @@ def _verify_tdx(
     if parsed.qe_vendor_id != INTEL_QE_VENDOR_ID:  # dcap-qvl#127: not every version checked it
         raise AttestationError(Reason.QUOTE_INVALID, f"QE vendor {parsed.qe_vendor_id.hex()} is not Intel's")
 
-    fmspc = None
     if collateral is None:
-        fmspc = dcap_qvl.Quote.parse(quote).fmspc()
+        fmspc = _fmspc(quote)
         collateral = _collateral_cache.get(fmspc)
         if collateral is None:
             raise AttestationError(
@@ -437,8 +483,8 @@ def _verify_tdx(
     try:
         result = dcap_verify(quote, collateral, int(time.time()) if now is None else now)
     except ValueError as exc:
-        if fmspc is not None:
-            _collateral_cache.pop(fmspc, None)  # maybe stale: force a refetch next time
+        # The cached collateral stays: one bad quote (anyone's) must not disable the platform's honest nodes.
+        # Expired collateral is replaced by fetching newer (fetch_collateral / cache_collateral).
         raise AttestationError(
             Reason.QUOTE_INVALID, f"DCAP verification failed ({exc}); if collateral expired, fetch it again"
         ) from exc

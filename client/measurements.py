@@ -170,7 +170,7 @@ class EventLogEntry(BaseModel):
 
     imr: int
     event_type: int
-    digest: str
+    digest: str = ""  # some dstack guest agents leave RTMR3 digests out: they are recomputed from the payload
     event: str = ""
     event_payload: str = ""
 
@@ -186,6 +186,7 @@ def runtime_event_digest(event_type: int, event: str, payload: bytes) -> bytes:
 def replay_rtmrs(events: list[EventLogEntry]) -> list[bytes]:
     """Replay RTMR0-3 from an event log. RTMR3 digests are recomputed from payloads, never trusted.
 
+    An RTMR3 event without a digest is replayed from its payload (the digest is derived data anyway).
     Raises ValueError when an RTMR3 event's stated digest disagrees with its payload, or an imr is
     out of range. RTMR0-2 digests are taken as given: their payloads are firmware structures this
     verifier does not interpret; the replayed values are still pinned by the quote and the allow-list.
@@ -196,7 +197,7 @@ def replay_rtmrs(events: list[EventLogEntry]) -> list[bytes]:
             raise ValueError(f"event {i} extends imr {ev.imr}; only RTMR0-3 exist")
         if ev.imr == 3:
             digest = runtime_event_digest(ev.event_type, ev.event, ev.payload_bytes())
-            if digest.hex() != ev.digest.lower():
+            if ev.digest and digest.hex() != ev.digest.lower().removeprefix("0x"):
                 raise ValueError(f"RTMR3 event {i} ({ev.event!r}): digest does not match its payload")
         else:
             digest = bytes.fromhex(ev.digest)

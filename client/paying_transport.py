@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -61,7 +62,11 @@ log = logging.getLogger("dcml.client")
 
 PAID_PATHS = ("/v1/chat/completions", "/v1/completions")
 EXCHANGE_EXTENSION = "dcml.exchange"  # response.extensions key holding the `Exchange`
-MAX_PAYMENT_ROUNDS = 4  # unpaid -> open channel -> exact amount -> (a concurrent request took it) -> give up
+# unpaid -> open channel -> exact amount -> (a concurrent request on the channel spent it first: again) -> give up.
+# Each round raises our voucher to what the node asks (on_payment_required refuses to re-sign lower), so many
+# requests sharing one channel may need several rounds; a node can ask for any amount in one round anyway.
+MAX_PAYMENT_ROUNDS = 128
+_STREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)  # one connection per stream
 
 
 class PaymentError(Exception):
@@ -107,6 +112,8 @@ class Exchange:
     started_at: float = field(default_factory=time.time)  # our clock when the request was sent
     request_hash: str | None = None  # set once the node's acceptance of it verified
     sealed: bool = False  # the request went sealed end to end and its answer opened
+    offered: str | None = None  # the channel a voucher was sent on, until the node admits (or refuses) the request
+    alone_epoch: int | None = None  # the payer's mark that no other request shared the channel since admission
 
     @property
     def cost(self) -> int:
@@ -116,7 +123,7 @@ class Exchange:
 class Payer(Protocol):
     """What a paying transport needs from its owner. Every method may block (chain, SQLite, HTTP)."""
 
-    def prepare(self, model: str) -> Voucher | None:
+    def prepare(self, model: str, exchange: Exchange) -> Voucher | None:
         """Attest the node if not yet done; the current voucher of the channel for `model`, if any."""
 
     def on_payment_required(self, required: PaymentRequired, exchange: Exchange, sent: Voucher | None) -> Voucher:
@@ -136,7 +143,14 @@ class Payer(Protocol):
         """Verify and record; raise ReceiptViolation. Returns a voucher that pays any credit used, to post."""
 
     def on_aborted(self, exchange: Exchange) -> None:
-        """The response ended before its receipt (consumer closed it or the connection broke)."""
+        """The response ended before its receipt (consumer closed it or the connection broke), or the request
+        was never admitted."""
+
+
+def _backoff(rounds: int) -> float:
+    """Pause before re-paying: none for the usual first rounds (open, exact amount), then a growing, jittered
+    one, so requests contending for one channel spread out instead of outrunning each other's vouchers."""
+    return 0.0 if rounds < 2 else random.uniform(0, min(0.01 * 2 ** (rounds - 2), 0.5))
 
 
 def _model_of(body: bytes) -> str | None:
@@ -238,6 +252,8 @@ def _voucher_answer(status: int, body: bytes) -> None:
         code, message = str(err.get("code") or "rejected"), str(err.get("message"))
     except (ValueError, KeyError, TypeError, AttributeError):
         code, message = "rejected", body[:200].decode(errors="replace")
+    if code == "not_increasing":
+        return  # the node already holds this voucher or a higher one (a concurrent stream of ours posted it)
     raise PaymentRejected(code, message)
 
 
@@ -350,7 +366,10 @@ class PayingTransport(httpx.BaseTransport):
     def __init__(self, payer: Payer, inner: httpx.BaseTransport | None = None) -> None:
         self.payer = payer
         self._offers: dict[str, PaymentRequirement] = {}  # model -> the node's channel offer, from its last 402
-        self.inner = inner or httpx.HTTPTransport()
+        # Own pools: streams hold their connection for the whole answer, so many concurrent streams need as many
+        # connections, and a voucher a paused stream waits for must never queue behind those streams.
+        self.inner = inner or httpx.HTTPTransport(limits=_STREAM_LIMITS)
+        self.vouchers = inner or httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if not _paid(request):
@@ -360,21 +379,28 @@ class PayingTransport(httpx.BaseTransport):
         if model is None:
             return self.inner.handle_request(request)  # let the node say what is wrong with the body
         exchange = Exchange(request_body=body, model=model)
-        voucher = self.payer.prepare(model)
-        seal_key = self.payer.seal_key()
-        for _ in range(MAX_PAYMENT_ROUNDS):
-            sealed = _seal(seal_key, body, request.url)
-            response = self.inner.handle_request(_with_voucher(request, body, voucher, self._offers.get(model), sealed))
-            if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
-                break
-            response.read()
-            response.close()
-            voucher = self.payer.on_payment_required(_payment_required(response, self._offers, model), exchange,
-                                                     voucher)
-        else:
-            raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
-                               "client may be spending the same channel: retry, or open a separate channel")
+        try:
+            voucher = self.payer.prepare(model, exchange)
+            seal_key = self.payer.seal_key()
+            for rounds in range(MAX_PAYMENT_ROUNDS):
+                sealed = _seal(seal_key, body, request.url)
+                response = self.inner.handle_request(_with_voucher(request, body, voucher, self._offers.get(model),
+                                                                   sealed))
+                if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
+                    break
+                response.read()
+                response.close()
+                time.sleep(_backoff(rounds))
+                voucher = self.payer.on_payment_required(_payment_required(response, self._offers, model), exchange,
+                                                         voucher)
+            else:
+                raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
+                                   "client may be spending the same channel: retry, or open a separate channel")
+        except BaseException:
+            self.payer.on_aborted(exchange)
+            raise
         if response.status_code >= 400:
+            self.payer.on_aborted(exchange)
             if sealed is None:
                 return response  # the caller's HTTP client reports it as usual
             data = response.read()
@@ -384,6 +410,7 @@ class PayingTransport(httpx.BaseTransport):
             key = _response_key(response, sealed)
             headers = _opened_headers(response.headers, key, None if _is_sse(response) else "application/json")
         except SealedResponseError:
+            self.payer.on_aborted(exchange)
             response.close()
             raise
         exchange.sealed = key is not None
@@ -404,7 +431,7 @@ class PayingTransport(httpx.BaseTransport):
         return httpx.Response(response.status_code, headers=headers, content=data, extensions=extensions)
 
     def post_voucher(self, url: httpx.URL, voucher: Voucher) -> None:
-        response = self.inner.handle_request(_voucher_request(url, voucher))
+        response = self.vouchers.handle_request(_voucher_request(url, voucher))
         try:
             _voucher_answer(response.status_code, response.read())
         finally:
@@ -421,6 +448,8 @@ class PayingTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self.inner.close()
+        if self.vouchers is not self.inner:
+            self.vouchers.close()
 
 
 class _SyncPaidStream(httpx.SyncByteStream):
@@ -468,7 +497,8 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
     def __init__(self, payer: Payer, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self.payer = payer
         self._offers: dict[str, PaymentRequirement] = {}  # model -> the node's channel offer, from its last 402
-        self.inner = inner or httpx.AsyncHTTPTransport()
+        self.inner = inner or httpx.AsyncHTTPTransport(limits=_STREAM_LIMITS)
+        self.vouchers = inner or httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not _paid(request):
@@ -478,22 +508,28 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
         if model is None:
             return await self.inner.handle_async_request(request)
         exchange = Exchange(request_body=body, model=model)
-        voucher = await anyio.to_thread.run_sync(self.payer.prepare, model)
-        seal_key = await anyio.to_thread.run_sync(self.payer.seal_key)
-        for _ in range(MAX_PAYMENT_ROUNDS):
-            sealed = _seal(seal_key, body, request.url)
-            response = await self.inner.handle_async_request(_with_voucher(request, body, voucher,
-                                                                           self._offers.get(model), sealed))
-            if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
-                break
-            await response.aread()
-            await response.aclose()
-            required = _payment_required(response, self._offers, model)
-            voucher = await anyio.to_thread.run_sync(self.payer.on_payment_required, required, exchange, voucher)
-        else:
-            raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
-                               "client may be spending the same channel: retry, or open a separate channel")
+        try:
+            voucher = await anyio.to_thread.run_sync(self.payer.prepare, model, exchange)
+            seal_key = await anyio.to_thread.run_sync(self.payer.seal_key)
+            for rounds in range(MAX_PAYMENT_ROUNDS):
+                sealed = _seal(seal_key, body, request.url)
+                response = await self.inner.handle_async_request(_with_voucher(request, body, voucher,
+                                                                               self._offers.get(model), sealed))
+                if response.status_code != 402 or PAYMENT_REQUIRED not in response.headers:
+                    break
+                await response.aread()
+                await response.aclose()
+                await anyio.sleep(_backoff(rounds))
+                required = _payment_required(response, self._offers, model)
+                voucher = await anyio.to_thread.run_sync(self.payer.on_payment_required, required, exchange, voucher)
+            else:
+                raise PaymentError(f"the node still asks for payment after {MAX_PAYMENT_ROUNDS} vouchers; another "
+                                   "client may be spending the same channel: retry, or open a separate channel")
+        except BaseException:
+            await anyio.to_thread.run_sync(self.payer.on_aborted, exchange)
+            raise
         if response.status_code >= 400:
+            await anyio.to_thread.run_sync(self.payer.on_aborted, exchange)
             if sealed is None:
                 return response
             data = await response.aread()
@@ -503,6 +539,7 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
             key = _response_key(response, sealed)
             headers = _opened_headers(response.headers, key, None if _is_sse(response) else "application/json")
         except SealedResponseError:
+            await anyio.to_thread.run_sync(self.payer.on_aborted, exchange)
             await response.aclose()
             raise
         exchange.sealed = key is not None
@@ -524,7 +561,7 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
         return httpx.Response(response.status_code, headers=headers, content=data, extensions=extensions)
 
     async def post_voucher(self, url: httpx.URL, voucher: Voucher) -> None:
-        response = await self.inner.handle_async_request(_voucher_request(url, voucher))
+        response = await self.vouchers.handle_async_request(_voucher_request(url, voucher))
         try:
             _voucher_answer(response.status_code, await response.aread())
         finally:
@@ -540,6 +577,8 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+        if self.vouchers is not self.inner:
+            await self.vouchers.aclose()
 
 
 class _AsyncPaidStream(httpx.AsyncByteStream):

@@ -171,6 +171,8 @@ class _Live:
     """In-process bookkeeping per channel that must not outlive the process."""
 
     inflight: int = 0
+    offered: int = 0  # requests sent with a voucher on the channel and not yet admitted (the node may charge them)
+    epoch: int = 0  # bumped whenever a request is offered or admitted on the channel
     uncertain: bool = True  # until a receipt checks exactly, spend by other processes may be unseen
 
 
@@ -539,21 +541,53 @@ class Client:
 
     # -- Payer: called by the paying transports ---------------------------------------------------
 
-    def prepare(self, model: str) -> Voucher | None:
+    def prepare(self, model: str, exchange: Exchange) -> Voucher | None:
         with self._lock:
             ch = self._usable(model)
             if ch is None:
                 return None
             highest = self.store.highest_voucher(ch.channel_id)
-            return None if highest is None else Voucher(channel_id=ch.channel_id, cumulative_amount=highest[0],
-                                                        signature=highest[1])
+            if highest is None:
+                return None
+            return self._offer(exchange, Voucher(channel_id=ch.channel_id, cumulative_amount=highest[0],
+                                                 signature=highest[1]))
+
+    def _offer(self, exchange: Exchange, voucher: Voucher) -> Voucher:
+        """Count a request sent with a voucher on a channel: from then on the node may charge it there, so the
+        channel is not ours alone (`_ceiling`, `_headroom`). Call with the lock held."""
+        channel = voucher.channel_id.lower()
+        if exchange.offered != channel:
+            self._unoffer(exchange)
+            live = self._live.setdefault(channel, _Live())
+            live.offered += 1
+            live.epoch += 1
+            exchange.offered = channel
+        return voucher
+
+    def _unoffer(self, exchange: Exchange) -> None:
+        if exchange.offered is not None:
+            live = self._live.get(exchange.offered)
+            if live is not None:
+                live.offered = max(0, live.offered - 1)
+            exchange.offered = None
 
     def on_payment_required(self, required: PaymentRequired, exchange: Exchange, sent: Voucher | None) -> Voucher:
         req = self._check_terms(required, self._node())
         code = required.error or "payment_required"
+        if sent is not None and code == "channel_unconfirmed":  # the node waits for more blocks on the opening
+            time.sleep(1.0)
+            with self._lock:
+                return self._offer(exchange, sent)
         with self._lock:
             if sent is not None and code in _DEAD_CHANNEL:
                 self.store.update_channel(sent.channel_id, status="closed")
+            elif sent is not None and code == "not_increasing":
+                # A concurrent request of ours got a higher voucher to the node first: name the channel with it.
+                highest = self.store.highest_voucher(sent.channel_id)
+                if highest is None or highest[0] <= sent.cumulative_amount:
+                    raise PaymentRejected(code, f"{required.message or 'voucher refused'} (channel {sent.channel_id})")
+                return self._offer(exchange, Voucher(channel_id=sent.channel_id, cumulative_amount=highest[0],
+                                                     signature=highest[1]))
             elif sent is not None and code not in ("insufficient_funds", "payment_required"):
                 raise PaymentRejected(code, f"{required.message or 'voucher refused'} (channel {sent.channel_id})")
             ch = self._usable(exchange.model)
@@ -565,13 +599,30 @@ class Client:
                                           price_out=t.price_per_output_token, prepay=t.prepay,
                                           credit_window=t.credit_window)
             if required.required_cumulative is not None:
-                amount = required.required_cumulative
+                amount = required.required_cumulative + self._headroom(exchange, ch.channel_id,
+                                                                       t.price_per_output_token)
             else:  # a fresh voucher names the channel; the node's next 402 gives the exact amount
                 amount = max(ch.accepted, ch.spent + max(t.prepay, 1))
             if sent is not None and amount <= sent.cumulative_amount and sent.channel_id == ch.channel_id:
                 raise PaymentRejected(code, f"the node asks for {amount} wei cumulative but already holds "
                                       f"{sent.cumulative_amount}: {required.message}")
-            return self._sign(self._stored(ch.channel_id), amount)
+            return self._offer(exchange, self._sign(self._stored(ch.channel_id), amount))
+
+    def _headroom(self, exchange: Exchange, channel_id: str, price_out: int) -> int:
+        """Extra to sign on a 402 while other requests of ours use the channel: their streams spend what the node
+        asked for during our round trip, so an exact voucher would always arrive stale. The extra is this request's
+        own output at most (max_tokens x price, what a non-streamed request reserves), which its answer spends:
+        with every answer run to max_tokens the vouchers still equal the receipts; one that stops early leaves
+        the rest paid ahead on the channel, for the next request."""
+        live = self._live.get(channel_id, _Live())
+        if live.inflight + live.offered - (exchange.offered == channel_id) == 0:
+            return 0
+        try:
+            body = json.loads(exchange.request_body)
+            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        except (ValueError, AttributeError):
+            return 0
+        return max_tokens * price_out if isinstance(max_tokens, int) and max_tokens > 0 else 0
 
     def seal_key(self) -> bytes | None:
         return self._node().hpke_public_key if self.seal else None
@@ -584,7 +635,12 @@ class Client:
         exchange.channel_id, exchange.accepted, exchange.spent_at_admission = (pr.channel_id.lower(), pr.accepted,
                                                                                pr.spent)
         with self._lock:
-            self._live.setdefault(exchange.channel_id, _Live()).inflight += 1
+            self._unoffer(exchange)
+            live = self._live.setdefault(exchange.channel_id, _Live())
+            live.inflight += 1
+            live.epoch += 1
+            # Alone on the channel from here on while the epoch stays put (`_ceiling`).
+            exchange.alone_epoch = live.epoch if live.inflight == 1 and not live.offered else None
         try:
             ch = self.store.channel(exchange.channel_id)
             if ch is None:
@@ -645,9 +701,11 @@ class Client:
             return voucher
 
     def _ceiling(self, exchange: Exchange, ch: StoredChannel) -> int | None:
-        """The most this request can bring the channel's spent to, when it alone is in flight on the channel
-        and names max_tokens: what was spent at admission (its prompt included) + max_tokens x price."""
-        if self._live.get(exchange.channel_id, _Live()).inflight != 1 or exchange.spent_at_admission is None:
+        """The most this request can bring the channel's spent to, when it has been alone on the channel since its
+        admission and names max_tokens: what was spent at admission (its prompt included) + max_tokens x price."""
+        live = self._live.get(exchange.channel_id, _Live())
+        alone = exchange.alone_epoch is not None and exchange.alone_epoch == live.epoch
+        if not alone or live.inflight != 1 or live.offered or exchange.spent_at_admission is None:
             return None
         try:
             body = json.loads(exchange.request_body)
@@ -670,7 +728,7 @@ class Client:
         with self._lock:
             self._answering.discard(exchange.request_hash or "")
             live = self._live.get(exchange.channel_id or "")
-            exact = live is not None and live.inflight == 1 and not live.uncertain
+            exact = live is not None and live.inflight == 1 and not live.offered and not live.uncertain
             if live is not None:
                 live.inflight -= 1
             try:
@@ -694,9 +752,12 @@ class Client:
                         <= time.time() + self.max_clock_skew_s):
                     raise ReceiptViolation("accepted_at_skew", f"the receipt says accepted at {r.accepted_at}; the "
                                            f"request was sent at {int(exchange.started_at)} by our clock")
-                if ch and not exact and r.cumulative_spent < ch.spent + r.cost:
+                # Not provably alone on the channel: concurrent requests finish in any order, so the receipt is
+                # checked against its own admission (the node's spent then can only have grown).
+                floor = exchange.spent_at_admission
+                if ch and not exact and floor is not None and r.cumulative_spent < floor:
                     raise ReceiptViolation("cumulative_mismatch", f"cumulativeSpent {r.cumulative_spent} went back: "
-                                           f"already saw {ch.spent}, plus this cost {r.cost}")
+                                           f"the node said {floor} when it admitted this request")
             except ReceiptViolation as exc:
                 self._violation(exc, exchange, evidence=signed.model_dump_json(by_alias=True) if signed else None)
                 if signed is not None and exc.reason in _SIGNED_FOR_THE_REQUEST:
@@ -710,7 +771,7 @@ class Client:
                 return None
             if live is not None:
                 # With nothing else in flight the store's spent is the node's again: check the next exactly.
-                live.uncertain = live.inflight > 0
+                live.uncertain = live.inflight > 0 or live.offered > 0
             ch = self._stored(ch.channel_id)
             # Pay the credit this answer used now, as its verified receipt shows, so the node's exposure
             # between requests is zero and the next request needs no extra round trip.
@@ -724,6 +785,7 @@ class Client:
 
     def on_aborted(self, exchange: Exchange) -> None:
         with self._lock:
+            self._unoffer(exchange)
             self._answering.discard(exchange.request_hash or "")
             live = self._live.get(exchange.channel_id or "")
             if live is not None and not exchange.finished:

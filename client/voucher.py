@@ -208,8 +208,13 @@ class Voucher(BaseModel):
         return cls.model_validate(data)
 
 
+def is_decimal(v: str) -> bool:
+    """ASCII digits only, at most 78 (2**256 has 78): `str.isdigit` and `int` also take other scripts'
+    digits ("١٢٣" is 123), signs, spaces and underscores, none of which an amount on the wire may carry."""
+    return 0 < len(v) <= 78 and v.isascii() and v.isdigit()
+
+
 def _parse_decimal(v: str) -> int:
-    # ASCII only: str.isdigit() and int() also take other scripts' digits ("١٢٣" would parse as 123).
-    if not (v.isascii() and v.isdigit()) or len(v) > 40:  # 2**128 has 39 digits
-        raise MalformedVoucher("cumulativeAmount must be a decimal integer string")
+    if not is_decimal(v) or len(v) > 40:  # 2**128 has 39 digits
+        raise MalformedVoucher("cumulativeAmount must be a decimal integer string (ASCII digits 0-9)")
     return int(v)

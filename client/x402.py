@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_serializer
 
 from client import safejson
-from client.voucher import MalformedVoucher, Voucher
+from client.voucher import MalformedVoucher, Voucher, is_decimal
 
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
 PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
@@ -57,8 +57,8 @@ def _uint(v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int | str):
         raise ValueError("must be a decimal string")
     if isinstance(v, str):
-        if not v.isdigit() or not v.isascii():
-            raise ValueError("must be a decimal integer string")
+        if not is_decimal(v):
+            raise ValueError("must be a decimal integer string (ASCII digits 0-9)")
         v = int(v)
     if v < 0:
         raise ValueError("must not be negative")

@@ -149,6 +149,13 @@ class PaymentsConfig(_Section):
     # less than min_settle_value (about its gas, in the token) is never sent: dust is left to the payer's withdraw.
     min_deposit: int = Field(0, ge=0)
     min_settle_value: int = Field(0, ge=0)
+    # A channel is trusted (vouchers on it counted) once its opening has this many confirmations (1: mined).
+    # Set it to what your chain needs for a reorg not to undo the opening (e.g. 3+ on an L2, 12+ on L1).
+    confirmations: int = Field(1, ge=1)
+    # Channels whose session signer is a contract (ERC-1271) can revoke it after being served, so their vouchers
+    # stop settling. "refuse" (default): such channels are not served. "settle_first": each new voucher is settled
+    # on-chain before it is counted, so what such a payer owes unsettled never exceeds the credit window.
+    contract_signers: Literal["refuse", "settle_first"] = "refuse"
 
 
 class RegistryConfig(_Section):

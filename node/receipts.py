@@ -141,9 +141,20 @@ class ReceiptStore:
             try:
                 await loop.run_in_executor(self._executor, self._write, [(sql, row) for sql, row, _ in batch])
             except Exception as exc:
-                for *_, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                if len(batch) == 1:
+                    if not batch[0][2].done():
+                        batch[0][2].set_exception(exc)
+                    continue
+                # One bad row (say a duplicate id) must not fail its neighbours: write them one by one.
+                for sql, row, fut in batch:
+                    try:
+                        await loop.run_in_executor(self._executor, self._write, [(sql, row)])
+                    except Exception as one:
+                        if not fut.done():
+                            fut.set_exception(one)
+                    else:
+                        if not fut.done():
+                            fut.set_result(None)
             else:
                 for *_, fut in batch:
                     if not fut.done():

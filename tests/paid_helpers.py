@@ -31,13 +31,14 @@ PRICE_IN, PRICE_OUT = 10**12, 3 * 10**12
 
 def paid_settings(deployment_file: Path, data_dir: Path, *, prepay_tokens: int = 8, credit_tokens: int = 4,
                   voucher_timeout_s: float = 2.0, settle_threshold: int = 10**30, settle_interval_s: float = 0.3,
-                  **payments):
+                  confirmations: int = 1, **payments):
     return load_settings(
         None, data_dir=data_dir,
         engine={"kind": "synthetic", "served_model_name": MODEL, "model_dir": None},
         payments={"enabled": True, "deployment": deployment_file, "prepay_tokens": prepay_tokens,
                   "credit_tokens": credit_tokens, "voucher_timeout_s": voucher_timeout_s,
-                  "settle_threshold": settle_threshold, "settle_interval_s": settle_interval_s, **payments,
+                  "settle_threshold": settle_threshold, "settle_interval_s": settle_interval_s,
+                  "confirmations": confirmations, **payments,
                   "prices": {MODEL: {"price_per_input_token": PRICE_IN, "price_per_output_token": PRICE_OUT}}},
     )
 

@@ -287,6 +287,7 @@ def test_a_node_asking_for_more_than_the_request_can_cost_is_not_paid(client: Cl
     exchange = Exchange(request_body=json.dumps({"model": MODEL, "max_tokens": 10}).encode(), model=MODEL,
                         channel_id=ch.channel_id, spent_at_admission=ch.spent)
     client._live[ch.channel_id].inflight = 1
+    exchange.alone_epoch = client._live[ch.channel_id].epoch  # what on_admitted marks: alone on the channel since
     honest = NeedVoucher(channelId=ch.channel_id, spent=ch.spent, requiredCumulative=ch.spent + 10 * PRICE_OUT)
     assert client.on_need_voucher(honest, exchange).cumulative_amount == ch.spent + 10 * PRICE_OUT
     greedy = NeedVoucher(channelId=ch.channel_id, spent=ch.spent, requiredCumulative=ch.spent + 11 * PRICE_OUT)

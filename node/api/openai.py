@@ -54,6 +54,7 @@ from node.receipts import Metering, new_receipt_id
 log = get_logger("dcml.api")
 router = APIRouter()
 Kind = Literal["chat", "completion"]
+_REASK_S = 1.0  # a stream paused for funds asks again this often (other streams of its channel may spend them)
 
 
 def _json(obj: dict) -> bytes:
@@ -233,23 +234,32 @@ class _Meter:
     output_tokens: int = 0
     paused_s: float = 0.0  # time the stream waited for the payer's voucher: the client's, not the node's
     sealing: OpenedBody | None = None
+    signed_json: str | None = None  # the receipt, once signed and stored: one per request
 
     async def receipt(self, receipt_id: str, response_hash_: str) -> str:
-        """Sign and durably store the receipt; returns its wire JSON. Its duration (and so the decode rate
-        the court derives from it) leaves out the pauses spent waiting for the payer's vouchers."""
-        duration = time.perf_counter() - self.t0 - self.paused_s
-        m = self.state.metrics
-        m.output_tokens.labels(self.plan.model).inc(self.output_tokens)
-        m.generation_seconds.labels(self.plan.model).observe(duration)
-        signed = self.state.signer.sign(receipt_id, Metering(
-            request_hash=self.request_hash, response_hash=response_hash_, input_tokens=self.plan.prompt_tokens,
-            output_tokens=self.output_tokens, accepted_at=self.accepted_at, ttft_s=self.ttft, duration_s=duration,
-            **_paid_fields(self.paid)))
-        await self.state.store.put(signed)
+        """Sign and durably store the receipt (once: a second call returns the first); returns its wire JSON.
+        Shielded from the client's hang-up, so a receipt is either wholly written and counted or not started.
+        Its duration (and so the decode rate the court derives from it) leaves out the pauses spent waiting for
+        the payer's vouchers."""
+        if self.signed_json is not None:
+            return self.signed_json
+        with anyio.CancelScope(shield=True):
+            # A paid request's receipt counts what was charged, to the token (gate.charge_output).
+            output_tokens = self.paid.output_tokens if self.paid is not None else self.output_tokens
+            duration = time.perf_counter() - self.t0 - self.paused_s
+            signed = self.state.signer.sign(receipt_id, Metering(
+                request_hash=self.request_hash, response_hash=response_hash_, input_tokens=self.plan.prompt_tokens,
+                output_tokens=output_tokens, accepted_at=self.accepted_at, ttft_s=self.ttft, duration_s=duration,
+                **_paid_fields(self.paid)))
+            await self.state.store.put(signed)
+            self.signed_json = signed.model_dump_json(by_alias=True)
+            m = self.state.metrics  # counted once the receipt is durable: metrics equal the receipts
+            m.output_tokens.labels(self.plan.model).inc(output_tokens)
+            m.generation_seconds.labels(self.plan.model).observe(duration)
         log.debug("answered", receipt_id=receipt_id, model=self.plan.model, input_tokens=self.plan.prompt_tokens,
-                  output_tokens=self.output_tokens, ttft_ms=round(1000 * self.ttft, 1),
+                  output_tokens=output_tokens, ttft_ms=round(1000 * self.ttft, 1),
                   duration_ms=round(1000 * duration, 1))
-        return signed.model_dump_json(by_alias=True)
+        return self.signed_json
 
 
 def _paid_fields(paid: PaidRequest | None) -> dict:
@@ -315,12 +325,11 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
         return data_event(payload)
 
     async def body() -> AsyncIterator[bytes]:
-        receipted = False
+        paid, gate = meter.paid, meter.state.gate
         try:
             if meter.plan.kind == "chat":
                 yield emit(shapes.role_chunk())
             chunk = first
-            paid, gate = meter.paid, meter.state.gate
             try:
                 while chunk is not None:
                     if paid is not None and chunk.tokens:
@@ -330,7 +339,13 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                             yield named_event(NEED_VOUCHER_EVENT, ask.model_dump_json(by_alias=True).encode())
                         if not charged:
                             paused_at = time.perf_counter()
-                            charged = await gate.wait_and_charge(paid, chunk.tokens)
+                            deadline = time.monotonic() + paid.price.voucher_timeout_s
+                            while not isinstance(waited := await gate.wait_and_charge(
+                                    paid, chunk.tokens, deadline=deadline, ask_after=_REASK_S,
+                                    asked=ask.required_cumulative if ask else 0), bool):
+                                ask = waited  # other streams of the channel spent what we asked for: ask again
+                                yield named_event(NEED_VOUCHER_EVENT, ask.model_dump_json(by_alias=True).encode())
+                            charged = waited
                             meter.paused_s += time.perf_counter() - paused_at
                         if not charged:
                             meter.state.metrics.errors.labels("payment_timeout").inc()
@@ -353,13 +368,14 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                 yield emit(shapes.usage_chunk(meter.output_tokens))
             yield emit(DONE)
             receipt_json = await meter.receipt(receipt_id, hasher.hexdigest())
-            receipted = True
             yield named_event(RECEIPT_EVENT, receipt_json.encode() if key is None
                               else key.seal_aux("receipt", receipt_json.encode()))
         finally:
             with anyio.CancelScope(shield=True):  # the client's disconnect cancels us; finish the bookkeeping
                 await stream.aclose()  # frees the engine slot when the client disconnects
-                if not receipted:
+                if meter.signed_json is None:  # hung up before the receipt: one is still written, exactly one
+                    if paid is not None:
+                        await gate.refund_unused(paid)
                     await _receipt_after_disconnect(meter, receipt_id, hasher)
 
     headers = {**SSE_HEADERS, **_paid_headers(meter)}

@@ -34,7 +34,7 @@ class ChannelChain:
     """Channel state is cached for `ttl` seconds: it changes only by on-chain transactions, which the
     settlement worker re-reads every round and this class forgets after sending its own."""
 
-    def __init__(self, w3: Web3, deployment: Deployment, *, ttl: float = 5.0) -> None:
+    def __init__(self, w3: Web3, deployment: Deployment, *, ttl: float = 5.0, confirmations: int = 1) -> None:
         self.w3 = w3
         self.deployment = deployment
         self.escrow = contract(w3, "PaymentChannels", deployment.payment_channels)
@@ -48,6 +48,23 @@ class ChannelChain:
         # dict lookup, not an RPC each (and never a log scan).
         self._unknown: dict[bytes, float] = {}
         self.negative_ttl = 5.0
+        self.confirmations = confirmations
+        self._confirmed: set[bytes] = set()  # openings seen at least `confirmations` deep
+
+    def confirmed(self, channel_id: bytes) -> bool:
+        """Whether the channel's opening is at least `confirmations` blocks deep (1: mined). Only openings
+        inside the last confirmations-1 blocks are looked for (a bounded log query), and a channel once deep
+        enough is not asked about again. A channel the chain no longer has reads as deposit 0 (`channel`)."""
+        if self.confirmations <= 1 or channel_id in self._confirmed:
+            return True
+        latest = self.w3.eth.block_number
+        recent = self.escrow.events.ChannelOpened.get_logs(
+            from_block=max(self.deployment.start_block, latest - self.confirmations + 2), to_block=latest,
+            argument_filters={"channelId": channel_id})
+        if recent:
+            return False
+        self._confirmed.add(channel_id)
+        return True
 
     def channel(self, channel_id: bytes, *, fresh: bool = False) -> ChannelState:
         """Raises UnknownChannel for an id never opened on this escrow."""
@@ -81,6 +98,10 @@ class ChannelChain:
         if address not in self._code:
             self._code[address] = len(self.w3.eth.get_code(Web3.to_checksum_address(address))) > 0
         return self._code[address]
+
+    def known_contract(self, address: str) -> bool | None:
+        """`is_contract` if already looked up, else None (no RPC)."""
+        return self._code.get(address)
 
     def erc1271_valid(self, signer: str, digest: bytes, signature: bytes) -> bool:
         wallet = self.w3.eth.contract(address=Web3.to_checksum_address(signer), abi=_ERC1271_ABI)

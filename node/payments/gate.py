@@ -27,11 +27,13 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import anyio
 from eth_account.signers.local import LocalAccount
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from web3 import Web3
 
+from client.channel import ChannelState
 from client.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
 from client.voucher import Voucher
 from client.x402 import (
@@ -132,6 +134,7 @@ class PaidRequest:
     settlement: dict = field(default_factory=dict)  # SettlementResponse fields other than the figures
     asked_at: int = -1  # the accepted amount when we last asked for a voucher (one ask per level)
     precharged: int = 0  # output tokens charged at admission, in the same commit (saves one before the 1st token)
+    output_tokens: int = 0  # output tokens charged (and counted as served): what the receipt's outputTokens says
 
     @property
     def headers(self) -> dict[str, str]:
@@ -250,6 +253,7 @@ class PaymentGate:
         if state.deposit < self.config.min_deposit:  # Sybil channels must at least lock real capital
             raise needed("deposit_too_small", f"channel holds {state.deposit}; this node takes channels of at "
                          f"least {self.config.min_deposit}: top it up or open a larger one")
+        settle_first = await self._contract_signer(model, state)
         balance = self.payments.ledger.get(voucher.channel_id)
         accepted = max(voucher.cumulative_amount, balance.accepted if balance else 0)
         spent_before = balance.spent if balance else 0
@@ -268,6 +272,8 @@ class PaymentGate:
         if new_voucher:
             ops.append(VoucherOp(voucher.channel_id, voucher.cumulative_amount, voucher.signature))
         ops.append(ChargeOp(voucher.channel_id, prompt_cost))
+        if new_voucher and settle_first:
+            await self._settle_first(voucher, model)
         first_token = terms.price_per_output_token if stream and max_tokens > 0 else 0
         if first_token:  # the first output token rides on the admission commit (it may use the credit window)
             ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window, earned_credit=True))
@@ -281,8 +287,9 @@ class PaymentGate:
                                                     acceptedAt=at, deadline=now + self.config.response_deadline_s),
                                          self.signer, self.receipt_domain)
         charged = prompt_cost + first_token
-        after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged,
-                                             spent_before + prompt_cost + ahead)
+        after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged, prompt_cost + ahead)
+        if new_voucher and settle_first:
+            await run_in_threadpool(self.payments.ledger.set_settled, voucher.channel_id, voucher.cumulative_amount)
         if new_voucher:  # streams of this channel paused for funds may go on
             self._notify(voucher.channel_id)
         spent = after.spent
@@ -296,15 +303,21 @@ class PaymentGate:
                            settlement=settlement, precharged=1 if first_token else 0)
 
     async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
-                                acceptance: SignedAcceptance | None, charged: int, required: int) -> ChannelBalance:
+                                acceptance: SignedAcceptance | None, charged: int, need: int) -> ChannelBalance:
         """The admission's ledger ops and the acceptance's store write, concurrently; both must succeed
         before anything is sent. An acceptance stored for a refused request is harmless: it never left."""
         writes = [self.writer.write_many(ops)]
         if self.record_acceptance is not None and acceptance is not None:
             writes.append(self.record_acceptance(acceptance))
         ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
+        if isinstance(ledger, LedgerConflict) and ledger.reason == "not_increasing" and isinstance(ops[0], VoucherOp):
+            # A concurrent request on the channel recorded this voucher (or a higher one) first. It was valid when
+            # verified and still names the channel: admit on what is held now (the charges re-check the funds).
+            (ledger,) = await asyncio.gather(self.writer.write_many(ops[1:]), return_exceptions=True)
         if isinstance(ledger, LedgerConflict):  # a concurrent request or voucher on the channel got there first
-            raise self.needed(model, ledger.reason, str(ledger), required, channel_id=channel_id) from None
+            now = self.payments.ledger.get(channel_id)  # ask for what would admit it now, not before the race
+            raise self.needed(model, ledger.reason, str(ledger), (now.spent if now else 0) + need,
+                              channel_id=channel_id) from None
         if isinstance(ledger, BaseException):
             raise ledger
         if stored and isinstance(stored[0], BaseException):  # charged, but the promise is not durable: undo it
@@ -320,56 +333,73 @@ class PaymentGate:
           send `ask` and `wait_and_charge`;
         - otherwise `ask`, if set, is an early request for a voucher, made once per accepted level when
           half the credit window is in use: the client pays while the other half hides the round trip."""
-        used = min(tokens, paid.precharged)  # already charged at admission
-        paid.precharged -= used
-        tokens -= used
-        if tokens == 0:
+        # Shielded: a charge that lands is always counted in this request's account (and so in its receipt),
+        # even when the client hangs up while the commit is on disk.
+        with anyio.CancelScope(shield=True):
+            used = min(tokens, paid.precharged)  # already charged at admission
+            amount = (tokens - used) * paid.price.price_per_output_token
+            accepted = paid.accepted
+            if amount:
+                try:
+                    after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window,
+                                                             earned_credit=True))
+                except LedgerConflict as exc:
+                    if exc.reason != "insufficient_funds":
+                        raise
+                    # Ask from the channel's spent now: other streams of the channel charge too, and a voucher
+                    # sized from this request's last view would be stale (lower than the node already holds).
+                    now = self.payments.ledger.get(paid.channel_id)
+                    spent = max(now.spent if now else 0, paid.spent)
+                    return False, NeedVoucher(channelId=paid.channel_id, spent=spent, requiredCumulative=spent + amount)
+                paid.spent, accepted = after.spent, after.accepted
+                paid.accepted = accepted
+            paid.precharged -= used
+            paid.cost += amount
+            paid.output_tokens += tokens
+        if not amount:
             return True, None
-        amount = tokens * paid.price.price_per_output_token
-        try:
-            after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window,
-                                                     earned_credit=True))
-            paid.spent, accepted = after.spent, after.accepted
-        except LedgerConflict as exc:
-            if exc.reason != "insufficient_funds":
-                raise
-            return False, NeedVoucher(channelId=paid.channel_id, spent=paid.spent,
-                                      requiredCumulative=paid.spent + amount)
-        paid.cost += amount
         # Ask early, once half the credit window is in use: the other half covers the round trip.
         if paid.spent - accepted >= max(paid.price.credit_window // 2, 1) and paid.asked_at != accepted:
             paid.asked_at = accepted
             return True, NeedVoucher(channelId=paid.channel_id, spent=paid.spent, requiredCumulative=paid.spent)
         return True, None
 
-    async def wait_and_charge(self, paid: PaidRequest, tokens: int) -> bool:
-        """After a blocking payment-need-voucher: wait for vouchers until `tokens` can be charged or the
-        voucher timeout passes (then False: the stream ends)."""
-        deadline = time.monotonic() + paid.price.voucher_timeout_s
+    async def wait_and_charge(self, paid: PaidRequest, tokens: int, *, deadline: float | None = None,
+                              ask_after: float | None = None, asked: int = 0) -> bool | NeedVoucher:
+        """After a blocking payment-need-voucher: wait for vouchers until `tokens` can be charged (True) or
+        `deadline` (monotonic; default: the voucher timeout from now) passes (False: the stream ends). With
+        `ask_after`, a stream still short after that long gets a fresh ask to send before calling again with the
+        same deadline, if the channel's other streams spent since it asked for `asked` (so the voucher it asked
+        for no longer covers it)."""
+        deadline = time.monotonic() + paid.price.voucher_timeout_s if deadline is None else deadline
+        ask_at = time.monotonic() + ask_after if ask_after else deadline
         while True:
             event = self._funds.setdefault(paid.channel_id, asyncio.Event())
-            charged, _ = await self.charge_output(paid, tokens)
+            charged, ask = await self.charge_output(paid, tokens)
             if charged:
                 return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 return False
+            if now >= ask_at and ask is not None and ask.required_cumulative > asked:
+                return ask
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
+                await asyncio.wait_for(event.wait(), min(deadline, ask_at) - now)
 
     async def refund(self, paid: PaidRequest) -> None:
         """Undo a request's charges when it failed before any output left (an engine error or overload)."""
         if paid.cost:
             await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, paid.cost)
-            paid.cost, paid.precharged = 0, 0
+            paid.cost, paid.precharged, paid.output_tokens = 0, 0, 0
 
     async def refund_unused(self, paid: PaidRequest) -> None:
         """A stream that ended before using its precharged output token gives it back (before the receipt)."""
-        if paid.precharged:
-            amount = paid.precharged * paid.price.price_per_output_token
-            paid.spent = await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, amount)
-            paid.cost -= amount
-            paid.precharged = 0
+        with anyio.CancelScope(shield=True):  # a refund that lands is always reflected in the receipt
+            if paid.precharged:
+                amount = paid.precharged * paid.price.price_per_output_token
+                paid.spent = await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, amount)
+                paid.cost -= amount
+                paid.precharged = 0
 
     async def _record(self, voucher: Voucher, model: str | None = None) -> ChannelBalance:
         """Persist a verified voucher (group commit), then wake streams waiting on its channel."""
@@ -399,8 +429,42 @@ class PaymentGate:
             return await self._release(voucher)
         # Its own few threads: vouchers posted by strangers (chain reads for unknown channels) never take the
         # threads paid admissions verify on.
-        await asyncio.get_running_loop().run_in_executor(self._intake, self.payments.verifier.verify, voucher)
-        return await self._record(voucher)
+        state = await asyncio.get_running_loop().run_in_executor(self._intake, self.payments.verifier.verify, voucher)
+        if not await self._contract_signer(None, state):
+            return await self._record(voucher)
+        await self._settle_first(voucher, None)
+        balance = await self._record(voucher)
+        await run_in_threadpool(self.payments.ledger.set_settled, voucher.channel_id, voucher.cumulative_amount)
+        return balance
+
+    # -- contract (ERC-1271) signers ----------------------------------------------------------
+
+    async def _contract_signer(self, model: str | None, state: ChannelState) -> bool:
+        """Whether the channel's signer is a contract, whose vouchers must then be settled before they count
+        (`contract_signers = "settle_first"`); refused under the default "refuse". A contract can revoke its
+        signatures after being served, and a voucher that no longer verifies on-chain cannot be settled."""
+        chain, signer = self.payments.chain, state.authorized_signer
+        known = chain.known_contract(signer)  # cached: no thread hop on the admission path
+        if not (known if known is not None else await run_in_threadpool(chain.is_contract, signer)):
+            return False
+        if self.config.contract_signers == "refuse":
+            message = (f"channel signer {state.authorized_signer} is a contract (ERC-1271); this node serves only "
+                       "channels whose session signer is a key: open one with an EOA session key")
+            if model is None:
+                raise VoucherRejected("contract_signer", message)
+            raise self.needed(model, "contract_signer", message)
+        return True
+
+    async def _settle_first(self, voucher: Voucher, model: str | None) -> None:
+        try:
+            await run_in_threadpool(self.payments.worker.settle_now, voucher.channel_id, voucher.cumulative_amount,
+                                    voucher.signature)
+        except Exception as exc:  # a revoked or refusing contract signer: the voucher is worth nothing
+            message = (f"the channel's contract signer did not let this voucher settle on-chain ({type(exc).__name__}"
+                       "); it is not counted")
+            if model is None:
+                raise VoucherRejected("signer_refused", message) from None
+            raise self.needed(model, "signer_refused", message) from None
 
     async def _release(self, voucher: Voucher) -> ChannelBalance:
         """A voucher below the accepted one, signed by the payer after a receipt: settlement takes it instead

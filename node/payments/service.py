@@ -46,6 +46,7 @@ class PaymentSettings:
     rpc_url: str | None = None  # overrides the deployment file's
     close_margin: int = 60
     min_settle_value: int = 0  # no settle or close for less (its gas would exceed it)
+    confirmations: int = 1  # of a channel's opening before its vouchers count
 
 
 class Payments:
@@ -58,7 +59,8 @@ class Payments:
             raise RuntimeError(f"RPC {self.deployment.rpc_url} is chain {self.w3.eth.chain_id}, "
                                f"but the deployment file says {self.deployment.chain_id}")
         self.payee = payee
-        self.chain = ChannelChain(self.w3, self.deployment, ttl=settings.cache_ttl)
+        self.chain = ChannelChain(self.w3, self.deployment, ttl=settings.cache_ttl,
+                                  confirmations=settings.confirmations)
         self.ledger = Ledger(settings.data_dir / "ledger.sqlite")
         self.domain = VoucherDomain(self.deployment.chain_id, self.deployment.payment_channels)
         self.verifier = VoucherVerifier(self.domain, self.chain, self.ledger, payee.address,

@@ -3,21 +3,35 @@ close's grace period ends, and at shutdown.
 
 Stateless beyond the ledger and the chain: after a restart it reads both and carries on. The chain is
 authoritative for what is settled, so a settle that landed just before a crash is never sent twice.
+
+One channel cannot block the others: whatever one raises (a reverted transaction, an opening reorganised
+away, an RPC error) is logged with its reason and that channel alone is retried with exponential backoff,
+while the round goes on; a shutdown flush tries every channel, backoff or not.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from eth_account.signers.local import LocalAccount
 
-from client.tx import TransactionFailed
 from node.payments.chain import ChannelChain
 from node.payments.ledger import ChannelBalance, Ledger
 
 log = logging.getLogger("dcml.settlement")
+
+
+class ChannelGone(Exception):
+    """The ledger holds vouchers for a channel the chain does not have (its opening was reorganised away)."""
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why, for the log (no traceback: a failing channel is retried, not a crash)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,10 @@ class SettlementWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._round = threading.Lock()  # one round at a time (the loop and a shutdown flush)
+        # Per channel: consecutive failures and when to try again (monotonic). The cap keeps a requested close
+        # retried well inside its grace period.
+        self._failures: dict[str, tuple[int, float]] = {}
+        self.max_backoff = max(60.0, interval)
 
     # -- one pass --------------------------------------------------------------------------------
 
@@ -61,25 +79,46 @@ class SettlementWorker:
         with self._round:
             tokens: set[str] = set()
             for balance in self.ledger.open_channels():
+                cid = balance.channel_id
+                failures, retry_at = self._failures.get(cid, (0, 0.0))
+                if not flush and time.monotonic() < retry_at:
+                    continue
                 try:
                     action = self._handle(balance, flush=flush)
-                except TransactionFailed as exc:
-                    # Leave it in the ledger: the next round retries; nothing is marked settled.
-                    log.error("settlement of %s failed: %s", balance.channel_id, exc)
+                    if action:
+                        tokens.add(self.chain.book.params(bytes.fromhex(cid[2:])).token)
+                except Exception as exc:  # this channel only: leave it in the ledger, nothing is marked settled
+                    delay = min(self.interval * 2**failures, self.max_backoff)
+                    self._failures[cid] = (failures + 1, time.monotonic() + delay)
+                    log.error("settlement of %s failed (%d in a row; retrying in %.0f s): %s", cid, failures + 1,
+                              delay, _reason(exc))
                     continue
+                self._failures.pop(cid, None)
                 if action:
                     done.append(action)
-                    tokens.add(self.chain.book.params(bytes.fromhex(balance.channel_id[2:])).token)
             if self.auto_claim:
                 for token in tokens:
                     self._claim(token)
         return done
+
+    def settle_now(self, channel_id: str, cumulative: int, signature: str) -> None:
+        """Settle one voucher on-chain now (before it is counted: a contract signer's channel), between rounds:
+        the payee's transactions go one at a time. Raises what the chain raised (it was not settled)."""
+        with self._round:
+            self.chain.settle(self.payee, bytes.fromhex(channel_id[2:]), cumulative, bytes.fromhex(signature[2:]))
+
+    def failing(self) -> dict[str, int]:
+        """Channels whose settlement is failing now, with their consecutive failures."""
+        return {cid: n for cid, (n, _) in self._failures.items()}
 
     def _handle(self, balance: ChannelBalance, *, flush: bool) -> SettlementAction | None:
         channel_id = bytes.fromhex(balance.channel_id[2:])
         state = self.chain.channel(channel_id, fresh=True)
         if state.settled > balance.settled or state.finalized:  # landed before a crash, or closed on-chain
             self.ledger.set_settled(balance.channel_id, state.settled, finalized=state.finalized)
+        if state.deposit == 0 and not state.finalized:  # a channel exists iff its deposit is not 0
+            raise ChannelGone(f"channel {balance.channel_id} is not on the chain (its opening was reorganised "
+                              f"away); {balance.accepted - balance.settled} accepted stays unsettled in the ledger")
         target, sig_hex = balance.settle_target  # what was served, when the payer released a reservation
         if state.finalized:
             if target > state.settled:
@@ -103,11 +142,11 @@ class SettlementWorker:
         return None
 
     def _claim(self, token: str) -> None:
-        if self.chain.earnings(token, self.payee.address) > 0:
-            try:
+        try:
+            if self.chain.earnings(token, self.payee.address) > 0:
                 self.chain.claim(self.payee, token)
-            except TransactionFailed as exc:
-                log.error("claiming earnings in %s failed: %s", token, exc)
+        except Exception as exc:  # earnings stay claimable; the next settling round claims them
+            log.error("claiming earnings in %s failed: %s", token, _reason(exc))
 
     # -- background loop -------------------------------------------------------------------------
 

@@ -72,6 +72,12 @@ class VoucherVerifier:
             ) from exc
         if state.finalized:
             raise VoucherRejected("channel_finalized", f"channel {voucher.channel_id} is closed; open a new one")
+        if state.deposit == 0:  # a channel exists iff its deposit is not 0: this opening was reorganised away
+            raise VoucherRejected("unknown_channel", f"channel {voucher.channel_id} is not on the chain any more (its "
+                                  "opening was reorganised away); open it again")
+        if not self.chain.confirmed(channel_id):
+            raise VoucherRejected("channel_unconfirmed", f"channel {voucher.channel_id} was opened less than "
+                                  f"{self.chain.confirmations} blocks ago; retry once it has that many confirmations")
         if state.payee.lower() != self.payee:
             raise VoucherRejected("wrong_payee", f"channel {voucher.channel_id} pays {state.payee}, not this node")
         if amount > state.deposit:

@@ -314,7 +314,8 @@ def create_app(
     @app.get("/health")
     async def health(request: Request) -> Response:
         s = node_state(request)
-        ready = bool(getattr(s.engine, "ready", True))  # an upstream engine (vLLM) may be down or still loading
+        check = getattr(s.engine, "check_ready", None)  # an upstream engine (vLLM) may be down or still loading
+        ready = await check() if check is not None else True
         body = {"status": "ok" if ready else "unavailable", "model": s.engine.model_name,
                 "address": s.identity.address, "tee": s.provider.tee_type, "version": __version__}
         return JSONResponse(body, status_code=200 if ready else 503)

@@ -157,6 +157,18 @@ class OpenAIUpstreamEngine:
         self.ready = True
         return True
 
+    async def check_ready(self) -> bool:
+        """Ask the upstream now (for /health): a dead upstream is marked down at once, not at the next request."""
+        if self._client is None:
+            return False
+        try:
+            if await self._probe():
+                return True
+        except UpstreamError:
+            pass
+        self._mark_down()
+        return False
+
     def _mark_down(self) -> None:
         if self.ready:
             log.warning("upstream_down", base_url=self.base_url)

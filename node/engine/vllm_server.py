@@ -56,6 +56,7 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else None
         self.env = {**os.environ, **BASE_ENV, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self._shm_before: set[str] = set()
 
     @property
     def base_url(self) -> str:
@@ -64,6 +65,7 @@ class VLLMServer:
     def start(self) -> None:
         if not self.python.exists():
             raise VLLMStartError(f"{self.python} not found: build vLLM's virtualenv with `make vllm-venv`")
+        self._shm_before = _shm_names()
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (kept by Popen)
         # Its own process group: stop() ends vLLM's engine-core child too.
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT,
@@ -98,6 +100,8 @@ class VLLMServer:
         self._signal(signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait()
+            time.sleep(0.5)  # its engine-core child dies with the group; let the kernel reap it
+        self._remove_leaked_shm()
 
     def stop(self, grace_s: float = 20.0) -> None:
         if self.proc is None:
@@ -111,6 +115,18 @@ class VLLMServer:
                 self.proc.wait()
         self._signal(signal.SIGKILL)  # children left behind by a parent that exited
         self.proc = None
+        self._remove_leaked_shm()
+
+    def _remove_leaked_shm(self) -> None:
+        """A killed vLLM leaves its shared-memory queues (torch `psm_*`, `sem.mp-*`, sparse files of ~200 MB) in
+        /dev/shm; remove those that appeared since start() and that no live process has open or mapped."""
+        new = {n for n in _shm_names() - self._shm_before if n.startswith(("psm_", "sem.mp-"))}
+        if not new:
+            return
+        used = _shm_in_use()
+        for name in new - used:
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{name}")
 
     def _signal(self, sig: int) -> None:
         if self.proc is not None:
@@ -128,6 +144,30 @@ class VLLMServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _shm_names() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+def _shm_in_use() -> set[str]:
+    """Names under /dev/shm that some process has open (fd) or mapped."""
+    used: set[str] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("/dev/shm/"):
+                        used.add(target[len("/dev/shm/"):].split(" ")[0])
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                if "/dev/shm/" in line:
+                    used.add(line.split("/dev/shm/", 1)[1].split()[0])
+    return used
 
 
 class SupervisedVLLMEngine(OpenAIUpstreamEngine):

@@ -179,6 +179,20 @@ def test_vllm_400_comes_back_as_400_with_its_message(vllm, node):
         assert err["message"] == want.json()["error"]["message"] and err["type"] == "invalid_request_error"
 
 
+def test_tools_reach_vllm(vllm, node):
+    # This vLLM runs without a tool-call parser (the demo model has none): a named tool_choice is refused by vLLM
+    # itself, which shows tools and tool_choice arrive as sent; the node returns vLLM's 400 unchanged.
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    body = {"messages": MESSAGES, "max_tokens": 8, "tools": [tool],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    want = direct(vllm, "/v1/chat/completions", body)
+    got = via_node(node, "/v1/chat/completions", body)
+    assert want.status_code == got.status_code == 400
+    assert got.json()["error"]["message"] == want.json()["error"]["message"]
+    assert "tool" in got.json()["error"]["message"]
+
+
 def test_paid_answers_are_receipted_and_settle_to_the_wei(vllm, w3, deployment, payer, tmp_path):
     srv, identity, app = paid_node(vllm, w3, deployment, tmp_path)
     client = RawPayer(w3, deployment, payer, srv.url, identity.address, model=MODEL)

@@ -67,7 +67,7 @@ class UpstreamError(EngineFailed):
 
 
 class _UpstreamStatus(UpstreamError):
-    """The upstream answered with a 5xx status (it is up, but failed this request)."""
+    """The upstream answered with a 5xx status or an error event (it is up, but failed this request)."""
 
 
 class OpenAIUpstreamEngine:
@@ -143,9 +143,12 @@ class OpenAIUpstreamEngine:
             r = await self._client.get("/v1/models", timeout=5.0)
         except httpx.HTTPError:
             return False
-        if r.status_code != 200:
+        try:
+            models = {m.get("id"): m for m in r.json().get("data") or []} if r.status_code == 200 else None
+        except (ValueError, AttributeError):
+            models = None
+        if models is None:
             return False
-        models = {m.get("id"): m for m in r.json().get("data") or []}
         if self.model_name not in models:
             raise UpstreamError(f"the upstream at {self.base_url} serves {sorted(models)}, not {self.model_name!r}: "
                                 "set engine.served_model_name to what it serves")
@@ -280,7 +283,7 @@ async def _parse_stream(resp: httpx.Response) -> AsyncIterator[TokenChunk]:
             break
         obj = json.loads(data)
         if isinstance(obj.get("error"), dict):  # vLLM reports a failure inside the stream this way
-            raise UpstreamError(f"upstream error event: {str(obj['error'].get('message'))[:500]}")
+            raise _UpstreamStatus(f"upstream error event: {str(obj['error'].get('message'))[:500]}")
         if obj.get("usage"):
             usage = obj["usage"]
         for choice in obj.get("choices") or []:

@@ -69,6 +69,7 @@ UNSUPPORTED = [
     ("completion", {"best_of": 2}, "best_of"),
     ("completion", {"suffix": "!"}, "suffix"),
     ("completion", {"logprobs": 1}, "logprobs"),
+    ("completion", {"logprobs": 0}, "logprobs"),  # 0 is not "no logprobs": the sampled token's own
     ("completion", {"extra_body": {"ignore_eos": True}}, "ignore_eos"),
     ("completion", {"extra_body": {"min_tokens": 4}}, "min_tokens"),
     ("completion", {"extra_body": {"top_k": 5}}, "top_k"),
@@ -77,7 +78,7 @@ UNSUPPORTED = [
 ]
 
 
-@pytest.mark.parametrize("kind,kwargs,name", UNSUPPORTED, ids=[u[2] + "-" + u[0] for u in UNSUPPORTED])
+@pytest.mark.parametrize("kind,kwargs,name", UNSUPPORTED, ids=[f"{u[2]}-{u[0]}-{i}" for i, u in enumerate(UNSUPPORTED)])
 def test_unimplemented_parameters_are_refused_by_name(sdk, kind, kwargs, name):
     client, _ = sdk
     with pytest.raises(openai.BadRequestError) as err:

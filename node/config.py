@@ -72,16 +72,30 @@ class EncryptedModelConfig(_Section):
     manifest_hash: str | None = None
 
 
+class VLLMConfig(_Section):
+    """kind = "openai" with a vLLM the node starts and stops itself (a CPU box, the demo): it serves model_dir, or
+    the encrypted model's tmpfs_dir (whose clear weights are deleted once vLLM has loaded them), on loopback at
+    base_url's port. In a GPU CVM vLLM runs beside the node instead (docker/) and this section is left out."""
+
+    python: Path = Path(".venv-vllm/bin/python")  # `make vllm-venv` builds it
+    max_model_len: int = Field(512, gt=0)
+    dtype: str = "float32"
+    args: list[str] = Field(default_factory=list)  # more `vllm serve` options
+    ready_timeout_s: float = Field(600.0, gt=0)
+    log_file: Path | None = None
+
+
 class EngineConfig(_Section):
     kind: Literal["embedded", "openai", "synthetic"] = "embedded"
     served_model_name: str = "dcml-demo"
     model_dir: Path | None = Path("models/demo")  # embedded
-    base_url: str | None = None  # openai upstream, e.g. "http://127.0.0.1:8001/v1"
+    base_url: str | None = None  # openai upstream, e.g. "http://127.0.0.1:8001" (a trailing /v1 is dropped)
     api_key: SecretStr | None = None  # openai upstream (never printed by show-config)
     # Extra keyword arguments for the engine's constructor (e.g. synthetic: {tokens_per_second = 200}).
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
     # Weights from an encrypted bundle instead of model_dir (embedded: decrypted in memory only).
     encrypted: EncryptedModelConfig | None = None
+    vllm: VLLMConfig | None = None  # openai: start this vLLM (see VLLMConfig)
 
 
 class LimitsConfig(_Section):

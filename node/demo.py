@@ -7,10 +7,15 @@ verifies the node's attestation, opens a channel, streams a paid answer that nee
 and checks every receipt, also against the SLA terms the node published (backed by its registry stake);
 the client closes the channel, the node settles on its own; balances before and after are printed and the
 on-chain movements are checked against the sum of the receipts, to the wei.
+
+`make demo ENGINE=vllm` (`python -m node.demo --engine vllm`) tells the same story on a real vLLM (the CPU
+build in `.venv-vllm`): the node decrypts the weights into tmpfs (/dev/shm), starts vLLM on them, deletes the
+clear copy once vLLM has loaded it, and serves the paid answer through vLLM.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -53,8 +58,25 @@ MAX_TTFT_MS, MIN_TOKENS_PER_SEC = 5000, 5
 STAKE = 100 * 10**18
 
 
+def engine_section(engine: str, work: Path) -> str:
+    if engine == "embedded":
+        return f"""[engine]
+kind = "embedded"
+served_model_name = "{MODEL}"
+"""
+    return f"""[engine]                 # vLLM started by the node on the weights it decrypts into tmpfs
+kind = "openai"
+served_model_name = "{MODEL}"
+base_url = "http://127.0.0.1:{free_port()}"
+[engine.vllm]
+log_file = "{work / 'vllm.log'}"
+"""
+
+
 def node_config(path: Path, data_dir: Path, deployment_file: Path, port: int, bundle_dir: Path,
-                broker_url: str, publisher: str) -> None:
+                broker_url: str, publisher: str, engine: str = "embedded", tmpfs_dir: Path | None = None) -> None:
+    tmpfs = f'tmpfs_dir = "{tmpfs_dir}"  # vLLM reads the clear weights here; deleted once it has loaded them' \
+        if tmpfs_dir else ""
     path.write_text(f"""
 data_dir = "{data_dir}"
 [server]
@@ -62,12 +84,10 @@ port = {port}
 graceful_shutdown_s = 10
 [logging]
 level = "warning"
-[engine]
-kind = "embedded"
-served_model_name = "{MODEL}"
-[engine.encrypted]       # weights from the sealed bundle, key from the publisher's broker, clear only in RAM
+{engine_section(engine, path.parent)}[engine.encrypted]  # sealed weights, key from the publisher's broker
 bundle_dir = "{bundle_dir}"
 broker_url = "{broker_url}"
+{tmpfs}
 [payments]
 enabled = true
 deployment = "{deployment_file}"
@@ -131,11 +151,11 @@ def simulated_measurement() -> bytes:
     return measurement_id(verify_attestation(doc, nonce=nonce, policy=Policy(), allow_simulated=True))
 
 
-def start_node(config: Path, port: int, operator_key: str) -> tuple[subprocess.Popen, str]:
+def start_node(config: Path, port: int, operator_key: str, timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=REPO,
                             env={**os.environ, "DCML_OPERATOR_KEY": operator_key})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit("the node exited during start-up; see its log above")
@@ -145,10 +165,10 @@ def start_node(config: Path, port: int, operator_key: str) -> tuple[subprocess.P
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the node did not start within 120 s")
+    raise SystemExit(f"the node did not start within {timeout_s:g} s")
 
 
-def main() -> None:
+def main(engine: str = "embedded") -> None:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="dcml-demo-"))
     with Devnet(close_grace_period=900) as net:
@@ -165,13 +185,26 @@ def main() -> None:
         deployment_file = work / "deployment.json"
         dep.save(deployment_file)
         port = free_port()
+        tmpfs_dir = Path("/dev/shm") / f"dcml-demo-{work.name}" if engine == "vllm" else None
         node_config(work / "node.toml", work / "node", deployment_file, port, work / "bundle", broker.url,
-                    accounts["publisher"].address)
-        console.print("3. starting the node (embedded engine, [yellow]simulated TEE[/]: it says so below); it "
-                      "attests to the broker, decrypts the model in memory, registers with a stake and "
-                      "publishes its SLA terms…")
-        proc, url = start_node(work / "node.toml", port, dep.accounts["node"].private_key)
+                    accounts["publisher"].address, engine, tmpfs_dir)
+        if tmpfs_dir is None:
+            console.print("3. starting the node (embedded engine, [yellow]simulated TEE[/]: it says so below); it "
+                          "attests to the broker, decrypts the model in memory, registers with a stake and "
+                          "publishes its SLA terms…")
+        else:
+            console.print(f"3. starting the node ([yellow]simulated TEE[/]: it says so below); it attests to the "
+                          f"broker, decrypts the model into tmpfs ({tmpfs_dir}), starts vLLM on it (about a "
+                          "minute on a CPU), registers with a stake and publishes its SLA terms…")
+        proc, url = start_node(work / "node.toml", port, dep.accounts["node"].private_key,
+                               timeout_s=120 if tmpfs_dir is None else 900)
         console.print(f"   the broker released the model key: {broker.released()} release(s) in its audit log")
+        if tmpfs_dir is not None:
+            if tmpfs_dir.exists():
+                raise SystemExit(f"clear weights still in {tmpfs_dir} after vLLM loaded them")
+            served = httpx.get(f"{url}/v1/models").json()["data"][0]
+            console.print(f"   vLLM serves {served['id']} (context {served['max_model_len']} tokens, read from "
+                          f"vLLM); the clear weights are gone from {tmpfs_dir}")
         node_address = httpx.get(f"{url}/health").json()["address"]
         (terms,) = SLACourtClient(w3, dep.sla_court).terms_versions(node_address, model_id_for(MODEL))
         console.print(f"   SLA terms in the court {dep.sla_court}: first token within {terms.max_ttft_ms} ms, "
@@ -252,4 +285,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=("embedded", "vllm"), default="embedded")
+    main(parser.parse_args().engine)

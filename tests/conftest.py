@@ -62,3 +62,26 @@ def session_key() -> LocalAccount:
 @pytest.fixture
 def channels(w3: Web3, deployment: Deployment, payer: LocalAccount) -> ChannelClient:
     return ChannelClient(w3, deployment, payer)
+
+
+@pytest.fixture(scope="session")
+def vllm(tmp_path_factory):
+    """ONE real vLLM (CPU build, `make vllm-venv`) serving models/demo as dcml-demo for the whole session; ready
+    after about a minute. DCML_SKIP_VLLM=1 skips its tests on a machine without .venv-vllm (never on CI)."""
+    from pathlib import Path
+
+    from node.devnet import free_port
+    from node.engine.vllm_server import DEFAULT_PYTHON, VLLMServer
+
+    if not DEFAULT_PYTHON.exists():
+        if os.environ.get("DCML_SKIP_VLLM") == "1":
+            pytest.skip("DCML_SKIP_VLLM=1 and no .venv-vllm")
+        pytest.fail("vLLM's virtualenv is missing: run `make vllm-venv` (make test builds it)")
+    demo = Path(__file__).resolve().parent.parent / "models" / "demo"
+    server = VLLMServer(demo, "dcml-demo", port=free_port(), log_path=tmp_path_factory.mktemp("vllm") / "vllm.log")
+    server.start()
+    try:
+        server.wait_ready(600)
+        yield server
+    finally:
+        server.stop()

@@ -87,13 +87,14 @@ class RawPayer:
     """Opens a channel to a node and pays requests voucher by voucher over plain HTTP."""
 
     def __init__(self, w3: Web3, deployment: Deployment, wallet: LocalAccount, node_url: str, payee: str, *,
-                 deposit: int = 10**18) -> None:
+                 deposit: int = 10**18, model: str = MODEL) -> None:
+        self.model = model
         self.channels = ChannelClient(w3, deployment, wallet)
         self.session = Account.create()
         self.node_url = node_url
         self.payee = payee
         self.channel_id = self.channels.open(payee, deposit, session_key=self.session.address,
-                                             model_id=bytes.fromhex(model_id_for(MODEL)[2:]))
+                                             model_id=bytes.fromhex(model_id_for(model)[2:]))
         self.cumulative = 0
         self.acked: list[int] = []  # voucher amounts the node acknowledged
         self.on_paid = None  # called after each mid-stream voucher is acknowledged (tests crash the node there)
@@ -114,9 +115,9 @@ class RawPayer:
         return r
 
     def ask(self, prompt: str, *, max_tokens: int = 40, stream: bool = True, pay_mid_stream: bool = True,
-            voucher: int | None = None) -> Answer:
+            voucher: int | None = None, **fields) -> Answer:
         """Send a completion; on 402 pay what the node asks (`requiredCumulative`, else prompt + prepay)."""
-        payload = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": stream}
+        payload = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "stream": stream, **fields}
         if stream:
             payload["stream_options"] = {"include_usage": True}
         body = json.dumps(payload).encode()

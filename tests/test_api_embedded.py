@@ -75,3 +75,46 @@ def test_tiny_temperature_is_a_400_beside_healthy_streams(sdk):
             return await asyncio.wait_for(asyncio.gather(*tasks), 120)
 
     assert asyncio.run(run()) == [solo] * 3
+
+
+# Each field the embedded engine does not implement, with a value that would change the answer, sent with the
+# official SDK (typed arguments or extra_body): a 400 naming it, never silently ignored.
+UNSUPPORTED = [
+    ("chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ("chat", {"tool_choice": "none"}, "tool_choice"),
+    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
+    ("chat", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("completion", {"echo": True}, "echo"),
+    ("completion", {"best_of": 2}, "best_of"),
+    ("completion", {"suffix": "!"}, "suffix"),
+    ("completion", {"logprobs": 1}, "logprobs"),
+    ("completion", {"logprobs": 0}, "logprobs"),  # 0 is not "no logprobs": the sampled token's own
+    ("completion", {"extra_body": {"ignore_eos": True}}, "ignore_eos"),
+    ("completion", {"extra_body": {"min_tokens": 4}}, "min_tokens"),
+    ("completion", {"extra_body": {"top_k": 5}}, "top_k"),
+    ("completion", {"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+    ("completion", {"extra_body": {"stop_token_ids": [3]}}, "stop_token_ids"),
+]
+
+
+@pytest.mark.parametrize("kind,kwargs,name", UNSUPPORTED, ids=[f"{u[2]}-{u[0]}-{i}" for i, u in enumerate(UNSUPPORTED)])
+def test_unimplemented_parameters_are_refused_by_name(sdk, kind, kwargs, name):
+    client, _ = sdk
+    with pytest.raises(openai.BadRequestError) as err:
+        if kind == "chat":
+            client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4, **kwargs)
+        else:
+            client.completions.create(model="demo", prompt="Rome", max_tokens=4, **kwargs)
+    body = err.value.body
+    assert body["param"] == name and body["code"] == "unsupported_parameter" and f"`{name}`" in body["message"]
+
+
+def test_implemented_and_neutral_parameters_are_accepted(sdk):
+    client, _ = sdk
+    r = client.completions.create(model="demo", prompt="Rome", max_tokens=4, temperature=0.5, top_p=0.9, seed=3,
+                                  stop=["\n\n"], user="u1", n=1, echo=False, presence_penalty=0,
+                                  frequency_penalty=0.0, logprobs=None)
+    assert r.usage.completion_tokens >= 1

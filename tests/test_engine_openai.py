@@ -113,3 +113,28 @@ def test_unknown_model_is_upstream_error(upstream):
     url, _ = upstream
     with pytest.raises(UpstreamError):
         asyncio.run(run(OpenAIUpstreamEngine(url, "nope"), "x", max_tokens=3))
+
+
+def test_context_and_model_read_from_upstream_and_pool_sized_from_max_inflight(upstream):
+    url, synth = upstream
+    eng = OpenAIUpstreamEngine(url + "/v1", "synthetic", max_context=99, max_inflight=300)  # a trailing /v1 is fine
+
+    async def check():
+        await eng.start()
+        try:
+            assert eng.ready and eng.max_context == synth.max_context
+            pool = eng._client._transport._pool  # httpx's default (100) would queue streams 101..300
+            assert pool._max_connections == 300
+        finally:
+            await eng.stop()
+
+    asyncio.run(check())
+
+
+def test_upstream_down_is_unavailable_until_it_answers():
+    from node.engine.base import EngineUnavailable
+
+    eng = OpenAIUpstreamEngine(f"http://127.0.0.1:{_free_port()}", "m")
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(run(eng, "x", max_tokens=3))
+    assert not eng.ready

@@ -11,11 +11,12 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from client.receipts import ReceiptDomain, model_id_for
 from node import __version__
@@ -120,6 +121,8 @@ def build_engine(settings: NodeSettings, identity: EnclaveIdentity, provider: At
             materialize_to_tmpfs(encrypted_source(settings), identity, provider, e.encrypted.tmpfs_dir,
                                  node_version=__version__)
             tokenizer_dir = e.encrypted.tmpfs_dir
+        if e.vllm is not None:
+            return supervised_vllm(settings, tokenizer_dir, api_key)
         return OpenAIUpstreamEngine(e.base_url, e.served_model_name, api_key=api_key,  # type: ignore[arg-type]
                                     tokenizer_dir=tokenizer_dir, **e.options)
     if e.encrypted is not None:  # decrypted in memory only
@@ -133,6 +136,28 @@ def build_engine(settings: NodeSettings, identity: EnclaveIdentity, provider: At
         raise ValueError(f"engine.model_dir {e.model_dir} is not a directory; build the demo model or set "
                          "engine.kind = 'synthetic'")
     return EmbeddedEngine(e.model_dir, model_name=e.served_model_name, **e.options)  # type: ignore[arg-type]
+
+
+def supervised_vllm(settings: NodeSettings, model_dir: Path | None, api_key: str | None) -> Engine:
+    """`[engine.vllm]`: the node starts vLLM on `model_dir` (the tmpfs copy of an encrypted model: scrubbed once
+    loaded) at base_url's loopback port."""
+    from urllib.parse import urlsplit
+
+    from node.engine.vllm_server import SupervisedVLLMEngine, VLLMServer
+
+    e, v = settings.engine, settings.engine.vllm
+    assert v is not None and e.base_url
+    url = urlsplit(e.base_url)
+    if url.hostname not in ("127.0.0.1", "localhost") or url.port is None:
+        raise ValueError("[engine.vllm] needs engine.base_url on loopback with a port, e.g. http://127.0.0.1:8001")
+    if model_dir is None:
+        raise ValueError("[engine.vllm] needs engine.model_dir (or engine.encrypted)")
+    server = VLLMServer(model_dir, e.served_model_name, port=url.port, host=url.hostname,
+                        max_model_len=v.max_model_len, dtype=v.dtype, python=v.python, extra_args=v.args,
+                        log_path=v.log_file)
+    scrub = e.encrypted.tmpfs_dir if e.encrypted is not None else None
+    return SupervisedVLLMEngine(server, ready_timeout_s=v.ready_timeout_s, scrub_dir=scrub, tokenizer_dir=model_dir,
+                                api_key=api_key, **e.options)  # type: ignore[arg-type]
 
 
 def build_gate(settings: NodeSettings, identity: EnclaveIdentity, engine: Engine, domain: ReceiptDomain,
@@ -318,10 +343,13 @@ def create_app(
         app.include_router(gate.router())
 
     @app.get("/health")
-    async def health(request: Request) -> dict:
+    async def health(request: Request) -> Response:
         s = node_state(request)
-        return {"status": "ok", "model": s.engine.model_name, "address": s.identity.address,
-                "tee": s.provider.tee_type, "version": __version__}
+        check = getattr(s.engine, "check_ready", None)  # an upstream engine (vLLM) may be down or still loading
+        ready = await check() if check is not None else True
+        body = {"status": "ok" if ready else "unavailable", "model": s.engine.model_name,
+                "address": s.identity.address, "tee": s.provider.tee_type, "version": __version__}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:

@@ -60,6 +60,11 @@ class Overloaded(APIError):
     type = "rate_limit_error"
 
 
+class Unavailable(APIError):
+    status = 503
+    type = "service_unavailable"
+
+
 class InternalError(APIError):
     status = 500
     type = "internal_server_error"

@@ -27,6 +27,9 @@ class NodeMetrics:
                                             ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("dcml_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.output_tokens = Counter("dcml_output_tokens", "Output tokens generated", ["model"], registry=r)
+        self.token_mismatch = Counter("dcml_upstream_token_mismatch", "Answers whose upstream usage disagreed "
+                                      "with the node's own token count (billing keeps the node's)", ["kind"],
+                                      registry=r)
         self.errors = Counter("dcml_errors", "Error responses and aborted streams by kind", ["kind"], registry=r)
         self.in_flight = Gauge("dcml_in_flight_requests", "Requests being served now", registry=r)
         self.queue_depth = Gauge("dcml_engine_queue_depth", "Requests waiting in the engine's queue", registry=r)

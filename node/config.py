@@ -140,6 +140,7 @@ class PaymentsConfig(_Section):
     settle_threshold: int = Field(10**18, gt=0)  # settle a channel once this much is unsettled
     settle_interval_s: float = Field(5.0, gt=0)
     close_margin_s: int = Field(60, ge=0)  # refuse vouchers this close to a requested close's deadline
+    batch_settlement: bool = True  # also offer x402's batch-settlement where its contract is deployed
 
 
 class RegistryConfig(_Section):

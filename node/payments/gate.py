@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +30,12 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from web3 import Web3
 
+from client import safejson
 from client.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
 from client.voucher import Voucher
 from client.x402 import (
     ACCEPTANCE_HEADER,
+    MAX_HEADER_BYTES,
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
     PAYMENT_SIGNATURE,
@@ -41,6 +44,7 @@ from client.x402 import (
     ChannelTerms,
     MalformedPayment,
     NeedVoucher,
+    OtherRequirement,
     PaymentRequired,
     PaymentRequirement,
     ResourceInfo,
@@ -49,6 +53,7 @@ from client.x402 import (
 )
 from node.api.errors import APIError, internal_error
 from node.config import PaymentsConfig
+from node.payments.batch import BatchRejected, BatchSettlement, parse_batch_payment
 from node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, VoucherOp
 from node.payments.service import Payments, payments_router
 from node.payments.verifier import VoucherRejected
@@ -129,11 +134,15 @@ class PaidRequest:
     settlement: dict = field(default_factory=dict)  # SettlementResponse fields other than the figures
     asked_at: int = -1  # the accepted amount when we last asked for a voucher (one ask per level)
     precharged: int = 0  # output tokens charged at admission, in the same commit (saves one before the 1st token)
+    writer: LedgerWriter | None = None  # the ledger this request is charged in (batch-settlement has its own)
+    payment_response: str | None = None  # batch-settlement: fixed at admission (the reservation, see batch.py)
 
     @property
     def headers(self) -> dict[str, str]:
         """The response's payment headers with the figures as they stand now: read after the last charge
         (a non-streamed answer) they are the request's final ones."""
+        if self.payment_response is not None:
+            return {ACCEPTANCE_HEADER: self.acceptance, PAYMENT_RESPONSE: self.payment_response}
         figures = ChannelFigures(channelId=self.channel_id, accepted=self.accepted, spent=self.spent, cost=self.cost)
         settlement = SettlementResponse(**self.settlement, amount=str(self.cost),
                                         extensions={SCHEME: figures.to_json()})
@@ -156,6 +165,14 @@ class PaymentGate:
         self.writer = LedgerWriter(payments.ledger)
         self._funds: dict[str, asyncio.Event] = {}  # set when a voucher raises a channel's accepted amount
         self._intake = ThreadPoolExecutor(max_workers=8, thread_name_prefix="voucher-intake")
+        # x402's batch-settlement, offered beside `channel` where its contract is deployed (batch.py).
+        self.batch: BatchSettlement | None = None
+        self.batch_writer: LedgerWriter | None = None
+        if config.batch_settlement and dep.batch_settlement and BatchSettlement.deployed(payments.w3):
+            self.batch = BatchSettlement(payments.w3, chain_id=dep.chain_id, token=self.token, payee=payments.payee,
+                                         rpc_url=dep.rpc_url, data_dir=payments.ledger.path.parent,
+                                         model_registry=dep.model_registry, max_timeout_s=config.response_deadline_s)
+            self.batch_writer = LedgerWriter(self.batch.ledger)
 
     # -- terms -----------------------------------------------------------------------------------
 
@@ -179,10 +196,14 @@ class PaymentGate:
                                   extra=terms)
 
     def needed(self, model: str, error: str, message: str, required: int | None = None, *, amount: int | None = None,
-               channel_id: str | None = None, resource: str = "", status: type[PaymentNeeded] = PaymentNeeded
-               ) -> PaymentNeeded:
+               channel_id: str | None = None, resource: str = "", status: type[PaymentNeeded] = PaymentNeeded,
+               batch_amount: int | None = None, batch_state: dict | None = None) -> PaymentNeeded:
+        accepts: list[PaymentRequirement | OtherRequirement] = [self.requirement(model, amount, channel_id, required)]
+        if self.batch is not None and batch_amount is not None:  # the whole request: batch clients cannot top up
+            offer = self.batch.requirement(batch_amount, batch_state).model_dump(by_alias=True, exclude_none=True)
+            accepts.append(OtherRequirement.model_validate(offer))
         body = PaymentRequired(error=error, resource=ResourceInfo(url=resource or "/", mimeType="application/json"),
-                               accepts=[self.requirement(model, amount, channel_id, required)])
+                               accepts=accepts)
         return status(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
 
     # -- admission -------------------------------------------------------------------------------
@@ -197,15 +218,25 @@ class PaymentGate:
         ahead = max_tokens * terms.price_per_output_token if not stream else min(
             terms.prepay, max_tokens * terms.price_per_output_token)
         need = prompt_cost + ahead  # what admitting this request needs available on the channel
+        worst = prompt_cost + max_tokens * terms.price_per_output_token  # batch-settlement pays it all ahead
 
         def needed(error: str, message: str, required: int | None = None, channel_id: str | None = None,
-                   status: type[PaymentNeeded] = PaymentNeeded) -> PaymentNeeded:
+                   status: type[PaymentNeeded] = PaymentNeeded, batch_state: dict | None = None) -> PaymentNeeded:
             return self.needed(model, error, message, required, amount=need, channel_id=channel_id,
-                               resource=resource, status=status)
+                               resource=resource, status=status, batch_amount=worst, batch_state=batch_state)
 
         if not header:
             raise needed("payment_required", "this request must be paid: open a channel to payTo and send a "
                          f"PaymentPayload with a voucher in the {PAYMENT_SIGNATURE} header")
+        if self.batch is not None:
+            try:
+                batch_payment = parse_batch_payment(_decode(header))
+            except ValueError as exc:
+                raise needed("malformed_payment", str(exc), status=PaymentMalformed) from None
+            if batch_payment is not None:
+                return await self._admit_batch(batch_payment, needed, model=model, request_hash=request_hash,
+                                               prompt_cost=prompt_cost, worst=worst, stream=stream,
+                                               accepted_at=accepted_at)
         try:
             voucher, chosen = parse_payment(header)
         except MalformedPayment as exc:
@@ -258,11 +289,58 @@ class PaymentGate:
                            acceptance=base64.b64encode(acceptance.model_dump_json(by_alias=True).encode()).decode(),
                            settlement=settlement, precharged=1 if first_token else 0)
 
+    async def _admit_batch(self, payment, needed, *, model: str, request_hash: str, prompt_cost: int, worst: int,
+                           stream: bool, accepted_at: float | None) -> PaidRequest:
+        """Admit a batch-settlement payment: the SDK's facilitator verifies it (and submits a deposit), then the
+        voucher's ceiling must cover what was served plus this request's worst case; charged per token as below."""
+        assert self.batch is not None and self.batch_writer is not None
+        terms = self.terms(model)
+        try:
+            bv = await run_in_threadpool(self.batch.verify, payment, worst, terms.model_id)
+        except BatchRejected as exc:
+            raise needed(exc.reason, f"batch-settlement payment refused: {exc}") from None
+        balance = self.batch.ledger.get(bv.channel_id)
+        spent_before = balance.spent if balance else 0
+        if bv.max_claimable - spent_before < worst:
+            state = await run_in_threadpool(self.batch.channel_state, bv.channel_id)
+            raise needed("insufficient_funds", f"voucher ceiling {bv.max_claimable} leaves "
+                         f"{bv.max_claimable - spent_before}; this request needs {worst}", batch_state=state)
+        ops: list[LedgerOp] = []
+        if balance is None or bv.max_claimable > balance.accepted:
+            ops.append(VoucherOp(bv.channel_id, bv.max_claimable, bv.signature))
+        ops.append(ChargeOp(bv.channel_id, prompt_cost))
+        first_token = terms.price_per_output_token if stream and worst > prompt_cost else 0
+        if first_token:
+            ops.append(ChargeOp(bv.channel_id, first_token))
+        now = int(time.time())
+        acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=bv.channel_id,
+                                                acceptedAt=now if accepted_at is None else int(accepted_at),
+                                                deadline=now + self.config.response_deadline_s),
+                                     self.signer, self.receipt_domain)
+        charged = prompt_cost + first_token
+        after = await self._commit_admission(model, bv.channel_id, ops, acceptance, charged,
+                                             spent_before + worst, writer=self.batch_writer)
+        # What the SDK client books (batch.py): this request's reservation and the voucher's ceiling.
+        response = {"success": True, "transaction": bv.deposit_tx or "0x" + bytes(32).hex(), "network":
+                    self.batch.network, "payer": bv.payer, "amount": str(worst),
+                    "extra": {"chargedAmount": str(worst),
+                              "channelState": {"channelId": bv.channel_id, "chargedCumulativeAmount":
+                                               str(bv.max_claimable)},
+                              "royalty": {"modelId": terms.model_id, "paidBy": "node forwards publisherBps of "
+                                          "each claim"}}}
+        header = base64.b64encode(json.dumps(response, separators=(",", ":")).encode()).decode()
+        return PaidRequest(bv.channel_id, terms.model_copy(update={"credit_window": 0}), after.accepted, after.spent,
+                           charged, acceptance=base64.b64encode(acceptance.model_dump_json(by_alias=True).encode())
+                           .decode(), precharged=1 if first_token else 0, writer=self.batch_writer,
+                           payment_response=header)
+
     async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
-                                acceptance: SignedAcceptance, charged: int, required: int) -> ChannelBalance:
+                                acceptance: SignedAcceptance, charged: int, required: int,
+                                writer: LedgerWriter | None = None) -> ChannelBalance:
         """The admission's ledger ops and the acceptance's store write, concurrently; both must succeed
         before anything is sent. An acceptance stored for a refused request is harmless: it never left."""
-        writes = [self.writer.write_many(ops)]
+        writer = writer or self.writer
+        writes = [writer.write_many(ops)]
         if self.record_acceptance is not None:
             writes.append(self.record_acceptance(acceptance))
         ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
@@ -271,7 +349,7 @@ class PaymentGate:
         if isinstance(ledger, BaseException):
             raise ledger
         if stored and isinstance(stored[0], BaseException):  # charged, but the promise is not durable: undo it
-            await run_in_threadpool(self.payments.ledger.refund, channel_id, charged)
+            await run_in_threadpool(writer.ledger.refund, channel_id, charged)
             raise internal_error(stored[0], "acceptance_store") from None
         return ledger[-1]
 
@@ -290,7 +368,8 @@ class PaymentGate:
             return True, None
         amount = tokens * paid.price.price_per_output_token
         try:
-            after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window))
+            after = await (paid.writer or self.writer).write(ChargeOp(paid.channel_id, amount,
+                                                                      paid.price.credit_window))
             paid.spent, accepted = after.spent, after.accepted
         except LedgerConflict as exc:
             if exc.reason != "insufficient_funds":
@@ -322,14 +401,14 @@ class PaymentGate:
     async def refund(self, paid: PaidRequest) -> None:
         """Undo a request's charges when it failed before any output left (an engine error or overload)."""
         if paid.cost:
-            await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, paid.cost)
+            await run_in_threadpool((paid.writer or self.writer).ledger.refund, paid.channel_id, paid.cost)
             paid.cost, paid.precharged = 0, 0
 
     async def refund_unused(self, paid: PaidRequest) -> None:
         """A stream that ended before using its precharged output token gives it back (before the receipt)."""
         if paid.precharged:
             amount = paid.precharged * paid.price.price_per_output_token
-            paid.spent = await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, amount)
+            paid.spent = await run_in_threadpool((paid.writer or self.writer).ledger.refund, paid.channel_id, amount)
             paid.cost -= amount
             paid.precharged = 0
 
@@ -365,4 +444,18 @@ class PaymentGate:
     def close(self) -> None:
         self._intake.shutdown(wait=True)
         self.writer.close()
+        if self.batch_writer is not None:
+            self.batch_writer.close()
+        if self.batch is not None:
+            self.batch.close()
+
+
+def _decode(header: str) -> object:
+    """The `PAYMENT-SIGNATURE` JSON, or None when it cannot be read (parse_payment then says why)."""
+    if len(header) > MAX_HEADER_BYTES:
+        return None
+    try:
+        return safejson.loads(base64.b64decode(header, validate=True), max_bytes=MAX_HEADER_BYTES)
+    except (ValueError, RecursionError):
+        return None
 

@@ -146,3 +146,25 @@ def test_stock_sdk_client_pays_streamed_answers_node_claims_and_forwards_royalty
     assert _balance(w3, deployment, identity.address) == before_node + sum(costs) - royalty
     assert gate.batch.claim_once() == []  # nothing new: no second claim, no second royalty
     assert _balance(w3, deployment, publisher.address) == before_pub + royalty
+
+
+def test_shutdown_claims_what_was_served(w3, deployment, node) -> None:
+    """A node stopping claims every served amount (the claim loop's flush), like the channel settler."""
+    from eth_account import Account
+    server, _, gate = node
+    wallet = Account.from_key(deployment.accounts["client2"].private_key)
+    client = x402Client().register(f"eip155:{deployment.chain_id}", BatchSettlementEvmScheme(wallet))
+    client.set_spend_controls({"allowed_assets": [{"network": f"eip155:{deployment.chain_id}",
+                                                   "asset": deployment.token}]})
+
+    async def run() -> int:
+        async with x402HttpxClient(client, timeout=60) as http:
+            r = await http.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            return SignedReceipt.from_header(r.headers["x-dcml-receipt"]).receipt.cost
+
+    cost = asyncio.run(run())
+    (balance,) = gate.batch.ledger.open_channels()
+    server.stop()
+    bs = w3.eth.contract(address=Web3.to_checksum_address(BATCH_SETTLEMENT_ADDRESS), abi=BATCH_SETTLEMENT_ABI)
+    assert bs.functions.channels(bytes.fromhex(balance.channel_id[2:])).call()[1] == cost

@@ -218,6 +218,35 @@ class BatchSettlement:
         log.info("batch_claimed", extra={"channel": channel_id, "claimed": total - before, "royalty": max(owed, 0)})
         return ClaimResult(channel_id, total - before, total, publisher, max(owed, 0), claim_tx, settle_tx, royalty_tx)
 
+    # -- the claim loop --------------------------------------------------------------------------
+
+    def start(self, *, interval: float, threshold: int) -> None:
+        """Claim in the background whenever a channel's unclaimed served amount reaches `threshold`."""
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    if any(b.spent - b.settled >= threshold for b in self.ledger.open_channels()):
+                        self.claim_once()
+                except Exception as exc:  # the chain may be briefly unreachable: try again next round
+                    log.warning("batch_claim_failed", extra={"error": str(exc)[:200]})
+
+        self._thread = threading.Thread(target=loop, name="batch-claims", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, flush: bool = True) -> None:
+        """Stop the loop and (by default) claim whatever was served and not yet claimed."""
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        if flush:
+            try:
+                self.claim_once()
+            except Exception as exc:  # left for the next start: the ledger keeps every voucher
+                log.warning("batch_claim_failed", extra={"error": str(exc)[:200]})
+
     def close(self) -> None:
         self.ledger.close()
         self._db.close()

@@ -173,6 +173,7 @@ class PaymentGate:
                                          rpc_url=dep.rpc_url, data_dir=payments.ledger.path.parent,
                                          model_registry=dep.model_registry, max_timeout_s=config.response_deadline_s)
             self.batch_writer = LedgerWriter(self.batch.ledger)
+            self.batch.start(interval=config.settle_interval_s, threshold=config.settle_threshold)
 
     # -- terms -----------------------------------------------------------------------------------
 
@@ -447,6 +448,7 @@ class PaymentGate:
         if self.batch_writer is not None:
             self.batch_writer.close()
         if self.batch is not None:
+            self.batch.stop(flush=True)  # claims what was served before the process exits
             self.batch.close()
 
 

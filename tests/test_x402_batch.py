@@ -168,3 +168,44 @@ def test_shutdown_claims_what_was_served(w3, deployment, node) -> None:
     server.stop()
     bs = w3.eth.contract(address=Web3.to_checksum_address(BATCH_SETTLEMENT_ADDRESS), abi=BATCH_SETTLEMENT_ABI)
     assert bs.functions.channels(bytes.fromhex(balance.channel_id[2:])).call()[1] == cost
+
+
+class _Recording(httpx.AsyncHTTPTransport):
+    """Keeps every PAYMENT-SIGNATURE the SDK sends (an eavesdropper's copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if PAYMENT_SIGNATURE in request.headers:
+            self.sent.append(request.headers[PAYMENT_SIGNATURE])
+        return await super().handle_async_request(request)
+
+
+def test_replayed_deposit_is_refused_and_credits_nothing(w3, deployment, node) -> None:
+    from eth_account import Account
+    from x402.http.clients.httpx import x402AsyncTransport
+    server, _, gate = node
+    wallet = Account.from_key(deployment.accounts["client3"].private_key)
+    client = x402Client().register(f"eip155:{deployment.chain_id}", BatchSettlementEvmScheme(wallet))
+    client.set_spend_controls({"allowed_assets": [{"network": f"eip155:{deployment.chain_id}",
+                                                   "asset": deployment.token}]})
+    recording = _Recording()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 4}
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=x402AsyncTransport(client, recording), timeout=60) as http:
+            r = await http.post(f"{server.url}/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+
+    asyncio.run(run())
+    (deposit,) = recording.sent
+    assert json.loads(base64.b64decode(deposit))["payload"]["type"] == "deposit"
+    (before,) = gate.batch.ledger.open_channels()
+    bs = w3.eth.contract(address=Web3.to_checksum_address(BATCH_SETTLEMENT_ADDRESS), abi=BATCH_SETTLEMENT_ABI)
+    onchain = bs.functions.channels(bytes.fromhex(before.channel_id[2:])).call()
+    r = httpx.post(f"{server.url}/v1/completions", headers={PAYMENT_SIGNATURE: deposit}, json=body, timeout=30)
+    assert r.status_code == 402 and PAYMENT_REQUIRED in r.headers  # the ERC-3009 authorization is spent
+    assert bs.functions.channels(bytes.fromhex(before.channel_id[2:])).call() == onchain  # no second deposit
+    assert gate.batch.ledger.get(before.channel_id) == before  # nothing charged

@@ -47,7 +47,7 @@ def node(w3, deployment, publisher, tmp_path):
     settings = load_settings(
         None, data_dir=tmp_path / "node",
         engine={"kind": "synthetic", "served_model_name": MODEL, "model_dir": None},
-        payments={"enabled": True, "deployment": path, "settle_threshold": 10**30,
+        payments={"enabled": True, "deployment": path, "settle_threshold": 10**30, "settle_interval_s": 0.2,
                   "prices": {MODEL: {"price_per_input_token": PRICE_IN, "price_per_output_token": PRICE_OUT}}})
     identity = EnclaveIdentity.generate()
     fund(w3, identity.address)
@@ -209,3 +209,41 @@ def test_replayed_deposit_is_refused_and_credits_nothing(w3, deployment, node) -
     assert r.status_code == 402 and PAYMENT_REQUIRED in r.headers  # the ERC-3009 authorization is spent
     assert bs.functions.channels(bytes.fromhex(before.channel_id[2:])).call() == onchain  # no second deposit
     assert gate.batch.ledger.get(before.channel_id) == before  # nothing charged
+
+
+def test_a_payer_withdrawal_stops_admission_and_is_claimed_at_once(w3, deployment, node) -> None:
+    """After `withdrawDelay` the payer takes what is unclaimed: the node claims as soon as it sees the
+    withdrawal (not at its threshold) and admits nothing more on that channel."""
+    import time
+
+    from eth_account import Account
+    from x402.http.clients.httpx import x402AsyncTransport
+    from x402.mechanisms.evm.batch_settlement.facilitator.utils import to_contract_channel_config
+    from x402.mechanisms.evm.batch_settlement.types import ChannelConfig
+
+    from client.tx import send
+    server, _, gate = node
+    wallet = Account.from_key(deployment.accounts["client2"].private_key)
+    client = x402Client().register(f"eip155:{deployment.chain_id}", BatchSettlementEvmScheme(wallet))
+    client.set_spend_controls({"allowed_assets": [{"network": f"eip155:{deployment.chain_id}",
+                                                   "asset": deployment.token}]})
+    recording = _Recording()
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 4}
+
+    async def pay() -> httpx.Response:
+        async with httpx.AsyncClient(transport=x402AsyncTransport(client, recording), timeout=60) as http:
+            return await http.post(f"{server.url}/v1/completions", json=body)
+
+    assert asyncio.run(pay()).status_code == 200
+    (balance,) = gate.batch.ledger.open_channels()
+    config = ChannelConfig.from_dict(json.loads(base64.b64decode(recording.sent[0]))["payload"]["channelConfig"])
+    bs = w3.eth.contract(address=Web3.to_checksum_address(BATCH_SETTLEMENT_ADDRESS), abi=BATCH_SETTLEMENT_ABI)
+    send(w3, wallet, bs.functions.initiateWithdraw(to_contract_channel_config(config), 10**30 >> 40))
+    cid = bytes.fromhex(balance.channel_id[2:])
+    deadline = time.monotonic() + 20
+    while bs.functions.channels(cid).call()[1] != balance.spent:
+        assert time.monotonic() < deadline, "the node did not claim after the payer's withdrawal"
+        time.sleep(0.1)
+    r = asyncio.run(pay())
+    assert r.status_code == 402 and r.json()["error"]["code"] == "withdraw_pending"  # its payer is leaving
+    assert gate.batch.ledger.get(balance.channel_id).spent == balance.spent

@@ -150,6 +150,9 @@ class BatchSettlement:
         result = self.facilitator.verify(payment, requirements)
         if not result.is_valid:
             raise BatchRejected(result.invalid_reason or "invalid_payment", result.invalid_message or "")
+        if int((result.extra or {}).get("withdrawRequestedAt") or 0):  # the payer is leaving: the loop claims now
+            raise BatchRejected("withdraw_pending", "the payer initiated a withdrawal from this channel; open a new "
+                                "one (another salt) or let it finish")
         config = ChannelConfig.from_dict(raw["channelConfig"])
         voucher = raw["voucher"]
         channel_id = voucher["channelId"].lower()
@@ -227,13 +230,21 @@ class BatchSettlement:
         def loop() -> None:
             while not self._stop.wait(interval):
                 try:
-                    if any(b.spent - b.settled >= threshold for b in self.ledger.open_channels()):
+                    if any(self._due(b, threshold) for b in self.ledger.open_channels()):
                         self.claim_once()
                 except Exception as exc:  # the chain may be briefly unreachable: try again next round
                     log.warning("batch_claim_failed", extra={"error": str(exc)[:200]})
 
         self._thread = threading.Thread(target=loop, name="batch-claims", daemon=True)
         self._thread.start()
+
+    def _due(self, balance, threshold: int) -> bool:
+        """Claim past the threshold, and at once when the payer has initiated a withdrawal: after its delay the
+        payer takes whatever is unclaimed (the node's whole exposure is that delay's worth of claims)."""
+        if balance.spent <= balance.settled:
+            return False
+        return (balance.spent - balance.settled >= threshold
+                or read_channel_state(self.signer, balance.channel_id).withdraw_requested_at != 0)
 
     def stop(self, *, flush: bool = True) -> None:
         """Stop the loop and (by default) claim whatever was served and not yet claimed."""

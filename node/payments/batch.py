@@ -49,7 +49,6 @@ from x402.mechanisms.evm.signers import FacilitatorWeb3Signer
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from client.contracts import contract
-from client.tx import send
 from node.payments.ledger import Ledger
 
 log = logging.getLogger("dcml.batch_settlement")
@@ -111,7 +110,8 @@ class BatchSettlement:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS channels (id TEXT PRIMARY KEY, config TEXT NOT NULL, "
-                         "model_id TEXT NOT NULL, forwarded TEXT NOT NULL DEFAULT '0')")
+                         "model_id TEXT NOT NULL, forwarded TEXT NOT NULL DEFAULT '0', pending_tx TEXT, "
+                         "pending_amount TEXT)")
         self._lock = threading.Lock()
         self._claiming = threading.Lock()
 
@@ -203,23 +203,66 @@ class BatchSettlement:
                 raise RuntimeError(f"claim failed: {done.error_reason} {done.error_message or ''}")
             claim_tx = done.transaction
         total = read_channel_state(self.signer, channel_id).total_claimed
-        self.ledger.set_settled(channel_id, total)
         sweep = SettlePayload(receiver=self.payee.address, token=self.token)
         done = self.facilitator.settle(PaymentPayload(payload=sweep.to_dict(), accepted=requirements), requirements)
         if done.success:
             settle_tx = done.transaction
+        self._resolve_pending(channel_id)  # a royalty transfer sent before a crash counts once
+        forwarded = self._channel(channel_id)[2]
         registry = contract(self.w3, "ModelRegistry", self.model_registry)
         publisher, bps = registry.functions.terms(bytes.fromhex(model_id[2:])).call()
         owed = total * bps // 10_000 - forwarded
         royalty_tx = ""
         if owed > 0 and int(publisher, 16) != 0:
-            receipt = send(self.w3, self.payee, self.erc20.functions.transfer(publisher, owed),
-                           action="forward the publisher's batch-settlement royalty")
-            royalty_tx = "0x" + bytes(receipt["transactionHash"]).hex().removeprefix("0x")
-            with self._lock:
-                self._db.execute("UPDATE channels SET forwarded = ? WHERE id = ?", (str(forwarded + owed), channel_id))
+            royalty_tx = self._forward(channel_id, publisher, owed)
+        # Last: a round cut short before here (sweep or royalty failed) is redone whole; each step is idempotent.
+        self.ledger.set_settled(channel_id, total)
         log.info("batch_claimed", extra={"channel": channel_id, "claimed": total - before, "royalty": max(owed, 0)})
         return ClaimResult(channel_id, total - before, total, publisher, max(owed, 0), claim_tx, settle_tx, royalty_tx)
+
+    def _forward(self, channel_id: str, publisher: str, amount: int) -> str:
+        """Pays the publisher `amount`, exactly once across crashes: the signed transaction's hash is stored
+        before it is sent, and a later round settles a stored one from the chain before sending anything new."""
+        self._resolve_pending(channel_id)
+        if self._db.execute("SELECT pending_tx FROM channels WHERE id = ?", (channel_id,)).fetchone()[0]:
+            raise RuntimeError("a royalty transfer is still pending; the next round settles it")
+        _, _, forwarded = self._channel(channel_id)
+        fn = self.erc20.functions.transfer(Web3.to_checksum_address(publisher), amount)
+        tx = fn.build_transaction({"from": self.payee.address, "chainId": self.w3.eth.chain_id,
+                                   "nonce": self.w3.eth.get_transaction_count(self.payee.address, "pending"),
+                                   "gas": fn.estimate_gas({"from": self.payee.address}) * 2})
+        signed = self.payee.sign_transaction(tx)
+        tx_hash = "0x" + bytes(signed.hash).hex().removeprefix("0x")
+        with self._lock:
+            self._db.execute("UPDATE channels SET pending_tx = ?, pending_amount = ? WHERE id = ?",
+                             (tx_hash, str(amount), channel_id))
+        self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        self._resolve_pending(channel_id, wait=True)
+        if self._channel(channel_id)[2] != forwarded + amount:
+            raise RuntimeError(f"royalty transfer {tx_hash} failed")
+        return tx_hash
+
+    def _resolve_pending(self, channel_id: str, *, wait: bool = False) -> None:
+        row = self._db.execute("SELECT pending_tx, pending_amount, forwarded FROM channels WHERE id = ?",
+                               (channel_id,)).fetchone()
+        if row is None or not row[0]:
+            return
+        tx_hash, amount, forwarded = row[0], int(row[1]), int(row[2])
+        try:
+            receipt = (self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60) if wait
+                       else self.w3.eth.get_transaction_receipt(tx_hash))
+        except Exception:  # not mined: still pending (left for a later round) or never sent (forgotten)
+            try:
+                self.w3.eth.get_transaction(tx_hash)
+                return
+            except Exception:
+                receipt = None
+        with self._lock:
+            if receipt is not None and receipt["status"] == 1:
+                self._db.execute("UPDATE channels SET forwarded = ?, pending_tx = NULL WHERE id = ?",
+                                 (str(forwarded + amount), channel_id))
+            else:
+                self._db.execute("UPDATE channels SET pending_tx = NULL WHERE id = ?", (channel_id,))
 
     # -- the claim loop --------------------------------------------------------------------------
 

@@ -146,6 +146,13 @@ def test_stock_sdk_client_pays_streamed_answers_node_claims_and_forwards_royalty
     assert _balance(w3, deployment, identity.address) == before_node + sum(costs) - royalty
     assert gate.batch.claim_once() == []  # nothing new: no second claim, no second royalty
     assert _balance(w3, deployment, publisher.address) == before_pub + royalty
+    # A crash after the royalty transfer was sent but before it was recorded: the next round finds the stored
+    # transaction mined and counts it, instead of paying the publisher twice.
+    gate.batch._db.execute("UPDATE channels SET forwarded = '0', pending_tx = ?, pending_amount = ? WHERE id = ?",
+                           (result.royalty_tx, str(royalty), balance.channel_id))
+    again = gate.batch._claim(balance.channel_id, balance.accepted, balance.signature, balance.spent)
+    assert again.claimed == 0 and again.publisher_share == 0 and again.royalty_tx == ""
+    assert _balance(w3, deployment, publisher.address) == before_pub + royalty
 
 
 def test_shutdown_claims_what_was_served(w3, deployment, node) -> None:

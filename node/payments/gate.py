@@ -20,10 +20,12 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from eth_account.signers.local import LocalAccount
 from fastapi import APIRouter
@@ -53,7 +55,6 @@ from client.x402 import (
 )
 from node.api.errors import APIError, internal_error
 from node.config import PaymentsConfig
-from node.payments.batch import BatchRejected, BatchSettlement, parse_batch_payment
 from node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, VoucherOp
 from node.payments.service import Payments, payments_router
 from node.payments.verifier import VoucherRejected
@@ -72,6 +73,11 @@ class PaymentMalformed(PaymentNeeded):
     status = 400
     type = "invalid_request_error"
 
+
+if TYPE_CHECKING:
+    from node.payments.batch import BatchSettlement
+
+log = logging.getLogger("dcml.payments")
 
 RecordAcceptance = Callable[[SignedAcceptance], Awaitable[None]]
 
@@ -168,7 +174,18 @@ class PaymentGate:
         # x402's batch-settlement, offered beside `channel` where its contract is deployed (batch.py).
         self.batch: BatchSettlement | None = None
         self.batch_writer: LedgerWriter | None = None
-        if config.batch_settlement and dep.batch_settlement and BatchSettlement.deployed(payments.w3):
+        if config.batch_settlement and dep.batch_settlement:
+            self._start_batch(payments, config)
+
+    def _start_batch(self, payments: Payments, config: PaymentsConfig) -> None:
+        try:  # the x402 SDK is an optional dependency (the `x402` extra)
+            from node.payments.batch import BatchSettlement
+        except ImportError:
+            log.warning("batch-settlement is deployed but the x402 package is missing (pip install 'dcml[x402]'): "
+                        "only the channel scheme is offered")
+            return
+        dep = payments.deployment
+        if BatchSettlement.deployed(payments.w3):
             self.batch = BatchSettlement(payments.w3, chain_id=dep.chain_id, token=self.token, payee=payments.payee,
                                          rpc_url=dep.rpc_url, data_dir=payments.ledger.path.parent,
                                          model_registry=dep.model_registry, max_timeout_s=config.response_deadline_s)
@@ -230,6 +247,8 @@ class PaymentGate:
             raise needed("payment_required", "this request must be paid: open a channel to payTo and send a "
                          f"PaymentPayload with a voucher in the {PAYMENT_SIGNATURE} header")
         if self.batch is not None:
+            from node.payments.batch import parse_batch_payment
+
             try:
                 batch_payment = parse_batch_payment(_decode(header))
             except ValueError as exc:
@@ -294,6 +313,8 @@ class PaymentGate:
                            stream: bool, accepted_at: float | None) -> PaidRequest:
         """Admit a batch-settlement payment: the SDK's facilitator verifies it (and submits a deposit), then the
         voucher's ceiling must cover what was served plus this request's worst case; charged per token as below."""
+        from node.payments.batch import BatchRejected
+
         assert self.batch is not None and self.batch_writer is not None
         terms = self.terms(model)
         try:

@@ -42,7 +42,9 @@ abstract contract ERC3009 is ERC20, EIP712 {
         bytes32 nonce,
         bytes calldata signature
     ) external {
-        _useAuthorization(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature);
+        _useAuthorization(
+            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature
+        );
         _transfer(from, to, value);
     }
 
@@ -58,7 +60,9 @@ abstract contract ERC3009 is ERC20, EIP712 {
         bytes calldata signature
     ) external {
         if (msg.sender != to) revert CallerMustBePayee();
-        _useAuthorization(RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature);
+        _useAuthorization(
+            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature
+        );
         _transfer(from, to, value);
     }
 

@@ -204,6 +204,37 @@ contract x402BatchSettlementTest is TestBase {
         BS.settle(receiver, address(token));
         vm.assertEq(token.balanceOf(receiver), claimAmt);
         vm.assertEq(token.balanceOf(payer) + token.balanceOf(receiver) + token.balanceOf(address(BS)), 1_000 ether);
-        vm.assertLe(token.balanceOf(receiver) + (1_000 ether - token.balanceOf(payer) - token.balanceOf(receiver)), deposit);
+        vm.assertLe(
+            token.balanceOf(receiver) + (1_000 ether - token.balanceOf(payer) - token.balanceOf(receiver)), deposit
+        );
+    }
+
+    function test_erc3009ReceiveOnlyByPayeeAndExpires() public {
+        bytes32 id = BS.getChannelId(_config());
+        (uint256 validAfter, uint256 validBefore, uint256 salt, bytes memory sig) =
+            abi.decode(_collectorData(id, 1 ether, 9), (uint256, uint256, uint256, bytes));
+        bytes32 nonce = keccak256(abi.encode(id, salt));
+        vm.expectRevert(ERC3009.CallerMustBePayee.selector); // nobody front-runs the collector's pull
+        token.receiveWithAuthorization(payer, COLLECTOR, 1 ether, validAfter, validBefore, nonce, sig);
+        vm.warp(validBefore);
+        vm.prank(COLLECTOR);
+        vm.expectRevert(ERC3009.AuthorizationExpired.selector);
+        token.receiveWithAuthorization(payer, COLLECTOR, 1 ether, validAfter, validBefore, nonce, sig);
+    }
+
+    function test_erc3009TransferWithAuthorization() public {
+        bytes32 nonce = keccak256("n");
+        bytes32 structHash = keccak256(
+            abi.encode(
+                token.TRANSFER_WITH_AUTHORIZATION_TYPEHASH(), payer, receiver, 2 ether, 0, block.timestamp + 60, nonce
+            )
+        );
+        bytes memory sig =
+            _sign(payerKey, keccak256(abi.encodePacked("\x19\x01", token.DOMAIN_SEPARATOR(), structHash)));
+        token.transferWithAuthorization(payer, receiver, 2 ether, 0, block.timestamp + 60, nonce, sig);
+        vm.assertEq(token.balanceOf(receiver), 2 ether);
+        vm.assertTrue(token.authorizationState(payer, nonce));
+        vm.expectRevert(ERC3009.AuthorizationUsedAlready.selector);
+        token.transferWithAuthorization(payer, receiver, 2 ether, 0, block.timestamp + 60, nonce, sig);
     }
 }

@@ -117,6 +117,9 @@ def test_stock_sdk_client_pays_streamed_answers_node_claims_and_forwards_royalty
                     assert r.status_code == 200, raw
                     settle = decode_payment_response_header(r.headers[PAYMENT_RESPONSE])
                     assert settle.success and settle.payer.lower() == payer.address.lower()
+                    state = settle.extra["channelState"]  # the commitment: the voucher's digest, as on-chain
+                    assert settle.transaction == "0x" + bs.functions.getVoucherDigest(
+                        bytes.fromhex(state["channelId"][2:]), int(state["chargedCumulativeAmount"])).call().hex()
                     if stream:
                         payloads, signed = parse_sse_stream(raw)
                         verify_signed_receipt(signed, expected_signer=identity.address, request_bytes=body,
@@ -128,12 +131,12 @@ def test_stock_sdk_client_pays_streamed_answers_node_claims_and_forwards_royalty
                     costs.append(signed.receipt.cost)
         return costs
 
+    bs = w3.eth.contract(address=Web3.to_checksum_address(BATCH_SETTLEMENT_ADDRESS), abi=BATCH_SETTLEMENT_ABI)
     before_node = _balance(w3, deployment, identity.address)
     before_pub = _balance(w3, deployment, publisher.address)
     costs = asyncio.run(run())
     (balance,) = gate.batch.ledger.open_channels()
     assert balance.spent == sum(costs) <= balance.accepted  # served = receipts; the ceiling is the reservation
-    bs = w3.eth.contract(address=Web3.to_checksum_address(BATCH_SETTLEMENT_ADDRESS), abi=BATCH_SETTLEMENT_ABI)
     deposited, claimed = bs.functions.channels(bytes.fromhex(balance.channel_id[2:])).call()
     assert deposited >= balance.accepted and claimed == 0
 

@@ -27,13 +27,16 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
 from web3 import Web3
 from x402.mechanisms.evm.batch_settlement.authorizer_signer import LocalAuthorizerSigner
 from x402.mechanisms.evm.batch_settlement.constants import (
     BATCH_SETTLEMENT_ADDRESS,
     MIN_WITHDRAW_DELAY,
     SCHEME_BATCH_SETTLEMENT,
+    VOUCHER_TYPES,
 )
 from x402.mechanisms.evm.batch_settlement.facilitator.scheme import BatchSettlementEvmFacilitator
 from x402.mechanisms.evm.batch_settlement.facilitator.utils import read_channel_state
@@ -45,6 +48,7 @@ from x402.mechanisms.evm.batch_settlement.types import (
     is_deposit_payload,
     is_voucher_payload,
 )
+from x402.mechanisms.evm.batch_settlement.utils import coerce_bytes32, get_batch_settlement_eip712_domain
 from x402.mechanisms.evm.signers import FacilitatorWeb3Signer
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
@@ -165,6 +169,15 @@ class BatchSettlement:
         self._remember(channel_id, config, model_id)
         return BatchVoucher(channel_id, int(voucher["maxClaimableAmount"]), voucher["signature"],
                             Web3.to_checksum_address(config.payer), config, deposit_tx)
+
+    def voucher_digest(self, channel_id: str, max_claimable: int) -> str:
+        """The voucher's EIP-712 digest (the contract's `getVoucherDigest`): the commitment identifier that
+        `PAYMENT-RESPONSE.transaction` names, as for the channel scheme."""
+        signable = encode_typed_data(domain_data=get_batch_settlement_eip712_domain(int(self.network[7:])),
+                                     message_types=VOUCHER_TYPES,
+                                     message_data={"channelId": coerce_bytes32(channel_id),
+                                                   "maxClaimableAmount": max_claimable})
+        return "0x" + keccak(b"\x19\x01" + signable.header + signable.body).hex()
 
     def _remember(self, channel_id: str, config: ChannelConfig, model_id: str) -> None:
         with self._lock:

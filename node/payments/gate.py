@@ -343,9 +343,11 @@ class PaymentGate:
         after = await self._commit_admission(model, bv.channel_id, ops, acceptance, charged,
                                              spent_before + worst, writer=self.batch_writer)
         # What the SDK client books (batch.py): this request's reservation and the voucher's ceiling.
-        response = {"success": True, "transaction": bv.deposit_tx or "0x" + bytes(32).hex(), "network":
-                    self.batch.network, "payer": bv.payer, "amount": str(worst),
-                    "extra": {"chargedAmount": str(worst),
+        commitment = self.batch.voucher_digest(bv.channel_id, bv.max_claimable)
+        response = {"success": True, "transaction": commitment, "network": self.batch.network, "payer": bv.payer,
+                    "amount": str(worst),
+                    "extra": {"chargedAmount": str(worst), **({"depositTransaction": bv.deposit_tx}
+                                                              if bv.deposit_tx else {}),
                               "channelState": {"channelId": bv.channel_id, "chargedCumulativeAmount":
                                                str(bv.max_claimable)},
                               "royalty": {"modelId": terms.model_id, "paidBy": "node forwards publisherBps of "

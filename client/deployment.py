@@ -25,6 +25,7 @@ class Deployment(BaseModel):
     node_registry: str | None = None  # NodeRegistry (None in deployment files written before it existed)
     sla_court: str | None = None  # SLACourt (None in deployment files written before it existed)
     token: str
+    batch_settlement: str | None = None  # x402's batch-settlement contract (canonical address), where placed
     close_grace_period: int
     start_block: int = 0  # where to start looking for the escrow's events
     accounts: dict[str, DevAccount] = {}

@@ -170,6 +170,7 @@ class PaymentsConfig(_Section):
     # stop settling. "refuse" (default): such channels are not served. "settle_first": each new voucher is settled
     # on-chain before it is counted, so what such a payer owes unsettled never exceeds the credit window.
     contract_signers: Literal["refuse", "settle_first"] = "refuse"
+    batch_settlement: bool = True  # also offer x402's batch-settlement where its contract is deployed
 
 
 class RegistryConfig(_Section):

@@ -33,6 +33,13 @@ NODE_MIN_STAKE = 100 * 10**18  # NodeRegistry: least dUSD stake per node
 NODE_UNBONDING_DELAY = 3600  # NodeRegistry: seconds from requestExit to withdrawStake (days on a live chain)
 SLA_DISPUTE_BOND = 10**15  # SLACourt: ETH bond for a no-response dispute
 NODE_EPOCH_LENGTH = 600  # NodeRegistry: least seconds between epoch bumps (re-attestation freshness)
+# x402's batch-settlement contracts live at fixed CREATE2 addresses on every chain; anvil gets our implementation
+# (contracts/src/x402/, no constructor state) placed there, plus the Multicall3 subset the x402 SDK reads through.
+X402_CODE = {
+    "x402BatchSettlement": "0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003",
+    "ERC3009DepositCollector": "0x4020806089470a89826cB9fB1f4059150b550004",
+    "Multicall3Lite": "0xcA11bde05977b3631167028862bE2a173976CA11",
+}
 
 
 def tool(name: str) -> str:
@@ -130,6 +137,13 @@ class Devnet:
         self.stop()
 
 
+def place_x402_contracts(w3: Web3) -> str:
+    """Sets the runtime code of x402's batch-settlement contracts at their canonical addresses (anvil only)."""
+    for name, address in X402_CODE.items():
+        w3.provider.make_request("anvil_setCode", [address, artifact(name)["deployedBytecode"]["object"]])
+    return X402_CODE["x402BatchSettlement"]
+
+
 def deploy_all(w3: Web3, rpc_url: str, *, close_grace_period: int) -> Deployment:
     accounts = dev_accounts()
     deployer = accounts["deployer"]
@@ -146,8 +160,10 @@ def deploy_all(w3: Web3, rpc_url: str, *, close_grace_period: int) -> Deployment
     for role, acct in accounts.items():
         if role != "deployer":
             send(w3, deployer, erc20.functions.mint(acct.address, FAUCET_AMOUNT), action=f"fund {role}")
+    batch_settlement = place_x402_contracts(w3)
     return Deployment(
         chain_id=w3.eth.chain_id,
+        batch_settlement=batch_settlement,
         rpc_url=rpc_url,
         payment_channels=channels,
         model_registry=registry,

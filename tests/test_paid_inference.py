@@ -35,7 +35,8 @@ def test_unpaid_request_gets_402_with_the_channel_terms(node, deployment) -> Non
     assert r.status_code == 402
     assert r.json()["error"]["code"] == "payment_required"
     required = PaymentRequired.from_header(r.headers[PAYMENT_REQUIRED])
-    (req,) = required.accepts
+    req, batch = required.accepts  # x402's batch-settlement beside channel (tests/test_x402_batch.py)
+    assert batch.scheme == "batch-settlement"
     assert req.scheme == "channel" and req.network == f"eip155:{deployment.chain_id}"
     assert req.pay_to == node.identity.address and req.asset == deployment.token
     terms = req.extra

@@ -55,7 +55,8 @@ def _sdk_402(r: httpx.Response) -> SdkPaymentRequired:
     required = decode_payment_required_header(r.headers[PAYMENT_REQUIRED])
     assert isinstance(required, SdkPaymentRequired) and required.x402_version == 2
     assert required.resource is not None and required.resource.url.endswith("/v1/completions")
-    (req,) = required.accepts
+    req, *others = required.accepts  # channel first; x402's batch-settlement beside it (tests/test_x402_batch.py)
+    assert [o.scheme for o in others] == ["batch-settlement"]
     assert req.scheme == "channel" and req.amount.isdigit()
     assert all(isinstance(v, str) for k, v in req.extra.items() if k != "voucherTimeoutSeconds")
     return required
@@ -65,7 +66,7 @@ def test_unpaid_402_is_an_sdk_payment_required_with_amount_and_resource(node, de
     r = _completion(node, max_tokens=5)
     assert r.status_code == 402 and r.json()["error"]["code"] == "payment_required"
     required = _sdk_402(r)
-    (req,) = required.accepts
+    req = required.accepts[0]
     assert req.network == f"eip155:{deployment.chain_id}" and req.pay_to == node.identity.address
     assert int(req.amount) == 3 * PRICE_IN + 5 * PRICE_OUT  # what admitting this request needs now
     assert req.extra["escrow"] == deployment.payment_channels

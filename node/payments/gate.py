@@ -22,10 +22,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 from eth_account.signers.local import LocalAccount
@@ -33,11 +36,13 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from web3 import Web3
 
+from client import safejson
 from client.channel import ChannelState
 from client.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
 from client.voucher import Voucher
 from client.x402 import (
     ACCEPTANCE_HEADER,
+    MAX_HEADER_BYTES,
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
     PAYMENT_SIGNATURE,
@@ -46,6 +51,7 @@ from client.x402 import (
     ChannelTerms,
     MalformedPayment,
     NeedVoucher,
+    OtherRequirement,
     PaymentRequired,
     PaymentRequirement,
     ResourceInfo,
@@ -72,6 +78,11 @@ class PaymentMalformed(PaymentNeeded):
     status = 400
     type = "invalid_request_error"
 
+
+if TYPE_CHECKING:
+    from node.payments.batch import BatchSettlement
+
+log = logging.getLogger("dcml.payments")
 
 RecordAcceptance = Callable[[SignedAcceptance], Awaitable[None]]
 
@@ -135,11 +146,15 @@ class PaidRequest:
     asked_at: int = -1  # the accepted amount when we last asked for a voucher (one ask per level)
     precharged: int = 0  # output tokens charged at admission, in the same commit (saves one before the 1st token)
     output_tokens: int = 0  # output tokens charged (and counted as served): what the receipt's outputTokens says
+    writer: LedgerWriter | None = None  # the ledger this request is charged in (batch-settlement has its own)
+    payment_response: str | None = None  # batch-settlement: fixed at admission (the reservation, see batch.py)
 
     @property
     def headers(self) -> dict[str, str]:
         """The response's payment headers with the figures as they stand now: read after the last charge
         (a non-streamed answer) they are the request's final ones."""
+        if self.payment_response is not None:
+            return {ACCEPTANCE_HEADER: self.acceptance, PAYMENT_RESPONSE: self.payment_response}
         figures = ChannelFigures(channelId=self.channel_id, accepted=self.accepted, spent=self.spent, cost=self.cost)
         settlement = SettlementResponse(**self.settlement, amount=str(self.cost),
                                         extensions={SCHEME: figures.to_json()})
@@ -169,6 +184,26 @@ class PaymentGate:
         self.writer = LedgerWriter(payments.ledger)
         self._funds: dict[str, asyncio.Event] = {}  # set when a voucher raises a channel's accepted amount
         self._intake = ThreadPoolExecutor(max_workers=8, thread_name_prefix="voucher-intake")
+        # x402's batch-settlement, offered beside `channel` where its contract is deployed (batch.py).
+        self.batch: BatchSettlement | None = None
+        self.batch_writer: LedgerWriter | None = None
+        if config.batch_settlement and dep.batch_settlement:
+            self._start_batch(payments, config)
+
+    def _start_batch(self, payments: Payments, config: PaymentsConfig) -> None:
+        try:  # the x402 SDK is an optional dependency (the `x402` extra)
+            from node.payments.batch import BatchSettlement
+        except ImportError:
+            log.warning("batch-settlement is deployed but the x402 package is missing (pip install 'dcml[x402]'): "
+                        "only the channel scheme is offered")
+            return
+        dep = payments.deployment
+        if BatchSettlement.deployed(payments.w3):
+            self.batch = BatchSettlement(payments.w3, chain_id=dep.chain_id, token=self.token, payee=payments.payee,
+                                         rpc_url=dep.rpc_url, data_dir=payments.ledger.path.parent,
+                                         model_registry=dep.model_registry, max_timeout_s=config.response_deadline_s)
+            self.batch_writer = LedgerWriter(self.batch.ledger)
+            self.batch.start(interval=config.settle_interval_s, threshold=config.settle_threshold)
 
     # -- terms -----------------------------------------------------------------------------------
 
@@ -192,10 +227,14 @@ class PaymentGate:
                                   extra=terms)
 
     def needed(self, model: str, error: str, message: str, required: int | None = None, *, amount: int | None = None,
-               channel_id: str | None = None, resource: str = "", status: type[PaymentNeeded] = PaymentNeeded
-               ) -> PaymentNeeded:
+               channel_id: str | None = None, resource: str = "", status: type[PaymentNeeded] = PaymentNeeded,
+               batch_amount: int | None = None, batch_state: dict | None = None) -> PaymentNeeded:
+        accepts: list[PaymentRequirement | OtherRequirement] = [self.requirement(model, amount, channel_id, required)]
+        if self.batch is not None and batch_amount is not None:  # the whole request: batch clients cannot top up
+            offer = self.batch.requirement(batch_amount, batch_state).model_dump(by_alias=True, exclude_none=True)
+            accepts.append(OtherRequirement.model_validate(offer))
         body = PaymentRequired(error=error, resource=ResourceInfo(url=resource or "/", mimeType="application/json"),
-                               accepts=[self.requirement(model, amount, channel_id, required)])
+                               accepts=accepts)
         return status(message, code=error, headers={PAYMENT_REQUIRED: body.to_header()})
 
     def _untrusted_royalty(self, model: str, publisher: str, bps: int) -> str | None:
@@ -223,15 +262,27 @@ class PaymentGate:
         ahead = max_tokens * terms.price_per_output_token if not stream else min(
             terms.prepay, max_tokens * terms.price_per_output_token)
         need = prompt_cost + ahead  # what admitting this request needs available on the channel
+        worst = prompt_cost + max_tokens * terms.price_per_output_token  # batch-settlement pays it all ahead
 
         def needed(error: str, message: str, required: int | None = None, channel_id: str | None = None,
-                   status: type[PaymentNeeded] = PaymentNeeded) -> PaymentNeeded:
+                   status: type[PaymentNeeded] = PaymentNeeded, batch_state: dict | None = None) -> PaymentNeeded:
             return self.needed(model, error, message, required, amount=need, channel_id=channel_id,
-                               resource=resource, status=status)
+                               resource=resource, status=status, batch_amount=worst, batch_state=batch_state)
 
         if not header:
             raise needed("payment_required", "this request must be paid: open a channel to payTo and send a "
                          f"PaymentPayload with a voucher in the {PAYMENT_SIGNATURE} header")
+        if self.batch is not None:
+            from node.payments.batch import parse_batch_payment
+
+            try:
+                batch_payment = parse_batch_payment(_decode(header))
+            except ValueError as exc:
+                raise needed("malformed_payment", str(exc), status=PaymentMalformed) from None
+            if batch_payment is not None:
+                return await self._admit_batch(batch_payment, needed, model=model, request_hash=request_hash,
+                                               prompt_cost=prompt_cost, worst=worst, stream=stream,
+                                               accepted_at=accepted_at)
         try:
             voucher, chosen = parse_payment(header)
         except MalformedPayment as exc:
@@ -302,26 +353,77 @@ class PaymentGate:
                                acceptance.model_dump_json(by_alias=True).encode()).decode(),
                            settlement=settlement, precharged=1 if first_token else 0)
 
+    async def _admit_batch(self, payment, needed, *, model: str, request_hash: str, prompt_cost: int, worst: int,
+                           stream: bool, accepted_at: float | None) -> PaidRequest:
+        """Admit a batch-settlement payment: the SDK's facilitator verifies it (and submits a deposit), then the
+        voucher's ceiling must cover what was served plus this request's worst case; charged per token as below."""
+        from node.payments.batch import BatchRejected
+
+        assert self.batch is not None and self.batch_writer is not None
+        terms = self.terms(model)
+        try:
+            bv = await run_in_threadpool(self.batch.verify, payment, worst, terms.model_id)
+        except BatchRejected as exc:
+            raise needed(exc.reason, f"batch-settlement payment refused: {exc}") from None
+        balance = self.batch.ledger.get(bv.channel_id)
+        spent_before = balance.spent if balance else 0
+        if bv.max_claimable - spent_before < worst:
+            state = await run_in_threadpool(self.batch.channel_state, bv.channel_id)
+            raise needed("insufficient_funds", f"voucher ceiling {bv.max_claimable} leaves "
+                         f"{bv.max_claimable - spent_before}; this request needs {worst}", batch_state=state)
+        ops: list[LedgerOp] = []
+        if balance is None or bv.max_claimable > balance.accepted:
+            ops.append(VoucherOp(bv.channel_id, bv.max_claimable, bv.signature))
+        ops.append(ChargeOp(bv.channel_id, prompt_cost))
+        first_token = terms.price_per_output_token if stream and worst > prompt_cost else 0
+        if first_token:
+            ops.append(ChargeOp(bv.channel_id, first_token))
+        now = int(time.time())
+        acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=bv.channel_id,
+                                                acceptedAt=now if accepted_at is None else int(accepted_at),
+                                                deadline=now + self.config.response_deadline_s),
+                                     self.signer, self.receipt_domain)
+        charged = prompt_cost + first_token
+        after = await self._commit_admission(model, bv.channel_id, ops, acceptance, charged, worst,
+                                             writer=self.batch_writer)
+        # What the SDK client books (batch.py): this request's reservation and the voucher's ceiling.
+        commitment = self.batch.voucher_digest(bv.channel_id, bv.max_claimable)
+        response = {"success": True, "transaction": commitment, "network": self.batch.network, "payer": bv.payer,
+                    "amount": str(worst),
+                    "extra": {"chargedAmount": str(worst), **({"depositTransaction": bv.deposit_tx}
+                                                              if bv.deposit_tx else {}),
+                              "channelState": {"channelId": bv.channel_id, "chargedCumulativeAmount":
+                                               str(bv.max_claimable)},
+                              "royalty": {"modelId": terms.model_id, "paidBy": "node forwards publisherBps of "
+                                          "each claim"}}}
+        header = base64.b64encode(json.dumps(response, separators=(",", ":")).encode()).decode()
+        return PaidRequest(bv.channel_id, terms.model_copy(update={"credit_window": 0}), after.accepted, after.spent,
+                           charged, acceptance=base64.b64encode(acceptance.model_dump_json(by_alias=True).encode())
+                           .decode(), precharged=1 if first_token else 0, writer=self.batch_writer,
+                           payment_response=header)
+
     async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
-                                acceptance: SignedAcceptance | None, charged: int, need: int) -> ChannelBalance:
+                                acceptance: SignedAcceptance | None, charged: int, need: int,
+                                writer: LedgerWriter | None = None) -> ChannelBalance:
         """The admission's ledger ops and the acceptance's store write, concurrently; both must succeed
         before anything is sent. An acceptance stored for a refused request is harmless: it never left."""
-        writes = [self.writer.write_many(ops)]
+        writer = writer or self.writer
+        writes = [writer.write_many(ops)]
         if self.record_acceptance is not None and acceptance is not None:
             writes.append(self.record_acceptance(acceptance))
         ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
         if isinstance(ledger, LedgerConflict) and ledger.reason == "not_increasing" and isinstance(ops[0], VoucherOp):
             # A concurrent request on the channel recorded this voucher (or a higher one) first. It was valid when
             # verified and still names the channel: admit on what is held now (the charges re-check the funds).
-            (ledger,) = await asyncio.gather(self.writer.write_many(ops[1:]), return_exceptions=True)
+            (ledger,) = await asyncio.gather(writer.write_many(ops[1:]), return_exceptions=True)
         if isinstance(ledger, LedgerConflict):  # a concurrent request or voucher on the channel got there first
-            now = self.payments.ledger.get(channel_id)  # ask for what would admit it now, not before the race
+            now = writer.ledger.get(channel_id)  # ask for what would admit it now, not before the race
             raise self.needed(model, ledger.reason, str(ledger), (now.spent if now else 0) + need,
                               channel_id=channel_id) from None
         if isinstance(ledger, BaseException):
             raise ledger
         if stored and isinstance(stored[0], BaseException):  # charged, but the promise is not durable: undo it
-            await run_in_threadpool(self.payments.ledger.refund, channel_id, charged)
+            await run_in_threadpool(writer.ledger.refund, channel_id, charged)
             raise internal_error(stored[0], "acceptance_store") from None
         return ledger[-1]
 
@@ -341,14 +443,14 @@ class PaymentGate:
             accepted = paid.accepted
             if amount:
                 try:
-                    after = await self.writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window,
-                                                             earned_credit=True))
+                    after = await (paid.writer or self.writer).write(ChargeOp(
+                        paid.channel_id, amount, paid.price.credit_window, earned_credit=True))
                 except LedgerConflict as exc:
                     if exc.reason != "insufficient_funds":
                         raise
                     # Ask from the channel's spent now: other streams of the channel charge too, and a voucher
                     # sized from this request's last view would be stale (lower than the node already holds).
-                    now = self.payments.ledger.get(paid.channel_id)
+                    now = (paid.writer or self.writer).ledger.get(paid.channel_id)
                     spent = max(now.spent if now else 0, paid.spent)
                     return False, NeedVoucher(channelId=paid.channel_id, spent=spent, requiredCumulative=spent + amount)
                 paid.spent, accepted = after.spent, after.accepted
@@ -389,7 +491,7 @@ class PaymentGate:
     async def refund(self, paid: PaidRequest) -> None:
         """Undo a request's charges when it failed before any output left (an engine error or overload)."""
         if paid.cost:
-            await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, paid.cost)
+            await run_in_threadpool((paid.writer or self.writer).ledger.refund, paid.channel_id, paid.cost)
             paid.cost, paid.precharged, paid.output_tokens = 0, 0, 0
 
     async def refund_unused(self, paid: PaidRequest) -> None:
@@ -397,7 +499,8 @@ class PaymentGate:
         with anyio.CancelScope(shield=True):  # a refund that lands is always reflected in the receipt
             if paid.precharged:
                 amount = paid.precharged * paid.price.price_per_output_token
-                paid.spent = await run_in_threadpool(self.payments.ledger.refund, paid.channel_id, amount)
+                ledger = (paid.writer or self.writer).ledger
+                paid.spent = await run_in_threadpool(ledger.refund, paid.channel_id, amount)
                 paid.cost -= amount
                 paid.precharged = 0
 
@@ -479,4 +582,19 @@ class PaymentGate:
     def close(self) -> None:
         self._intake.shutdown(wait=True)
         self.writer.close()
+        if self.batch_writer is not None:
+            self.batch_writer.close()
+        if self.batch is not None:
+            self.batch.stop(flush=True)  # claims what was served before the process exits
+            self.batch.close()
+
+
+def _decode(header: str) -> object:
+    """The `PAYMENT-SIGNATURE` JSON, or None when it cannot be read (parse_payment then says why)."""
+    if len(header) > MAX_HEADER_BYTES:
+        return None
+    try:
+        return safejson.loads(base64.b64decode(header, validate=True), max_bytes=MAX_HEADER_BYTES)
+    except (ValueError, RecursionError):
+        return None
 

@@ -1,0 +1,126 @@
+"""What offering x402's batch-settlement costs: header sizes (the 402 with and without the second offer, the
+SDK client's deposit and voucher payloads) and the latency of one paid request paid with a batch-settlement
+voucher beside the same request paid with a `channel` voucher (the baseline), interleaved against one node.
+
+    .venv/bin/python bench/bench_x402_batch.py --requests 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from eth_account import Account  # noqa: E402
+from web3 import Web3  # noqa: E402
+from x402 import x402Client  # noqa: E402
+from x402.http.clients.httpx import x402AsyncTransport  # noqa: E402
+from x402.mechanisms.evm.batch_settlement.client.config import BatchSettlementEvmSchemeOptions  # noqa: E402
+from x402.mechanisms.evm.batch_settlement.client.scheme import BatchSettlementEvmScheme  # noqa: E402
+from x402.mechanisms.evm.batch_settlement.client.voucher import sign_voucher  # noqa: E402
+from x402.mechanisms.evm.signers import EthAccountSigner  # noqa: E402
+
+from client.channel import ChannelClient  # noqa: E402
+from client.receipts import model_id_for  # noqa: E402
+from client.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired  # noqa: E402
+from node.devnet import Devnet  # noqa: E402
+from tests.paid_helpers import MODEL, start_paid_node  # noqa: E402
+
+DEPOSIT = 10**17
+
+
+class _Recording(httpx.AsyncHTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if PAYMENT_SIGNATURE in request.headers:
+            self.sent.append(request.headers[PAYMENT_SIGNATURE])
+        return await super().handle_async_request(request)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=200)
+    args = ap.parse_args()
+    with Devnet() as net, tempfile.TemporaryDirectory() as tmp:
+        dep = net.deployment
+        path = Path(tmp) / "deployment.json"
+        dep.save(path)
+        w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
+        node = start_paid_node(w3, path, Path(tmp) / "node")
+        try:
+            body = json.dumps({"model": MODEL, "prompt": "a b", "max_tokens": 1}).encode()
+            headers = {"content-type": "application/json"}
+            http = httpx.Client(base_url=node.url, timeout=30)
+            r402 = http.post("/v1/completions", content=body, headers=headers)
+            both = json.loads(base64.b64decode(r402.headers[PAYMENT_REQUIRED]))
+            one = len(base64.b64encode(json.dumps({**both, "accepts": both["accepts"][:1]},
+                                                  separators=(",", ":")).encode()))
+            # The SDK's unmodified client opens the batch channel (a deposit payload); we keep what it sent.
+            wallet = Account.from_key(dep.accounts["client2"].private_key)
+            scheme = BatchSettlementEvmScheme(wallet, BatchSettlementEvmSchemeOptions(
+                deposit_strategy=lambda ctx: str(DEPOSIT)))
+            client = x402Client().register(f"eip155:{dep.chain_id}", scheme)
+            client.set_spend_controls({"allowed_assets": [{"network": f"eip155:{dep.chain_id}", "asset": dep.token}]})
+            rec = _Recording()
+
+            async def open_batch() -> None:
+                async with httpx.AsyncClient(transport=x402AsyncTransport(client, rec), timeout=60) as h:
+                    r = await h.post(f"{node.url}/v1/completions", content=body, headers=headers)
+                    assert r.status_code == 200, r.text
+
+            asyncio.run(open_batch())
+            deposit_payload = json.loads(base64.b64decode(rec.sent[0]))
+            offer = deposit_payload["accepted"]
+            vp = scheme._create_voucher_payload(  # one voucher, ceiling = the deposit, covers every request
+                deposit_payload["payload"]["voucher"]["channelId"], str(DEPOSIT), offer["network"],
+                scheme.build_channel_config(__import__("x402.schemas", fromlist=["_"]).PaymentRequirements
+                                            .model_validate(offer)))
+            vp["voucher"] = sign_voucher(EthAccountSigner(wallet), vp["voucher"]["channelId"], DEPOSIT,
+                                         offer["network"]).to_dict()
+            batch = base64.b64encode(json.dumps({"x402Version": 2, "accepted": offer, "payload": vp},
+                                                separators=(",", ":")).encode()).decode()
+            # The channel baseline, as bench_x402.py pays it.
+            payer = Account.from_key(dep.accounts["client"].private_key)
+            session = Account.create()
+            chain = ChannelClient(w3, dep, payer)
+            cid = chain.open(node.identity.address, 10**18, session_key=session.address,
+                             model_id=bytes.fromhex(model_id_for(MODEL)[2:]))
+            chan_offer = PaymentRequired.from_header(r402.headers[PAYMENT_REQUIRED]).accepts[0]
+            channel = PaymentPayload(accepted=chan_offer, payload=chain.sign_voucher(session, cid, 10**17)).to_header()
+            print("header bytes (base64)")
+            print(f"  PAYMENT-REQUIRED, channel offer only     {one:>6d}")
+            print(f"  PAYMENT-REQUIRED, + batch-settlement     {len(r402.headers[PAYMENT_REQUIRED]):>6d}")
+            print(f"  PAYMENT-SIGNATURE, channel voucher       {len(channel):>6d}")
+            print(f"  PAYMENT-SIGNATURE, batch deposit (SDK)   {len(rec.sent[0]):>6d}")
+            print(f"  PAYMENT-SIGNATURE, batch voucher (SDK)   {len(batch):>6d}")
+            times: dict[str, list[float]] = {"channel voucher (baseline)": [], "batch-settlement voucher": []}
+            for i in range(2 * args.requests):
+                name, value = (("channel voucher (baseline)", channel), ("batch-settlement voucher", batch))[i % 2]
+                t0 = time.perf_counter()
+                r = http.post("/v1/completions", content=body, headers={**headers, PAYMENT_SIGNATURE: value})
+                times[name].append((time.perf_counter() - t0) * 1000)
+                assert r.status_code == 200, r.text
+            print(f"paid non-streamed request, max_tokens=1, {args.requests} each, interleaved, one node:")
+            for name, ts in times.items():
+                ts.sort()
+                print(f"  {name:28s} p50 {statistics.median(ts):6.2f} ms   p90 {ts[int(0.9 * len(ts))]:6.2f} ms")
+        finally:
+            node.server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ PY := .venv/bin/python
 FORGE := contracts/node_modules/.bin/forge
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup build test test-contracts test-python demo devnet bench lint format clean
+.PHONY: setup build test test-contracts test-python browser demo devnet bench lint format clean
 
 setup: .venv/.installed contracts/node_modules/.installed
 
@@ -28,8 +28,12 @@ test: build lint test-contracts test-python
 test-contracts:
 	cd contracts && ./node_modules/.bin/forge test
 
-test-python:
+test-python: browser
 	$(PY) -m pytest -q
+
+browser:  # the status page is tested in a real headless chromium (Debian packages; no browser download)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
 demo: build
 	$(PY) -m node.demo

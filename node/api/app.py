@@ -23,6 +23,7 @@ from node.api.body_limit import BodyLimitMiddleware
 from node.api.errors import install_error_handlers
 from node.api.metrics import MetricsMiddleware, NodeMetrics
 from node.api.state import NodeState, node_state
+from node.api.status import status_router
 from node.config import NodeSettings, resolve_receipt_domain
 from node.engine.base import Engine
 from node.identity import EnclaveIdentity
@@ -30,6 +31,7 @@ from node.logging import get_logger
 from node.payments.gate import PaymentGate
 from node.payments.service import Payments, PaymentSettings
 from node.receipts import ReceiptSigner, ReceiptStore
+from node.status import StatusCollector
 from node.tee.base import AttestationProvider
 
 if TYPE_CHECKING:
@@ -249,6 +251,7 @@ def create_app(
             if terms is not None:
                 app.state.sla_watcher = await asyncio.to_thread(start_sla_court, settings, identity, state.store,
                                                                 model_id, domain, terms)
+                collector.sla_watcher = app.state.sla_watcher
             if gate is not None:
                 gate.payments.start()
                 started.append("payments")
@@ -294,6 +297,9 @@ def create_app(
     app.include_router(receipts.router)
     if gate is not None:
         app.include_router(gate.router())
+    collector = StatusCollector(state, presence)  # the operator status page (node/api/status.py)
+    token = settings.status.token
+    app.include_router(status_router(collector, token.get_secret_value() if token else None))
 
     @app.get("/health")
     async def health(request: Request) -> dict:

@@ -150,3 +150,32 @@ def test_node_killed_before_its_first_token_fails_over_and_is_paid_once(w3, paye
         slow.kill()
         server.stop()
         backup.stop()
+
+
+def test_only_registered_nodes_are_used_when_required(w3, deployment, payer, node_account, tmp_path) -> None:
+    from node.devnet import NODE_MIN_STAKE
+    from node.registry import ensure_registered
+
+    path = tmp_path / "deployment.json"
+    deployment.save(path)
+    unregistered, _, _ = start_node(w3, path, tmp_path / "unregistered", CHEAP)  # cheaper, but not staked
+    registered, identity, _ = start_node(w3, path, tmp_path / "registered", DEAR)
+    ensure_registered(w3, deployment.node_registry, identity, SimulatedProvider(), node_account,
+                      endpoint=registered.url, peer_id=bytes.fromhex("002408011220") + b"\x22" * 32,
+                      stake=NODE_MIN_STAKE, node_version="test")
+    try:
+        for name, nodes, cfg in (("static", [unregistered.url, registered.url], {"require_registered": True}),
+                                 ("registry", [], {"registry": True})):
+            server, _ = start_gateway(payer, deployment, tmp_path / name, nodes, **cfg)
+            try:
+                oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+                raw = oai.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+                assert raw.headers["x-dcml-node"] == registered.url, name
+                by_url = {n["url"]: n for n in httpx.get(f"{server.url}/dcml/spend").json()["nodes"]}
+                assert unregistered.url not in by_url or by_url[unregistered.url]["channels"] == []
+            finally:
+                server.stop()
+    finally:
+        unregistered.stop()
+        registered.stop()

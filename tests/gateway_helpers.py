@@ -84,7 +84,7 @@ price_per_output_token = {price_out}
 
 
 def start_gateway(wallet, deployment, store_dir: Path, nodes: list[str], **cfg) -> tuple[BackgroundServer, Gateway]:
-    config = GatewayConfig(nodes=nodes, store_dir=store_dir, allow_simulated=True, deposit=10**17,
-                           first_token_timeout_s=cfg.pop("first_token_timeout_s", 20.0), **cfg)
+    cfg = {"deposit": 10**17, "first_token_timeout_s": 20.0, **cfg}
+    config = GatewayConfig(nodes=nodes, store_dir=store_dir, allow_simulated=True, **cfg)
     gateway = Gateway(config, wallet, deployment=deployment)
     return BackgroundServer(create_gateway_app(gateway)).start(), gateway

@@ -1,0 +1,135 @@
+"""`dcml gateway` overhead and failover, on anvil with real paid nodes (synthetic engine, paced like a decoder).
+
+1. TTFT p50/p99 of N paid streams, one after another (see `ttfts`): the SDK used directly
+   (`Client.async_openai()`, the baseline) vs the official `openai` client through the gateway (same node,
+   same run, alternating). Each side gets a warm-up request first (attestation, channel opening), so both
+   measure steady-state paid requests.
+2. Failover: the cheapest node (a real process) is SIGKILLed while the gateway waits for its first token;
+   reported: kill -> first token from the next node.
+
+    .venv/bin/python bench/bench_local_gateway.py --streams 32 --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import openai
+from eth_account import Account
+from web3 import Web3
+
+from client.sdk import Client
+from node.devnet import Devnet, free_port
+from tests.gateway_helpers import NodeProcess, start_gateway
+from tests.paid_helpers import MODEL, PRICE_IN, fund
+
+
+def start_paced_node(w3, path: Path, data: Path, price_out: int, rate: float):
+    from node.api.app import create_app
+    from node.api.server import BackgroundServer
+    from node.engine.synthetic import SyntheticEngine
+    from node.identity import EnclaveIdentity
+    from node.tee.simulated import SimulatedProvider
+    from tests.gateway_helpers import node_settings
+
+    identity = EnclaveIdentity.generate()
+    fund(w3, identity.address)
+    engine = SyntheticEngine(model_name=MODEL, tokens_per_second=rate, first_token_ms=1000 / rate)
+    app = create_app(node_settings(path, data, price_out), engine=engine, identity=identity,
+                     provider=SimulatedProvider())
+    return BackgroundServer(app).start()
+
+
+async def ttfts(direct: openai.AsyncOpenAI, via: openai.AsyncOpenAI, streams: int, tokens: int
+                ) -> tuple[list[float], list[float]]:
+    async def one(oai: openai.AsyncOpenAI, i: int) -> float:
+        start = time.perf_counter()
+        first = None
+        stream = await oai.completions.create(model=MODEL, prompt=f"bench {i}", max_tokens=tokens, stream=True)
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - start
+        return first or float("nan")
+
+    await one(direct, -1)  # warm-up: attestation and channel
+    await one(via, -1)
+    # Alternating, one at a time: concurrent streams over one SDK Client's channel race on voucher amounts
+    # until the SDK serialises them (issue 12b); the gateway inherits that, so both run sequentially.
+    a, b = [], []
+    for i in range(streams):
+        a.append(await one(direct, i))
+        b.append(await one(via, i))
+    return a, b
+
+
+def p(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] * 1000 if len(values) > 1 else values[0] * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=50.0, help="tokens/s per stream of the synthetic engine")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gw-"))
+    with Devnet() as net:
+        dep = net.deployment
+        path = tmp / "deployment.json"
+        dep.save(path)
+        w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
+        node = start_paced_node(w3, path, tmp / "node", 3 * 10**12, args.rate)
+        direct_wallet = Account.from_key(dep.accounts["client"].private_key)
+        gw_wallet = Account.from_key(dep.accounts["client2"].private_key)
+
+        sdk = Client(node.url, direct_wallet, deployment=dep, allow_simulated=True, store=tmp / "direct.sqlite",
+                     deposit=10**18)
+        server, _ = start_gateway(gw_wallet, dep, tmp / "gw", [node.url], deposit=10**18)
+        direct, via = asyncio.run(ttfts(sdk.async_openai(max_retries=0),
+                                        openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0),
+                                        args.streams, args.tokens))
+        print(f"TTFT, {args.streams} paid streams each (alternating, one at a time) x {args.tokens} tokens, "
+              f"engine {args.rate:g} tok/s:")
+        print(f"  SDK direct (baseline): p50 {p(direct, 50):7.1f} ms  p99 {p(direct, 99):7.1f} ms")
+        print(f"  through dcml gateway : p50 {p(via, 50):7.1f} ms  p99 {p(via, 99):7.1f} ms  "
+              f"(added p50 {p(via, 50) - p(direct, 50):+.1f} ms)")
+        server.stop()
+
+        # Failover: a cheaper node that dies before its first token.
+        slow = NodeProcess(w3, path, tmp / "slow", free_port(), 2 * 10**12, first_token_ms=3000)
+        server, _ = start_gateway(Account.from_key(dep.accounts["client3"].private_key), dep, tmp / "gw2",
+                                  [slow.url, node.url], first_token_timeout_s=30)
+        killed_at: list[float] = []
+
+        def kill() -> None:
+            killed_at.append(time.perf_counter())
+            slow.kill()
+
+        oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        timer = threading.Timer(1.0, kill)
+        timer.start()
+        first = None
+        for chunk in oai.completions.create(model=MODEL, prompt="fail over", max_tokens=8, stream=True):
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter()
+        timer.join()
+        print(f"failover: node SIGKILLed before its first token -> first token from the next node in "
+              f"{(first - killed_at[0]) * 1000:.1f} ms (includes the backup's own TTFT {1000 / args.rate:.0f} ms "
+              f"and its payment round trips)")
+        server.stop()
+        node.stop()
+        sdk.close()
+    _ = PRICE_IN
+
+
+if __name__ == "__main__":
+    main()

@@ -47,6 +47,7 @@ bench: build  # each prints its figure next to a baseline measured in the same r
 	$(PY) bench/bench_vouchers.py
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_gateway.py
+	$(PY) bench/bench_local_gateway.py
 	$(PY) bench/bench_payments.py
 	$(PY) bench/bench_gpu_evidence.py
 

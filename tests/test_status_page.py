@@ -189,3 +189,29 @@ def test_dcml_node_status_prints_the_same(node, paid) -> None:
     assert identity.address in shown.output and channel in shown.output and str(state.settled) in shown.output
     refused = runner.invoke(app, ["status", "--url", server.url, "--token", "wrong-token-wrong-token"])
     assert refused.exit_code == 1 and "401" in refused.output
+
+
+def test_registry_status_and_stake_come_from_the_chain(w3, deployment, node_account, tmp_path, monkeypatch) -> None:
+    from client.registry import RegistryClient
+    from node.config import RegistryConfig
+    from node.devnet import NODE_MIN_STAKE
+
+    path = tmp_path / "deployment.json"
+    deployment.save(path)
+    monkeypatch.setenv("DCML_OPERATOR_KEY", "0x" + node_account.key.hex().removeprefix("0x"))
+    settings = paid_settings(path, tmp_path / "node").model_copy(update={
+        "status": StatusConfig(token=TOKEN), "registry": RegistryConfig(enabled=True, stake=NODE_MIN_STAKE)})
+    identity = EnclaveIdentity.generate()
+    fund(w3, identity.address)
+    app = create_app(settings, engine=SyntheticEngine(model_name=MODEL), identity=identity,
+                     provider=SimulatedProvider())
+    server = BackgroundServer(app).start()  # registers on chain at start (NodePresence)
+    try:
+        s = httpx.get(f"{server.url}/status/data", headers={"authorization": f"Bearer {TOKEN}"}).json()
+        record = RegistryClient(w3, deployment.node_registry).node(identity.address)
+        r = s["registry"]
+        assert r["status"] == "active" and int(r["stake"]) == record.stake == NODE_MIN_STAKE
+        assert r["last_attested_at"] == record.attested_at > 0 and r["operator"] == node_account.address
+        assert s["identity"]["attestation_hash"] == "0x" + record.attestation_hash.hex()
+    finally:
+        server.stop()

@@ -185,3 +185,43 @@ def test_only_registered_nodes_are_used_when_required(w3, deployment, payer, nod
     finally:
         unregistered.stop()
         registered.stop()
+
+
+def test_dcml_gateway_command_serves_curl(nodes, payer, deployment, tmp_path) -> None:
+    """The real `dcml gateway` process, configured by a TOML file and the wallet key in the env."""
+    import os
+    import sys
+    import time
+
+    (cheap, _, _), _, _ = nodes
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    path = tmp_path / "deployment.json"
+    deployment.save(path)
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'port = {port}\ndeployment = "{path}"\nstore_dir = "{tmp_path / "store"}"\n'
+                      f'allow_simulated = true\nnodes = ["{cheap.url}"]\ndeposit = {10**17}\n'
+                      f'[limits]\nper_request = {10**16}\n')
+    env = {**os.environ, "DCML_WALLET_KEY": "0x" + payer.key.hex().removeprefix("0x")}
+    command = [sys.executable, "-c", "from client.cli import app; app()", "gateway", "--config", str(config)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the gateway did not start"
+                time.sleep(0.2)
+        body = json.dumps({"model": MODEL, "prompt": "curl me", "max_tokens": 4})
+        out = subprocess.run(["curl", "-sS", "-D", "-", f"http://127.0.0.1:{port}/v1/completions", "-H",
+                              "content-type: application/json", "-d", body], capture_output=True, check=True,
+                             text=True).stdout
+        assert "x-dcml-receipt:" in out.lower() and f"x-dcml-node: {cheap.url}" in out.lower()
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert "verified" in output and "answered by" in output  # its progress, readable in the terminal

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -256,8 +257,12 @@ class Gateway:
         model = body.get("model")
         if not isinstance(model, str):
             return _error(400, "invalid_request_error", "missing_model", "the request names no model")
-        if not (isinstance(body.get("max_tokens"), int) or isinstance(body.get("max_completion_tokens"), int)):
-            body["max_tokens"] = self.cfg.default_max_tokens
+        for key in ("max_tokens", "max_completion_tokens"):
+            value = body.get(key)
+            if value is not None and not (type(value) is int and value > 0):
+                return _error(400, "invalid_request_error", "invalid_max_tokens", f"{key} must be a positive integer")
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            body["max_tokens"] = self.cfg.default_max_tokens  # bounds the worst case the limits are checked on
         stream = bool(body.get("stream"))
         if stream:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -445,8 +450,8 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
         raw = await request.body()
         if len(raw) > MAX_BODY:
             return _error(413, "invalid_request_error", "body_too_large", f"the body exceeds {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw)
+        try:  # pydantic-core's parser: a nesting limit, where json.loads can overflow a thread's C stack
+            body = pydantic_core.from_json(raw)
         except ValueError:
             return _error(400, "invalid_request_error", "invalid_json", "the body is not JSON")
         if not isinstance(body, dict):

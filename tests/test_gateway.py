@@ -225,3 +225,24 @@ def test_dcml_gateway_command_serves_curl(nodes, payer, deployment, tmp_path) ->
         proc.terminate()
         output = proc.communicate(timeout=30)[0]
     assert "verified" in output and "answered by" in output  # its progress, readable in the terminal
+
+
+def test_malformed_requests_are_clear_4xx_and_cost_nothing(nodes, payer, deployment, tmp_path) -> None:
+    (cheap, _, _), _, _ = nodes
+    server, _ = start_gateway(payer, deployment, tmp_path / "gw", [cheap.url], limits={"per_hour": 10**16})
+    try:
+        url = f"{server.url}/v1/chat/completions"
+        cases = [b"{not json", b"[1, 2]", b"[" * 100_000 + b"]" * 100_000, json.dumps({"messages": []}).encode(),
+                 json.dumps({"model": MODEL, "messages": [], "max_tokens": -5}).encode(),
+                 json.dumps({"model": MODEL, "messages": [], "max_tokens": "9"}).encode(),
+                 b'{"model": "' + b"x" * (2 << 20) + b'"}']
+        for body in cases:
+            r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+            assert 400 <= r.status_code < 500 and r.json()["error"]["code"], (body[:40], r.status_code)
+        unknown = httpx.post(url, json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+        assert unknown.status_code == 503 and unknown.json()["error"]["code"] == "no_node"
+        spend = httpx.get(f"{server.url}/dcml/spend").json()
+        assert spend["in_flight_reserved"] == "0" and spend["spent_last_hour"] == "0"
+        assert all(n["receipts"] == [] for n in spend["nodes"])
+    finally:
+        server.stop()

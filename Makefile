@@ -28,8 +28,12 @@ test: build lint test-contracts test-python
 test-contracts:
 	cd contracts && ./node_modules/.bin/forge test
 
-test-python: browser
+test-python: browser tests/js/node_modules/.installed
 	$(PY) -m pytest -q
+
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json  # the openai npm client test
+	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 browser:  # the status page is tested in a real headless chromium (Debian packages; no browser download)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \

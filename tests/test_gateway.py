@@ -246,3 +246,30 @@ def test_malformed_requests_are_clear_4xx_and_cost_nothing(nodes, payer, deploym
         assert all(n["receipts"] == [] for n in spend["nodes"])
     finally:
         server.stop()
+
+
+def test_openai_npm_package_gets_paid_answers(nodes, payer, deployment, tmp_path) -> None:
+    from pathlib import Path
+
+    js = Path(__file__).parent / "js"
+    if not (shutil.which("node") and (js / "node_modules" / "openai").is_dir()):
+        import os
+
+        if os.environ.get("CI"):
+            pytest.fail("the openai npm package is missing: make test runs `npm ci` in tests/js")
+        pytest.skip("cd tests/js && npm ci")
+    (cheap, _, _), _, _ = nodes
+    server, _ = start_gateway(payer, deployment, tmp_path / "gw", [cheap.url])
+    try:
+        out = subprocess.run(["node", str(js / "gateway_client.mjs"), f"{server.url}/v1", MODEL],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["answer"] and result["usage"]["completion_tokens"] == 6
+        assert SignedReceipt.from_header(result["receiptHeader"]).receipt.output_tokens == 6
+        assert result["streamedText"]
+        assert SignedReceipt.from_json(json.dumps(result["streamedReceipt"])).receipt.output_tokens == 9
+        spend = httpx.get(f"{server.url}/dcml/spend").json()
+        assert len(spend["nodes"][0]["receipts"]) == 2 and spend["nodes"][0]["violations"] == []
+    finally:
+        server.stop()

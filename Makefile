@@ -4,7 +4,7 @@ PY := .venv/bin/python
 FORGE := contracts/node_modules/.bin/forge
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup build test test-contracts test-python browser demo devnet bench lint format clean
+.PHONY: setup build test test-contracts test-python browser demo demo-gateway devnet bench lint format clean
 
 setup: .venv/.installed contracts/node_modules/.installed
 
@@ -42,6 +42,9 @@ browser:  # the status page is tested in a real headless chromium (Debian packag
 demo: build
 	$(PY) -m node.demo
 
+demo-gateway: build  # three nodes at different prices behind `dcml gateway`: routing, failover, to the wei
+	$(PY) -m node.demo_gateway
+
 devnet: build
 	.venv/bin/dcml-devnet --out .devnet/deployment.json
 
@@ -63,4 +66,4 @@ format: setup
 	.venv/bin/ruff check --fix .
 
 clean:
-	rm -rf .venv contracts/node_modules contracts/out contracts/cache .devnet .pytest_cache
+	rm -rf .venv contracts/node_modules tests/js/node_modules contracts/out contracts/cache .devnet .pytest_cache

@@ -79,6 +79,9 @@ class GatewayConfig(_Section):
     backoff_s: float = Field(5.0, gt=0)  # a failing node is skipped this long, doubling per failure ...
     max_backoff_s: float = Field(300.0, gt=0)  # ... up to this
     refresh_s: float = Field(60.0, gt=0)  # re-attest and re-read models and prices this often
+    # Concurrent requests to one node, each on its own channel: a channel carries one request at a time, so
+    # vouchers of concurrent streams never race (opened lazily, each with its own deposit).
+    channels_per_node: int = Field(4, gt=0)
     auto_dispute: bool = False  # open and finalize SLA disputes as the SDK does
 
     @classmethod
@@ -102,12 +105,21 @@ class Price:
 
 
 @dataclass
+class Slot:
+    """One SDK client (its own spend store and channel) serving one request at a time."""
+
+    client: Client
+    http: httpx.AsyncClient
+    ready: set[str] = field(default_factory=set)  # models with a usable channel on this slot
+
+
+@dataclass
 class Upstream:
     """One node as the gateway sees it."""
 
     url: str
-    client: Client
-    http: httpx.AsyncClient
+    slots: list[Slot]
+    free: asyncio.Queue = field(default_factory=asyncio.Queue)
     prices: dict[str, Price] = field(default_factory=dict)  # model -> verified terms
     ttft_s: float | None = None  # moving average of admission + first token
     failures: int = 0
@@ -121,6 +133,11 @@ class Upstream:
         self.down_until = time.monotonic() + backoff
         self.last_error = reason
         log.warning("node %s failed (%s); skipped for %.0f s", self.url, reason, backoff)
+
+    @property
+    def client(self) -> Client:
+        """The first slot's client: attests the node and reads its terms for the gateway."""
+        return self.slots[0].client
 
     def succeeded(self, ttft_s: float) -> None:
         self.failures, self.last_error = 0, ""
@@ -143,6 +160,7 @@ class Gateway:
         self._spent: collections.deque[tuple[float, int]] = collections.deque()  # (time, cost) of receipts
         self._reserved = 0  # worst-case cost of requests in flight (per-hour limit)
         self._lock = asyncio.Lock()
+        self._tx_lock = asyncio.Lock()  # channel openings: one wallet transaction at a time
         self._registry = None
 
     # -- nodes -----------------------------------------------------------------------------------
@@ -170,18 +188,42 @@ class Gateway:
     def _upstream(self, url: str) -> Upstream:
         node = self.nodes.get(url)
         if node is None:
-            per_channel = self.cfg.limits.per_channel
-            deposit = min(self.cfg.deposit, per_channel) if per_channel else self.cfg.deposit
-            store = self.store_dir / f"node-{hashlib.sha256(url.encode()).hexdigest()[:16]}.sqlite"
-            client = Client(url, self.wallet, deployment=self.deployment, policy=self.policy,
-                            allow_simulated=self.cfg.allow_simulated, store=store, deposit=deposit,
-                            auto_top_up=per_channel is None, auto_dispute=self.cfg.auto_dispute,
-                            timeout=max(self.cfg.first_token_timeout_s, 120.0))
-            http = httpx.AsyncClient(base_url=url, transport=AsyncPayingTransport(client),
-                                     timeout=httpx.Timeout(max(self.cfg.first_token_timeout_s, 120.0),
-                                                           connect=min(self.cfg.first_token_timeout_s, 10.0)))
-            node = self.nodes[url] = Upstream(url, client, http)
+            node = self.nodes[url] = Upstream(url, [self._slot(url, 0)])
+            node.free.put_nowait(node.slots[0])
         return node
+
+    def _slot(self, url: str, index: int) -> Slot:
+        per_channel = self.cfg.limits.per_channel
+        deposit = min(self.cfg.deposit, per_channel) if per_channel else self.cfg.deposit
+        store = self.store_dir / f"node-{hashlib.sha256(url.encode()).hexdigest()[:16]}-{index}.sqlite"
+        client = Client(url, self.wallet, deployment=self.deployment, policy=self.policy,
+                        allow_simulated=self.cfg.allow_simulated, store=store, deposit=deposit,
+                        auto_top_up=per_channel is None, auto_dispute=self.cfg.auto_dispute and index == 0,
+                        timeout=max(self.cfg.first_token_timeout_s, 120.0))
+        http = httpx.AsyncClient(base_url=url, transport=AsyncPayingTransport(client),
+                                 timeout=httpx.Timeout(max(self.cfg.first_token_timeout_s, 120.0),
+                                                       connect=min(self.cfg.first_token_timeout_s, 10.0)))
+        return Slot(client, http)
+
+    async def _acquire(self, node: Upstream, model: str) -> Slot:
+        """A free slot of `node`, a new one (a new client: it attests before it pays) while under
+        channels_per_node, else wait for one. Its channel is opened here, one wallet transaction at a time
+        (the slots' SDK clients would otherwise race on the wallet's nonce)."""
+        if node.free.empty() and len(node.slots) < self.cfg.channels_per_node:
+            slot = self._slot(node.url, len(node.slots))
+            node.slots.append(slot)
+        else:
+            slot = await node.free.get()
+        if model not in slot.ready:
+            try:
+                async with self._tx_lock:
+                    if await asyncio.to_thread(slot.client.prepare, model) is None:  # no usable channel yet
+                        await asyncio.to_thread(slot.client.open_channel, model)
+            except BaseException:
+                node.free.put_nowait(slot)
+                raise
+            slot.ready.add(model)
+        return slot
 
     def _refresh(self, node: Upstream) -> None:
         """Attest (fresh nonce, the policy), check the registry if asked, read models and verified prices.
@@ -291,16 +333,27 @@ class Gateway:
                         continue
                     worst = need
                 try:
-                    response, exchange, first = await self._send(node, path, raw, stream)
-                except (_NodeFailed, LimitExceeded) as exc:
+                    slot = await self._acquire(node, model)
+                except Exception as exc:  # attestation of a new slot, or opening its channel, failed
+                    node.failed(f"{type(exc).__name__}: {exc}", self.cfg)
                     tried.append(f"{node.url}: {exc}")
                     continue
+                try:
+                    response, exchange, first = await self._send(node, slot, path, raw, stream)
+                except (_NodeFailed, LimitExceeded) as exc:
+                    node.free.put_nowait(slot)
+                    tried.append(f"{node.url}: {exc}")
+                    continue
+                except BaseException:
+                    node.free.put_nowait(slot)
+                    raise
                 if not stream:
+                    node.free.put_nowait(slot)
                     cost = exchange.cost
                     log.info("%s answered by %s: %d wei", model, node.url, cost)
                     return _answer(response, node, exchange)
                 held, worst = worst, 0  # released when the stream ends
-                return StreamingResponse(self._relay(response, exchange, first, node, model, held),
+                return StreamingResponse(self._relay(response, exchange, first, node, slot, model, held),
                                          media_type="text/event-stream", headers=_headers(node, exchange))
             if any("spending_limit" in t for t in tried):
                 return _error(402, "spending_limit", "spending_limit_per_channel" if any(
@@ -313,8 +366,8 @@ class Gateway:
             if worst:
                 await self._release(worst, cost)
 
-    async def _relay(self, response: httpx.Response, exchange: Exchange, first: tuple, node: Upstream, model: str,
-                     held: int) -> Any:
+    async def _relay(self, response: httpx.Response, exchange: Exchange, first: tuple, node: Upstream, slot: Slot,
+                     model: str, held: int) -> Any:
         """Pass the node's stream through; the verified receipt goes out as a last chunk before [DONE]."""
         cost = 0
         block, blocks = first
@@ -328,16 +381,17 @@ class Gateway:
             log.info("%s streamed by %s: %d wei", model, node.url, cost)
         finally:
             await response.aclose()
+            node.free.put_nowait(slot)
             await self._release(held, exchange.cost)
 
-    async def _send(self, node: Upstream, path: str, raw: bytes, stream: bool
+    async def _send(self, node: Upstream, slot: Slot, path: str, raw: bytes, stream: bool
                     ) -> tuple[httpx.Response, Exchange, tuple | None]:
         start = time.monotonic()
-        request = node.http.build_request("POST", path, content=raw, headers={"content-type": "application/json"})
+        request = slot.http.build_request("POST", path, content=raw, headers={"content-type": "application/json"})
         response = None
         try:
             async with asyncio.timeout(self.cfg.first_token_timeout_s):
-                response = await node.http.send(request, stream=stream)
+                response = await slot.http.send(request, stream=stream)
                 if response.status_code >= 400:
                     body = await response.aread()
                     await response.aclose()
@@ -387,15 +441,18 @@ class Gateway:
                 "url": n.url, "prices": {m: {"input": str(p.input), "output": str(p.output)}
                                          for m, p in n.prices.items()},
                 "ttft_ms": round(n.ttft_s * 1000, 1) if n.ttft_s is not None else None, "failures": n.failures,
-                "last_error": n.last_error, "channels": [c.as_json() for c in n.client.channels()],
-                "receipts": [r.as_json() for r in n.client.receipts()],
-                "violations": [{"reason": v.reason, "message": v.message} for v in n.client.violations()]})
+                "last_error": n.last_error,
+                "channels": [c.as_json() for slot in n.slots for c in slot.client.channels()],
+                "receipts": [r.as_json() for slot in n.slots for r in slot.client.receipts()],
+                "violations": [{"reason": v.reason, "message": v.message} for slot in n.slots
+                               for v in slot.client.violations()]})
         return out
 
     async def aclose(self) -> None:
         for n in self.nodes.values():
-            await n.http.aclose()
-            await asyncio.to_thread(n.client.close)
+            for slot in n.slots:
+                await slot.http.aclose()
+                await asyncio.to_thread(slot.client.close)
 
 
 class _ClientFault(Exception):

@@ -273,3 +273,30 @@ def test_openai_npm_package_gets_paid_answers(nodes, payer, deployment, tmp_path
         assert len(spend["nodes"][0]["receipts"]) == 2 and spend["nodes"][0]["violations"] == []
     finally:
         server.stop()
+
+
+def test_concurrent_streams_each_paid_on_their_own_channel(nodes, payer, deployment, tmp_path) -> None:
+    import asyncio
+
+    (cheap, _, _), _, _ = nodes
+    server, _ = start_gateway(payer, deployment, tmp_path / "gw", [cheap.url], channels_per_node=3)
+    oai = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+    async def one(i: int) -> SignedReceipt:
+        stream = await oai.completions.create(model=MODEL, prompt=f"together {i}", max_tokens=20, stream=True)
+        receipt = None
+        async for chunk in stream:
+            receipt = getattr(chunk, "dcml_receipt", None) or receipt
+        return SignedReceipt.from_json(json.dumps(receipt))
+
+    async def run() -> list[SignedReceipt]:
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    try:
+        receipts = asyncio.run(run())
+        assert all(r.receipt.output_tokens == 20 for r in receipts)
+        (node,) = httpx.get(f"{server.url}/dcml/spend").json()["nodes"]
+        assert len(node["receipts"]) == 8 and node["violations"] == [] and 1 <= len(node["channels"]) <= 3
+        assert len({r.receipt.receipt_id for r in receipts}) == 8
+    finally:
+        server.stop()

@@ -1,13 +1,13 @@
 """`dcml gateway` overhead and failover, on anvil with real paid nodes (synthetic engine, paced like a decoder).
 
-1. TTFT p50/p99 of N paid streams, one after another (see `ttfts`): the SDK used directly
-   (`Client.async_openai()`, the baseline) vs the official `openai` client through the gateway (same node,
-   same run, alternating). Each side gets a warm-up request first (attestation, channel opening), so both
-   measure steady-state paid requests.
+1. TTFT p50/p99 of C concurrent paid streams, R rounds (see `ttfts`): the SDK used directly
+   (`Client.async_openai()`, one client per concurrent stream: the baseline) vs the official `openai` client
+   through the gateway (same node, same run, rounds alternating). Warm-up first (attestation, channel
+   openings), so both measure steady-state paid requests.
 2. Failover: the cheapest node (a real process) is SIGKILLed while the gateway waits for its first token;
    reported: kill -> first token from the next node.
 
-    .venv/bin/python bench/bench_local_gateway.py --streams 32 --tokens 32
+    .venv/bin/python bench/bench_local_gateway.py --concurrency 8 --rounds 4 --tokens 32
 """
 
 from __future__ import annotations
@@ -49,25 +49,28 @@ def start_paced_node(w3, path: Path, data: Path, price_out: int, rate: float):
     return BackgroundServer(app).start()
 
 
-async def ttfts(direct: openai.AsyncOpenAI, via: openai.AsyncOpenAI, streams: int, tokens: int
-                ) -> tuple[list[float], list[float]]:
-    async def one(oai: openai.AsyncOpenAI, i: int) -> float:
-        start = time.perf_counter()
-        first = None
-        stream = await oai.completions.create(model=MODEL, prompt=f"bench {i}", max_tokens=tokens, stream=True)
-        async for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].text:
-                first = time.perf_counter() - start
-        return first or float("nan")
+async def one(oai: openai.AsyncOpenAI, i: int, tokens: int) -> float:
+    start = time.perf_counter()
+    first = None
+    stream = await oai.completions.create(model=MODEL, prompt=f"bench {i}", max_tokens=tokens, stream=True)
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].text:
+            first = time.perf_counter() - start
+    return first or float("nan")
 
-    await one(direct, -1)  # warm-up: attestation and channel
-    await one(via, -1)
-    # Alternating, one at a time: concurrent streams over one SDK Client's channel race on voucher amounts
-    # until the SDK serialises them (issue 12b); the gateway inherits that, so both run sequentially.
+
+async def ttfts(direct: list[openai.AsyncOpenAI], via: openai.AsyncOpenAI, concurrency: int, rounds: int,
+                tokens: int) -> tuple[list[float], list[float]]:
+    """`concurrency` streams at once, `rounds` times, alternating sides. Direct: one SDK client (own
+    channel) per concurrent stream, as one SDK Client carries one request at a time; the gateway gets as many
+    channels (`channels_per_node`). Warm-up first: attestation and channel openings are not measured."""
+    for d in direct:
+        await one(d, -1, tokens)
+    await asyncio.gather(*(one(via, -1, tokens) for _ in range(concurrency)))
     a, b = [], []
-    for i in range(streams):
-        a.append(await one(direct, i))
-        b.append(await one(via, i))
+    for r in range(rounds):
+        a += await asyncio.gather(*(one(direct[i], r * concurrency + i, tokens) for i in range(concurrency)))
+        b += await asyncio.gather(*(one(via, r * concurrency + i, tokens) for i in range(concurrency)))
     return a, b
 
 
@@ -77,7 +80,8 @@ def p(values: list[float], q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rate", type=float, default=50.0, help="tokens/s per stream of the synthetic engine")
     args = ap.parse_args()
@@ -91,18 +95,21 @@ def main() -> None:
         direct_wallet = Account.from_key(dep.accounts["client"].private_key)
         gw_wallet = Account.from_key(dep.accounts["client2"].private_key)
 
-        sdk = Client(node.url, direct_wallet, deployment=dep, allow_simulated=True, store=tmp / "direct.sqlite",
-                     deposit=10**18)
-        server, _ = start_gateway(gw_wallet, dep, tmp / "gw", [node.url], deposit=10**18)
-        direct, via = asyncio.run(ttfts(sdk.async_openai(max_retries=0),
+        sdks = [Client(node.url, direct_wallet, deployment=dep, allow_simulated=True,
+                       store=tmp / f"direct-{i}.sqlite", deposit=10**17) for i in range(args.concurrency)]
+        server, _ = start_gateway(gw_wallet, dep, tmp / "gw", [node.url], deposit=10**17,
+                                  channels_per_node=args.concurrency)
+        direct, via = asyncio.run(ttfts([c.async_openai(max_retries=0) for c in sdks],
                                         openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0),
-                                        args.streams, args.tokens))
-        print(f"TTFT, {args.streams} paid streams each (alternating, one at a time) x {args.tokens} tokens, "
+                                        args.concurrency, args.rounds, args.tokens))
+        print(f"TTFT, {args.concurrency} concurrent paid streams x {args.rounds} rounds x {args.tokens} tokens, "
               f"engine {args.rate:g} tok/s:")
         print(f"  SDK direct (baseline): p50 {p(direct, 50):7.1f} ms  p99 {p(direct, 99):7.1f} ms")
         print(f"  through dcml gateway : p50 {p(via, 50):7.1f} ms  p99 {p(via, 99):7.1f} ms  "
               f"(added p50 {p(via, 50) - p(direct, 50):+.1f} ms)")
         server.stop()
+        for c in sdks:
+            c.close()
 
         # Failover: a cheaper node that dies before its first token.
         slow = NodeProcess(w3, path, tmp / "slow", free_port(), 2 * 10**12, first_token_ms=3000)
@@ -127,7 +134,6 @@ def main() -> None:
               f"and its payment round trips)")
         server.stop()
         node.stop()
-        sdk.close()
     _ = PRICE_IN
 
 

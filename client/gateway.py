@@ -132,6 +132,7 @@ class Upstream:
         backoff = min(cfg.backoff_s * 2 ** (self.failures - 1), cfg.max_backoff_s)
         self.down_until = time.monotonic() + backoff
         self.last_error = reason
+        self.refreshed_at = 0.0  # re-attested before it is used again: it may have restarted with new keys
         log.warning("node %s failed (%s); skipped for %.0f s", self.url, reason, backoff)
 
     @property
@@ -162,15 +163,19 @@ class Gateway:
         self._lock = asyncio.Lock()
         self._tx_lock = asyncio.Lock()  # channel openings: one wallet transaction at a time
         self._registry = None
+        self._registry_read: tuple[float, list[str]] = (-1e9, [])  # (when, active endpoints)
 
     # -- nodes -----------------------------------------------------------------------------------
 
     def _urls(self) -> list[str]:
+        """The static list, plus the registry's active nodes (read at most every refresh_s)."""
         urls = [u.rstrip("/") for u in self.cfg.nodes]
         if self.cfg.registry:
-            for record in self._registry_client().nodes():
-                if record.status.name == "ACTIVE" and record.endpoint:
-                    urls.append(record.endpoint.rstrip("/"))
+            if time.monotonic() - self._registry_read[0] > self.cfg.refresh_s:
+                found = [r.endpoint.rstrip("/") for r in self._registry_client().nodes()
+                         if r.status.name == "ACTIVE" and r.endpoint]
+                self._registry_read = (time.monotonic(), found)
+            urls += self._registry_read[1]
         return list(dict.fromkeys(urls))
 
     def _registry_client(self):

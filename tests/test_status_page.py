@@ -215,3 +215,28 @@ def test_registry_status_and_stake_come_from_the_chain(w3, deployment, node_acco
         assert s["identity"]["attestation_hash"] == "0x" + record.attestation_hash.hex()
     finally:
         server.stop()
+
+
+def test_pending_close_shows_its_deadline_from_the_chain(w3, deployment, payer, tmp_path) -> None:
+    path = tmp_path / "deployment.json"
+    deployment.save(path)
+    settings = paid_settings(path, tmp_path / "node", settle_interval_s=1000).model_copy(
+        update={"status": StatusConfig(token=TOKEN)})  # the worker sleeps: the close stays pending
+    identity = EnclaveIdentity.generate()
+    fund(w3, identity.address)
+    app = create_app(settings, engine=SyntheticEngine(model_name=MODEL), identity=identity,
+                     provider=SimulatedProvider())
+    server = BackgroundServer(app).start()
+    try:
+        client = RawPayer(w3, deployment, payer, server.url, identity.address)
+        assert client.ask("close me", max_tokens=5, stream=False).status == 200
+        client.channels.request_close(client.channel_id)
+        state = client.channels.get(client.channel_id)
+        s = httpx.get(f"{server.url}/status/data", headers={"authorization": f"Bearer {TOKEN}"}).json()
+        (pending,) = s["payments"]["pending_closes"]
+        assert pending["channel_id"] == "0x" + client.channel_id.hex()
+        assert pending["close_requested_at"] == state.close_requested_at > 0
+        assert pending["close_deadline"] == state.close_requested_at + deployment.close_grace_period
+        assert pending["close_in_s"] == pending["close_deadline"] - s["payments"]["chain_time"]
+    finally:
+        server.stop()

@@ -6,6 +6,8 @@
    openings), so both measure steady-state paid requests.
 2. Failover: the cheapest node (a real process) is SIGKILLed while the gateway waits for its first token;
    reported: kill -> first token from the next node.
+3. CPU per 1,000 streamed tokens: the SDK in the app's process (baseline) vs the gateway's own process
+   (the real `dcml gateway`) plus the app's plain openai client; the node runs in its own process.
 
     .venv/bin/python bench/bench_local_gateway.py --concurrency 8 --rounds 4 --tokens 32
 """
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx
 import openai
 from eth_account import Account
 from web3 import Web3
@@ -134,7 +139,68 @@ def main() -> None:
               f"and its payment round trips)")
         server.stop()
         node.stop()
+        cpu(args, w3, dep, path, tmp)
     _ = PRICE_IN
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def cpu(args, w3, dep, path: Path, tmp: Path) -> None:
+    """CPU per 1,000 tokens: node and gateway each in their own process, the apps in this one."""
+    node = NodeProcess(w3, path, tmp / "cpu-node", free_port(), 3 * 10**12, first_token_ms=int(1000 / args.rate),
+                       tokens_per_second=args.rate)
+    port = free_port()
+    config = tmp / "gateway.toml"
+    config.write_text(f'port = {port}\ndeployment = "{path}"\nstore_dir = "{tmp / "cpu-gw"}"\n'
+                      f'allow_simulated = true\nnodes = ["{node.url}"]\ndeposit = {10**17}\n'
+                      f"channels_per_node = {args.concurrency}\n")
+    gw = subprocess.Popen([sys.executable, "-c", "from client.cli import app; app()", "gateway", "--config",
+                           str(config)], env={**os.environ, "DCML_WALLET_KEY": dep.accounts["client2"].private_key},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        wallet = Account.from_key(dep.accounts["client3"].private_key)
+        sdks = [Client(node.url, wallet, deployment=dep, allow_simulated=True, store=tmp / f"cpu-direct-{i}.sqlite",
+                       deposit=10**17) for i in range(args.concurrency)]
+        direct = [c.async_openai(max_retries=0) for c in sdks]
+        via = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        tokens = args.rounds * args.concurrency * args.tokens
+
+        async def run(clients: list[openai.AsyncOpenAI]) -> None:
+            for r in range(args.rounds):
+                await asyncio.gather(*(one(clients[i], r, args.tokens) for i in range(args.concurrency)))
+
+        async def measure() -> tuple[float, float, float]:
+            for c in direct:  # warm-up, one at a time: each opens its channel from the same wallet
+                await one(c, -1, args.tokens)
+            await run([via] * args.concurrency)
+            t0 = time.process_time()
+            await run(direct)
+            direct_cpu = time.process_time() - t0
+            t0, g0 = time.process_time(), _proc_cpu(gw.pid)
+            await run([via] * args.concurrency)
+            return direct_cpu, time.process_time() - t0, _proc_cpu(gw.pid) - g0
+
+        direct_cpu, app_cpu, gw_cpu = asyncio.run(measure())
+        k = 1000 / tokens
+        print(f"CPU per 1,000 streamed tokens ({args.concurrency} concurrent streams, {tokens} tokens):")
+        print(f"  SDK direct (baseline), the app's process: {direct_cpu * k * 1000:6.1f} ms")
+        print(f"  through dcml gateway: gateway process {gw_cpu * k * 1000:6.1f} ms + the app's plain openai client "
+              f"{app_cpu * k * 1000:6.1f} ms")
+        for c in sdks:
+            c.close()
+    finally:
+        gw.terminate()
+        gw.wait(timeout=30)
+        node.kill()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class NodeProcess:
     """`dcml-node run` as a real process (SIGKILL-able); the synthetic engine waits `first_token_ms`."""
 
     def __init__(self, w3, deployment_file: Path, data_dir: Path, port: int, price_out: int,
-                 first_token_ms: int) -> None:
+                 first_token_ms: int, tokens_per_second: float = 0) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         config = data_dir / "node.toml"
         config.write_text(f"""
@@ -52,7 +52,7 @@ port = {port}
 [engine]
 kind = "synthetic"
 served_model_name = "{MODEL}"
-options = {{ first_token_ms = {first_token_ms} }}
+options = {{ first_token_ms = {first_token_ms}, tokens_per_second = {tokens_per_second} }}
 [payments]
 enabled = true
 deployment = "{deployment_file}"

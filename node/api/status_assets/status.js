@@ -57,7 +57,7 @@ function render(s) {
     ["endpoint", r.endpoint], ["error", r.error]] : [["registry", "off"]]);
   kv("engine", [["model", s.engine.model], ["engine", s.engine.kind], ["health", s.engine.healthy ? "serving" : "down",
     s.engine.healthy ? "ok" : "error"], ["queue depth", s.engine.queue_depth], ["uptime (s)", s.uptime_s]]);
-  kv("load", [["streams in flight", s.load.in_flight], ["tokens/s", s.load.tokens_per_s],
+  kv("load", [["requests in flight (this poll included, as in /metrics)", s.load.in_flight], ["tokens/s", s.load.tokens_per_s],
     ["output tokens", s.load.output_tokens], ["prompt tokens", s.load.prompt_tokens],
     ["HTTP requests", s.load.requests]]);
   const p = s.payments;

@@ -189,8 +189,8 @@ def print_status(s: dict[str, Any], console: Any = None) -> None:
     kv("Engine and model", [("model", e["model"]), ("engine", e["kind"]), ("health", "serving" if e["healthy"]
         else "down"), ("queue depth", e["queue_depth"]), ("uptime (s)", s["uptime_s"])])
     kv("Load", [("requests in flight (this one included, as in /metrics)", load["in_flight"]),
-                ("tokens/s", load["tokens_per_s"]), ("output tokens", load["output_tokens"]), ("prompt tokens", load["prompt_tokens"]),
-                ("HTTP requests", load["requests"])])
+                ("tokens/s", load["tokens_per_s"]), ("output tokens", load["output_tokens"]),
+                ("prompt tokens", load["prompt_tokens"]), ("HTTP requests", load["requests"])])
     if not p["enabled"]:
         kv("Money", [("payments", "off")])
     else:

@@ -6,8 +6,7 @@ export PYTHONUNBUFFERED := 1
 
 VLLM_PY := .venv-vllm/bin/python
 ENGINE ?= embedded
-
-.PHONY: setup build test test-contracts test-python demo devnet bench lint format clean vllm vllm-venv
+.PHONY: setup build test test-contracts test-python browser demo demo-gateway devnet bench lint format clean vllm vllm-venv
 
 setup: .venv/.installed contracts/node_modules/.installed tests/js/node_modules/.installed
 
@@ -47,11 +46,18 @@ test: build vllm-venv lint test-contracts test-python  # tests/test_vllm.py star
 test-contracts:
 	cd contracts && ./node_modules/.bin/forge test
 
-test-python:
+test-python: browser tests/js/node_modules/.installed
 	$(PY) -m pytest -q
+
+browser:  # the status page is tested in a real headless chromium (Debian packages; no browser download)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
 demo: build $(if $(filter vllm,$(ENGINE)),vllm-venv)  # `make demo ENGINE=vllm`: the same story on real vLLM
 	$(PY) -m node.demo --engine $(ENGINE)
+
+demo-gateway: build  # three nodes at different prices behind `dcml gateway`: routing, failover, to the wei
+	$(PY) -m node.demo_gateway
 
 devnet: build
 	.venv/bin/dcml-devnet --out .devnet/deployment.json
@@ -62,6 +68,7 @@ bench: build  # each prints its figure next to a baseline measured in the same r
 	$(PY) bench/bench_vouchers.py
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_gateway.py
+	$(PY) bench/bench_local_gateway.py
 	$(PY) bench/bench_payments.py
 	$(PY) bench/bench_gpu_evidence.py
 

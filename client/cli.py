@@ -440,3 +440,15 @@ def disputes_finalize(
     with _handled(opts), opts.disputes() as disputes:
         rows = disputes.finalize_due(dispute_id=dispute_id)
         _emit(opts, [r.as_json() for r in rows], lambda: _dispute_table(rows, "no dispute is ready to finalize"))
+
+
+@app.command()
+def gateway(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Gateway TOML")] = Path("configs/gateway.toml"),
+    host: Annotated[str | None, typer.Option(help="Override the listen address (default loopback)")] = None,
+    port: Annotated[int | None, typer.Option(help="Override the port")] = None,
+) -> None:
+    """A local OpenAI-compatible endpoint that picks, attests, pays and fails over across nodes."""
+    from client.gateway import main as run_gateway
+
+    run_gateway(config, host=host, port=port)

@@ -46,6 +46,45 @@ def run(config: ConfigOption = None) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def status(
+    url: Annotated[str | None, typer.Option(help="The node's base URL; default: from --config [server]")] = None,
+    token: Annotated[str | None, typer.Option(envvar="DCML_NODE__STATUS__TOKEN", show_envvar=True,
+                                              help="The operator token ([status] token)")] = None,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw snapshot")] = False,
+) -> None:
+    """What the operator status page shows (/status), in the terminal."""
+    import json
+
+    import httpx
+
+    from node.status import print_status
+
+    if url is None or token is None:
+        from node.config import load_settings
+
+        settings = load_settings(config)
+        host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
+        url = url or f"http://{host}:{settings.server.port}"
+        token = token or (settings.status.token.get_secret_value() if settings.status.token else None)
+    if not token:
+        typer.echo("error: no operator token: pass --token or set DCML_NODE__STATUS__TOKEN", err=True)
+        raise typer.Exit(2)
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/status/data", headers={"authorization": f"Bearer {token}"}, timeout=30)
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach {url}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if r.status_code != 200:
+        typer.echo(f"error: {url} answered {r.status_code}: {r.text[:300]}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(r.json(), indent=2))
+    else:
+        print_status(r.json())
+
+
 @app.command("fetch-rims")
 def fetch_rims(
     config: ConfigOption = None,

@@ -214,6 +214,13 @@ class SlaConfig(_Section):
     watch_interval_s: float = Field(5.0, gt=0)  # how often the court is polled for disputes
 
 
+class StatusConfig(_Section):
+    """The operator status page (`/status`): it shows money, so it is served only with this token.
+    Set it with DCML_NODE__STATUS__TOKEN rather than in the file; unset: the page is off."""
+
+    token: SecretStr | None = Field(None, min_length=16)
+
+
 class NodeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DCML_NODE__", env_nested_delimiter="__", extra="forbid")
 
@@ -228,6 +235,7 @@ class NodeSettings(BaseSettings):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     p2p: P2PConfig = Field(default_factory=P2PConfig)
     sla: SlaConfig = Field(default_factory=SlaConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
 
     @model_validator(mode="after")
     def _sla_needs_stake_and_payments(self) -> NodeSettings:

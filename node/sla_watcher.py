@@ -70,6 +70,11 @@ class SlaWatcher:
         self._thread: threading.Thread | None = None
         self.answered: list[bytes] = []  # dispute ids this watcher answered, in order
 
+    @property
+    def open_disputes(self) -> frozenset[bytes]:
+        """Open disputes not answered yet (no receipt yet, or the answer failed): the status page shows them."""
+        return frozenset(self._retry)
+
     def start(self) -> None:
         if self._thread is not None:
             return

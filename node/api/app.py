@@ -26,6 +26,7 @@ from node.api.errors import install_error_handlers
 from node.api.metrics import MetricsMiddleware, NodeMetrics
 from node.api.openapi import install_openapi
 from node.api.state import NodeState, node_state
+from node.api.status import status_router
 from node.config import NodeSettings, resolve_receipt_domain
 from node.engine.base import Engine
 from node.identity import EnclaveIdentity
@@ -33,6 +34,7 @@ from node.logging import get_logger
 from node.payments.gate import PaymentGate
 from node.payments.service import Payments, PaymentSettings
 from node.receipts import ReceiptSigner, ReceiptStore
+from node.status import StatusCollector
 from node.tee.base import AttestationProvider
 
 if TYPE_CHECKING:
@@ -296,6 +298,7 @@ def create_app(
                 if gate is not None:
                     gate.terms_in_force_from[engine.model_name] = valid_from
                 await wait_for_terms(valid_from)
+                collector.sla_watcher = app.state.sla_watcher
             if gate is not None:
                 gate.payments.start()
                 started.append("payments")
@@ -341,6 +344,9 @@ def create_app(
     app.include_router(receipts.router)
     if gate is not None:
         app.include_router(gate.router())
+    collector = StatusCollector(state, presence)  # the operator status page (node/api/status.py)
+    token = settings.status.token
+    app.include_router(status_router(collector, token.get_secret_value() if token else None))
 
     @app.get("/health")
     async def health(request: Request) -> Response:

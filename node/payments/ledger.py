@@ -118,6 +118,10 @@ class Ledger:
         """Every channel not yet finalized: what the settlement worker watches."""
         return [_balance(r) for r in self._read(f"{_SELECT} WHERE finalized=0", ())]
 
+    def channels(self) -> list[ChannelBalance]:
+        """Every channel this node was ever paid on, finalized or not (the operator status page)."""
+        return [_balance(r) for r in self._read(f"{_SELECT} ORDER BY updated_at", ())]
+
     def voucher_count(self, channel_id: str) -> int:
         return self._read("SELECT COUNT(*) FROM vouchers WHERE channel_id=?", (channel_id.lower(),))[0][0]
 

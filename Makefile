@@ -4,7 +4,7 @@ PY := .venv/bin/python
 FORGE := contracts/node_modules/.bin/forge
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup build test test-contracts test-python demo devnet bench lint format clean
+.PHONY: setup build test test-contracts test-python demo devnet bench lint format clean image image-deps image-check image-lock compose
 
 setup: .venv/.installed contracts/node_modules/.installed
 
@@ -23,7 +23,7 @@ build: setup
 	cd contracts && ./node_modules/.bin/forge build
 	$(PY) contracts/export_abi.py
 
-test: build lint test-contracts test-python
+test: build image-deps lint test-contracts test-python
 
 test-contracts:
 	cd contracts && ./node_modules/.bin/forge test
@@ -44,6 +44,24 @@ bench: build  # each prints its figure next to a baseline measured in the same r
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_gateway.py
 	$(PY) bench/bench_payments.py
+
+# The CVM image, built without a container engine (image/build.py; needs root). FLAVOR=cpu | vllm.
+FLAVOR ?= cpu
+image-deps:  # Debian tools the image build needs (CI: a fresh machine, root, apt reachable)
+	@command -v mmdebstrap >/dev/null && command -v umoci >/dev/null || \
+		(apt-get update -q && apt-get install -y -q mmdebstrap umoci debian-archive-keyring)
+
+image: setup image-deps
+	$(PY) image/build.py --flavor $(FLAVOR) --archive
+
+image-check: setup image-deps  # two builds, the second rebuilding the dependencies layer: equal digests or fail
+	$(PY) image/build.py --flavor $(FLAVOR) --check
+
+image-lock: setup  # re-resolve the hash-pinned wheel locks after changing dependencies
+	$(PY) image/lock.py cpu
+
+compose: image  # pin the built digest in docker/app-compose.*.json and allow-list their hashes
+	$(PY) image/compose.py
 
 lint:
 	.venv/bin/ruff check .

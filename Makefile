@@ -61,7 +61,7 @@ image-lock: setup  # re-resolve the hash-pinned wheel locks after changing depen
 	$(PY) image/lock.py cpu
 
 compose: image  # pin the built digest in docker/app-compose.*.json and allow-list their hashes
-	$(PY) image/compose.py
+	$(PY) image/compose.py $(if $(VLLM_CUDA_IMAGE),--vllm-cuda-image $(VLLM_CUDA_IMAGE))
 
 lint:
 	.venv/bin/ruff check .
@@ -71,4 +71,4 @@ format: setup
 	.venv/bin/ruff check --fix .
 
 clean:
-	rm -rf .venv contracts/node_modules contracts/out contracts/cache .devnet .pytest_cache
+	rm -rf .venv contracts/node_modules contracts/out contracts/cache .devnet .pytest_cache build/image

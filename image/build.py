@@ -43,6 +43,21 @@ PIP = "/usr/share/python-wheels/pip-23.0.1-py3-none-any.whl/pip"  # Debian's pyt
 VENV = "/opt/dcml"
 RECIPE = "1"  # bump when this file changes what a stage produces (it keys the caches)
 NODE_UID = 10001
+ENV_PATH = f"PATH={VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What differs per flavour: the image name, whether the project is installed, and how the image starts.
+FLAVORS = {
+    "cpu": {"image": "dcml-node-cpu", "project": True, "config": {
+        "Env": [ENV_PATH, "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1", "DCML_NODE__DATA_DIR=/var/lib/dcml"],
+        "Entrypoint": [f"{VENV}/bin/dcml-node", "run", "--config", "/etc/dcml/node.toml"],
+        "User": str(NODE_UID), "WorkingDir": "/var/lib/dcml", "ExposedPorts": {"8080/tcp": {}, "4001/tcp": {}},
+    }},
+    # The vLLM CPU sidecar (docker/templates/vllm.yml passes --model etc.); it shares the node's loopback.
+    "vllm": {"image": "dcml-vllm-cpu", "project": False, "config": {
+        "Env": [ENV_PATH, "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1", "VLLM_NO_USAGE_STATS=1", "HF_HUB_OFFLINE=1"],
+        "Entrypoint": [f"{VENV}/bin/python3", "-m", "vllm.entrypoints.openai.api_server"],
+        "User": str(NODE_UID), "WorkingDir": "/tmp", "ExposedPorts": {"8000/tcp": {}},
+    }},
+}
 PROJECT_FILES = ["pyproject.toml", "README.md", "node", "client"]
 CHROOT_ENV = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "TZ": "UTC",
@@ -477,38 +492,32 @@ def build(flavor: str, src: Path, out: Path, cache: Path, *, mirror: str = MIRRO
                              [files[e.filename] for e in runtime if e.is_sdist], project_src)
         built_by_sdist = {e.filename: built[e.filename] for e in runtime if e.is_sdist}
         deps_tar, installed = deps_layer(cache, base_tar, runtime, files, built_by_sdist, fresh=fresh)
-        project_tar = project_layer(work, base_tar, deps_tar, built["project"], src)
+        spec = FLAVORS[flavor]
+        layers = [(base_tar, f"mmdebstrap {SUITE} {' '.join(BASE_PACKAGES)}"),
+                  (deps_tar, f"pip install --require-hashes -r image/requirements-{flavor}.lock")]
+        project_wheel = built["project"]
+        if spec["project"]:
+            layers.append((project_layer(work, base_tar, deps_tar, project_wheel, src),
+                           "pip install dcml; configs/node.toml"))
         oci = out / "oci"
         shutil.rmtree(oci, ignore_errors=True)
-        config = {
-            "Env": [f"PATH={VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1", "DCML_NODE__DATA_DIR=/var/lib/dcml"],
-            "Entrypoint": [f"{VENV}/bin/dcml-node", "run", "--config", "/etc/dcml/node.toml"],
-            "User": str(NODE_UID), "WorkingDir": "/var/lib/dcml",
-            "ExposedPorts": {"8080/tcp": {}, "4001/tcp": {}},
-        }
-        digest = write_oci(oci, [
-            (base_tar, f"mmdebstrap {SUITE} {' '.join(BASE_PACKAGES)}"),
-            (deps_tar, f"pip install --require-hashes -r image/requirements-{flavor}.lock"),
-            (project_tar, "pip install dcml; configs/node.toml"),
-        ], flavor, config)
-        project_wheel = built["project"]
+        digest = write_oci(oci, layers, flavor, spec["config"])
         record = {
-            "image": f"dcml-node-{flavor}", "flavor": flavor, "digest": digest,
+            "image": spec["image"], "flavor": flavor, "digest": digest,
             "source": source_commit(src), "source_date_epoch": SOURCE_DATE_EPOCH,
             "debian": {"suite": SUITE, "mirror": mirror, "in_release_date": released,
                        "mmdebstrap": mmdebstrap_version(), "packages": dpkg_versions(base_tar),
                        "builder_packages": dpkg_versions(builder_tar)},
-            "wheels": installed, "project_wheel": {project_wheel.name: sha256_file(project_wheel)},
+            "wheels": installed,
+            "project_wheel": {project_wheel.name: sha256_file(project_wheel)} if spec["project"] else {},
             "build_wheels": {p.name: sha256_file(p) for p in (files[e.filename] for e in build_reqs)},
-            "layers": [{"digest": f"sha256:{sha256_file(p)}", "size": p.stat().st_size}
-                       for p in (base_tar, deps_tar, project_tar)],
+            "layers": [{"digest": f"sha256:{sha256_file(p)}", "size": p.stat().st_size} for p, _ in layers],
         }
     (out / "build-record.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     (out / "digest").write_text(digest + "\n")
     if archive:
-        write_archive(oci, out / f"dcml-node-{flavor}.oci.tar")
-    log(f"built dcml-node-{flavor} in {time.monotonic() - started:.0f} s")
+        write_archive(oci, out / f"{record['image']}.oci.tar")
+    log(f"built {record['image']} in {time.monotonic() - started:.0f} s")
     return record
 
 
@@ -516,7 +525,7 @@ def check(flavor: str, src: Path, out: Path, cache: Path, mirror: str) -> str:
     """Two builds into fresh directories, the second rebuilding the dependencies layer: equal digests or exit 1."""
     a = build(flavor, src, out / "check-a", cache, mirror=mirror)
     b = build(flavor, src, out / "check-b", cache, mirror=mirror, fresh=True)
-    for x, y, what in zip(a["layers"], b["layers"], ("debian", "dependencies", "project"), strict=True):
+    for x, y, what in zip(a["layers"], b["layers"], ("debian", "dependencies", "project"), strict=False):
         if x != y:
             log(f"the {what} layer differs between two builds: {x} != {y}")
     if a["digest"] != b["digest"]:
@@ -527,7 +536,7 @@ def check(flavor: str, src: Path, out: Path, cache: Path, mirror: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flavor", default="cpu", choices=["cpu", "vllm"])
+    parser.add_argument("--flavor", default="cpu", choices=sorted(FLAVORS))
     parser.add_argument("--src", type=Path, default=ROOT, help="the source tree (default: this checkout)")
     parser.add_argument("--out", type=Path, help="default: build/image/<flavor>")
     parser.add_argument("--cache", type=Path, default=ROOT / "build" / "image" / "cache")

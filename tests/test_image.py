@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -146,8 +147,12 @@ price_per_input_token = {PRICE_IN}
 price_per_output_token = {PRICE_OUT}
 """)
     env = dict(e.split("=", 1) for e in config["Env"])
-    cmd = ["chroot", f"--userspec={config['User']}:{config['User']}", str(root), "/usr/bin/env", "-C",
-           config["WorkingDir"], config["Entrypoint"][0], "run", "--config", "/etc/dcml/test.toml"]
+    # A private mount namespace gets its own /proc (gone with the process); the chroot runs as the image's user.
+    # Same network namespace: the node binds loopback, where anvil is.
+    chroot = shlex.join(["chroot", f"--userspec={config['User']}:{config['User']}", str(root), "/usr/bin/env", "-C",
+                         config["WorkingDir"], config["Entrypoint"][0], "run", "--config", "/etc/dcml/test.toml"])
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"mount -t proc proc {shlex.quote(str(root / 'proc'))} && exec {chroot}"]
     proc = subprocess.Popen(cmd, env={**env, "OMP_NUM_THREADS": "2"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240  # torch imports without bytecode on a busy machine

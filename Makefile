@@ -58,9 +58,11 @@ image-check: setup image-deps  # two builds, the second rebuilding the dependenc
 	$(PY) image/build.py --flavor $(FLAVOR) --check
 
 image-lock: setup  # re-resolve the hash-pinned wheel locks after changing dependencies
-	$(PY) image/lock.py cpu
+	$(PY) image/lock.py cpu vllm
 
-compose: image  # pin the built digest in docker/app-compose.*.json and allow-list their hashes
+compose: setup image-deps  # build both flavours, pin their digests in docker/app-compose.*.json, allow-list the hashes
+	$(PY) image/build.py --flavor cpu --archive
+	$(PY) image/build.py --flavor vllm
 	$(PY) image/compose.py $(if $(VLLM_CUDA_IMAGE),--vllm-cuda-image $(VLLM_CUDA_IMAGE))
 
 lint:

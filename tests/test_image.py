@@ -196,12 +196,13 @@ def test_node_in_the_image_answers_a_paid_attested_verified_request(node_in_imag
         assert client.channel_state(channel.channel_id).settled == result.cost
 
 
-def test_the_shipped_compose_pins_the_digest_this_checkout_builds(builds) -> None:
+def test_the_shipped_composes_pin_the_digest_this_checkout_builds(builds) -> None:
     """What clients allow-list (the compose hash) names this source: a rebuild gives the pinned digest."""
     _, a = builds["a"]
-    compose = json.loads((ROOT / "docker" / "app-compose.cpu.json").read_text())["docker_compose_file"]
-    pinned = compose.split("/dcml-node@", 1)[1].split()[0]
-    assert pinned == a["digest"], (
-        f"docker/app-compose.cpu.json pins {pinned} but this checkout builds {a['digest']}: after changing the "
-        "node, its dependencies or the Debian archive moved on, run `make compose` and commit docker/ and "
-        "configs/policy.toml (a rebuild of an older release: image/build.py --mirror <snapshot.debian.org URL>)")
+    for path in sorted((ROOT / "docker").glob("app-compose.*.json")):
+        compose = json.loads(path.read_text())["docker_compose_file"]
+        pinned = compose.split("/dcml-node@", 1)[1].split()[0]
+        assert pinned == a["digest"], (
+            f"{path.name} pins {pinned} but this checkout builds {a['digest']}: after changing the node, its "
+            "dependencies, or once the Debian archive moved on, run `make compose` and commit docker/ and "
+            "configs/policy.toml (rebuilding an older release: image/build.py --mirror <snapshot.debian.org URL>)")

@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED := 1
 
 VLLM_PY := .venv-vllm/bin/python
 ENGINE ?= embedded
-.PHONY: setup build test test-contracts test-python browser demo demo-gateway devnet bench lint format clean vllm vllm-venv
+.PHONY: setup build test test-contracts test-python browser demo demo-gateway devnet bench lint format clean vllm vllm-venv image image-deps image-check image-lock compose
 
 setup: .venv/.installed contracts/node_modules/.installed tests/js/node_modules/.installed
 
@@ -41,7 +41,7 @@ build: setup
 	cd contracts && ./node_modules/.bin/forge build
 	$(PY) contracts/export_abi.py
 
-test: build vllm-venv lint test-contracts test-python  # tests/test_vllm.py starts one real vLLM
+test: build vllm-venv image-deps lint test-contracts test-python  # tests/test_vllm.py starts one real vLLM
 
 test-contracts:
 	cd contracts && ./node_modules/.bin/forge test
@@ -72,6 +72,26 @@ bench: build  # each prints its figure next to a baseline measured in the same r
 	$(PY) bench/bench_payments.py
 	$(PY) bench/bench_gpu_evidence.py
 
+# The CVM image, built without a container engine (image/build.py; needs root). FLAVOR=cpu | vllm.
+FLAVOR ?= cpu
+image-deps:  # Debian tools the image build needs (CI: a fresh machine, root, apt reachable)
+	@command -v mmdebstrap >/dev/null && command -v umoci >/dev/null || \
+		(apt-get update -q && apt-get install -y -q mmdebstrap umoci debian-archive-keyring)
+
+image: setup image-deps
+	$(PY) image/build.py --flavor $(FLAVOR) --archive
+
+image-check: setup image-deps  # two builds, the second rebuilding the dependencies layer: equal digests or fail
+	$(PY) image/build.py --flavor $(FLAVOR) --check
+
+image-lock: setup  # re-resolve the hash-pinned wheel locks after changing dependencies
+	$(PY) image/lock.py cpu vllm
+
+compose: setup image-deps  # build both flavours, pin their digests in docker/app-compose.*.json, allow-list the hashes
+	$(PY) image/build.py --flavor cpu --archive
+	$(PY) image/build.py --flavor vllm
+	$(PY) image/compose.py $(if $(VLLM_CUDA_IMAGE),--vllm-cuda-image $(VLLM_CUDA_IMAGE))
+
 lint:
 	.venv/bin/ruff check .
 
@@ -80,4 +100,4 @@ format: setup
 	.venv/bin/ruff check --fix .
 
 clean:
-	rm -rf .venv .venv-vllm contracts/node_modules tests/js/node_modules contracts/out contracts/cache .devnet .pytest_cache
+	rm -rf .venv .venv-vllm contracts/node_modules tests/js/node_modules contracts/out contracts/cache .devnet .pytest_cache build/image

@@ -134,5 +134,16 @@ def show_config(config: ConfigOption = None) -> None:
     typer.echo(load_settings(config).model_dump_json(indent=2))
 
 
+@app.command("compose-hash")
+def compose_hash(files: Annotated[list[Path], typer.Argument(help="dstack app-compose.json file(s)", exists=True,
+                                                             dir_okay=False)]) -> None:
+    """Print the hash a dstack CVM measures for an app compose, and the mr_config_id it carries (0x01 || hash)."""
+    from node.tee.compose import describe
+
+    for path in files:
+        d = describe(path)
+        typer.echo(f"{d['compose_hash']}  mr_config_id={d['mr_config_id']}  {path}")
+
+
 if __name__ == "__main__":
     app()

@@ -197,7 +197,7 @@ def test_key_broker_requires_gpu_evidence(provider, tmp_path):
     url = f"/v1/models/0x{model.hex()}"
 
     def ask(prov) -> dict:
-        nonce = bytes.fromhex(client.get(url + "/nonce").json()["nonce"])
+        nonce = bytes.fromhex(client.get(url + "/nonce", params={"node": IDENT.address}).json()["nonce"])
         doc = _doc(prov, nonce)
         return client.post(url + "/key", json={"nonce": nonce.hex(), "attestation": doc.model_dump(mode="json")})
 

@@ -23,6 +23,7 @@ def node(w3: Web3, deployment: Deployment, tmp_path_factory) -> Iterator[PaidNod
     path = tmp_path_factory.mktemp("dep") / "deployment.json"
     deployment.save(path)
     paid = start_paid_node(w3, path, tmp_path_factory.mktemp("node"))
+    paid.app.state.node.gate.terms_in_force_from[MODEL] = 0  # as if SLA terms were in force: it signs acceptances
     yield paid
     paid.server.stop()
 

@@ -18,7 +18,7 @@ def uvicorn_config(app: FastAPI, *, host: str, port: int, graceful_shutdown_s: f
     """`limits`: deadlines and caps against slow and junk clients (node.api.guard); default: the app's
     `[server]` settings when it is a node app, else the defaults."""
     if limits is None:
-        node = getattr(app.state, "node", None)
+        node = getattr(getattr(app, "state", None), "node", None)  # a plain ASGI wrapper has no state
         limits = node.settings.server if node is not None else ServerConfig()
     # log_config=None: logging is ours (node.logging); access logs off: the metrics count requests.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",

@@ -222,7 +222,7 @@ class Gateway:
         if model not in slot.ready:
             try:
                 async with self._tx_lock:
-                    if await asyncio.to_thread(slot.client.prepare, model) is None:  # no usable channel yet
+                    if not await asyncio.to_thread(slot.client.has_channel, model):  # no usable channel yet
                         await asyncio.to_thread(slot.client.open_channel, model)
             except BaseException:
                 node.free.put_nowait(slot)

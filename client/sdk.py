@@ -541,6 +541,11 @@ class Client:
 
     # -- Payer: called by the paying transports ---------------------------------------------------
 
+    def has_channel(self, model: str) -> bool:
+        """Whether an open channel of ours can pay for `model` now (else `open_channel` first)."""
+        with self._lock:
+            return self._usable(model) is not None
+
     def prepare(self, model: str, exchange: Exchange) -> Voucher | None:
         with self._lock:
             ch = self._usable(model)

@@ -16,7 +16,16 @@ import client.attestation as att
 from client.attestation import AttestationError, Policy, Reason, cache_collateral, verify_attestation
 from client.key_broker import AuditLog, KeyBroker, ModelEntry, NonceStore, create_app
 from client.measurements import parse_tdx_quote
-from tests.test_attestation_vectors import DSTACK_NOW, NONCE, ONES, TDX_NOW, _doc, _dstack_doc, _policy_for
+from tests.test_attestation_vectors import (
+    DSTACK_NOW,
+    IDENTITY,
+    NONCE,
+    ONES,
+    TDX_NOW,
+    _doc,
+    _dstack_doc,
+    _policy_for,
+)
 
 
 @pytest.fixture
@@ -113,7 +122,7 @@ def test_key_broker_refuses_a_corrupted_quote_without_crashing(tdx, tmp_path) ->
                        policy=Policy(), audit=AuditLog(tmp_path / "audit.sqlite"), nonces=NonceStore(60))
     client = TestClient(create_app(broker), raise_server_exceptions=True)
     url = f"/v1/models/0x{model.hex()}"
-    nonce = client.get(url + "/nonce").json()["nonce"]
+    nonce = client.get(url + "/nonce", params={"node": IDENTITY.address}).json()["nonce"]
     doc = _doc(_corrupt_pck(quote), nonce=nonce)
     r = client.post(url + "/key", json={"nonce": nonce, "attestation": json.loads(doc.model_dump_json())})
     assert r.status_code == 403, r.text

@@ -116,7 +116,7 @@ def test_deep_nesting_at_every_entry_point_is_a_400(node, payer) -> None:
     sealed = seal_request(deep, hpke_key(node), path="/v1/chat/completions")
     r = http.post("/v1/chat/completions", content=sealed.body, headers={**sealed.headers, **paid(payer)})
     assert r.status_code == 400
-    assert b"invalid_json" in open_response(sealed.key, r.content)  # the error is sealed too
+    assert b"invalid_json" in open_response(sealed.key_for(r.headers), r.content)  # the error is sealed too
     # the payment header: too long to be a voucher, and short but deep
     for header in (base64.b64encode(deep).decode(), base64.b64encode(b"[" * 1000).decode()):
         r = http.post("/v1/completions", content=completion(), headers={"content-type": "application/json",
@@ -323,7 +323,7 @@ def test_canary_prompt_reaches_no_log_metric_or_file(node, payer) -> None:
     # sealed
     sealed = seal_request(completion(prompt), hpke_key(node), path="/v1/completions")
     r = http.post("/v1/completions", content=sealed.body, headers={**sealed.headers, **paid(payer)})
-    assert r.status_code == 200 and b"choices" in open_response(sealed.key, r.content)
+    assert r.status_code == 200 and b"choices" in open_response(sealed.key_for(r.headers), r.content)
     # failing: unpaid, invalid, malformed, unknown model, too many tokens, a canary in the payment header
     for body, headers in (
         (completion(prompt), jh),

@@ -150,5 +150,5 @@ def test_non_ascii_amount_in_the_payment_header_is_refused(node: PaidNode, w3: W
     body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}).encode()
     r = httpx.post(f"{node.url}/v1/completions", content=body,
                    headers={"content-type": "application/json", PAYMENT_SIGNATURE: header})
-    assert r.status_code in (400, 402) and r.json()["error"]["code"] == "malformed"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_payment"
     assert node.ledger.get("0x" + payer.channel_id.hex()) is None

@@ -144,6 +144,8 @@ def test_status_page_in_headless_chromium(node, paid) -> None:
         assert browser.find_elements(By.ID, "token") and not browser.find_elements(By.ID, "channels")
         browser.find_element(By.ID, "token").send_keys("not-the-token")
         browser.find_element(By.ID, "sign-in").click()
+        # the form posts and the page reloads: wait for the answer rather than race it on a loaded machine
+        WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.ID, "login-error"))
         assert "Wrong token" in browser.find_element(By.ID, "login-error").text
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         browser.find_element(By.ID, "sign-in").click()

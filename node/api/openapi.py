@@ -42,6 +42,7 @@ _BALANCE = {"type": "object", "properties": {"channelId": {"type": "string"}, "a
                                              "spent": {"type": "string"}}}
 _WHY = {
     400: "Malformed or invalid request (bad JSON, too deep, a bad parameter, a malformed payment payload)",
+    401: "Authorisation required: sign the read with the channel's payer or session key (X-DCML-Auth)",
     402: "Payment required: the PAYMENT-REQUIRED header names the terms (paid nodes only)",
     404: "Not found (unknown model, receipt or channel)",
     413: "Request body or prompt too large",
@@ -121,13 +122,13 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     channel = doc["paths"].get("/v1/payments/channels/{channel_id}", {}).get("get")
     if channel is not None:
         channel["responses"] = {"200": {"description": "The node's account of the channel",
-                                        "content": _json(_BALANCE)}, **_errors(404)}
-    for path in ("/v1/receipts", "/v1/receipts/{receipt_id}"):
+                                        "content": _json(_BALANCE)}, **_errors(400, 401, 404)}
+    for path, statuses in (("/v1/receipts", (400, 401, 404)), ("/v1/receipts/{receipt_id}", (400, 404))):
         op = doc["paths"].get(path, {}).get("get")
         if op is not None:
             op["responses"] = {"200": {"description": "The signed receipt",
                                        "content": _json(_schema_of(SignedReceipt, components))},
-                               **_errors(400, 404)}
+                               **_errors(*statuses)}
     attestation = doc["paths"].get("/v1/attestation", {}).get("get")
     if attestation is not None:
         attestation["responses"] = {"200": {"description": "The attestation document",

@@ -153,15 +153,20 @@ class PaidRequest:
     def headers(self) -> dict[str, str]:
         """The response's payment headers with the figures as they stand now: read after the last charge
         (a non-streamed answer) they are the request's final ones."""
-        if self.payment_response is not None:
-            return {ACCEPTANCE_HEADER: self.acceptance, PAYMENT_RESPONSE: self.payment_response}
-        figures = ChannelFigures(channelId=self.channel_id, accepted=self.accepted, spent=self.spent, cost=self.cost)
-        settlement = SettlementResponse(**self.settlement, amount=str(self.cost),
-                                        extensions={SCHEME: figures.to_json()})
-        headers = {PAYMENT_RESPONSE: settlement.to_header()}
+        response = self.payment_response
+        if response is None:
+            figures = ChannelFigures(channelId=self.channel_id, accepted=self.accepted, spent=self.spent,
+                                     cost=self.cost)
+            response = SettlementResponse(**self.settlement, amount=str(self.cost),
+                                          extensions={SCHEME: figures.to_json()}).to_header()
+        headers = {PAYMENT_RESPONSE: response}
         if self.acceptance is not None:
             headers[ACCEPTANCE_HEADER] = self.acceptance
         return headers
+
+
+def _acceptance_header(acceptance: SignedAcceptance | None) -> str | None:
+    return None if acceptance is None else base64.b64encode(acceptance.model_dump_json(by_alias=True).encode()).decode()
 
 
 class PaymentGate:
@@ -329,16 +334,9 @@ class PaymentGate:
         if first_token:  # the first output token rides on the admission commit (it may use the credit window)
             ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window, earned_credit=True))
         # Signed before the commit so that its durable write shares the wait with the ledger's.
-        now = int(time.time())
-        at = now if accepted_at is None else int(accepted_at)
-        in_force_from = self.terms_in_force_from.get(model)
-        acceptance = None
-        if in_force_from is not None and at >= in_force_from:
-            acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=voucher.channel_id,
-                                                    acceptedAt=at, deadline=now + self.config.response_deadline_s),
-                                         self.signer, self.receipt_domain)
+        acceptance = self._acceptance(model, request_hash, voucher.channel_id, accepted_at)
         charged = prompt_cost + first_token
-        after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged, prompt_cost + ahead)
+        after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged, need)
         if new_voucher and settle_first:
             await run_in_threadpool(self.payments.ledger.set_settled, voucher.channel_id, voucher.cumulative_amount)
         if new_voucher:  # streams of this channel paused for funds may go on
@@ -349,8 +347,7 @@ class PaymentGate:
         settlement = {"transaction": "0x" + commitment.hex(), "payer": state.payer,
                       "network": f"eip155:{self.payments.deployment.chain_id}"}
         return PaidRequest(voucher.channel_id, terms, after.accepted, spent, charged,
-                           acceptance=None if acceptance is None else base64.b64encode(
-                               acceptance.model_dump_json(by_alias=True).encode()).decode(),
+                           acceptance=_acceptance_header(acceptance),
                            settlement=settlement, precharged=1 if first_token else 0)
 
     async def _admit_batch(self, payment, needed, *, model: str, request_hash: str, prompt_cost: int, worst: int,
@@ -378,11 +375,7 @@ class PaymentGate:
         first_token = terms.price_per_output_token if stream and worst > prompt_cost else 0
         if first_token:
             ops.append(ChargeOp(bv.channel_id, first_token))
-        now = int(time.time())
-        acceptance = sign_acceptance(Acceptance(requestHash=request_hash, channelId=bv.channel_id,
-                                                acceptedAt=now if accepted_at is None else int(accepted_at),
-                                                deadline=now + self.config.response_deadline_s),
-                                     self.signer, self.receipt_domain)
+        acceptance = self._acceptance(model, request_hash, bv.channel_id, accepted_at)
         charged = prompt_cost + first_token
         after = await self._commit_admission(model, bv.channel_id, ops, acceptance, charged, worst,
                                              writer=self.batch_writer)
@@ -398,9 +391,22 @@ class PaymentGate:
                                           "each claim"}}}
         header = base64.b64encode(json.dumps(response, separators=(",", ":")).encode()).decode()
         return PaidRequest(bv.channel_id, terms.model_copy(update={"credit_window": 0}), after.accepted, after.spent,
-                           charged, acceptance=base64.b64encode(acceptance.model_dump_json(by_alias=True).encode())
-                           .decode(), precharged=1 if first_token else 0, writer=self.batch_writer,
+                           charged, acceptance=_acceptance_header(acceptance), precharged=1 if first_token else 0,
+                           writer=self.batch_writer,
                            payment_response=header)
+
+    def _acceptance(self, model: str, request_hash: str, channel_id: str,
+                    accepted_at: float | None) -> SignedAcceptance | None:
+        """The signed promise to answer, under the court's domain: only while the model's SLA terms are in force
+        at `accepted_at` (the court cannot judge an acceptance made under no terms). Both schemes use it."""
+        now = int(time.time())
+        at = now if accepted_at is None else int(accepted_at)
+        in_force_from = self.terms_in_force_from.get(model)
+        if in_force_from is None or at < in_force_from:
+            return None
+        return sign_acceptance(Acceptance(requestHash=request_hash, channelId=channel_id, acceptedAt=at,
+                                          deadline=now + self.config.response_deadline_s),
+                               self.signer, self.receipt_domain)
 
     async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
                                 acceptance: SignedAcceptance | None, charged: int, need: int,

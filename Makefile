@@ -26,16 +26,16 @@ tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.js
 	touch $@
 
 
-# vLLM's CPU build in its own virtualenv (a sidecar process, as in the CVM); see requirements-vllm.txt
+# vLLM's CPU build in its own virtualenv (a sidecar process, as in the CVM); see docker/requirements-vllm.txt
 vllm-venv: .venv-vllm/.installed
 
-.venv-vllm/.installed: requirements-vllm.txt
+.venv-vllm/.installed: docker/requirements-vllm.txt
 	python3 -m venv .venv-vllm
-	$(VLLM_PY) -m pip install -q --no-deps -r requirements-vllm.txt
+	$(VLLM_PY) -m pip install -q --no-deps -r docker/requirements-vllm.txt
 	touch $@
 
 vllm: setup vllm-venv  # vLLM serving models/demo as dcml-demo on http://127.0.0.1:8001 until Ctrl-C
-	$(PY) -m node.engine.vllm_server --port 8001
+	$(PY) -m dcml.node.engine.vllm_server --port 8001
 
 build: setup
 	cd contracts && ./node_modules/.bin/forge build
@@ -54,10 +54,10 @@ browser:  # the status page is tested in a real headless chromium (Debian packag
 		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
 demo: build $(if $(filter vllm,$(ENGINE)),vllm-venv)  # `make demo ENGINE=vllm`: the same story on real vLLM
-	$(PY) -m node.demo --engine $(ENGINE)
+	$(PY) -m dcml.client.demo.story --engine $(ENGINE)
 
 demo-gateway: build  # three nodes at different prices behind `dcml gateway`: routing, failover, to the wei
-	$(PY) -m node.demo_gateway
+	$(PY) -m dcml.client.demo.gateway
 
 devnet: build
 	.venv/bin/dcml-devnet --out .devnet/deployment.json
@@ -72,25 +72,25 @@ bench: build  # each prints its figure next to a baseline measured in the same r
 	$(PY) bench/bench_payments.py
 	$(PY) bench/bench_gpu_evidence.py
 
-# The CVM image, built without a container engine (image/build.py; needs root). FLAVOR=cpu | vllm.
+# The CVM image, built without a container engine (docker/image/build.py; needs root). FLAVOR=cpu | vllm.
 FLAVOR ?= cpu
 image-deps:  # Debian tools the image build needs (CI: a fresh machine, root, apt reachable)
 	@command -v mmdebstrap >/dev/null && command -v umoci >/dev/null || \
 		(apt-get update -q && apt-get install -y -q mmdebstrap umoci debian-archive-keyring)
 
 image: setup image-deps
-	$(PY) image/build.py --flavor $(FLAVOR) --archive
+	$(PY) docker/image/build.py --flavor $(FLAVOR) --archive
 
 image-check: setup image-deps  # two builds, the second rebuilding the dependencies layer: equal digests or fail
-	$(PY) image/build.py --flavor $(FLAVOR) --check
+	$(PY) docker/image/build.py --flavor $(FLAVOR) --check
 
 image-lock: setup  # re-resolve the hash-pinned wheel locks after changing dependencies
-	$(PY) image/lock.py cpu vllm
+	$(PY) docker/image/lock.py cpu vllm
 
 compose: setup image-deps  # build both flavours, pin their digests in docker/app-compose.*.json, allow-list the hashes
-	$(PY) image/build.py --flavor cpu --archive
-	$(PY) image/build.py --flavor vllm
-	$(PY) image/compose.py $(if $(VLLM_CUDA_IMAGE),--vllm-cuda-image $(VLLM_CUDA_IMAGE))
+	$(PY) docker/image/build.py --flavor cpu --archive
+	$(PY) docker/image/build.py --flavor vllm
+	$(PY) docker/image/compose.py $(if $(VLLM_CUDA_IMAGE),--vllm-cuda-image $(VLLM_CUDA_IMAGE))
 
 lint:
 	.venv/bin/ruff check .

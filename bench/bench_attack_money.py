@@ -37,12 +37,12 @@ sys.path.insert(0, str(ROOT))
 from eth_account import Account  # noqa: E402
 from web3 import Web3  # noqa: E402
 
-from client.channel import ChannelClient  # noqa: E402
-from client.contracts import contract  # noqa: E402
-from client.receipts import SignedReceipt  # noqa: E402
-from client.sdk import Client  # noqa: E402
-from client.tx import send  # noqa: E402
-from node.devnet import Devnet, free_port  # noqa: E402
+from dcml.client.chain.channel import ChannelClient  # noqa: E402
+from dcml.client.chain.contracts import contract  # noqa: E402
+from dcml.client.chain.devnet import Devnet, free_port  # noqa: E402
+from dcml.client.chain.tx import send  # noqa: E402
+from dcml.client.sdk.client import Client  # noqa: E402
+from dcml.client.wire.receipts import SignedReceipt  # noqa: E402
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund  # noqa: E402
 
 CREDIT_TOKENS = 8
@@ -78,7 +78,7 @@ price_per_output_token = {PRICE_OUT}
 class NodeProcess:
     def __init__(self, config: Path, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=ROOT,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 90

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.discovery import Discovery, StaticRegistry
+from dcml.client.sdk.discovery import Discovery, StaticRegistry
 from tests.p2p_helpers import NodeProcess, rss_mib, spawn, wait_ready
 
 

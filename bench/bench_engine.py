@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.engine.base import GenerationRequest, SamplingParams
-from node.engine.embedded import EmbeddedEngine
+from dcml.node.engine.base import GenerationRequest, SamplingParams
+from dcml.node.engine.embedded import EmbeddedEngine
 
 PROMPTS = [
     "First Citizen:\n", "MENENIUS:\nWhat work's, my countrymen, in hand?", "The gods", "Rome",

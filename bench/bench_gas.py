@@ -19,11 +19,11 @@ from eth_account import Account
 from web3 import Web3
 from web3.logs import DISCARD
 
-from client.channel import ETH, ChannelClient, ChannelParams
-from client.contracts import contract
-from client.model_registry import register_model
-from client.tx import send
-from node.devnet import Devnet
+from dcml.client.chain.channel import ETH, ChannelClient, ChannelParams
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.devnet import Devnet
+from dcml.client.chain.model_registry import register_model
+from dcml.client.chain.tx import send
 
 GOALS = {"open (ERC-20)": 90_000, "open (ETH)": 90_000, "settle (next)": 50_000, "close": 65_000}
 ANCHORS = {"open (ERC-20)": "Raiden openChannel 111,094; µRaiden createChannel 120,090",

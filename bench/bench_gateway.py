@@ -31,8 +31,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from node.engine.base import GenerationRequest, SamplingParams, TokenChunk  # noqa: E402
-from node.engine.synthetic import SyntheticEngine  # noqa: E402
+from dcml.node.engine.base import GenerationRequest, SamplingParams, TokenChunk  # noqa: E402
+from dcml.node.engine.synthetic import SyntheticEngine  # noqa: E402
 
 MODEL = "synthetic"
 
@@ -177,12 +177,12 @@ def serve(port: int, rate: float, data_dir: str) -> None:
     """Child process: the real daemon app on uvicorn with the paced engine injected."""
     import uvicorn
 
-    from node.api.app import create_app
-    from node.api.server import uvicorn_config
-    from node.config import load_settings
-    from node.identity import EnclaveIdentity
-    from node.logging import configure_logging
-    from node.tee.simulated import SimulatedProvider
+    from dcml.node.api.app import create_app
+    from dcml.node.api.server import uvicorn_config
+    from dcml.node.config import load_settings
+    from dcml.node.identity import EnclaveIdentity
+    from dcml.node.logging import configure_logging
+    from dcml.node.tee.simulated import SimulatedProvider
 
     configure_logging("warning")
     settings = load_settings(None, data_dir=data_dir, limits={"max_tokens_cap": 100_000})

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fakes.gpu import FakeGpuMachine
 from fakes.vectors import TDX, VECTORS, collateral, tdx_quote, ts
 
-import client.gpu_evidence as ge
-from client.attestation import dcap_verify
+import dcml.client.attestation.gpu as ge
+from dcml.client.attestation.verify import dcap_verify
 
 H545 = VECTORS / "nvidia" / "hopper-545"
 PINNED = datetime(2024, 6, 1, tzinfo=UTC)

@@ -32,18 +32,18 @@ import openai
 from eth_account import Account
 from web3 import Web3
 
-from client.sdk import Client
-from node.devnet import Devnet, free_port
+from dcml.client.chain.devnet import Devnet, free_port
+from dcml.client.sdk.client import Client
 from tests.gateway_helpers import NodeProcess, start_gateway
 from tests.paid_helpers import MODEL, PRICE_IN, fund
 
 
 def start_paced_node(w3, path: Path, data: Path, price_out: int, rate: float):
-    from node.api.app import create_app
-    from node.api.server import BackgroundServer
-    from node.engine.synthetic import SyntheticEngine
-    from node.identity import EnclaveIdentity
-    from node.tee.simulated import SimulatedProvider
+    from dcml.node.api.app import create_app
+    from dcml.node.api.server import BackgroundServer
+    from dcml.node.engine.synthetic import SyntheticEngine
+    from dcml.node.identity import EnclaveIdentity
+    from dcml.node.tee.simulated import SimulatedProvider
     from tests.gateway_helpers import node_settings
 
     identity = EnclaveIdentity.generate()
@@ -157,7 +157,7 @@ def cpu(args, w3, dep, path: Path, tmp: Path) -> None:
     config.write_text(f'port = {port}\ndeployment = "{path}"\nstore_dir = "{tmp / "cpu-gw"}"\n'
                       f'allow_simulated = true\nnodes = ["{node.url}"]\ndeposit = {10**17}\n'
                       f"channels_per_node = {args.concurrency}\n")
-    gw = subprocess.Popen([sys.executable, "-c", "from client.cli import app; app()", "gateway", "--config",
+    gw = subprocess.Popen([sys.executable, "-c", "from dcml.client.sdk.cli import app; app()", "gateway", "--config",
                            str(config)], env={**os.environ, "DCML_WALLET_KEY": dep.accounts["client2"].private_key},
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

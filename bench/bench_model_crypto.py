@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from client.model_bundle import Manifest, decrypt_to_memory, generate_key, seal_file
+from dcml.client.publisher.bundle import Manifest, decrypt_to_memory, generate_key, seal_file
 
 MIB = 1 << 20
 

@@ -31,11 +31,11 @@ from bench_gateway import MODEL, PacedEngine, RawStream, Result, prompt  # noqa:
 from eth_account import Account  # noqa: E402
 from web3 import Web3  # noqa: E402
 
-from client.channel import ChannelClient  # noqa: E402
-from client.receipts import model_id_for  # noqa: E402
-from client.voucher import VoucherDomain  # noqa: E402
-from client.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE  # noqa: E402
-from node.devnet import Devnet, free_port  # noqa: E402
+from dcml.client.chain.channel import ChannelClient  # noqa: E402
+from dcml.client.chain.devnet import Devnet, free_port  # noqa: E402
+from dcml.client.wire.receipts import model_id_for  # noqa: E402
+from dcml.client.wire.voucher import VoucherDomain  # noqa: E402
+from dcml.client.wire.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE  # noqa: E402
 
 PRICE_IN, PRICE_OUT = 10**9, 10**10
 CREDIT_TOKENS = 32
@@ -45,12 +45,12 @@ def serve(port: int, rate: float, data_dir: str, deployment: str | None) -> None
     """Child process: the daemon with the paced engine, payments on when a deployment is given."""
     import uvicorn
 
-    from node.api.app import create_app
-    from node.api.server import uvicorn_config
-    from node.config import load_settings
-    from node.identity import EnclaveIdentity
-    from node.logging import configure_logging
-    from node.tee.simulated import SimulatedProvider
+    from dcml.node.api.app import create_app
+    from dcml.node.api.server import uvicorn_config
+    from dcml.node.config import load_settings
+    from dcml.node.identity import EnclaveIdentity
+    from dcml.node.logging import configure_logging
+    from dcml.node.tee.simulated import SimulatedProvider
 
     configure_logging("warning")
     payments = {"enabled": False}
@@ -220,7 +220,7 @@ def main() -> None:
         dep_file = Path(tmp) / "deployment.json"
         dep.save(dep_file)
         w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
-        from node.identity import EnclaveIdentity
+        from dcml.node.identity import EnclaveIdentity
 
         payee = EnclaveIdentity.from_seed(b"bench-node-identity-seed-32bytes").address
         w3.provider.make_request("anvil_setBalance", [payee, hex(10**20)])

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_gateway import MODEL, start_server  # noqa: E402
 
-from client.attestation import AttestationDocument, Policy, verify_attestation  # noqa: E402
-from client.e2e import StreamOpener, open_response, seal_request  # noqa: E402
+from dcml.client.attestation.verify import AttestationDocument, Policy, verify_attestation  # noqa: E402
+from dcml.client.wire.e2e import StreamOpener, open_response, seal_request  # noqa: E402
 
 PATH = "/v1/chat/completions"
 

@@ -21,14 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eth_account import Account
 from web3 import Web3
 
-from client.channel import ChannelClient
-from client.receipts import Acceptance, Receipt, model_id_for, request_hash, sign_acceptance, sign_receipt
-from client.sla import SLACourtClient, Terms, receipt_tuple
-from client.tx import send, send_eth
-from node.devnet import Devnet
-from node.identity import EnclaveIdentity
-from node.registry import ensure_registered
-from node.tee.simulated import SimulatedProvider
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.devnet import Devnet
+from dcml.client.chain.sla import SLACourtClient, Terms, receipt_tuple
+from dcml.client.chain.tx import send, send_eth
+from dcml.client.wire.receipts import Acceptance, Receipt, model_id_for, request_hash, sign_acceptance, sign_receipt
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.network.registration import ensure_registered
+from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL = model_id_for("bench-sla")
 TERMS = Terms(max_ttft_ms=2000, min_tokens_per_sec=10, max_duration_ms=60_000, response_window=600,

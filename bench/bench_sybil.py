@@ -24,18 +24,18 @@ sys.path.insert(0, str(ROOT))
 from eth_account import Account  # noqa: E402
 from web3 import Web3  # noqa: E402
 
-from client.channel import ChannelClient  # noqa: E402
-from client.contracts import contract  # noqa: E402
-from client.receipts import model_id_for  # noqa: E402
-from client.tx import send  # noqa: E402
-from client.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentRequired  # noqa: E402
-from node.api.app import create_app  # noqa: E402
-from node.api.server import BackgroundServer  # noqa: E402
-from node.config import load_settings  # noqa: E402
-from node.devnet import Devnet  # noqa: E402
-from node.engine.synthetic import SyntheticEngine  # noqa: E402
-from node.identity import EnclaveIdentity  # noqa: E402
-from node.tee.simulated import SimulatedProvider  # noqa: E402
+from dcml.client.chain.channel import ChannelClient  # noqa: E402
+from dcml.client.chain.contracts import contract  # noqa: E402
+from dcml.client.chain.devnet import Devnet  # noqa: E402
+from dcml.client.chain.tx import send  # noqa: E402
+from dcml.client.wire.receipts import model_id_for  # noqa: E402
+from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentRequired  # noqa: E402
+from dcml.node.api.app import create_app  # noqa: E402
+from dcml.node.api.server import BackgroundServer  # noqa: E402
+from dcml.node.config import load_settings  # noqa: E402
+from dcml.node.engine.synthetic import SyntheticEngine  # noqa: E402
+from dcml.node.identity import EnclaveIdentity  # noqa: E402
+from dcml.node.tee.simulated import SimulatedProvider  # noqa: E402
 
 MODEL = "dcml-demo"  # the model configs/node.toml prices
 GWEI = 10**9

@@ -24,8 +24,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from node.devnet import Devnet, free_port  # noqa: E402
-from node.engine.vllm_server import VLLMServer  # noqa: E402
+from dcml.client.chain.devnet import Devnet, free_port  # noqa: E402
+from dcml.node.engine.vllm_server import VLLMServer  # noqa: E402
 
 MODEL = "dcml-demo"
 DEMO = ROOT / "models" / "demo"
@@ -91,7 +91,7 @@ def start_node(work: Path, engine_toml: str, payments_toml: str = "") -> tuple[s
     config = work / f"node-{port}.toml"
     config.write_text(f'data_dir = "{work / f"data-{port}"}"\n[server]\nport = {port}\n[logging]\nlevel = "warning"\n'
                       f"{engine_toml}\n[limits]\nmax_tokens_cap = 4096\n{payments_toml}")
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -114,9 +114,9 @@ async def main(streams: int, tokens: int) -> None:
     from eth_account import Account
     from web3 import Web3
 
-    from client.channel import ChannelClient
-    from client.receipts import model_id_for
-    from client.x402 import PAYMENT_SIGNATURE
+    from dcml.client.chain.channel import ChannelClient
+    from dcml.client.wire.receipts import model_id_for
+    from dcml.client.wire.x402 import PAYMENT_SIGNATURE
 
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     results: list[Result] = []

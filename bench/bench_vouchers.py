@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eth_account import Account
 from web3 import Web3
 
-from client.channel import ChannelClient
-from node.devnet import Devnet
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.devnet import Devnet
 from tests.payments_helpers import node_payments
 
 

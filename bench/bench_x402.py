@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 from eth_account import Account  # noqa: E402
 from web3 import Web3  # noqa: E402
 
-from client.channel import ChannelClient  # noqa: E402
-from client.receipts import model_id_for  # noqa: E402
-from client.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired  # noqa: E402
-from node.devnet import Devnet  # noqa: E402
+from dcml.client.chain.channel import ChannelClient  # noqa: E402
+from dcml.client.chain.devnet import Devnet  # noqa: E402
+from dcml.client.wire.receipts import model_id_for  # noqa: E402
+from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired  # noqa: E402
 from tests.paid_helpers import MODEL, start_paid_node  # noqa: E402
 
 

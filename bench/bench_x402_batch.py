@@ -31,10 +31,10 @@ from x402.mechanisms.evm.batch_settlement.client.scheme import BatchSettlementEv
 from x402.mechanisms.evm.batch_settlement.client.voucher import sign_voucher  # noqa: E402
 from x402.mechanisms.evm.signers import EthAccountSigner  # noqa: E402
 
-from client.channel import ChannelClient  # noqa: E402
-from client.receipts import model_id_for  # noqa: E402
-from client.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired  # noqa: E402
-from node.devnet import Devnet  # noqa: E402
+from dcml.client.chain.channel import ChannelClient  # noqa: E402
+from dcml.client.chain.devnet import Devnet  # noqa: E402
+from dcml.client.wire.receipts import model_id_for  # noqa: E402
+from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired  # noqa: E402
 from tests.paid_helpers import MODEL, start_paid_node  # noqa: E402
 
 DEPOSIT = 10**17

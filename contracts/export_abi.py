@@ -1,4 +1,4 @@
-"""Copy the ABIs the Python package needs from the Foundry build into client/abi/ (committed).
+"""Copy the ABIs the Python package needs from the Foundry build into client/chain/abi/ (committed).
 
 Run by `make build`; `tests/test_abi.py` fails if the committed copies drift from the sources.
 """
@@ -12,7 +12,7 @@ CONTRACTS = ("PaymentChannels", "ModelRegistry", "TestToken", "NodeRegistry", "S
 
 
 def main() -> None:
-    dest = HERE.parent / "client" / "abi"
+    dest = HERE.parent / "client" / "chain" / "abi"
     dest.mkdir(exist_ok=True)
     for name in CONTRACTS:
         art = json.loads((HERE / "out" / f"{name}.sol" / f"{name}.json").read_text())

@@ -18,11 +18,11 @@ def run(config: ConfigOption = None) -> None:
     """Serve the OpenAI-compatible API until SIGINT/SIGTERM, then drain in-flight streams and stop."""
     import uvicorn
 
-    from node.api.app import create_app
-    from node.api.server import uvicorn_config
-    from node.config import ConfigError, load_settings
-    from node.logging import configure_logging
-    from node.tee.base import TeeError
+    from dcml.node.api.app import create_app
+    from dcml.node.api.server import uvicorn_config
+    from dcml.node.config import ConfigError, load_settings
+    from dcml.node.logging import configure_logging
+    from dcml.node.tee.base import TeeError
 
     try:
         settings = load_settings(config)
@@ -59,10 +59,10 @@ def status(
 
     import httpx
 
-    from node.status import print_status
+    from dcml.node.status import print_status
 
     if url is None or token is None:
-        from node.config import load_settings
+        from dcml.node.config import load_settings
 
         settings = load_settings(config)
         host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
@@ -93,10 +93,10 @@ def fetch_rims(
     """Fetch the driver and VBIOS RIMs this machine's GPUs need into [tee.gpu] rim_dir (run ahead of time)."""
     import os
 
-    from node.config import load_settings
-    from node.tee.base import TeeError
-    from node.tee.gpu import NvmlCollector
-    from node.tee.gpu import fetch_rims as fetch
+    from dcml.node.config import load_settings
+    from dcml.node.tee.base import TeeError
+    from dcml.node.tee.gpu import NvmlCollector
+    from dcml.node.tee.gpu import fetch_rims as fetch
 
     settings = load_settings(config)
     try:
@@ -119,7 +119,7 @@ def _raise_fd_limit() -> None:
 
 
 def _flush_logs_then_die(sig: int, _frame: object) -> None:
-    from node.logging import flush_logging
+    from dcml.node.logging import flush_logging
 
     flush_logging()
     signal.signal(sig, signal.SIG_DFL)
@@ -129,7 +129,7 @@ def _flush_logs_then_die(sig: int, _frame: object) -> None:
 @app.command("show-config")
 def show_config(config: ConfigOption = None) -> None:
     """Print the effective configuration (file + environment) as JSON."""
-    from node.config import load_settings
+    from dcml.node.config import load_settings
 
     typer.echo(load_settings(config).model_dump_json(indent=2))
 
@@ -138,7 +138,7 @@ def show_config(config: ConfigOption = None) -> None:
 def compose_hash(files: Annotated[list[Path], typer.Argument(help="dstack app-compose.json file(s)", exists=True,
                                                              dir_okay=False)]) -> None:
     """Print the hash a dstack CVM measures for an app compose, and the mr_config_id it carries (0x01 || hash)."""
-    from node.tee.compose import describe
+    from dcml.node.tee.compose import describe
 
     for path in files:
         d = describe(path)

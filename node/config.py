@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from client.deployment import Deployment
-from client.receipts import ReceiptDomain
+from dcml.client.chain.deployment import Deployment
+from dcml.client.wire.receipts import ReceiptDomain
 
 _toml_path: ContextVar[Path | None] = ContextVar("dcml_node_toml_path", default=None)
 
@@ -44,7 +44,7 @@ class LoggingConfig(_Section):
 
 
 class GpuTeeConfig(_Section):
-    """NVIDIA GPU evidence (NVML) stapled to every quote; clients verify it offline (client/gpu_evidence.py)."""
+    """NVIDIA GPU evidence (NVML) stapled to every quote; clients verify it offline (client/attestation/gpu.py)."""
 
     enabled: bool = False
     rim_dir: Path = Path("rims")  # driver and VBIOS RIMs (*.swidtag, *.xml) fetched ahead of time

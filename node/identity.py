@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from client.identity import IDENTITY_DOMAIN, report_data
+from dcml.client.wire.identity import IDENTITY_DOMAIN, report_data
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,7 @@ import httpx
 import torch
 from transformers import AutoModelForCausalLM
 
-from client.key_broker import decode_release, open_model_key
-from client.model_bundle import (
+from dcml.client.publisher.bundle import (
     BundleError,
     Manifest,
     check_key,
@@ -42,10 +41,11 @@ from client.model_bundle import (
     verify_manifest,
     write_clear_files,
 )
-from node.engine.embedded import EmbeddedEngine
-from node.identity import EnclaveIdentity
-from node.tee.base import AttestationProvider
-from node.tee.document import build_attestation_document
+from dcml.client.wire.key_release import decode_release, open_model_key
+from dcml.node.engine.embedded import EmbeddedEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.base import AttestationProvider
+from dcml.node.tee.document import build_attestation_document
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from client.receipts import model_id_for
+from dcml.client.wire.receipts import model_id_for
 
 if TYPE_CHECKING:
-    from node.api.state import NodeState
-    from node.network import NodePresence
-    from node.sla_watcher import SlaWatcher
+    from dcml.node.api.state import NodeState
+    from dcml.node.network.presence import NodePresence
+    from dcml.node.sla.watcher import SlaWatcher
 
 BPS = 10_000
 
@@ -54,7 +54,7 @@ class StatusCollector:
     def _identity(self) -> dict[str, Any]:
         s = self.state
         if self._measurements is None:  # fixed for the enclave's life: quote once
-            from node.tee.document import build_attestation_document
+            from dcml.node.tee.document import build_attestation_document
 
             doc = build_attestation_document(s.identity, s.provider, os.urandom(32), node_version=s.node_version)
             m = doc.measurements
@@ -90,7 +90,7 @@ class StatusCollector:
         dep = s.gate.payments.deployment
         if not dep.node_registry:
             return {"enabled": True, "error": "the deployment names no node_registry"}
-        from client.registry import RegistryClient
+        from dcml.client.chain.registry import RegistryClient
 
         record = RegistryClient(s.gate.payments.w3, dep.node_registry).node(s.identity.address)
         if record is None:
@@ -152,7 +152,7 @@ class StatusCollector:
         dep = s.gate.payments.deployment
         out: dict[str, Any] = {"enabled": True, "court": dep.sla_court}
         if dep.sla_court:
-            from client.sla import SLACourtClient
+            from dcml.client.chain.sla import SLACourtClient
 
             model_id = s.settings.receipts.model_id or model_id_for(s.engine.model_name)
             terms = SLACourtClient(s.gate.payments.w3, dep.sla_court).latest_terms(s.identity.address, model_id)

@@ -10,9 +10,9 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.channel import ChannelClient
-from client.deployment import Deployment
-from node.devnet import Devnet
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import Devnet
 
 # The local CPU is shared by the tests, anvil and the node processes they start.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -70,8 +70,8 @@ def vllm(tmp_path_factory):
     after about a minute. DCML_SKIP_VLLM=1 skips its tests on a machine without .venv-vllm (never on CI)."""
     from pathlib import Path
 
-    from node.devnet import free_port
-    from node.engine.vllm_server import DEFAULT_PYTHON, VLLMServer
+    from dcml.client.chain.devnet import free_port
+    from dcml.node.engine.vllm_server import DEFAULT_PYTHON, VLLMServer
 
     if not DEFAULT_PYTHON.exists():
         if os.environ.get("DCML_SKIP_VLLM") == "1":

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import httpx
 
-from client.gateway import Gateway, GatewayConfig, create_gateway_app
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import load_settings
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.tee.simulated import SimulatedProvider
+from dcml.client.sdk.gateway import Gateway, GatewayConfig, create_gateway_app
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.simulated import SimulatedProvider
 from tests.paid_helpers import MODEL, PRICE_IN, fund
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ price_per_input_token = {PRICE_IN}
 price_per_output_token = {price_out}
 """)
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=REPO,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 60
         while True:

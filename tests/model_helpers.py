@@ -9,8 +9,8 @@ from pathlib import Path
 from eth_account import Account
 from safetensors.torch import load_file, save_file
 
-from client.model_bundle import SignedManifest, encrypt_model, generate_key
-from client.model_registry import model_id
+from dcml.client.chain.model_registry import model_id
+from dcml.client.publisher.bundle import SignedManifest, encrypt_model, generate_key
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
 MODEL_ID = model_id("demo-sharded")

@@ -1,4 +1,4 @@
-"""A real node daemon (`python -m node.cli run`) in its own process, its log captured to a file: for tests that
+"""A real node daemon (`python -m dcml.node.cli run`) in its own process, its log captured to a file: for tests that
 attack the node over the network and then check that the process lived and what it wrote."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class NodeProcess:
         self.port = port
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=REPO,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90

@@ -1,4 +1,4 @@
-"""Starting real node processes (`python -m node.p2p.demo_node`) on loopback for the overlay tests and bench."""
+"""Starting real node processes (`python -m dcml.client.demo.p2p_node`) on loopback for the overlay tests and bench."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.discovery import RegisteredNode
+from dcml.client.sdk.discovery import RegisteredNode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def spawn(data_dir: Path, models: list[str], *, bootstrap: list[str] = (), price
           interval: float = 2.0, ttl: int = 6, count: int = 1, bad_attestation: bool = False,
           log_level: str = "WARNING") -> NodeProcess:
     """Start a demo node process; returns at once (call `wait_ready`)."""
-    cmd = [sys.executable, "-m", "node.p2p.demo_node", "--data-dir", str(data_dir), "--interval", str(interval),
+    cmd = [sys.executable, "-m", "dcml.client.demo.p2p_node", "--data-dir", str(data_dir), "--interval", str(interval),
            "--ttl", str(ttl), "--count", str(count), "--price-in", str(price_in), "--price-out", str(price_out),
            "--log-level", log_level]
     for m in models:

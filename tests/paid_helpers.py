@@ -12,18 +12,24 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.access import auth_header
-from client.channel import ChannelClient
-from client.deployment import Deployment
-from client.receipts import SignedReceipt, model_id_for, parse_sse_stream
-from client.voucher import Voucher
-from client.x402 import NEED_VOUCHER_EVENT, PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PAYMENT_TIMEOUT_EVENT, PaymentRequired
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import load_settings
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.tee.simulated import SimulatedProvider
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.deployment import Deployment
+from dcml.client.wire.access import auth_header
+from dcml.client.wire.receipts import SignedReceipt, model_id_for, parse_sse_stream
+from dcml.client.wire.voucher import Voucher
+from dcml.client.wire.x402 import (
+    NEED_VOUCHER_EVENT,
+    PAYMENT_REQUIRED,
+    PAYMENT_SIGNATURE,
+    PAYMENT_TIMEOUT_EVENT,
+    PaymentRequired,
+)
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL = "synthetic"
 PRICE_IN, PRICE_OUT = 10**12, 3 * 10**12

@@ -9,13 +9,13 @@ from pathlib import Path
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.deployment import Deployment
-from client.model_registry import register_model
-from client.voucher import VoucherDomain
-from node.payments.chain import ChannelChain
-from node.payments.ledger import Ledger
-from node.payments.settlement import SettlementWorker
-from node.payments.verifier import VoucherVerifier
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.model_registry import register_model
+from dcml.client.wire.voucher import VoucherDomain
+from dcml.node.payments.chain import ChannelChain
+from dcml.node.payments.ledger import Ledger
+from dcml.node.payments.settlement import SettlementWorker
+from dcml.node.payments.verifier import VoucherVerifier
 
 
 @dataclass
@@ -43,6 +43,6 @@ def new_model(w3: Web3, deployment: Deployment, publisher: LocalAccount, bps: in
 
 
 def token_balance(w3: Web3, deployment: Deployment, who: str) -> int:
-    from client.contracts import contract
+    from dcml.client.chain.contracts import contract
 
     return contract(w3, "TestToken", deployment.token).functions.balanceOf(who).call()

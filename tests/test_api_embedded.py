@@ -8,11 +8,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import load_settings
-from node.identity import EnclaveIdentity
-from node.tee.simulated import SimulatedProvider
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="models/demo not built")
@@ -21,7 +21,7 @@ MESSAGES = [{"role": "user", "content": "MENENIUS:\nWhat work's, my countrymen, 
 
 @pytest.fixture(scope="module")
 def sdk(tmp_path_factory):
-    from node.engine.embedded import EmbeddedEngine  # torch: only when the model is there
+    from dcml.node.engine.embedded import EmbeddedEngine  # torch: only when the model is there
 
     engine = EmbeddedEngine(MODEL_DIR, model_name="demo", device="cpu", max_batch=8, max_queue=16, threads=1)
     settings = load_settings(None, data_dir=tmp_path_factory.mktemp("node"))

@@ -10,13 +10,13 @@ import httpx
 import openai
 import pytest
 
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import load_settings
-from node.engine.base import GenerationRequest, TokenChunk
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.tee.simulated import SimulatedProvider
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.engine.base import GenerationRequest, TokenChunk
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL = "synthetic"
 SECRET = "/opt/secret/weights.key"

@@ -8,15 +8,15 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from client.attestation import AttestationDocument, Policy, verify_attestation
-from client.receipts import ReceiptDomain
-from node import __version__
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import ConfigError, load_settings, resolve_receipt_domain
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.tee.simulated import SimulatedProvider
+from dcml.client.attestation.verify import AttestationDocument, Policy, verify_attestation
+from dcml.client.wire.receipts import ReceiptDomain
+from dcml.node import __version__
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import ConfigError, load_settings, resolve_receipt_domain
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL = "synthetic"
 

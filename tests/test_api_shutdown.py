@@ -17,15 +17,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.receipts import parse_sse_stream
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import load_settings
-from node.engine.base import GenerationRequest, TokenChunk
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.receipts import ReceiptStore
-from node.tee.simulated import SimulatedProvider
+from dcml.client.wire.receipts import parse_sse_stream
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.engine.base import GenerationRequest, TokenChunk
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.receipts.store import ReceiptStore
+from dcml.node.tee.simulated import SimulatedProvider
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "synthetic"
@@ -116,7 +116,7 @@ def test_cli_daemon_runs_and_stops_on_sigterm(tmp_path):
     cfg.write_text(f'data_dir = "{tmp_path}"\n[server]\nport = {port}\n[logging]\nformat = "json"\n'
                    '[engine]\nkind = "synthetic"\nserved_model_name = "synthetic"\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DCML_NODE__LIMITS__MAX_TOKENS_CAP": "99"}
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"

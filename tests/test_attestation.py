@@ -11,7 +11,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fakes.vectors import DSTACK
 
-from client.attestation import (
+from dcml.client.attestation.measurements import build_simulated_quote, dev_signer
+from dcml.client.attestation.verify import (
     SIMULATED_MARKER,
     AttestationDocument,
     AttestationError,
@@ -21,10 +22,9 @@ from client.attestation import (
     parse_nras_response,
     verify_attestation,
 )
-from client.measurements import build_simulated_quote, dev_signer
-from node.identity import EnclaveIdentity
-from node.tee.document import build_attestation_document
-from node.tee.simulated import SimulatedProvider
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.document import build_attestation_document
+from dcml.node.tee.simulated import SimulatedProvider
 
 REPO = Path(__file__).resolve().parents[1]
 

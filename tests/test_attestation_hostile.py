@@ -12,10 +12,10 @@ import pytest
 from fakes.vectors import DSTACK, TDX, collateral, dstack_vector, tdx_quote
 from fastapi.testclient import TestClient
 
-import client.attestation as att
-from client.attestation import AttestationError, Policy, Reason, cache_collateral, verify_attestation
-from client.key_broker import AuditLog, KeyBroker, ModelEntry, NonceStore, create_app
-from client.measurements import parse_tdx_quote
+import dcml.client.attestation.verify as att
+from dcml.client.attestation.measurements import parse_tdx_quote
+from dcml.client.attestation.verify import AttestationError, Policy, Reason, cache_collateral, verify_attestation
+from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry, NonceStore, create_app
 from tests.test_attestation_vectors import (
     DSTACK_NOW,
     IDENTITY,

@@ -9,7 +9,17 @@ import dcap_qvl
 import pytest
 from fakes.vectors import DSTACK, DSTACK_COMPOSE_HASH, TDX, collateral, dstack_vector, tdx_quote, ts
 
-from client.attestation import (
+from dcml.client.attestation.measurements import (
+    BODY_TD10,
+    BODY_TD15,
+    EventLogEntry,
+    compose_hash_from_events,
+    expected_mr_config_id,
+    parse_tdx_quote,
+    replay_rtmrs,
+    runtime_event_digest,
+)
+from dcml.client.attestation.verify import (
     ANY,
     AttestationDocument,
     AttestationError,
@@ -22,17 +32,7 @@ from client.attestation import (
     dcap_verify,
     verify_attestation,
 )
-from client.measurements import (
-    BODY_TD10,
-    BODY_TD15,
-    EventLogEntry,
-    compose_hash_from_events,
-    expected_mr_config_id,
-    parse_tdx_quote,
-    replay_rtmrs,
-    runtime_event_digest,
-)
-from node.identity import EnclaveIdentity
+from dcml.node.identity import EnclaveIdentity
 
 TDX_NOW = ts("2025-06-20T10:16:03Z")
 DSTACK_NOW = ts("2025-09-03T00:00:00Z")
@@ -183,7 +183,7 @@ def test_tcb_status_is_gated_by_policy(tdx):
 
 
 def test_collateral_cache(tdx, monkeypatch):
-    import client.attestation as att
+    import dcml.client.attestation.verify as att
 
     monkeypatch.setattr(att, "_collateral_cache", {})
     quote, col = tdx

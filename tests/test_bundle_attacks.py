@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from client.attestation import Policy
-from client.key_broker import AuditLog, KeyBroker, ModelEntry, create_app
-from client.model_bundle import (
+from dcml.client.attestation.verify import Policy
+from dcml.client.publisher.bundle import (
     MANIFEST_FILE,
     BundleError,
     SignedManifest,
@@ -23,8 +22,9 @@ from client.model_bundle import (
     sign_manifest,
     verify_manifest,
 )
-from node.identity import EnclaveIdentity
-from node.model_source import (
+from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry, create_app
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.model_source import (
     EncryptedModelSource,
     ModelSourceError,
     encrypted_embedded_engine,

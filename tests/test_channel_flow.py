@@ -7,9 +7,9 @@ import random
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.channel import ETH, ChannelClient
-from client.contracts import contract
-from client.deployment import Deployment
+from dcml.client.chain.channel import ETH, ChannelClient
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.deployment import Deployment
 from tests.payments_helpers import new_model, node_payments, token_balance
 
 

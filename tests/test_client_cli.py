@@ -11,11 +11,11 @@ from eth_account import Account
 from typer.testing import CliRunner
 from web3 import Web3
 
-from client.cli import app
-from client.contracts import contract
-from client.deployment import Deployment
-from client.tx import send
-from node.devnet import Devnet
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import Devnet
+from dcml.client.chain.tx import send
+from dcml.client.sdk.cli import app
 from tests.paid_helpers import MODEL, PaidNode, start_paid_node
 
 runner = CliRunner()

@@ -13,12 +13,12 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.deployment import Deployment
-from client.paying_transport import PayingTransport, ReceiptViolation
-from client.receipts import RECEIPT_HEADER
-from client.sdk import ChatResult, ChatStream, Client, UntrustedTerms
-from client.spend_store import SpendStore
-from node.devnet import Devnet
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import Devnet
+from dcml.client.sdk.client import ChatResult, ChatStream, Client, UntrustedTerms
+from dcml.client.sdk.spend_store import SpendStore
+from dcml.client.sdk.transport import PayingTransport, ReceiptViolation
+from dcml.client.wire.receipts import RECEIPT_HEADER
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, PaidNode, start_paid_node
 
 DEPOSIT = 10**17
@@ -49,8 +49,8 @@ def wallet(w3: Web3) -> LocalAccount:
 
 
 def _fund_tokens(w3: Web3, deployment: Deployment, wallet: LocalAccount) -> None:
-    from client.contracts import contract
-    from client.tx import send
+    from dcml.client.chain.contracts import contract
+    from dcml.client.chain.tx import send
 
     donor = Account.from_key(deployment.accounts["client"].private_key)
     token = contract(w3, "TestToken", deployment.token)
@@ -167,7 +167,7 @@ def test_forged_receipt_signer_is_rejected(client: Client) -> None:
         def handle_request(self, request: httpx.Request) -> httpx.Response:
             response = self.inner.handle_request(request)
             if RECEIPT_HEADER in response.headers:
-                from client.receipts import SignedReceipt, sign_receipt
+                from dcml.client.wire.receipts import SignedReceipt, sign_receipt
 
                 signed = SignedReceipt.from_header(response.headers[RECEIPT_HEADER])
                 headers = httpx.Headers(response.headers)
@@ -186,8 +186,8 @@ def test_acceptance_dated_far_from_our_clock_is_a_violation(client: Client, node
     client.seal = False  # the man in the middle plays a cheating node: on the clear path it can rewrite
     import base64
 
-    from client.receipts import SignedAcceptance, sign_acceptance
-    from client.x402 import ACCEPTANCE_HEADER
+    from dcml.client.wire.receipts import SignedAcceptance, sign_acceptance
+    from dcml.client.wire.x402 import ACCEPTANCE_HEADER
 
     node.app.state.node.gate.terms_in_force_from[MODEL] = 0  # as if SLA terms were in force: it signs acceptances
 
@@ -227,7 +227,7 @@ def test_channel_is_reused_by_a_later_process(client: Client, node: PaidNode, wa
 
 def test_refuses_expensive_or_simulated_nodes(node: PaidNode, wallet: LocalAccount, deployment: Deployment,
                                              w3: Web3, tmp_path: Path) -> None:
-    from client.attestation import AttestationError
+    from dcml.client.attestation.verify import AttestationError
 
     with Client(node.url, wallet, deployment=deployment, store=tmp_path / "s.sqlite", deposit=DEPOSIT, w3=w3) as c, \
             pytest.raises(AttestationError, match="simulated"):
@@ -254,15 +254,15 @@ def test_short_deposit_tops_up_or_fails_clearly(node: PaidNode, wallet: LocalAcc
             assert ch.deposit > small and c.channel_state(ch.channel_id).deposit == ch.deposit
             assert s.result is not None and s.result.receipt.receipt.output_tokens == 60
         else:
-            from client.sdk import InsufficientDeposit
+            from dcml.client.sdk.client import InsufficientDeposit
 
             with pytest.raises(InsufficientDeposit, match="channel topup"):
                 "".join(s)
 
 
 def test_sse_filter_strips_control_events_and_holds_done() -> None:
-    from client.paying_transport import SseFilter
-    from client.x402 import NeedVoucher
+    from dcml.client.sdk.transport import SseFilter
+    from dcml.client.wire.x402 import NeedVoucher
 
     f = SseFilter()
     raw = (b'data: {"a":1}\n\nevent: payment-need-voucher\ndata: {"channelId":"0x' + b"ab" * 32
@@ -279,8 +279,8 @@ def test_a_node_asking_for_more_than_the_request_can_cost_is_not_paid(client: Cl
     """A lying node's payment-need-voucher beyond spent-at-admission + max_tokens x price is refused."""
     import json
 
-    from client.paying_transport import Exchange
-    from client.x402 import NeedVoucher
+    from dcml.client.sdk.transport import Exchange
+    from dcml.client.wire.x402 import NeedVoucher
 
     client.chat([{"role": "user", "content": "open the channel"}], MODEL, max_tokens=3)
     (ch,) = client.channels()

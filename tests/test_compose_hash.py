@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from dstack_sdk import get_compose_hash
 
-from client.attestation import AttestationDocument, AttestationError, Policy, Reason, _verify_dstack
-from client.measurements import EventLogEntry, parse_tdx_quote, replay_rtmrs, runtime_event_digest
-from node.identity import EnclaveIdentity
-from node.tee.compose import compose_hash, mr_config_id, render
+from dcml.client.attestation.measurements import EventLogEntry, parse_tdx_quote, replay_rtmrs, runtime_event_digest
+from dcml.client.attestation.verify import AttestationDocument, AttestationError, Policy, Reason, _verify_dstack
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.compose import compose_hash, mr_config_id, render
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "docker").glob("app-compose.*.json"))
@@ -50,7 +50,7 @@ def test_compose_hash_matches_dstack_on_the_real_vector() -> None:
 def test_cli_prints_the_hash_and_mr_config_id(tmp_path: Path) -> None:
     f = tmp_path / "app-compose.json"
     f.write_text(json.loads(VECTOR.read_text())["tcb_info"]["app_compose"])
-    out = subprocess.run([sys.executable, "-m", "node.cli", "compose-hash", str(f)], cwd=ROOT, check=True,
+    out = subprocess.run([sys.executable, "-m", "dcml.node.cli", "compose-hash", str(f)], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
     want = json.loads(VECTOR.read_text())["compose_hash"]
     assert out.split()[0] == want and f"mr_config_id=01{want}" in out

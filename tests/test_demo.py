@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_demo_runs_and_balances_to_the_wei() -> None:
-    done = subprocess.run([sys.executable, "-m", "node.demo"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "dcml.client.demo.story"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert "SIMULATED TEE" in out  # the warning is visible

@@ -21,12 +21,17 @@ from fastapi.responses import Response
 from typer.testing import CliRunner
 from web3 import Web3
 
-from client.channel import ChannelClient
-from client.cli import app as cli_app
-from client.contracts import contract
-from client.deployment import Deployment
-from client.disputes import Disputes
-from client.receipts import (
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import NODE_MIN_STAKE, SLA_DISPUTE_BOND, Devnet, dev_accounts
+from dcml.client.chain.registry import RegistryClient
+from dcml.client.chain.sla import Broken, DisputeStatus, SLACourtClient, Terms
+from dcml.client.sdk.cli import app as cli_app
+from dcml.client.sdk.client import Client
+from dcml.client.sdk.disputes import Disputes
+from dcml.client.sdk.spend_store import SpendStore
+from dcml.client.wire.receipts import (
     Acceptance,
     Receipt,
     ReceiptDomain,
@@ -37,17 +42,12 @@ from client.receipts import (
     sign_acceptance,
     sign_receipt,
 )
-from client.registry import RegistryClient
-from client.sdk import Client
-from client.sla import Broken, DisputeStatus, SLACourtClient, Terms
-from client.spend_store import SpendStore
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.devnet import NODE_MIN_STAKE, SLA_DISPUTE_BOND, Devnet, dev_accounts
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.registry import ensure_registered
-from node.tee.simulated import SimulatedProvider
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.network.registration import ensure_registered
+from dcml.node.tee.simulated import SimulatedProvider
 from tests.paid_helpers import MODEL as SERVED
 from tests.paid_helpers import fund, paid_settings
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from client.e2e import (
+from dcml.client.wire.e2e import (
     SALT_HEADER,
     SEALED_CONTENT_TYPE,
     E2EError,
@@ -20,13 +20,13 @@ from client.e2e import (
     open_stream_chunk,
     seal_request,
 )
-from client.receipts import SignedReceipt, verify_signed_receipt
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import load_settings
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.tee.simulated import SimulatedProvider
+from dcml.client.wire.receipts import SignedReceipt, verify_signed_receipt
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL = "synthetic"
 NODE = EnclaveIdentity.generate()
@@ -203,7 +203,7 @@ def test_replay_the_cache_forgot_gives_nothing_about_the_victims_answer(node, re
     """Even when the node answers a replay (its replay cache lost: a restart), the replay is sealed under a
     key with fresh enclave randomness: its chunks do not open in the victim's stream, and XOR of the two
     ciphertexts is not XOR of the two plaintexts (no keystream reuse, unlike v1's request-only key)."""
-    from node.api.sealing import ReplayCache
+    from dcml.node.api.sealing import ReplayCache
 
     state = request.getfixturevalue("node_state")
     inner = chat_body(stream=True, temperature=1.0)
@@ -233,7 +233,7 @@ def test_replay_the_cache_forgot_gives_nothing_about_the_victims_answer(node, re
 
 
 def test_replay_cache_is_bounded_and_never_accepts_twice():
-    from node.api.sealing import ReplayCache
+    from dcml.node.api.sealing import ReplayCache
 
     cache = ReplayCache(past_s=300, future_s=60, max_entries=3)
     now = 1_000_000.0

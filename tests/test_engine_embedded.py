@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
-from node.engine.embedded import EmbeddedEngine, RequestFailed, _held_back, _Request
+from dcml.node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
+from dcml.node.engine.embedded import EmbeddedEngine, RequestFailed, _held_back, _Request
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 DEVICE = os.environ.get("DCML_TEST_DEVICE", "cpu")  # "cuda" to run the same checks on a GPU

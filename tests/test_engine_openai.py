@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams
-from node.engine.openai_upstream import OpenAIUpstreamEngine, UpstreamError
-from node.engine.synthetic import SyntheticEngine, make_upstream_app
+from dcml.node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams
+from dcml.node.engine.openai_upstream import OpenAIUpstreamEngine, UpstreamError
+from dcml.node.engine.synthetic import SyntheticEngine, make_upstream_app
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 
@@ -132,7 +132,7 @@ def test_context_and_model_read_from_upstream_and_pool_sized_from_max_inflight(u
 
 
 def test_upstream_down_is_unavailable_until_it_answers():
-    from node.engine.base import EngineUnavailable
+    from dcml.node.engine.base import EngineUnavailable
 
     eng = OpenAIUpstreamEngine(f"http://127.0.0.1:{_free_port()}", "m")
     with pytest.raises(EngineUnavailable):

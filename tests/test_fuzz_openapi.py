@@ -19,7 +19,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
-from node.devnet import free_port
+from dcml.client.chain.devnet import free_port
 from tests.node_process import NodeProcess
 from tests.test_hardening import write_config
 

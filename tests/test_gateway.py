@@ -16,9 +16,9 @@ import openai
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.receipts import SignedReceipt
-from node.devnet import free_port
-from node.tee.simulated import SimulatedProvider
+from dcml.client.chain.devnet import free_port
+from dcml.client.wire.receipts import SignedReceipt
+from dcml.node.tee.simulated import SimulatedProvider
 from tests.gateway_helpers import NodeProcess, start_gateway, start_node
 from tests.paid_helpers import MODEL, PRICE_IN
 
@@ -153,9 +153,9 @@ def test_node_killed_before_its_first_token_fails_over_and_is_paid_once(w3, paye
 
 
 def test_only_registered_nodes_are_used_when_required(w3, deployment, payer, node_account, tmp_path) -> None:
-    from client.registry import RegistryClient
-    from node.devnet import NODE_MIN_STAKE
-    from node.registry import ensure_registered
+    from dcml.client.chain.devnet import NODE_MIN_STAKE
+    from dcml.client.chain.registry import RegistryClient
+    from dcml.node.network.registration import ensure_registered
 
     path = tmp_path / "deployment.json"
     deployment.save(path)
@@ -204,7 +204,7 @@ def test_dcml_gateway_command_serves_curl(nodes, payer, deployment, tmp_path) ->
                       f'allow_simulated = true\nnodes = ["{cheap.url}"]\ndeposit = {10**17}\n'
                       f'[limits]\nper_request = {10**16}\n')
     env = {**os.environ, "DCML_WALLET_KEY": "0x" + payer.key.hex().removeprefix("0x")}
-    command = [sys.executable, "-c", "from client.cli import app; app()", "gateway", "--config", str(config)]
+    command = [sys.executable, "-c", "from dcml.client.sdk.cli import app; app()", "gateway", "--config", str(config)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60

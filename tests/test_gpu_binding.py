@@ -21,16 +21,23 @@ from fakes.gpu import DRIVER, VBIOS_TEXT, FakeGpuMachine
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-import client.gpu_evidence as gpu_evidence
-from client.attestation import AttestationDocument, AttestationError, GpuPolicy, Policy, Reason, verify_attestation
-from client.gpu_evidence import GpuReason, Revocation, build_bundle, gpu_nonce, load_chain, verify_bundle
-from client.key_broker import AuditLog, KeyBroker, ModelEntry, create_app, measurement_id
-from node.config import GpuTeeConfig, load_settings
-from node.identity import EnclaveIdentity
-from node.tee.base import TeeError
-from node.tee.document import build_attestation_document
-from node.tee.gpu import GpuAttestingProvider, with_gpu_evidence
-from node.tee.simulated import SimulatedProvider
+import dcml.client.attestation.gpu as gpu_evidence
+from dcml.client.attestation.gpu import GpuReason, Revocation, build_bundle, gpu_nonce, load_chain, verify_bundle
+from dcml.client.attestation.verify import (
+    AttestationDocument,
+    AttestationError,
+    GpuPolicy,
+    Policy,
+    Reason,
+    verify_attestation,
+)
+from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry, create_app, measurement_id
+from dcml.node.config import GpuTeeConfig, load_settings
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.base import TeeError
+from dcml.node.tee.document import build_attestation_document
+from dcml.node.tee.gpu import GpuAttestingProvider, with_gpu_evidence
+from dcml.node.tee.simulated import SimulatedProvider
 
 GPU_POLICY = Policy(allow_simulated=True, gpu=GpuPolicy(required=True, allowed_vbios_versions=[VBIOS_TEXT]))
 IDENT = EnclaveIdentity.generate()
@@ -93,7 +100,7 @@ def test_evidence_for_another_quote_is_refused_even_though_valid(provider):
 
 
 def test_real_nvidia_evidence_stapled_to_a_quote_is_refused_by_its_nonce(tmp_path):
-    vec = Path(gpu_evidence.__file__).resolve().parents[2] / "shared" / "vectors" / "nvidia" / "hopper-545"
+    vec = Path(gpu_evidence.__file__).resolve().parents[4] / "shared" / "vectors" / "nvidia" / "hopper-545"
     bundle = build_bundle([(bytes.fromhex((vec / "attestationReport.txt").read_text().strip()),
                             (vec / "gpuAkCertChain.txt").read_text(),
                             (vec / "Driver_RIM_test_no_gpu.swidtag").read_text(),
@@ -176,7 +183,7 @@ def test_node_without_gpu_cc_refuses_to_start_with_a_clear_error(tmp_path):
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'data_dir = "{tmp_path}"\n[engine]\nkind = "synthetic"\n[tee.gpu]\nenabled = true\n')
     assert load_settings(cfg).tee.gpu.enabled
-    from node.cli import app
+    from dcml.node.cli import app
 
     result = CliRunner().invoke(app, ["run", "--config", str(cfg)])
     assert result.exit_code == 1 and "[tee.gpu] is enabled but" in result.output, result.output
@@ -212,10 +219,10 @@ def test_key_broker_requires_gpu_evidence(provider, tmp_path):
 
 
 def test_sdk_and_cli_enforce_gpu_policy_against_a_live_node(provider, tmp_path, deployment):
-    from client.cli import app as dcml
-    from client.sdk import Client
-    from node.api.app import create_app as node_app
-    from node.api.server import BackgroundServer
+    from dcml.client.sdk.cli import app as dcml
+    from dcml.client.sdk.client import Client
+    from dcml.node.api.app import create_app as node_app
+    from dcml.node.api.server import BackgroundServer
 
     settings = load_settings(None, data_dir=tmp_path / "node", engine={"kind": "synthetic"})
     policy_file = tmp_path / "policy.toml"
@@ -318,10 +325,10 @@ def test_malformed_bundles_are_typed_refusals(bundle):
 def test_fetch_rims_from_a_rim_service(tmp_path):
     from fastapi import FastAPI, HTTPException
 
-    from node.api.server import BackgroundServer
-    from node.tee.gpu import GpuReport, fetch_rims, load_rims, rim_ids
+    from dcml.node.api.server import BackgroundServer
+    from dcml.node.tee.gpu import GpuReport, fetch_rims, load_rims, rim_ids
 
-    vec = Path(gpu_evidence.__file__).resolve().parents[2] / "shared" / "vectors" / "nvidia" / "hopper-545"
+    vec = Path(gpu_evidence.__file__).resolve().parents[4] / "shared" / "vectors" / "nvidia" / "hopper-545"
     served = {"NV_GPU_DRIVER_GH100_545.00": (vec / "Driver_RIM_test_no_gpu.swidtag").read_bytes(),
               "NV_GPU_VBIOS_1010_0200_882_96005E0001": (vec / "1010_0200_882_96005E0001_test_no_gpu.swidtag")
               .read_bytes()}
@@ -369,7 +376,7 @@ def test_report_fwid_not_in_the_leaf_is_fwid_mismatch(machine):
 
 
 def test_rim_ids_from_a_hostile_report_are_refused(machine):
-    from node.tee.gpu import GpuReport, rim_ids
+    from dcml.node.tee.gpu import GpuReport, rim_ids
 
     gpu = machine.gpus[0]
     assert rim_ids(GpuReport(machine.report(gpu, bytes(32)), gpu.chain)) == (

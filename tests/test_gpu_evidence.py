@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from fakes.vectors import VECTORS
 
-from client.gpu_evidence import (
+from dcml.client.attestation.gpu import (
     GpuEvidenceError,
     GpuReason,
     certificate_fwids,

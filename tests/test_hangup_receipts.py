@@ -19,11 +19,11 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.deployment import Deployment
-from client.receipts import SignedReceipt
-from client.sdk import Client
-from client.x402 import PAYMENT_SIGNATURE
-from node.devnet import Devnet
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import Devnet
+from dcml.client.sdk.client import Client
+from dcml.client.wire.receipts import SignedReceipt
+from dcml.client.wire.x402 import PAYMENT_SIGNATURE
 from tests.paid_helpers import MODEL, PaidNode, RawPayer, start_paid_node
 
 
@@ -44,8 +44,8 @@ def node(w3: Web3, deployment_file: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 def funded_wallet(w3: Web3, deployment: Deployment) -> LocalAccount:
-    from client.contracts import contract
-    from client.tx import send
+    from dcml.client.chain.contracts import contract
+    from dcml.client.chain.tx import send
 
     acct = Account.create()
     w3.provider.make_request("anvil_setBalance", [acct.address, hex(10**20)])
@@ -137,12 +137,12 @@ def test_plain_openai_client_hangs_up_after_done_one_receipt_each(tmp_path: Path
     storing the receipt (the hang-up that used to insert a second receipt under the same id)."""
     import openai
 
-    from node.api.app import create_app
-    from node.api.server import BackgroundServer
-    from node.config import load_settings
-    from node.engine.synthetic import SyntheticEngine
-    from node.identity import EnclaveIdentity
-    from node.tee.simulated import SimulatedProvider
+    from dcml.node.api.app import create_app
+    from dcml.node.api.server import BackgroundServer
+    from dcml.node.config import load_settings
+    from dcml.node.engine.synthetic import SyntheticEngine
+    from dcml.node.identity import EnclaveIdentity
+    from dcml.node.tee.simulated import SimulatedProvider
 
     settings = load_settings(None, data_dir=tmp_path, engine={"kind": "synthetic", "served_model_name": MODEL,
                                                               "model_dir": None})
@@ -171,7 +171,7 @@ def test_plain_openai_client_hangs_up_after_done_one_receipt_each(tmp_path: Path
 def test_a_duplicate_receipt_fails_alone_not_its_batch(tmp_path: Path) -> None:
     import asyncio
 
-    from node.receipts import ReceiptStore
+    from dcml.node.receipts.store import ReceiptStore
     from tests.test_receipts import NODE_KEY, make_receipt, sign_receipt
 
     signed = [sign_receipt(make_receipt(), NODE_KEY) for _ in range(8)]

@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.attestation import AttestationDocument
-from client.e2e import SEALED_CONTENT_TYPE, SEALED_HEADER, open_response, seal_request
-from client.x402 import PAYMENT_SIGNATURE
-from node.devnet import free_port
+from dcml.client.attestation.verify import AttestationDocument
+from dcml.client.chain.devnet import free_port
+from dcml.client.wire.e2e import SEALED_CONTENT_TYPE, SEALED_HEADER, open_response, seal_request
+from dcml.client.wire.x402 import PAYMENT_SIGNATURE
 from tests.node_process import NodeProcess
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund
 
@@ -272,10 +272,10 @@ def test_junk_vouchers_for_unknown_channels_cost_no_log_scan(w3, deployment) -> 
     for the same id, and never a log scan (eth_getLogs)."""
     from eth_account import Account
 
-    from client.voucher import VoucherDomain
-    from node.payments.chain import ChannelChain
-    from node.payments.ledger import Ledger
-    from node.payments.verifier import VoucherRejected, VoucherVerifier
+    from dcml.client.wire.voucher import VoucherDomain
+    from dcml.node.payments.chain import ChannelChain
+    from dcml.node.payments.ledger import Ledger
+    from dcml.node.payments.verifier import VoucherRejected, VoucherVerifier
 
     calls: list[str] = []
     provider = w3.provider
@@ -365,12 +365,12 @@ def test_the_node_still_serves_after_all_of_this(node, payer) -> None:
 
 
 def test_server_wide_concurrency_limit_is_a_503(tmp_path) -> None:
-    from node.api.app import create_app
-    from node.api.server import BackgroundServer
-    from node.config import load_settings
-    from node.engine.synthetic import SyntheticEngine
-    from node.identity import EnclaveIdentity
-    from node.tee.simulated import SimulatedProvider
+    from dcml.node.api.app import create_app
+    from dcml.node.api.server import BackgroundServer
+    from dcml.node.config import load_settings
+    from dcml.node.engine.synthetic import SyntheticEngine
+    from dcml.node.identity import EnclaveIdentity
+    from dcml.node.tee.simulated import SimulatedProvider
 
     settings = load_settings(None, data_dir=tmp_path, server={"max_concurrency": 4})
     app = create_app(settings, engine=SyntheticEngine(model_name=MODEL), identity=EnclaveIdentity.generate(),
@@ -390,7 +390,7 @@ def test_recursion_limit_is_pythons_own_after_every_import() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, node.api.app, node.cli, client.sdk, eth_account, py_ecc, web3; "
+    code = ("import sys, dcml.node.api.app, dcml.node.cli, dcml.client.sdk.client, eth_account, py_ecc, web3; "
             "print(sys.getrecursionlimit())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "1000"
@@ -402,7 +402,7 @@ def test_a_logged_exception_shows_no_locals_and_no_message(fmt, capsys) -> None:
 
     import structlog
 
-    from node.logging import configure_logging, flush_logging, get_logger
+    from dcml.node.logging import configure_logging, flush_logging, get_logger
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level

@@ -11,7 +11,7 @@ import stat
 import pytest
 from eth_account.messages import encode_defunct
 
-from client.identity import (
+from dcml.client.wire.identity import (
     HPKE_PUBLIC_KEY_LEN,
     HPKE_SUITE,
     IDENTITY_DOMAIN,
@@ -19,7 +19,7 @@ from client.identity import (
     identity_hash,
     report_data,
 )
-from node.identity import DEV_SEED_FILE, EnclaveIdentity
+from dcml.node.identity import DEV_SEED_FILE, EnclaveIdentity
 
 SEED = b"\x42" * 32
 

@@ -1,4 +1,4 @@
-"""The CVM image (image/build.py): two clean builds give one digest, a changed source file another, and the
+"""The CVM image (docker/image/build.py): two clean builds give one digest, a changed source file another, and the
 built root filesystem runs the node: a paid, attested (simulated TEE), verified answer against anvil.
 
 "Clean" here: fresh output directories, the project wheel and the dependencies layer rebuilt each time; the
@@ -25,11 +25,11 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
-from client.contracts import contract
-from client.deployment import Deployment
-from client.sdk import ChatResult, Client
-from client.tx import send
-from node.devnet import free_port
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import free_port
+from dcml.client.chain.tx import send
+from dcml.client.sdk.client import ChatResult, Client
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "build" / "image" / "cache"
@@ -44,7 +44,7 @@ pytestmark = [
 def _build(src: Path, out: Path, *, fresh: bool) -> dict:
     missing = [t for t in ("mmdebstrap", "umoci", "chroot") if shutil.which(t) is None]
     assert not missing, f"{missing} not installed: run `make image-deps`"
-    cmd = [sys.executable, str(ROOT / "image" / "build.py"), "--src", str(src), "--out", str(out),
+    cmd = [sys.executable, str(ROOT / "docker" / "image" / "build.py"), "--src", str(src), "--out", str(out),
            "--cache", str(CACHE), *(["--fresh"] if fresh else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"image build failed:\n{done.stderr[-4000:]}"
@@ -62,7 +62,7 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, di
     # A copy of the sources with one file changed (a comment: nothing else differs).
     src = tmp / "src"
     tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--", "pyproject.toml", "README.md", "node",
-                              "client", "configs", "image"], check=True, capture_output=True).stdout.decode()
+                              "client", "configs", "docker/image"], check=True, capture_output=True).stdout.decode()
     for name in filter(None, tracked.split("\0")):
         if (ROOT / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -205,4 +205,5 @@ def test_the_shipped_composes_pin_the_digest_this_checkout_builds(builds) -> Non
         assert pinned == a["digest"], (
             f"{path.name} pins {pinned} but this checkout builds {a['digest']}: after changing the node, its "
             "dependencies, or once the Debian archive moved on, run `make compose` and commit docker/ and "
-            "configs/policy.toml (rebuilding an older release: image/build.py --mirror <snapshot.debian.org URL>)")
+            "configs/policy.toml (rebuilding an older release: docker/image/build.py --mirror "
+            "<snapshot.debian.org URL>)")

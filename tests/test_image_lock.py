@@ -16,7 +16,7 @@ LOCK_LINE = re.compile(r"^(\S+)==(\S+) --hash=sha256:[0-9a-f]{64}\s+#\s+\S+$")
 
 def _runtime_lock() -> dict[str, Version]:
     pinned = {}
-    for line in (ROOT / "image" / "requirements-cpu.lock").read_text().splitlines():
+    for line in (ROOT / "docker" / "image" / "requirements-cpu.lock").read_text().splitlines():
         if line.strip() == "# [build]":
             break
         if line and not line.startswith("#"):
@@ -26,10 +26,23 @@ def _runtime_lock() -> dict[str, Version]:
     return pinned
 
 
+def _with_extras(project: dict, *extras: str) -> list[str]:
+    """The base dependencies and these extras, `dcml[...]` self-references expanded (the image installs the node)."""
+    out, todo, seen = list(project["dependencies"]), list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra not in seen:
+            seen.add(extra)
+            for req in project["optional-dependencies"][extra]:
+                todo += req[5:-1].split(",") if req.startswith("dcml[") else []
+                out += [] if req.startswith("dcml[") else [req]
+    return out
+
+
 def test_cpu_lock_pins_what_pyproject_pins() -> None:
     lock = _runtime_lock()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dstack"]]
+    wanted = [Requirement(r) for r in _with_extras(project, "node", "dstack")]
     stale = [str(r) for r in wanted
              if canonicalize_name(r.name) not in lock or not r.specifier.contains(lock[canonicalize_name(r.name)])]
-    assert not stale, f"image/requirements-cpu.lock is stale for {stale}: run `make image-lock`"
+    assert not stale, f"docker/image/requirements-cpu.lock is stale for {stale}: run `make image-lock`"

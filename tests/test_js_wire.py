@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 
-from client.channel import ChannelClient
-from client.receipts import model_id_for
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.wire.receipts import model_id_for
 from tests.paid_helpers import MODEL, start_paid_node
 
 JS = Path(__file__).parent / "js"

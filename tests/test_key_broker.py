@@ -8,8 +8,12 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
-from client.attestation import Policy, verify_attestation
-from client.key_broker import (
+from dcml.client.attestation.verify import Policy, verify_attestation
+from dcml.client.chain.devnet import NODE_MIN_STAKE
+from dcml.client.chain.registry import RegistryClient
+from dcml.client.publisher.bundle import generate_key
+from dcml.client.publisher.cli import publish_model
+from dcml.client.publisher.key_broker import (
     AuditLog,
     ChainMeasurements,
     KeyBroker,
@@ -19,17 +23,12 @@ from client.key_broker import (
     RegistryNodeCheck,
     create_app,
     measurement_id,
-    open_model_key,
-    seal_model_key,
 )
-from client.model_bundle import generate_key
-from client.model_cli import publish_model
-from client.registry import RegistryClient
-from node.devnet import NODE_MIN_STAKE
-from node.identity import EnclaveIdentity
-from node.registry import ensure_registered
-from node.tee.document import build_attestation_document
-from node.tee.simulated import SimulatedProvider
+from dcml.client.wire.key_release import open_model_key, seal_model_key
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.network.registration import ensure_registered
+from dcml.node.tee.document import build_attestation_document
+from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL = bytes.fromhex("ab" * 32)
 URL = f"/v1/models/0x{MODEL.hex()}"
@@ -176,7 +175,7 @@ def test_unregistered_node_refused_and_measurements_read_on_chain(make, w3, depl
     registered, stranger = EnclaveIdentity.generate(), EnclaveIdentity.generate()
     ensure_registered(w3, deployment.node_registry, registered, PROVIDER, node_account, endpoint="http://n",
                       peer_id=b"\x00\x24" + os.urandom(34), stake=NODE_MIN_STAKE, node_version="t")
-    from client.model_bundle import Manifest, SignedManifest
+    from dcml.client.publisher.bundle import Manifest, SignedManifest
 
     manifest = Manifest(model_id="0x" + MODEL.hex(), model_name="m", publisher=publisher.address, chunk_size=1,
                         created_at=0, key_commitment="00", weights_hash="0x" + "11" * 32, files=[])

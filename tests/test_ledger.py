@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from node.payments.ledger import ChargeOp, Ledger, LedgerConflict, VoucherOp
+from dcml.node.payments.ledger import ChargeOp, Ledger, LedgerConflict, VoucherOp
 
 CID = "0x" + "ab" * 32
 

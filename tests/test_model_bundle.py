@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.model_bundle import (
+from dcml.client.chain.model_registry import model_id
+from dcml.client.publisher.bundle import (
     TAG_LEN,
     BundleError,
     BundleReason,
@@ -18,7 +19,6 @@ from client.model_bundle import (
     open_sealed,
     verify_manifest,
 )
-from client.model_registry import model_id
 from tests.model_helpers import MODEL_ID, PUBLISHER, make_bundle
 
 CHUNK = 1 << 16
@@ -167,7 +167,7 @@ def test_manifest_hashes_are_plain_blake3(bundle):
     """File hashes are plain BLAKE3 (b3sum-compatible) of the clear and sealed bytes; weights_hash commits to them."""
     import blake3
 
-    from client.model_bundle import weights_hash
+    from dcml.client.publisher.bundle import weights_hash
 
     clear, bundle_dir, _, signed = bundle
     m = signed.manifest
@@ -189,7 +189,7 @@ def test_chunk_and_block_boundaries_round_trip(tmp_path, monkeypatch, size):
     at a block boundary is still caught by the STREAM last flag."""
     import os
 
-    import client.model_bundle as mb
+    import dcml.client.publisher.bundle as mb
 
     monkeypatch.setattr(mb, "IO_BLOCK", 3 * 4096)
     data = os.urandom(size)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from client.attestation import Policy
-from client.key_broker import AuditLog, KeyBroker, ModelEntry, create_app
-from node.engine.base import GenerationRequest, SamplingParams
-from node.engine.embedded import EmbeddedEngine
-from node.identity import EnclaveIdentity
-from node.model_source import (
+from dcml.client.attestation.verify import Policy
+from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry, create_app
+from dcml.node.engine.base import GenerationRequest, SamplingParams
+from dcml.node.engine.embedded import EmbeddedEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.model_source import (
     EncryptedModelSource,
     ModelSourceError,
     encrypted_embedded_engine,

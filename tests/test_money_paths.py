@@ -14,12 +14,18 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
-from client.channel import ChannelClient
-from client.deployment import Deployment
-from client.receipts import model_id_for
-from client.voucher import MalformedVoucher, Voucher
-from client.x402 import NEED_VOUCHER_EVENT, PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PAYMENT_TIMEOUT_EVENT, NeedVoucher
-from node.devnet import Devnet
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import Devnet
+from dcml.client.wire.receipts import model_id_for
+from dcml.client.wire.voucher import MalformedVoucher, Voucher
+from dcml.client.wire.x402 import (
+    NEED_VOUCHER_EVENT,
+    PAYMENT_REQUIRED,
+    PAYMENT_SIGNATURE,
+    PAYMENT_TIMEOUT_EVENT,
+    NeedVoucher,
+)
 from tests.fakes.erc1271_wallet import deploy_wallet
 from tests.paid_helpers import MODEL, PRICE_OUT, PaidNode, RawPayer, start_paid_node
 from tests.test_hangup_receipts import funded_wallet
@@ -74,7 +80,7 @@ class ContractPayer:
         return self.channels.sign_voucher(self.wallet_owner, self.channel_id, amount)
 
     def revoke(self) -> None:
-        from client.tx import send
+        from dcml.client.chain.tx import send
 
         send(self.w3, self.payer, self.wallet.functions.revoke(), action="revoke")
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.advert import AdvertDomain, AdvertReason
-from client.discovery import ChainRegistry, Discovery
-from client.registry import RegistryClient
-from node.devnet import free_port
-from node.identity import EnclaveIdentity
-from node.network import peer_id_of
+from dcml.client.chain.devnet import free_port
+from dcml.client.chain.registry import RegistryClient
+from dcml.client.sdk.discovery import ChainRegistry, Discovery
+from dcml.client.wire.advert import AdvertDomain, AdvertReason
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.network.presence import peer_id_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ advert_interval_s = 2
 advert_ttl_s = 6
 {boot}
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(tmp / f"{name}.toml")],
+    proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(tmp / f"{name}.toml")],
                             cwd=REPO, env={**os.environ, "DCML_OPERATOR_KEY": operator_key})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90

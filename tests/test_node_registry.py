@@ -12,8 +12,9 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.deployment import Deployment
-from client.registry import (
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import Devnet, deploy_contract
+from dcml.client.chain.registry import (
     NodeStatus,
     Reattestation,
     Registration,
@@ -21,11 +22,10 @@ from client.registry import (
     RegistryError,
     attestation_hash,
 )
-from node.devnet import Devnet, deploy_contract
-from node.identity import EnclaveIdentity
-from node.registry import NodeRegistrationError, ensure_registered
-from node.tee.document import build_attestation_document
-from node.tee.simulated import SimulatedProvider
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.network.registration import NodeRegistrationError, ensure_registered
+from dcml.node.tee.document import build_attestation_document
+from dcml.node.tee.simulated import SimulatedProvider
 
 MIN_STAKE = 10**18
 UNBONDING = 3600

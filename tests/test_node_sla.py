@@ -13,10 +13,13 @@ import httpx
 import pytest
 from web3 import Web3
 
-from client.access import receipts_resource
-from client.channel import find_params
-from client.deployment import Deployment
-from client.receipts import (
+from dcml.client.chain.channel import find_params
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import Devnet
+from dcml.client.chain.registry import RegistryClient
+from dcml.client.chain.sla import DisputeStatus, SLACourtClient, Terms, acceptance_tuple, receipt_tuple
+from dcml.client.wire.access import receipts_resource
+from dcml.client.wire.receipts import (
     ReceiptDomain,
     SignedAcceptance,
     acceptance_digest,
@@ -26,18 +29,15 @@ from client.receipts import (
     verify_acceptance,
     verify_signed_receipt,
 )
-from client.registry import RegistryClient
-from client.sla import DisputeStatus, SLACourtClient, Terms, acceptance_tuple, receipt_tuple
-from client.x402 import ACCEPTANCE_HEADER
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import load_settings
-from node.devnet import Devnet
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.receipts import ReceiptStore
-from node.sla_terms import EngineBenchmark, TermsUnmet, measure, unmet
-from node.tee.simulated import SimulatedProvider
+from dcml.client.wire.x402 import ACCEPTANCE_HEADER
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.receipts.store import ReceiptStore
+from dcml.node.sla.terms import EngineBenchmark, TermsUnmet, measure, unmet
+from dcml.node.tee.simulated import SimulatedProvider
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund
 
 MODEL_ID = model_id_for(MODEL)

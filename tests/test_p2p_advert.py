@@ -7,7 +7,9 @@ import time
 import pytest
 from eth_account import Account
 
-from client.advert import (
+from dcml.client.network.records import AdvertRecordValidator
+from dcml.client.sdk.discovery import Discovery, RegisteredNode, StaticRegistry
+from dcml.client.wire.advert import (
     Advert,
     AdvertDomain,
     AdvertError,
@@ -21,8 +23,6 @@ from client.advert import (
     sign_advert,
     verify_signature,
 )
-from client.discovery import Discovery, RegisteredNode, StaticRegistry
-from node.p2p.records import AdvertRecordValidator
 
 DOMAIN = AdvertDomain()
 ATT = "0x" + "ab" * 32

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import trio
 
-from node.p2p.bridge import BridgeError, TrioThread
+from dcml.client.network.bridge import BridgeError, TrioThread
 
 
 async def _nothing(nursery: trio.Nursery) -> str:

@@ -18,7 +18,10 @@ import pytest
 import trio
 from eth_account import Account
 
-from client.advert import (
+from dcml.client.network.bridge import TrioThread
+from dcml.client.network.overlay import Overlay, OverlayConfig, peer_key_from_secret
+from dcml.client.sdk.discovery import Discovery, RegisteredNode, StaticRegistry
+from dcml.client.wire.advert import (
     Advert,
     AdvertDomain,
     AdvertReason,
@@ -28,9 +31,6 @@ from client.advert import (
     resolve_model_id,
     sign_advert,
 )
-from client.discovery import Discovery, RegisteredNode, StaticRegistry
-from node.p2p.bridge import TrioThread
-from node.p2p.overlay import Overlay, OverlayConfig, peer_key_from_secret
 from tests.p2p_helpers import NodeInfo, NodeProcess, spawn, wait_ready
 
 INTERVAL, TTL = 2.0, 6

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.access import channel_resource
-from node.devnet import free_port
+from dcml.client.chain.devnet import free_port
+from dcml.client.wire.access import channel_resource
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ price_per_output_token = {PRICE_OUT}
 class NodeProcess:
     def __init__(self, config: Path, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=REPO,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 60
         while True:

@@ -11,8 +11,8 @@ import threading
 import httpx
 import pytest
 
-from client.receipts import Price, ReceiptDomain, verify_signed_receipt
-from client.x402 import PAYMENT_REQUIRED, PaymentRequired
+from dcml.client.wire.receipts import Price, ReceiptDomain, verify_signed_receipt
+from dcml.client.wire.x402 import PAYMENT_REQUIRED, PaymentRequired
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, start_paid_node
 
 
@@ -95,7 +95,7 @@ def test_vouchers_replayed_out_of_order_or_for_another_channel_are_refused(w3, d
 
 
 def test_a_forged_receipt_is_rejected_by_the_client(w3, deployment, payer, node) -> None:
-    from client.receipts import ReceiptError
+    from dcml.client.wire.receipts import ReceiptError
 
     client = RawPayer(w3, deployment, payer, node.url, node.identity.address)
     answer = client.ask("x y z", max_tokens=5, stream=False)

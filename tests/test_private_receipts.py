@@ -12,9 +12,9 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
-from client.access import AUTH_HEADER, auth_header, channel_resource, receipts_resource
-from client.deployment import Deployment
-from client.receipts import SignedReceipt, request_hash
+from dcml.client.chain.deployment import Deployment
+from dcml.client.wire.access import AUTH_HEADER, auth_header, channel_resource, receipts_resource
+from dcml.client.wire.receipts import SignedReceipt, request_hash
 from tests.paid_helpers import MODEL, PaidNode, RawPayer, start_paid_node
 
 
@@ -97,12 +97,12 @@ def test_receipt_by_id_stays_a_capability(node: PaidNode, served) -> None:
 
 def test_disputes_fetch_the_receipt_with_the_payers_signature(node: PaidNode, served, w3: Web3,
                                                                deployment: Deployment, payer, tmp_path: Path) -> None:
-    """client.disputes asks for the receipt before disputing; with the new authorisation it still gets it."""
+    """dcml.client.sdk.disputes asks for the receipt before disputing; with the new authorisation it still gets it."""
     import base64
 
-    from client.disputes import Disputes
-    from client.receipts import SignedAcceptance
-    from client.spend_store import SpendStore
+    from dcml.client.sdk.disputes import Disputes
+    from dcml.client.sdk.spend_store import SpendStore
+    from dcml.client.wire.receipts import SignedAcceptance
 
     _, h, receipt, answer = served
     signed = SignedAcceptance.model_validate_json(base64.b64decode(answer.headers["x-dcml-acceptance"]))

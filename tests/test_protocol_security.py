@@ -18,10 +18,10 @@ import time
 import httpx
 import pytest
 
-from client.receipts import parse_sse_stream
-from client.sla import Broken, Terms, broken_terms
-from client.x402 import ACCEPTANCE_HEADER, PAYMENT_SIGNATURE
-from node.engine.synthetic import SyntheticEngine
+from dcml.client.chain.sla import Broken, Terms, broken_terms
+from dcml.client.wire.receipts import parse_sse_stream
+from dcml.client.wire.x402 import ACCEPTANCE_HEADER, PAYMENT_SIGNATURE
+from dcml.node.engine.synthetic import SyntheticEngine
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, start_paid_node
 
 # The terms of the review's victim node: TTFT 1 s, 3 s per answer, 5 tokens/s.
@@ -64,11 +64,11 @@ def test_trickled_body_does_not_count_against_the_nodes_ttft(w3, deployment, dep
 
 
 def test_body_that_never_finishes_gets_408(w3, deployment_file, tmp_path):
-    from node.api.app import create_app
-    from node.api.server import BackgroundServer
-    from node.config import load_settings
-    from node.identity import EnclaveIdentity
-    from node.tee.simulated import SimulatedProvider
+    from dcml.node.api.app import create_app
+    from dcml.node.api.server import BackgroundServer
+    from dcml.node.config import load_settings
+    from dcml.node.identity import EnclaveIdentity
+    from dcml.node.tee.simulated import SimulatedProvider
 
     settings = load_settings(None, data_dir=tmp_path / "free", limits={"body_read_timeout_s": 0.5},
                              engine={"kind": "synthetic", "served_model_name": MODEL, "model_dir": None})
@@ -137,8 +137,8 @@ def _wallet(w3, deployment):
     """A fresh payer with gas and tokens (channels and balances never mix between tests)."""
     from eth_account import Account
 
-    from client.contracts import contract
-    from client.tx import send
+    from dcml.client.chain.contracts import contract
+    from dcml.client.chain.tx import send
 
     acct = Account.create()
     w3.provider.make_request("anvil_setBalance", [acct.address, hex(10**20)])
@@ -196,7 +196,7 @@ def test_non_streamed_settlement_equals_the_receipts(w3, deployment, deployment_
     """Finding 11: a non-streamed request reserves max_tokens in the voucher; answers that stop early left the
     reservation to be settled (1.92e15 settled against 1.56e15 of receipts). The SDK now re-signs down to the
     receipts after each answer and the node settles that release: with prepay 0, settled == receipts."""
-    from client.sdk import Client
+    from dcml.client.sdk.client import Client
 
     node = start_paid_node(w3, deployment_file, tmp_path / "node", prepay_tokens=0, credit_tokens=4)
     try:
@@ -220,7 +220,7 @@ def test_non_streamed_settlement_equals_the_receipts(w3, deployment, deployment_
 
 
 def test_a_release_covers_what_was_served_and_a_higher_voucher_supersedes_it(tmp_path):
-    from node.payments.ledger import ChargeOp, Ledger, LedgerConflict, ReleaseOp, VoucherOp
+    from dcml.node.payments.ledger import ChargeOp, Ledger, LedgerConflict, ReleaseOp, VoucherOp
 
     ledger, cid = Ledger(tmp_path / "ledger.sqlite"), "0x" + "ab" * 32
     ledger.apply_groups([[VoucherOp(cid, 1000, "0xhigh"), ChargeOp(cid, 300)]])
@@ -246,16 +246,16 @@ def test_squatted_model_id_takes_nothing_from_the_node(w3, deployment, deploymen
     and the royalty they accept, and both refuse the squatted channel."""
     from eth_account import Account
 
-    from client.attestation import ModelTrust, Policy
-    from client.channel import ChannelClient
-    from client.contracts import contract
-    from client.receipts import model_id_for
-    from client.sdk import Client, UntrustedTerms
-    from client.tx import send
-    from node.api.app import create_app
-    from node.api.server import BackgroundServer
-    from node.identity import EnclaveIdentity
-    from node.tee.simulated import SimulatedProvider
+    from dcml.client.attestation.verify import ModelTrust, Policy
+    from dcml.client.chain.channel import ChannelClient
+    from dcml.client.chain.contracts import contract
+    from dcml.client.chain.tx import send
+    from dcml.client.sdk.client import Client, UntrustedTerms
+    from dcml.client.wire.receipts import model_id_for
+    from dcml.node.api.app import create_app
+    from dcml.node.api.server import BackgroundServer
+    from dcml.node.identity import EnclaveIdentity
+    from dcml.node.tee.simulated import SimulatedProvider
     from tests.paid_helpers import fund, paid_settings
 
     served = f"squat-{time.time_ns()}"  # its own model id: the session chain is shared with other tests
@@ -308,8 +308,8 @@ def test_squatted_model_id_takes_nothing_from_the_node(w3, deployment, deploymen
 def test_sdk_refuses_an_acceptance_whose_deadline_outlasts_the_unbonding(w3, deployment, deployment_file, tmp_path):
     """Finding 6, client side: a node that promises a deadline longer than the registry's unbonding delay could
     exit as it accepts and withdraw before a no-response dispute can even be opened; the SDK refuses it."""
-    from client.paying_transport import ReceiptViolation
-    from client.sdk import Client
+    from dcml.client.sdk.client import Client
+    from dcml.client.sdk.transport import ReceiptViolation
 
     unbonding = _unbonding_delay(w3, deployment)
     node = start_paid_node(w3, deployment_file, tmp_path / "node", prepay_tokens=0, response_deadline_s=unbonding)
@@ -325,6 +325,6 @@ def test_sdk_refuses_an_acceptance_whose_deadline_outlasts_the_unbonding(w3, dep
 
 
 def _unbonding_delay(w3, deployment) -> int:
-    from client.contracts import contract
+    from dcml.client.chain.contracts import contract
 
     return contract(w3, "NodeRegistry", deployment.node_registry).functions.unbondingDelay().call()

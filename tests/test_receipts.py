@@ -15,7 +15,7 @@ import pytest
 from eth_account import Account
 from eth_hash.auto import keccak
 
-from client.receipts import (
+from dcml.client.wire.receipts import (
     ZERO32,
     Acceptance,
     Price,
@@ -39,13 +39,13 @@ from client.receipts import (
     verify_acceptance,
     verify_signed_receipt,
 )
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import load_settings
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.receipts import ReceiptStore
-from node.tee.simulated import SimulatedProvider
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.receipts.store import ReceiptStore
+from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL = "synthetic"
 NODE_KEY = Account.create()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from client.deployment import Deployment
-from client.sdk import ChatStream, Client
-from node.devnet import Devnet
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import Devnet
+from dcml.client.sdk.client import ChatStream, Client
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, PaidNode, start_paid_node
 from tests.test_hangup_receipts import funded_wallet, node_receipts
 

@@ -16,15 +16,15 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.deployment import Deployment
-from client.e2e import SEALED_CONTENT_TYPE
-from client.paying_transport import PayingTransport, SealedResponseError
-from client.sdk import ChatResult, ChatStream, Client
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.tee.simulated import SimulatedProvider
+from dcml.client.chain.deployment import Deployment
+from dcml.client.sdk.client import ChatResult, ChatStream, Client
+from dcml.client.sdk.transport import PayingTransport, SealedResponseError
+from dcml.client.wire.e2e import SEALED_CONTENT_TYPE
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.simulated import SimulatedProvider
 from tests.paid_helpers import MODEL, fund, paid_settings
 
 SECRET = "my very private medical question"
@@ -88,8 +88,8 @@ def deployment_file(devnet, tmp_path_factory) -> Path:
 def client(node, w3: Web3, deployment: Deployment, tmp_path: Path) -> Iterator[Client]:
     wallet: LocalAccount = Account.create()
     w3.provider.make_request("anvil_setBalance", [wallet.address, hex(10**20)])
-    from client.contracts import contract
-    from client.tx import send
+    from dcml.client.chain.contracts import contract
+    from dcml.client.chain.tx import send
 
     donor = Account.from_key(deployment.accounts["client"].private_key)
     send(w3, donor, contract(w3, "TestToken", deployment.token).functions.transfer(wallet.address, 10**19),

@@ -15,11 +15,11 @@ import pytest
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.access import auth_header, channel_resource
-from client.channel import ChannelClient
-from client.deployment import Deployment
-from client.tx import TransactionFailed
-from node.devnet import free_port
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import free_port
+from dcml.client.chain.tx import TransactionFailed
+from dcml.client.wire.access import auth_header, channel_resource
 from tests.payments_helpers import node_payments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,11 +39,11 @@ def _no_leftover_processes():
 
 
 class PaymentsProcess:
-    """`python -m node.payments.service` as a separate OS process, so it can really be killed."""
+    """`python -m dcml.node.payments.service` as a separate OS process, so it can really be killed."""
 
     def __init__(self, deployment_file: Path, data_dir: Path, payee: LocalAccount, *, threshold: int) -> None:
         self.port = free_port()
-        self.args = [sys.executable, "-m", "node.payments.service", "--deployment", str(deployment_file),
+        self.args = [sys.executable, "-m", "dcml.node.payments.service", "--deployment", str(deployment_file),
                      "--data-dir", str(data_dir), "--port", str(self.port), "--threshold", str(threshold),
                      "--interval", "0.2"]
         self.env = {**os.environ, "DCML_PAYEE_KEY": "0x" + payee.key.hex().removeprefix("0x")}
@@ -109,7 +109,7 @@ def test_sigkill_between_vouchers_loses_nothing_and_counts_nothing_twice(
             time.sleep(0.2)
     finally:
         node.kill(signal.SIGTERM)
-    from node.payments.ledger import Ledger
+    from dcml.node.payments.ledger import Ledger
 
     ledger = Ledger(tmp_path / "node" / "ledger.sqlite")
     assert ledger.voucher_count("0x" + channel_id.hex()) == 40  # each voucher recorded exactly once
@@ -137,7 +137,7 @@ def test_sigkill_mid_burst_every_acknowledged_voucher_survives(
             if r.status_code == 200:
                 last_acked = v.cumulative_amount
     assert killed and node.proc.wait(timeout=30) == -signal.SIGKILL
-    from node.payments.ledger import Ledger
+    from dcml.node.payments.ledger import Ledger
 
     ledger = Ledger(tmp_path / "node" / "ledger.sqlite")
     assert ledger.accepted("0x" + channel_id.hex()) >= last_acked >= 149

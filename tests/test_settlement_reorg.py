@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from client.deployment import Deployment
-from node.devnet import Devnet
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import Devnet
 from tests.paid_helpers import PaidNode, RawPayer, start_paid_node
 from tests.test_hangup_receipts import funded_wallet
 

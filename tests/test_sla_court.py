@@ -13,8 +13,10 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
-from client.channel import ETH, ZERO_ADDRESS, ChannelParams
-from client.receipts import (
+from dcml.client.chain.channel import ETH, ZERO_ADDRESS, ChannelParams
+from dcml.client.chain.devnet import Devnet, artifact, deploy_contract, dev_accounts
+from dcml.client.chain.sla import Broken, DisputeStatus, SLACourtClient, SLAError, Terms, broken_terms
+from dcml.client.wire.receipts import (
     Acceptance,
     Receipt,
     ReceiptDomain,
@@ -23,11 +25,9 @@ from client.receipts import (
     sign_acceptance,
     sign_receipt,
 )
-from client.sla import Broken, DisputeStatus, SLACourtClient, SLAError, Terms, broken_terms
-from node.devnet import Devnet, artifact, deploy_contract, dev_accounts
-from node.identity import EnclaveIdentity
-from node.registry import ensure_registered
-from node.tee.simulated import SimulatedProvider
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.network.registration import ensure_registered
+from dcml.node.tee.simulated import SimulatedProvider
 
 STAKE = 10**18
 BOND = 10**15
@@ -103,10 +103,10 @@ def _acceptance(env: dict, body: bytes) -> Acceptance:
 
 
 def test_digests_match_the_contract(env: dict) -> None:
-    from client.receipts import acceptance_digest, receipt_digest
+    from dcml.client.wire.receipts import acceptance_digest, receipt_digest
     sla = env["sla"]
     r, a = _receipt(env, b"d"), _acceptance(env, b"d")
-    from client.sla import acceptance_tuple, receipt_tuple
+    from dcml.client.chain.sla import acceptance_tuple, receipt_tuple
     assert receipt_digest(r, sla.domain) == bytes(sla.contract.functions.hashReceipt(receipt_tuple(r)).call())
     assert acceptance_digest(a, sla.domain) == bytes(sla.contract.functions.hashAcceptance(
         acceptance_tuple(a)).call())

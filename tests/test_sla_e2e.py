@@ -1,4 +1,4 @@
-"""The SLA court end to end: node daemons started as processes (`python -m node.cli run`, synthetic engine,
+"""The SLA court end to end: node daemons started as processes (`python -m dcml.node.cli run`, synthetic engine,
 registry and SLA on), the SDK and `dcml disputes` as the client, the devnet's SLACourt on a real anvil.
 
 - a node that answered is challenged anyway: its watcher posts the receipt, the dispute closes, no stake moves
@@ -31,17 +31,24 @@ from eth_account.signers.local import LocalAccount
 from typer.testing import CliRunner
 from web3 import Web3
 
-from client.access import auth_header, receipts_resource
-from client.channel import find_params
-from client.cli import app as cli_app
-from client.contracts import contract
-from client.deployment import Deployment
-from client.receipts import ReceiptDomain, SignedReceipt, model_id_for, request_hash, sign_acceptance, sign_receipt
-from client.registry import RegistryClient
-from client.sdk import Client
-from client.sla import Broken, DisputeStatus, SLACourtClient, SLAError
-from node.devnet import SLA_DISPUTE_BOND, Devnet, free_port
-from node.identity import EnclaveIdentity
+from dcml.client.chain.channel import find_params
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.devnet import SLA_DISPUTE_BOND, Devnet, free_port
+from dcml.client.chain.registry import RegistryClient
+from dcml.client.chain.sla import Broken, DisputeStatus, SLACourtClient, SLAError
+from dcml.client.sdk.cli import app as cli_app
+from dcml.client.sdk.client import Client
+from dcml.client.wire.access import auth_header, receipts_resource
+from dcml.client.wire.receipts import (
+    ReceiptDomain,
+    SignedReceipt,
+    model_id_for,
+    request_hash,
+    sign_acceptance,
+    sign_receipt,
+)
+from dcml.node.identity import EnclaveIdentity
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, fund
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +137,7 @@ watch_interval_s = 0.2
 {terms}
 """)
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config", str(config)], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=REPO,
                                      env={**os.environ, "DCML_OPERATOR_KEY": "0x" + bytes(chain.operator.key).hex()})
         deadline = time.monotonic() + 90
         while True:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 import time
 
-from client.receipts import Acceptance, Receipt, model_id_for, request_hash, sign_acceptance, sign_receipt
-from client.sla import DisputeStatus, SLACourtClient, Terms
-from node.devnet import artifact, deploy_contract, dev_accounts
-from node.identity import EnclaveIdentity
-from node.registry import ensure_registered
-from node.sla_watcher import SlaWatcher
-from node.tee.simulated import SimulatedProvider
+from dcml.client.chain.devnet import artifact, deploy_contract, dev_accounts
+from dcml.client.chain.sla import DisputeStatus, SLACourtClient, Terms
+from dcml.client.wire.receipts import Acceptance, Receipt, model_id_for, request_hash, sign_acceptance, sign_receipt
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.network.registration import ensure_registered
+from dcml.node.sla.watcher import SlaWatcher
+from dcml.node.tee.simulated import SimulatedProvider
 from tests.test_sla_court import channel_params, escrow_chain
 
 STAKE = 10**18
@@ -28,7 +28,7 @@ def _travel(w3, seconds: int) -> None:
 
 
 def test_watcher_answers_a_dispute_against_an_answering_node(caplog) -> None:
-    caplog.set_level(logging.INFO, logger="node.sla_watcher")
+    caplog.set_level(logging.INFO, logger="dcml.node.sla.watcher")
     with escrow_chain() as (w3, escrow):
         accounts = dev_accounts()
         deployer, operator, client = accounts["deployer"], accounts["node"], accounts["client"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 
-from client.receipts import Acceptance, Receipt, sign_acceptance, sign_receipt
-from client.spend_store import SessionKeyLocked, SpendStore, StoredChannel
+from dcml.client.sdk.spend_store import SessionKeyLocked, SpendStore, StoredChannel
+from dcml.client.wire.receipts import Acceptance, Receipt, sign_acceptance, sign_receipt
 
 CID = "0x" + "ab" * 32
 

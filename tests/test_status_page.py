@@ -16,12 +16,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import StatusConfig
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.tee.simulated import SimulatedProvider
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import StatusConfig
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.simulated import SimulatedProvider
 from tests.paid_helpers import MODEL, RawPayer, fund, paid_settings
 
 TOKEN = "operator-token-" + "x7" * 12
@@ -177,7 +177,7 @@ def test_dcml_node_status_prints_the_same(node, paid) -> None:
 
     from typer.testing import CliRunner
 
-    from node.cli import app
+    from dcml.node.cli import app
 
     server, identity, _ = node
     channel, state, _ = paid
@@ -194,9 +194,9 @@ def test_dcml_node_status_prints_the_same(node, paid) -> None:
 
 
 def test_registry_status_and_stake_come_from_the_chain(w3, deployment, node_account, tmp_path, monkeypatch) -> None:
-    from client.registry import RegistryClient
-    from node.config import RegistryConfig
-    from node.devnet import NODE_MIN_STAKE
+    from dcml.client.chain.devnet import NODE_MIN_STAKE
+    from dcml.client.chain.registry import RegistryClient
+    from dcml.node.config import RegistryConfig
 
     path = tmp_path / "deployment.json"
     deployment.save(path)

@@ -12,12 +12,19 @@ import pytest
 from fakes.dstack_agent import FakeDstackAgent
 from fakes.vectors import DSTACK, DSTACK_COMPOSE_HASH, collateral, dstack_vector, ts
 
-from client.attestation import AttestationError, DstackPolicy, MeasurementPolicy, Policy, Reason, verify_attestation
-from client.measurements import parse_tdx_quote
-from node.identity import EnclaveIdentity
-from node.tee.base import TeeError
-from node.tee.document import build_attestation_document
-from node.tee.dstack import DstackProvider
+from dcml.client.attestation.measurements import parse_tdx_quote
+from dcml.client.attestation.verify import (
+    AttestationError,
+    DstackPolicy,
+    MeasurementPolicy,
+    Policy,
+    Reason,
+    verify_attestation,
+)
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.base import TeeError
+from dcml.node.tee.document import build_attestation_document
+from dcml.node.tee.dstack import DstackProvider
 
 
 @pytest.fixture

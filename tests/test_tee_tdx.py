@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from fakes.vectors import TDX, collateral, tdx_quote, ts
 
-from client.attestation import AttestationError, Policy, Reason, verify_attestation
-from client.measurements import parse_tdx_quote
-from node.identity import EnclaveIdentity
-from node.tee.base import TeeError
-from node.tee.document import build_attestation_document
-from node.tee.tdx import ConfigfsOps, TdxProvider
+from dcml.client.attestation.measurements import parse_tdx_quote
+from dcml.client.attestation.verify import AttestationError, Policy, Reason, verify_attestation
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.base import TeeError
+from dcml.node.tee.document import build_attestation_document
+from dcml.node.tee.tdx import ConfigfsOps, TdxProvider
 
 
 class FakeTsmKernel(ConfigfsOps):

@@ -15,16 +15,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.attestation import Policy
-from client.key_broker import AuditLog, KeyBroker, ModelEntry
-from client.key_broker import create_app as create_broker_app
-from client.receipts import Price, ReceiptDomain, parse_sse_stream, verify_signed_receipt
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import load_settings
-from node.identity import EnclaveIdentity
-from node.model_source import filesystem_type
-from node.tee.simulated import SimulatedProvider
+from dcml.client.attestation.verify import Policy
+from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry
+from dcml.client.publisher.key_broker import create_app as create_broker_app
+from dcml.client.wire.receipts import Price, ReceiptDomain, parse_sse_stream, verify_signed_receipt
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.model_source import filesystem_type
+from dcml.node.tee.simulated import SimulatedProvider
 from tests.model_helpers import MODEL_ID, PUBLISHER, make_bundle
 from tests.paid_helpers import PRICE_IN, PRICE_OUT, RawPayer, fund
 from tests.test_key_broker import SIM

@@ -6,8 +6,8 @@ from eth_account.messages import _hash_eip191_message, encode_typed_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.contracts import contract
-from client.voucher import UINT128_MAX, VOUCHER_TYPEHASH, VoucherDomain
+from dcml.client.chain.contracts import contract
+from dcml.client.wire.voucher import UINT128_MAX, VOUCHER_TYPEHASH, VoucherDomain
 
 
 def test_digest_equals_hash_voucher_on_chain(w3, deployment) -> None:
@@ -27,7 +27,7 @@ def test_fast_digest_equals_eth_account_encoder(channel_id: bytes, amount: int, 
 
 
 def test_python_signed_voucher_settles_on_chain(w3, deployment, channels, node_account, session_key) -> None:
-    from node.payments.chain import ChannelChain
+    from dcml.node.payments.chain import ChannelChain
 
     channel_id = channels.open(node_account.address, 10**6, session_key=session_key.address)
     voucher = channels.sign_voucher(session_key, channel_id, 777)

@@ -7,10 +7,10 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.channel import ChannelClient
-from client.deployment import Deployment
-from client.voucher import SECP256K1_N, Voucher, VoucherDomain
-from node.payments.verifier import VoucherRejected, parse_voucher
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.deployment import Deployment
+from dcml.client.wire.voucher import SECP256K1_N, Voucher, VoucherDomain
+from dcml.node.payments.verifier import VoucherRejected, parse_voucher
 from tests.payments_helpers import node_payments
 
 DEPOSIT = 10**18

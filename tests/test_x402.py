@@ -19,8 +19,9 @@ from x402.http.utils import (
 )
 from x402.schemas import PaymentRequired as SdkPaymentRequired
 
-from client.receipts import Price, ReceiptDomain, SignedReceipt, parse_sse_stream, verify_signed_receipt
-from client.x402 import (
+from dcml.client.sdk.x402_channel import ChannelEvmScheme, channel_x402_client
+from dcml.client.wire.receipts import Price, ReceiptDomain, SignedReceipt, parse_sse_stream, verify_signed_receipt
+from dcml.client.wire.x402 import (
     PAYMENT_REQUIRED,
     PAYMENT_RESPONSE,
     PAYMENT_SIGNATURE,
@@ -28,7 +29,6 @@ from client.x402 import (
     PaymentRequired,
     SettlementResponse,
 )
-from client.x402_channel import ChannelEvmScheme, channel_x402_client
 from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, start_paid_node
 
 
@@ -198,7 +198,7 @@ def test_the_sdk_httpx_client_pays_streamed_and_non_streamed_answers(w3, deploym
 def test_receipts_and_acceptances_carry_uints_as_decimal_strings(w3, deployment, payer, node) -> None:
     """Above 2**53 a JSON number is rounded by JavaScript: every uint on the wire is a decimal string, and the
     Python models still read the old integer form (one release)."""
-    from client.receipts import Receipt, SignedAcceptance, receipt_digest
+    from dcml.client.wire.receipts import Receipt, SignedAcceptance, receipt_digest
 
     node.app.state.node.gate.terms_in_force_from[MODEL] = 0  # as if SLA terms were in force: it signs acceptances
     client = RawPayer(w3, deployment, payer, node.url, node.identity.address)
@@ -225,7 +225,9 @@ def test_receipts_and_acceptances_carry_uints_as_decimal_strings(w3, deployment,
 def test_readme_gives_the_eip712_type_strings_the_code_signs() -> None:
     from pathlib import Path
 
-    from client import advert, model_bundle, receipts, registry, voucher
+    from dcml.client.chain import registry
+    from dcml.client.publisher import bundle as model_bundle
+    from dcml.client.wire import advert, receipts, voucher
 
     def type_string(name: str, fields: list[dict]) -> str:
         return f"{name}(" + ",".join(f"{f['type']} {f['name']}" for f in fields) + ")"
@@ -261,8 +263,8 @@ def test_an_offer_with_another_scheme_beside_channel_still_parses() -> None:
 
 
 def test_cli_json_rows_carry_no_json_numbers_for_uints() -> None:
-    from client.disputes import DisputeRow
-    from client.spend_store import StoredChannel
+    from dcml.client.sdk.disputes import DisputeRow
+    from dcml.client.sdk.spend_store import StoredChannel
 
     big = 2**100
     ch = StoredChannel(channel_id="0x" + "1" * 64, node_url="http://n", model="m", model_id="0x" + "2" * 64,

@@ -20,16 +20,23 @@ from x402.mechanisms.evm.batch_settlement.constants import BATCH_SETTLEMENT_ADDR
 from x402.schemas import PaymentRequired as SdkPaymentRequired
 from x402.schemas import PaymentRequirements
 
-from client.contracts import contract
-from client.model_registry import register_model
-from client.receipts import Price, ReceiptDomain, SignedReceipt, model_id_for, parse_sse_stream, verify_signed_receipt
-from client.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE
-from node.api.app import create_app
-from node.api.server import BackgroundServer
-from node.config import load_settings
-from node.engine.synthetic import SyntheticEngine
-from node.identity import EnclaveIdentity
-from node.tee.simulated import SimulatedProvider
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.model_registry import register_model
+from dcml.client.wire.receipts import (
+    Price,
+    ReceiptDomain,
+    SignedReceipt,
+    model_id_for,
+    parse_sse_stream,
+    verify_signed_receipt,
+)
+from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.simulated import SimulatedProvider
 from tests.paid_helpers import PRICE_IN, PRICE_OUT, fund
 
 MODEL = "synthetic-batch"  # its own model id, so its royalty touches no other test's figures
@@ -231,7 +238,7 @@ def test_a_payer_withdrawal_stops_admission_and_is_claimed_at_once(w3, deploymen
     from x402.mechanisms.evm.batch_settlement.facilitator.utils import to_contract_channel_config
     from x402.mechanisms.evm.batch_settlement.types import ChannelConfig
 
-    from client.tx import send
+    from dcml.client.chain.tx import send
     server, _, gate = node
     wallet = Account.from_key(deployment.accounts["client2"].private_key)
     client = x402Client().register(f"eip155:{deployment.chain_id}", BatchSettlementEvmScheme(wallet))

@@ -18,29 +18,29 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from client.receipts import ReceiptDomain, model_id_for
-from node import __version__
-from node.api import attestation, openai, receipts
-from node.api.body_limit import BodyLimitMiddleware
-from node.api.errors import install_error_handlers
-from node.api.metrics import MetricsMiddleware, NodeMetrics
-from node.api.openapi import install_openapi
-from node.api.state import NodeState, node_state
-from node.api.status import status_router
-from node.config import NodeSettings, resolve_receipt_domain
-from node.engine.base import Engine
-from node.identity import EnclaveIdentity
-from node.logging import get_logger
-from node.payments.gate import PaymentGate
-from node.payments.service import Payments, PaymentSettings
-from node.receipts import ReceiptSigner, ReceiptStore
-from node.status import StatusCollector
-from node.tee.base import AttestationProvider
+from dcml.client.wire.receipts import ReceiptDomain, model_id_for
+from dcml.node import __version__
+from dcml.node.api import attestation, openai, receipts
+from dcml.node.api.body_limit import BodyLimitMiddleware
+from dcml.node.api.errors import install_error_handlers
+from dcml.node.api.metrics import MetricsMiddleware, NodeMetrics
+from dcml.node.api.openapi import install_openapi
+from dcml.node.api.state import NodeState, node_state
+from dcml.node.api.status import status_router
+from dcml.node.config import NodeSettings, resolve_receipt_domain
+from dcml.node.engine.base import Engine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.logging import get_logger
+from dcml.node.payments.gate import PaymentGate
+from dcml.node.payments.service import Payments, PaymentSettings
+from dcml.node.receipts.store import ReceiptSigner, ReceiptStore
+from dcml.node.status import StatusCollector
+from dcml.node.tee.base import AttestationProvider
 
 if TYPE_CHECKING:
-    from client.sla import Terms
-    from node.model_source import EncryptedModelSource
-    from node.sla_watcher import SlaWatcher
+    from dcml.client.chain.sla import Terms
+    from dcml.node.model_source import EncryptedModelSource
+    from dcml.node.sla.watcher import SlaWatcher
 
 
 log = get_logger("dcml.node")
@@ -49,7 +49,7 @@ log = get_logger("dcml.node")
 def build_provider(settings: NodeSettings) -> AttestationProvider:
     provider = _tee_provider(settings)
     if settings.tee.gpu.enabled:  # every quote then carries NVML evidence; refuses to start without CC mode
-        from node.tee.gpu import with_gpu_evidence
+        from dcml.node.tee.gpu import with_gpu_evidence
 
         return with_gpu_evidence(provider, settings.tee.gpu)
     return provider
@@ -58,14 +58,14 @@ def build_provider(settings: NodeSettings) -> AttestationProvider:
 def _tee_provider(settings: NodeSettings) -> AttestationProvider:
     tee = settings.tee
     if tee.provider == "simulated":
-        from node.tee.simulated import SimulatedProvider
+        from dcml.node.tee.simulated import SimulatedProvider
 
         return SimulatedProvider()
     if tee.provider == "tdx":
-        from node.tee.tdx import TdxProvider
+        from dcml.node.tee.tdx import TdxProvider
 
         return TdxProvider(**tee.options)  # type: ignore[arg-type]
-    from node.tee.dstack import DstackProvider  # needs dstack-sdk: imported only when chosen
+    from dcml.node.tee.dstack import DstackProvider  # needs dstack-sdk: imported only when chosen
 
     return DstackProvider(**tee.options)  # type: ignore[arg-type]
 
@@ -81,7 +81,7 @@ def build_identity(settings: NodeSettings, provider: AttestationProvider) -> Enc
 def encrypted_source(settings: NodeSettings) -> EncryptedModelSource:
     """`[engine.encrypted]`, with the expected publisher and release read from ModelRegistry when the node
     knows the chain (payments on) and the config does not pin them."""
-    from node.model_source import EncryptedModelSource  # torch: imported only when an encrypted model is used
+    from dcml.node.model_source import EncryptedModelSource  # torch: imported only when an encrypted model is used
 
     enc = settings.engine.encrypted
     assert enc is not None
@@ -89,8 +89,8 @@ def encrypted_source(settings: NodeSettings) -> EncryptedModelSource:
     if settings.payments.enabled and (publisher is None or manifest_hash is None):
         from web3 import Web3
 
-        from client.contracts import contract
-        from client.deployment import Deployment
+        from dcml.client.chain.contracts import contract
+        from dcml.client.chain.deployment import Deployment
 
         dep = Deployment.load(settings.payments.deployment)
         registry = contract(Web3(Web3.HTTPProvider(settings.payments.rpc_url or dep.rpc_url)), "ModelRegistry",
@@ -105,18 +105,18 @@ def encrypted_source(settings: NodeSettings) -> EncryptedModelSource:
 def build_engine(settings: NodeSettings, identity: EnclaveIdentity, provider: AttestationProvider) -> Engine:
     e = settings.engine
     if e.kind == "synthetic":
-        from node.engine.synthetic import SyntheticEngine
+        from dcml.node.engine.synthetic import SyntheticEngine
 
         return SyntheticEngine(model_name=e.served_model_name, **e.options)  # type: ignore[arg-type]
     if e.kind == "openai":
-        from node.engine.openai_upstream import OpenAIUpstreamEngine
+        from dcml.node.engine.openai_upstream import OpenAIUpstreamEngine
 
         if not e.base_url:
             raise ValueError("engine.kind = 'openai' needs engine.base_url (e.g. http://127.0.0.1:8000)")
         api_key = e.api_key.get_secret_value() if e.api_key else None
         tokenizer_dir = e.model_dir
         if e.encrypted is not None:  # clear weights in tmpfs for the vLLM sidecar, never on disk
-            from node.model_source import materialize_to_tmpfs
+            from dcml.node.model_source import materialize_to_tmpfs
 
             if e.encrypted.tmpfs_dir is None:
                 raise ValueError("engine.encrypted with kind = 'openai' needs tmpfs_dir (a tmpfs mount vLLM reads)")
@@ -128,11 +128,11 @@ def build_engine(settings: NodeSettings, identity: EnclaveIdentity, provider: At
         return OpenAIUpstreamEngine(e.base_url, e.served_model_name, api_key=api_key,  # type: ignore[arg-type]
                                     tokenizer_dir=tokenizer_dir, **e.options)
     if e.encrypted is not None:  # decrypted in memory only
-        from node.model_source import encrypted_embedded_engine
+        from dcml.node.model_source import encrypted_embedded_engine
 
         return encrypted_embedded_engine(encrypted_source(settings), identity, provider, node_version=__version__,
                                          model_name=e.served_model_name, **e.options)  # type: ignore[arg-type]
-    from node.engine.embedded import EmbeddedEngine  # torch: imported only when chosen
+    from dcml.node.engine.embedded import EmbeddedEngine  # torch: imported only when chosen
 
     if e.model_dir is None or not e.model_dir.is_dir():
         raise ValueError(f"engine.model_dir {e.model_dir} is not a directory; build the demo model or set "
@@ -145,7 +145,7 @@ def supervised_vllm(settings: NodeSettings, model_dir: Path | None, api_key: str
     loaded) at base_url's loopback port."""
     from urllib.parse import urlsplit
 
-    from node.engine.vllm_server import SupervisedVLLMEngine, VLLMServer
+    from dcml.node.engine.vllm_server import SupervisedVLLMEngine, VLLMServer
 
     e, v = settings.engine, settings.engine.vllm
     assert v is not None and e.base_url
@@ -181,7 +181,7 @@ def build_gate(settings: NodeSettings, identity: EnclaveIdentity, engine: Engine
 async def check_sla_terms(settings: NodeSettings, engine: Engine) -> Terms:
     """Benchmark the (started) engine against `[sla]`: raise `TermsUnmet` if it cannot meet them and
     `on_unmet = "refuse"`, warn loudly if "warn". Returns the terms to publish."""
-    from node.sla_terms import TermsUnmet, measure, terms_from_config, unmet
+    from dcml.node.sla.terms import TermsUnmet, measure, terms_from_config, unmet
 
     sla = settings.sla
     terms = terms_from_config(sla)
@@ -206,10 +206,10 @@ def start_sla_court(settings: NodeSettings, identity: EnclaveIdentity, store: Re
     from eth_account import Account
     from web3 import Web3
 
-    from client.deployment import Deployment
-    from client.sla import SLACourtClient
-    from node.sla_terms import publish_terms_if_changed
-    from node.sla_watcher import DISPUTE_LOOKBACK_S, SlaWatcher, first_block_since
+    from dcml.client.chain.deployment import Deployment
+    from dcml.client.chain.sla import SLACourtClient
+    from dcml.node.sla.terms import publish_terms_if_changed
+    from dcml.node.sla.watcher import DISPUTE_LOOKBACK_S, SlaWatcher, first_block_since
 
     dep = Deployment.load(settings.payments.deployment)
     if not dep.sla_court:
@@ -266,7 +266,9 @@ def create_app(
     gate = build_gate(settings, identity, engine, domain, model_id, store) if settings.payments.enabled else None
     presence = None
     if settings.registry.enabled or settings.p2p.enabled:
-        from node.network import NodePresence  # libp2p: imported only when the node joins the network
+        from dcml.node.network.presence import (
+            NodePresence,  # libp2p: imported only when the dcml.node joins the network
+        )
 
         presence = NodePresence(settings, identity, provider, model_id=model_id,
                                 price=settings.payments.prices.get(engine.model_name))

@@ -7,10 +7,10 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from client.identity import NONCE_LEN
-from node.api.errors import BadRequest
-from node.api.state import node_state
-from node.tee.document import build_attestation_document
+from dcml.client.wire.identity import NONCE_LEN
+from dcml.node.api.errors import BadRequest
+from dcml.node.api.state import node_state
+from dcml.node.tee.document import build_attestation_document
 
 router = APIRouter()
 

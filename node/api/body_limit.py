@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from node.api.errors import PayloadTooLarge, error_response
+from dcml.node.api.errors import PayloadTooLarge, error_response
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

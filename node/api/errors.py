@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from node.logging import get_logger
+from dcml.node.logging import get_logger
 
 log = get_logger("dcml.api")
 

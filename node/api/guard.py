@@ -18,7 +18,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from node.config import ServerConfig
+from dcml.node.config import ServerConfig
 
 
 class GuardedHttpTools(HttpToolsProtocol):

@@ -22,8 +22,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
-from client.e2e import SEALED_CONTENT_TYPE, ResponseKey
-from client.receipts import (
+from dcml.client.wire.e2e import SEALED_CONTENT_TYPE, ResponseKey
+from dcml.client.wire.receipts import (
     RECEIPT_EVENT,
     RECEIPT_HEADER,
     RECEIPT_ID_HEADER,
@@ -31,8 +31,8 @@ from client.receipts import (
     request_hash,
     response_hash,
 )
-from client.x402 import ACCEPTANCE_HEADER, NEED_VOUCHER_EVENT, PAYMENT_TIMEOUT_EVENT
-from node.api.errors import (
+from dcml.client.wire.x402 import ACCEPTANCE_HEADER, NEED_VOUCHER_EVENT, PAYMENT_TIMEOUT_EVENT
+from dcml.node.api.errors import (
     APIError,
     BadRequest,
     ModelNotFound,
@@ -43,11 +43,11 @@ from node.api.errors import (
     error_body,
     internal_error,
 )
-from node.api.protocol import ChatCompletionRequest, CompletionRequest
-from node.api.sealing import OpenedBody, open_body
-from node.api.sse import DONE, SSE_HEADERS, data_event, named_event
-from node.api.state import NodeState, node_state
-from node.engine.base import (
+from dcml.node.api.protocol import ChatCompletionRequest, CompletionRequest
+from dcml.node.api.sealing import OpenedBody, open_body
+from dcml.node.api.sse import DONE, SSE_HEADERS, data_event, named_event
+from dcml.node.api.state import NodeState, node_state
+from dcml.node.engine.base import (
     EngineFailed,
     EngineOverloaded,
     EngineRejected,
@@ -56,9 +56,9 @@ from node.engine.base import (
     SamplingParams,
     TokenChunk,
 )
-from node.logging import get_logger
-from node.payments.gate import PaidRequest
-from node.receipts import Metering, new_receipt_id
+from dcml.node.logging import get_logger
+from dcml.node.payments.gate import PaidRequest
+from dcml.node.receipts.store import Metering, new_receipt_id
 
 log = get_logger("dcml.api")
 router = APIRouter()

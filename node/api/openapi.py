@@ -15,9 +15,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from client.e2e import SEALED_CONTENT_TYPE
-from client.receipts import SignedReceipt
-from node.api.protocol import ChatCompletionRequest, CompletionRequest
+from dcml.client.wire.e2e import SEALED_CONTENT_TYPE
+from dcml.client.wire.receipts import SignedReceipt
+from dcml.node.api.protocol import ChatCompletionRequest, CompletionRequest
 
 _REF = "#/components/schemas/{model}"
 _ERROR = {"$ref": "#/components/schemas/Error"}

@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from client.access import AUTH_HEADER, receipts_resource, recover_auth
-from node.api.errors import APIError, BadRequest, NotFound
-from node.api.state import node_state
-from node.payments.access import payer_may_read
+from dcml.client.wire.access import AUTH_HEADER, receipts_resource, recover_auth
+from dcml.node.api.errors import APIError, BadRequest, NotFound
+from dcml.node.api.state import node_state
+from dcml.node.payments.access import payer_may_read
 
 router = APIRouter()
 

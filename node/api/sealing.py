@@ -16,9 +16,17 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from client.e2e import SALT_HEADER, SEALED_CONTENT_TYPE, SEALED_HEADER, E2EError, E2EReason, ResponseKey, open_request
-from node.api.errors import BadRequest
-from node.identity import EnclaveIdentity
+from dcml.client.wire.e2e import (
+    SALT_HEADER,
+    SEALED_CONTENT_TYPE,
+    SEALED_HEADER,
+    E2EError,
+    E2EReason,
+    ResponseKey,
+    open_request,
+)
+from dcml.node.api.errors import BadRequest
+from dcml.node.identity import EnclaveIdentity
 
 SEALED_RESPONSE_HEADERS = {SEALED_HEADER: "1"}
 

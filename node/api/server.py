@@ -9,8 +9,8 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
-from node.api.guard import GuardedHttpTools
-from node.config import ServerConfig
+from dcml.node.api.guard import GuardedHttpTools
+from dcml.node.config import ServerConfig
 
 
 def uvicorn_config(app: FastAPI, *, host: str, port: int, graceful_shutdown_s: float,

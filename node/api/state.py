@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from node.api.metrics import NodeMetrics
-from node.api.sealing import ReplayCache
-from node.config import NodeSettings
-from node.engine.base import Engine
-from node.identity import EnclaveIdentity
-from node.payments.gate import PaymentGate
-from node.receipts import ReceiptSigner, ReceiptStore
-from node.tee.base import AttestationProvider
+from dcml.node.api.metrics import NodeMetrics
+from dcml.node.api.sealing import ReplayCache
+from dcml.node.config import NodeSettings
+from dcml.node.engine.base import Engine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.payments.gate import PaymentGate
+from dcml.node.receipts.store import ReceiptSigner, ReceiptStore
+from dcml.node.tee.base import AttestationProvider
 
 
 @dataclass

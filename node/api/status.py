@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from node.status import StatusCollector
+from dcml.node.status import StatusCollector
 
 COOKIE = "dcml_status"
 ASSETS = Path(__file__).parent / "status_assets"

@@ -1,6 +1,6 @@
 """Build the tiny demo model shipped in models/demo: a real Llama-architecture checkpoint, trained on CPU.
 
-    python -m node.engine.demo_model --out models/demo [--train-seconds 300]
+    python -m dcml.node.engine.demo_model --out models/demo [--train-seconds 300]
 
 It exists so the node, its tests and its benchmarks run the same loading and inference code a real
 checkpoint uses (AutoModelForCausalLM / AutoTokenizer from a directory) without any download.

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
+from dcml.node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
 
 _DETOK_CONTEXT = 5  # prompt tokens used as left context so the first output token decodes with its space
 

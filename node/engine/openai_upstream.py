@@ -49,7 +49,7 @@ from typing import Any
 
 import httpx
 
-from node.engine.base import (
+from dcml.node.engine.base import (
     EngineFailed,
     EngineOverloaded,
     EngineRejected,
@@ -57,7 +57,7 @@ from node.engine.base import (
     GenerationRequest,
     TokenChunk,
 )
-from node.logging import get_logger
+from dcml.node.logging import get_logger
 
 log = get_logger("dcml.engine")
 

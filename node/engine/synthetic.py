@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
+from dcml.node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
 
 _WORDS = (
     "the of and to in is that for it as with was on be by this are or at from his an which have not they "

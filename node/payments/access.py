@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.payments.chain import ChannelChain, UnknownChannel
+from dcml.node.payments.chain import ChannelChain, UnknownChannel
 
 
 def payer_may_read(chain: ChannelChain, channel_id: str, signer: str | None) -> bool:

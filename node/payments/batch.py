@@ -52,8 +52,8 @@ from x402.mechanisms.evm.batch_settlement.utils import coerce_bytes32, get_batch
 from x402.mechanisms.evm.signers import FacilitatorWeb3Signer
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
-from client.contracts import contract
-from node.payments.ledger import Ledger
+from dcml.client.chain.contracts import contract
+from dcml.node.payments.ledger import Ledger
 
 log = logging.getLogger("dcml.batch_settlement")
 

@@ -11,10 +11,10 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.types import TxReceipt
 
-from client.channel import ChannelBook, ChannelState, UnknownChannel, read_state
-from client.contracts import contract
-from client.deployment import Deployment
-from client.tx import send
+from dcml.client.chain.channel import ChannelBook, ChannelState, UnknownChannel, read_state
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.deployment import Deployment
+from dcml.client.chain.tx import send
 
 ERC1271_MAGIC = bytes.fromhex("1626ba7e")
 _ERC1271_ABI = [

@@ -36,11 +36,11 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from web3 import Web3
 
-from client import safejson
-from client.channel import ChannelState
-from client.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
-from client.voucher import Voucher
-from client.x402 import (
+from dcml.client.chain.channel import ChannelState
+from dcml.client.wire import safejson
+from dcml.client.wire.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
+from dcml.client.wire.voucher import Voucher
+from dcml.client.wire.x402 import (
     ACCEPTANCE_HEADER,
     MAX_HEADER_BYTES,
     PAYMENT_REQUIRED,
@@ -58,11 +58,11 @@ from client.x402 import (
     SettlementResponse,
     parse_payment,
 )
-from node.api.errors import APIError, internal_error
-from node.config import PaymentsConfig
-from node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, ReleaseOp, VoucherOp
-from node.payments.service import Payments, payments_router
-from node.payments.verifier import VoucherRejected
+from dcml.node.api.errors import APIError, internal_error
+from dcml.node.config import PaymentsConfig
+from dcml.node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, ReleaseOp, VoucherOp
+from dcml.node.payments.service import Payments, payments_router
+from dcml.node.payments.verifier import VoucherRejected
 
 
 class PaymentNeeded(APIError):
@@ -80,7 +80,7 @@ class PaymentMalformed(PaymentNeeded):
 
 
 if TYPE_CHECKING:
-    from node.payments.batch import BatchSettlement
+    from dcml.node.payments.batch import BatchSettlement
 
 log = logging.getLogger("dcml.payments")
 
@@ -197,7 +197,7 @@ class PaymentGate:
 
     def _start_batch(self, payments: Payments, config: PaymentsConfig) -> None:
         try:  # the x402 SDK is an optional dependency (the `x402` extra)
-            from node.payments.batch import BatchSettlement
+            from dcml.node.payments.batch import BatchSettlement
         except ImportError:
             log.warning("batch-settlement is deployed but the x402 package is missing (pip install 'dcml[x402]'): "
                         "only the channel scheme is offered")
@@ -278,7 +278,7 @@ class PaymentGate:
             raise needed("payment_required", "this request must be paid: open a channel to payTo and send a "
                          f"PaymentPayload with a voucher in the {PAYMENT_SIGNATURE} header")
         if self.batch is not None:
-            from node.payments.batch import parse_batch_payment
+            from dcml.node.payments.batch import parse_batch_payment
 
             try:
                 batch_payment = parse_batch_payment(_decode(header))
@@ -354,7 +354,7 @@ class PaymentGate:
                            stream: bool, accepted_at: float | None) -> PaidRequest:
         """Admit a batch-settlement payment: the SDK's facilitator verifies it (and submits a deposit), then the
         voucher's ceiling must cover what was served plus this request's worst case; charged per token as below."""
-        from node.payments.batch import BatchRejected
+        from dcml.node.payments.batch import BatchRejected
 
         assert self.batch is not None and self.batch_writer is not None
         terms = self.terms(model)

@@ -1,7 +1,7 @@
 """The node's payment side wired together: chain reader, verifier, ledger and settlement worker,
 plus the HTTP route clients post vouchers to (`POST /v1/payments/vouchers`).
 
-`python -m node.payments.service` runs it as its own process (used by the crash tests); the node
+`python -m dcml.node.payments.service` runs it as its own process (used by the crash tests); the node
 daemon mounts the same router.
 """
 
@@ -22,15 +22,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from web3 import Web3
 
-from client import safejson
-from client.access import AUTH_HEADER, channel_resource, recover_auth
-from client.deployment import Deployment
-from client.voucher import Voucher, VoucherDomain
-from node.payments.access import payer_may_read
-from node.payments.chain import ChannelChain
-from node.payments.ledger import ChannelBalance, Ledger
-from node.payments.settlement import SettlementWorker
-from node.payments.verifier import VoucherRejected, VoucherVerifier, parse_voucher
+from dcml.client.chain.deployment import Deployment
+from dcml.client.wire import safejson
+from dcml.client.wire.access import AUTH_HEADER, channel_resource, recover_auth
+from dcml.client.wire.voucher import Voucher, VoucherDomain
+from dcml.node.payments.access import payer_may_read
+from dcml.node.payments.chain import ChannelChain
+from dcml.node.payments.ledger import ChannelBalance, Ledger
+from dcml.node.payments.settlement import SettlementWorker
+from dcml.node.payments.verifier import VoucherRejected, VoucherVerifier, parse_voucher
 
 log = logging.getLogger("dcml.payments")
 MAX_VOUCHER_BODY = 4096  # bytes; a voucher is ~300

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from eth_account.signers.local import LocalAccount
 
-from node.payments.chain import ChannelChain
-from node.payments.ledger import ChannelBalance, Ledger
+from dcml.node.payments.chain import ChannelChain
+from dcml.node.payments.ledger import ChannelBalance, Ledger
 
 log = logging.getLogger("dcml.settlement")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from client.channel import ChannelState
-from client.voucher import MalformedVoucher, Voucher, VoucherDomain, recover_digest_signer
-from node.payments.chain import ChannelChain, UnknownChannel
-from node.payments.ledger import ChannelBalance, Ledger, LedgerConflict
+from dcml.client.chain.channel import ChannelState
+from dcml.client.wire.voucher import MalformedVoucher, Voucher, VoucherDomain, recover_digest_signer
+from dcml.node.payments.chain import ChannelChain, UnknownChannel
+from dcml.node.payments.ledger import ChannelBalance, Ledger, LedgerConflict
 
 
 class VoucherRejected(Exception):

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from client.measurements import expected_mr_config_id
+from dcml.client.attestation.measurements import expected_mr_config_id
 
 PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
 DIGEST = re.compile(r"^[\w./:-]+@sha256:[0-9a-f]{64}$")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from client.attestation import AttestationDocument
-from client.identity import NONCE_LEN
-from client.measurements import parse_tdx_quote
-from node.identity import EnclaveIdentity
-from node.tee.base import AttestationProvider
+from dcml.client.attestation.measurements import parse_tdx_quote
+from dcml.client.attestation.verify import AttestationDocument
+from dcml.client.wire.identity import NONCE_LEN
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.base import AttestationProvider
 
 
 def build_attestation_document(

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from dstack_sdk import DstackClient
 
-from node.tee.base import Evidence, TeeError, check_report_data
+from dcml.node.tee.base import Evidence, TeeError, check_report_data
 
 DEFAULT_ENDPOINT = "/var/run/dstack.sock"
 IDENTITY_KEY_PATH = "dcml/identity/v1"

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from client.gpu_evidence import (
+from dcml.client.attestation.gpu import (
     MAX_RIM_BYTES,
     GpuEvidenceError,
     Revocation,
@@ -31,7 +31,7 @@ from client.gpu_evidence import (
     parse_report,
     verify_rim,
 )
-from node.tee.base import AttestationProvider, Evidence, TeeError
+from dcml.node.tee.base import AttestationProvider, Evidence, TeeError
 
 RIM_SUFFIXES = (".swidtag", ".xml")
 RIM_SERVICE = "https://rim.attestation.nvidia.com"  # NVIDIA's RIM service: GET /v1/rim/{id} -> {"rim": base64}

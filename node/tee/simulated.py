@@ -6,8 +6,8 @@ import logging
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.measurements import build_simulated_quote, dev_signer
-from node.tee.base import Evidence, check_report_data
+from dcml.client.attestation.measurements import build_simulated_quote, dev_signer
+from dcml.node.tee.base import Evidence, check_report_data
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import os
 import uuid
 from pathlib import Path
 
-from node.tee.base import Evidence, TeeError, check_report_data
+from dcml.node.tee.base import Evidence, TeeError, check_report_data
 
 DEFAULT_ROOT = "/sys/kernel/config/tsm/report"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from client.tx import send
+from dcml.client.chain.tx import send
 
 ABI = [{'type': 'constructor',
   'inputs': [{'name': 'owner_', 'type': 'address', 'internalType': 'address'}],

@@ -18,8 +18,8 @@ from lxml import etree
 from signxml import CanonicalizationMethod, SignatureMethod, XMLSigner, methods
 from signxml.algorithms import DigestAlgorithm
 
-from client.gpu_evidence import RIM_HASH_NS, SWID_NS
-from node.tee.gpu import GpuReport
+from dcml.client.attestation.gpu import RIM_HASH_NS, SWID_NS
+from dcml.node.tee.gpu import GpuReport
 
 DRIVER = "550.54.15"
 VBIOS = bytes([0x00, 0x9F, 0x00, 0x96, 0x01])  # reads 96.00.9F.00.01

@@ -1,0 +1,1 @@
+"""Chain access: deployment, devnet, contract clients (channels, registries, SLA court) and transactions."""

@@ -1,0 +1,438 @@
+"""The on-chain NodeRegistry: its EIP-712 wire format, the attestation hash, and a reading client.
+
+Signed types, defined here once and used by the node (to sign) and by clients (to check), exactly as
+`contracts/src/NodeRegistry.sol` hashes them, under the domain
+`{name: "NodeRegistry", version: "1", chainId, verifyingContract: registry}`:
+
+    Registration(address node,address operator,string endpoint,bytes peerId,bytes hpkePublicKey,
+                 bytes32 attestationHash,uint8 teeType,bytes32 epoch,uint256 deadline)
+    Reattestation(address node,string endpoint,bytes peerId,bytes32 attestationHash,bytes32 epoch,
+                  uint256 deadline)
+
+`node` is the enclave signing address, which signs both. `epoch` is the registry's `currentEpoch()`
+(or the previous one) and is also the nonce half of the quote's report_data, so the attestation
+behind `attestationHash` was produced after that epoch started.
+
+Attestation hash (`attestation_hash`): sha256(b"dcml-attestation-v1" || canonical JSON) where the
+canonical JSON is the object {hpke_public_key, nonce, quote, signing_address, tee_type} with sorted
+keys, no whitespace, hex in lower case without 0x, the address lower case with 0x. Those are the
+fields a verifier trusts (the quote) or checks against the quote (keys, nonce, TEE type); the rest of
+the document (measurements, report_data copies, version) is informational and re-derived from the
+quote. A client checks that an advert's attestation hash equals the registry's and that the
+document with that hash verifies (`RegistryClient.check_attestation`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import IntEnum
+from typing import Any
+
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+from pydantic import BaseModel, ConfigDict, Field
+from web3 import Web3
+from web3.contract import Contract
+from web3.types import TxReceipt
+
+from dcml.client.attestation.verify import AttestationDocument
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.tx import TransactionFailed, send
+from dcml.client.wire.identity import HPKE_PUBLIC_KEY_LEN
+from dcml.client.wire.voucher import recover_digest_signer
+
+DOMAIN_NAME = "NodeRegistry"
+DOMAIN_VERSION = "1"
+ATTESTATION_HASH_DOMAIN = b"dcml-attestation-v1"
+ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
+
+# TEE type labels, as the contract numbers them.
+TEE_TYPES: dict[str, int] = {"tdx": 1, "dstack": 2, "simulated": 3}
+TEE_NAMES: dict[int, str] = {v: k for k, v in TEE_TYPES.items()}
+
+EIP712_TYPES: dict[str, list[dict[str, str]]] = {
+    "EIP712Domain": [
+        {"name": "name", "type": "string"},
+        {"name": "version", "type": "string"},
+        {"name": "chainId", "type": "uint256"},
+        {"name": "verifyingContract", "type": "address"},
+    ],
+    "Registration": [
+        {"name": "node", "type": "address"},
+        {"name": "operator", "type": "address"},
+        {"name": "endpoint", "type": "string"},
+        {"name": "peerId", "type": "bytes"},
+        {"name": "hpkePublicKey", "type": "bytes"},
+        {"name": "attestationHash", "type": "bytes32"},
+        {"name": "teeType", "type": "uint8"},
+        {"name": "epoch", "type": "bytes32"},
+        {"name": "deadline", "type": "uint256"},
+    ],
+    "Reattestation": [
+        {"name": "node", "type": "address"},
+        {"name": "endpoint", "type": "string"},
+        {"name": "peerId", "type": "bytes"},
+        {"name": "attestationHash", "type": "bytes32"},
+        {"name": "epoch", "type": "bytes32"},
+        {"name": "deadline", "type": "uint256"},
+    ],
+}
+
+# What each of the contract's custom errors means for the caller (shown with the error's name).
+_HINTS: dict[str, str] = {
+    "InvalidSignature": "the message must be signed by the node's enclave key (the `node` address)",
+    "NotOperator": "only the operator named in the registration (the node's operator) may do this",
+    "StaleEpoch": "the epoch is neither the registry's current nor previous one: read currentEpoch() and sign again",
+    "EpochNotNewer": "the node already attested in a later epoch",
+    "SignatureReused": "this signed message was already used: sign a new one",
+    "SignatureExpired": "the signature's deadline has passed: sign again",
+    "StakeBelowMinimum": "the stake is below the registry's minStake()",
+    "AlreadyRegistered": "the node is registered (or exiting): re-attest instead, or withdraw first",
+    "NotActive": "the node is not registered and active",
+    "NotExiting": "requestExit first",
+    "UnbondingActive": "the unbonding delay has not passed yet",
+    "InvalidHpkeKey": f"the HPKE public key must be {HPKE_PUBLIC_KEY_LEN} bytes (ML-KEM-768 || X25519)",
+    "EpochNotOver": "the current epoch is not over yet",
+}
+
+
+class RegistryError(RuntimeError):
+    """A registry call was refused; `reason` is the contract's custom error name when there is one."""
+
+    def __init__(self, action: str, reason: str, hint: str = "") -> None:
+        super().__init__(f"registry refused {action}: {reason}" + (f" ({hint})" if hint else ""))
+        self.action = action
+        self.reason = reason
+
+
+class NodeStatus(IntEnum):
+    NONE = 0
+    ACTIVE = 1
+    EXITING = 2
+    WITHDRAWN = 3
+
+
+# --- the attestation hash ---------------------------------------------------------------------
+
+
+def _lower_hex(value: str) -> str:
+    return value.lower().removeprefix("0x")
+
+
+def attestation_hash(document: AttestationDocument) -> bytes:
+    """sha256(b"dcml-attestation-v1" || canonical JSON of the trusted fields) — see the module doc."""
+    canonical = {
+        "hpke_public_key": _lower_hex(document.hpke_public_key),
+        "nonce": _lower_hex(document.nonce),
+        "quote": _lower_hex(document.quote),
+        "signing_address": document.signing_address.lower(),
+        "tee_type": document.tee_type,
+    }
+    body = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(ATTESTATION_HASH_DOMAIN + body).digest()
+
+
+# --- the signed messages ----------------------------------------------------------------------
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    endpoint: str = Field(min_length=1, max_length=256)
+    peer_id: bytes = Field(min_length=1, max_length=128)
+    attestation_hash: bytes = Field(min_length=32, max_length=32)
+    epoch: bytes = Field(min_length=32, max_length=32)
+    deadline: int = Field(ge=0)
+
+
+class Registration(_Message):
+    """What a node signs to be registered by `operator` (field order = the EIP-712 type)."""
+
+    operator: str
+    hpke_public_key: bytes = Field(min_length=HPKE_PUBLIC_KEY_LEN, max_length=HPKE_PUBLIC_KEY_LEN)
+    tee_type: int = Field(ge=1, le=255)
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "node": to_checksum_address(self.node),
+            "operator": to_checksum_address(self.operator),
+            "endpoint": self.endpoint,
+            "peerId": self.peer_id,
+            "hpkePublicKey": self.hpke_public_key,
+            "attestationHash": self.attestation_hash,
+            "teeType": self.tee_type,
+            "epoch": self.epoch,
+            "deadline": self.deadline,
+        }
+
+    def as_tuple(self) -> tuple:
+        """The `NodeRegistry.Registration` struct as the contract call takes it."""
+        return tuple(self.message().values())
+
+
+class Reattestation(_Message):
+    """What a registered node signs to refresh its attestation (and its endpoint and peer id)."""
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "node": to_checksum_address(self.node),
+            "endpoint": self.endpoint,
+            "peerId": self.peer_id,
+            "attestationHash": self.attestation_hash,
+            "epoch": self.epoch,
+            "deadline": self.deadline,
+        }
+
+    def as_tuple(self) -> tuple:
+        return tuple(self.message().values())
+
+
+class RegistryDomain(BaseModel):
+    """Which registry on which chain a message is for."""
+
+    model_config = ConfigDict(frozen=True)
+
+    chain_id: int
+    registry: str
+
+    def typed_data(self, message: Registration | Reattestation) -> dict[str, Any]:
+        primary = type(message).__name__
+        return {
+            "types": {"EIP712Domain": EIP712_TYPES["EIP712Domain"], primary: EIP712_TYPES[primary]},
+            "primaryType": primary,
+            "domain": {
+                "name": DOMAIN_NAME,
+                "version": DOMAIN_VERSION,
+                "chainId": self.chain_id,
+                "verifyingContract": to_checksum_address(self.registry),
+            },
+            "message": message.message(),
+        }
+
+    def digest(self, message: Registration | Reattestation) -> bytes:
+        signable = encode_typed_data(full_message=self.typed_data(message))
+        return Web3.keccak(b"\x19" + signable.version + signable.header + signable.body)
+
+    def sign(self, signer: LocalAccount, message: Registration | Reattestation) -> bytes:
+        """65-byte signature; the signer must be the enclave key at `message.node` to be accepted."""
+        return bytes(signer.sign_message(encode_typed_data(full_message=self.typed_data(message))).signature)
+
+    def recover(self, message: Registration | Reattestation, signature: bytes) -> str:
+        """The checksummed address that signed `message` under this domain."""
+        return to_checksum_address(recover_digest_signer(self.digest(message), signature))
+
+
+# --- records and events -----------------------------------------------------------------------
+
+
+class NodeRecord(BaseModel):
+    """A node as the registry holds it (`getNode`), plus the deployment-wide stake token."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    operator: str
+    tee_type: int
+    status: NodeStatus
+    registered_at: int
+    attested_at: int
+    epoch_index: int
+    unbonding_ends_at: int
+    stake: int
+    slashed: int
+    attestation_hash: bytes
+    epoch: bytes
+    endpoint: str
+    peer_id: bytes
+    hpke_public_key: bytes
+    stake_token: str
+
+    @property
+    def tee_name(self) -> str:
+        return TEE_NAMES.get(self.tee_type, f"unknown({self.tee_type})")
+
+    @classmethod
+    def from_chain(cls, node: str, raw: tuple, stake_token: str) -> NodeRecord:
+        (operator, tee_type, status, registered_at, attested_at, epoch_index, unbonding_ends_at, stake, slashed,
+         att_hash, epoch, endpoint, peer_id, hpke) = raw
+        return cls(
+            node=to_checksum_address(node), operator=to_checksum_address(operator), tee_type=tee_type,
+            status=NodeStatus(status), registered_at=registered_at, attested_at=attested_at,
+            epoch_index=epoch_index, unbonding_ends_at=unbonding_ends_at, stake=stake, slashed=slashed,
+            attestation_hash=bytes(att_hash), epoch=bytes(epoch), endpoint=endpoint, peer_id=bytes(peer_id),
+            hpke_public_key=bytes(hpke), stake_token=to_checksum_address(stake_token),
+        )
+
+
+class RegistryEvent(BaseModel):
+    """One registry log: its name, block, transaction and decoded arguments."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    block_number: int
+    tx_hash: str
+    log_index: int
+    args: dict[str, Any]
+
+
+EVENT_NAMES = (
+    "NodeRegistered", "NodeReattested", "StakeAdded", "ExitRequested", "StakeWithdrawn", "Slashed",
+    "SlasherSet", "EpochAdvanced",
+)
+
+
+class EpochInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    value: bytes
+    previous: bytes
+    started_at: int
+    next_at: int
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+class RegistryClient:
+    """Reads the registry (nodes, epochs, events) and sends its transactions with readable errors."""
+
+    def __init__(self, w3: Web3, address: str) -> None:
+        self.w3 = w3
+        self.contract: Contract = contract(w3, "NodeRegistry", address)
+        self.address = self.contract.address
+        self._stake_token: str | None = None
+
+    # reads
+
+    @property
+    def domain(self) -> RegistryDomain:
+        return RegistryDomain(chain_id=self.w3.eth.chain_id, registry=self.address)
+
+    @property
+    def stake_token(self) -> str:
+        if self._stake_token is None:
+            self._stake_token = to_checksum_address(self.contract.functions.stakeToken().call())
+        return self._stake_token
+
+    def min_stake(self) -> int:
+        return self.contract.functions.minStake().call()
+
+    def unbonding_delay(self) -> int:
+        return self.contract.functions.unbondingDelay().call()
+
+    def current_epoch(self) -> bytes:
+        return bytes(self.contract.functions.currentEpoch().call())
+
+    def epoch(self) -> EpochInfo:
+        f = self.contract.functions
+        return EpochInfo(
+            index=f.epochIndex().call(), value=bytes(f.currentEpoch().call()),
+            previous=bytes(f.previousEpoch().call()), started_at=f.epochStartedAt().call(),
+            next_at=f.nextEpochAt().call(),
+        )
+
+    def node(self, address: str) -> NodeRecord | None:
+        """The record of `address`, or None if it never registered."""
+        raw = self.contract.functions.getNode(to_checksum_address(address)).call()
+        record = NodeRecord.from_chain(address, raw, self.stake_token)
+        return None if record.status == NodeStatus.NONE else record
+
+    def is_active(self, address: str) -> bool:
+        return self.contract.functions.isActive(to_checksum_address(address)).call()
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every node that ever registered, in registration order (any status)."""
+        f = self.contract.functions
+        out = []
+        for i in range(f.nodeCount().call()):
+            record = self.node(f.nodeAt(i).call())
+            if record is not None:
+                out.append(record)
+        return out
+
+    def events(self, from_block: int = 0, to_block: int | str = "latest") -> list[RegistryEvent]:
+        """Every registry event in the block range, in chain order."""
+        logs = self.w3.eth.get_logs({"address": self.address, "fromBlock": from_block, "toBlock": to_block})
+        out = []
+        for log in logs:
+            for name in EVENT_NAMES:
+                try:
+                    decoded = getattr(self.contract.events, name)().process_log(log)
+                except Exception:  # not this event's topic
+                    continue
+                out.append(RegistryEvent(
+                    name=name, block_number=log["blockNumber"], tx_hash="0x" + bytes(log["transactionHash"]).hex(),
+                    log_index=log["logIndex"], args=dict(decoded["args"]),
+                ))
+                break
+        return out
+
+    def check_attestation(self, node: str, document: AttestationDocument) -> NodeRecord:
+        """The record of an active node whose registered attestation hash is this document's.
+
+        Verifying the document itself (quote, policy, report_data against `record.epoch`) is the
+        caller's job, with client.attestation.verify_attestation.
+        """
+        record = self.node(node)
+        if record is None or not self.is_active(node):
+            raise RegistryError("attestation check", "NotActive", f"{node} is not an active registered node")
+        if attestation_hash(document) != record.attestation_hash:
+            raise RegistryError("attestation check", "AttestationHashMismatch",
+                                "the document is not the one the node registered; fetch its current attestation")
+        if bytes.fromhex(_lower_hex(document.nonce)) != record.epoch:
+            raise RegistryError("attestation check", "EpochMismatch",
+                                "the document's nonce is not the registered epoch")
+        return record
+
+    # writes
+
+    def _send(self, account: LocalAccount, fn: Any, *, value: int = 0, action: str) -> TxReceipt:
+        try:
+            return send(self.w3, account, fn, value=value, action=action)
+        except TransactionFailed as exc:
+            raise RegistryError(action, exc.reason, _HINTS.get(exc.reason, "")) from exc
+
+    def register(self, operator: LocalAccount, registration: Registration, signature: bytes, stake: int) -> TxReceipt:
+        """Registers the node with `stake` (approving an ERC-20 stake first when needed)."""
+        if to_checksum_address(registration.operator) != operator.address:
+            raise RegistryError("register", "NotOperator", _HINTS["NotOperator"])
+        value = stake
+        if self.stake_token != ZERO_ADDRESS:
+            value = 0
+            self._ensure_allowance(operator, stake)
+        return self._send(operator, self.contract.functions.register(registration.as_tuple(), stake, signature),
+                          value=value, action="register")
+
+    def reattest(self, sender: LocalAccount, reattestation: Reattestation, signature: bytes) -> TxReceipt:
+        fn = self.contract.functions.reattest(reattestation.as_tuple(), signature)
+        return self._send(sender, fn, action="reattest")
+
+    def advance_epoch(self, sender: LocalAccount) -> TxReceipt:
+        return self._send(sender, self.contract.functions.advanceEpoch(), action="advanceEpoch")
+
+    def add_stake(self, operator: LocalAccount, node: str, amount: int) -> TxReceipt:
+        value = amount
+        if self.stake_token != ZERO_ADDRESS:
+            value = 0
+            self._ensure_allowance(operator, amount)
+        fn = self.contract.functions.addStake(to_checksum_address(node), amount)
+        return self._send(operator, fn, value=value, action="addStake")
+
+    def request_exit(self, operator: LocalAccount, node: str) -> TxReceipt:
+        fn = self.contract.functions.requestExit(to_checksum_address(node))
+        return self._send(operator, fn, action="requestExit")
+
+    def withdraw_stake(self, operator: LocalAccount, node: str) -> TxReceipt:
+        fn = self.contract.functions.withdrawStake(to_checksum_address(node))
+        return self._send(operator, fn, action="withdrawStake")
+
+    def _ensure_allowance(self, owner: LocalAccount, amount: int) -> None:
+        token = contract(self.w3, "TestToken", self.stake_token)  # any ERC-20 ABI will do
+        if token.functions.allowance(owner.address, self.address).call() < amount:
+            self._send(owner, token.functions.approve(self.address, amount), action="approve stake")
+

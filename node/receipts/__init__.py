@@ -1,0 +1,1 @@
+"""Proof-of-Response receipts: signing and the durable store."""

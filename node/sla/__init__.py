@@ -1,0 +1,1 @@
+"""SLA terms published on-chain and the watcher that answers disputes."""

@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED := 1
 
 VLLM_PY := .venv-vllm/bin/python
 ENGINE ?= embedded
-.PHONY: setup build test test-contracts test-python browser demo demo-gateway devnet bench lint format clean vllm vllm-venv image image-deps image-check image-lock compose
+.PHONY: typecheck setup build test test-contracts test-python browser demo demo-gateway devnet bench lint format clean vllm vllm-venv image image-deps image-check image-lock compose
 
 setup: .venv/.installed contracts/node_modules/.installed tests/js/node_modules/.installed
 
@@ -92,8 +92,13 @@ compose: setup image-deps  # build both flavours, pin their digests in docker/ap
 	$(PY) docker/image/build.py --flavor vllm
 	$(PY) docker/image/compose.py $(if $(VLLM_CUDA_IMAGE),--vllm-cuda-image $(VLLM_CUDA_IMAGE))
 
-lint:
+lint: typecheck
 	.venv/bin/ruff check .
+
+typecheck:  # mypy reads the folders as dcml.client / dcml.node through a link tree (see [tool.mypy])
+	@mkdir -p build/typecheck/dcml && ln -sfn ../../../client build/typecheck/dcml/client && \
+		ln -sfn ../../../node build/typecheck/dcml/node
+	.venv/bin/mypy
 
 format: setup
 	.venv/bin/ruff format .

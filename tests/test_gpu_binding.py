@@ -100,7 +100,7 @@ def test_evidence_for_another_quote_is_refused_even_though_valid(provider):
 
 
 def test_real_nvidia_evidence_stapled_to_a_quote_is_refused_by_its_nonce(tmp_path):
-    vec = Path(gpu_evidence.__file__).resolve().parents[4] / "shared" / "vectors" / "nvidia" / "hopper-545"
+    vec = Path(gpu_evidence.__file__).resolve().parents[3] / "shared" / "vectors" / "nvidia" / "hopper-545"
     bundle = build_bundle([(bytes.fromhex((vec / "attestationReport.txt").read_text().strip()),
                             (vec / "gpuAkCertChain.txt").read_text(),
                             (vec / "Driver_RIM_test_no_gpu.swidtag").read_text(),
@@ -328,7 +328,7 @@ def test_fetch_rims_from_a_rim_service(tmp_path):
     from dcml.node.api.server import BackgroundServer
     from dcml.node.tee.gpu import GpuReport, fetch_rims, load_rims, rim_ids
 
-    vec = Path(gpu_evidence.__file__).resolve().parents[4] / "shared" / "vectors" / "nvidia" / "hopper-545"
+    vec = Path(gpu_evidence.__file__).resolve().parents[3] / "shared" / "vectors" / "nvidia" / "hopper-545"
     served = {"NV_GPU_DRIVER_GH100_545.00": (vec / "Driver_RIM_test_no_gpu.swidtag").read_bytes(),
               "NV_GPU_VBIOS_1010_0200_882_96005E0001": (vec / "1010_0200_882_96005E0001_test_no_gpu.swidtag")
               .read_bytes()}

@@ -29,7 +29,6 @@ import json
 from enum import IntEnum
 from typing import Any
 
-from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,8 +39,9 @@ from web3.types import TxReceipt
 from dcml.client.attestation.verify import AttestationDocument
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.tx import TransactionFailed, send
+from dcml.client.wire import eip712
+from dcml.client.wire.hexutil import lower_hex
 from dcml.client.wire.identity import HPKE_PUBLIC_KEY_LEN
-from dcml.client.wire.voucher import recover_digest_signer
 
 DOMAIN_NAME = "NodeRegistry"
 DOMAIN_VERSION = "1"
@@ -52,33 +52,21 @@ ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 TEE_TYPES: dict[str, int] = {"tdx": 1, "dstack": 2, "simulated": 3}
 TEE_NAMES: dict[int, str] = {v: k for k, v in TEE_TYPES.items()}
 
+REGISTRATION = eip712.struct("Registration", [
+    ("node", "address"), ("operator", "address"), ("endpoint", "string"), ("peerId", "bytes"),
+    ("hpkePublicKey", "bytes"), ("attestationHash", "bytes32"), ("teeType", "uint8"), ("epoch", "bytes32"),
+    ("deadline", "uint256"),
+])
+REATTESTATION = eip712.struct("Reattestation", [
+    ("node", "address"), ("endpoint", "string"), ("peerId", "bytes"), ("attestationHash", "bytes32"),
+    ("epoch", "bytes32"), ("deadline", "uint256"),
+])
 EIP712_TYPES: dict[str, list[dict[str, str]]] = {
-    "EIP712Domain": [
-        {"name": "name", "type": "string"},
-        {"name": "version", "type": "string"},
-        {"name": "chainId", "type": "uint256"},
-        {"name": "verifyingContract", "type": "address"},
-    ],
-    "Registration": [
-        {"name": "node", "type": "address"},
-        {"name": "operator", "type": "address"},
-        {"name": "endpoint", "type": "string"},
-        {"name": "peerId", "type": "bytes"},
-        {"name": "hpkePublicKey", "type": "bytes"},
-        {"name": "attestationHash", "type": "bytes32"},
-        {"name": "teeType", "type": "uint8"},
-        {"name": "epoch", "type": "bytes32"},
-        {"name": "deadline", "type": "uint256"},
-    ],
-    "Reattestation": [
-        {"name": "node", "type": "address"},
-        {"name": "endpoint", "type": "string"},
-        {"name": "peerId", "type": "bytes"},
-        {"name": "attestationHash", "type": "bytes32"},
-        {"name": "epoch", "type": "bytes32"},
-        {"name": "deadline", "type": "uint256"},
-    ],
+    "EIP712Domain": eip712.Domain(DOMAIN_NAME, DOMAIN_VERSION, 0, ZERO_ADDRESS).struct.types(),
+    "Registration": REGISTRATION.types(),
+    "Reattestation": REATTESTATION.types(),
 }
+_STRUCTS = {"Registration": REGISTRATION, "Reattestation": REATTESTATION}
 
 # What each of the contract's custom errors means for the caller (shown with the error's name).
 _HINTS: dict[str, str] = {
@@ -117,16 +105,12 @@ class NodeStatus(IntEnum):
 # --- the attestation hash ---------------------------------------------------------------------
 
 
-def _lower_hex(value: str) -> str:
-    return value.lower().removeprefix("0x")
-
-
 def attestation_hash(document: AttestationDocument) -> bytes:
     """sha256(b"dcml-attestation-v1" || canonical JSON of the trusted fields) — see the module doc."""
     canonical = {
-        "hpke_public_key": _lower_hex(document.hpke_public_key),
-        "nonce": _lower_hex(document.nonce),
-        "quote": _lower_hex(document.quote),
+        "hpke_public_key": lower_hex(document.hpke_public_key),
+        "nonce": lower_hex(document.nonce),
+        "quote": lower_hex(document.quote),
         "signing_address": document.signing_address.lower(),
         "tee_type": document.tee_type,
     }
@@ -198,31 +182,25 @@ class RegistryDomain(BaseModel):
     chain_id: int
     registry: str
 
+    @property
+    def eip712_domain(self) -> eip712.Domain:
+        return eip712.Domain(DOMAIN_NAME, DOMAIN_VERSION, self.chain_id, to_checksum_address(self.registry))
+
     def typed_data(self, message: Registration | Reattestation) -> dict[str, Any]:
-        primary = type(message).__name__
-        return {
-            "types": {"EIP712Domain": EIP712_TYPES["EIP712Domain"], primary: EIP712_TYPES[primary]},
-            "primaryType": primary,
-            "domain": {
-                "name": DOMAIN_NAME,
-                "version": DOMAIN_VERSION,
-                "chainId": self.chain_id,
-                "verifyingContract": to_checksum_address(self.registry),
-            },
-            "message": message.message(),
-        }
+        return self.eip712_domain.typed_data(_STRUCTS[type(message).__name__], message.message())
 
     def digest(self, message: Registration | Reattestation) -> bytes:
-        signable = encode_typed_data(full_message=self.typed_data(message))
-        return Web3.keccak(b"\x19" + signable.version + signable.header + signable.body)
+        struct = _STRUCTS[type(message).__name__]
+        return self.eip712_domain.digest(struct.hash_message(message.message()))
 
     def sign(self, signer: LocalAccount, message: Registration | Reattestation) -> bytes:
         """65-byte signature; the signer must be the enclave key at `message.node` to be accepted."""
-        return bytes(signer.sign_message(encode_typed_data(full_message=self.typed_data(message))).signature)
+        return eip712.sign(self.digest(message), signer)
 
     def recover(self, message: Registration | Reattestation, signature: bytes) -> str:
-        """The checksummed address that signed `message` under this domain."""
-        return to_checksum_address(recover_digest_signer(self.digest(message), signature))
+        """The checksummed address that signed `message` under this domain (raises eip712.SignatureError
+        for a malformed or malleable signature)."""
+        return to_checksum_address(eip712.recover(self.digest(message), signature))
 
 
 # --- records and events -----------------------------------------------------------------------
@@ -384,7 +362,7 @@ class RegistryClient:
         if attestation_hash(document) != record.attestation_hash:
             raise RegistryError("attestation check", "AttestationHashMismatch",
                                 "the document is not the one the node registered; fetch its current attestation")
-        if bytes.fromhex(_lower_hex(document.nonce)) != record.epoch:
+        if bytes.fromhex(lower_hex(document.nonce)) != record.epoch:
             raise RegistryError("attestation check", "EpochMismatch",
                                 "the document's nonce is not the registered epoch")
         return record

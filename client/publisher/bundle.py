@@ -58,11 +58,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dcml.client.wire import eip712
+from dcml.client.wire.hexutil import from_hex, to_hex
 
 FORMAT = "dcml-bundle/2"  # /2: BLAKE3 file and weights hashes (/1 had SHA-256; refused, re-seal)
 MANIFEST_FILE = "manifest.json"
@@ -81,14 +82,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 MANIFEST_DOMAIN = {"name": "dcml-model-bundle", "version": "2"}
 MANIFEST_HASH_DOMAIN = b"dcml-manifest-v2"
 WEIGHTS_HASH_DOMAIN = b"dcml-weights-v2"
-MANIFEST_TYPES = {
-    "EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"}],
-    "BundleManifest": [
-        {"name": "modelId", "type": "bytes32"},
-        {"name": "manifestHash", "type": "bytes32"},
-        {"name": "weightsHash", "type": "bytes32"},
-    ],
-}
+MANIFEST = eip712.struct("BundleManifest", [("modelId", "bytes32"), ("manifestHash", "bytes32"),
+                                           ("weightsHash", "bytes32")])
+MANIFEST_EIP712_DOMAIN = eip712.Domain(MANIFEST_DOMAIN["name"], MANIFEST_DOMAIN["version"])  # no chain: portable
+MANIFEST_TYPES = {"EIP712Domain": MANIFEST_EIP712_DOMAIN.struct.types(), "BundleManifest": MANIFEST.types()}
 
 
 class BundleReason(StrEnum):
@@ -188,19 +185,24 @@ class SignedManifest(BaseModel):
         return self.manifest.digest()
 
 
-def _typed_data(m: Manifest) -> dict:
-    return {
-        "types": MANIFEST_TYPES, "primaryType": "BundleManifest", "domain": MANIFEST_DOMAIN,
-        "message": {"modelId": m.model_id_bytes, "manifestHash": m.digest(),
-                    "weightsHash": bytes.fromhex(m.weights_hash.removeprefix("0x"))},
-    }
+def _message(m: Manifest) -> dict[str, Any]:
+    return {"modelId": m.model_id_bytes, "manifestHash": m.digest(), "weightsHash": from_hex(m.weights_hash)}
+
+
+def manifest_typed_data(m: Manifest) -> dict[str, Any]:
+    """The signed struct as typed-data JSON (for a wallet or ethers to sign the same manifest)."""
+    return MANIFEST_EIP712_DOMAIN.typed_data(MANIFEST, _message(m))
+
+
+def manifest_signing_digest(m: Manifest) -> bytes:
+    return MANIFEST_EIP712_DOMAIN.digest(MANIFEST.hash_message(_message(m)))
 
 
 def sign_manifest(manifest: Manifest, publisher: LocalAccount) -> SignedManifest:
     if to_checksum_address(manifest.publisher) != publisher.address:
         raise ValueError(f"manifest names publisher {manifest.publisher}, but {publisher.address} is signing")
-    sig = publisher.sign_message(encode_typed_data(full_message=_typed_data(manifest))).signature
-    return SignedManifest(manifest=manifest, signature="0x" + bytes(sig).hex())
+    return SignedManifest(manifest=manifest, signature=to_hex(eip712.sign(manifest_signing_digest(manifest),
+                                                                           publisher)))
 
 
 def verify_manifest(signed: SignedManifest, *, publisher: str | None = None,
@@ -210,9 +212,8 @@ def verify_manifest(signed: SignedManifest, *, publisher: str | None = None,
     if m.format != FORMAT:
         raise BundleError(BundleReason.MALFORMED, _format_message(m.format))
     try:
-        signer = Account.recover_message(encode_typed_data(full_message=_typed_data(m)),
-                                         signature=bytes.fromhex(signed.signature.removeprefix("0x")))
-    except Exception as exc:  # eth_keys raises several types on malformed signatures
+        signer = to_checksum_address(eip712.recover(manifest_signing_digest(m), signed.signature))
+    except eip712.SignatureError as exc:
         raise BundleError(BundleReason.BAD_SIGNATURE, f"manifest signature is malformed ({exc})") from exc
     if signer != to_checksum_address(m.publisher):
         raise BundleError(BundleReason.BAD_SIGNATURE,

@@ -11,14 +11,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
+from typing import Any
 
-from eth_account import Account
-from eth_account.messages import SignableMessage, encode_typed_data
+from eth_account.messages import SignableMessage
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dcml.client.wire.receipts import ZERO_ADDRESS, model_id_for
+from dcml.client.wire import eip712
+from dcml.client.wire.hexutil import ZERO_ADDRESS, check_hex32, from_hex, to_hex
+from dcml.client.wire.receipts import model_id_for
 
 DOMAIN_NAME = "dcml-adverts"
 DOMAIN_VERSION = "1"
@@ -28,18 +31,12 @@ DHT_MODEL_NS = "dcml-model"  # DHT provider key: /dcml-model/<model id hex>
 MAX_ADVERT_BYTES = 16 * 1024
 MAX_MODELS = 64
 
-ADVERT_FIELDS = [
-    {"name": "node", "type": "address"},
-    {"name": "peerId", "type": "string"},
-    {"name": "endpoint", "type": "string"},
-    {"name": "models", "type": "bytes32[]"},
-    {"name": "pricesIn", "type": "uint256[]"},
-    {"name": "pricesOut", "type": "uint256[]"},
-    {"name": "attestationHash", "type": "bytes32"},
-    {"name": "issuedAt", "type": "uint64"},
-    {"name": "expiresAt", "type": "uint64"},
-    {"name": "sequence", "type": "uint64"},
-]
+ADVERT = eip712.struct("Advert", [
+    ("node", "address"), ("peerId", "string"), ("endpoint", "string"), ("models", "bytes32[]"),
+    ("pricesIn", "uint256[]"), ("pricesOut", "uint256[]"), ("attestationHash", "bytes32"), ("issuedAt", "uint64"),
+    ("expiresAt", "uint64"), ("sequence", "uint64"),
+])
+ADVERT_FIELDS = ADVERT.types()
 
 
 class AdvertReason(StrEnum):
@@ -70,16 +67,12 @@ class AdvertDomain:
     chain_id: int = 31337
     registry: str = ZERO_ADDRESS
 
+    @cached_property
+    def eip712_domain(self) -> eip712.Domain:
+        return eip712.Domain(DOMAIN_NAME, DOMAIN_VERSION, self.chain_id, to_checksum_address(self.registry))
+
     def as_eip712(self) -> dict:
-        return {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chainId": self.chain_id,
-                "verifyingContract": to_checksum_address(self.registry)}
-
-
-def _hex32(value: str, what: str) -> str:
-    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 66:
-        raise ValueError(f"{what} must be 0x followed by 64 hex digits")
-    bytes.fromhex(value[2:])
-    return value.lower()
+        return self.eip712_domain.as_dict()
 
 
 class Advert(BaseModel):
@@ -106,7 +99,7 @@ class Advert(BaseModel):
     @field_validator("models")
     @classmethod
     def _model_ids(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(_hex32(m, "model id") for m in v)
+        return tuple(check_hex32(m, "model id") for m in v)
 
     @field_validator("prices_in", "prices_out")
     @classmethod
@@ -118,7 +111,7 @@ class Advert(BaseModel):
     @field_validator("attestation_hash")
     @classmethod
     def _att(cls, v: str) -> str:
-        return _hex32(v, "attestationHash")
+        return check_hex32(v, "attestationHash")
 
     @model_validator(mode="after")
     def _same_lengths(self) -> Advert:
@@ -134,23 +127,21 @@ class Advert(BaseModel):
             return None
         return self.prices_in[i], self.prices_out[i]
 
-    def eip712_message(self) -> dict:
+    def eip712_message(self) -> dict[str, Any]:
         return {
             "node": self.node, "peerId": self.peer_id, "endpoint": self.endpoint,
-            "models": [bytes.fromhex(m[2:]) for m in self.models],
+            "models": [from_hex(m) for m in self.models],
             "pricesIn": list(self.prices_in), "pricesOut": list(self.prices_out),
-            "attestationHash": bytes.fromhex(self.attestation_hash[2:]),
+            "attestationHash": from_hex(self.attestation_hash),
             "issuedAt": self.issued_at, "expiresAt": self.expires_at, "sequence": self.sequence,
         }
 
+    def digest(self, domain: AdvertDomain) -> bytes:
+        return domain.eip712_domain.digest(ADVERT.hash_message(self.eip712_message()))
+
     def signable(self, domain: AdvertDomain) -> SignableMessage:
-        return encode_typed_data(full_message={
-            "types": {"EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
-                                       {"name": "chainId", "type": "uint256"},
-                                       {"name": "verifyingContract", "type": "address"}],
-                      "Advert": ADVERT_FIELDS},
-            "primaryType": "Advert", "domain": domain.as_eip712(), "message": self.eip712_message(),
-        })
+        """The same digest as eth_account's SignableMessage (`Account.sign_message`, `recover_message`)."""
+        return domain.eip712_domain.signable(ADVERT.hash_message(self.eip712_message()))
 
 
 class SignedAdvert(BaseModel):
@@ -177,15 +168,14 @@ class SignedAdvert(BaseModel):
 def sign_advert(account: LocalAccount, advert: Advert, domain: AdvertDomain) -> SignedAdvert:
     if to_checksum_address(account.address) != advert.node:
         raise ValueError("an advert must be signed by the node key it names")
-    sig = account.sign_message(advert.signable(domain)).signature
-    return SignedAdvert(advert=advert, signature="0x" + bytes(sig).hex())
+    return SignedAdvert(advert=advert, signature=to_hex(eip712.sign(advert.digest(domain), account)))
 
 
 def verify_signature(signed: SignedAdvert, domain: AdvertDomain) -> Advert:
-    """Return the advert if `node` signed it; raise AdvertError(BAD_SIGNATURE) otherwise."""
+    """Return the advert if `node` signed it (under the one low-s rule); raise AdvertError(BAD_SIGNATURE)."""
     try:
-        signer = Account.recover_message(signed.advert.signable(domain), signature=bytes.fromhex(signed.signature[2:]))
-    except Exception as exc:  # eth-keys raises several types for junk signatures
+        signer = to_checksum_address(eip712.recover(signed.advert.digest(domain), signed.signature))
+    except eip712.SignatureError as exc:
         raise AdvertError(AdvertReason.BAD_SIGNATURE, f"signature does not recover: {exc}") from exc
     if signer != signed.advert.node:
         raise AdvertError(AdvertReason.BAD_SIGNATURE,
@@ -205,7 +195,7 @@ def check_fresh(advert: Advert, now: float | None = None, max_skew_s: int = 60) 
 def resolve_model_id(model: str) -> str:
     """A model id (0x + 64 hex) as is, otherwise keccak256 of the served model name."""
     if model.startswith("0x") and len(model) == 66:
-        return _hex32(model, "model id")
+        return check_hex32(model, "model id")
     return model_id_for(model)
 
 

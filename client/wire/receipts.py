@@ -27,52 +27,41 @@ the official OpenAI SDK stops at ``[DONE]`` and never sees it), and at ``GET /v1
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 
-from eth_account.messages import SignableMessage, encode_typed_data
+from eth_account.messages import SignableMessage
 from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
-from eth_keys import keys
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
-from dcml.client.wire.voucher import recover_digest_signer
+from dcml.client.wire import eip712
+from dcml.client.wire.hexutil import ZERO32, ZERO_ADDRESS, check_hex32, hex32
 
 DOMAIN_NAME = "dcml-receipts"
 DOMAIN_VERSION = "1"
-ZERO_ADDRESS = "0x" + "00" * 20
-ZERO32 = "0x" + "00" * 32
 RECEIPT_HEADER = "X-DCML-Receipt"
 RECEIPT_ID_HEADER = "X-DCML-Receipt-Id"
 RECEIPT_EVENT = "dcml-receipt"
 DONE_PAYLOAD = b"[DONE]"
 
 # Defined once; SLACourt hashes exactly these strings (test_sla_court checks the digests).
-RECEIPT_FIELDS = [
-    {"name": "receiptId", "type": "bytes32"},
-    {"name": "requestHash", "type": "bytes32"},
-    {"name": "responseHash", "type": "bytes32"},
-    {"name": "channelId", "type": "bytes32"},
-    {"name": "modelId", "type": "bytes32"},
-    {"name": "inputTokens", "type": "uint32"},
-    {"name": "outputTokens", "type": "uint32"},
-    {"name": "cost", "type": "uint128"},
-    {"name": "cumulativeSpent", "type": "uint128"},
-    {"name": "acceptedAt", "type": "uint64"},
-    {"name": "ttftMs", "type": "uint32"},
-    {"name": "durationMs", "type": "uint32"},
-]
-ACCEPTANCE_FIELDS = [
-    {"name": "requestHash", "type": "bytes32"},
-    {"name": "channelId", "type": "bytes32"},
-    {"name": "acceptedAt", "type": "uint64"},
-    {"name": "deadline", "type": "uint64"},
-]
-_UINT_BITS = {"uint32": 32, "uint64": 64, "uint128": 128}
+RECEIPT = eip712.struct("Receipt", [
+    ("receiptId", "bytes32"), ("requestHash", "bytes32"), ("responseHash", "bytes32"), ("channelId", "bytes32"),
+    ("modelId", "bytes32"), ("inputTokens", "uint32"), ("outputTokens", "uint32"), ("cost", "uint128"),
+    ("cumulativeSpent", "uint128"), ("acceptedAt", "uint64"), ("ttftMs", "uint32"), ("durationMs", "uint32"),
+])
+ACCEPTANCE = eip712.struct("Acceptance", [
+    ("requestHash", "bytes32"), ("channelId", "bytes32"), ("acceptedAt", "uint64"), ("deadline", "uint64"),
+])
+RECEIPT_FIELDS = RECEIPT.types()
+ACCEPTANCE_FIELDS = ACCEPTANCE.types()
+RECEIPT_TYPEHASH = RECEIPT.typehash
+ACCEPTANCE_TYPEHASH = ACCEPTANCE.typehash
 
 
 class ReceiptReason(StrEnum):
@@ -100,13 +89,12 @@ class ReceiptDomain:
     chain_id: int = 31337
     verifying_contract: str = ZERO_ADDRESS
 
+    @cached_property
+    def eip712_domain(self) -> eip712.Domain:
+        return eip712.Domain(DOMAIN_NAME, DOMAIN_VERSION, self.chain_id, to_checksum_address(self.verifying_contract))
+
     def as_eip712(self) -> dict:
-        return {
-            "name": DOMAIN_NAME,
-            "version": DOMAIN_VERSION,
-            "chainId": self.chain_id,
-            "verifyingContract": to_checksum_address(self.verifying_contract),
-        }
+        return self.eip712_domain.as_dict()
 
 
 DEFAULT_DOMAIN = ReceiptDomain()
@@ -121,13 +109,6 @@ class Price:
 
     def cost(self, input_tokens: int, output_tokens: int) -> int:
         return input_tokens * self.per_input_token + output_tokens * self.per_output_token
-
-
-def _bytes32(value: str, what: str) -> str:
-    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 66:
-        raise ValueError(f"{what} must be 0x followed by 64 hex digits")
-    bytes.fromhex(value[2:])
-    return value.lower()
 
 
 def _uint_in(v: object) -> object:
@@ -176,7 +157,7 @@ class Receipt(_Typed):
     @field_validator("receipt_id", "request_hash", "response_hash", "channel_id", "model_id")
     @classmethod
     def _hex32(cls, v: str, info) -> str:
-        return _bytes32(v, info.field_name)
+        return check_hex32(v, info.field_name)
 
 
 class Acceptance(_Typed):
@@ -191,7 +172,7 @@ class Acceptance(_Typed):
     @field_validator("request_hash", "channel_id")
     @classmethod
     def _hex32(cls, v: str, info) -> str:
-        return _bytes32(v, info.field_name)
+        return check_hex32(v, info.field_name)
 
 
 class SignedReceipt(BaseModel):
@@ -230,10 +211,6 @@ class SignedAcceptance(BaseModel):
 
 
 # ---- hashes ---------------------------------------------------------------------------------
-
-def hex32(raw: bytes) -> str:
-    return "0x" + raw.hex()
-
 
 def request_hash(body: bytes) -> str:
     return hex32(hashlib.sha256(body).digest())
@@ -294,80 +271,40 @@ def parse_sse_stream(raw: bytes) -> tuple[list[bytes], SignedReceipt | None]:
 
 # ---- signing ----------------------------------------------------------------------------------
 
-def _encode_type(name: str, fields: list[dict]) -> bytes:
-    return f"{name}({','.join(f['type'] + ' ' + f['name'] for f in fields)})".encode()
-
-
-_DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
-RECEIPT_TYPEHASH = keccak(_encode_type("Receipt", RECEIPT_FIELDS))
-ACCEPTANCE_TYPEHASH = keccak(_encode_type("Acceptance", ACCEPTANCE_FIELDS))
-# secp256k1 group order; signatures with s above half of it are malleable and refused (as OpenZeppelin does).
-
-
-def _separator(domain: ReceiptDomain) -> bytes:
-    return keccak(_DOMAIN_TYPEHASH + keccak(DOMAIN_NAME.encode()) + keccak(DOMAIN_VERSION.encode())
-                  + domain.chain_id.to_bytes(32, "big") + bytes.fromhex(domain.verifying_contract[2:]).rjust(32, b"\0"))
-
-
-def _digest(typehash: bytes, fields: list[dict], message: _Typed, domain: ReceiptDomain) -> bytes:
-    """EIP-712 digest computed directly (the hot path on the node): equal to eth_account's
-    `encode_typed_data` hash, which `receipt_signable` keeps as the reference and the tests compare."""
-    values = message.model_dump(by_alias=True)
-    enc = b"".join(bytes.fromhex(values[f["name"]][2:]) if f["type"] == "bytes32"
-                   else values[f["name"]].to_bytes(32, "big") for f in fields)
-    return keccak(b"\x19\x01" + _separator(domain) + keccak(typehash + enc))
-
-
 def receipt_digest(receipt: Receipt, domain: ReceiptDomain = DEFAULT_DOMAIN) -> bytes:
-    return _digest(RECEIPT_TYPEHASH, RECEIPT_FIELDS, receipt, domain)
+    return domain.eip712_domain.digest(RECEIPT.hash_message(receipt.model_dump(by_alias=True)))
 
 
 def acceptance_digest(acceptance: Acceptance, domain: ReceiptDomain = DEFAULT_DOMAIN) -> bytes:
-    return _digest(ACCEPTANCE_TYPEHASH, ACCEPTANCE_FIELDS, acceptance, domain)
-
-
-def _signable(primary: str, fields: list[dict], message: dict, domain: ReceiptDomain) -> SignableMessage:
-    return encode_typed_data(domain.as_eip712(), {primary: fields}, message)
+    return domain.eip712_domain.digest(ACCEPTANCE.hash_message(acceptance.model_dump(by_alias=True)))
 
 
 def receipt_signable(receipt: Receipt, domain: ReceiptDomain = DEFAULT_DOMAIN) -> SignableMessage:
-    """The same typed data through eth_account's generic encoder (wallets, `sign_typed_data`)."""
-    return _signable("Receipt", RECEIPT_FIELDS, receipt.eip712_message(), domain)
+    """The same digest as eth_account's SignableMessage (`Account.sign_message`, `recover_message`)."""
+    return domain.eip712_domain.signable(RECEIPT.hash_message(receipt.model_dump(by_alias=True)))
 
 
 def acceptance_signable(acceptance: Acceptance, domain: ReceiptDomain = DEFAULT_DOMAIN) -> SignableMessage:
-    return _signable("Acceptance", ACCEPTANCE_FIELDS, acceptance.eip712_message(), domain)
-
-
-@functools.lru_cache(maxsize=16)
-def _private_key(raw: bytes) -> keys.PrivateKey:
-    """Deriving the public key costs more than the signature: keep the key object per signer."""
-    return keys.PrivateKey(raw)
-
-
-def _sign(digest: bytes, account: LocalAccount) -> str:
-    sig = _private_key(bytes(account.key)).sign_msg_hash(digest)  # RFC 6979, low s
-    return "0x" + sig.r.to_bytes(32, "big").hex() + sig.s.to_bytes(32, "big").hex() + f"{sig.v + 27:02x}"
+    return domain.eip712_domain.signable(ACCEPTANCE.hash_message(acceptance.model_dump(by_alias=True)))
 
 
 def sign_receipt(receipt: Receipt, account: LocalAccount, domain: ReceiptDomain = DEFAULT_DOMAIN) -> SignedReceipt:
-    return SignedReceipt(receipt=receipt, signature=_sign(receipt_digest(receipt, domain), account),
+    return SignedReceipt(receipt=receipt, signature=eip712.sign_hex(receipt_digest(receipt, domain), account),
                          signer=account.address)
 
 
 def sign_acceptance(
     acceptance: Acceptance, account: LocalAccount, domain: ReceiptDomain = DEFAULT_DOMAIN
 ) -> SignedAcceptance:
-    return SignedAcceptance(acceptance=acceptance, signature=_sign(acceptance_digest(acceptance, domain), account),
-                            signer=account.address)
+    return SignedAcceptance(acceptance=acceptance, signer=account.address,
+                            signature=eip712.sign_hex(acceptance_digest(acceptance, domain), account))
 
 
 def _recover(digest: bytes, signature: str) -> str:
-    """65-byte r‖s‖v, v in {27, 28}, low s (OpenZeppelin's on-chain rules), checked by the one
-    implementation vouchers and registrations use too."""
+    """`eip712.recover`: 65-byte r‖s‖v, v in {27, 28}, low s (OpenZeppelin's on-chain rules)."""
     try:
-        return recover_digest_signer(digest, bytes.fromhex(signature.removeprefix("0x")))
-    except ValueError as exc:  # not hex, or MalformedVoucher: wrong length, v, high/zero s or r, no key
+        return eip712.recover(digest, signature)
+    except eip712.SignatureError as exc:
         raise ReceiptError(ReceiptReason.BAD_SIGNATURE, f"bad signature: {exc}") from exc
 
 

@@ -14,38 +14,22 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 
-from coincurve import PublicKey
-from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
-from eth_hash.auto import keccak
-from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dcml.client.wire import safejson
+from dcml.client.wire import eip712, safejson
+from dcml.client.wire.eip712 import SECP256K1_N  # noqa: F401  (re-exported: tests build high-s signatures)
+from dcml.client.wire.hexutil import from_hex, to_hex
 
 DOMAIN_NAME = "PaymentChannels"
 DOMAIN_VERSION = "1"
 UINT128_MAX = 2**128 - 1
 MAX_HEADER_CHARS = 2048  # a PAYMENT-SIGNATURE header is ~300 characters; anything longer is refused unparsed
-# secp256k1 group order; signatures with s above half of it are malleable and refused (as on-chain).
-SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
-EIP712_TYPES = {
-    "EIP712Domain": [
-        {"name": "name", "type": "string"},
-        {"name": "version", "type": "string"},
-        {"name": "chainId", "type": "uint256"},
-        {"name": "verifyingContract", "type": "address"},
-    ],
-    "Voucher": [
-        {"name": "channelId", "type": "bytes32"},
-        {"name": "cumulativeAmount", "type": "uint128"},
-    ],
-}
-VOUCHER_TYPEHASH = keccak(b"Voucher(bytes32 channelId,uint128 cumulativeAmount)")
-_DOMAIN_TYPEHASH = keccak(
-    b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
-)
+VOUCHER = eip712.struct("Voucher", [("channelId", "bytes32"), ("cumulativeAmount", "uint128")])
+VOUCHER_TYPEHASH = VOUCHER.typehash
+EIP712_TYPES = {"EIP712Domain": eip712.Domain(DOMAIN_NAME, DOMAIN_VERSION, 0, "0x" + "00" * 20).struct.types(),
+                "Voucher": VOUCHER.types()}
 
 
 class MalformedVoucher(ValueError):
@@ -59,41 +43,27 @@ class VoucherDomain:
     chain_id: int
     escrow: str
 
-    def typed_data(self, channel_id: bytes, cumulative_amount: int) -> dict:
-        return {
-            "types": EIP712_TYPES,
-            "primaryType": "Voucher",
-            "domain": {
-                "name": DOMAIN_NAME,
-                "version": DOMAIN_VERSION,
-                "chainId": self.chain_id,
-                "verifyingContract": to_checksum_address(self.escrow),
-            },
-            "message": {"channelId": channel_id, "cumulativeAmount": cumulative_amount},
-        }
-
     @cached_property
+    def eip712_domain(self) -> eip712.Domain:
+        return eip712.Domain(DOMAIN_NAME, DOMAIN_VERSION, self.chain_id, self.escrow)
+
+    def typed_data(self, channel_id: bytes, cumulative_amount: int) -> dict:
+        return self.eip712_domain.typed_data(VOUCHER, {"channelId": channel_id, "cumulativeAmount": cumulative_amount})
+
+    @property
     def separator(self) -> bytes:
-        return keccak(
-            _DOMAIN_TYPEHASH
-            + keccak(DOMAIN_NAME.encode())
-            + keccak(DOMAIN_VERSION.encode())
-            + self.chain_id.to_bytes(32, "big")
-            + bytes.fromhex(self.escrow[2:]).rjust(32, b"\0")
-        )
+        return self.eip712_domain.separator
 
     def digest(self, channel_id: bytes, cumulative_amount: int) -> bytes:
         """EIP-712 digest, the hot path of voucher verification (two keccaks, nothing rebuilt)."""
-        struct_hash = keccak(VOUCHER_TYPEHASH + channel_id + cumulative_amount.to_bytes(32, "big"))
-        return keccak(b"\x19\x01" + self.separator + struct_hash)
+        return self.eip712_domain.digest(VOUCHER.hash(channel_id, cumulative_amount))
 
     def sign(self, signer: LocalAccount, channel_id: bytes, cumulative_amount: int) -> Voucher:
         _check_fields(channel_id, cumulative_amount)
-        signed = signer.sign_message(encode_typed_data(full_message=self.typed_data(channel_id, cumulative_amount)))
         return Voucher(
-            channel_id="0x" + channel_id.hex(),
+            channel_id=to_hex(channel_id),
             cumulative_amount=cumulative_amount,
-            signature="0x" + bytes(signed.signature).hex(),
+            signature=eip712.sign_hex(self.digest(channel_id, cumulative_amount), signer),
         )
 
     def recover(self, voucher: Voucher) -> str:
@@ -110,40 +80,26 @@ def _check_fields(channel_id: bytes, cumulative_amount: int) -> None:
 
 
 def check_signature_shape(signature: bytes) -> None:
-    """65 bytes, r in range, low s, v in {27, 28}: the same rules OpenZeppelin's ECDSA applies on-chain."""
-    if len(signature) != 65:
-        raise MalformedVoucher(f"signature must be 65 bytes (r, s, v), got {len(signature)}")
-    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:64], "big")
-    if not 0 < r < SECP256K1_N:
-        raise MalformedVoucher("signature has a zero or out-of-range r value")
-    if s == 0 or s > SECP256K1_N // 2:
-        raise MalformedVoucher("signature has a high or zero s value (malleable); sign again with low s")
-    if signature[64] not in (27, 28):
-        raise MalformedVoucher(f"signature v must be 27 or 28, got {signature[64]}")
+    """`eip712.check_signature`, raising MalformedVoucher (what the payment paths catch)."""
+    try:
+        eip712.check_signature(signature)
+    except eip712.SignatureError as exc:
+        raise MalformedVoucher(str(exc)) from exc
 
 
 def recover_digest_signer(digest: bytes, signature: bytes) -> str:
-    """The lower-case 0x address that signed `digest`. Uses coincurve (libsecp256k1, the backend
-    eth_keys itself uses) directly: eth_account's wrapper adds object building and checksum encoding
-    that cost more than the recovery on the node's hot path."""
-    check_signature_shape(signature)
+    """`eip712.recover` (the one low-s rule), raising MalformedVoucher (what the payment paths catch)."""
     try:
-        public = PublicKey.from_signature_and_message(signature[:64] + bytes([signature[64] - 27]), digest, hasher=None)
-    except ValueError as exc:
-        raise MalformedVoucher("signature does not recover to any key") from exc
-    return "0x" + keccak(public.format(compressed=False)[1:])[-20:].hex()
+        return eip712.recover(digest, signature)
+    except eip712.SignatureError as exc:
+        raise MalformedVoucher(str(exc)) from exc
 
 
 def _hex_bytes(value: str, length: int | None, what: str) -> bytes:
-    if not isinstance(value, str) or not value.startswith("0x"):
-        raise MalformedVoucher(f"{what} must be a 0x-prefixed hex string")
     try:
-        raw = bytes.fromhex(value[2:])
+        return from_hex(value, length, what, prefix=True)
     except ValueError as exc:
-        raise MalformedVoucher(f"{what} is not valid hex") from exc
-    if length is not None and len(raw) != length:
-        raise MalformedVoucher(f"{what} must be {length} bytes, got {len(raw)}")
-    return raw
+        raise MalformedVoucher(str(exc)) from exc
 
 
 class Voucher(BaseModel):

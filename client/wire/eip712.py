@@ -65,6 +65,13 @@ def _int(bits: int) -> Encoder:
     return encode
 
 
+def _bytes32(v: bytes | str) -> bytes:
+    raw = v if type(v) is bytes else _raw(v, "bytes32")  # the hot case first: raw bytes, used as they are
+    if len(raw) != 32:
+        raise ValueError(f"bytes32 value has {len(raw)} bytes")
+    return raw
+
+
 def _fixed_bytes(n: int) -> Encoder:
     def encode(v: bytes | str) -> bytes:
         raw = _raw(v, f"bytes{n}")
@@ -112,6 +119,8 @@ def encoder(type_name: str) -> Encoder:
     m = _SIZED.fullmatch(type_name)
     if m is not None:
         kind, size = m.group(1), int(m.group(2))
+        if kind == "bytes" and size == 32:
+            return _bytes32
         if kind == "bytes" and 1 <= size <= 32:
             return _fixed_bytes(size)
         if kind != "bytes" and size % 8 == 0 and 8 <= size <= 256:
@@ -142,9 +151,10 @@ class Struct:
 
     def hash(self, *values: Any) -> bytes:
         """hashStruct of the field values, given in field order."""
-        if len(values) != len(self.fields):
-            raise ValueError(f"{self.name} has {len(self.fields)} fields, got {len(values)} values")
-        return keccak(self.typehash + b"".join(enc(v) for enc, v in zip(self._encoders, values, strict=True)))
+        encoders = self._encoders
+        if len(values) != len(encoders):
+            raise ValueError(f"{self.name} has {len(encoders)} fields, got {len(values)} values")
+        return keccak(self.typehash + b"".join([enc(v) for enc, v in zip(encoders, values)]))  # noqa: B905  (checked)
 
     def hash_message(self, message: Mapping[str, Any]) -> bytes:
         """hashStruct of a message given by field name (exactly the struct's fields)."""

@@ -26,6 +26,7 @@ from fakes.gpu import FakeGpuMachine
 from fakes.vectors import TDX, VECTORS, collateral, tdx_quote, ts
 
 import dcml.client.attestation.gpu as ge
+import dcml.client.attestation.gpu_rim as gr
 from dcml.client.attestation.verify import dcap_verify
 
 H545 = VECTORS / "nvidia" / "hopper-545"
@@ -65,8 +66,8 @@ def main() -> None:
                                                 vbios_rim=rims[1]))
     # the XML signature alone (signxml: C14N 1.1, SHA-384 digest, ECDSA P-384), without parsing or the chain
     trees = [(ge.parse_rim_xml(x), r.chain[0]) for x, r in zip((driver, vbios), rims, strict=True)]
-    config = ge.replace(ge._RIM_SIG_CONFIG, verification_time=PINNED)
-    xml_sig = ms(args.n, lambda: [ge.XMLVerifier().verify(t, x509_cert=c, expect_config=config) for t, c in trees])
+    config = gr.replace(gr._RIM_SIG_CONFIG, verification_time=PINNED)
+    xml_sig = ms(args.n, lambda: [gr.XMLVerifier().verify(t, x509_cert=c, expect_config=config) for t, c in trees])
     # eight real H100s: both RIMs once, then report + 5-certificate chain + measurements per GPU
     eight_real = ms(args.n, lambda: [[ge.verify_rim(x, PINNED) for x in (driver, vbios)]] + [
         ge.verify_gpu(report, chain, nonce=nonce, now=PINNED, driver_rim=rims[0], vbios_rim=rims[1])

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fakes.vectors import DSTACK
 
 from dcml.client.attestation.measurements import build_simulated_quote, dev_signer
+from dcml.client.attestation.nras import parse_nras_response
 from dcml.client.attestation.verify import (
     SIMULATED_MARKER,
     AttestationDocument,
@@ -19,7 +20,6 @@ from dcml.client.attestation.verify import (
     Policy,
     Reason,
     SimulatedPolicy,
-    parse_nras_response,
     verify_attestation,
 )
 from dcml.node.identity import EnclaveIdentity

@@ -3,30 +3,27 @@
 A document passes only if its quote verifies with DCAP (dcap-qvl) against Intel collateral, the TCB
 status and measurements are allowed by the Policy, the debug bit is clear, dstack event logs replay,
 and the report_data read from the verified quote body binds the node's keys and the caller's nonce.
+Beside it: `policy` (what is accepted), `document` (what a node serves and what verification yields),
+`measurements` (quote parsing, RTMR replay), `gpu` (GPU evidence); their names are importable from here.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
 import time
-import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import dcap_qvl
 from eth_utils import to_checksum_address
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dcml.client.attestation.document import SIMULATED_MARKER, AttestationDocument, VerifiedNode
 from dcml.client.attestation.gpu import GpuEvidenceError, GpuResult, verify_bundle
 from dcml.client.attestation.measurements import (
-    EventLogEntry,
-    Measurements,
     QuoteFormatError,
     TdxQuote,
     compose_hash_from_events,
@@ -37,12 +34,20 @@ from dcml.client.attestation.measurements import (
     replay_rtmrs,
     verify_simulated_quote,
 )
+from dcml.client.attestation.policy import (
+    ANY,
+    DstackPolicy,
+    GpuPolicy,
+    MeasurementPolicy,
+    ModelTrust,
+    Policy,
+    SimulatedPolicy,
+    TcbPolicy,
+)
 from dcml.client.wire.identity import HPKE_PUBLIC_KEY_LEN, NONCE_LEN
 from dcml.client.wire.identity import report_data as binding_report_data
 
-SIMULATED_MARKER = "SIMULATED TEE — NOT CONFIDENTIAL"
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
-ANY = "*"  # explicit wildcard in a policy allow-list (never the default)
 
 
 class Reason(StrEnum):
@@ -80,157 +85,6 @@ class AttestationError(Exception):
         self.reason = reason
         self.gpu_reason = gpu_reason
         self.gpu_index = gpu_index
-
-
-# --- policy -----------------------------------------------------------------------------------
-
-
-def _hex_list(values: list[str]) -> list[str]:
-    out = []
-    for v in values:
-        v = v.strip().lower().removeprefix("0x")
-        if v != ANY:
-            bytes.fromhex(v)  # reject typos at load time, not at verification time
-        out.append(v)
-    return out
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TcbPolicy(_Section):
-    allowed_statuses: list[str] = ["UpToDate"]
-    rejected_advisories: list[str] = []
-
-
-class MeasurementPolicy(_Section):
-    """Allow-lists of hex values. Empty refuses every real quote; ["*"] accepts any value (unsafe)."""
-
-    mrtd: list[str] = []
-    rtmr0: list[str] = []
-    rtmr1: list[str] = []
-    rtmr2: list[str] = []
-    rtmr3: list[str] = []  # plain TDX only: a dstack RTMR3 is replayed from its event log instead
-
-    _norm = field_validator("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")(_hex_list)
-
-
-class DstackPolicy(_Section):
-    compose_hashes: list[str] = []
-
-    _norm = field_validator("compose_hashes")(_hex_list)
-
-
-class SimulatedPolicy(_Section):
-    signers: list[str] = []  # raw Ed25519 public keys; empty = the well-known development key
-
-    _norm = field_validator("signers")(_hex_list)
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in v.split(".")) if v else ()
-
-
-def _driver_older(version: str | None, minimum: str) -> bool:
-    try:
-        return _version_tuple(version or "") < _version_tuple(minimum)
-    except ValueError:
-        return True  # a driver version that is not dotted numbers cannot be shown to meet a minimum
-
-
-class GpuPolicy(_Section):
-    """NVIDIA GPU evidence (verified offline, see client/attestation/gpu.py): what a verifier requires of it."""
-
-    required: bool = False  # refuse documents without GPU evidence
-    allowed_architectures: list[str] = ["hopper", "blackwell"]
-    min_driver_version: str = ""  # e.g. "550.54.15"; empty = any driver NVIDIA signed a RIM for
-    allowed_vbios_versions: list[str] = []  # e.g. ["96.00.5E.00.01"]; empty refuses any GPU, "*" accepts any
-    revocation_required: bool = False  # refuse evidence stapled without OCSP/CRL data for both chains
-
-    @field_validator("min_driver_version")
-    @classmethod
-    def _driver(cls, v: str) -> str:
-        _version_tuple(v)  # a typo fails at load time
-        return v
-
-    @field_validator("allowed_vbios_versions")
-    @classmethod
-    def _vbios(cls, v: list[str]) -> list[str]:
-        return [x.upper() for x in v]
-
-
-class ModelTrust(_Section):
-    """Who may take a royalty on a model (`[models."<served name>"]`): the ModelRegistry is first come, first
-    served, so a squatter can register a model id before its real publisher; a client pays only channels whose
-    registry terms match what it names here."""
-
-    publisher: str | None = None  # the publisher's address; None: any, as long as the royalty is within bounds
-    max_royalty_bps: int = Field(0, ge=0, le=10_000)
-
-
-class Policy(_Section):
-    """What a verifier accepts; load it from configs/policy.toml."""
-
-    allow_simulated: bool = False
-    tcb: TcbPolicy = TcbPolicy()
-    measurements: MeasurementPolicy = MeasurementPolicy()
-    dstack: DstackPolicy = DstackPolicy()
-    simulated: SimulatedPolicy = SimulatedPolicy()
-    gpu: GpuPolicy = GpuPolicy()
-    # By served model name. A model not named here is paid only without a royalty (registry bps 0).
-    models: dict[str, ModelTrust] = {}
-
-    @classmethod
-    def load(cls, path: str | Path) -> Policy:
-        with open(path, "rb") as f:
-            return cls.from_toml(f.read().decode())
-
-    @classmethod
-    def from_toml(cls, text: str) -> Policy:
-        try:
-            return cls.model_validate(tomllib.loads(text))
-        except (tomllib.TOMLDecodeError, ValidationError) as exc:
-            raise ValueError(f"invalid attestation policy: {exc}") from exc
-
-
-# --- the document -----------------------------------------------------------------------------
-
-
-class AttestationDocument(BaseModel):
-    """Body of `GET /v1/attestation?nonce=<64 hex>`. Only the quote is trusted; the rest is checked."""
-
-    model_config = ConfigDict(frozen=True)
-
-    tee_type: Literal["tdx", "dstack", "simulated"]
-    quote: str  # hex
-    event_log: list[EventLogEntry] | None = None
-    signing_address: str
-    hpke_public_key: str  # hex
-    nonce: str  # hex, 32 bytes
-    report_data: str  # hex; informational, the verifier reads report_data from the quote body
-    node_version: str
-    measurements: Measurements  # informational, re-parsed from the quote by the verifier
-    gpu_evidence: dict[str, Any] | None = None
-    app_info: dict[str, Any] | None = None  # dstack: app_id, compose_hash, tcb_info.app_compose, ...
-
-
-@dataclass(frozen=True)
-class VerifiedNode:
-    signing_address: str
-    hpke_public_key: bytes
-    tee_type: str
-    tcb_status: str
-    measurements: Measurements
-    simulated: bool = False
-    advisory_ids: tuple[str, ...] = ()
-    compose_hash: str | None = None
-    gpu_evidence_verified: bool = False  # every stapled GPU report verified offline (client/attestation/gpu.py)
-    gpus: tuple[GpuResult, ...] = ()
-
-    @property
-    def marker(self) -> str:
-        return SIMULATED_MARKER if self.simulated else "TDX attested"
 
 
 # --- collateral -------------------------------------------------------------------------------
@@ -428,7 +282,7 @@ def _verify_gpus(doc: AttestationDocument, report_data: bytes, policy: GpuPolicy
         problem = None
         if r.architecture not in policy.allowed_architectures and ANY not in policy.allowed_architectures:
             problem = f"architecture {r.architecture} is not in policy gpu.allowed_architectures"
-        elif _driver_older(r.driver_version, policy.min_driver_version):
+        elif policy.driver_too_old(r.driver_version):
             problem = (f"driver {r.driver_version} is older than policy gpu.min_driver_version "
                        f"{policy.min_driver_version}")
         elif ANY not in policy.allowed_vbios_versions and (r.vbios_version or "") not in policy.allowed_vbios_versions:
@@ -548,58 +402,9 @@ def _verify_dstack(doc: AttestationDocument, parsed: TdxQuote, policy: Policy) -
     return compose_hash.hex()
 
 
-# --- NVIDIA GPU evidence (NRAS) ---------------------------------------------------------------
-
-
-def jwt_claims_unverified(token: str) -> dict[str, Any]:
-    """Decode a JWT's claims WITHOUT checking its signature (NVIDIA's JWKS is not available here)."""
-    try:
-        payload = token.split(".")[1]
-        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError) as exc:
-        raise AttestationError(Reason.GPU_EVIDENCE, "GPU evidence token is not a JWT") from exc
-
-
-class GpuClaims(BaseModel):
-    measres: str
-    dbgstat: str
-    secboot: bool
-    eat_nonce: str = Field(min_length=64, max_length=64)
-
-
-def parse_nras_response(response: list[Any], nonce: bytes) -> dict[str, GpuClaims]:
-    """Check an NRAS reply `[["JWT", overall], {"GPU-n": jwt}]` against `nonce`; return per-GPU claims.
-
-    Proves freshness (eat_nonce) and NVIDIA's verdict only if the ES384 signatures are verified against
-    NVIDIA's published keys, which this helper does NOT do: treat the result as advisory.
-    """
-    try:
-        (_, overall_token), gpu_tokens = response
-        overall = jwt_claims_unverified(overall_token)
-    except (TypeError, ValueError) as exc:
-        raise AttestationError(Reason.GPU_EVIDENCE, "NRAS response is not [[\"JWT\", token], {gpu: token}]") from exc
-    if overall.get("x-nvidia-overall-att-result") is not True:
-        raise AttestationError(Reason.GPU_EVIDENCE, "NRAS overall attestation result is not true")
-    if overall.get("eat_nonce") != nonce.hex():
-        raise AttestationError(Reason.GPU_EVIDENCE, "GPU evidence answers a different nonce (stale)")
-    submods = overall.get("submods", {})
-    out: dict[str, GpuClaims] = {}
-    for name, token in gpu_tokens.items():
-        try:  # submods: {"GPU-n": ["DIGEST", ["SHA-256", hex]]} binds each GPU token to the overall one
-            digest = submods[name][1][1]
-        except (KeyError, IndexError, TypeError):
-            digest = None
-        if digest != hashlib.sha256(token.encode()).hexdigest():
-            raise AttestationError(Reason.GPU_EVIDENCE, f"{name} token is not the one the overall token names")
-        try:
-            claims = GpuClaims.model_validate(jwt_claims_unverified(token))
-        except ValidationError as exc:
-            raise AttestationError(Reason.GPU_EVIDENCE, f"{name} claims incomplete: {exc}") from exc
-        if (claims.measres, claims.dbgstat, claims.secboot, claims.eat_nonce) != (
-            "success", "disabled", True, nonce.hex()
-        ):
-            raise AttestationError(Reason.GPU_EVIDENCE, f"{name} failed: {claims.model_dump()}")
-        out[name] = claims
-    if not out or set(out) != set(submods):
-        raise AttestationError(Reason.GPU_EVIDENCE, "NRAS response GPU tokens do not match its submods")
-    return out
+__all__ = [  # callers import the verifier's names from here, wherever they are defined
+    "ANY", "INTEL_QE_VENDOR_ID", "SIMULATED_MARKER", "AttestationDocument", "AttestationError", "Collateral",
+    "DcapResult", "DstackPolicy", "GpuPolicy", "MeasurementPolicy", "ModelTrust", "Policy", "Reason",
+    "SimulatedPolicy", "TcbPolicy", "VerifiedNode", "cache_collateral", "dcap_verify", "fetch_collateral",
+    "verify_attestation",
+]

@@ -190,8 +190,9 @@ def test_chunk_and_block_boundaries_round_trip(tmp_path, monkeypatch, size):
     import os
 
     import dcml.client.publisher.bundle as mb
+    import dcml.client.publisher.sealed as sealed_format
 
-    monkeypatch.setattr(mb, "IO_BLOCK", 3 * 4096)
+    monkeypatch.setattr(sealed_format, "IO_BLOCK", 3 * 4096)
     data = os.urandom(size)
     (tmp_path / "w.bin").write_bytes(data)
     key = generate_key()

@@ -44,6 +44,7 @@ from dcml.client.attestation.policy import (
     SimulatedPolicy,
     TcbPolicy,
 )
+from dcml.client.wire.hexutil import from_hex
 from dcml.client.wire.identity import HPKE_PUBLIC_KEY_LEN, NONCE_LEN
 from dcml.client.wire.identity import report_data as binding_report_data
 
@@ -156,7 +157,7 @@ def dcap_verify(quote: bytes, collateral: Collateral, now: int) -> DcapResult:
 
 def _hex(value: str, what: str) -> bytes:
     try:
-        return bytes.fromhex(value.removeprefix("0x"))
+        return from_hex(value, None, what)
     except ValueError as exc:
         raise AttestationError(Reason.BAD_DOCUMENT, f"{what} is not hex") from exc
 

@@ -34,6 +34,8 @@ from web3.types import TxReceipt
 
 from dcml.client.chain.channel import ChannelParams
 from dcml.client.chain.tx import TransactionFailed, send
+from dcml.client.wire.hexutil import from_hex as _b32
+from dcml.client.wire.hexutil import from_hex as _sig
 from dcml.client.wire.receipts import Acceptance, Receipt, ReceiptDomain, SignedAcceptance, SignedReceipt
 
 _BUILD = Path(__file__).resolve().parents[3] / "contracts" / "out" / "SLACourt.sol" / "SLACourt.json"
@@ -125,10 +127,6 @@ class Dispute:
     model_id: bytes
 
 
-def _b32(value: str) -> bytes:
-    return bytes.fromhex(value.removeprefix("0x"))
-
-
 def receipt_tuple(r: Receipt) -> tuple:
     return (_b32(r.receipt_id), _b32(r.request_hash), _b32(r.response_hash), _b32(r.channel_id), _b32(r.model_id),
             r.input_tokens, r.output_tokens, r.cost, r.cumulative_spent, r.accepted_at, r.ttft_ms, r.duration_ms)
@@ -136,10 +134,6 @@ def receipt_tuple(r: Receipt) -> tuple:
 
 def acceptance_tuple(a: Acceptance) -> tuple:
     return (_b32(a.request_hash), _b32(a.channel_id), a.accepted_at, a.deadline)
-
-
-def _sig(signature: str) -> bytes:
-    return bytes.fromhex(signature.removeprefix("0x"))
 
 
 class SLAError(RuntimeError):

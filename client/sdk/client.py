@@ -53,6 +53,7 @@ from dcml.client.sdk.transport import (
     PaymentRejected,
     ReceiptViolation,
 )
+from dcml.client.wire.hexutil import bytes32 as _b32
 from dcml.client.wire.receipts import (
     DEFAULT_DOMAIN,
     Price,
@@ -802,13 +803,6 @@ class Client:
         receipt_id = exchange.receipt.receipt.receipt_id if exchange.receipt else None
         self.store.record_violation(node_url=self.node_url, reason=exc.reason, message=str(exc),
                                     channel_id=exchange.channel_id, receipt_id=receipt_id, evidence=evidence)
-
-
-def _b32(channel_id: str) -> bytes:
-    raw = bytes.fromhex(channel_id.removeprefix("0x"))
-    if len(raw) != 32:
-        raise ValueError(f"channel id {channel_id} is not 32 bytes of hex")
-    return raw
 
 
 def _b64(value: str) -> bytes:

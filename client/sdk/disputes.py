@@ -34,6 +34,8 @@ from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.sla import Broken, DisputeStatus, SLACourtClient, SLAError, Terms, broken_terms
 from dcml.client.sdk.spend_store import BreachClaim, SpendStore, StoredAcceptance
 from dcml.client.wire.access import auth_header, receipts_resource
+from dcml.client.wire.hexutil import from_hex as _b32
+from dcml.client.wire.hexutil import to_hex as _hex
 from dcml.client.wire.receipts import ReceiptDomain, ReceiptError, SignedReceipt, recover_receipt_signer
 
 log = logging.getLogger("dcml.disputes")
@@ -88,14 +90,6 @@ class DisputeRow:
         for k in ("expected", "amount", "deadline", "answer_by"):
             out[k] = None if out[k] is None else str(out[k])  # every uint a decimal string (JSON numbers round)
         return out
-
-
-def _hex(raw: bytes) -> str:
-    return "0x" + bytes(raw).hex()
-
-
-def _b32(value: str) -> bytes:
-    return bytes.fromhex(value.removeprefix("0x"))
 
 
 def _tx_hash(tx: TxReceipt) -> str:

@@ -119,7 +119,7 @@ def compare_measurements(report: MeasurementReport, rims: Sequence[Rim]) -> tupl
 
 
 def verify_gpu(
-    report: bytes,
+    report: bytes | str,
     cert_chain: bytes | str,
     *,
     nonce: bytes,
@@ -210,7 +210,7 @@ def _verify_gpu(report_bytes, cert_chain, nonce, now, driver_rim, vbios_rim, req
 
 # --- the document: one report per GPU, RIMs once, revocation data --------------------------------
 
-BUNDLE_FORMAT = "dcml-gpu-v1"
+BUNDLE_FORMAT: Literal["dcml-gpu-v1"] = "dcml-gpu-v1"
 MAX_GPUS = 16
 MAX_RIMS = 32
 
@@ -270,7 +270,8 @@ def verify_bundle(bundle: dict[str, Any] | GpuEvidenceBundle, *, report_data: by
     nonce = gpu_nonce(report_data)
     results = []
     for item in parsed.gpus:
-        failed = None
+        failed: GpuEvidenceError | None = None
+        pair: list[Rim] = []
         for i in (item.driver_rim, item.vbios_rim):
             if i >= len(parsed.rims):
                 failed = GpuEvidenceError(GpuReason.RIM_MISSING, f"RIM {i} is not in the bundle")
@@ -283,14 +284,16 @@ def verify_bundle(bundle: dict[str, Any] | GpuEvidenceBundle, *, report_data: by
                 except Exception as exc:
                     rims[i] = GpuEvidenceError(GpuReason.RIM_MALFORMED, f"RIM could not be processed "
                                                f"({type(exc).__name__})")
-            if isinstance(rims[i], GpuEvidenceError):
-                failed = rims[i]
+            got = rims[i]
+            if isinstance(got, GpuEvidenceError):
+                failed = got
                 break
+            pair.append(got)
         if failed is not None:
             results.append(GpuResult(False, failed.reason, failed.message, failed.indices))
             continue
         results.append(verify_gpu(item.report, item.certificate_chain, nonce=nonce, now=now,
-                                  driver_rim=rims[item.driver_rim], vbios_rim=rims[item.vbios_rim],
+                                  driver_rim=pair[0], vbios_rim=pair[1],
                                   revocation=revocation, device_root_cert=device_root_cert, rim_root_cert=rroot))
     return results
 

@@ -252,7 +252,7 @@ def _issuer_key_hash(issuer: x509.Certificate, algo: str) -> bytes:
     if isinstance(key, ec.EllipticCurvePublicKey):
         raw = key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
     else:
-        raw = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)  # type: ignore[arg-type]
+        raw = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
     return hashlib.new(algo, raw).digest()
 
 
@@ -269,9 +269,10 @@ def _ocsp_signer(resp: ocsp.OCSPResponse, issuer: x509.Certificate) -> x509.Cert
                 continue
         try:
             key = candidate.public_key()
-            if not isinstance(key, ec.EllipticCurvePublicKey):  # NVIDIA's chains are ECDSA throughout
+            algorithm = resp.signature_hash_algorithm
+            if not isinstance(key, ec.EllipticCurvePublicKey) or algorithm is None:  # NVIDIA's are ECDSA throughout
                 continue
-            key.verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(resp.signature_hash_algorithm))
+            key.verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(algorithm))
             return candidate
         except (InvalidSignature, ValueError, TypeError):
             continue

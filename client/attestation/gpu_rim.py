@@ -95,6 +95,8 @@ def verify_rim(xml: bytes | str, now: datetime, root: x509.Certificate) -> Rim:
         )
     except (SignXMLException, InvalidSignature, ValueError, TypeError, etree.LxmlError) as exc:
         raise GpuEvidenceError(GpuReason.RIM_SIGNATURE_INVALID, f"RIM XML signature does not verify ({exc})") from exc
+    if isinstance(result, list):  # only with expect_references > 1, which the configuration never asks for
+        raise GpuEvidenceError(GpuReason.RIM_SIGNATURE_INVALID, "RIM carries more than one signed reference")
     signed = result.signed_xml  # "see what is signed": read only this
     if signed is None or signed.tag != f"{{{SWID_NS}}}SoftwareIdentity":
         raise GpuEvidenceError(GpuReason.RIM_SIGNATURE_INVALID, "RIM signature does not cover the SoftwareIdentity")

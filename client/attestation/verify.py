@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeAlias
 
 import dcap_qvl
 from eth_utils import to_checksum_address
@@ -90,7 +90,7 @@ class AttestationError(Exception):
 
 # --- collateral -------------------------------------------------------------------------------
 
-Collateral = dict[str, Any] | dcap_qvl.QuoteCollateralV3
+Collateral: TypeAlias = dict[str, Any] | dcap_qvl.QuoteCollateralV3
 _collateral_cache: dict[str, dcap_qvl.QuoteCollateralV3] = {}
 
 
@@ -228,9 +228,10 @@ def _verify_attestation(
     except ValueError as exc:
         raise AttestationError(Reason.BAD_DOCUMENT, str(exc)) from exc
 
+    advisories: tuple[str, ...] = ()
     if doc.tee_type == "simulated":
         parsed = _verify_simulated(quote, policy, allow_simulated)
-        tcb_status, advisories = "Simulated", ()
+        tcb_status = "Simulated"
     else:
         parsed, tcb_status, advisories = _verify_tdx(quote, policy, collateral, now)
 
@@ -344,7 +345,7 @@ def _verify_tdx(
             Reason.QUOTE_INVALID, f"DCAP verification failed ({exc}); if collateral expired, fetch it again"
         ) from exc
     # Belt and braces: what we parse must be what dcap-qvl verified.
-    verified_body = next(iter(result.report.values()), {}) if result.report else {}
+    verified_body: dict[str, Any] = next(iter(result.report.values()), {}) if result.report else {}
     if verified_body.get("report_data", parsed.report_data.hex()) != parsed.report_data.hex():
         raise AttestationError(Reason.QUOTE_MALFORMED, "parsed report_data differs from dcap-qvl's verified body")
 

@@ -131,6 +131,7 @@ def encrypt_model(model_dir: str | Path, out_dir: str | Path, *, model_id: bytes
             dst.parent.mkdir(parents=True, exist_ok=True)
             entry = seal_file(src / name, dst, model_key, model_id=model_id, name=name,
                               chunk_size=chunk_size, progress=progress)
+            assert entry.sealed is not None  # seal_file always describes the sealed file
             entries.append(entry.model_copy(update={"sealed": entry.sealed.model_copy(
                 update={"path": name + SEALED_SUFFIX})}))
         else:

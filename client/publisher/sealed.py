@@ -4,8 +4,10 @@ construction, sealed and opened in constant memory with reading, hashing and wri
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import hmac
+import io
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -43,8 +45,6 @@ _FIXED_HEADER = struct.Struct(">8sBI7s32sH")
 def _hasher() -> blake3.blake3:
     """BLAKE3 for bulk data: updates of IO_BLOCK bytes use every core (and release the GIL)."""
     return blake3.blake3(max_threads=blake3.blake3.AUTO)
-
-
 
 
 # --- the sealed file format ---------------------------------------------------------------------
@@ -104,11 +104,11 @@ class _FileCipher:
 Progress = Callable[[int], None]  # called with the number of clear bytes just processed
 
 
-def _read_full(f: BinaryIO, view: memoryview) -> int:
+def _read_full(f: io.RawIOBase, view: memoryview) -> int:
     """Fill `view` from `f`; fewer bytes only at end of file."""
     n = 0
     while n < len(view):
-        got = f.readinto(view[n:])
+        got = f.readinto(view[n:])  # None only for a non-blocking file, which bundle files never are
         if not got:
             break
         n += got
@@ -125,7 +125,11 @@ def _at_eof() -> bool:
     return True
 
 
-def _blocks(f: BinaryIO, size: int) -> Iterator[tuple[memoryview, Callable[[], bool]]]:
+def _read_nothing(read: Future[int]) -> bool:
+    return read.result() == 0
+
+
+def _blocks(f: io.RawIOBase, size: int) -> Iterator[tuple[memoryview, Callable[[], bool]]]:
     """(block, is_last) of `size` bytes (the last may be shorter or empty; there is always one), read
     with `readinto` into two alternating buffers; a block stays valid until the next one is asked for.
     The next block is read on a worker thread (GIL-free) while the caller works on this one; `is_last()`
@@ -140,7 +144,7 @@ def _blocks(f: BinaryIO, size: int) -> Iterator[tuple[memoryview, Callable[[], b
                 return
             i ^= 1
             ahead = pool.submit(_read_full, f, bufs[i])
-            yield current, lambda ahead=ahead: ahead.result() == 0
+            yield current, functools.partial(_read_nothing, ahead)
             n = ahead.result()
             if n == 0:
                 return
@@ -182,9 +186,8 @@ def seal_file(src: str | Path, dst: str | Path, model_key: bytes, *, model_id: b
                 for i, (block, last_block) in enumerate(_blocks(fin, k * chunk_size)):
                     clear_done = hashing.submit(clear_hash.update, block)
                     out, slot = outs[i & 1], i & 1
-                    if pending[slot] is not None:
-                        for fut in pending[slot]:
-                            fut.result()  # that buffer is hashed and written: free again
+                    for fut in pending[slot] or ():
+                        fut.result()  # that buffer is hashed and written: free again
                     chunks = max(1, -(-len(block) // chunk_size))
                     o = 0
                     for j in range(chunks):
@@ -249,7 +252,8 @@ def _open_sealed(path: str | Path, model_key: bytes, *, model_id: bytes, name: s
         chunk_size = header.chunk_size
         block = chunk_size + TAG_LEN
         k = _chunks_per_block(chunk_size)
-        buf = memoryview(bytearray(k * chunk_size)) if dest is None else None
+        # Without `dest`, one buffer is reused for each block (its pieces restart at offset 0).
+        view = memoryview(bytearray(k * chunk_size)) if dest is None else dest
         size = counter = 0
         # With `dest`, BLAKE3 runs on a worker over finished slices of `dest` (stable memory) while the next
         # block is decrypted; into the reused `buf`, it must finish before the piece is handed out.
@@ -259,30 +263,28 @@ def _open_sealed(path: str | Path, model_key: bytes, *, model_id: bytes, name: s
             for sealed, last_block in _blocks(f, k * block):
                 chunks = max(1, -(-len(sealed) // block))
                 start = size
+                base = start if dest is None else 0  # offset of this block's first byte in `view`
                 for j in range(chunks):
                     ct = sealed[j * block:(j + 1) * block]
                     if len(ct) < TAG_LEN:
                         raise BundleError(BundleReason.TRUNCATED, f"{label}: chunk {counter} is cut short")
                     n = len(ct) - TAG_LEN
-                    if dest is None:
-                        target = buf[size - start:size - start + n]
-                    elif size + n > len(dest):
+                    if size - base + n > len(view):  # only `dest` can be too short: the manifest lied
                         raise BundleError(BundleReason.HASH_MISMATCH, f"{name} is longer than the manifest says")
-                    else:
-                        target = dest[size:size + n]
+                    target = view[size - base:size - base + n]
                     last = j == chunks - 1 and last_block()
                     try:
                         decrypt_into(cipher.nonce(counter, last), ct, aad, target)
                     except InvalidTag:
                         raise _diagnose(cipher, ct, counter, last, label) from None
                     size, counter = size + n, counter + 1
-                out = buf[:size - start] if dest is None else dest[start:size]
-                if hashing is not None:
+                out = view[start - base:size - base]
+                if clear_hash is not None and hashing is not None:
                     hashing.submit(clear_hash.update, out)
                 elif clear_hash is not None:
                     clear_hash.update(out)
                 yield out
-            if entry is not None:
+            if entry is not None and clear_hash is not None:
                 if hashing is not None:
                     hashing.shutdown()  # waits for every update, in order
                 digest = clear_hash.hexdigest()
@@ -307,6 +309,7 @@ def _diagnose(cipher: _FileCipher, ct: bytes | memoryview, counter: int, last: b
                        "was altered, its chunks reordered, or the key is wrong; fetch the bundle again")
 
 
+_new_bytearray: Callable[[None, int], bytearray] | None
 try:  # CPython: with a NULL source the buffer is left uninitialized (big ones come untouched from mmap)
     _new_bytearray = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
         ("PyByteArray_FromStringAndSize", ctypes.pythonapi))

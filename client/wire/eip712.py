@@ -22,7 +22,7 @@ from coincurve import PublicKey
 from eth_account.messages import SignableMessage
 from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
-from eth_keys import keys
+from eth_keys.datatypes import PrivateKey
 from eth_utils import to_checksum_address
 
 from dcml.client.wire.hexutil import from_hex, to_hex
@@ -219,9 +219,9 @@ class Domain:
 # --- signing and recovery ------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=16)
-def _private_key(raw: bytes) -> keys.PrivateKey:
+def _private_key(raw: bytes) -> PrivateKey:
     """Deriving the public key costs more than the signature: keep the key object per signer."""
-    return keys.PrivateKey(raw)
+    return PrivateKey(raw)
 
 
 def sign(digest: bytes, account: LocalAccount) -> bytes:

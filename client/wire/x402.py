@@ -43,7 +43,7 @@ ACCEPTANCE_HEADER = "X-DCML-Acceptance"
 NEED_VOUCHER_EVENT = "payment-need-voucher"
 PAYMENT_TIMEOUT_EVENT = "payment-timeout"
 VOUCHERS_PATH = "/v1/payments/vouchers"
-SCHEME = "channel"
+SCHEME: Literal["channel"] = "channel"
 X402_VERSION = 2
 MAX_HEADER_BYTES = 8192  # a PaymentPayload is ~1 KiB; anything far larger is refused before decoding
 

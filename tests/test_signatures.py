@@ -225,3 +225,16 @@ def test_recover_applies_one_rule() -> None:
     for bad in (_high_s_twin(sig), sig[:64], sig + b"\0", bytes(32) + sig[32:], "0xzz"):
         with pytest.raises(eip712.SignatureError):
             eip712.recover(digest, bad)
+
+
+def test_access_auth_signatures_follow_the_same_rule() -> None:
+    """The EIP-191 `X-DCML-Auth` header is recovered by the same function: its high-s twin is refused too."""
+    from dcml.client.wire.access import AUTH_HEADER, auth_header, recover_auth
+
+    node = "0x" + "ab" * 20
+    value = auth_header(SIGNER, node, "channel 0x01", now=1_000)[AUTH_HEADER]
+    assert recover_auth(value, node, "channel 0x01", now=1_000) == SIGNER.address
+    ts, _, sig = value.partition(":")
+    twin = f"{ts}:{to_hex(_high_s_twin(bytes.fromhex(sig[2:])))}"
+    assert recover_auth(twin, node, "channel 0x01", now=1_000) is None
+    assert recover_auth(f"{ts}:{sig[:-2]}", node, "channel 0x01", now=1_000) is None

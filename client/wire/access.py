@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import time
 
-from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
+from eth_hash.auto import keccak
+from eth_utils import to_checksum_address
+
+from dcml.client.wire import eip712
+from dcml.client.wire.hexutil import to_hex
 
 AUTH_HEADER = "X-DCML-Auth"
 MAX_SKEW_S = 300
@@ -36,21 +40,23 @@ def channel_resource(channel_id: str) -> str:
     return f"channel {channel_id.lower()}"
 
 
-def _message(node_address: str, resource: str, ts: int) -> bytes:
-    return f"dcml-auth-v1\nnode: {node_address.lower()}\nresource: {resource}\ntime: {ts}".encode()
+def _digest(node_address: str, resource: str, ts: int) -> bytes:
+    """The EIP-191 (personal_sign) digest of the auth message."""
+    m = encode_defunct(f"dcml-auth-v1\nnode: {node_address.lower()}\nresource: {resource}\ntime: {ts}".encode())
+    return keccak(b"\x19" + m.version + m.header + m.body)
 
 
 def auth_header(signer: LocalAccount, node_address: str, resource: str, *, now: float | None = None
                 ) -> dict[str, str]:
     """The header that lets `signer` (a channel's payer or session key) read `resource` on that node."""
     ts = int(time.time() if now is None else now)
-    sig = signer.sign_message(encode_defunct(_message(node_address, resource, ts))).signature
-    return {AUTH_HEADER: f"{ts}:0x{bytes(sig).hex()}"}
+    return {AUTH_HEADER: f"{ts}:{to_hex(eip712.sign(_digest(node_address, resource, ts), signer))}"}
 
 
 def recover_auth(value: str | None, node_address: str, resource: str, *, now: float | None = None,
                  max_skew_s: float = MAX_SKEW_S) -> str | None:
-    """The address that signed `value` for this node and resource, or None (absent, malformed, stale)."""
+    """The address that signed `value` for this node and resource, or None (absent, malformed, stale, or a
+    signature the one rule of `eip712.recover` refuses: wrong length, high s, bad v)."""
     if not value or len(value) > 200:
         return None
     ts_text, _, sig = value.partition(":")
@@ -59,9 +65,6 @@ def recover_auth(value: str | None, node_address: str, resource: str, *, now: fl
         now = time.time() if now is None else now
         if abs(now - ts) > max_skew_s:
             return None
-        raw = bytes.fromhex(sig.removeprefix("0x"))
-        if len(raw) != 65:
-            return None
-        return Account.recover_message(encode_defunct(_message(node_address, resource, ts)), signature=raw)
-    except Exception:  # eth_keys raises several types on malformed signatures
+        return to_checksum_address(eip712.recover(_digest(node_address, resource, ts), sig))
+    except ValueError:  # not a number, not hex, or eip712.SignatureError
         return None

@@ -414,3 +414,26 @@ def _matches(node_address: str, node_url: str, request_hash: str, node: str | No
     if node is not None and node.lower() not in (node_address.lower(), node_url.rstrip("/").lower()):
         return False
     return wanted is None or request_hash == wanted.lower()
+
+
+class AutoDisputer:
+    """A daemon thread that every `interval_s` opens due disputes and finalizes unanswered ones."""
+
+    def __init__(self, disputes: Disputes, interval_s: float) -> None:
+        self.disputes, self.interval_s = disputes, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dcml-disputes", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.disputes.open_due()
+                self.disputes.finalize_due()
+            except Exception:
+                log.exception("automatic disputes failed; retrying in %s s", self.interval_s)
+            self._stop.wait(self.interval_s)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=timeout)

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -32,27 +31,15 @@ from dcml.client.chain.channel import ChannelBook, ChannelParams
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.sla import Broken, DisputeStatus, SLACourtClient, SLAError, Terms, broken_terms
+from dcml.client.sdk.sla_terms import BROKEN_NAMES, TERMS_TTL_S, TermsCache, broken_names
 from dcml.client.sdk.spend_store import BreachClaim, SpendStore, StoredAcceptance
 from dcml.client.wire.access import auth_header, receipts_resource
 from dcml.client.wire.receipts import ReceiptDomain, ReceiptError, SignedReceipt, recover_receipt_signer
 
 log = logging.getLogger("dcml.disputes")
 
-# Terms are read from the chain at most once a minute per (node, model): checking every receipt means one
-# chain read on every paid request's path otherwise. A version published within the last minute may be
-# missed for that minute (the court, which judges by the chain, still has the last word on any claim).
-TERMS_TTL_S = 60.0
-# A receipt no cached version covers (e.g. the node's first terms are new) refreshes at most this often,
-# so a node without terms does not cost a chain read per request either.
-TERMS_MISS_RETRY_S = 5.0
 # Court errors that mean "not yet", not "no": the item stays due.
 _NOT_YET = {"DeadlineNotPassed", "WindowOpen"}
-_BROKEN_NAMES = {Broken.TTFT: "ttft", Broken.RATE: "rate", Broken.DURATION: "duration"}
-
-
-def broken_names(bits: int) -> list[str]:
-    """`Broken` bits as names: ttft, rate, duration (the violation reasons are ``sla_`` + these)."""
-    return [name for bit, name in _BROKEN_NAMES.items() if bits & bit]
 
 
 @dataclass(frozen=True)
@@ -131,8 +118,7 @@ class Disputes:
         # answer a dispute with that receipt and take the bond, so they are not disputed while it streams.
         self._answering = answering or (lambda request_hash: False)
         self._batch = threading.Lock()  # one open/finalize pass at a time (the auto thread and a caller)
-        self._terms: dict[tuple[str, str], tuple[float, list[Terms]]] = {}
-        self._terms_lock = threading.Lock()
+        self._terms = TermsCache(self.court, terms_ttl_s)
 
     def chain_now(self) -> int:
         """The latest block's timestamp: the court compares deadlines with block.timestamp, not our clock."""
@@ -142,18 +128,7 @@ class Disputes:
 
     def terms_at(self, node: str, model_id: str, at: int) -> Terms | None:
         """The node's terms for `model_id` in force at `at` (None if it published none), from a short cache."""
-        key, now = (node.lower(), model_id.lower()), time.monotonic()
-        with self._terms_lock:
-            cached = self._terms.get(key)
-        if cached is not None:
-            found = _in_force(cached[1], at)
-            age = now - cached[0]
-            if age < self.terms_ttl_s and (found is not None or age < TERMS_MISS_RETRY_S):
-                return found
-        versions = self.court.terms_versions(node, model_id)
-        with self._terms_lock:
-            self._terms[key] = (now, versions)
-        return _in_force(versions, at)
+        return self._terms.at(node, model_id, at)
 
     def check_receipt(self, signed: SignedReceipt, *, node_address: str, node_url: str) -> Broken:
         """Check a verified receipt of `node_address` against its terms in force at the receipt's acceptedAt.
@@ -173,7 +148,7 @@ class Disputes:
                       Broken.RATE: f"{r.output_tokens} tokens in {r.duration_ms} ms (first after {r.ttft_ms} ms) "
                                    f"< {terms.min_tokens_per_sec} tokens/s",
                       Broken.DURATION: f"duration {r.duration_ms} ms > {terms.max_duration_ms} ms"}
-            for bit, name in _BROKEN_NAMES.items():
+            for bit, name in BROKEN_NAMES.items():
                 if broken & bit:
                     self.store.record_violation(
                         node_url=node_url, reason=f"sla_{name}", channel_id=r.channel_id, receipt_id=r.receipt_id,
@@ -399,15 +374,6 @@ class Disputes:
     def _events(self, name: str, **filters: object) -> list:
         event = getattr(self.court.contract.events, name)()
         return list(event.get_logs(from_block=self.deployment.start_block, argument_filters=filters))
-
-
-def _in_force(versions: Iterable[Terms], at: int) -> Terms | None:
-    """The court's `termsAt`: the latest version valid from `at` or earlier."""
-    found = None
-    for t in versions:
-        if t.valid_from <= at:
-            found = t
-    return found
 
 
 def _matches(node_address: str, node_url: str, request_hash: str, node: str | None, wanted: str | None) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -75,12 +75,13 @@ def chat(
     """Send one chat message, print the answer and what it cost."""
     opts: Options = ctx.obj
     text = sys.stdin.read() if prompt == "-" else prompt
-    params = {} if max_tokens is None else {"max_tokens": max_tokens}
+    params: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
     with handled(opts), opts.client(node, deposit=deposit, max_price=max_price, seal=seal) as client:
         if not opts.json:
             attested = client.attest()
             err.print(f"[dim]node {attested.signing_address} ({attested.marker})[/]", highlight=False)
-        messages = [{"role": "user", "content": text}]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": text}]
+        result: ChatResult | ChatStream | None
         if stream and not opts.json:
             s = client.chat(messages, model, stream=True, **params)
             assert isinstance(s, ChatStream)
@@ -181,15 +182,22 @@ def channel_list(ctx: typer.Context, chain: Annotated[bool, typer.Option(help="A
     opts: Options = ctx.obj
     with handled(opts), opts.client("http://unused") as client:
         rows = []
-        for ch in client.channels():
+        stored = client.channels()
+        for ch in stored:
             row = ch.as_json()
             if chain:
                 st = client.channel_state(ch.channel_id)
                 row.update(onchain_deposit=str(st.deposit), onchain_settled=str(st.settled), finalized=st.finalized,
                            close_requested_at=st.close_requested_at)
             rows.append(row)
-        emit(opts, rows, lambda: [out.print(_channel_row(c), highlight=False) for c in client.channels()]
-              or out.print("no channels yet: `dcml chat` or `dcml channel open` opens one"))
+
+        def human() -> None:
+            for c in stored:
+                out.print(_channel_row(c), highlight=False)
+            if not stored:
+                out.print("no channels yet: `dcml chat` or `dcml channel open` opens one")
+
+        emit(opts, rows, human)
 
 
 # -- receipts ---------------------------------------------------------------------------------------
@@ -202,10 +210,14 @@ def receipts_list(ctx: typer.Context, channel: Annotated[str | None, typer.Optio
     opts: Options = ctx.obj
     with handled(opts), opts.client("http://unused") as client:
         rows = client.receipts(channel)
-        emit(opts, [r.as_json() for r in rows],
-              lambda: [out.print(f"{r.receipt_id}  channel={r.channel_id[:10]}…  in={r.input_tokens} "
-                                 f"out={r.output_tokens}  cost={r.cost}  cumulative={r.cumulative_spent}",
-                                 highlight=False) for r in rows] or out.print("no receipts yet"))
+        def human() -> None:
+            for r in rows:
+                out.print(f"{r.receipt_id}  channel={r.channel_id[:10]}…  in={r.input_tokens} "
+                          f"out={r.output_tokens}  cost={r.cost}  cumulative={r.cumulative_spent}", highlight=False)
+            if not rows:
+                out.print("no receipts yet")
+
+        emit(opts, [r.as_json() for r in rows], human)
 
 
 @receipts_app.command("verify")
@@ -214,7 +226,7 @@ def receipts_verify(ctx: typer.Context) -> None:
     stored request body, cost = tokens x the channel's prices. Exit code 1 if any fails."""
     opts: Options = ctx.obj
     with handled(opts), opts.client("http://unused") as client:
-        results = []
+        results: list[dict[str, Any]] = []
         channels = {c.channel_id: c for c in client.channels()}
         for r in client.receipts():
             ch = channels.get(r.channel_id)
@@ -232,10 +244,14 @@ def receipts_verify(ctx: typer.Context) -> None:
                                                                                           rec.output_tokens):
                 problem = f"cost_mismatch: {rec.cost}"
             results.append({"receipt_id": r.receipt_id, "ok": problem is None, "problem": problem})
-        emit(opts, {"receipts": results, "violations": len(client.violations())},
-              lambda: [out.print(f"{'[green]ok[/]' if x['ok'] else '[red]BAD[/]'}  {x['receipt_id']}"
-                                 f"{'  ' + x['problem'] if x['problem'] else ''}") for x in results]
-              or out.print("no receipts yet"))
+        def human() -> None:
+            for x in results:
+                out.print(f"{'[green]ok[/]' if x['ok'] else '[red]BAD[/]'}  {x['receipt_id']}"
+                          f"{'  ' + x['problem'] if x['problem'] else ''}")
+            if not results:
+                out.print("no receipts yet")
+
+        emit(opts, {"receipts": results, "violations": len(client.violations())}, human)
         if not all(x["ok"] for x in results):
             raise typer.Exit(1)
 

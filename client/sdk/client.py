@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 from eth_account.signers.local import LocalAccount
+from openai import AsyncOpenAI, OpenAI
 from web3 import Web3
 
 from dcml.client.attestation.verify import AttestationDocument, Policy, VerifiedNode, verify_attestation
@@ -204,14 +204,17 @@ class Client(ChannelPayer):
         return ChatResult(text, data.get("usage"), exchange.receipt, exchange.cost, exchange.channel_id, data,
                           sla_broken=self._sla_of(exchange.receipt), sealed=exchange.sealed)
 
-    def openai(self, **kwargs: Any) -> openai.OpenAI:
+    def openai(self, **kwargs: Any) -> OpenAI:
         """The official client, paying and verifying through this Client."""
         http = httpx.Client(transport=PayingTransport(self), timeout=self.timeout)
-        return openai.OpenAI(base_url=self.node_url + "/v1", api_key="dcml", http_client=http, **kwargs)
+        # openai 3.51 annotates httpx2 clients; it drives any httpx-compatible client, as this one is.
+        return OpenAI(base_url=self.node_url + "/v1", api_key="dcml", http_client=http,  # type: ignore[arg-type]
+                      **kwargs)
 
-    def async_openai(self, **kwargs: Any) -> openai.AsyncOpenAI:
+    def async_openai(self, **kwargs: Any) -> AsyncOpenAI:
         http = httpx.AsyncClient(transport=AsyncPayingTransport(self), timeout=self.timeout)
-        return openai.AsyncOpenAI(base_url=self.node_url + "/v1", api_key="dcml", http_client=http, **kwargs)
+        return AsyncOpenAI(base_url=self.node_url + "/v1", api_key="dcml",
+                           http_client=http, **kwargs)  # type: ignore[arg-type]  # as in `openai`
 
 
 def discover(deployment: Deployment, bootstrap: list[str], model: str | None = None, *,

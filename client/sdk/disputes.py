@@ -15,11 +15,13 @@ court is recorded on its item and never stops a batch.
 
 from __future__ import annotations
 
+import builtins  # `Disputes.list` shadows the builtin in the class body
 import logging
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from eth_account.signers.local import LocalAccount
@@ -184,13 +186,13 @@ class Disputes:
     # -- opening ------------------------------------------------------------------------------------
 
     def open_due(self, now: int | None = None, *, node: str | None = None, request_hash: str | None = None,
-                 receipt_id: str | None = None) -> list[DisputeRow]:
+                 receipt_id: str | None = None) -> builtins.list[DisputeRow]:
         """Claim every pending breach and dispute every acceptance past its deadline without a receipt
         (unless the node serves the receipt now). `node` (address or URL), `request_hash` and `receipt_id`
         narrow the batch. Returns the items acted on, as they stand afterwards."""
         with self._batch:
             now = self.chain_now() if now is None else now
-            done: list[DisputeRow] = []
+            done: builtins.list[DisputeRow] = []
             if receipt_id is None:
                 for a in self.store.overdue_acceptances(now):
                     if (_matches(a.node_address, a.node_url, a.request_hash, node, request_hash)
@@ -319,7 +321,7 @@ class Disputes:
 
     # -- finalizing ---------------------------------------------------------------------------------
 
-    def finalize_due(self, now: int | None = None, *, dispute_id: str | None = None) -> list[DisputeRow]:
+    def finalize_due(self, now: int | None = None, *, dispute_id: str | None = None) -> builtins.list[DisputeRow]:
         """For each open dispute (or only `dispute_id`): record an answer (the bond is lost) or a finalization
         by someone else, or finalize it once its window closed. Returns the items that changed."""
         with self._batch:
@@ -371,7 +373,7 @@ class Disputes:
                            f"{self.wallet.address}; run with the payer's key")
         return params
 
-    def _events(self, name: str, **filters: object) -> list:
+    def _events(self, name: str, **filters: object) -> builtins.list[Any]:
         event = getattr(self.court.contract.events, name)()
         return list(event.get_logs(from_block=self.deployment.start_block, argument_filters=filters))
 

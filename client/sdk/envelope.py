@@ -73,8 +73,11 @@ def seal_attempt(key: bytes | None, body: bytes, url: httpx.URL) -> SealedReques
 
 
 def response_key(response: httpx.Response, sealed: SealedRequest | None) -> ResponseKey | None:
-    if sealed is None:
-        return None
+    return None if sealed is None else _sealed_key(response, sealed)
+
+
+def _sealed_key(response: httpx.Response, sealed: SealedRequest) -> ResponseKey:
+    """The key that opens the answer to a sealed request; an unsealed answer to it is refused."""
     if response.headers.get(SEALED_HEADER) != "1":
         raise SealedResponseError(f"the node answered a sealed request unsealed ({response.status_code}): refusing "
                                   "it, since anyone on the path could have written it")
@@ -106,7 +109,7 @@ def opened_error(response: httpx.Response, data: bytes, sealed: SealedRequest | 
     if sealed is None or not response.headers.get("content-type", "").startswith(SEALED_CONTENT_TYPE):
         return httpx.Response(response.status_code, headers=response.headers, content=data,
                               extensions=response.extensions)
-    key = response_key(response, sealed)
+    key = _sealed_key(response, sealed)
     try:
         plain = open_response(key, data)
     except E2EError as exc:

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from fastapi.responses import Response, StreamingResponse
@@ -53,7 +53,11 @@ from dcml.client.wire import sse
 # Kept importable from here: the app, the CLI entry point and the config were defined in this module.
 __all__ = ["Gateway", "GatewayConfig", "SpendingLimits", "create_gateway_app", "main"]
 
+if TYPE_CHECKING:
+    from dcml.client.chain.registry import RegistryClient
+
 log = logging.getLogger("dcml.gateway")
+_First = tuple[bytes, AsyncIterator[bytes]]  # a stream's first chunk, and the iterator for the rest
 
 
 class Gateway:
@@ -67,7 +71,7 @@ class Gateway:
         self.nodes: dict[str, Upstream] = {}
         self.spending = Spending(cfg.limits)
         self._tx_lock = asyncio.Lock()  # channel openings: one wallet transaction at a time
-        self._registry = None
+        self._registry: RegistryClient | None = None
         self._registry_read: tuple[float, list[str]] = (-1e9, [])  # (when, active endpoints)
 
     # -- nodes -----------------------------------------------------------------------------------
@@ -83,7 +87,7 @@ class Gateway:
             urls += self._registry_read[1]
         return list(dict.fromkeys(urls))
 
-    def _registry_client(self):
+    def _registry_client(self) -> RegistryClient:
         if self._registry is None:
             from web3 import Web3
 
@@ -196,7 +200,8 @@ class Gateway:
             return error(503, "service_unavailable", "no_node", f"no verified node serves {model!r} now"
                           + "".join(f"; {n.url}: {n.last_error}" for n in self.nodes.values() if n.last_error))
         max_tokens = body.get("max_completion_tokens") or body["max_tokens"]
-        cost, tried, worst = 0, [], 0
+        cost, worst = 0, 0
+        tried: list[str] = []
         try:
             for node in nodes:
                 price = node.prices[model]
@@ -228,7 +233,7 @@ class Gateway:
                 except BaseException:
                     node.free.put_nowait(slot)
                     raise
-                if not stream:
+                if first is None:  # not streamed
                     node.free.put_nowait(slot)
                     cost = exchange.cost
                     log.info("%s answered by %s: %d wei", model, node.url, cost)
@@ -247,7 +252,7 @@ class Gateway:
             if worst:
                 await self.spending.release(worst, cost)
 
-    async def _relay(self, response: httpx.Response, exchange: Exchange, first: tuple, node: Upstream, slot: Slot,
+    async def _relay(self, response: httpx.Response, exchange: Exchange, first: _First, node: Upstream, slot: Slot,
                      model: str, held: int) -> Any:
         """Pass the node's stream through; the verified receipt goes out as a last chunk before [DONE]."""
         cost = 0
@@ -265,7 +270,7 @@ class Gateway:
             await self.spending.release(held, exchange.cost)
 
     async def _send(self, node: Upstream, slot: Slot, path: str, raw: bytes, stream: bool
-                    ) -> tuple[httpx.Response, Exchange, tuple | None]:
+                    ) -> tuple[httpx.Response, Exchange, _First | None]:
         start = time.monotonic()
         request = slot.http.build_request("POST", path, content=raw, headers={"content-type": "application/json"})
         response = None
@@ -279,7 +284,7 @@ class Gateway:
                         raise ClientFault(response.status_code, body)
                     raise NodeFailed(f"answered {response.status_code}: {body[:200].decode(errors='replace')}")
                 exchange: Exchange = response.extensions[EXCHANGE_EXTENSION]
-                first = None
+                first: _First | None = None
                 if stream:  # the same iterator feeds the relay: a response streams once
                     blocks = response.aiter_raw()
                     first = (await anext(blocks), blocks)
@@ -314,10 +319,9 @@ class Gateway:
             for m, o in sorted(offers.items())]}
 
     def spend(self) -> dict[str, Any]:
-        out = {"spent_last_hour": str(self.spending.last_hour()), "in_flight_reserved": str(self.spending.reserved),
-               "limits": self.cfg.limits.model_dump(), "nodes": []}
+        nodes: list[dict[str, Any]] = []
         for n in self.nodes.values():
-            out["nodes"].append({
+            nodes.append({
                 "url": n.url, "prices": {m: {"input": str(p.input), "output": str(p.output)}
                                          for m, p in n.prices.items()},
                 "ttft_ms": round(n.ttft_s * 1000, 1) if n.ttft_s is not None else None, "failures": n.failures,
@@ -326,7 +330,8 @@ class Gateway:
                 "receipts": [r.as_json() for slot in n.slots for r in slot.client.receipts()],
                 "violations": [{"reason": v.reason, "message": v.message} for slot in n.slots
                                for v in slot.client.violations()]})
-        return out
+        return {"spent_last_hour": str(self.spending.last_hour()), "in_flight_reserved": str(self.spending.reserved),
+                "limits": self.cfg.limits.model_dump(), "nodes": nodes}
 
     async def aclose(self) -> None:
         for n in self.nodes.values():

@@ -262,7 +262,7 @@ class ChannelPayer(PayerChannels):
     def _ceiling(self, exchange: Exchange, ch: StoredChannel) -> int | None:
         """The most this request can bring the channel's spent to, when it has been alone on the channel since its
         admission and names max_tokens: what was spent at admission (its prompt included) + max_tokens x price."""
-        live = self._live.get(exchange.channel_id, LiveChannel())
+        live = self._live.get(exchange.channel_id or "", LiveChannel())
         alone = exchange.alone_epoch is not None and exchange.alone_epoch == live.epoch
         if not alone or live.inflight != 1 or live.offered or exchange.spent_at_admission is None:
             return None

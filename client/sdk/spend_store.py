@@ -188,7 +188,7 @@ class SpendStore:
         return channel_row(row) if row else None
 
     def channels(self, *, payer: str | None = None, status: str | None = None) -> list[StoredChannel]:
-        sql, args = f"SELECT {CHANNEL_COLS} FROM channels WHERE 1=1", []
+        sql, args = f"SELECT {CHANNEL_COLS} FROM channels WHERE 1=1", list[str]()
         if payer:
             sql, args = sql + " AND lower(payer) = ?", [*args, payer.lower()]
         if status:
@@ -268,7 +268,7 @@ class SpendStore:
                            (str(r.cumulative_spent), time.time(), r.channel_id))
 
     def receipts(self, channel_id: str | None = None) -> list[StoredReceipt]:
-        sql, args = "SELECT * FROM receipts", ()
+        sql, args = "SELECT * FROM receipts", tuple[str, ...]()
         if channel_id:
             sql, args = sql + " WHERE channel_id = ?", (channel_id.lower(),)
         with self._lock:
@@ -320,7 +320,7 @@ class SpendStore:
 
     def acceptances(self, *, node_address: str | None = None, request_hash: str | None = None
                     ) -> list[StoredAcceptance]:
-        where, args = "1=1", []
+        where, args = "1=1", list[str]()
         if node_address:
             where, args = where + " AND node_address = ?", [*args, node_address.lower()]
         if request_hash:
@@ -360,7 +360,7 @@ class SpendStore:
                  str(expected), signed.model_dump_json(by_alias=True), now, now)).rowcount == 1
 
     def breach_claims(self, status: str | None = None) -> list[BreachClaim]:
-        sql, args = f"SELECT {CLAIM_COLS} FROM breach_claims", ()
+        sql, args = f"SELECT {CLAIM_COLS} FROM breach_claims", tuple[str, ...]()
         if status:
             sql, args = sql + " WHERE status = ?", (status,)
         with self._lock:

@@ -11,7 +11,7 @@ stops at `[DONE]` (the SDK does) still gets it checked. The two byte streams dri
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio.to_thread
 import httpx
@@ -92,7 +92,8 @@ class PaidStream(httpx.SyncByteStream):
     def __iter__(self) -> Iterator[bytes]:
         payer = self.transport.payer
         try:
-            for chunk in self.upstream.stream:  # raw bytes: identity encoding was asked for
+            # Raw bytes (identity encoding was asked for); a sync transport answers with a sync stream.
+            for chunk in cast(httpx.SyncByteStream, self.upstream.stream):
                 for item in self.filter.feed(chunk):
                     if isinstance(item, NeedVoucher):
                         self.transport.post_voucher(self.url, payer.on_need_voucher(item, self.exchange))
@@ -125,7 +126,7 @@ class AsyncPaidStream(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         payer = self.transport.payer
         try:
-            async for chunk in self.upstream.stream:  # type: ignore[union-attr]
+            async for chunk in cast(httpx.AsyncByteStream, self.upstream.stream):
                 for item in self.filter.feed(chunk):
                     if isinstance(item, NeedVoucher):
                         voucher = await anyio.to_thread.run_sync(payer.on_need_voucher, item, self.exchange)

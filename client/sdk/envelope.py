@@ -140,8 +140,11 @@ def voucher_answer(status: int, body: bytes) -> None:
         code, message = str(err.get("code") or "rejected"), str(err.get("message"))
     except (ValueError, KeyError, TypeError, AttributeError):
         code, message = "rejected", body[:200].decode(errors="replace")
-    if code == "not_increasing":
-        return  # the node already holds this voucher or a higher one (a concurrent stream of ours posted it)
+    if code in ("not_increasing", "bad_release"):
+        # The node already holds this voucher or a higher one: a concurrent stream of ours posted it first (a
+        # voucher below the accepted one reads as a release there, refused as `bad_release` when it no longer
+        # covers what was served). This one adds nothing; if the node still needs more, it asks again.
+        return
     raise PaymentRejected(code, message)
 
 

@@ -14,7 +14,7 @@ What a receipt's responseHash covers is the `data` of the unnamed events, as thi
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 DONE = b"[DONE]"  # the last data payload of an OpenAI stream
 MESSAGE = "message"  # the name of an event without an `event:` field
@@ -28,8 +28,7 @@ class SseError(ValueError):
     """The stream breaks a bound (a line or an event too large) or the writer was given unframeable input."""
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     data: bytes  # the data lines joined with LF
     name: str = MESSAGE  # the `event:` field; unnamed events are "message"
 
@@ -57,16 +56,20 @@ class SseReader:
             self._cr = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-        pos = 0
-        for m in _EOL.finditer(chunk):
-            self._line += chunk[pos:m.start()]
-            self._check_line()
-            self._field(bytes(self._line), out)
-            self._line.clear()
-            pos = m.end()
-            self._cr = pos == len(chunk) and m.group() == b"\r"
-        self._line += chunk[pos:]
-        self._check_line()
+        lines = _EOL.split(chunk)
+        rest = lines.pop()  # the start of a line not yet ended
+        if lines:
+            if self._line:
+                lines[0] = bytes(self._line) + lines[0]
+                self._line.clear()
+            for line in lines:
+                if len(line) > self.max_line:
+                    raise SseError(f"an event-stream line exceeds {self.max_line} bytes")
+                self._field(line, out)
+            self._cr = chunk.endswith(b"\r")
+        self._line += rest
+        if len(self._line) > self.max_line:
+            raise SseError(f"an event-stream line exceeds {self.max_line} bytes")
         return out
 
     def close(self) -> None:
@@ -74,21 +77,20 @@ class SseReader:
         self._line.clear()
         self._data, self._size, self._name, self._cr = [], 0, MESSAGE, False
 
-    def _check_line(self) -> None:
-        if len(self._line) > self.max_line:
-            raise SseError(f"an event-stream line exceeds {self.max_line} bytes")
-
     def _field(self, line: bytes, out: list[Event]) -> None:
         if not line:  # blank line: dispatch
             if self._data:
                 out.append(Event(b"\n".join(self._data), self._name))
             self._data, self._size, self._name = [], 0, MESSAGE
             return
-        if line[:1] == b":":
+        if line.startswith(b"data: "):  # the usual line, first
+            name, value = b"data", line[6:]
+        elif line[:1] == b":":
             return  # a comment (keep-alive)
-        name, _, value = line.partition(b":")
-        if value[:1] == b" ":
-            value = value[1:]
+        else:
+            name, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
         if name == b"data":
             self._size += len(value) + 1
             if self._size > self.max_event:

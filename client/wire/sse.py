@@ -124,7 +124,11 @@ def format_event(data: bytes, name: str | None = None) -> bytes:
 
 
 def data_event(payload: bytes) -> bytes:
-    return format_event(payload)
+    """An unnamed event: the node's hot path (one per streamed chunk), so the usual one-line payload is framed
+    directly."""
+    if b"\n" in payload or b"\r" in payload:
+        return format_event(payload)
+    return b"data: " + payload + b"\n\n"
 
 
 def named_event(name: str, payload: bytes) -> bytes:

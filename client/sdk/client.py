@@ -56,6 +56,7 @@ from dcml.client.wire.receipts import DEFAULT_DOMAIN, ReceiptDomain
 __all__ = ["ChatResult", "ChatStream", "Client", "InsufficientDeposit", "NodeError", "PaymentError",
            "PaymentRejected", "ReceiptViolation", "UntrustedTerms", "discover"]
 
+
 class Client(ChannelPayer):
     """Pays one node for inference. Thread-safe; channel and voucher decisions are serialized.
 

@@ -295,3 +295,16 @@ def test_a_node_asking_for_more_than_the_request_can_cost_is_not_paid(client: Cl
         client.on_need_voucher(greedy, exchange)
     assert client.store.highest_voucher(ch.channel_id)[0] == ch.spent + 10 * PRICE_OUT
     assert [v.reason for v in client.violations()] == ["overcharge"]
+
+
+def test_a_voucher_the_node_already_holds_better_is_not_an_error() -> None:
+    """A concurrent stream's higher voucher can reach the node first: ours then reads as a stale voucher
+    (`not_increasing`) or a release below what was served (`bad_release`), adds nothing, and must not kill the
+    stream. Any other refusal is raised."""
+    from dcml.client.sdk.envelope import voucher_answer
+    from dcml.client.sdk.transport import PaymentRejected
+
+    for code in ("not_increasing", "bad_release"):
+        assert voucher_answer(402, b'{"error":{"code":"%s","message":"m"}}' % code.encode()) is None
+    with pytest.raises(PaymentRejected, match="exceeds_deposit"):
+        voucher_answer(402, b'{"error":{"code":"exceeds_deposit","message":"m"}}')

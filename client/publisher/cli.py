@@ -225,6 +225,7 @@ def revoke(
 
     if (node is None) == (measurement is None):
         raise typer.BadParameter("pass exactly one of --node or --measurement")
+    kind, value = ("node", node) if node is not None else ("measurement", measurement or "")
     log = AuditLog(db)
-    log.revoke("node" if node else "measurement", node or measurement, model_id=model, note=note)
-    console.print(f"revoked {'node ' + node if node else 'measurement ' + measurement} for {model}")
+    log.revoke(kind, value, model_id=model, note=note)
+    console.print(f"revoked {kind} {value} for {model}")

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import httpx
 import trio
@@ -38,6 +38,10 @@ from dcml.client.wire.advert import (
     resolve_model_id,
     verify_signature,
 )
+
+if TYPE_CHECKING:
+    from dcml.client.network.bridge import TrioThread
+    from dcml.client.network.overlay import Overlay
 
 log = logging.getLogger("dcml.discovery")
 _STORED = ("dht", "sync")  # copies held by others: stale or expired ones are expected, not hostile
@@ -161,8 +165,8 @@ class Discovery:
         self._last_seq: dict[str, int] = {}
         self._registry_cache: dict[str, tuple[float, RegisteredNode | None]] = {}
         self._attested: dict[tuple[str, str, str], _Attested] = {}
-        self._bridge = None
-        self._overlay = None
+        self._bridge: TrioThread | None = None
+        self._overlay: Overlay | None = None
 
     # lifecycle ------------------------------------------------------------------------------------
 

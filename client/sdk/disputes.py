@@ -15,12 +15,13 @@ court is recorded on its item and never stops a batch.
 
 from __future__ import annotations
 
+import builtins  # `Disputes.list` shadows the builtin in the class body
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from eth_account.signers.local import LocalAccount
@@ -32,6 +33,7 @@ from dcml.client.chain.channel import ChannelBook, ChannelParams
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.sla import Broken, DisputeStatus, SLACourtClient, SLAError, Terms, broken_terms
+from dcml.client.sdk.sla_terms import BROKEN_NAMES, TERMS_TTL_S, TermsCache, broken_names
 from dcml.client.sdk.spend_store import BreachClaim, SpendStore, StoredAcceptance
 from dcml.client.wire.access import auth_header, receipts_resource
 from dcml.client.wire.hexutil import from_hex as _b32
@@ -40,21 +42,8 @@ from dcml.client.wire.receipts import ReceiptDomain, ReceiptError, SignedReceipt
 
 log = logging.getLogger("dcml.disputes")
 
-# Terms are read from the chain at most once a minute per (node, model): checking every receipt means one
-# chain read on every paid request's path otherwise. A version published within the last minute may be
-# missed for that minute (the court, which judges by the chain, still has the last word on any claim).
-TERMS_TTL_S = 60.0
-# A receipt no cached version covers (e.g. the node's first terms are new) refreshes at most this often,
-# so a node without terms does not cost a chain read per request either.
-TERMS_MISS_RETRY_S = 5.0
 # Court errors that mean "not yet", not "no": the item stays due.
 _NOT_YET = {"DeadlineNotPassed", "WindowOpen"}
-_BROKEN_NAMES = {Broken.TTFT: "ttft", Broken.RATE: "rate", Broken.DURATION: "duration"}
-
-
-def broken_names(bits: int) -> list[str]:
-    """`Broken` bits as names: ttft, rate, duration (the violation reasons are ``sla_`` + these)."""
-    return [name for bit, name in _BROKEN_NAMES.items() if bits & bit]
 
 
 @dataclass(frozen=True)
@@ -125,8 +114,7 @@ class Disputes:
         # answer a dispute with that receipt and take the bond, so they are not disputed while it streams.
         self._answering = answering or (lambda request_hash: False)
         self._batch = threading.Lock()  # one open/finalize pass at a time (the auto thread and a caller)
-        self._terms: dict[tuple[str, str], tuple[float, list[Terms]]] = {}
-        self._terms_lock = threading.Lock()
+        self._terms = TermsCache(self.court, terms_ttl_s)
 
     def chain_now(self) -> int:
         """The latest block's timestamp: the court compares deadlines with block.timestamp, not our clock."""
@@ -136,18 +124,7 @@ class Disputes:
 
     def terms_at(self, node: str, model_id: str, at: int) -> Terms | None:
         """The node's terms for `model_id` in force at `at` (None if it published none), from a short cache."""
-        key, now = (node.lower(), model_id.lower()), time.monotonic()
-        with self._terms_lock:
-            cached = self._terms.get(key)
-        if cached is not None:
-            found = _in_force(cached[1], at)
-            age = now - cached[0]
-            if age < self.terms_ttl_s and (found is not None or age < TERMS_MISS_RETRY_S):
-                return found
-        versions = self.court.terms_versions(node, model_id)
-        with self._terms_lock:
-            self._terms[key] = (now, versions)
-        return _in_force(versions, at)
+        return self._terms.at(node, model_id, at)
 
     def check_receipt(self, signed: SignedReceipt, *, node_address: str, node_url: str) -> Broken:
         """Check a verified receipt of `node_address` against its terms in force at the receipt's acceptedAt.
@@ -167,7 +144,7 @@ class Disputes:
                       Broken.RATE: f"{r.output_tokens} tokens in {r.duration_ms} ms (first after {r.ttft_ms} ms) "
                                    f"< {terms.min_tokens_per_sec} tokens/s",
                       Broken.DURATION: f"duration {r.duration_ms} ms > {terms.max_duration_ms} ms"}
-            for bit, name in _BROKEN_NAMES.items():
+            for bit, name in BROKEN_NAMES.items():
                 if broken & bit:
                     self.store.record_violation(
                         node_url=node_url, reason=f"sla_{name}", channel_id=r.channel_id, receipt_id=r.receipt_id,
@@ -203,13 +180,13 @@ class Disputes:
     # -- opening ------------------------------------------------------------------------------------
 
     def open_due(self, now: int | None = None, *, node: str | None = None, request_hash: str | None = None,
-                 receipt_id: str | None = None) -> list[DisputeRow]:
+                 receipt_id: str | None = None) -> builtins.list[DisputeRow]:
         """Claim every pending breach and dispute every acceptance past its deadline without a receipt
         (unless the node serves the receipt now). `node` (address or URL), `request_hash` and `receipt_id`
         narrow the batch. Returns the items acted on, as they stand afterwards."""
         with self._batch:
             now = self.chain_now() if now is None else now
-            done: list[DisputeRow] = []
+            done: builtins.list[DisputeRow] = []
             if receipt_id is None:
                 for a in self.store.overdue_acceptances(now):
                     if (_matches(a.node_address, a.node_url, a.request_hash, node, request_hash)
@@ -338,7 +315,7 @@ class Disputes:
 
     # -- finalizing ---------------------------------------------------------------------------------
 
-    def finalize_due(self, now: int | None = None, *, dispute_id: str | None = None) -> list[DisputeRow]:
+    def finalize_due(self, now: int | None = None, *, dispute_id: str | None = None) -> builtins.list[DisputeRow]:
         """For each open dispute (or only `dispute_id`): record an answer (the bond is lost) or a finalization
         by someone else, or finalize it once its window closed. Returns the items that changed."""
         with self._batch:
@@ -390,21 +367,35 @@ class Disputes:
                            f"{self.wallet.address}; run with the payer's key")
         return params
 
-    def _events(self, name: str, **filters: object) -> list:
+    def _events(self, name: str, **filters: object) -> builtins.list[Any]:
         event = getattr(self.court.contract.events, name)()
         return list(event.get_logs(from_block=self.deployment.start_block, argument_filters=filters))
-
-
-def _in_force(versions: Iterable[Terms], at: int) -> Terms | None:
-    """The court's `termsAt`: the latest version valid from `at` or earlier."""
-    found = None
-    for t in versions:
-        if t.valid_from <= at:
-            found = t
-    return found
 
 
 def _matches(node_address: str, node_url: str, request_hash: str, node: str | None, wanted: str | None) -> bool:
     if node is not None and node.lower() not in (node_address.lower(), node_url.rstrip("/").lower()):
         return False
     return wanted is None or request_hash == wanted.lower()
+
+
+class AutoDisputer:
+    """A daemon thread that every `interval_s` opens due disputes and finalizes unanswered ones."""
+
+    def __init__(self, disputes: Disputes, interval_s: float) -> None:
+        self.disputes, self.interval_s = disputes, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dcml-disputes", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.disputes.open_due()
+                self.disputes.finalize_due()
+            except Exception:
+                log.exception("automatic disputes failed; retrying in %s s", self.interval_s)
+            self._stop.wait(self.interval_s)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=timeout)

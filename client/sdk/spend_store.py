@@ -2,8 +2,7 @@
 receipts verified, violations seen, and the SLA remedies they give (acceptances that may need a
 no-response dispute, receipts that break the node's terms), in one SQLite file.
 
-A later process reuses a channel from here. Session keys are stored encrypted (AES-256-GCM under a key
-derived by HKDF from the wallet's private key, so the file alone does not let anyone sign vouchers) and
+A later process reuses a channel from here. Session keys are stored encrypted (`client.sdk.spend_records`) and
 the file is created with mode 0600 in a 0700 directory. Amounts are uint128 wei, beyond SQLite's
 integers, so they are stored as decimal text.
 """
@@ -16,17 +15,31 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from dcml.client.sdk.spend_records import (
+    ACCEPTANCE_COLS,
+    CHANNEL_COLS,
+    CLAIM_COLS,
+    BreachClaim,
+    SessionKeyLocked,
+    StoredAcceptance,
+    StoredChannel,
+    StoredReceipt,
+    Violation,
+    acceptance_row,
+    channel_row,
+    claim_row,
+    open_session_key,
+    seal_session_key,
+)
 from dcml.client.wire.receipts import SignedAcceptance, SignedReceipt
+
+# The records were defined here before the split; they stay importable from here.
+__all__ = ["BreachClaim", "SessionKeyLocked", "SpendStore", "StoredAcceptance", "StoredChannel", "StoredReceipt",
+           "Violation", "open_session_key", "seal_session_key"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS channels (
@@ -123,167 +136,6 @@ CREATE TABLE IF NOT EXISTS breach_claims (
     UNIQUE (node_address, request_hash)   -- the court pays once per (node, request)
 );
 """
-_KEY_INFO = b"dcml spend-store session key v1"
-
-
-class SessionKeyLocked(Exception):
-    """The stored session key does not decrypt with this wallet."""
-
-
-def _cipher(wallet: LocalAccount) -> AESGCM:
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_KEY_INFO).derive(bytes(wallet.key))
-    return AESGCM(key)
-
-
-def seal_session_key(wallet: LocalAccount, session_key: LocalAccount) -> bytes:
-    nonce = os.urandom(12)
-    return nonce + _cipher(wallet).encrypt(nonce, bytes(session_key.key), session_key.address.lower().encode())
-
-
-def open_session_key(wallet: LocalAccount, blob: bytes, address: str) -> LocalAccount:
-    try:
-        raw = _cipher(wallet).decrypt(blob[:12], blob[12:], address.lower().encode())
-    except InvalidTag as exc:
-        raise SessionKeyLocked(f"the session key of {address} was stored by another wallet; use that wallet's "
-                               "key (--key-env/--key-file) or open a new channel") from exc
-    return Account.from_key(raw)
-
-
-@dataclass(frozen=True)
-class StoredChannel:
-    channel_id: str
-    node_url: str
-    model: str
-    model_id: str
-    payer: str
-    payee: str
-    escrow: str
-    chain_id: int
-    token: str
-    session_address: str
-    deposit: int
-    accepted: int
-    spent: int
-    price_in: int
-    price_out: int
-    prepay: int
-    credit_window: int
-    status: str
-    opened_at: float
-
-    def as_json(self) -> dict:
-        out = dict(self.__dict__)
-        for k in ("chain_id", "deposit", "accepted", "spent", "price_in", "price_out", "prepay", "credit_window"):
-            out[k] = str(out[k])  # every uint a decimal string: JSON numbers lose precision past 2**53
-        return out
-
-
-@dataclass(frozen=True)
-class StoredReceipt:
-    receipt_id: str
-    channel_id: str
-    node_url: str
-    cost: int
-    cumulative_spent: int
-    input_tokens: int
-    output_tokens: int
-    request_body: bytes | None
-    signed: SignedReceipt
-    recorded_at: float
-
-    def as_json(self) -> dict:
-        return {"receipt_id": self.receipt_id, "channel_id": self.channel_id, "node_url": self.node_url,
-                "cost": str(self.cost), "cumulative_spent": str(self.cumulative_spent),
-                "input_tokens": str(self.input_tokens), "output_tokens": str(self.output_tokens),
-                "recorded_at": self.recorded_at}
-
-
-@dataclass(frozen=True)
-class Violation:
-    id: int
-    channel_id: str | None
-    receipt_id: str | None
-    node_url: str
-    reason: str
-    message: str
-    evidence: str | None
-    at: float
-
-
-@dataclass(frozen=True)
-class StoredAcceptance:
-    """A verified acceptance, and the no-response dispute over it once there is one."""
-
-    id: int
-    node_address: str
-    request_hash: str
-    node_url: str
-    channel_id: str
-    model_id: str
-    deadline: int
-    signed: SignedAcceptance
-    receipt_id: str | None
-    dispute_id: str | None
-    dispute_status: str | None  # None (not disputed) | open | answered | finalized | refused
-    answer_by: int | None
-    expected: int | None
-    amount: int | None
-    tx: str | None
-    reason: str | None
-    recorded_at: float
-
-
-@dataclass(frozen=True)
-class BreachClaim:
-    """A verified receipt whose own figures break the node's terms: a claim to send (or sent) to the court."""
-
-    receipt_id: str
-    node_address: str
-    node_url: str
-    channel_id: str
-    request_hash: str
-    broken: int  # client.sla.Broken bits
-    expected: int
-    signed: SignedReceipt
-    status: str  # pending | claimed | refused
-    amount: int | None
-    tx: str | None
-    reason: str | None
-    recorded_at: float
-
-
-_ACCEPTANCE_COLS = ("id, node_address, request_hash, node_url, channel_id, model_id, deadline, signed_json, "
-                    "receipt_id, dispute_id, dispute_status, answer_by, expected, amount, tx, reason, recorded_at")
-_CLAIM_COLS = ("receipt_id, node_address, node_url, channel_id, request_hash, broken, expected, signed_json, status, "
-               "amount, tx, reason, recorded_at")
-
-
-def _int(value: str | None) -> int | None:
-    return None if value is None else int(value)
-
-
-def _acceptance(row: tuple) -> StoredAcceptance:
-    (aid, node, rh, url, cid, mid, deadline, js, rid, did, dstatus, answer_by, expected, amount, tx, reason,
-     at) = row
-    return StoredAcceptance(aid, node, rh, url, cid, mid, deadline, SignedAcceptance.model_validate_json(js), rid,
-                            did, dstatus, answer_by, _int(expected), _int(amount), tx, reason, at)
-
-
-def _claim(row: tuple) -> BreachClaim:
-    rid, node, url, cid, rh, broken, expected, js, status, amount, tx, reason, at = row
-    return BreachClaim(rid, node, url, cid, rh, broken, int(expected), SignedReceipt.from_json(js), status,
-                       _int(amount), tx, reason, at)
-
-
-_CHANNEL_COLS = ("channel_id, node_url, model, model_id, payer, payee, escrow, chain_id, token, session_address, "
-                 "deposit, accepted, spent, price_in, price_out, prepay, credit_window, status, opened_at")
-
-
-def _channel(row: tuple) -> StoredChannel:
-    (cid, url, model, mid, payer, payee, escrow, chain, token, sess, dep, acc, spent, pin, pout, pre, credit,
-     status, opened) = row
-    return StoredChannel(cid, url, model, mid, payer, payee, escrow, chain, token, sess, int(dep), int(acc),
-                         int(spent), int(pin), int(pout), int(pre), int(credit), status, opened)
 
 
 class SpendStore:
@@ -322,7 +174,7 @@ class SpendStore:
         now = time.time()
         with self._tx() as db:
             db.execute(
-                f"INSERT INTO channels ({_CHANNEL_COLS}, session_key, updated_at) "
+                f"INSERT INTO channels ({CHANNEL_COLS}, session_key, updated_at) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (ch.channel_id.lower(), ch.node_url, ch.model, ch.model_id.lower(), ch.payer, ch.payee, ch.escrow,
                  ch.chain_id, ch.token, ch.session_address, str(ch.deposit), str(ch.accepted), str(ch.spent),
@@ -331,30 +183,30 @@ class SpendStore:
 
     def channel(self, channel_id: str) -> StoredChannel | None:
         with self._lock:
-            row = self._db.execute(f"SELECT {_CHANNEL_COLS} FROM channels WHERE channel_id = ?",
+            row = self._db.execute(f"SELECT {CHANNEL_COLS} FROM channels WHERE channel_id = ?",
                                    (channel_id.lower(),)).fetchone()
-        return _channel(row) if row else None
+        return channel_row(row) if row else None
 
     def channels(self, *, payer: str | None = None, status: str | None = None) -> list[StoredChannel]:
-        sql, args = f"SELECT {_CHANNEL_COLS} FROM channels WHERE 1=1", []
+        sql, args = f"SELECT {CHANNEL_COLS} FROM channels WHERE 1=1", list[str]()
         if payer:
             sql, args = sql + " AND lower(payer) = ?", [*args, payer.lower()]
         if status:
             sql, args = sql + " AND status = ?", [*args, status]
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY opened_at", args).fetchall()
-        return [_channel(r) for r in rows]
+        return [channel_row(r) for r in rows]
 
     def find_open(self, *, payer: str, payee: str, escrow: str, chain_id: int, model: str) -> StoredChannel | None:
         """The newest open channel from `payer` to `payee` for the served model `model`."""
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_CHANNEL_COLS} FROM channels WHERE status = 'open' AND lower(payer) = ? AND "
+                f"SELECT {CHANNEL_COLS} FROM channels WHERE status = 'open' AND lower(payer) = ? AND "
                 "lower(payee) = ? AND lower(escrow) = ? AND chain_id = ? AND model = ? "
                 "ORDER BY opened_at DESC LIMIT 1",
                 (payer.lower(), payee.lower(), escrow.lower(), chain_id, model),
             ).fetchone()
-        return _channel(row) if row else None
+        return channel_row(row) if row else None
 
     def session_key(self, channel_id: str, wallet: LocalAccount) -> LocalAccount:
         with self._lock:
@@ -416,7 +268,7 @@ class SpendStore:
                            (str(r.cumulative_spent), time.time(), r.channel_id))
 
     def receipts(self, channel_id: str | None = None) -> list[StoredReceipt]:
-        sql, args = "SELECT * FROM receipts", ()
+        sql, args = "SELECT * FROM receipts", tuple[str, ...]()
         if channel_id:
             sql, args = sql + " WHERE channel_id = ?", (channel_id.lower(),)
         with self._lock:
@@ -458,9 +310,9 @@ class SpendStore:
 
     def _acceptances(self, where: str, args: tuple = ()) -> list[StoredAcceptance]:
         with self._lock:
-            rows = self._db.execute(f"SELECT {_ACCEPTANCE_COLS} FROM acceptances WHERE {where} ORDER BY id",
+            rows = self._db.execute(f"SELECT {ACCEPTANCE_COLS} FROM acceptances WHERE {where} ORDER BY id",
                                     args).fetchall()
-        return [_acceptance(r) for r in rows]
+        return [acceptance_row(r) for r in rows]
 
     def acceptance(self, acceptance_id: int) -> StoredAcceptance | None:
         found = self._acceptances("id = ?", (acceptance_id,))
@@ -468,7 +320,7 @@ class SpendStore:
 
     def acceptances(self, *, node_address: str | None = None, request_hash: str | None = None
                     ) -> list[StoredAcceptance]:
-        where, args = "1=1", []
+        where, args = "1=1", list[str]()
         if node_address:
             where, args = where + " AND node_address = ?", [*args, node_address.lower()]
         if request_hash:
@@ -508,18 +360,18 @@ class SpendStore:
                  str(expected), signed.model_dump_json(by_alias=True), now, now)).rowcount == 1
 
     def breach_claims(self, status: str | None = None) -> list[BreachClaim]:
-        sql, args = f"SELECT {_CLAIM_COLS} FROM breach_claims", ()
+        sql, args = f"SELECT {CLAIM_COLS} FROM breach_claims", tuple[str, ...]()
         if status:
             sql, args = sql + " WHERE status = ?", (status,)
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY recorded_at, rowid", args).fetchall()
-        return [_claim(r) for r in rows]
+        return [claim_row(r) for r in rows]
 
     def breach_claim(self, receipt_id: str) -> BreachClaim | None:
         with self._lock:
-            row = self._db.execute(f"SELECT {_CLAIM_COLS} FROM breach_claims WHERE receipt_id = ?",
+            row = self._db.execute(f"SELECT {CLAIM_COLS} FROM breach_claims WHERE receipt_id = ?",
                                    (receipt_id.lower(),)).fetchone()
-        return _claim(row) if row else None
+        return claim_row(row) if row else None
 
     def update_breach_claim(self, receipt_id: str, **fields: int | str | None) -> None:
         allowed = {"status", "amount", "tx", "reason"}

@@ -131,8 +131,9 @@ def channel_x402_client(scheme: ChannelEvmScheme, *, max_amount_per_payment: int
     """An `x402Client` with `scheme` registered for its network, and spend controls that allow its token
     (the SDK allows only assets it knows by default), each payment capped at `max_amount_per_payment`."""
     from x402 import x402Client
+    from x402.client_base import SpendControlAsset
 
-    asset: dict[str, Any] = {"network": scheme.network, "asset": scheme.deployment.token}
+    asset = SpendControlAsset(network=scheme.network, asset=scheme.deployment.token)
     if max_amount_per_payment is not None:
         asset["max_amount_per_payment"] = str(max_amount_per_payment)
     client = x402Client().register(scheme.network, scheme)

@@ -39,7 +39,7 @@ from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
-from dcml.client.wire import eip712
+from dcml.client.wire import eip712, sse
 from dcml.client.wire.hexutil import ZERO32, ZERO_ADDRESS, check_hex32, hex32
 
 DOMAIN_NAME = "dcml-receipts"
@@ -248,24 +248,15 @@ def model_id_for(served_name: str) -> str:
 
 
 def parse_sse_stream(raw: bytes) -> tuple[list[bytes], SignedReceipt | None]:
-    """Split a raw SSE body into its content payloads (unnamed events: what responseHash covers) and
-    the receipt, if any. Other named events (payment control messages) are skipped."""
+    """Split a raw SSE body (read by `client.wire.sse`) into its content payloads (unnamed events: what
+    responseHash covers) and the receipt, if any. Other named events (payment control messages) are skipped."""
     payloads: list[bytes] = []
     receipt = None
-    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
-        event, data_lines = None, []
-        for line in block.split(b"\n"):
-            if line.startswith(b"event:"):
-                event = line[6:].strip().decode()
-            elif line.startswith(b"data:"):
-                data_lines.append(line[6:] if line.startswith(b"data: ") else line[5:])
-        if not data_lines:
-            continue
-        data = b"\n".join(data_lines)
-        if event == RECEIPT_EVENT:
-            receipt = SignedReceipt.from_json(data)
-        elif event in (None, "message"):
-            payloads.append(data)
+    for event in sse.parse(raw):
+        if event.name == RECEIPT_EVENT:
+            receipt = SignedReceipt.from_json(event.data)
+        elif event.unnamed:
+            payloads.append(event.data)
     return payloads, receipt
 
 

@@ -1,14 +1,10 @@
-"""Server-sent events framing, exactly as vLLM writes it: `data: <payload>\n\n`, ending with `data: [DONE]`."""
+"""Server-sent events as the node writes them: the framing is the wire's (`client.wire.sse`), shared with the
+clients that read it."""
 
 from __future__ import annotations
 
-DONE = b"[DONE]"
+from dcml.client.wire.sse import DONE, data_event, named_event
+
+__all__ = ["DONE", "SSE_HEADERS", "data_event", "named_event"]
+
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def data_event(payload: bytes) -> bytes:
-    return b"data: " + payload + b"\n\n"
-
-
-def named_event(event: str, payload: bytes) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + payload + b"\n\n"

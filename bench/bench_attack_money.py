@@ -16,7 +16,6 @@ a real anvil, both with prepay 0 so that what the node may settle is what it cha
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
 import sqlite3
@@ -30,20 +29,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from eth_account import Account
+from web3 import Web3
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from eth_account import Account  # noqa: E402
-from web3 import Web3  # noqa: E402
-
-from dcml.client.chain.channel import ChannelClient  # noqa: E402
-from dcml.client.chain.contracts import contract  # noqa: E402
-from dcml.client.chain.devnet import Devnet, free_port  # noqa: E402
-from dcml.client.chain.tx import send  # noqa: E402
-from dcml.client.sdk.client import Client  # noqa: E402
-from dcml.client.wire.receipts import SignedReceipt  # noqa: E402
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund  # noqa: E402
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.devnet import REPO, Devnet, free_port
+from dcml.client.chain.tx import send
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, PRICE_OUT, fund
+from dcml.client.demo.kit.raw_payer import RawPayer
+from dcml.client.sdk.client import Client
+from dcml.client.wire.receipts import SignedReceipt
 
 CREDIT_TOKENS = 8
 
@@ -78,8 +74,8 @@ price_per_output_token = {PRICE_OUT}
 class NodeProcess:
     def __init__(self, config: Path, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=ROOT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=REPO,
+                                     stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 90
         while True:

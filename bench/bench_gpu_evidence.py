@@ -14,19 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fakes.gpu import FakeGpuMachine
-from fakes.vectors import TDX, VECTORS, collateral, tdx_quote, ts
 
 import dcml.client.attestation.gpu as ge
 from dcml.client.attestation.verify import dcap_verify
+from dcml.client.demo.kit.fake_gpu import FakeGpuMachine
+from dcml.client.demo.kit.vectors import TDX, VECTORS, collateral, tdx_quote, ts
 
 H545 = VECTORS / "nvidia" / "hopper-545"
 PINNED = datetime(2024, 6, 1, tzinfo=UTC)

@@ -22,20 +22,15 @@ import time
 from pathlib import Path
 
 import httpx
+from _common import MODEL, PacedEngine, RawStream, Result, prompt
+from eth_account import Account
+from web3 import Web3
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_gateway import MODEL, PacedEngine, RawStream, Result, prompt  # noqa: E402
-from eth_account import Account  # noqa: E402
-from web3 import Web3  # noqa: E402
-
-from dcml.client.chain.channel import ChannelClient  # noqa: E402
-from dcml.client.chain.devnet import Devnet, free_port  # noqa: E402
-from dcml.client.wire.receipts import model_id_for  # noqa: E402
-from dcml.client.wire.voucher import VoucherDomain  # noqa: E402
-from dcml.client.wire.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE  # noqa: E402
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.devnet import REPO, Devnet, free_port
+from dcml.client.wire.receipts import model_id_for
+from dcml.client.wire.voucher import VoucherDomain
+from dcml.client.wire.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE
 
 PRICE_IN, PRICE_OUT = 10**9, 10**10
 CREDIT_TOKENS = 32
@@ -70,7 +65,7 @@ def start(rate: float, data_dir: str, deployment: str | None) -> tuple[subproces
     args = [sys.executable, __file__, "--serve", str(port), "--rate", str(rate), "--data-dir", data_dir]
     if deployment:
         args += ["--deployment", deployment]
-    proc = subprocess.Popen(args, cwd=ROOT)
+    proc = subprocess.Popen(args, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

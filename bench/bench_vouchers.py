@@ -12,19 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eth_account import Account
 from web3 import Web3
 
 from dcml.client.chain.channel import ChannelClient
 from dcml.client.chain.devnet import Devnet
-from tests.payments_helpers import node_payments
+from dcml.client.demo.kit.payments import node_payments
 
 
 def rate(n: int, fn) -> float:

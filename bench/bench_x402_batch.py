@@ -12,30 +12,25 @@ import asyncio
 import base64
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from eth_account import Account
+from web3 import Web3
+from x402 import x402Client
+from x402.http.clients.httpx import x402AsyncTransport
+from x402.mechanisms.evm.batch_settlement.client.config import BatchSettlementEvmSchemeOptions
+from x402.mechanisms.evm.batch_settlement.client.scheme import BatchSettlementEvmScheme
+from x402.mechanisms.evm.batch_settlement.client.voucher import sign_voucher
+from x402.mechanisms.evm.signers import EthAccountSigner
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from eth_account import Account  # noqa: E402
-from web3 import Web3  # noqa: E402
-from x402 import x402Client  # noqa: E402
-from x402.http.clients.httpx import x402AsyncTransport  # noqa: E402
-from x402.mechanisms.evm.batch_settlement.client.config import BatchSettlementEvmSchemeOptions  # noqa: E402
-from x402.mechanisms.evm.batch_settlement.client.scheme import BatchSettlementEvmScheme  # noqa: E402
-from x402.mechanisms.evm.batch_settlement.client.voucher import sign_voucher  # noqa: E402
-from x402.mechanisms.evm.signers import EthAccountSigner  # noqa: E402
-
-from dcml.client.chain.channel import ChannelClient  # noqa: E402
-from dcml.client.chain.devnet import Devnet  # noqa: E402
-from dcml.client.wire.receipts import model_id_for  # noqa: E402
-from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired  # noqa: E402
-from tests.paid_helpers import MODEL, start_paid_node  # noqa: E402
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.devnet import Devnet
+from dcml.client.demo.kit.nodes import MODEL, start_paid_node
+from dcml.client.wire.receipts import model_id_for
+from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired
 
 DEPOSIT = 10**17
 

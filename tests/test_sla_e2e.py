@@ -37,6 +37,7 @@ from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.devnet import SLA_DISPUTE_BOND, Devnet, free_port
 from dcml.client.chain.registry import RegistryClient
 from dcml.client.chain.sla import Broken, DisputeStatus, SLACourtClient, SLAError
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, PRICE_OUT, fund
 from dcml.client.sdk.cli import app as cli_app
 from dcml.client.sdk.client import Client
 from dcml.client.wire.access import auth_header, receipts_resource
@@ -49,7 +50,6 @@ from dcml.client.wire.receipts import (
     sign_receipt,
 )
 from dcml.node.identity import EnclaveIdentity
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, fund
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = model_id_for(MODEL)

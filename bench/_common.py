@@ -1,0 +1,214 @@
+"""What the benchmarks share: one report (each figure beside its baseline from the same run, as a table, JSON or
+README rows), and the paced engine, the daemon child process and the raw streaming client that bench_gateway,
+bench_payments and bench_sealing measure with. Benchmarks import it as `_common` (their own folder is on sys.path
+when run as `python bench/bench_x.py`); it imports nothing from tests/."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from dcml.client.chain.devnet import REPO, free_port
+from dcml.node.engine.base import GenerationRequest, TokenChunk
+from dcml.node.engine.synthetic import SyntheticEngine
+
+MODEL = "synthetic"
+
+
+class PacedEngine(SyntheticEngine):
+    """SyntheticEngine whose tokens arrive at `rate` per second per stream (0 = flat out)."""
+
+    def __init__(self, rate: float, **kw) -> None:
+        super().__init__(model_name=MODEL, max_inflight=100_000, **kw)
+        self.step = 1.0 / rate if rate > 0 else 0.0
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        # Token i is ready at start + (i+1)·step whether or not the consumer has read token i-1, as in a
+        # real engine that decodes on its own and queues output (vLLM, EmbeddedEngine's scheduler thread).
+        start, i = time.perf_counter(), 0
+        async for chunk in super().stream(request):
+            i += 1
+            if self.step:
+                await asyncio.sleep(max(0.0, start + i * self.step - time.perf_counter()))
+            yield chunk
+
+
+@dataclass
+class Result:
+    name: str
+    tokens: int
+    wall_s: float
+    ttfts: list[float]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+    def ttft_ms(self, q: float) -> float:
+        xs = sorted(self.ttfts)
+        return 1000 * xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def prompt(i: int) -> str:
+    return f"benchmark stream {i} says hello"
+
+
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    baseline: str | None = None  # the name of the figure it is compared with
+    goal: str = ""
+    higher_is_better: bool = True
+
+
+@dataclass
+class Report:
+    """Figures of one run; each non-baseline figure is printed beside its baseline from the same run."""
+
+    title: str
+    figures: list[Figure] = field(default_factory=list)
+
+    def baseline(self, name: str, value: float, unit: str, *, higher_is_better: bool = True) -> None:
+        self.figures.append(Figure(name, value, unit, higher_is_better=higher_is_better))
+
+    def add(self, name: str, value: float, unit: str, *, vs: str, goal: str = "",
+            higher_is_better: bool = True) -> None:
+        assert any(f.name == vs for f in self.figures), f"baseline {vs!r} must be added first"
+        self.figures.append(Figure(name, value, unit, vs, goal, higher_is_better))
+
+    def _base(self, f: Figure) -> Figure | None:
+        return next((b for b in self.figures if b.name == f.baseline), None)
+
+    def comparison(self, f: Figure) -> str:
+        base = self._base(f)
+        if base is None or not base.value:
+            return "baseline" if f.baseline is None else ""
+        change = 100 * (f.value / base.value - 1)
+        return f"{f.value / base.value:.2f}x baseline ({change:+.1f} %)"
+
+    def table(self) -> str:
+        width = max(len(f.name) for f in self.figures) + 2
+        lines = [self.title]
+        for f in self.figures:
+            goal = f"  goal {f.goal}" if f.goal else ""
+            lines.append(f"  {f.name:<{width}}{_fmt(f.value):>12} {f.unit:<10}{self.comparison(f)}{goal}")
+        return "\n".join(lines)
+
+    def readme_rows(self) -> str:
+        """One Markdown row per compared figure: | what | figure | baseline (same run) | ratio |."""
+        rows = []
+        for f in self.figures:
+            base = self._base(f)
+            if base is not None:
+                rows.append(f"| {self.title}: {f.name} | {_fmt(f.value)} {f.unit} | {base.name}: {_fmt(base.value)} "
+                            f"{base.unit} | {f.value / base.value:.2f}x |" if base.value else "")
+        return "\n".join(rows)
+
+    def json(self) -> str:
+        return json.dumps({"title": self.title, "figures": [f.__dict__ for f in self.figures]})
+
+    def print(self, args: argparse.Namespace | None = None) -> None:
+        """As `--json` or `--readme` asked (see `report_args`), else as a table."""
+        if args is not None and getattr(args, "json", False):
+            print(self.json())
+        elif args is not None and getattr(args, "readme", False):
+            print(self.readme_rows())
+        else:
+            print(self.table())
+
+
+def report_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--readme", action="store_true", help="print README table rows (figure | baseline | ratio)")
+    return parser
+
+
+def _fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+class RawStream:
+    """A minimal keep-alive HTTP/1.1 client on one connection: the load generator must cost far less than
+    the server it measures (httpx + json per chunk would, on a small machine, dominate the numbers)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_stream(self, path: str, body: bytes) -> tuple[float | None, int]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        t0 = time.perf_counter()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200") or b"chunked" not in head.lower():
+            raise RuntimeError(head.decode())
+        ttft, data = None, bytearray()
+        while True:  # chunked transfer coding: <hex size>\r\n<data>\r\n ... 0\r\n\r\n
+            size = int((await self.reader.readuntil(b"\r\n"))[:-2], 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")
+                break
+            piece = await self.reader.readexactly(size + 2)
+            if ttft is None and b'"delta":{"content":"' in piece:
+                ttft = time.perf_counter() - t0
+            data += piece[:-2]
+        usage = data.rfind(b'"completion_tokens":')
+        tokens = int(data[usage + 20:data.index(b"}", usage)]) if usage >= 0 else 0
+        return ttft, tokens
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def serve(port: int, rate: float, data_dir: str) -> None:
+    """Child process (`python bench/_common.py PORT RATE DATA_DIR`): the real daemon app on uvicorn, the paced
+    engine injected."""
+    import uvicorn
+
+    from dcml.node.api.app import create_app
+    from dcml.node.api.server import uvicorn_config
+    from dcml.node.config import load_settings
+    from dcml.node.identity import EnclaveIdentity
+    from dcml.node.logging import configure_logging
+    from dcml.node.tee.simulated import SimulatedProvider
+
+    configure_logging("warning")
+    settings = load_settings(None, data_dir=data_dir, limits={"max_tokens_cap": 100_000})
+    app = create_app(settings, engine=PacedEngine(rate, max_context=200_000), identity=EnclaveIdentity.generate(),
+                     provider=SimulatedProvider())
+    uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, graceful_shutdown_s=5)).run()
+
+
+def start_server(rate: float, data_dir: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, str(port), str(rate), data_dir], cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("daemon did not come up")
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3])

@@ -4,7 +4,7 @@
 
 One GPU = the real H100 vectors (../shared/vectors/nvidia/hopper-545) with both RIMs parsed and verified:
 chain, report signature, both RIM XML signatures and chains, 33 golden measurements. The 8-GPU document is
-`verify_bundle` over eight real-format GPUs (tests/fakes/gpu.py: P-384 device chains and signxml RIMs under
+`verify_bundle` over eight real-format GPUs (dcml.client.demo.kit.fake_gpu: P-384 device chains and signxml RIMs under
 test roots) whose RIMs are shared, so each is verified once. Baseline from the same run: one DCAP TDX quote
 verification with dcap-qvl over the shared TDX vector, the check every attestation already pays.
 """

@@ -1,6 +1,6 @@
 """GPU evidence bound to the node's quote, stapled by the node and enforced by policy (SDK, CLI, key broker).
 
-The GPUs are tests/fakes/gpu.py (real signatures under test roots pinned here in place of NVIDIA's); the
+The GPUs are dcml.client.demo.kit.fake_gpu (real signatures under test roots pinned here in place of NVIDIA's); the
 real NVIDIA vectors check the verifier itself in test_gpu_evidence.py.
 """
 

@@ -70,7 +70,6 @@ class Figure:
     unit: str
     baseline: str | None = None  # the name of the figure it is compared with
     goal: str = ""
-    higher_is_better: bool = True
 
 
 @dataclass
@@ -80,23 +79,22 @@ class Report:
     title: str
     figures: list[Figure] = field(default_factory=list)
 
-    def baseline(self, name: str, value: float, unit: str, *, higher_is_better: bool = True) -> None:
-        self.figures.append(Figure(name, value, unit, higher_is_better=higher_is_better))
+    def baseline(self, name: str, value: float, unit: str) -> None:
+        self.figures.append(Figure(name, value, unit))
 
-    def add(self, name: str, value: float, unit: str, *, vs: str, goal: str = "",
-            higher_is_better: bool = True) -> None:
+    def add(self, name: str, value: float, unit: str, *, vs: str, goal: str = "") -> None:
         assert any(f.name == vs for f in self.figures), f"baseline {vs!r} must be added first"
-        self.figures.append(Figure(name, value, unit, vs, goal, higher_is_better))
+        self.figures.append(Figure(name, value, unit, vs, goal))
 
     def _base(self, f: Figure) -> Figure | None:
         return next((b for b in self.figures if b.name == f.baseline), None)
 
     def comparison(self, f: Figure) -> str:
         base = self._base(f)
-        if base is None or not base.value:
-            return "baseline" if f.baseline is None else ""
-        change = 100 * (f.value / base.value - 1)
-        return f"{f.value / base.value:.2f}x baseline ({change:+.1f} %)"
+        if base is None:
+            return "baseline"
+        ratio = f"{f.value / base.value:.2f}x" if base.value else "n/a"
+        return f"{ratio} baseline ({_fmt(f.value - base.value, sign=True)} {f.unit})"
 
     def table(self) -> str:
         width = max(len(f.name) for f in self.figures) + 2
@@ -107,13 +105,13 @@ class Report:
         return "\n".join(lines)
 
     def readme_rows(self) -> str:
-        """One Markdown row per compared figure: | what | figure | baseline (same run) | ratio |."""
+        """One Markdown row per compared figure: | what | figure | baseline, same run | comparison | goal |."""
         rows = []
         for f in self.figures:
             base = self._base(f)
             if base is not None:
                 rows.append(f"| {self.title}: {f.name} | {_fmt(f.value)} {f.unit} | {base.name}: {_fmt(base.value)} "
-                            f"{base.unit} | {f.value / base.value:.2f}x |" if base.value else "")
+                            f"{base.unit} | {self.comparison(f)} | {f.goal or '-'} |")
         return "\n".join(rows)
 
     def json(self) -> str:
@@ -129,14 +127,26 @@ class Report:
             print(self.table())
 
 
+def compare_streams(report: Report, base: Result, run: Result, *, goal_lost: str, goal_added: str) -> None:
+    """`run` beside `base` (same run): throughput and TTFT p50/p99."""
+    report.baseline(f"{base.name}: throughput", base.tokens_per_s, "tok/s")
+    report.add(f"{run.name}: throughput", run.tokens_per_s, "tok/s", vs=f"{base.name}: throughput",
+               goal=f"<= {goal_lost} lost")
+    for q, goal in ((0.5, f"<= {goal_added} added"), (0.99, "")):
+        label = f"TTFT p{round(100 * q)}"
+        report.baseline(f"{base.name}: {label}", base.ttft_ms(q), "ms")
+        report.add(f"{run.name}: {label}", run.ttft_ms(q), "ms", vs=f"{base.name}: {label}", goal=goal)
+
+
 def report_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--readme", action="store_true", help="print README table rows (figure | baseline | ratio)")
     return parser
 
 
-def _fmt(v: float) -> str:
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+def _fmt(v: float, sign: bool = False) -> str:
+    plus = "+" if sign else ""
+    return f"{v:{plus},.0f}" if abs(v) >= 100 else f"{v:{plus}.2f}"
 
 class RawStream:
     """A minimal keep-alive HTTP/1.1 client on one connection: the load generator must cost far less than

@@ -21,7 +21,7 @@ import tempfile
 import time
 
 import httpx
-from _common import MODEL, PacedEngine, RawStream, Result, prompt, start_server
+from _common import MODEL, PacedEngine, RawStream, Report, Result, compare_streams, prompt, report_args, start_server
 
 from dcml.node.engine.base import GenerationRequest, SamplingParams
 
@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per side; the best throughput is kept")
     ap.add_argument("--spread-ms", type=float, default=100.0,
                     help="second scenario: stream starts spread evenly over this window (the first is a burst)")
+    report_args(ap)
     args = ap.parse_args()
 
     spreads = [0.0] + ([args.spread_ms / 1000] if args.spread_ms else [])
@@ -116,13 +117,10 @@ def main() -> None:
     rate = f"{args.rate:g} tok/s/stream" if args.rate else "unpaced"
     impl = ", ".join(f"{m}: {'yes' if importlib.util.find_spec(m) else 'no'}" for m in ("httptools", "uvloop"))
     print(f"\n{args.streams} concurrent streams x {args.tokens} tokens, engine {rate}, cpus={os.cpu_count()}, {impl}")
-    print(f"{'':40}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'wall s':>8}")
+    report = Report("gateway overhead: the daemon vs the engine called in-process")
     for d, g in zip(direct, gateway, strict=True):
-        for r in (d, g):
-            print(f"{r.name:40}{r.tokens_per_s:10.0f}{r.ttft_ms(0.5):13.2f}{r.ttft_ms(0.99):13.2f}{r.wall_s:8.2f}")
-        lost = 100 * (1 - g.tokens_per_s / d.tokens_per_s)
-        added = g.ttft_ms(0.5) - d.ttft_ms(0.5)
-        print(f"  -> throughput lost {lost:.2f} % (goal <= 3 %), p50 TTFT added {added:.2f} ms (goal <= 5 ms)")
+        compare_streams(report, d, g, goal_lost="3 %", goal_added="5 ms")
+    report.print(args)
     print(f"mean TTFT as the daemon measured it (request read -> first token, all runs): {inside:.2f} ms")
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _common import MODEL, PacedEngine, RawStream, Result, prompt
+from _common import MODEL, PacedEngine, RawStream, Report, Result, compare_streams, prompt, report_args
 from eth_account import Account
 from web3 import Web3
 
@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", help=argparse.SUPPRESS)
     ap.add_argument("--deployment", help=argparse.SUPPRESS)
+    report_args(ap)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve, args.rate, args.data_dir, args.deployment)
@@ -252,13 +253,10 @@ def main() -> None:
 
     print(f"\n{args.streams} concurrent streams x {args.tokens} tokens, engine {args.rate:g} tok/s/stream, "
           f"credit window {CREDIT_TOKENS} tokens, cpus={os.cpu_count()}")
-    print(f"{'':40}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'wall s':>8}")
+    report = Report("payments: the paid daemon vs the same daemon unpaid")
     for u, p in zip(unpaid, paid, strict=True):
-        for r in (u, p):
-            print(f"{r.name:40}{r.tokens_per_s:10.0f}{r.ttft_ms(0.5):13.2f}{r.ttft_ms(0.99):13.2f}{r.wall_s:8.2f}")
-        lost = 100 * (1 - p.tokens_per_s / u.tokens_per_s)
-        added = p.ttft_ms(0.5) - u.ttft_ms(0.5)
-        print(f"  -> throughput lost {lost:.2f} % (goal <= 5 %), p50 TTFT added {added:.2f} ms (goal <= 5 ms)")
+        compare_streams(report, u, p, goal_lost="5 %", goal_added="5 ms")
+    report.print(args)
     print(f"vouchers accepted over HTTP: {rate_1:,.0f}/s (1 client), {rate_8:,.0f}/s (8 clients concurrently)")
 
 

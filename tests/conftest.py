@@ -122,15 +122,24 @@ def vllm(tmp_path_factory):
         server.stop()
 
 
-# Fixtures that start a chain, a node process or vLLM: a test using any of them (directly or through another
-# fixture) is an integration test; every other test is a unit test.
+# A test is an integration test when it uses one of these fixtures (directly or through another fixture) or
+# lives in a module below, which starts anvil, node processes, a browser, npm, a torch model or a virtualenv on its
+# own; every other test is a unit test (`pytest -m unit`: in-process, no chain, seconds).
 INTEGRATION_FIXTURES = frozenset({"devnet", "vllm", "node_process"})
+INTEGRATION_MODULES = frozenset({
+    "test_api_embedded", "test_api_shutdown", "test_bundle_attacks", "test_compose_hash", "test_demo",
+    "test_demo_gateway", "test_disputes_client", "test_engine_embedded", "test_fuzz_openapi", "test_gateway",
+    "test_image", "test_install", "test_js_wire", "test_model_source", "test_network", "test_node_registry",
+    "test_node_sla", "test_p2p_overlay", "test_settlement", "test_sla_court", "test_sla_e2e", "test_sla_watcher",
+    "test_status_page", "test_vllm",
+})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("integration") is None and INTEGRATION_FIXTURES.isdisjoint(
-                getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.unit)
-        elif item.get_closest_marker("integration") is None:
+        module = item.module.__name__.rpartition(".")[2] if isinstance(item, pytest.Function) else ""
+        if (item.get_closest_marker("integration") or module in INTEGRATION_MODULES
+                or not INTEGRATION_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)

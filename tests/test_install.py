@@ -11,10 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.integration  # builds a wheel and a virtualenv (about half a minute)
-
 REPO = Path(__file__).resolve().parents[1]
 WHEELHOUSE = REPO / "build" / "wheelhouse-base"
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]

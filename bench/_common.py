@@ -206,10 +206,16 @@ def serve(port: int, rate: float, data_dir: str) -> None:
 
 
 def start_server(rate: float, data_dir: str) -> tuple[subprocess.Popen, str]:
+    """The daemon with the paced engine in a child process (this file as a script)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, str(port), str(rate), data_dir], cwd=REPO)
+    return spawn_daemon([sys.executable, __file__, str(port), str(rate), data_dir], port)
+
+
+def spawn_daemon(cmd: list[str], port: int, timeout_s: float = 60) -> tuple[subprocess.Popen, str]:
+    """Run `cmd` (a daemon listening on `port`) and wait until its /health answers."""
+    proc = subprocess.Popen(cmd, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/health").status_code == 200:
@@ -218,7 +224,6 @@ def start_server(rate: float, data_dir: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("daemon did not come up")
-
 
 if __name__ == "__main__":
     serve(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3])

@@ -21,13 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-from _common import MODEL, PacedEngine, RawStream, Report, Result, compare_streams, prompt, report_args
+from _common import MODEL, PacedEngine, RawStream, Report, Result, compare_streams, prompt, report_args, spawn_daemon
 from eth_account import Account
 from web3 import Web3
 
 from dcml.client.chain.channel import ChannelClient
-from dcml.client.chain.devnet import REPO, Devnet, free_port
+from dcml.client.chain.devnet import Devnet, free_port
 from dcml.client.wire.receipts import model_id_for
 from dcml.client.wire.voucher import VoucherDomain
 from dcml.client.wire.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE
@@ -65,17 +64,7 @@ def start(rate: float, data_dir: str, deployment: str | None) -> tuple[subproces
     args = [sys.executable, __file__, "--serve", str(port), "--rate", str(rate), "--data-dir", data_dir]
     if deployment:
         args += ["--deployment", deployment]
-    proc = subprocess.Popen(args, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("daemon did not come up")
+    return spawn_daemon(args, port)
 
 
 class PaidStream(RawStream):

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import _common
 import httpx
 
 from dcml.client.chain.devnet import REPO, Devnet, free_port
@@ -29,16 +30,8 @@ DEMO = REPO / "models" / "demo"
 
 
 @dataclass
-class Result:
-    name: str
-    tokens: int
-    wall_s: float
-    ttfts: list[float]
+class Result(_common.Result):
     node_cpu_s: float | None = None
-
-    def ttft_ms(self, q: float) -> float:
-        xs = sorted(self.ttfts)
-        return 1000 * xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
     def row(self) -> str:
         cpu = f"{1000 * self.node_cpu_s / self.tokens:.2f}" if self.node_cpu_s is not None else "-"

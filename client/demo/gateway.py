@@ -46,6 +46,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dcml-demo-gateway-"))
     with Devnet() as net:
         dep = net.deployment
+        if dep is None:
+            raise SystemExit("the local chain came up without the contracts")
         deployment_file = work / "deployment.json"
         dep.save(deployment_file)
         w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
@@ -59,7 +61,7 @@ def main() -> None:
         server = BackgroundServer(create_gateway_app(gateway)).start()
         console.print(f"2. dcml gateway on {server.url}/v1; it attested every node and reads their prices:")
         oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-        for offer in oai.models.list().data[0].model_extra["dcml"]["offers"]:
+        for offer in (oai.models.list().data[0].model_extra or {})["dcml"]["offers"]:
             console.print(f"   {offer['node']}: {offer['price_per_output_token']} wei/output token")
         receipts: dict[str, list[SignedReceipt]] = {}
 
@@ -67,9 +69,12 @@ def main() -> None:
             text, receipt, node = "", None, None
             for chunk in oai.completions.create(model=MODEL, prompt=prompt, max_tokens=24, stream=True):
                 text += chunk.choices[0].text if chunk.choices else ""
-                if getattr(chunk, "dcml_receipt", None):
-                    receipt = SignedReceipt.model_validate(chunk.dcml_receipt)
-                    node = chunk.dcml_node
+                extra = chunk.model_extra or {}  # the gateway's own fields on the last chunk
+                if extra.get("dcml_receipt"):
+                    receipt = SignedReceipt.model_validate(extra["dcml_receipt"])
+                    node = extra.get("dcml_node")
+            if receipt is None:
+                raise SystemExit(f"{step} the answer came without a receipt")
             r = receipt.receipt
             receipts.setdefault(r.channel_id.lower(), []).append(receipt)
             console.print(f"{step} answered by {node}: {r.output_tokens} tokens, {r.cost} wei (receipt verified "

@@ -38,7 +38,7 @@ from dcml.client.publisher.bundle import encrypt_model, generate_key
 from dcml.client.publisher.cli import publish_model
 from dcml.client.publisher.key_broker import AuditLog, ChainMeasurements, KeyBroker, ModelEntry
 from dcml.client.publisher.key_broker import create_app as create_broker_app
-from dcml.client.sdk.client import Client
+from dcml.client.sdk.client import ChatStream, Client
 from dcml.client.wire.receipts import model_id_for
 from dcml.node.api.server import BackgroundServer
 
@@ -151,6 +151,8 @@ def main(engine: str = "embedded") -> None:
     work = Path(tempfile.mkdtemp(prefix="dcml-demo-"))
     with Devnet(close_grace_period=900) as net:
         dep = net.deployment
+        if dep is None or dep.sla_court is None:
+            raise SystemExit("the local chain came up without the contracts")
         w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
         accounts = {role: Account.from_key(dep.accounts[role].private_key)
                     for role in ("deployer", "client", "publisher", "node")}
@@ -209,10 +211,13 @@ def main(engine: str = "embedded") -> None:
                 console.print("5. streaming a paid answer (prepay 0, credit window "
                               f"{CREDIT_TOKENS} tokens: vouchers flow while it streams):\n")
                 stream = client.chat(PROMPT, MODEL, stream=True, max_tokens=96, temperature=0.8, seed=7)
+                assert isinstance(stream, ChatStream)  # stream=True
                 for piece in stream:
                     console.print(piece, end="", highlight=False, markup=False)
                 result = stream.result
                 console.print()
+                if result is None or result.receipt is None or result.channel_id is None:
+                    raise SystemExit("the stream ended without a verified receipt")
                 channel_id = result.channel_id
                 vouchers = client.store.vouchers(channel_id)
                 receipts = client.receipts(channel_id)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class NodeProcess:
                 self.proc.wait()
 
 
-def spawn(data_dir: Path, models: list[str], *, bootstrap: list[str] = (), price_in: int = 1, price_out: int = 2,
+def spawn(data_dir: Path, models: list[str], *, bootstrap: Sequence[str] = (), price_in: int = 1, price_out: int = 2,
           interval: float = 2.0, ttl: int = 6, count: int = 1, bad_attestation: bool = False,
           log_level: str = "WARNING") -> NodeProcess:
     """Start a demo node process; returns at once (call `wait_ready`)."""

@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED := 1
 
 VLLM_PY := .venv-vllm/bin/python
 ENGINE ?= embedded
-.PHONY: typecheck setup build lint-contracts test test-contracts test-python browser demo demo-gateway devnet bench lint format clean vllm vllm-venv image image-deps image-check image-lock compose
+.PHONY: typecheck setup build lint-contracts test test-unit test-contracts test-python browser demo demo-gateway devnet bench lint format clean vllm vllm-venv image image-deps image-check image-lock compose
 
 setup: .venv/.installed contracts/node_modules/.installed tests/js/node_modules/.installed
 
@@ -54,6 +54,9 @@ test-contracts:
 
 test-python: browser tests/js/node_modules/.installed
 	$(PY) -m pytest -q
+
+test-unit:  # the tests that need no chain, node process, model or browser (tests/conftest.py marks them)
+	$(PY) -m pytest -q -m unit
 
 browser:  # the status page is tested in a real headless chromium (Debian packages; no browser download)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \

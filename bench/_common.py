@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -136,6 +136,27 @@ def compare_streams(report: Report, base: Result, run: Result, *, goal_lost: str
         label = f"TTFT p{round(100 * q)}"
         report.baseline(f"{base.name}: {label}", base.ttft_ms(q), "ms")
         report.add(f"{run.name}: {label}", run.ttft_ms(q), "ms", vs=f"{base.name}: {label}", goal=goal)
+
+
+def interleaved_latency(report: Report, send: Callable[[str], None], variants: dict[str, str], rounds: int) -> None:
+    """Time `send(value)` for each variant, interleaved (so drift hits both alike), `rounds` times each; the
+    first variant is the baseline of the others (p50 and p90, ms)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, value in variants.items():
+            t0 = time.perf_counter()
+            send(value)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    base = next(iter(variants))
+    for q in (0.5, 0.9):
+        label = f"p{round(100 * q)}"
+        for name, ts in times.items():
+            ts.sort()
+            value = ts[min(len(ts) - 1, int(q * len(ts)))]
+            if name == base:
+                report.baseline(f"{name} {label}", value, "ms")
+            else:
+                report.add(f"{name} {label}", value, "ms", vs=f"{base} {label}")
 
 
 def report_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

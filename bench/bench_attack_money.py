@@ -27,12 +27,11 @@ from pathlib import Path
 
 import httpx
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from dcml.client.chain.channel import ChannelClient
-from dcml.client.chain.contracts import contract
 from dcml.client.chain.devnet import Devnet, free_port
-from dcml.client.chain.tx import send
 from dcml.client.demo.kit import nodes
 from dcml.client.demo.kit.nodes import MODEL, fund, paid_config, to_toml
 from dcml.client.demo.kit.raw_payer import RawPayer
@@ -61,13 +60,8 @@ class NodeProcess(nodes.NodeProcess):
         super().stop(timeout_s)
 
 
-def funded(w3: Web3, deployment) -> Account:
-    acct = Account.create()
-    w3.provider.make_request("anvil_setBalance", [acct.address, hex(10**20)])
-    donor = Account.from_key(deployment.accounts["client"].private_key)
-    send(w3, donor, contract(w3, "TestToken", deployment.token).functions.transfer(acct.address, 10**21),
-         action="fund")
-    return acct
+def funded(w3: Web3, deployment) -> LocalAccount:
+    return nodes.funded_wallet(w3, deployment, tokens=10**21)
 
 
 def receipts_by_channel(data_dir: Path) -> dict[str, list[SignedReceipt]]:

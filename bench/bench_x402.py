@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
+from _common import Report, interleaved_latency, report_args
 from eth_account import Account
 from web3 import Web3
 
@@ -47,6 +46,7 @@ def old_shapes(required: PaymentRequired, voucher_wire: dict, settle: dict) -> d
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=300)
+    report_args(ap)
     args = ap.parse_args()
     with Devnet() as net, tempfile.TemporaryDirectory() as tmp:
         dep = net.deployment
@@ -78,17 +78,13 @@ def main() -> None:
             print("header bytes (base64)        before(pre-v2)  after(v2)")
             for name in (PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PAYMENT_RESPONSE):
                 print(f"  {name:26s} {before[name]:>14d} {after[name]:>10d}")
-            times: dict[str, list[float]] = {"bare voucher (baseline)": [], "v2 PaymentPayload": []}
-            for i in range(2 * args.requests):
-                name, value = (("bare voucher (baseline)", bare), ("v2 PaymentPayload", v2))[i % 2]
-                t0 = time.perf_counter()
+            def send(value: str) -> None:
                 r = http.post("/v1/completions", content=body, headers={**headers, PAYMENT_SIGNATURE: value})
-                times[name].append((time.perf_counter() - t0) * 1000)
                 assert r.status_code == 200, r.text
-            print(f"paid non-streamed request, max_tokens=1, {args.requests} each, interleaved, one node:")
-            for name, ts in times.items():
-                ts.sort()
-                print(f"  {name:26s} p50 {statistics.median(ts):6.2f} ms   p90 {ts[int(0.9 * len(ts))]:6.2f} ms")
+
+            report = Report(f"paid non-streamed request, max_tokens=1, {args.requests} each, interleaved, one node")
+            interleaved_latency(report, send, {"bare voucher": bare, "v2 PaymentPayload": v2}, args.requests)
+            report.print(args)
         finally:
             node.server.stop()
 

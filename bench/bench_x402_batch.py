@@ -11,12 +11,11 @@ import argparse
 import asyncio
 import base64
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
+from _common import Report, interleaved_latency, report_args
 from eth_account import Account
 from web3 import Web3
 from x402 import x402Client
@@ -49,6 +48,7 @@ class _Recording(httpx.AsyncHTTPTransport):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=200)
+    report_args(ap)
     args = ap.parse_args()
     with Devnet() as net, tempfile.TemporaryDirectory() as tmp:
         dep = net.deployment
@@ -102,17 +102,14 @@ def main() -> None:
             print(f"  PAYMENT-SIGNATURE, channel voucher       {len(channel):>6d}")
             print(f"  PAYMENT-SIGNATURE, batch deposit (SDK)   {len(rec.sent[0]):>6d}")
             print(f"  PAYMENT-SIGNATURE, batch voucher (SDK)   {len(batch):>6d}")
-            times: dict[str, list[float]] = {"channel voucher (baseline)": [], "batch-settlement voucher": []}
-            for i in range(2 * args.requests):
-                name, value = (("channel voucher (baseline)", channel), ("batch-settlement voucher", batch))[i % 2]
-                t0 = time.perf_counter()
+            def send(value: str) -> None:
                 r = http.post("/v1/completions", content=body, headers={**headers, PAYMENT_SIGNATURE: value})
-                times[name].append((time.perf_counter() - t0) * 1000)
                 assert r.status_code == 200, r.text
-            print(f"paid non-streamed request, max_tokens=1, {args.requests} each, interleaved, one node:")
-            for name, ts in times.items():
-                ts.sort()
-                print(f"  {name:28s} p50 {statistics.median(ts):6.2f} ms   p90 {ts[int(0.9 * len(ts))]:6.2f} ms")
+
+            report = Report(f"paid non-streamed request, max_tokens=1, {args.requests} each, interleaved, one node")
+            interleaved_latency(report, send, {"channel voucher": channel, "batch-settlement voucher": batch},
+                                args.requests)
+            report.print(args)
         finally:
             node.server.stop()
 

@@ -78,18 +78,13 @@ def _check(node: NodeProcess, figures: Figures, name: str) -> None:
 
 
 @pytest.fixture
-def started(tmp_path):
-    nodes: list[NodeProcess] = []
-
+def started(tmp_path, node_process):
     def start(config_text: str) -> NodeProcess:
         port = free_port()
         (tmp_path / "node.toml").write_text(config_text.replace("PORT", str(port)))
-        nodes.append(NodeProcess(tmp_path / "node.toml", port, tmp_path / f"node{len(nodes)}.log"))
-        return nodes[-1]
+        return node_process(tmp_path / "node.toml", port)
 
-    yield start
-    for n in nodes:
-        n.stop()
+    return start
 
 
 def test_fuzz_free_node_from_its_openapi_document(started, tmp_path) -> None:

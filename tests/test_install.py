@@ -7,6 +7,7 @@ only), so the install itself is offline: `pip install --no-index --find-links`."
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,12 @@ def run(*cmd: str | Path) -> str:
 
 
 def test_base_install_imports_the_client_without_torch(tmp_path: Path) -> None:
-    run(*PIP, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", REPO)
+    source = tmp_path / "source"  # a clean copy: the build leaves no build/ or egg-info in the checkout
+    for name in ("client", "node"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    run(*PIP, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source)
     (wheel,) = (tmp_path / "dist").glob("dcml-*.whl")
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     try:  # everything already in the wheelhouse: no index at all

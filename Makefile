@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED := 1
 
 VLLM_PY := .venv-vllm/bin/python
 ENGINE ?= embedded
-.PHONY: typecheck setup build test test-contracts test-python browser demo demo-gateway devnet bench lint format clean vllm vllm-venv image image-deps image-check image-lock compose
+.PHONY: typecheck setup build lint-contracts test test-unit test-contracts test-python browser demo demo-gateway devnet bench lint format clean vllm vllm-venv image image-deps image-check image-lock compose
 
 setup: .venv/.installed contracts/node_modules/.installed tests/js/node_modules/.installed
 
@@ -37,9 +37,15 @@ vllm-venv: .venv-vllm/.installed
 vllm: setup vllm-venv  # vLLM serving models/demo as dcml-demo on http://127.0.0.1:8001 until Ctrl-C
 	$(PY) -m dcml.node.engine.vllm_server --port 8001
 
+# The contracts' build in one line; forge's full output (compiler and lint notes) goes to build/forge.log and is
+# shown only when the build fails (`make lint-contracts` prints the lint notes).
 build: setup
-	cd contracts && ./node_modules/.bin/forge build
-	$(PY) contracts/export_abi.py
+	@mkdir -p build && echo "building the contracts (forge; log in build/forge.log)..."
+	@cd contracts && ./node_modules/.bin/forge build > ../build/forge.log 2>&1 || { cat ../build/forge.log; exit 1; }
+	@$(PY) contracts/export_abi.py 2>&1 | sed 's/^/  /'
+
+lint-contracts:
+	cd contracts && ./node_modules/.bin/forge lint
 
 test: build vllm-venv image-deps lint test-contracts test-python  # tests/test_vllm.py starts one real vLLM
 
@@ -48,6 +54,9 @@ test-contracts:
 
 test-python: browser tests/js/node_modules/.installed
 	$(PY) -m pytest -q
+
+test-unit:  # the tests that need no chain, node process, model or browser (tests/conftest.py marks them)
+	$(PY) -m pytest -q -m unit
 
 browser:  # the status page is tested in a real headless chromium (Debian packages; no browser download)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \

@@ -16,13 +16,9 @@ a real anvil, both with prepay 0 so that what the node may settle is what it cha
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import signal
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,85 +26,42 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from eth_account import Account  # noqa: E402
-from web3 import Web3  # noqa: E402
-
-from dcml.client.chain.channel import ChannelClient  # noqa: E402
-from dcml.client.chain.contracts import contract  # noqa: E402
-from dcml.client.chain.devnet import Devnet, free_port  # noqa: E402
-from dcml.client.chain.tx import send  # noqa: E402
-from dcml.client.sdk.client import Client  # noqa: E402
-from dcml.client.wire.receipts import SignedReceipt  # noqa: E402
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund  # noqa: E402
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.devnet import Devnet, free_port
+from dcml.client.demo.kit import nodes
+from dcml.client.demo.kit.nodes import MODEL, fund, paid_config, to_toml
+from dcml.client.demo.kit.raw_payer import RawPayer
+from dcml.client.sdk.client import Client
+from dcml.client.wire.receipts import SignedReceipt
 
 CREDIT_TOKENS = 8
 
 
 def write_config(path: Path, data_dir: Path, deployment_file: Path, port: int, tokens_per_second: int) -> None:
-    path.write_text(f"""
-data_dir = "{data_dir}"
-[server]
-port = {port}
-graceful_shutdown_s = 10
-[logging]
-level = "warning"
-[engine]
-kind = "synthetic"
-served_model_name = "{MODEL}"
-[engine.options]
-tokens_per_second = {tokens_per_second}
-[payments]
-enabled = true
-deployment = "{deployment_file}"
-prepay_tokens = 0
-credit_tokens = {CREDIT_TOKENS}
-voucher_timeout_s = 20
-settle_threshold = 1000000000000000000000000
-settle_interval_s = 2
-[payments.prices.{MODEL}]
-price_per_input_token = {PRICE_IN}
-price_per_output_token = {PRICE_OUT}
-""")
+    cfg = paid_config(data_dir, port, deployment_file)
+    cfg["server"]["graceful_shutdown_s"] = 10
+    cfg["logging"] = {"level": "warning"}
+    cfg["engine.options"] = {"tokens_per_second": tokens_per_second}
+    cfg["payments"].update(prepay_tokens=0, credit_tokens=CREDIT_TOKENS, voucher_timeout_s=20, settle_interval_s=2)
+    path.write_text(to_toml(cfg))
 
 
-class NodeProcess:
+class NodeProcess(nodes.NodeProcess):
+    """The node daemon, its output in a log beside its config; stopping waits for settlement to flush."""
+
     def __init__(self, config: Path, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=ROOT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("node exited during start")
-            try:
-                self.address = httpx.get(f"{self.url}/health", timeout=1).json()["address"]
-                return
-            except (httpx.TransportError, ValueError, KeyError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("node did not start") from None
-                time.sleep(0.1)
+        super().__init__(config, port, config.with_suffix(".log"))
 
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=120)
+    def stop(self, timeout_s: float = 120) -> None:
+        super().stop(timeout_s)
 
 
-def funded(w3: Web3, deployment) -> Account:
-    acct = Account.create()
-    w3.provider.make_request("anvil_setBalance", [acct.address, hex(10**20)])
-    donor = Account.from_key(deployment.accounts["client"].private_key)
-    send(w3, donor, contract(w3, "TestToken", deployment.token).functions.transfer(acct.address, 10**21),
-         action="fund")
-    return acct
+def funded(w3: Web3, deployment) -> LocalAccount:
+    return nodes.funded_wallet(w3, deployment, tokens=10**21)
 
 
 def receipts_by_channel(data_dir: Path) -> dict[str, list[SignedReceipt]]:

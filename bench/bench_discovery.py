@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from dcml.client.demo.kit.p2p import NodeProcess, rss_mib, spawn, wait_ready
 from dcml.client.sdk.discovery import Discovery, StaticRegistry
-from tests.p2p_helpers import NodeProcess, rss_mib, spawn, wait_ready
 
 
 def run(n: int, per_process: int, settle_s: float, base: Path) -> dict:

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dcml.node.engine.base import GenerationRequest, SamplingParams
 from dcml.node.engine.embedded import EmbeddedEngine

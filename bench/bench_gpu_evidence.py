@@ -4,7 +4,7 @@
 
 One GPU = the real H100 vectors (../shared/vectors/nvidia/hopper-545) with both RIMs parsed and verified:
 chain, report signature, both RIM XML signatures and chains, 33 golden measurements. The 8-GPU document is
-`verify_bundle` over eight real-format GPUs (tests/fakes/gpu.py: P-384 device chains and signxml RIMs under
+`verify_bundle` over eight real-format GPUs (dcml.client.demo.kit.fake_gpu: P-384 device chains and signxml RIMs under
 test roots) whose RIMs are shared, so each is verified once. Baseline from the same run: one DCAP TDX quote
 verification with dcap-qvl over the shared TDX vector, the check every attestation already pays.
 """
@@ -14,20 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fakes.gpu import FakeGpuMachine
-from fakes.vectors import TDX, VECTORS, collateral, tdx_quote, ts
 
 import dcml.client.attestation.gpu as ge
 import dcml.client.attestation.gpu_rim as gr
 from dcml.client.attestation.verify import dcap_verify
+from dcml.client.demo.kit.fake_gpu import FakeGpuMachine
+from dcml.client.demo.kit.vectors import TDX, VECTORS, collateral, tdx_quote, ts
 
 H545 = VECTORS / "nvidia" / "hopper-545"
 PINNED = datetime(2024, 6, 1, tzinfo=UTC)

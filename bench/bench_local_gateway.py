@@ -25,33 +25,21 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import httpx
 import openai
 from eth_account import Account
 from web3 import Web3
 
 from dcml.client.chain.devnet import Devnet, free_port
+from dcml.client.demo.kit.gateway import start_gateway, start_node
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, synthetic_node
 from dcml.client.sdk.client import Client
-from tests.gateway_helpers import NodeProcess, start_gateway
-from tests.paid_helpers import MODEL, PRICE_IN, fund
+from dcml.node.engine.synthetic import SyntheticEngine
 
 
 def start_paced_node(w3, path: Path, data: Path, price_out: int, rate: float):
-    from dcml.node.api.app import create_app
-    from dcml.node.api.server import BackgroundServer
-    from dcml.node.engine.synthetic import SyntheticEngine
-    from dcml.node.identity import EnclaveIdentity
-    from dcml.node.tee.simulated import SimulatedProvider
-    from tests.gateway_helpers import node_settings
-
-    identity = EnclaveIdentity.generate()
-    fund(w3, identity.address)
     engine = SyntheticEngine(model_name=MODEL, tokens_per_second=rate, first_token_ms=1000 / rate)
-    app = create_app(node_settings(path, data, price_out), engine=engine, identity=identity,
-                     provider=SimulatedProvider())
-    return BackgroundServer(app).start()
+    return start_node(w3, path, data, price_out, engine=engine)[0]
 
 
 async def one(oai: openai.AsyncOpenAI, i: int, tokens: int) -> float:
@@ -117,7 +105,7 @@ def main() -> None:
             c.close()
 
         # Failover: a cheaper node that dies before its first token.
-        slow = NodeProcess(w3, path, tmp / "slow", free_port(), 2 * 10**12, first_token_ms=3000)
+        slow = synthetic_node(w3, path, tmp / "slow", free_port(), 2 * 10**12, first_token_ms=3000)
         server, _ = start_gateway(Account.from_key(dep.accounts["client3"].private_key), dep, tmp / "gw2",
                                   [slow.url, node.url], first_token_timeout_s=30)
         killed_at: list[float] = []
@@ -150,7 +138,7 @@ def _proc_cpu(pid: int) -> float:
 
 def cpu(args, w3, dep, path: Path, tmp: Path) -> None:
     """CPU per 1,000 tokens: node and gateway each in their own process, the apps in this one."""
-    node = NodeProcess(w3, path, tmp / "cpu-node", free_port(), 3 * 10**12, first_token_ms=int(1000 / args.rate),
+    node = synthetic_node(w3, path, tmp / "cpu-node", free_port(), 3 * 10**12, first_token_ms=int(1000 / args.rate),
                        tokens_per_second=args.rate)
     port = free_port()
     config = tmp / "gateway.toml"

@@ -21,21 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from _common import MODEL, PacedEngine, RawStream, Report, Result, compare_streams, prompt, report_args, spawn_daemon
+from eth_account import Account
+from web3 import Web3
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_gateway import MODEL, PacedEngine, RawStream, Result, prompt  # noqa: E402
-from eth_account import Account  # noqa: E402
-from web3 import Web3  # noqa: E402
-
-from dcml.client.chain.channel import ChannelClient  # noqa: E402
-from dcml.client.chain.devnet import Devnet, free_port  # noqa: E402
-from dcml.client.wire.receipts import model_id_for  # noqa: E402
-from dcml.client.wire.voucher import VoucherDomain  # noqa: E402
-from dcml.client.wire.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE  # noqa: E402
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.devnet import Devnet, free_port
+from dcml.client.wire.receipts import model_id_for
+from dcml.client.wire.voucher import VoucherDomain
+from dcml.client.wire.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE
 
 PRICE_IN, PRICE_OUT = 10**9, 10**10
 CREDIT_TOKENS = 32
@@ -70,17 +64,7 @@ def start(rate: float, data_dir: str, deployment: str | None) -> tuple[subproces
     args = [sys.executable, __file__, "--serve", str(port), "--rate", str(rate), "--data-dir", data_dir]
     if deployment:
         args += ["--deployment", deployment]
-    proc = subprocess.Popen(args, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("daemon did not come up")
+    return spawn_daemon(args, port)
 
 
 class PaidStream(RawStream):
@@ -210,6 +194,7 @@ def main() -> None:
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", help=argparse.SUPPRESS)
     ap.add_argument("--deployment", help=argparse.SUPPRESS)
+    report_args(ap)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve, args.rate, args.data_dir, args.deployment)
@@ -257,13 +242,10 @@ def main() -> None:
 
     print(f"\n{args.streams} concurrent streams x {args.tokens} tokens, engine {args.rate:g} tok/s/stream, "
           f"credit window {CREDIT_TOKENS} tokens, cpus={os.cpu_count()}")
-    print(f"{'':40}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'wall s':>8}")
+    report = Report("payments: the paid daemon vs the same daemon unpaid")
     for u, p in zip(unpaid, paid, strict=True):
-        for r in (u, p):
-            print(f"{r.name:40}{r.tokens_per_s:10.0f}{r.ttft_ms(0.5):13.2f}{r.ttft_ms(0.99):13.2f}{r.wall_s:8.2f}")
-        lost = 100 * (1 - p.tokens_per_s / u.tokens_per_s)
-        added = p.ttft_ms(0.5) - u.ttft_ms(0.5)
-        print(f"  -> throughput lost {lost:.2f} % (goal <= 5 %), p50 TTFT added {added:.2f} ms (goal <= 5 ms)")
+        compare_streams(report, u, p, goal_lost="5 %", goal_added="5 ms")
+    report.print(args)
     print(f"vouchers accepted over HTTP: {rate_1:,.0f}/s (1 client), {rate_8:,.0f}/s (8 clients concurrently)")
 
 

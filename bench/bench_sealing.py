@@ -14,21 +14,14 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
+from _common import MODEL, start_server
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_gateway import MODEL, start_server  # noqa: E402
-
-from dcml.client.attestation.verify import AttestationDocument, Policy, verify_attestation  # noqa: E402
-from dcml.client.wire.e2e import StreamOpener, open_response, seal_request  # noqa: E402
+from dcml.client.attestation.verify import AttestationDocument, Policy, verify_attestation
+from dcml.client.wire.e2e import StreamOpener, open_response, seal_request
 
 PATH = "/v1/chat/completions"
 

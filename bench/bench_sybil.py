@@ -11,31 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import tomllib
 from pathlib import Path
 
 import httpx
+from eth_account import Account
+from web3 import Web3
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from eth_account import Account  # noqa: E402
-from web3 import Web3  # noqa: E402
-
-from dcml.client.chain.channel import ChannelClient  # noqa: E402
-from dcml.client.chain.contracts import contract  # noqa: E402
-from dcml.client.chain.devnet import Devnet  # noqa: E402
-from dcml.client.chain.tx import send  # noqa: E402
-from dcml.client.wire.receipts import model_id_for  # noqa: E402
-from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentRequired  # noqa: E402
-from dcml.node.api.app import create_app  # noqa: E402
-from dcml.node.api.server import BackgroundServer  # noqa: E402
-from dcml.node.config import load_settings  # noqa: E402
-from dcml.node.engine.synthetic import SyntheticEngine  # noqa: E402
-from dcml.node.identity import EnclaveIdentity  # noqa: E402
-from dcml.node.tee.simulated import SimulatedProvider  # noqa: E402
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.contracts import contract
+from dcml.client.chain.devnet import REPO, Devnet
+from dcml.client.chain.tx import send
+from dcml.client.wire.receipts import model_id_for
+from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentRequired
+from dcml.node.api.app import create_app
+from dcml.node.api.server import BackgroundServer
+from dcml.node.config import load_settings
+from dcml.node.engine.synthetic import SyntheticEngine
+from dcml.node.identity import EnclaveIdentity
+from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL = "dcml-demo"  # the model configs/node.toml prices
 GWEI = 10**9
@@ -86,7 +81,7 @@ def main() -> None:
     parser.add_argument("--attacks", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    payments = tomllib.loads((ROOT / "configs/node.toml").read_text())["payments"]
+    payments = tomllib.loads((REPO / "configs/node.toml").read_text())["payments"]
     price_out = payments["prices"][MODEL]["price_per_output_token"]
     with Devnet() as net, tempfile.TemporaryDirectory() as tmp:
         dep = net.deployment

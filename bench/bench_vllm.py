@@ -19,29 +19,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import _common
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from dcml.client.chain.devnet import Devnet, free_port  # noqa: E402
-from dcml.node.engine.vllm_server import VLLMServer  # noqa: E402
+from dcml.client.chain.devnet import REPO, Devnet, free_port
+from dcml.node.engine.vllm_server import VLLMServer
 
 MODEL = "dcml-demo"
-DEMO = ROOT / "models" / "demo"
+DEMO = REPO / "models" / "demo"
 
 
 @dataclass
-class Result:
-    name: str
-    tokens: int
-    wall_s: float
-    ttfts: list[float]
+class Result(_common.Result):
     node_cpu_s: float | None = None
-
-    def ttft_ms(self, q: float) -> float:
-        xs = sorted(self.ttfts)
-        return 1000 * xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
     def row(self) -> str:
         cpu = f"{1000 * self.node_cpu_s / self.tokens:.2f}" if self.node_cpu_s is not None else "-"
@@ -91,8 +81,7 @@ def start_node(work: Path, engine_toml: str, payments_toml: str = "") -> tuple[s
     config = work / f"node-{port}.toml"
     config.write_text(f'data_dir = "{work / f"data-{port}"}"\n[server]\nport = {port}\n[logging]\nlevel = "warning"\n'
                       f"{engine_toml}\n[limits]\nmax_tokens_cap = 4096\n{payments_toml}")
-    proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -10,21 +10,18 @@ within 20 % of raw recovery.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from _common import Report, report_args
 from eth_account import Account
 from web3 import Web3
 
 from dcml.client.chain.channel import ChannelClient
 from dcml.client.chain.devnet import Devnet
-from tests.payments_helpers import node_payments
+from dcml.client.demo.kit.payments import node_payments
 
 
 def rate(n: int, fn) -> float:
@@ -36,7 +33,7 @@ def rate(n: int, fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=5000)
-    parser.add_argument("--json", action="store_true")
+    report_args(parser)
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
@@ -59,16 +56,12 @@ def main() -> None:
         accept_n = min(args.n, 1000)
         accept = rate(accept_n, lambda: [node.verifier.accept(v) for v in vouchers[:accept_n]])
 
-    result = {"raw_recover_per_s": round(raw), "verify_per_s": round(verify),
-              "verify_vs_raw": round(verify / raw, 3), "accept_durable_per_s": round(accept)}
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(f"{'path (one core)':<44}{'vouchers/s':>12}")
-    print(f"{'raw eth_account recovery (baseline)':<44}{raw:>12,.0f}")
-    print(f"{'node verifier (all checks, cached channel)':<44}{verify:>12,.0f}   {verify / raw:.0%} of raw")
-    print(f"{'node accept (verify + fsync commit)':<44}{accept:>12,.0f}")
-
+    report = Report("vouchers verified per second, one core")
+    report.baseline("raw eth_account recovery", raw, "/s")
+    report.add("node verifier (all checks, cached channel)", verify, "/s", vs="raw eth_account recovery",
+               goal=">= 10k/s, within 20 % of raw")
+    report.add("node accept (verify + fsync commit)", accept, "/s", vs="raw eth_account recovery")
+    report.print(args)
 
 if __name__ == "__main__":
     main()

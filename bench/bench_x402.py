@@ -10,25 +10,19 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
+from _common import Report, interleaved_latency, report_args
+from eth_account import Account
+from web3 import Web3
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from eth_account import Account  # noqa: E402
-from web3 import Web3  # noqa: E402
-
-from dcml.client.chain.channel import ChannelClient  # noqa: E402
-from dcml.client.chain.devnet import Devnet  # noqa: E402
-from dcml.client.wire.receipts import model_id_for  # noqa: E402
-from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired  # noqa: E402
-from tests.paid_helpers import MODEL, start_paid_node  # noqa: E402
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.devnet import Devnet
+from dcml.client.demo.kit.nodes import MODEL, start_paid_node
+from dcml.client.wire.receipts import model_id_for
+from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired
 
 
 def b64(obj: dict) -> str:
@@ -52,6 +46,7 @@ def old_shapes(required: PaymentRequired, voucher_wire: dict, settle: dict) -> d
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=300)
+    report_args(ap)
     args = ap.parse_args()
     with Devnet() as net, tempfile.TemporaryDirectory() as tmp:
         dep = net.deployment
@@ -83,17 +78,13 @@ def main() -> None:
             print("header bytes (base64)        before(pre-v2)  after(v2)")
             for name in (PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PAYMENT_RESPONSE):
                 print(f"  {name:26s} {before[name]:>14d} {after[name]:>10d}")
-            times: dict[str, list[float]] = {"bare voucher (baseline)": [], "v2 PaymentPayload": []}
-            for i in range(2 * args.requests):
-                name, value = (("bare voucher (baseline)", bare), ("v2 PaymentPayload", v2))[i % 2]
-                t0 = time.perf_counter()
+            def send(value: str) -> None:
                 r = http.post("/v1/completions", content=body, headers={**headers, PAYMENT_SIGNATURE: value})
-                times[name].append((time.perf_counter() - t0) * 1000)
                 assert r.status_code == 200, r.text
-            print(f"paid non-streamed request, max_tokens=1, {args.requests} each, interleaved, one node:")
-            for name, ts in times.items():
-                ts.sort()
-                print(f"  {name:26s} p50 {statistics.median(ts):6.2f} ms   p90 {ts[int(0.9 * len(ts))]:6.2f} ms")
+
+            report = Report(f"paid non-streamed request, max_tokens=1, {args.requests} each, interleaved, one node")
+            interleaved_latency(report, send, {"bare voucher": bare, "v2 PaymentPayload": v2}, args.requests)
+            report.print(args)
         finally:
             node.server.stop()
 

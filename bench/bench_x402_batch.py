@@ -11,31 +11,25 @@ import argparse
 import asyncio
 import base64
 import json
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
+from _common import Report, interleaved_latency, report_args
+from eth_account import Account
+from web3 import Web3
+from x402 import x402Client
+from x402.http.clients.httpx import x402AsyncTransport
+from x402.mechanisms.evm.batch_settlement.client.config import BatchSettlementEvmSchemeOptions
+from x402.mechanisms.evm.batch_settlement.client.scheme import BatchSettlementEvmScheme
+from x402.mechanisms.evm.batch_settlement.client.voucher import sign_voucher
+from x402.mechanisms.evm.signers import EthAccountSigner
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from eth_account import Account  # noqa: E402
-from web3 import Web3  # noqa: E402
-from x402 import x402Client  # noqa: E402
-from x402.http.clients.httpx import x402AsyncTransport  # noqa: E402
-from x402.mechanisms.evm.batch_settlement.client.config import BatchSettlementEvmSchemeOptions  # noqa: E402
-from x402.mechanisms.evm.batch_settlement.client.scheme import BatchSettlementEvmScheme  # noqa: E402
-from x402.mechanisms.evm.batch_settlement.client.voucher import sign_voucher  # noqa: E402
-from x402.mechanisms.evm.signers import EthAccountSigner  # noqa: E402
-
-from dcml.client.chain.channel import ChannelClient  # noqa: E402
-from dcml.client.chain.devnet import Devnet  # noqa: E402
-from dcml.client.wire.receipts import model_id_for  # noqa: E402
-from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired  # noqa: E402
-from tests.paid_helpers import MODEL, start_paid_node  # noqa: E402
+from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.devnet import Devnet
+from dcml.client.demo.kit.nodes import MODEL, start_paid_node
+from dcml.client.wire.receipts import model_id_for
+from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_SIGNATURE, PaymentPayload, PaymentRequired
 
 DEPOSIT = 10**17
 
@@ -54,6 +48,7 @@ class _Recording(httpx.AsyncHTTPTransport):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=200)
+    report_args(ap)
     args = ap.parse_args()
     with Devnet() as net, tempfile.TemporaryDirectory() as tmp:
         dep = net.deployment
@@ -107,17 +102,14 @@ def main() -> None:
             print(f"  PAYMENT-SIGNATURE, channel voucher       {len(channel):>6d}")
             print(f"  PAYMENT-SIGNATURE, batch deposit (SDK)   {len(rec.sent[0]):>6d}")
             print(f"  PAYMENT-SIGNATURE, batch voucher (SDK)   {len(batch):>6d}")
-            times: dict[str, list[float]] = {"channel voucher (baseline)": [], "batch-settlement voucher": []}
-            for i in range(2 * args.requests):
-                name, value = (("channel voucher (baseline)", channel), ("batch-settlement voucher", batch))[i % 2]
-                t0 = time.perf_counter()
+            def send(value: str) -> None:
                 r = http.post("/v1/completions", content=body, headers={**headers, PAYMENT_SIGNATURE: value})
-                times[name].append((time.perf_counter() - t0) * 1000)
                 assert r.status_code == 200, r.text
-            print(f"paid non-streamed request, max_tokens=1, {args.requests} each, interleaved, one node:")
-            for name, ts in times.items():
-                ts.sort()
-                print(f"  {name:28s} p50 {statistics.median(ts):6.2f} ms   p90 {ts[int(0.9 * len(ts))]:6.2f} ms")
+
+            report = Report(f"paid non-streamed request, max_tokens=1, {args.requests} each, interleaved, one node")
+            interleaved_latency(report, send, {"channel voucher": channel, "batch-settlement voucher": batch},
+                                args.requests)
+            report.print(args)
         finally:
             node.server.stop()
 

@@ -10,11 +10,15 @@ from eth_account import Account
 from safetensors.torch import load_file, save_file
 
 from dcml.client.chain.model_registry import model_id
+from dcml.client.demo.kit.nodes import simulated_measurement
 from dcml.client.publisher.bundle import SignedManifest, encrypt_model, generate_key
+from dcml.node.tee.simulated import SimulatedProvider
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
 MODEL_ID = model_id("demo-sharded")
 PUBLISHER = Account.from_key("0x" + "42" * 32)
+PROVIDER = SimulatedProvider()
+SIM = simulated_measurement(PROVIDER)  # what a simulated node measures as, for the broker's allow-list
 
 
 def sharded_demo(dst: Path) -> Path:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fakes.vectors import DSTACK
 
 from dcml.client.attestation.measurements import build_simulated_quote, dev_signer
 from dcml.client.attestation.nras import parse_nras_response
@@ -22,6 +21,7 @@ from dcml.client.attestation.verify import (
     SimulatedPolicy,
     verify_attestation,
 )
+from dcml.client.demo.kit.vectors import DSTACK
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.tee.document import build_attestation_document
 from dcml.node.tee.simulated import SimulatedProvider

@@ -9,14 +9,14 @@ import copy
 import json
 
 import pytest
-from fakes.vectors import DSTACK, TDX, collateral, dstack_vector, tdx_quote
 from fastapi.testclient import TestClient
 
 import dcml.client.attestation.verify as att
 from dcml.client.attestation.measurements import parse_tdx_quote
 from dcml.client.attestation.verify import AttestationError, Policy, Reason, cache_collateral, verify_attestation
+from dcml.client.demo.kit.vectors import DSTACK, TDX, collateral, dstack_vector, tdx_quote
 from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry, NonceStore, create_app
-from tests.test_attestation_vectors import (
+from tests.vector_docs import (
     DSTACK_NOW,
     IDENTITY,
     NONCE,

@@ -7,7 +7,6 @@ import hashlib
 
 import dcap_qvl
 import pytest
-from fakes.vectors import DSTACK, DSTACK_COMPOSE_HASH, TDX, collateral, dstack_vector, tdx_quote, ts
 
 from dcml.client.attestation.measurements import (
     BODY_TD10,
@@ -21,52 +20,16 @@ from dcml.client.attestation.measurements import (
 )
 from dcml.client.attestation.verify import (
     ANY,
-    AttestationDocument,
     AttestationError,
-    DstackPolicy,
     MeasurementPolicy,
     Policy,
     Reason,
-    TcbPolicy,
     cache_collateral,
     dcap_verify,
     verify_attestation,
 )
-from dcml.node.identity import EnclaveIdentity
-
-TDX_NOW = ts("2025-06-20T10:16:03Z")
-DSTACK_NOW = ts("2025-09-03T00:00:00Z")
-NONCE = bytes(range(32))
-IDENTITY = EnclaveIdentity.from_seed(b"vector-tests".ljust(32, b"\0"))
-
-
-def _policy_for(quote: bytes, *, compose_hashes: list[str] | None = None, **tcb: list[str]) -> Policy:
-    """A policy allowing exactly this quote's MRTD and RTMR0-3 (what an operator would pin)."""
-    m = parse_tdx_quote(quote).measurements()
-    return Policy(
-        tcb=TcbPolicy(**tcb),
-        measurements=MeasurementPolicy(
-            mrtd=[m.mrtd], rtmr0=[m.rtmr0], rtmr1=[m.rtmr1], rtmr2=[m.rtmr2], rtmr3=[m.rtmr3]
-        ),
-        dstack=DstackPolicy(compose_hashes=compose_hashes if compose_hashes is not None else [DSTACK_COMPOSE_HASH]),
-    )
-
-
-def _doc(quote: bytes, tee_type: str = "tdx", **extra) -> AttestationDocument:
-    parsed = parse_tdx_quote(quote)
-    fields = dict(
-        tee_type=tee_type,
-        quote=quote.hex(),
-        signing_address=IDENTITY.address,
-        hpke_public_key=IDENTITY.hpke_public_bytes().hex(),
-        nonce=NONCE.hex(),
-        report_data=parsed.report_data.hex(),
-        node_version="test",
-        measurements=parsed.measurements(),
-    )
-    fields.update(extra)
-    return AttestationDocument.model_validate(fields)
-
+from dcml.client.demo.kit.vectors import DSTACK, DSTACK_COMPOSE_HASH, TDX, collateral, dstack_vector, tdx_quote, ts
+from tests.vector_docs import DSTACK_NOW, NONCE, ONES, TDX_NOW, _doc, _dstack_doc, _policy_for
 
 # --- shared/vectors/tdx ---------------------------------------------------------------------------
 
@@ -204,12 +167,6 @@ def dstack():
     quote, events, app_info = dstack_vector()
     return quote, events, app_info, collateral(DSTACK / "quote_collateral.json")
 
-
-def _dstack_doc(quote, events, app_info) -> AttestationDocument:
-    return _doc(quote, "dstack", event_log=events, app_info=app_info)
-
-
-ONES = b"\x01" * 64
 
 
 def test_dstack_vector_up_to_date_with_replay_and_compose_hash(dstack):

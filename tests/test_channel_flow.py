@@ -10,7 +10,7 @@ from web3 import Web3
 from dcml.client.chain.channel import ETH, ChannelClient
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.deployment import Deployment
-from tests.payments_helpers import new_model, node_payments, token_balance
+from dcml.client.demo.kit.payments import new_model, node_payments, token_balance
 
 
 def test_open_1000_vouchers_settle_close_exact_to_the_wei(

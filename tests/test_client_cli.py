@@ -13,20 +13,11 @@ from web3 import Web3
 
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.deployment import Deployment
-from dcml.client.chain.devnet import Devnet
 from dcml.client.chain.tx import send
+from dcml.client.demo.kit.nodes import MODEL, PaidNode, start_paid_node
 from dcml.client.sdk.cli import app
-from tests.paid_helpers import MODEL, PaidNode, start_paid_node
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def deployment_file(devnet: Devnet, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dep") / "deployment.json"
-    assert devnet.deployment is not None
-    devnet.deployment.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

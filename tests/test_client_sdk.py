@@ -14,22 +14,13 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from dcml.client.chain.deployment import Deployment
-from dcml.client.chain.devnet import Devnet
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, PRICE_OUT, PaidNode, start_paid_node
 from dcml.client.sdk.client import ChatResult, ChatStream, Client, UntrustedTerms
 from dcml.client.sdk.spend_store import SpendStore
 from dcml.client.sdk.transport import PayingTransport, ReceiptViolation
 from dcml.client.wire.receipts import RECEIPT_HEADER
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, PaidNode, start_paid_node
 
 DEPOSIT = 10**17
-
-
-@pytest.fixture(scope="module")
-def deployment_file(devnet: Devnet, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dep") / "deployment.json"
-    assert devnet.deployment is not None
-    devnet.deployment.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

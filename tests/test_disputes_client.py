@@ -27,6 +27,8 @@ from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.devnet import NODE_MIN_STAKE, SLA_DISPUTE_BOND, Devnet, dev_accounts
 from dcml.client.chain.registry import RegistryClient
 from dcml.client.chain.sla import Broken, DisputeStatus, SLACourtClient, Terms
+from dcml.client.demo.kit.nodes import MODEL as SERVED
+from dcml.client.demo.kit.nodes import fund, paid_settings
 from dcml.client.sdk.cli import app as cli_app
 from dcml.client.sdk.client import Client
 from dcml.client.sdk.disputes import Disputes
@@ -48,8 +50,6 @@ from dcml.node.engine.synthetic import SyntheticEngine
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.network.registration import ensure_registered
 from dcml.node.tee.simulated import SimulatedProvider
-from tests.paid_helpers import MODEL as SERVED
-from tests.paid_helpers import fund, paid_settings
 
 MODEL = model_id_for("tiny")
 PEER_ID = bytes.fromhex("002408011220") + b"\x11" * 32

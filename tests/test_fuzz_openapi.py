@@ -20,8 +20,8 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
 from dcml.client.chain.devnet import free_port
-from tests.node_process import NodeProcess
-from tests.test_hardening import write_config
+from dcml.client.demo.kit.nodes import NodeProcess, to_toml
+from tests.node_configs import hardened_config
 
 EXAMPLES = 60  # per operation and mode
 BUDGET_S = 30.0  # per node
@@ -78,18 +78,13 @@ def _check(node: NodeProcess, figures: Figures, name: str) -> None:
 
 
 @pytest.fixture
-def started(tmp_path):
-    nodes: list[NodeProcess] = []
-
+def started(tmp_path, node_process):
     def start(config_text: str) -> NodeProcess:
         port = free_port()
         (tmp_path / "node.toml").write_text(config_text.replace("PORT", str(port)))
-        nodes.append(NodeProcess(tmp_path / "node.toml", port, tmp_path / f"node{len(nodes)}.log"))
-        return nodes[-1]
+        return node_process(tmp_path / "node.toml", port)
 
-    yield start
-    for n in nodes:
-        n.stop()
+    return start
 
 
 def test_fuzz_free_node_from_its_openapi_document(started, tmp_path) -> None:
@@ -111,8 +106,7 @@ default_max_tokens = 16
 def test_fuzz_paid_node_from_its_openapi_document(started, w3, deployment, tmp_path) -> None:
     deployment_file = tmp_path / "deployment.json"
     deployment.save(deployment_file)
-    write_config(tmp_path / "paid.toml", tmp_path / "paid-data", deployment_file, 0)
-    text = (tmp_path / "paid.toml").read_text().replace("port = 0", "port = PORT").replace('level = "debug"',
-                                                                                              'level = "info"')
+    text = to_toml(hardened_config(tmp_path / "paid-data", 0, deployment_file, log_level="info"))
+    text = text.replace("port = 0", "port = PORT")
     node = started(text)
     _check(node, fuzz(node.url), "paid node")

@@ -17,10 +17,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dcml.client.chain.devnet import free_port
+from dcml.client.demo.kit.gateway import start_gateway, start_node
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, synthetic_node
 from dcml.client.wire.receipts import SignedReceipt
 from dcml.node.tee.simulated import SimulatedProvider
-from tests.gateway_helpers import NodeProcess, start_gateway, start_node
-from tests.paid_helpers import MODEL, PRICE_IN
 
 CHEAP, DEAR = 2 * 10**12, 3 * 10**12
 
@@ -120,7 +120,7 @@ def test_spending_limits_are_clear_errors_not_payments(nodes, payer, deployment,
 def test_node_killed_before_its_first_token_fails_over_and_is_paid_once(w3, payer, deployment, tmp_path) -> None:
     path = tmp_path / "deployment.json"
     deployment.save(path)
-    slow = NodeProcess(w3, path, tmp_path / "slow", free_port(), CHEAP, first_token_ms=4000)  # cheapest
+    slow = synthetic_node(w3, path, tmp_path / "slow", free_port(), CHEAP, first_token_ms=4000)  # cheapest
     backup, _, backup_app = start_node(w3, path, tmp_path / "backup", DEAR)
     server, _ = start_gateway(payer, deployment, tmp_path / "gw", [slow.url, backup.url])
     try:

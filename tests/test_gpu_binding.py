@@ -1,6 +1,6 @@
 """GPU evidence bound to the node's quote, stapled by the node and enforced by policy (SDK, CLI, key broker).
 
-The GPUs are tests/fakes/gpu.py (real signatures under test roots pinned here in place of NVIDIA's); the
+The GPUs are dcml.client.demo.kit.fake_gpu (real signatures under test roots pinned here in place of NVIDIA's); the
 real NVIDIA vectors check the verifier itself in test_gpu_evidence.py.
 """
 
@@ -17,7 +17,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from eth_account import Account
-from fakes.gpu import DRIVER, VBIOS_TEXT, FakeGpuMachine
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -31,6 +30,7 @@ from dcml.client.attestation.verify import (
     Reason,
     verify_attestation,
 )
+from dcml.client.demo.kit.fake_gpu import DRIVER, VBIOS_TEXT, FakeGpuMachine
 from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry, create_app, measurement_id
 from dcml.node.config import GpuTeeConfig, load_settings
 from dcml.node.identity import EnclaveIdentity

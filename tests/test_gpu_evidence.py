@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from fakes.vectors import VECTORS
 
 from dcml.client.attestation.gpu import (
     GpuEvidenceError,
@@ -22,6 +21,7 @@ from dcml.client.attestation.gpu import (
     verify_gpu,
     verify_rim,
 )
+from dcml.client.demo.kit.vectors import VECTORS
 
 NV = VECTORS / "nvidia"
 H545 = NV / "hopper-545"

@@ -8,31 +8,19 @@ import json
 import logging
 import random
 import re
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from dcml.client.chain.deployment import Deployment
-from dcml.client.chain.devnet import Devnet
+from dcml.client.demo.kit.nodes import MODEL, PaidNode, funded_wallet, node_receipts, start_paid_node
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.sdk.client import Client
-from dcml.client.wire.receipts import SignedReceipt
 from dcml.client.wire.x402 import PAYMENT_SIGNATURE
-from tests.paid_helpers import MODEL, PaidNode, RawPayer, start_paid_node
-
-
-@pytest.fixture(scope="module")
-def deployment_file(devnet: Devnet, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dep") / "deployment.json"
-    assert devnet.deployment is not None
-    devnet.deployment.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +29,6 @@ def node(w3: Web3, deployment_file: Path, tmp_path_factory: pytest.TempPathFacto
     paid = start_paid_node(w3, deployment_file, tmp_path_factory.mktemp("node"), prepay_tokens=0, credit_tokens=4)
     yield paid
     paid.server.stop()
-
-
-def funded_wallet(w3: Web3, deployment: Deployment) -> LocalAccount:
-    from dcml.client.chain.contracts import contract
-    from dcml.client.chain.tx import send
-
-    acct = Account.create()
-    w3.provider.make_request("anvil_setBalance", [acct.address, hex(10**20)])
-    donor = Account.from_key(deployment.accounts["client"].private_key)
-    send(w3, donor, contract(w3, "TestToken", deployment.token).functions.transfer(acct.address, 10**19),
-         action="fund")
-    return acct
-
-
-def node_receipts(node: PaidNode) -> list[SignedReceipt]:
-    db = sqlite3.connect(Path(node.app.state.node.settings.data_dir) / "receipts.sqlite")
-    try:
-        return [SignedReceipt.from_json(body) for (body,) in db.execute("SELECT body FROM receipts")]
-    finally:
-        db.close()
 
 
 def metric(node: PaidNode, name: str) -> float:
@@ -171,8 +139,9 @@ def test_plain_openai_client_hangs_up_after_done_one_receipt_each(tmp_path: Path
 def test_a_duplicate_receipt_fails_alone_not_its_batch(tmp_path: Path) -> None:
     import asyncio
 
+    from dcml.client.wire.receipts import sign_receipt
     from dcml.node.receipts.store import ReceiptStore
-    from tests.test_receipts import NODE_KEY, make_receipt, sign_receipt
+    from tests.receipt_helpers import NODE_KEY, make_receipt
 
     signed = [sign_receipt(make_receipt(), NODE_KEY) for _ in range(8)]
 

@@ -14,46 +14,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from eth_account import Account
 
 from dcml.client.attestation.verify import AttestationDocument
 from dcml.client.chain.devnet import free_port
+from dcml.client.demo.kit.nodes import MODEL, NodeProcess, fund, to_toml
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.wire.e2e import SEALED_CONTENT_TYPE, SEALED_HEADER, open_response, seal_request
 from dcml.client.wire.x402 import PAYMENT_SIGNATURE
-from tests.node_process import NodeProcess
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund
+from tests.node_configs import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, PER_SOURCE, hardened_config
 
 DEEP = 100_000  # a 100k-deep array overflowed the C stack once py_ecc had raised the recursion limit
 CANARY = "CANARY-7f3a9c-prompt-must-not-leak"
-HEADER_TIMEOUT_S, BODY_TIMEOUT_S, PER_SOURCE = 2, 3, 64
-
-
-def write_config(path: Path, data_dir: Path, deployment_file: Path, port: int) -> None:
-    path.write_text(f"""
-data_dir = "{data_dir}"
-[server]
-port = {port}
-graceful_shutdown_s = 2
-header_timeout_s = {HEADER_TIMEOUT_S}
-body_timeout_s = {BODY_TIMEOUT_S}
-max_connections_per_source = {PER_SOURCE}
-[logging]
-level = "debug"
-[engine]
-kind = "synthetic"
-served_model_name = "{MODEL}"
-[engine.options]
-tokens_per_second = 200
-[payments]
-enabled = true
-deployment = "{deployment_file}"
-prepay_tokens = 8
-credit_tokens = 4
-voucher_timeout_s = 10
-settle_threshold = 1000000000000000000000000
-[payments.prices.{MODEL}]
-price_per_input_token = {PRICE_IN}
-price_per_output_token = {PRICE_OUT}
-""")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +34,7 @@ def node(w3, deployment, tmp_path_factory):
     deployment_file = tmp / "deployment.json"
     deployment.save(deployment_file)
     port = free_port()
-    write_config(tmp / "node.toml", tmp / "data", deployment_file, port)
+    (tmp / "node.toml").write_text(to_toml(hardened_config(tmp / "data", port, deployment_file)))
     proc = NodeProcess(tmp / "node.toml", port, tmp / "node.log")
     proc.data_dir = tmp / "data"
     fund(w3, proc.health["address"])
@@ -72,9 +44,8 @@ def node(w3, deployment, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def payer(w3, deployment, node, tmp_path_factory):
-    from tests.conftest import account
-
-    p = RawPayer(w3, deployment, account(deployment, "client"), node.url, node.health["address"])
+    wallet = Account.from_key(deployment.accounts["client"].private_key)
+    p = RawPayer(w3, deployment, wallet, node.url, node.health["address"])
     p.big = p.voucher(10**17)  # far above anything these tests spend: one voucher names the channel throughout
     assert p.post_voucher(10**17).status_code == 200  # held before concurrent requests name it
     return p

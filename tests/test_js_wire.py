@@ -14,8 +14,8 @@ import pytest
 from eth_account import Account
 
 from dcml.client.chain.channel import ChannelClient
+from dcml.client.demo.kit.nodes import MODEL, start_paid_node
 from dcml.client.wire.receipts import model_id_for
-from tests.paid_helpers import MODEL, start_paid_node
 
 JS = Path(__file__).parent / "js"
 

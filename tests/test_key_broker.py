@@ -8,9 +8,10 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
-from dcml.client.attestation.verify import Policy, verify_attestation
+from dcml.client.attestation.verify import Policy
 from dcml.client.chain.devnet import NODE_MIN_STAKE
 from dcml.client.chain.registry import RegistryClient
+from dcml.client.demo.kit.nodes import simulated_measurement
 from dcml.client.publisher.bundle import generate_key
 from dcml.client.publisher.cli import publish_model
 from dcml.client.publisher.key_broker import (
@@ -22,7 +23,6 @@ from dcml.client.publisher.key_broker import (
     RateLimiter,
     RegistryNodeCheck,
     create_app,
-    measurement_id,
 )
 from dcml.client.wire.key_release import open_model_key, seal_model_key
 from dcml.node.identity import EnclaveIdentity
@@ -35,14 +35,7 @@ URL = f"/v1/models/0x{MODEL.hex()}"
 PROVIDER = SimulatedProvider()
 
 
-def _sim_measurement() -> bytes:
-    ident = EnclaveIdentity.generate()
-    nonce = os.urandom(32)
-    doc = build_attestation_document(ident, PROVIDER, nonce, node_version="t")
-    return measurement_id(verify_attestation(doc, nonce=nonce, policy=Policy(), allow_simulated=True))
-
-
-SIM = _sim_measurement()
+SIM = simulated_measurement(PROVIDER)
 
 
 class Clock:

@@ -21,8 +21,7 @@ from dcml.node.model_source import (
     materialize_to_tmpfs,
     require_ram_path,
 )
-from tests.model_helpers import MODEL_ID, PUBLISHER, make_bundle
-from tests.test_key_broker import PROVIDER, SIM
+from tests.model_helpers import MODEL_ID, PROVIDER, PUBLISHER, SIM, make_bundle
 
 PROMPT = "MENENIUS:\nWhat work's, my countrymen, in hand?"
 

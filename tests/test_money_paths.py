@@ -16,7 +16,8 @@ from web3 import Web3
 
 from dcml.client.chain.channel import ChannelClient
 from dcml.client.chain.deployment import Deployment
-from dcml.client.chain.devnet import Devnet
+from dcml.client.demo.kit.nodes import MODEL, PRICE_OUT, PaidNode, funded_wallet, start_paid_node
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.wire.receipts import model_id_for
 from dcml.client.wire.voucher import MalformedVoucher, Voucher
 from dcml.client.wire.x402 import (
@@ -27,18 +28,8 @@ from dcml.client.wire.x402 import (
     NeedVoucher,
 )
 from tests.fakes.erc1271_wallet import deploy_wallet
-from tests.paid_helpers import MODEL, PRICE_OUT, PaidNode, RawPayer, start_paid_node
-from tests.test_hangup_receipts import funded_wallet
 
 CREDIT_TOKENS = 4
-
-
-@pytest.fixture(scope="module")
-def deployment_file(devnet: Devnet, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dep") / "deployment.json"
-    assert devnet.deployment is not None
-    devnet.deployment.save(path)
-    return path
 
 
 def _node(w3: Web3, deployment_file: Path, data_dir: Path, **payments) -> PaidNode:

@@ -18,6 +18,8 @@ from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.devnet import Devnet
 from dcml.client.chain.registry import RegistryClient
 from dcml.client.chain.sla import DisputeStatus, SLACourtClient, Terms, acceptance_tuple, receipt_tuple
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, PRICE_OUT, fund
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.wire.access import receipts_resource
 from dcml.client.wire.receipts import (
     ReceiptDomain,
@@ -38,7 +40,6 @@ from dcml.node.identity import EnclaveIdentity
 from dcml.node.receipts.store import ReceiptStore
 from dcml.node.sla.terms import EngineBenchmark, TermsUnmet, measure, unmet
 from dcml.node.tee.simulated import SimulatedProvider
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund
 
 MODEL_ID = model_id_for(MODEL)
 TERMS = {"max_ttft_ms": 2000, "min_tokens_per_sec": 5, "response_window_s": 600, "breach_fixed": 10**15,

@@ -18,6 +18,7 @@ import pytest
 import trio
 from eth_account import Account
 
+from dcml.client.demo.kit.p2p import NodeInfo, NodeProcess, spawn, wait_ready
 from dcml.client.network.bridge import TrioThread
 from dcml.client.network.overlay import Overlay, OverlayConfig, peer_key_from_secret
 from dcml.client.sdk.discovery import Discovery, RegisteredNode, StaticRegistry
@@ -31,7 +32,6 @@ from dcml.client.wire.advert import (
     resolve_model_id,
     sign_advert,
 )
-from tests.p2p_helpers import NodeInfo, NodeProcess, spawn, wait_ready
 
 INTERVAL, TTL = 2.0, 6
 DEMO, OTHER = resolve_model_id("demo"), resolve_model_id("other")

@@ -3,60 +3,23 @@ in its ledger, exactly once, and gets settled on-chain."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from dcml.client.chain.devnet import free_port
+from dcml.client.demo.kit.nodes import PRICE_OUT, NodeProcess, fund, paid_config, to_toml
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.wire.access import channel_resource
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, fund
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_config(path: Path, data_dir: Path, deployment_file: Path, port: int) -> None:
-    path.write_text(f"""
-data_dir = "{data_dir}"
-[server]
-port = {port}
-graceful_shutdown_s = 5
-[engine]
-kind = "synthetic"
-served_model_name = "{MODEL}"
-[payments]
-enabled = true
-deployment = "{deployment_file}"
-prepay_tokens = 8
-credit_tokens = 4
-voucher_timeout_s = 10
-settle_threshold = 1000000000000000000000000
-[payments.prices.{MODEL}]
-price_per_input_token = {PRICE_IN}
-price_per_output_token = {PRICE_OUT}
-""")
-
-
-class NodeProcess:
-    def __init__(self, config: Path, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=REPO,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, "node exited during start"
-            try:
-                self.health = httpx.get(f"{self.url}/health", timeout=1).json()
-                return
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "node did not start"
-                time.sleep(0.1)
+    cfg = paid_config(data_dir, port, deployment_file)
+    cfg["payments"]["voucher_timeout_s"] = 10
+    path.write_text(to_toml(cfg))
 
 
 @pytest.mark.slow

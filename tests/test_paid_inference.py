@@ -11,16 +11,10 @@ import threading
 import httpx
 import pytest
 
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, PRICE_OUT, start_paid_node
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.wire.receipts import Price, ReceiptDomain, verify_signed_receipt
 from dcml.client.wire.x402 import PAYMENT_REQUIRED, PaymentRequired
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, start_paid_node
-
-
-@pytest.fixture
-def deployment_file(deployment, tmp_path):
-    path = tmp_path / "deployment.json"
-    deployment.save(path)
-    return path
 
 
 @pytest.fixture

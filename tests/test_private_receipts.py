@@ -13,9 +13,10 @@ from eth_account import Account
 from web3 import Web3
 
 from dcml.client.chain.deployment import Deployment
+from dcml.client.demo.kit.nodes import MODEL, PaidNode, start_paid_node
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.wire.access import AUTH_HEADER, auth_header, channel_resource, receipts_resource
 from dcml.client.wire.receipts import SignedReceipt, request_hash
-from tests.paid_helpers import MODEL, PaidNode, RawPayer, start_paid_node
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,14 @@ import httpx
 import pytest
 
 from dcml.client.chain.sla import Broken, Terms, broken_terms
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, PRICE_OUT, start_paid_node
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.wire.receipts import parse_sse_stream
 from dcml.client.wire.x402 import ACCEPTANCE_HEADER, PAYMENT_SIGNATURE
 from dcml.node.engine.synthetic import SyntheticEngine
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, start_paid_node
 
 # The terms of the review's victim node: TTFT 1 s, 3 s per answer, 5 tokens/s.
 TERMS = Terms(max_ttft_ms=1000, min_tokens_per_sec=5, max_duration_ms=3000, response_window=600)
-
-
-@pytest.fixture
-def deployment_file(deployment, tmp_path):
-    path = tmp_path / "deployment.json"
-    deployment.save(path)
-    return path
 
 
 def _trickled(body: bytes, pieces: int, pause_s: float):
@@ -250,13 +244,13 @@ def test_squatted_model_id_takes_nothing_from_the_node(w3, deployment, deploymen
     from dcml.client.chain.channel import ChannelClient
     from dcml.client.chain.contracts import contract
     from dcml.client.chain.tx import send
+    from dcml.client.demo.kit.nodes import fund, paid_settings
     from dcml.client.sdk.client import Client, UntrustedTerms
     from dcml.client.wire.receipts import model_id_for
     from dcml.node.api.app import create_app
     from dcml.node.api.server import BackgroundServer
     from dcml.node.identity import EnclaveIdentity
     from dcml.node.tee.simulated import SimulatedProvider
-    from tests.paid_helpers import fund, paid_settings
 
     served = f"squat-{time.time_ns()}"  # its own model id: the session chain is shared with other tests
     squatter, publisher = Account.create(), Account.create()

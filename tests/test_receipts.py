@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import sqlite3
 from types import SimpleNamespace
 
@@ -19,7 +18,6 @@ from dcml.client.wire.receipts import (
     ZERO32,
     Acceptance,
     Price,
-    Receipt,
     ReceiptDomain,
     ReceiptError,
     ReceiptReason,
@@ -32,7 +30,6 @@ from dcml.client.wire.receipts import (
     receipt_digest,
     receipt_signable,
     request_hash,
-    response_hash,
     sign_acceptance,
     sign_receipt,
     stream_response_hash,
@@ -46,21 +43,9 @@ from dcml.node.engine.synthetic import SyntheticEngine
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.receipts.store import ReceiptStore
 from dcml.node.tee.simulated import SimulatedProvider
+from tests.receipt_helpers import NODE_KEY, REQUEST, RESPONSE, make_receipt
 
 MODEL = "synthetic"
-NODE_KEY = Account.create()
-REQUEST = b'{"model":"m","messages":[]}'
-RESPONSE = b'{"id":"x","choices":[]}'
-
-
-def make_receipt(**overrides) -> Receipt:
-    fields = dict(receiptId=hex32(os.urandom(32)), requestHash=request_hash(REQUEST),
-                  responseHash=response_hash(RESPONSE), modelId=model_id_for("m"), inputTokens=5,
-                  outputTokens=7, cost=5 * 3 + 7 * 11, cumulativeSpent=1000, acceptedAt=1_700_000_000,
-                  ttftMs=12, durationMs=340)
-    return Receipt(**{**fields, **overrides})
-
-
 def check(signed: SignedReceipt, **kw) -> None:
     args = dict(expected_signer=NODE_KEY.address, request_bytes=REQUEST, response_bytes=RESPONSE)
     verify_signed_receipt(signed, **{**args, **kw})

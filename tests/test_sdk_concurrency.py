@@ -12,20 +12,18 @@ import pytest
 from web3 import Web3
 
 from dcml.client.chain.deployment import Deployment
-from dcml.client.chain.devnet import Devnet
+from dcml.client.demo.kit.nodes import (
+    MODEL,
+    PRICE_IN,
+    PRICE_OUT,
+    PaidNode,
+    funded_wallet,
+    node_receipts,
+    start_paid_node,
+)
 from dcml.client.sdk.client import ChatStream, Client
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, PaidNode, start_paid_node
-from tests.test_hangup_receipts import funded_wallet, node_receipts
 
 STREAMS = 64
-
-
-@pytest.fixture(scope="module")
-def deployment_file(devnet: Devnet, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dep") / "deployment.json"
-    assert devnet.deployment is not None
-    devnet.deployment.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

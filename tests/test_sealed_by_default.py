@@ -17,6 +17,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from dcml.client.chain.deployment import Deployment
+from dcml.client.demo.kit.nodes import MODEL, fund, paid_settings
 from dcml.client.sdk.client import ChatResult, ChatStream, Client
 from dcml.client.sdk.transport import PayingTransport, SealedResponseError
 from dcml.client.wire.e2e import SEALED_CONTENT_TYPE
@@ -25,7 +26,6 @@ from dcml.node.api.server import BackgroundServer
 from dcml.node.engine.synthetic import SyntheticEngine
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.tee.simulated import SimulatedProvider
-from tests.paid_helpers import MODEL, fund, paid_settings
 
 SECRET = "my very private medical question"
 
@@ -75,13 +75,6 @@ def node(w3: Web3, deployment_file: Path, tmp_path_factory) -> Iterator[tuple[st
     server = BackgroundServer(wire).start()
     yield server.url, wire
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def deployment_file(devnet, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("dep") / "deployment.json"
-    devnet.deployment.save(path)
-    return path
 
 
 @pytest.fixture

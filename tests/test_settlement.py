@@ -19,8 +19,8 @@ from dcml.client.chain.channel import ChannelClient
 from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.devnet import free_port
 from dcml.client.chain.tx import TransactionFailed
+from dcml.client.demo.kit.payments import node_payments
 from dcml.client.wire.access import auth_header, channel_resource
-from tests.payments_helpers import node_payments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,13 +76,6 @@ class PaymentsProcess:
         cid = "0x" + channel_id.hex()
         return httpx.get(f"{self.url}/v1/payments/channels/{cid}", timeout=10,
                          headers=auth_header(signer, payee, channel_resource(cid))).json()
-
-
-@pytest.fixture
-def deployment_file(deployment: Deployment, tmp_path) -> Path:
-    path = tmp_path / "deployment.json"
-    deployment.save(path)
-    return path
 
 
 def test_sigkill_between_vouchers_loses_nothing_and_counts_nothing_twice(

@@ -13,17 +13,8 @@ import pytest
 from web3 import Web3
 
 from dcml.client.chain.deployment import Deployment
-from dcml.client.chain.devnet import Devnet
-from tests.paid_helpers import PaidNode, RawPayer, start_paid_node
-from tests.test_hangup_receipts import funded_wallet
-
-
-@pytest.fixture(scope="module")
-def deployment_file(devnet: Devnet, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dep") / "deployment.json"
-    assert devnet.deployment is not None
-    devnet.deployment.save(path)
-    return path
+from dcml.client.demo.kit.nodes import PaidNode, funded_wallet, start_paid_node
+from dcml.client.demo.kit.raw_payer import RawPayer
 
 
 @pytest.fixture(scope="module")

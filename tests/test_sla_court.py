@@ -7,14 +7,12 @@ bound to the devnet's PaymentChannels escrow.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from eth_account import Account
 from web3 import Web3
 
-from dcml.client.chain.channel import ETH, ZERO_ADDRESS, ChannelParams
-from dcml.client.chain.devnet import Devnet, artifact, deploy_contract, dev_accounts
+from dcml.client.chain.devnet import artifact, deploy_contract, dev_accounts
 from dcml.client.chain.sla import Broken, DisputeStatus, SLACourtClient, SLAError, Terms, broken_terms
 from dcml.client.wire.receipts import (
     Acceptance,
@@ -28,6 +26,7 @@ from dcml.client.wire.receipts import (
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.network.registration import ensure_registered
 from dcml.node.tee.simulated import SimulatedProvider
+from tests.sla_helpers import channel_params, escrow_chain
 
 STAKE = 10**18
 BOND = 10**15
@@ -35,21 +34,6 @@ MODEL = model_id_for("tiny")
 PEER_ID = bytes.fromhex("002408011220") + b"\x11" * 32
 TERMS = Terms(max_ttft_ms=2000, min_tokens_per_sec=10, max_duration_ms=60_000, response_window=600,
               breach_cost_bps=20_000, breach_fixed=10**16, no_response_compensation=5 * 10**16)
-
-
-@contextmanager
-def escrow_chain() -> Iterator[tuple[Web3, str]]:
-    """A fresh anvil with the devnet's contracts; yields (w3, PaymentChannels address). The tests deploy their
-    own NodeRegistry and SLACourt on it, with a stake and bond of their own."""
-    with Devnet() as devnet:
-        assert devnet.deployment is not None
-        w3 = Web3(Web3.HTTPProvider(devnet.rpc_url, request_kwargs={"timeout": 30}))
-        yield w3, devnet.deployment.payment_channels
-
-
-def channel_params(payer: str, payee: str) -> ChannelParams:
-    return ChannelParams(payer=payer, payee=payee, token=ETH, salt=b"\x5a" * 32, authorized_signer=payer,
-                         model_id=bytes.fromhex(MODEL[2:]), publisher=ZERO_ADDRESS, publisher_bps=0)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,6 @@ accepted (node wall clock) after the terms took effect (chain clock).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +33,7 @@ from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.devnet import SLA_DISPUTE_BOND, Devnet, free_port
 from dcml.client.chain.registry import RegistryClient
 from dcml.client.chain.sla import Broken, DisputeStatus, SLACourtClient, SLAError
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, PRICE_OUT, NodeProcess, fund
 from dcml.client.sdk.cli import app as cli_app
 from dcml.client.sdk.client import Client
 from dcml.client.wire.access import auth_header, receipts_resource
@@ -49,7 +46,6 @@ from dcml.client.wire.receipts import (
     sign_receipt,
 )
 from dcml.node.identity import EnclaveIdentity
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, fund
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = model_id_for(MODEL)
@@ -92,7 +88,7 @@ def chain(tmp_path: Path) -> Iterator[Chain]:
                     Account.from_key(dep.accounts["node"].private_key))
 
 
-class NodeProcess:
+class SlaNode:
     """`dcml-node run` with registry and SLA on; the operator key comes from the environment."""
 
     def __init__(self, chain: Chain, data: Path, *, engine: dict, sla: dict) -> None:
@@ -136,18 +132,8 @@ benchmark_max_tokens = 4
 watch_interval_s = 0.2
 {terms}
 """)
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=REPO,
-                                     env={**os.environ, "DCML_OPERATOR_KEY": "0x" + bytes(chain.operator.key).hex()})
-        deadline = time.monotonic() + 90
-        while True:
-            assert self.proc.poll() is None, "the node exited during start"
-            try:
-                httpx.get(f"{self.url}/health", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the node did not start"
-                time.sleep(0.2)
+        self.process = NodeProcess(config, port, env={"DCML_OPERATOR_KEY": "0x" + bytes(chain.operator.key).hex()})
+        self.url, self.proc = self.process.url, self.process.proc
         (terms_v0,) = chain.court.terms_versions(self.identity.address, MODEL_ID)
         while time.time() < terms_v0.valid_from + 1:  # requests must be accepted once the terms are in force
             time.sleep(0.1)
@@ -157,19 +143,13 @@ watch_interval_s = 0.2
         return self.identity.address
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.process.kill()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.process.stop()
 
 
-def _client(chain: Chain, node: NodeProcess, store: Path) -> Client:
+def _client(chain: Chain, node: SlaNode, store: Path) -> Client:
     return Client(node.url, chain.payer, deployment=chain.deployment, allow_simulated=True, w3=chain.w3,
                   store=store, deposit=10**17)
 
@@ -181,7 +161,7 @@ def _dcml(chain: Chain, store: Path, *args: str) -> list[dict]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _receipt_by_request(node: NodeProcess, req: str, channel: str, payer: LocalAccount,
+def _receipt_by_request(node: SlaNode, req: str, channel: str, payer: LocalAccount,
                         timeout: float = 10.0) -> SignedReceipt:
     deadline = time.monotonic() + timeout
     while True:  # for the payer only (client.access)
@@ -194,7 +174,7 @@ def _receipt_by_request(node: NodeProcess, req: str, channel: str, payer: LocalA
 
 
 def test_answering_node_is_challenged_and_its_watcher_closes_the_dispute(chain: Chain, tmp_path: Path) -> None:
-    node = NodeProcess(chain, tmp_path / "node", engine={"tokens_per_second": 40}, sla={"max_ttft_ms": 2000})
+    node = SlaNode(chain, tmp_path / "node", engine={"tokens_per_second": 40}, sla={"max_ttft_ms": 2000})
     store = tmp_path / "client.sqlite"
     try:
         with _client(chain, node, store) as client:
@@ -243,7 +223,7 @@ def test_answering_node_is_challenged_and_its_watcher_closes_the_dispute(chain: 
 
 def test_node_killed_after_accepting_is_slashed_and_the_client_compensated_to_the_wei(chain: Chain,
                                                                                         tmp_path: Path) -> None:
-    node = NodeProcess(chain, tmp_path / "node", engine={"tokens_per_second": 5}, sla={"max_ttft_ms": 2000})
+    node = SlaNode(chain, tmp_path / "node", engine={"tokens_per_second": 5}, sla={"max_ttft_ms": 2000})
     store = tmp_path / "client.sqlite"
     try:
         with _client(chain, node, store) as client:
@@ -286,7 +266,7 @@ def _fee(w3: Web3, tx: str) -> int:
 
 def test_ttft_breach_is_paid_once_and_forgeries_are_refused_on_chain(chain: Chain, tmp_path: Path) -> None:
     # The operator promises 100 ms to the first token on an engine that takes 300: `warn` publishes anyway.
-    node = NodeProcess(chain, tmp_path / "node", engine={"first_token_ms": 300},
+    node = SlaNode(chain, tmp_path / "node", engine={"first_token_ms": 300},
                        sla={"max_ttft_ms": 100, "breach_cost_bps": 20_000, "on_unmet": "warn"})
     store = tmp_path / "client.sqlite"
     try:

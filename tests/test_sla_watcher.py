@@ -13,7 +13,7 @@ from dcml.node.identity import EnclaveIdentity
 from dcml.node.network.registration import ensure_registered
 from dcml.node.sla.watcher import SlaWatcher
 from dcml.node.tee.simulated import SimulatedProvider
-from tests.test_sla_court import channel_params, escrow_chain
+from tests.sla_helpers import channel_params, escrow_chain
 
 STAKE = 10**18
 BOND = 10**15

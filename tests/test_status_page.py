@@ -16,13 +16,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dcml.client.demo.kit.nodes import MODEL, fund, paid_settings
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.node.api.app import create_app
 from dcml.node.api.server import BackgroundServer
 from dcml.node.config import StatusConfig
 from dcml.node.engine.synthetic import SyntheticEngine
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.tee.simulated import SimulatedProvider
-from tests.paid_helpers import MODEL, RawPayer, fund, paid_settings
 
 TOKEN = "operator-token-" + "x7" * 12
 ARTIFACTS = Path(os.environ.get("DCML_TEST_ARTIFACTS", "test-artifacts"))

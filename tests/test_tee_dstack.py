@@ -9,8 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes.dstack_agent import FakeDstackAgent
-from fakes.vectors import DSTACK, DSTACK_COMPOSE_HASH, collateral, dstack_vector, ts
 
 from dcml.client.attestation.measurements import parse_tdx_quote
 from dcml.client.attestation.verify import (
@@ -21,10 +19,12 @@ from dcml.client.attestation.verify import (
     Reason,
     verify_attestation,
 )
+from dcml.client.demo.kit.vectors import DSTACK, DSTACK_COMPOSE_HASH, collateral, dstack_vector, ts
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.tee.base import TeeError
 from dcml.node.tee.document import build_attestation_document
 from dcml.node.tee.dstack import DstackProvider
+from tests.fakes.dstack_agent import FakeDstackAgent
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 import pytest
-from fakes.vectors import TDX, collateral, tdx_quote, ts
 
 from dcml.client.attestation.measurements import parse_tdx_quote
 from dcml.client.attestation.verify import AttestationError, Policy, Reason, verify_attestation
+from dcml.client.demo.kit.vectors import TDX, collateral, tdx_quote, ts
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.tee.base import TeeError
 from dcml.node.tee.document import build_attestation_document

@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 from dcml.client.attestation.verify import Policy
+from dcml.client.demo.kit.nodes import PRICE_IN, PRICE_OUT, fund
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry
 from dcml.client.publisher.key_broker import create_app as create_broker_app
 from dcml.client.wire.receipts import Price, ReceiptDomain, parse_sse_stream, verify_signed_receipt
@@ -25,9 +27,7 @@ from dcml.node.config import load_settings
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.model_source import filesystem_type
 from dcml.node.tee.simulated import SimulatedProvider
-from tests.model_helpers import MODEL_ID, PUBLISHER, make_bundle
-from tests.paid_helpers import PRICE_IN, PRICE_OUT, RawPayer, fund
-from tests.test_key_broker import SIM
+from tests.model_helpers import MODEL_ID, PUBLISHER, SIM, make_bundle
 
 MODEL = "dcml-demo"
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"

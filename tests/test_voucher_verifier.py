@@ -9,9 +9,9 @@ from web3 import Web3
 
 from dcml.client.chain.channel import ChannelClient
 from dcml.client.chain.deployment import Deployment
+from dcml.client.demo.kit.payments import node_payments
 from dcml.client.wire.voucher import SECP256K1_N, Voucher, VoucherDomain
 from dcml.node.payments.verifier import VoucherRejected, parse_voucher
-from tests.payments_helpers import node_payments
 
 DEPOSIT = 10**18
 

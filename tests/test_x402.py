@@ -19,6 +19,8 @@ from x402.http.utils import (
 )
 from x402.schemas import PaymentRequired as SdkPaymentRequired
 
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, PRICE_OUT, start_paid_node
+from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.sdk.x402_channel import ChannelEvmScheme, channel_x402_client
 from dcml.client.wire.receipts import Price, ReceiptDomain, SignedReceipt, parse_sse_stream, verify_signed_receipt
 from dcml.client.wire.x402 import (
@@ -29,14 +31,6 @@ from dcml.client.wire.x402 import (
     PaymentRequired,
     SettlementResponse,
 )
-from tests.paid_helpers import MODEL, PRICE_IN, PRICE_OUT, RawPayer, start_paid_node
-
-
-@pytest.fixture
-def deployment_file(deployment, tmp_path):
-    path = tmp_path / "deployment.json"
-    deployment.save(path)
-    return path
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from x402.schemas import PaymentRequirements
 
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.model_registry import register_model
+from dcml.client.demo.kit.nodes import PRICE_IN, PRICE_OUT, fund
 from dcml.client.wire.receipts import (
     Price,
     ReceiptDomain,
@@ -37,7 +38,6 @@ from dcml.node.config import load_settings
 from dcml.node.engine.synthetic import SyntheticEngine
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.tee.simulated import SimulatedProvider
-from tests.paid_helpers import PRICE_IN, PRICE_OUT, fund
 
 MODEL = "synthetic-batch"  # its own model id, so its royalty touches no other test's figures
 BPS = 750

@@ -16,36 +16,28 @@ from pathlib import Path
 
 import openai
 from eth_account import Account
+from fastapi import FastAPI
 from rich.console import Console
 from rich.table import Table
 from web3 import Web3
 
 from dcml.client.chain.devnet import Devnet
+from dcml.client.demo.kit.nodes import start_paid_node
 from dcml.client.sdk.gateway import Gateway, GatewayConfig, create_gateway_app
 from dcml.client.wire.receipts import SignedReceipt
-from dcml.node.api.app import create_app
 from dcml.node.api.server import BackgroundServer
-from dcml.node.config import load_settings
 from dcml.node.engine.synthetic import SyntheticEngine
-from dcml.node.identity import EnclaveIdentity
 from dcml.node.payments.ledger import Ledger
-from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL = "dcml-demo"
 PRICES = (10**12, 2 * 10**12, 3 * 10**12)  # output; input is 10^12 everywhere
 
 
-def start_node(w3: Web3, deployment_file: Path, data_dir: Path, price_out: int):
-    settings = load_settings(
-        None, data_dir=data_dir, engine={"kind": "synthetic", "served_model_name": MODEL, "model_dir": None},
-        payments={"enabled": True, "deployment": deployment_file, "prepay_tokens": 8, "credit_tokens": 4,
-                  "settle_threshold": 10**30, "prices": {MODEL: {"price_per_input_token": 10**12,
-                                                                 "price_per_output_token": price_out}}})
-    identity = EnclaveIdentity.generate()
-    w3.provider.make_request("anvil_setBalance", [identity.address, hex(10**20)])  # the node's gas
+def start_node(w3: Web3, deployment_file: Path, data_dir: Path, price_out: int) -> tuple[BackgroundServer, FastAPI]:
     engine = SyntheticEngine(model_name=MODEL, tokens_per_second=200)
-    app = create_app(settings, engine=engine, identity=identity, provider=SimulatedProvider())
-    return BackgroundServer(app).start(), app
+    node = start_paid_node(w3, deployment_file, data_dir, engine=engine, model=MODEL, price_in=10**12,
+                           price_out=price_out, voucher_timeout_s=30)
+    return node.server, node.app
 
 
 def main() -> None:
@@ -54,6 +46,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dcml-demo-gateway-"))
     with Devnet() as net:
         dep = net.deployment
+        if dep is None:
+            raise SystemExit("the local chain came up without the contracts")
         deployment_file = work / "deployment.json"
         dep.save(deployment_file)
         w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
@@ -67,7 +61,7 @@ def main() -> None:
         server = BackgroundServer(create_gateway_app(gateway)).start()
         console.print(f"2. dcml gateway on {server.url}/v1; it attested every node and reads their prices:")
         oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-        for offer in oai.models.list().data[0].model_extra["dcml"]["offers"]:
+        for offer in (oai.models.list().data[0].model_extra or {})["dcml"]["offers"]:
             console.print(f"   {offer['node']}: {offer['price_per_output_token']} wei/output token")
         receipts: dict[str, list[SignedReceipt]] = {}
 
@@ -75,9 +69,12 @@ def main() -> None:
             text, receipt, node = "", None, None
             for chunk in oai.completions.create(model=MODEL, prompt=prompt, max_tokens=24, stream=True):
                 text += chunk.choices[0].text if chunk.choices else ""
-                if getattr(chunk, "dcml_receipt", None):
-                    receipt = SignedReceipt.model_validate(chunk.dcml_receipt)
-                    node = chunk.dcml_node
+                extra = chunk.model_extra or {}  # the gateway's own fields on the last chunk
+                if extra.get("dcml_receipt"):
+                    receipt = SignedReceipt.model_validate(extra["dcml_receipt"])
+                    node = extra.get("dcml_node")
+            if receipt is None:
+                raise SystemExit(f"{step} the answer came without a receipt")
             r = receipt.receipt
             receipts.setdefault(r.channel_id.lower(), []).append(receipt)
             console.print(f"{step} answered by {node}: {r.output_tokens} tokens, {r.cost} wei (receipt verified "

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from eth_hash.auto import keccak
 
 from dcml.client.attestation.verify import AttestationDocument
+from dcml.client.chain.registry import attestation_hash
 from dcml.client.network.overlay import OverlayConfig
 from dcml.client.wire.advert import AdvertDomain, resolve_model_id
 from dcml.node import __version__
@@ -35,14 +35,8 @@ from dcml.node.tee.simulated import SimulatedProvider
 
 
 def registration_attestation_hash(doc: AttestationDocument) -> str:
-    """The hash the NodeRegistry stores; `client.registry.attestation_hash` once it exists."""
-    try:
-        from dcml.client.chain.registry import attestation_hash  # type: ignore[import-not-found]
-
-        h = attestation_hash(doc)
-        return h if isinstance(h, str) else "0x" + bytes(h).hex()
-    except ImportError:
-        return "0x" + keccak(doc.model_dump_json().encode()).hex()
+    """The hash the NodeRegistry stores for this attestation, as adverts carry it."""
+    return "0x" + attestation_hash(doc).hex()
 
 
 def start_node(data_dir: Path, models: list[str], price_in: int, price_out: int, overlay: OverlayConfig,
@@ -99,7 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     print("READY", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+
+    def until_stdin_closes() -> None:  # the parent closing our stdin means: stop
+        sys.stdin.read()
+        done.set()
+
+    threading.Thread(target=until_stdin_closes, daemon=True).start()
     done.wait()
     for server, service in nodes:
         service.stop()

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,21 +28,19 @@ from rich.console import Console
 from rich.table import Table
 from web3 import Web3
 
-from dcml.client.attestation.verify import ModelTrust, Policy, verify_attestation
+from dcml.client.attestation.verify import ModelTrust, Policy
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.devnet import REPO, Devnet, free_port
 from dcml.client.chain.sla import Broken, SLACourtClient
 from dcml.client.chain.tx import send_eth
+from dcml.client.demo.kit.nodes import NodeProcess, simulated_measurement
 from dcml.client.publisher.bundle import encrypt_model, generate_key
 from dcml.client.publisher.cli import publish_model
-from dcml.client.publisher.key_broker import AuditLog, ChainMeasurements, KeyBroker, ModelEntry, measurement_id
+from dcml.client.publisher.key_broker import AuditLog, ChainMeasurements, KeyBroker, ModelEntry
 from dcml.client.publisher.key_broker import create_app as create_broker_app
-from dcml.client.sdk.client import Client
+from dcml.client.sdk.client import ChatStream, Client
 from dcml.client.wire.receipts import model_id_for
 from dcml.node.api.server import BackgroundServer
-from dcml.node.identity import EnclaveIdentity
-from dcml.node.tee.document import build_attestation_document
-from dcml.node.tee.simulated import SimulatedProvider
 
 console = Console(width=120)
 MODEL = "dcml-demo"
@@ -144,28 +139,11 @@ def publish_encrypted_model(w3: Web3, dep, publisher, work: Path) -> Broker:
     return Broker(server, audit)
 
 
-def simulated_measurement() -> bytes:
-    """The measurement id a simulated node reports (what a real publisher would read from a real build)."""
-    identity, nonce = EnclaveIdentity.generate(), os.urandom(32)
-    doc = build_attestation_document(identity, SimulatedProvider(), nonce, node_version="demo")
-    return measurement_id(verify_attestation(doc, nonce=nonce, policy=Policy(), allow_simulated=True))
-
-
-def start_node(config: Path, port: int, operator_key: str, timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "dcml.node.cli", "run", "--config", str(config)], cwd=REPO,
-                            env={**os.environ, "DCML_OPERATOR_KEY": operator_key})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("the node exited during start-up; see its log above")
-        try:
-            httpx.get(f"{url}/health", timeout=1).raise_for_status()
-            return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"the node did not start within {timeout_s:g} s")
+def start_node(config: Path, port: int, operator_key: str, timeout_s: float = 120) -> NodeProcess:
+    try:  # the node's own output shows (the simulated-TEE warning is part of the story)
+        return NodeProcess(config, port, env={"DCML_OPERATOR_KEY": operator_key}, timeout_s=timeout_s)
+    except RuntimeError as e:
+        raise SystemExit(f"{e}; see its log above") from None
 
 
 def main(engine: str = "embedded") -> None:
@@ -173,6 +151,8 @@ def main(engine: str = "embedded") -> None:
     work = Path(tempfile.mkdtemp(prefix="dcml-demo-"))
     with Devnet(close_grace_period=900) as net:
         dep = net.deployment
+        if dep is None or dep.sla_court is None:
+            raise SystemExit("the local chain came up without the contracts")
         w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
         accounts = {role: Account.from_key(dep.accounts[role].private_key)
                     for role in ("deployer", "client", "publisher", "node")}
@@ -196,8 +176,9 @@ def main(engine: str = "embedded") -> None:
             console.print(f"3. starting the node ([yellow]simulated TEE[/]: it says so below); it attests to the "
                           f"broker, decrypts the model into tmpfs ({tmpfs_dir}), starts vLLM on it (about a "
                           "minute on a CPU), registers with a stake and publishes its SLA terms…")
-        proc, url = start_node(work / "node.toml", port, dep.accounts["node"].private_key,
-                               timeout_s=120 if tmpfs_dir is None else 900)
+        node = start_node(work / "node.toml", port, dep.accounts["node"].private_key,
+                          timeout_s=120 if tmpfs_dir is None else 900)
+        url = node.url
         console.print(f"   the broker released the model key: {broker.released()} release(s) in its audit log")
         if tmpfs_dir is not None:
             if tmpfs_dir.exists():
@@ -230,10 +211,13 @@ def main(engine: str = "embedded") -> None:
                 console.print("5. streaming a paid answer (prepay 0, credit window "
                               f"{CREDIT_TOKENS} tokens: vouchers flow while it streams):\n")
                 stream = client.chat(PROMPT, MODEL, stream=True, max_tokens=96, temperature=0.8, seed=7)
+                assert isinstance(stream, ChatStream)  # stream=True
                 for piece in stream:
                     console.print(piece, end="", highlight=False, markup=False)
                 result = stream.result
                 console.print()
+                if result is None or result.receipt is None or result.channel_id is None:
+                    raise SystemExit("the stream ended without a verified receipt")
                 channel_id = result.channel_id
                 vouchers = client.store.vouchers(channel_id)
                 receipts = client.receipts(channel_id)
@@ -256,8 +240,7 @@ def main(engine: str = "embedded") -> None:
                 settled = client.channel_state(channel_id).settled
                 total = sum(r.cost for r in receipts)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            node.stop(timeout_s=60)
             broker.server.stop()
         from dcml.client.chain.channel import ChannelClient
 

@@ -1,11 +1,10 @@
-"""A paid node on loopback and a bare-bones paying client (raw HTTP), for testing the node's gate
+"""A bare-bones paying client (raw HTTP, one voucher at a time), for testing and measuring the node's gate
 without the SDK in between."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 from eth_account import Account
@@ -14,6 +13,7 @@ from web3 import Web3
 
 from dcml.client.chain.channel import ChannelClient
 from dcml.client.chain.deployment import Deployment
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN
 from dcml.client.wire.access import auth_header
 from dcml.client.wire.receipts import SignedReceipt, model_id_for, parse_sse_stream
 from dcml.client.wire.voucher import Voucher
@@ -24,57 +24,6 @@ from dcml.client.wire.x402 import (
     PAYMENT_TIMEOUT_EVENT,
     PaymentRequired,
 )
-from dcml.node.api.app import create_app
-from dcml.node.api.server import BackgroundServer
-from dcml.node.config import load_settings
-from dcml.node.engine.synthetic import SyntheticEngine
-from dcml.node.identity import EnclaveIdentity
-from dcml.node.tee.simulated import SimulatedProvider
-
-MODEL = "synthetic"
-PRICE_IN, PRICE_OUT = 10**12, 3 * 10**12
-
-
-def paid_settings(deployment_file: Path, data_dir: Path, *, prepay_tokens: int = 8, credit_tokens: int = 4,
-                  voucher_timeout_s: float = 2.0, settle_threshold: int = 10**30, settle_interval_s: float = 0.3,
-                  confirmations: int = 1, **payments):
-    return load_settings(
-        None, data_dir=data_dir,
-        engine={"kind": "synthetic", "served_model_name": MODEL, "model_dir": None},
-        payments={"enabled": True, "deployment": deployment_file, "prepay_tokens": prepay_tokens,
-                  "credit_tokens": credit_tokens, "voucher_timeout_s": voucher_timeout_s,
-                  "settle_threshold": settle_threshold, "settle_interval_s": settle_interval_s,
-                  "confirmations": confirmations, **payments,
-                  "prices": {MODEL: {"price_per_input_token": PRICE_IN, "price_per_output_token": PRICE_OUT}}},
-    )
-
-
-def fund(w3: Web3, address: str) -> None:
-    """Gas money for a node's enclave address (anvil cheat; on a live chain the operator sends ETH)."""
-    w3.provider.make_request("anvil_setBalance", [address, hex(10**20)])
-
-
-@dataclass
-class PaidNode:
-    server: BackgroundServer
-    identity: EnclaveIdentity
-    app: object
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def ledger(self):
-        return self.app.state.node.gate.payments.ledger
-
-
-def start_paid_node(w3: Web3, deployment_file: Path, data_dir: Path, *, engine=None, **kw) -> PaidNode:
-    identity = EnclaveIdentity.generate()
-    fund(w3, identity.address)
-    app = create_app(paid_settings(deployment_file, data_dir, **kw), engine=engine or SyntheticEngine(model_name=MODEL),
-                     identity=identity, provider=SimulatedProvider())
-    return PaidNode(BackgroundServer(app).start(), identity, app)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Building blocks for the payment tests: a node's payment side over a real anvil."""
+"""A node's payment side (chain view, ledger, verifier, settlement) over a real anvil, without HTTP: for the
+payment tests and bench_vouchers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Starting real node processes (`python -m dcml.client.demo.p2p_node`) on loopback for the overlay tests and bench."""
+"""Real p2p demo node processes (`python -m dcml.client.demo.p2p_node`) on loopback, for the overlay tests and
+bench_discovery."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dcml.client.chain.devnet import REPO
 from dcml.client.sdk.discovery import RegisteredNode
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -48,7 +49,7 @@ class NodeProcess:
                 self.proc.wait()
 
 
-def spawn(data_dir: Path, models: list[str], *, bootstrap: list[str] = (), price_in: int = 1, price_out: int = 2,
+def spawn(data_dir: Path, models: list[str], *, bootstrap: Sequence[str] = (), price_in: int = 1, price_out: int = 2,
           interval: float = 2.0, ttl: int = 6, count: int = 1, bad_attestation: bool = False,
           log_level: str = "WARNING") -> NodeProcess:
     """Start a demo node process; returns at once (call `wait_ready`)."""
@@ -64,7 +65,7 @@ def spawn(data_dir: Path, models: list[str], *, bootstrap: list[str] = (), price
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(data_dir.parent / f"{data_dir.name}.log", "wb")  # noqa: SIM115 (lives as long as the process)
     data_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env)
     return NodeProcess(proc)
 
 

@@ -1,4 +1,5 @@
-"""Paths and loaders for the shared attestation vectors (../shared/vectors from the repo root)."""
+"""Paths and loaders for the shared attestation vectors (../shared/vectors from the repository root), for
+the attestation tests and bench_gpu_evidence."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
+from dcml.client.chain.devnet import REPO
+
+VECTORS = REPO.parent / "shared" / "vectors"  # beside the checkout, not shipped
 TDX = VECTORS / "tdx"
 DSTACK = VECTORS / "dstack"
 

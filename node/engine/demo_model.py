@@ -62,7 +62,7 @@ def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
 
 
 def build_config(vocab_size: int, eos_id: int) -> LlamaConfig:
-    return LlamaConfig(
+    return LlamaConfig(  # type: ignore[call-arg]  # rope_theta is a documented field the stubs lack
         vocab_size=vocab_size,
         hidden_size=256,
         intermediate_size=640,
@@ -105,8 +105,8 @@ def train(model: LlamaForCausalLM, ids: torch.Tensor, *, seconds: float, max_ste
         if step % 25 == 0:
             print(f"step {step:5d}  loss {loss_ema:.3f}  {time.monotonic() - start:6.1f}s", flush=True)
     model.eval()
-    return {"steps": step, "seconds": round(time.monotonic() - start, 1), "final_loss_ema": round(loss_ema, 4),
-            "tokens_seen": step * batch_size * seq_len, "horizon_steps": est_steps}
+    return {"steps": step, "seconds": round(time.monotonic() - start, 1),
+            "final_loss_ema": round(float(loss_ema or 0.0), 4), "tokens_seen": step * batch_size * seq_len, "horizon_steps": est_steps}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     text = with_eos_markers(raw)
     tok = train_tokenizer(raw, args.vocab_size)
     eos_id = tok.token_to_id(EOS)
+    assert eos_id is not None, "the trained tokenizer has no EOS token"
     ids = torch.tensor(tok.encode(text).ids, dtype=torch.long)
     print(f"corpus {len(raw)} chars -> {len(ids)} tokens, vocab {tok.get_vocab_size()}", flush=True)
 

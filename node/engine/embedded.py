@@ -30,6 +30,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +101,8 @@ class EmbeddedEngine:
         self.config = AutoConfig.from_pretrained(self.model_dir)
         self.max_context: int = int(self.config.max_position_embeddings)
         self.eos_token_ids: set[int] = self._eos_ids()
-        self.model: torch.nn.Module | None = None
+        # A transformers causal LM: its call signature and outputs are dynamic (the stubs type it as a bare Module).
+        self.model: Any = None
 
         self._waiting: collections.deque[_Request] = collections.deque()
         self._lock = threading.Lock()
@@ -135,7 +137,7 @@ class EmbeddedEngine:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     def queue_depth(self) -> int:
         """Requests waiting for a batch slot (not those already running)."""
@@ -189,9 +191,9 @@ class EmbeddedEngine:
 
     # ------------------------------------------------------------------ scheduler thread
 
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self) -> Any:
         dtype = torch.float32 if self.device.type == "cpu" else "auto"  # bf16/fp16 kernels are slow on CPU
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
         return model.to(self.device).eval()
 
     def _eos_ids(self) -> set[int]:
@@ -263,22 +265,25 @@ class EmbeddedEngine:
         if not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
             raise NotImplementedError("only full-attention models (DynamicLayer caches) are supported")
         if self._cache is None:
-            cache.layers = [_BufferedLayer(layer.keys, layer.values) for layer in cache.layers]
+            cache.layers = [_BufferedLayer(*_kv(layer)) for layer in cache.layers]
             self._cache, self._mask, self._running = cache, mask, [req]
             return
-        lb, ln = self._mask.shape[1], mask.shape[1]
+        layers, batch_mask = self._batch()
+        lb, ln = batch_mask.shape[1], mask.shape[1]
         length = max(lb, ln)
-        for dst, src in zip(self._cache.layers, cache.layers, strict=True):
-            dst.reset_to(torch.cat([_left_pad(dst.keys, length), _left_pad(src.keys, length)], dim=0),
-                         torch.cat([_left_pad(dst.values, length), _left_pad(src.values, length)], dim=0))
-        self._mask = torch.cat([F.pad(self._mask, (length - lb, 0)), F.pad(mask, (length - ln, 0))], dim=0)
+        for dst, src in zip(layers, cache.layers, strict=True):
+            (dk, dv), (sk, sv) = _kv(dst), _kv(src)
+            dst.reset_to(torch.cat([_left_pad(dk, length), _left_pad(sk, length)], dim=0),
+                         torch.cat([_left_pad(dv, length), _left_pad(sv, length)], dim=0))
+        self._mask = torch.cat([F.pad(batch_mask, (length - lb, 0)), F.pad(mask, (length - ln, 0))], dim=0)
         self._running.append(req)
 
     def _decode_step(self) -> None:
         rows = self._running
         input_ids = torch.tensor([[r.last_token] for r in rows], device=self.device)
         position_ids = torch.tensor([[r.pos] for r in rows], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        _, batch_mask = self._batch()
+        self._mask = torch.cat([batch_mask, batch_mask.new_ones(len(rows), 1)], dim=1)
         out = self.model(input_ids=input_ids, attention_mask=self._mask, position_ids=position_ids,
                          past_key_values=self._cache, use_cache=True)
         self.steps += 1
@@ -300,13 +305,20 @@ class EmbeddedEngine:
             self._running, self._cache, self._mask = [], None, None
             return
         idx = torch.tensor(keep, device=self.device)
+        layers, batch_mask = self._batch()
         self._running = [self._running[i] for i in keep]
-        self._mask = self._mask[idx]
+        batch_mask = batch_mask[idx]
         # Columns that are padding for every remaining row carry no information: cut them off.
-        first = int(self._mask.any(dim=0).nonzero()[0])
-        self._mask = self._mask[:, first:]
-        for layer in self._cache.layers:
-            layer.reset_to(layer.keys[idx, :, first:], layer.values[idx, :, first:])
+        first = int(batch_mask.any(dim=0).nonzero()[0])
+        self._mask = batch_mask[:, first:]
+        for layer in layers:
+            keys, values = _kv(layer)
+            layer.reset_to(keys[idx, :, first:], values[idx, :, first:])
+
+    def _batch(self) -> tuple[list[_BufferedLayer], torch.Tensor]:
+        """The running batch's cache layers (all `_BufferedLayer`, see `_merge`) and mask, while a batch runs."""
+        assert self._cache is not None and self._mask is not None, "no batch is running"
+        return cast(list[_BufferedLayer], self._cache.layers), self._mask
 
     # ------------------------------------------------------------------ sampling and text
 
@@ -369,8 +381,8 @@ class EmbeddedEngine:
     def _detok(self, r: _Request, *, final: bool) -> str:
         """Text added by the newest tokens. Decoding a short window keeps it O(1) per token; the window's
         left part is context so tokenizers that drop a leading space (SentencePiece) decode correctly."""
-        prefix = self.tokenizer.decode(r.tokens[r.prefix_offset:r.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(r.tokens[r.prefix_offset:], skip_special_tokens=True)
+        prefix = str(self.tokenizer.decode(r.tokens[r.prefix_offset:r.read_offset], skip_special_tokens=True))
+        full = str(self.tokenizer.decode(r.tokens[r.prefix_offset:], skip_special_tokens=True))
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             r.prefix_offset, r.read_offset = r.read_offset, len(r.tokens)
             return full[len(prefix):]
@@ -414,12 +426,19 @@ class _BufferedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         k = key_states.shape[2]
         if self._n + k > self._kbuf.shape[2]:
-            self.reset_to(self.keys, self.values, spare=max(64, self._n))  # grow geometrically
+            self.reset_to(*_kv(self), spare=max(64, self._n))  # grow geometrically
         self._kbuf[:, :, self._n : self._n + k] = key_states
         self._vbuf[:, :, self._n : self._n + k] = value_states
         self._n += k
         self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
         return self.keys, self.values
+
+
+def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A filled full-attention layer's keys and values (transformers types them optional)."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    assert keys is not None and values is not None, "an empty cache layer"
+    return keys, values
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -66,11 +67,11 @@ class VLLMServer:
         if not self.python.exists():
             raise VLLMStartError(f"{self.python} not found: build vLLM's virtualenv with `make vllm-venv`")
         self._shm_before = _shm_names()
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (kept by Popen)
+        out: IO[bytes] | int = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         # Its own process group: stop() ends vLLM's engine-core child too.
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        if out is not subprocess.DEVNULL:
+        if not isinstance(out, int):  # Popen keeps its own copy of the descriptor
             out.close()
 
     def ready(self) -> bool:

@@ -21,6 +21,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
+from dcml.client.chain.connect import connect
 from dcml.client.chain.deployment import Deployment, DevAccount
 from dcml.client.chain.tx import send
 
@@ -103,7 +104,7 @@ class Devnet:
             stderr=subprocess.PIPE,
             start_new_session=True,  # a Ctrl-C to the parent is handled by us, not delivered twice
         )
-        w3 = Web3(Web3.HTTPProvider(self.rpc_url, request_kwargs={"timeout": 30}))
+        w3 = connect(self.rpc_url)
         deadline = time.monotonic() + 30
         while True:
             if self.process.poll() is not None:

@@ -32,6 +32,7 @@ from rich.table import Table
 from web3 import Web3
 
 from dcml.client.attestation.verify import ModelTrust, Policy, verify_attestation
+from dcml.client.chain.connect import connect
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.devnet import REPO, Devnet, free_port
 from dcml.client.chain.sla import Broken, SLACourtClient
@@ -173,7 +174,7 @@ def main(engine: str = "embedded") -> None:
     work = Path(tempfile.mkdtemp(prefix="dcml-demo-"))
     with Devnet(close_grace_period=900) as net:
         dep = net.deployment
-        w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
+        w3 = connect(dep.rpc_url)
         accounts = {role: Account.from_key(dep.accounts[role].private_key)
                     for role in ("deployer", "client", "publisher", "node")}
         token = contract(w3, "TestToken", dep.token)

@@ -49,9 +49,9 @@ from dcml.client.attestation.verify import (
     VerifiedNode,
     verify_attestation,
 )
-from dcml.client.attestation.verify import Reason as AttestationReason
 from dcml.client.chain.registry import TEE_TYPES, RegistryClient
 from dcml.client.publisher.bundle import MANIFEST_FILE, SignedManifest
+from dcml.client.wire.errors import AttestationReason, DcmlError
 from dcml.client.wire.identity import NONCE_LEN
 from dcml.client.wire.key_release import seal_model_key
 
@@ -71,13 +71,14 @@ class BrokerReason(StrEnum):
 _STATUS = {BrokerReason.UNKNOWN_MODEL: 404, BrokerReason.BAD_REQUEST: 400, BrokerReason.RATE_LIMITED: 429}
 
 
-class BrokerRefusal(Exception):
+class BrokerRefusal(DcmlError):
     """The broker will not release the key; `reason` is machine-readable, the message says what to do."""
 
+    reason_in_str = True
+    reason: BrokerReason
+
     def __init__(self, reason: BrokerReason, message: str, detail: str | None = None) -> None:
-        super().__init__(f"{reason.value}: {message}")
-        self.reason = reason
-        self.message = message
+        super().__init__(message, reason=reason)
         self.detail = detail  # e.g. the attestation verifier's own reason
 
     @property
@@ -389,7 +390,8 @@ def _address(text: str) -> bytes:
 
 def _refusal(exc: BrokerRefusal) -> JSONResponse:
     headers = {"Retry-After": "60"} if exc.reason == BrokerReason.RATE_LIMITED else None
-    body = {"error": {"code": exc.reason.value, "message": exc.message, "detail": exc.detail}}
+    body = exc.to_wire()  # the one wire error shape, with the verifier's own reason beside it
+    body["error"]["detail"] = exc.detail
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 

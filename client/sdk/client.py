@@ -39,6 +39,7 @@ from web3 import Web3
 
 from dcml.client.attestation.verify import AttestationDocument, Policy, VerifiedNode, verify_attestation
 from dcml.client.chain.channel import ChannelClient, ChannelState
+from dcml.client.chain.connect import connect
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.sla import Broken
@@ -53,6 +54,7 @@ from dcml.client.sdk.transport import (
     PaymentRejected,
     ReceiptViolation,
 )
+from dcml.client.wire.errors import DEAD_CHANNEL, DcmlError, PaymentReason, ReceiptReason, read_error
 from dcml.client.wire.receipts import (
     DEFAULT_DOMAIN,
     Price,
@@ -84,35 +86,37 @@ log = logging.getLogger("dcml.client")
 TERMS_CLOCK_MARGIN_S = 10
 
 # Codes after which the channel we named can never admit a request: open another one.
-_DEAD_CHANNEL = {"unknown_channel", "channel_finalized", "channel_closing", "wrong_payee", "wrong_model",
-                 "wrong_token"}
+_DEAD_CHANNEL = DEAD_CHANNEL
 # Receipt checks that fail only after the signature, request hash and channel checked out: such a receipt
 # still answers a no-response dispute on-chain, so its acceptance must not be disputed.
-_SIGNED_FOR_THE_REQUEST = {"response_hash_mismatch", "cost_mismatch", "cumulative_mismatch", "accepted_at_skew"}
+_SIGNED_FOR_THE_REQUEST = {ReceiptReason.RESPONSE_HASH_MISMATCH, ReceiptReason.COST_MISMATCH,
+                           ReceiptReason.CUMULATIVE_MISMATCH, ReceiptReason.ACCEPTED_AT_SKEW}
 
 
 class UntrustedTerms(PaymentError):
     """The node's payment terms do not match what this client verified or allows."""
 
+    reason = PaymentReason.UNTRUSTED_TERMS
+
 
 class InsufficientDeposit(PaymentError):
     """The channel's deposit cannot cover what the node asks and automatic top-up is off."""
 
+    reason = PaymentReason.INSUFFICIENT_DEPOSIT
 
-class NodeError(Exception):
-    """The node answered with an error; `status` and `code` are the node's."""
+
+class NodeError(DcmlError):
+    """The node answered with an error; `status` and `code` are the node's (`code` is also the `reason`)."""
 
     def __init__(self, status: int, code: str | None, message: str) -> None:
-        super().__init__(f"node answered {status}{f' ({code})' if code else ''}: {message}")
+        super().__init__(f"node answered {status}{f' ({code})' if code else ''}: {message}",
+                         reason=code or "node_error")
         self.status, self.code = status, code
 
 
 def _node_error(response: httpx.Response) -> NodeError:
-    try:
-        err = response.json()["error"]
-        return NodeError(response.status_code, err.get("code"), str(err.get("message")))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return NodeError(response.status_code, None, response.text[:300])
+    code, message = read_error(response.content)
+    return NodeError(response.status_code, code, response.text[:300] if message is None else message)
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,8 @@ class ChatStream:
                     continue
                 obj = json.loads(payload)
                 if obj.get("error"):
-                    raise NodeError(200, obj["error"].get("code"), str(obj["error"].get("message")))
+                    code, message = read_error(obj)
+                    raise NodeError(200, code, str(message))
                 usage = obj.get("usage") or usage
                 for choice in obj.get("choices") or []:
                     delta = (choice.get("delta") or {}).get("content") or choice.get("text")
@@ -230,7 +235,7 @@ class Client:
         self.max_price_per_token = max_price_per_token
         self.auto_top_up = auto_top_up
         self.timeout = timeout
-        self.w3 = w3 or Web3(Web3.HTTPProvider(deployment.rpc_url, request_kwargs={"timeout": 30}))
+        self.w3 = w3 or connect(deployment.rpc_url)
         self.chain = ChannelClient(self.w3, deployment, wallet)
         self.store = SpendStore(store)
         self.node: VerifiedNode | None = None
@@ -578,22 +583,22 @@ class Client:
 
     def on_payment_required(self, required: PaymentRequired, exchange: Exchange, sent: Voucher | None) -> Voucher:
         req = self._check_terms(required, self._node())
-        code = required.error or "payment_required"
-        if sent is not None and code == "channel_unconfirmed":  # the node waits for more blocks on the opening
+        code = required.error or PaymentReason.PAYMENT_REQUIRED
+        if sent is not None and code == PaymentReason.CHANNEL_UNCONFIRMED:  # the node waits for the opening's blocks
             time.sleep(1.0)
             with self._lock:
                 return self._offer(exchange, sent)
         with self._lock:
             if sent is not None and code in _DEAD_CHANNEL:
                 self.store.update_channel(sent.channel_id, status="closed")
-            elif sent is not None and code == "not_increasing":
+            elif sent is not None and code == PaymentReason.NOT_INCREASING:
                 # A concurrent request of ours got a higher voucher to the node first: name the channel with it.
                 highest = self.store.highest_voucher(sent.channel_id)
                 if highest is None or highest[0] <= sent.cumulative_amount:
                     raise PaymentRejected(code, f"{required.message or 'voucher refused'} (channel {sent.channel_id})")
                 return self._offer(exchange, Voucher(channel_id=sent.channel_id, cumulative_amount=highest[0],
                                                      signature=highest[1]))
-            elif sent is not None and code not in ("insufficient_funds", "payment_required"):
+            elif sent is not None and code not in (PaymentReason.INSUFFICIENT_FUNDS, PaymentReason.PAYMENT_REQUIRED):
                 raise PaymentRejected(code, f"{required.message or 'voucher refused'} (channel {sent.channel_id})")
             ch = self._usable(exchange.model)
             if ch is None:
@@ -827,7 +832,7 @@ def discover(deployment: Deployment, bootstrap: list[str], model: str | None = N
 
     if not deployment.node_registry:
         raise ValueError("the deployment names no node_registry: discovery needs it to check adverts")
-    w3 = w3 or Web3(Web3.HTTPProvider(deployment.rpc_url, request_kwargs={"timeout": 30}))
+    w3 = w3 or connect(deployment.rpc_url)
     registry = ChainRegistry(RegistryClient(w3, deployment.node_registry))
     with Discovery(bootstrap, registry, policy=policy, allow_simulated=allow_simulated,
                    domain=AdvertDomain(deployment.chain_id, deployment.node_registry)) as overlay:

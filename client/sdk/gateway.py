@@ -39,9 +39,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from dcml.client.attestation.verify import Policy
+from dcml.client.chain.connect import connect
 from dcml.client.chain.deployment import Deployment
 from dcml.client.sdk.client import Client, InsufficientDeposit, NodeError
 from dcml.client.sdk.transport import EXCHANGE_EXTENSION, AsyncPayingTransport, Exchange, PaymentError
+from dcml.client.wire.errors import DcmlError, ErrorType, error_object
 
 log = logging.getLogger("dcml.gateway")
 
@@ -92,10 +94,14 @@ class GatewayConfig(_Section):
         return cls.model_validate(data)
 
 
-class LimitExceeded(Exception):
+class LimitExceeded(DcmlError):
+    """A request would pass one of the gateway's spending limits; `code` (the reason) names which."""
+
+    error_type = ErrorType.PAYMENT
+
     def __init__(self, which: str, message: str) -> None:
-        super().__init__(message)
-        self.code = f"spending_limit_{which}"
+        super().__init__(message, reason=f"spending_limit_{which}")
+        self.code = self.reason
 
 
 @dataclass
@@ -180,13 +186,12 @@ class Gateway:
 
     def _registry_client(self):
         if self._registry is None:
-            from web3 import Web3
 
             from dcml.client.chain.registry import RegistryClient
 
             if not self.deployment.node_registry:
                 raise ValueError("registry = true but the deployment names no node_registry")
-            w3 = Web3(Web3.HTTPProvider(self.deployment.rpc_url, request_kwargs={"timeout": 30}))
+            w3 = connect(self.deployment.rpc_url)
             self._registry = RegistryClient(w3, self.deployment.node_registry)
         return self._registry
 
@@ -469,8 +474,7 @@ class _ClientFault(Exception):
 
 
 def _error(status: int, type_: str, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code, "param": None}},
-                        status_code=status)
+    return JSONResponse(error_object(message, type_, code), status_code=status)
 
 
 def _headers(node: Upstream, exchange: Exchange) -> dict[str, str]:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.receipts import SignedAcceptance, SignedReceipt
 
 _SCHEMA = """
@@ -126,8 +127,10 @@ CREATE TABLE IF NOT EXISTS breach_claims (
 _KEY_INFO = b"dcml spend-store session key v1"
 
 
-class SessionKeyLocked(Exception):
+class SessionKeyLocked(DcmlError):
     """The stored session key does not decrypt with this wallet."""
+
+    reason = "session_key_locked"
 
 
 def _cipher(wallet: LocalAccount) -> AESGCM:

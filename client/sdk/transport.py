@@ -43,6 +43,7 @@ from dcml.client.wire.e2e import (
     open_response,
     seal_request,
 )
+from dcml.client.wire.errors import ErrorType, PaymentError, PaymentReason, read_error
 from dcml.client.wire.receipts import DONE_PAYLOAD, RECEIPT_EVENT, RECEIPT_HEADER, ReceiptError, SignedReceipt
 from dcml.client.wire.voucher import Voucher
 from dcml.client.wire.x402 import (
@@ -69,32 +70,36 @@ MAX_PAYMENT_ROUNDS = 128
 _STREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)  # one connection per stream
 
 
-class PaymentError(Exception):
-    """Paying for a request failed; the message says what to do."""
-
-
 class PaymentRejected(PaymentError):
     """The node refused a voucher; `code` is its stable reason (e.g. `exceeds_deposit`, `bad_signature`)."""
 
+    reason_in_str = True
+
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
+        super().__init__(message, reason=code)
         self.code = code
 
 
 class PaymentTimeout(PaymentError):
     """The node paused the stream for a voucher and ended it because none arrived in time."""
 
+    reason = PaymentReason.PAYMENT_TIMEOUT
+
 
 class SealedResponseError(PaymentError):
     """A sealed request's answer came unsealed or does not open: altered in transit, or not from the enclave."""
+
+    reason = PaymentReason.SEALED_RESPONSE_INVALID
 
 
 class ReceiptViolation(PaymentError):
     """A receipt or acceptance failed verification (recorded in the spend store); `reason` says which check."""
 
+    error_type = ErrorType.RECEIPT
+    reason_in_str = True
+
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 @dataclass
@@ -247,12 +252,11 @@ def _voucher_request(url: httpx.URL, voucher: Voucher) -> httpx.Request:
 def _voucher_answer(status: int, body: bytes) -> None:
     if status == 200:
         return
-    try:
-        err = json.loads(body)["error"]
-        code, message = str(err.get("code") or "rejected"), str(err.get("message"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        code, message = "rejected", body[:200].decode(errors="replace")
-    if code == "not_increasing":
+    code, message = read_error(body)
+    code = code or PaymentReason.REJECTED
+    if message is None:
+        message = body[:200].decode(errors="replace")
+    if code == PaymentReason.NOT_INCREASING:
         return  # the node already holds this voucher or a higher one (a concurrent stream of ours posted it)
     raise PaymentRejected(code, message)
 
@@ -265,10 +269,7 @@ def _payment_required(response: httpx.Response, offers: dict[str, PaymentRequire
     except (ValueError, TypeError) as exc:
         raise PaymentError(f"the node's {PAYMENT_REQUIRED} header is not x402 JSON ({exc}); is this a dcml node?") \
             from exc
-    try:
-        message = json.loads(response.content)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = None
+    _, message = read_error(response.content)
     offer = next((r for r in required.accepts if isinstance(r, PaymentRequirement)), None)
     if offer is not None:
         offers[model] = offer.model_copy(update={"extra": offer.extra.model_copy(

@@ -18,6 +18,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.receipts import ZERO_ADDRESS, model_id_for
 
 DOMAIN_NAME = "dcml-adverts"
@@ -55,12 +56,14 @@ class AdvertReason(StrEnum):
     UNREACHABLE = "unreachable"
 
 
-class AdvertError(Exception):
+class AdvertError(DcmlError):
     """An advert that must be ignored; `reason` says which check failed."""
 
+    reason_in_str = True
+    reason: AdvertReason
+
     def __init__(self, reason: AdvertReason, message: str) -> None:
-        super().__init__(f"{reason.value}: {message}")
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 @dataclass(frozen=True)

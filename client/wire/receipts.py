@@ -31,7 +31,6 @@ import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_account.signers.local import LocalAccount
@@ -40,6 +39,7 @@ from eth_keys import keys
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
+from dcml.client.wire.errors import DcmlError, ErrorType, ReceiptReason
 from dcml.client.wire.voucher import recover_digest_signer
 
 DOMAIN_NAME = "dcml-receipts"
@@ -75,22 +75,15 @@ ACCEPTANCE_FIELDS = [
 _UINT_BITS = {"uint32": 32, "uint64": 64, "uint128": 128}
 
 
-class ReceiptReason(StrEnum):
-    MALFORMED = "malformed"
-    BAD_SIGNATURE = "bad_signature"
-    WRONG_SIGNER = "wrong_signer"
-    REQUEST_HASH_MISMATCH = "request_hash_mismatch"
-    RESPONSE_HASH_MISMATCH = "response_hash_mismatch"
-    COST_MISMATCH = "cost_mismatch"
-    CUMULATIVE_MISMATCH = "cumulative_mismatch"
-
-
-class ReceiptError(Exception):
+class ReceiptError(DcmlError):
     """A receipt (or acceptance) that must not be trusted; `reason` says which check failed."""
 
+    error_type = ErrorType.RECEIPT
+    reason_in_str = True
+    reason: ReceiptReason
+
     def __init__(self, reason: ReceiptReason, message: str) -> None:
-        super().__init__(f"{reason.value}: {message}")
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 @dataclass(frozen=True)

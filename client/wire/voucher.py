@@ -22,6 +22,7 @@ from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dcml.client.wire import safejson
+from dcml.client.wire.errors import PaymentError, PaymentReason
 
 DOMAIN_NAME = "PaymentChannels"
 DOMAIN_VERSION = "1"
@@ -48,8 +49,10 @@ _DOMAIN_TYPEHASH = keccak(
 )
 
 
-class MalformedVoucher(ValueError):
+class MalformedVoucher(PaymentError, ValueError):
     """The bytes on the wire are not a voucher: wrong lengths, encodings or ranges."""
+
+    reason = PaymentReason.MALFORMED
 
 
 @dataclass(frozen=True)

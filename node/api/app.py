@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
+from dcml.client.chain.connect import connect
 from dcml.client.wire.receipts import ReceiptDomain, model_id_for
 from dcml.node import __version__
 from dcml.node.api import attestation, openai, receipts
@@ -87,13 +88,12 @@ def encrypted_source(settings: NodeSettings) -> EncryptedModelSource:
     assert enc is not None
     publisher, manifest_hash = enc.publisher, enc.manifest_hash
     if settings.payments.enabled and (publisher is None or manifest_hash is None):
-        from web3 import Web3
 
         from dcml.client.chain.contracts import contract
         from dcml.client.chain.deployment import Deployment
 
         dep = Deployment.load(settings.payments.deployment)
-        registry = contract(Web3(Web3.HTTPProvider(settings.payments.rpc_url or dep.rpc_url)), "ModelRegistry",
+        registry = contract(connect(settings.payments.rpc_url or dep.rpc_url), "ModelRegistry",
                             dep.model_registry)
         model = bytes.fromhex(model_id_for(settings.engine.served_model_name)[2:])
         publisher = publisher or registry.functions.terms(model).call()[0]
@@ -204,7 +204,6 @@ def start_sla_court(settings: NodeSettings, identity: EnclaveIdentity, store: Re
     a thread. The node must already be registered (the court accepts terms of active nodes only). Returns the
     watcher and the `validFrom` of the terms now published (requests accepted before it have none)."""
     from eth_account import Account
-    from web3 import Web3
 
     from dcml.client.chain.deployment import Deployment
     from dcml.client.chain.sla import SLACourtClient
@@ -221,7 +220,7 @@ def start_sla_court(settings: NodeSettings, identity: EnclaveIdentity, store: Re
     if not key:
         raise ValueError(f"[sla] is enabled: put the operator's key in ${settings.registry.operator_key_env}")
     operator = Account.from_key(key)
-    w3 = Web3(Web3.HTTPProvider(settings.payments.rpc_url or dep.rpc_url, request_kwargs={"timeout": 30}))
+    w3 = connect(settings.payments.rpc_url or dep.rpc_url)
     court = SLACourtClient(w3, dep.sla_court)
     published = publish_terms_if_changed(court, operator, identity.address, model_id, terms)
     latest = court.latest_terms(identity.address, model_id)

@@ -36,16 +36,16 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from dcml.node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
+from dcml.node.engine.base import EngineFailed, EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
 
 _DETOK_CONTEXT = 5  # prompt tokens used as left context so the first output token decodes with its space
 
 
-class EngineStopped(RuntimeError):
+class EngineStopped(EngineFailed):
     """The engine was stopped while the request was waiting or running."""
 
 
-class RequestFailed(RuntimeError):
+class RequestFailed(EngineFailed):
     """This request failed inside the engine (its cause is chained); other requests are unaffected."""
 
     def __init__(self, message: str, cause: BaseException) -> None:

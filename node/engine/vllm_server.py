@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from dcml.node.engine.base import EngineUnavailable
 from dcml.node.engine.openai_upstream import OpenAIUpstreamEngine
 from dcml.node.logging import get_logger
 
@@ -37,7 +38,7 @@ BASE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_S
             "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-class VLLMStartError(RuntimeError):
+class VLLMStartError(EngineUnavailable, RuntimeError):
     """vLLM exited or did not become ready in time; the message holds the tail of its log."""
 
 

@@ -38,6 +38,7 @@ from web3 import Web3
 
 from dcml.client.chain.channel import ChannelState
 from dcml.client.wire import safejson
+from dcml.client.wire.errors import ErrorType, PaymentError, PaymentReason
 from dcml.client.wire.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
 from dcml.client.wire.voucher import Voucher
 from dcml.client.wire.x402 import (
@@ -65,18 +66,19 @@ from dcml.node.payments.service import Payments, payments_router
 from dcml.node.payments.verifier import VoucherRejected
 
 
-class PaymentNeeded(APIError):
+class PaymentNeeded(APIError, PaymentError):
     """402 with the x402 `PAYMENT-REQUIRED` header saying what would admit the request."""
 
     status = 402
-    type = "payment_required"
+    reason = PaymentReason.PAYMENT_REQUIRED
+    error_type = ErrorType.PAYMENT
 
 
 class PaymentMalformed(PaymentNeeded):
     """400: the payment header cannot be read (x402 transport: malformed input is a bad request)."""
 
     status = 400
-    type = "invalid_request_error"
+    reason = PaymentReason.MALFORMED_PAYMENT
 
 
 if TYPE_CHECKING:

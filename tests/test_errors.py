@@ -56,7 +56,7 @@ def test_each_protocol_enum_is_defined_once_and_shared() -> None:
 
     assert verify.Reason is errors.AttestationReason and gpu.GpuReason is errors.GpuReason
     assert receipts.ReceiptReason is errors.ReceiptReason
-    assert client._DEAD_CHANNEL <= set(PaymentReason)
+    assert set(PaymentReason) >= client._DEAD_CHANNEL
     assert all(isinstance(r, errors.ReceiptReason) for r in client._SIGNED_FOR_THE_REQUEST)
 
 

@@ -34,7 +34,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field
 from web3 import Web3
-from web3.types import TxReceipt
+from web3.types import BlockIdentifier, TxReceipt
 
 from dcml.client.attestation.verify import AttestationDocument
 from dcml.client.chain.contracts import contract
@@ -353,7 +353,7 @@ class RegistryClient(ContractClient):
                 out.append(record)
         return out
 
-    def events(self, from_block: int = 0, to_block: int | str = "latest") -> list[RegistryEvent]:
+    def events(self, from_block: int = 0, to_block: BlockIdentifier = "latest") -> list[RegistryEvent]:
         """Every registry event in the block range, in chain order."""
         logs = self.w3.eth.get_logs({"address": self.address, "fromBlock": from_block, "toBlock": to_block})
         out = []

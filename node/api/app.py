@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -125,8 +125,9 @@ def build_engine(settings: NodeSettings, identity: EnclaveIdentity, provider: At
             tokenizer_dir = e.encrypted.tmpfs_dir
         if e.vllm is not None:
             return supervised_vllm(settings, tokenizer_dir, api_key)
-        return OpenAIUpstreamEngine(e.base_url, e.served_model_name, api_key=api_key,  # type: ignore[arg-type]
-                                    tokenizer_dir=tokenizer_dir, **e.options)
+        options: dict[str, Any] = dict(e.options)  # passed through to the engine, which checks its own options
+        return OpenAIUpstreamEngine(e.base_url, e.served_model_name, api_key=api_key, tokenizer_dir=tokenizer_dir,
+                                    **options)
     if e.encrypted is not None:  # decrypted in memory only
         from dcml.node.model_source import encrypted_embedded_engine
 
@@ -159,7 +160,7 @@ def supervised_vllm(settings: NodeSettings, model_dir: Path | None, api_key: str
                         log_path=v.log_file)
     scrub = e.encrypted.tmpfs_dir if e.encrypted is not None else None
     return SupervisedVLLMEngine(server, ready_timeout_s=v.ready_timeout_s, scrub_dir=scrub, tokenizer_dir=model_dir,
-                                api_key=api_key, **e.options)  # type: ignore[arg-type]
+                                api_key=api_key, **e.options)
 
 
 def build_gate(settings: NodeSettings, identity: EnclaveIdentity, engine: Engine, domain: ReceiptDomain,
@@ -324,7 +325,7 @@ def create_app(
         if watcher is not None:  # before the store closes: it reads receipts from it
             await asyncio.to_thread(watcher.stop)
             app.state.sla_watcher = None
-        if "presence" in started:
+        if "presence" in started and presence is not None:
             await presence.stop()
         if "engine" in started:
             await engine.stop()

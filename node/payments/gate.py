@@ -420,7 +420,8 @@ class PaymentGate:
         if self.record_acceptance is not None and acceptance is not None:
             writes.append(self.record_acceptance(acceptance))
         ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
-        if isinstance(ledger, LedgerConflict) and ledger.reason == "not_increasing" and isinstance(ops[0], VoucherOp):
+        if isinstance(ledger, LedgerConflict) and ledger.reason == PaymentReason.NOT_INCREASING and isinstance(
+                ops[0], VoucherOp):
             # A concurrent request on the channel recorded this voucher (or a higher one) first. It was valid when
             # verified and still names the channel: admit on what is held now (the charges re-check the funds).
             (ledger,) = await asyncio.gather(writer.write_many(ops[1:]), return_exceptions=True)
@@ -454,7 +455,7 @@ class PaymentGate:
                     after = await (paid.writer or self.writer).write(ChargeOp(
                         paid.channel_id, amount, paid.price.credit_window, earned_credit=True))
                 except LedgerConflict as exc:
-                    if exc.reason != "insufficient_funds":
+                    if exc.reason != PaymentReason.INSUFFICIENT_FUNDS:
                         raise
                     # Ask from the channel's spent now: other streams of the channel charge too, and a voucher
                     # sized from this request's last view would be stale (lower than the node already holds).

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from dcml.node.engine.base import EngineUnavailable
+from dcml.client.wire.errors import DcmlError
 from dcml.node.engine.openai_upstream import OpenAIUpstreamEngine
 from dcml.node.logging import get_logger
 
@@ -38,8 +38,10 @@ BASE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_S
             "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-class VLLMStartError(EngineUnavailable, RuntimeError):
+class VLLMStartError(DcmlError, RuntimeError):
     """vLLM exited or did not become ready in time; the message holds the tail of its log."""
+
+    reason = "vllm_start_failed"
 
 
 class VLLMServer:

@@ -3,10 +3,12 @@ and every error the node answers has the same JSON shape with the reason as `cod
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import json
 import pkgutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -70,6 +72,26 @@ def test_an_error_carries_its_reason_on_the_wire() -> None:
                                        "param": None, "code": "not_tdx"}}
     rejected = VoucherRejected(PaymentReason.EXCEEDS_DEPOSIT, "top up first")
     assert isinstance(rejected, PaymentError) and rejected.to_wire()["error"]["code"] == "exceeds_deposit"
+
+
+# Where the node and the SDK name a payment reason by its string: each must be a PaymentReason value.
+_PAYMENT_RAISERS = {"needed", "VoucherRejected", "LedgerConflict", "payment_error", "PaymentRejected"}
+
+
+def test_every_payment_code_the_code_writes_is_a_payment_reason() -> None:
+    root = Path(dcml.node.__file__).parent
+    sources = [*sorted((root / "payments").glob("*.py")), Path(dcml.client.__file__).parent / "sdk" / "client.py"]
+    codes = set()
+    for path in sources:
+        for call in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(call, ast.Call):
+                continue
+            name = getattr(call.func, "id", None) or getattr(call.func, "attr", None)
+            args = [a for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            if name in _PAYMENT_RAISERS and args and call.args[0] is args[0]:
+                codes.add(args[0].value)
+    assert len(codes) >= 15
+    assert codes <= set(PaymentReason), codes - set(PaymentReason)
 
 
 @pytest.mark.parametrize("body", [

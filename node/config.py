@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from dcml.client.chain.deployment import Deployment
+from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.receipts import ReceiptDomain
 
 _toml_path: ContextVar[Path | None] = ContextVar("dcml_node_toml_path", default=None)
@@ -262,8 +263,10 @@ class NodeSettings(BaseSettings):
         return tuple(sources)
 
 
-class ConfigError(Exception):
+class ConfigError(DcmlError):
     """The configuration cannot be loaded; the message names the file and the problem."""
+
+    reason = "bad_config"
 
 
 def load_settings(path: Path | str | None = None, **overrides) -> NodeSettings:

@@ -17,6 +17,7 @@ import sys
 import traceback
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 _QUEUE_SIZE = 10_000
 _listener: logging.handlers.QueueListener | None = None
@@ -40,14 +41,14 @@ def safe_traceback(exc_info: object) -> str:
     return "\nwhich was raised while handling or from:\n".join(reversed(parts))
 
 
-def _capture_exc_info(_, __, event_dict: dict) -> dict:
+def _capture_exc_info(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """On the caller's thread: resolve `exc_info=True` to the exception itself (formatted later, elsewhere)."""
     if event_dict.get("exc_info") is True:
         event_dict["exc_info"] = sys.exc_info()
     return event_dict
 
 
-def _render_exception(_, __, event_dict: dict) -> dict:
+def _render_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     exc_info = event_dict.pop("exc_info", None)
     if exc_info:
         text = safe_traceback(exc_info)
@@ -77,7 +78,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time (a test runner may swap it and close the old one)."""
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self):
         return sys.stderr
 
     @stream.setter

@@ -41,6 +41,7 @@ from dcml.client.publisher.bundle import (
     verify_manifest,
     write_clear_files,
 )
+from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.key_release import decode_release, open_model_key
 from dcml.node.engine.embedded import EmbeddedEngine
 from dcml.node.identity import EnclaveIdentity
@@ -52,8 +53,10 @@ log = logging.getLogger(__name__)
 RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(DcmlError, RuntimeError):
     """The encrypted model could not be obtained; the message says what to fix."""
+
+    reason = "model_unavailable"
 
 
 @dataclass(frozen=True)

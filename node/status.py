@@ -110,8 +110,10 @@ class StatusCollector:
         chain = payments.chain
         names = {mid.lower(): name for name, mid in gate.model_ids.items()}
         now = chain.chain_time()
-        channels, earned, royalties = [], defaultdict(int), defaultdict(int)
-        totals = defaultdict(int)
+        channels: list[dict[str, Any]] = []
+        earned: defaultdict[str, int] = defaultdict(int)
+        royalties: defaultdict[str, int] = defaultdict(int)
+        totals: defaultdict[str, int] = defaultdict(int)
         for bal in payments.ledger.channels():
             state = chain.channel(bytes.fromhex(bal.channel_id[2:]), fresh=True)
             p = state.params

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import StrEnum
+
+from dcml.client.wire.errors import DcmlError, ErrorType, GpuReason
 
 MAX_REPORT_BYTES = 16 * 1024  # a real report is ~4 KiB
 
@@ -26,30 +27,17 @@ NVDEC0_DISABLED = 0x55
 NVDEC0_MEASUREMENT_INDEX = 35  # RIM index not compared while NVDEC0 is disabled
 
 
-class GpuReason(StrEnum):
-    MALFORMED = "malformed"  # the report or a field does not parse
-    NONCE_MISMATCH = "nonce_mismatch"
-    CHAIN_INVALID = "chain_invalid"  # device certificate chain does not verify to the pinned root
-    EXPIRED = "expired"  # a certificate (either chain) is outside its validity at the given time
-    SIGNATURE_INVALID = "signature_invalid"  # the report's signature under the leaf key
-    FWID_MISMATCH = "fwid_mismatch"
-    RIM_MISSING = "rim_missing"
-    RIM_MALFORMED = "rim_malformed"  # not a RIM, or hostile XML (DTD, entities, oversized)
-    RIM_CHAIN_INVALID = "rim_chain_invalid"
-    RIM_SIGNATURE_INVALID = "rim_signature_invalid"
-    RIM_VERSION_MISMATCH = "rim_version_mismatch"  # RIM is for another driver/VBIOS version or chip
-    RIM_MISMATCH = "rim_mismatch"  # golden measurements differ at `indices`
-    REVOKED = "revoked"
-    REVOCATION_INVALID = "revocation_invalid"  # supplied OCSP/CRL data does not verify or is stale
 
 
-class GpuEvidenceError(ValueError):
+class GpuEvidenceError(DcmlError, ValueError):
     """A check failed; `reason` is machine-readable and `indices` names mismatching RIM measurements."""
 
+    error_type = ErrorType.ATTESTATION
+    reason_in_str = True
+    reason: GpuReason
+
     def __init__(self, reason: GpuReason, message: str, indices: tuple[int, ...] = ()) -> None:
-        super().__init__(f"{reason.value}: {message}")
-        self.reason = reason
-        self.message = message
+        super().__init__(message, reason=reason)
         self.indices = indices
 
 

@@ -13,6 +13,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict
 
+from dcml.client.wire.errors import AttestationReason, DcmlError, ErrorType
+
 HEADER_LEN = 48
 TEE_TYPE_SGX = 0x00
 TEE_TYPE_TDX = 0x81
@@ -43,8 +45,11 @@ _TD10_FIELDS = {
 TD_ATTRIBUTES_DEBUG = 0x01  # bit 0 of TDATTRIBUTES: the TD is debuggable (host can read its memory)
 
 
-class QuoteFormatError(ValueError):
+class QuoteFormatError(DcmlError, ValueError):
     """The bytes are not a quote this parser understands."""
+
+    reason = AttestationReason.QUOTE_MALFORMED
+    error_type = ErrorType.ATTESTATION
 
 
 class Measurements(BaseModel):

@@ -15,7 +15,6 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any, TypeAlias
 
 import dcap_qvl
@@ -44,6 +43,7 @@ from dcml.client.attestation.policy import (
     SimulatedPolicy,
     TcbPolicy,
 )
+from dcml.client.wire.errors import AttestationReason, DcmlError, ErrorType
 from dcml.client.wire.hexutil import from_hex
 from dcml.client.wire.identity import HPKE_PUBLIC_KEY_LEN, NONCE_LEN
 from dcml.client.wire.identity import report_data as binding_report_data
@@ -51,39 +51,23 @@ from dcml.client.wire.identity import report_data as binding_report_data
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 
 
-class Reason(StrEnum):
-    BAD_DOCUMENT = "bad_document"
-    NONCE_MISMATCH = "nonce_mismatch"
-    SIMULATED_REFUSED = "simulated_refused"
-    SIMULATED_INVALID = "simulated_invalid"
-    COLLATERAL_MISSING = "collateral_missing"
-    NOT_TDX = "not_tdx"
-    QUOTE_MALFORMED = "quote_malformed"
-    QUOTE_INVALID = "quote_invalid"
-    TCB_STATUS = "tcb_status"
-    ADVISORY = "advisory"
-    DEBUG_ENABLED = "debug_enabled"
-    MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
-    EVENT_LOG_INVALID = "event_log_invalid"
-    EVENT_LOG_MISMATCH = "event_log_mismatch"
-    COMPOSE_HASH_MISMATCH = "compose_hash_mismatch"
-    COMPOSE_HASH_NOT_ALLOWED = "compose_hash_not_allowed"
-    REPORT_DATA_MISMATCH = "report_data_mismatch"
-    GPU_EVIDENCE = "gpu_evidence"  # the stapled GPU evidence fails verification (gpu_reason says how)
-    GPU_EVIDENCE_MISSING = "gpu_evidence_missing"
-    GPU_NOT_ALLOWED = "gpu_not_allowed"  # verified, but the policy refuses its architecture/driver/VBIOS
+Reason = AttestationReason  # the shared enum (client.wire.errors), under its historic name here
 
 
-class AttestationError(Exception):
+
+class AttestationError(DcmlError):
     """A document failed verification. `reason` is machine-readable; the message says what to do.
 
     For GPU evidence, `gpu_reason` is the verifier's GpuReason (e.g. rim_mismatch) and `gpu_index` the GPU.
     """
 
+    error_type = ErrorType.ATTESTATION
+    reason_in_str = True
+    reason: AttestationReason
+
     def __init__(self, reason: Reason, message: str, *, gpu_reason: str | None = None,
                  gpu_index: int | None = None) -> None:
-        super().__init__(f"{reason.value}: {message}")
-        self.reason = reason
+        super().__init__(message, reason=reason)
         self.gpu_reason = gpu_reason
         self.gpu_index = gpu_index
 

@@ -25,6 +25,7 @@ from web3.types import TxReceipt
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.tx import send
+from dcml.client.wire.errors import ChainError, PaymentReason
 from dcml.client.wire.voucher import Voucher, VoucherDomain
 
 ZERO_ADDRESS = "0x" + "00" * 20
@@ -33,8 +34,10 @@ _ID_TYPES = ["address", "address", "address", "bytes32", "address", "bytes32", "
              "uint256"]
 
 
-class UnknownChannel(LookupError):
+class UnknownChannel(ChainError, LookupError):
     """No channel with this id was opened on this escrow."""
+
+    reason = PaymentReason.UNKNOWN_CHANNEL
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,17 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
 from web3 import Web3
+from web3.types import RPCEndpoint
 
+from dcml.client.chain.connect import connect
 from dcml.client.chain.deployment import Deployment, DevAccount
-from dcml.client.chain.tx import send
+from dcml.client.chain.tx import TransactionFailed, send
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRACTS = REPO / "contracts"
@@ -74,11 +78,14 @@ def artifact(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def deploy_contract(w3: Web3, deployer: LocalAccount, name: str, *args) -> str:
+def deploy_contract(w3: Web3, deployer: LocalAccount, name: str, *args: Any) -> ChecksumAddress:
     art = artifact(name)
     factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"]["object"])
     receipt = send(w3, deployer, factory.constructor(*args), action=f"deploy {name}")
-    return receipt["contractAddress"]
+    address = receipt["contractAddress"]
+    if address is None:
+        raise TransactionFailed(f"deploy {name}", "the receipt names no contract address")
+    return Web3.to_checksum_address(address)
 
 
 @dataclass
@@ -103,11 +110,12 @@ class Devnet:
             stderr=subprocess.PIPE,
             start_new_session=True,  # a Ctrl-C to the parent is handled by us, not delivered twice
         )
-        w3 = Web3(Web3.HTTPProvider(self.rpc_url, request_kwargs={"timeout": 30}))
+        w3 = connect(self.rpc_url)
         deadline = time.monotonic() + 30
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"anvil exited: {self.process.stderr.read().decode(errors='replace')}")
+                err = self.process.stderr.read() if self.process.stderr is not None else b""
+                raise RuntimeError(f"anvil exited: {err.decode(errors='replace')}")
             try:
                 if w3.is_connected():
                     break
@@ -140,7 +148,7 @@ class Devnet:
 def place_x402_contracts(w3: Web3) -> str:
     """Sets the runtime code of x402's batch-settlement contracts at their canonical addresses (anvil only)."""
     for name, address in X402_CODE.items():
-        w3.provider.make_request("anvil_setCode", [address, artifact(name)["deployedBytecode"]["object"]])
+        w3.provider.make_request(RPCEndpoint("anvil_setCode"), [address, artifact(name)["deployedBytecode"]["object"]])
     return X402_CODE["x402BatchSettlement"]
 
 

@@ -33,12 +33,11 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field
 from web3 import Web3
-from web3.contract import Contract
-from web3.types import TxReceipt
+from web3.types import BlockIdentifier, TxReceipt
 
 from dcml.client.attestation.verify import AttestationDocument
 from dcml.client.chain.contracts import contract
-from dcml.client.chain.tx import TransactionFailed, send
+from dcml.client.chain.tx import ContractClient, TransactionFailed
 from dcml.client.wire import eip712
 from dcml.client.wire.hexutil import lower_hex
 from dcml.client.wire.identity import HPKE_PUBLIC_KEY_LEN
@@ -86,13 +85,10 @@ _HINTS: dict[str, str] = {
 }
 
 
-class RegistryError(RuntimeError):
+class RegistryError(TransactionFailed):
     """A registry call was refused; `reason` is the contract's custom error name when there is one."""
 
-    def __init__(self, action: str, reason: str, hint: str = "") -> None:
-        super().__init__(f"registry refused {action}: {reason}" + (f" ({hint})" if hint else ""))
-        self.action = action
-        self.reason = reason
+    template = "registry refused {action}: {reason}"
 
 
 class NodeStatus(IntEnum):
@@ -276,13 +272,15 @@ class EpochInfo(BaseModel):
 # --- the client -------------------------------------------------------------------------------
 
 
-class RegistryClient:
+class RegistryClient(ContractClient):
     """Reads the registry (nodes, epochs, events) and sends its transactions with readable errors."""
 
+    abi_name = "NodeRegistry"
+    error = RegistryError
+    hints = _HINTS
+
     def __init__(self, w3: Web3, address: str) -> None:
-        self.w3 = w3
-        self.contract: Contract = contract(w3, "NodeRegistry", address)
-        self.address = self.contract.address
+        super().__init__(w3, address)
         self._stake_token: str | None = None
 
     # reads
@@ -333,7 +331,7 @@ class RegistryClient:
                 out.append(record)
         return out
 
-    def events(self, from_block: int = 0, to_block: int | str = "latest") -> list[RegistryEvent]:
+    def events(self, from_block: int = 0, to_block: BlockIdentifier = "latest") -> list[RegistryEvent]:
         """Every registry event in the block range, in chain order."""
         logs = self.w3.eth.get_logs({"address": self.address, "fromBlock": from_block, "toBlock": to_block})
         out = []
@@ -369,16 +367,10 @@ class RegistryClient:
 
     # writes
 
-    def _send(self, account: LocalAccount, fn: Any, *, value: int = 0, action: str) -> TxReceipt:
-        try:
-            return send(self.w3, account, fn, value=value, action=action)
-        except TransactionFailed as exc:
-            raise RegistryError(action, exc.reason, _HINTS.get(exc.reason, "")) from exc
-
     def register(self, operator: LocalAccount, registration: Registration, signature: bytes, stake: int) -> TxReceipt:
         """Registers the node with `stake` (approving an ERC-20 stake first when needed)."""
         if to_checksum_address(registration.operator) != operator.address:
-            raise RegistryError("register", "NotOperator", _HINTS["NotOperator"])
+            raise self.refused("register", "NotOperator")
         value = stake
         if self.stake_token != ZERO_ADDRESS:
             value = 0

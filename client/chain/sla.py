@@ -25,15 +25,14 @@ from enum import IntEnum, IntFlag
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak, to_checksum_address
+from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field
 from web3 import Web3
-from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.types import TxReceipt
 
 from dcml.client.chain.channel import ChannelParams
-from dcml.client.chain.tx import TransactionFailed, send
+from dcml.client.chain.tx import ContractClient, TransactionFailed
 from dcml.client.wire.hexutil import from_hex as _b32
 from dcml.client.wire.hexutil import from_hex as _sig
 from dcml.client.wire.receipts import Acceptance, Receipt, ReceiptDomain, SignedAcceptance, SignedReceipt
@@ -136,50 +135,25 @@ def acceptance_tuple(a: Acceptance) -> tuple:
     return (_b32(a.request_hash), _b32(a.channel_id), a.accepted_at, a.deadline)
 
 
-class SLAError(RuntimeError):
+class SLAError(TransactionFailed):
     """The court refused a call; `reason` is its custom error name when known."""
 
-    def __init__(self, action: str, reason: str) -> None:
-        super().__init__(f"SLA court refused {action}: {reason}")
-        self.action = action
-        self.reason = reason
+    template = "SLA court refused {action}: {reason}"
 
 
-class SLACourtClient:
+class SLACourtClient(ContractClient):
     """Reads and writes one SLACourt."""
 
+    error = SLAError
+
     def __init__(self, w3: Web3, address: str) -> None:
-        self.w3 = w3
-        self.address = to_checksum_address(address)
-        self.contract: Contract = w3.eth.contract(address=self.address, abi=court_abi())
-        self._errors = {
-            keccak(text=f"{e['name']}({','.join(i['type'] for i in e['inputs'])})")[:4].hex(): e["name"]
-            for e in self.contract.abi if e["type"] == "error"
-        }
+        super().__init__(w3, address, court_abi())
 
     @property
     def domain(self) -> ReceiptDomain:
         return ReceiptDomain(self.w3.eth.chain_id, self.address)
 
     # ---- writes
-
-    def _send(self, account: LocalAccount, fn, action: str, value: int = 0, min_gas: int = 0) -> TxReceipt:
-        try:
-            return send(self.w3, account, fn, value=value, action=action, min_gas=min_gas)
-        except TransactionFailed as exc:
-            raise SLAError(action, self._reason(exc)) from exc
-
-    @property
-    def error_names(self) -> frozenset[str]:
-        """The court's custom errors: a refusal naming one is the court's answer; anything else may be transient."""
-        return frozenset(self._errors.values())
-
-    def _reason(self, exc: TransactionFailed) -> str:
-        cause = exc.__cause__
-        data = getattr(cause, "data", None)
-        if isinstance(cause, (ContractCustomError, ContractLogicError)) and isinstance(data, str) and len(data) >= 10:
-            return self._errors.get(data[2:10], exc.reason)
-        return exc.reason
 
     def publish_terms(self, operator: LocalAccount, node: str, model_id: str, terms: Terms) -> TxReceipt:
         fn = self.contract.functions.publishTerms(to_checksum_address(node), _b32(model_id), terms.as_tuple())

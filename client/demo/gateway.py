@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from web3 import Web3
 
+from dcml.client.chain.connect import connect
 from dcml.client.chain.devnet import Devnet
 from dcml.client.demo.kit.nodes import start_paid_node
 from dcml.client.sdk.gateway import Gateway, GatewayConfig, create_gateway_app
@@ -50,7 +51,7 @@ def main() -> None:
             raise SystemExit("the local chain came up without the contracts")
         deployment_file = work / "deployment.json"
         dep.save(deployment_file)
-        w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
+        w3 = connect(dep.rpc_url)
         console.print(f"1. local chain at {dep.rpc_url}; starting three nodes at {', '.join(map(str, PRICES))} "
                       "wei per output token")
         nodes = [start_node(w3, deployment_file, work / f"node{i}", p) for i, p in enumerate(PRICES)]

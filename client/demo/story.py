@@ -29,6 +29,7 @@ from rich.table import Table
 from web3 import Web3
 
 from dcml.client.attestation.verify import ModelTrust, Policy
+from dcml.client.chain.connect import connect
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.devnet import REPO, Devnet, free_port
 from dcml.client.chain.sla import Broken, SLACourtClient
@@ -153,7 +154,7 @@ def main(engine: str = "embedded") -> None:
         dep = net.deployment
         if dep is None or dep.sla_court is None:
             raise SystemExit("the local chain came up without the contracts")
-        w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
+        w3 = connect(dep.rpc_url)
         accounts = {role: Account.from_key(dep.accounts[role].private_key)
                     for role in ("deployer", "client", "publisher", "node")}
         token = contract(w3, "TestToken", dep.token)

@@ -15,11 +15,16 @@ from typing import Any, TypeVar
 
 import trio
 
+from dcml.client.wire.errors import DcmlError, ErrorType
+
 T = TypeVar("T")
 
 
-class BridgeError(RuntimeError):
+class BridgeError(DcmlError, RuntimeError):
     """The trio thread is not running (never started, stopped, or crashed)."""
+
+    reason = "bridge_down"
+    error_type = ErrorType.UNAVAILABLE
 
 
 class TrioThread:

@@ -9,6 +9,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import multiaddr
 import trio
@@ -29,6 +30,9 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from dcml.client.network.records import AdvertRecordValidator
 from dcml.client.wire.advert import DHT_ADVERT_NS, TOPIC, AdvertDomain
+
+if TYPE_CHECKING:  # trio's bundled stubs (trio-stubs, from trio_typing) predate trio.TaskStatus
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("dcml.p2p")
 
@@ -92,7 +96,7 @@ class Overlay:
         if advert_source is not None:
             source = advert_source
 
-            async def serve_sync(stream) -> None:  # type: ignore[no-untyped-def]
+            async def serve_sync(stream) -> None:
                 try:
                     out, total = bytearray(), 0
                     for raw in source():
@@ -129,14 +133,14 @@ class Overlay:
         log.info("overlay up: peer %s listening on %s, %d bootstrap peer(s) connected", self.peer_id,
                  self.addrs(), sum(1 for b in self.bootstrap if b.peer_id in self.host.get_connected_peers()))
 
-    async def _serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve(self, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.host.run(listen_addrs=[self.listen]), background_trio_service(self.pubsub), \
                 background_trio_service(self.gossip), background_trio_service(self.dht):
             await self.pubsub.wait_until_ready()
             task_status.started()
             await trio.sleep_forever()
 
-    async def _read(self, sub) -> None:  # type: ignore[no-untyped-def]
+    async def _read(self, sub) -> None:
         while True:
             msg = await sub.get()
             if self._on_message is not None:
@@ -222,5 +226,7 @@ class Overlay:
         value = await self.dht.value_store._get_from_peer(ID.from_base58(peer), key.encode())
         if not isinstance(value, bytes):
             return None
+        if self.dht.validator is None:  # registered in __init__: only a py-libp2p change could drop it
+            raise RuntimeError("the DHT lost its record validator; refusing an unvalidated record")
         self.dht.validator.validate(key, value)
         return value

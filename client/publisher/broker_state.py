@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.identity import NONCE_LEN
 
 
@@ -32,13 +33,14 @@ class BrokerReason(StrEnum):
 _STATUS = {BrokerReason.UNKNOWN_MODEL: 404, BrokerReason.BAD_REQUEST: 400, BrokerReason.RATE_LIMITED: 429}
 
 
-class BrokerRefusal(Exception):
+class BrokerRefusal(DcmlError):
     """The broker will not release the key; `reason` is machine-readable, the message says what to do."""
 
+    reason_in_str = True
+    reason: BrokerReason
+
     def __init__(self, reason: BrokerReason, message: str, detail: str | None = None) -> None:
-        super().__init__(f"{reason.value}: {message}")
-        self.reason = reason
-        self.message = message
+        super().__init__(message, reason=reason)
         self.detail = detail  # e.g. the attestation verifier's own reason
 
     @property

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from web3 import Web3
 from web3.types import TxReceipt
 
+from dcml.client.chain.connect import connect
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.model_registry import model_id as model_id_of
@@ -139,7 +140,7 @@ def publish(
     publisher = _account(publisher_key)
     signed = load_manifest(bundle)
     dep = Deployment.load(deployment)
-    w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
+    w3 = connect(dep.rpc_url)
     receipt = publish_model(
         w3,
         dep.model_registry,
@@ -202,7 +203,7 @@ def serve_keys(
     )
     if deployment is not None:
         dep = Deployment.load(deployment)
-        w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
+        w3 = connect(dep.rpc_url)
         broker.measurements = ChainMeasurements(w3, dep.model_registry)
         if dep.node_registry:
             broker.node_check = RegistryNodeCheck(RegistryClient(w3, dep.node_registry))

@@ -44,10 +44,10 @@ from dcml.client.attestation.verify import (
     VerifiedNode,
     verify_attestation,
 )
-from dcml.client.attestation.verify import Reason as AttestationReason
 from dcml.client.chain.registry import TEE_TYPES, RegistryClient
 from dcml.client.publisher.broker_state import AuditLog, BrokerReason, BrokerRefusal, NonceStore, RateLimiter
 from dcml.client.publisher.bundle import MANIFEST_FILE, SignedManifest
+from dcml.client.wire.errors import AttestationReason
 from dcml.client.wire.key_release import seal_model_key
 
 
@@ -223,7 +223,8 @@ def _address(text: str) -> bytes:
 
 def _refusal(exc: BrokerRefusal) -> JSONResponse:
     headers = {"Retry-After": "60"} if exc.reason == BrokerReason.RATE_LIMITED else None
-    body = {"error": {"code": exc.reason.value, "message": exc.message, "detail": exc.detail}}
+    body = exc.to_wire()  # the one wire error shape, with the verifier's own reason beside it
+    body["error"]["detail"] = exc.detail
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 

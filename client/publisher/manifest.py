@@ -16,6 +16,7 @@ from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dcml.client.wire import eip712
+from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.hexutil import from_hex, to_hex
 
 FORMAT = "dcml-bundle/2"  # /2: BLAKE3 file and weights hashes (/1 had SHA-256; refused, re-seal)
@@ -45,12 +46,14 @@ class BundleReason(StrEnum):
     WRONG_KEY = "wrong_key"
 
 
-class BundleError(Exception):
+class BundleError(DcmlError):
     """A bundle or sealed file failed a check; `reason` is machine-readable, the message says what to do."""
 
+    reason_in_str = True
+    reason: BundleReason
+
     def __init__(self, reason: BundleReason, message: str) -> None:
-        super().__init__(f"{reason.value}: {message}")
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 

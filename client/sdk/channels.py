@@ -18,6 +18,7 @@ from dcml.client.chain.deployment import Deployment
 from dcml.client.sdk.exchange import PaymentError
 from dcml.client.sdk.results import NodeError
 from dcml.client.sdk.spend_store import SpendStore, StoredChannel, StoredReceipt, Violation
+from dcml.client.wire.errors import PaymentReason
 from dcml.client.wire.voucher import Voucher
 from dcml.client.wire.x402 import PAYMENT_REQUIRED, SCHEME, PaymentRequired, PaymentRequirement
 
@@ -25,9 +26,13 @@ from dcml.client.wire.x402 import PAYMENT_REQUIRED, SCHEME, PaymentRequired, Pay
 class UntrustedTerms(PaymentError):
     """The node's payment terms do not match what this client verified or allows."""
 
+    reason = PaymentReason.UNTRUSTED_TERMS
+
 
 class InsufficientDeposit(PaymentError):
     """The channel's deposit cannot cover what the node asks and automatic top-up is off."""
+
+    reason = PaymentReason.INSUFFICIENT_DEPOSIT
 
 
 @dataclass

@@ -17,9 +17,9 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from pydantic import ValidationError
 from rich.console import Console
-from web3 import Web3
 
 from dcml.client.attestation.verify import AttestationError, Policy
+from dcml.client.chain.connect import connect
 from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.sla import SLAError
 from dcml.client.chain.tx import TransactionFailed
@@ -66,7 +66,7 @@ class Options:
         wallet = self.wallet()
         store = SpendStore(self.store)
         try:
-            w3 = Web3(Web3.HTTPProvider(deployment.rpc_url, request_kwargs={"timeout": 30}))
+            w3 = connect(deployment.rpc_url)
             yield Disputes(w3, deployment, wallet, store)
         finally:
             store.close()

@@ -37,6 +37,7 @@ from web3 import Web3
 
 from dcml.client.attestation.verify import AttestationDocument, Policy, VerifiedNode, verify_attestation
 from dcml.client.chain.channel import ChannelClient
+from dcml.client.chain.connect import connect
 from dcml.client.chain.deployment import Deployment
 from dcml.client.sdk.channels import InsufficientDeposit, LiveChannel, UntrustedTerms
 from dcml.client.sdk.disputes import AutoDisputer, Disputes
@@ -111,7 +112,7 @@ class Client(ChannelPayer):
         self.max_price_per_token = max_price_per_token
         self.auto_top_up = auto_top_up
         self.timeout = timeout
-        self.w3 = w3 or Web3(Web3.HTTPProvider(deployment.rpc_url, request_kwargs={"timeout": 30}))
+        self.w3 = w3 or connect(deployment.rpc_url)
         self.chain = ChannelClient(self.w3, deployment, wallet)
         self.store = SpendStore(store)
         self.node: VerifiedNode | None = None
@@ -228,7 +229,7 @@ def discover(deployment: Deployment, bootstrap: list[str], model: str | None = N
 
     if not deployment.node_registry:
         raise ValueError("the deployment names no node_registry: discovery needs it to check adverts")
-    w3 = w3 or Web3(Web3.HTTPProvider(deployment.rpc_url, request_kwargs={"timeout": 30}))
+    w3 = w3 or connect(deployment.rpc_url)
     registry = ChainRegistry(RegistryClient(w3, deployment.node_registry))
     with Discovery(bootstrap, registry, policy=policy, allow_simulated=allow_simulated,
                    domain=AdvertDomain(deployment.chain_id, deployment.node_registry)) as overlay:

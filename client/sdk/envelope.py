@@ -19,6 +19,7 @@ from dcml.client.wire.e2e import (
     open_response,
     seal_request,
 )
+from dcml.client.wire.errors import PaymentReason, read_error
 from dcml.client.wire.receipts import RECEIPT_HEADER, ReceiptError, SignedReceipt
 from dcml.client.wire.voucher import Voucher
 from dcml.client.wire.x402 import (
@@ -135,12 +136,11 @@ def voucher_request(url: httpx.URL, voucher: Voucher) -> httpx.Request:
 def voucher_answer(status: int, body: bytes) -> None:
     if status == 200:
         return
-    try:
-        err = json.loads(body)["error"]
-        code, message = str(err.get("code") or "rejected"), str(err.get("message"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        code, message = "rejected", body[:200].decode(errors="replace")
-    if code in ("not_increasing", "bad_release"):
+    code, message = read_error(body)
+    code = code or PaymentReason.REJECTED
+    if message is None:
+        message = body[:200].decode(errors="replace")
+    if code in (PaymentReason.NOT_INCREASING, PaymentReason.BAD_RELEASE):
         # The node already holds this voucher or a higher one: a concurrent stream of ours posted it first (a
         # voucher below the accepted one reads as a release there, refused as `bad_release` when it no longer
         # covers what was served). This one adds nothing; if the node still needs more, it asks again.
@@ -156,10 +156,7 @@ def payment_required(response: httpx.Response, offers: dict[str, PaymentRequirem
     except (ValueError, TypeError) as exc:
         raise PaymentError(f"the node's {PAYMENT_REQUIRED} header is not x402 JSON ({exc}); is this a dcml node?") \
             from exc
-    try:
-        message = json.loads(response.content)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = None
+    _, message = read_error(response.content)
     offer = next((r for r in required.accepts if isinstance(r, PaymentRequirement)), None)
     if offer is not None:
         offers[model] = offer.model_copy(update={"extra": offer.extra.model_copy(

@@ -9,6 +9,7 @@ from typing import Protocol
 
 import httpx
 
+from dcml.client.wire.errors import ErrorType, PaymentError, PaymentReason
 from dcml.client.wire.receipts import SignedReceipt
 from dcml.client.wire.voucher import Voucher
 from dcml.client.wire.x402 import NeedVoucher, PaymentRequired
@@ -17,32 +18,36 @@ PAID_PATHS = ("/v1/chat/completions", "/v1/completions")
 EXCHANGE_EXTENSION = "dcml.exchange"  # response.extensions key holding the `Exchange`
 
 
-class PaymentError(Exception):
-    """Paying for a request failed; the message says what to do."""
-
-
 class PaymentRejected(PaymentError):
     """The node refused a voucher; `code` is its stable reason (e.g. `exceeds_deposit`, `bad_signature`)."""
 
+    reason_in_str = True
+
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
+        super().__init__(message, reason=code)
         self.code = code
 
 
 class PaymentTimeout(PaymentError):
     """The node paused the stream for a voucher and ended it because none arrived in time."""
 
+    reason = PaymentReason.PAYMENT_TIMEOUT
+
 
 class SealedResponseError(PaymentError):
     """A sealed request's answer came unsealed or does not open: altered in transit, or not from the enclave."""
+
+    reason = PaymentReason.SEALED_RESPONSE_INVALID
 
 
 class ReceiptViolation(PaymentError):
     """A receipt or acceptance failed verification (recorded in the spend store); `reason` says which check."""
 
+    error_type = ErrorType.RECEIPT
+    reason_in_str = True
+
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 @dataclass

@@ -33,6 +33,7 @@ import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from dcml.client.attestation.verify import Policy
+from dcml.client.chain.connect import connect
 from dcml.client.chain.deployment import Deployment
 from dcml.client.sdk.client import Client, InsufficientDeposit, NodeError
 from dcml.client.sdk.exchange import EXCHANGE_EXTENSION, Exchange, PaymentError
@@ -89,13 +90,12 @@ class Gateway:
 
     def _registry_client(self) -> RegistryClient:
         if self._registry is None:
-            from web3 import Web3
 
             from dcml.client.chain.registry import RegistryClient
 
             if not self.deployment.node_registry:
                 raise ValueError("registry = true but the deployment names no node_registry")
-            w3 = Web3(Web3.HTTPProvider(self.deployment.rpc_url, request_kwargs={"timeout": 30}))
+            w3 = connect(self.deployment.rpc_url)
             self._registry = RegistryClient(w3, self.deployment.node_registry)
         return self._registry
 

@@ -20,6 +20,7 @@ from dcml.client.sdk.exchange import Exchange
 from dcml.client.sdk.gateway_config import GatewayConfig
 from dcml.client.sdk.gateway_nodes import Upstream
 from dcml.client.wire import sse
+from dcml.client.wire.errors import error_object
 
 if TYPE_CHECKING:
     from dcml.client.sdk.gateway import Gateway
@@ -39,8 +40,7 @@ class ClientFault(Exception):
 
 
 def error(status: int, type_: str, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code, "param": None}},
-                        status_code=status)
+    return JSONResponse(error_object(message, type_, code), status_code=status)
 
 
 def answer_headers(node: Upstream, exchange: Exchange) -> dict[str, str]:

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dcml.client.wire.errors import DcmlError, ErrorType
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -56,10 +58,14 @@ class GatewayConfig(_Section):
         return cls.model_validate(data)
 
 
-class LimitExceeded(Exception):
+class LimitExceeded(DcmlError):
+    """A request would pass one of the gateway's spending limits; `code` (the reason) names which."""
+
+    error_type = ErrorType.PAYMENT
+
     def __init__(self, which: str, message: str) -> None:
-        super().__init__(message)
-        self.code = f"spending_limit_{which}"
+        super().__init__(message, reason=f"spending_limit_{which}")
+        self.code = self.reason
 
 
 class Spending:

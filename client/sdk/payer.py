@@ -23,6 +23,7 @@ from dcml.client.sdk.channels import LiveChannel, PayerChannels
 from dcml.client.sdk.disputes import Disputes
 from dcml.client.sdk.exchange import Exchange, PaymentRejected, ReceiptViolation
 from dcml.client.sdk.spend_store import StoredChannel
+from dcml.client.wire.errors import DEAD_CHANNEL, PaymentReason, ReceiptReason
 from dcml.client.wire.receipts import (
     Price,
     ReceiptDomain,
@@ -41,11 +42,11 @@ log = logging.getLogger("dcml.client")
 TERMS_CLOCK_MARGIN_S = 10
 
 # Codes after which the channel we named can never admit a request: open another one.
-_DEAD_CHANNEL = {"unknown_channel", "channel_finalized", "channel_closing", "wrong_payee", "wrong_model",
-                 "wrong_token"}
+_DEAD_CHANNEL = DEAD_CHANNEL
 # Receipt checks that fail only after the signature, request hash and channel checked out: such a receipt
 # still answers a no-response dispute on-chain, so its acceptance must not be disputed.
-_SIGNED_FOR_THE_REQUEST = {"response_hash_mismatch", "cost_mismatch", "cumulative_mismatch", "accepted_at_skew"}
+_SIGNED_FOR_THE_REQUEST = {ReceiptReason.RESPONSE_HASH_MISMATCH, ReceiptReason.COST_MISMATCH,
+                           ReceiptReason.CUMULATIVE_MISMATCH, ReceiptReason.ACCEPTED_AT_SKEW}
 
 
 class ChannelPayer(PayerChannels):
@@ -132,22 +133,22 @@ class ChannelPayer(PayerChannels):
 
     def on_payment_required(self, required: PaymentRequired, exchange: Exchange, sent: Voucher | None) -> Voucher:
         req = self._check_terms(required, self._node())
-        code = required.error or "payment_required"
-        if sent is not None and code == "channel_unconfirmed":  # the node waits for more blocks on the opening
+        code = required.error or PaymentReason.PAYMENT_REQUIRED
+        if sent is not None and code == PaymentReason.CHANNEL_UNCONFIRMED:  # the node waits for the opening's blocks
             time.sleep(1.0)
             with self._lock:
                 return self._offer(exchange, sent)
         with self._lock:
             if sent is not None and code in _DEAD_CHANNEL:
                 self.store.update_channel(sent.channel_id, status="closed")
-            elif sent is not None and code == "not_increasing":
+            elif sent is not None and code == PaymentReason.NOT_INCREASING:
                 # A concurrent request of ours got a higher voucher to the node first: name the channel with it.
                 highest = self.store.highest_voucher(sent.channel_id)
                 if highest is None or highest[0] <= sent.cumulative_amount:
                     raise PaymentRejected(code, f"{required.message or 'voucher refused'} (channel {sent.channel_id})")
                 return self._offer(exchange, Voucher(channel_id=sent.channel_id, cumulative_amount=highest[0],
                                                      signature=highest[1]))
-            elif sent is not None and code not in ("insufficient_funds", "payment_required"):
+            elif sent is not None and code not in (PaymentReason.INSUFFICIENT_FUNDS, PaymentReason.PAYMENT_REQUIRED):
                 raise PaymentRejected(code, f"{required.message or 'voucher refused'} (channel {sent.channel_id})")
             ch = self._usable(exchange.model)
             if ch is None:

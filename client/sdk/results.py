@@ -13,23 +13,22 @@ import httpx
 from dcml.client.chain.sla import Broken
 from dcml.client.sdk.exchange import EXCHANGE_EXTENSION, Exchange
 from dcml.client.wire import sse
+from dcml.client.wire.errors import DcmlError, read_error
 from dcml.client.wire.receipts import SignedReceipt
 
 
-class NodeError(Exception):
-    """The node answered with an error; `status` and `code` are the node's."""
+class NodeError(DcmlError):
+    """The node answered with an error; `status` and `code` are the node's (`code` is also the `reason`)."""
 
     def __init__(self, status: int, code: str | None, message: str) -> None:
-        super().__init__(f"node answered {status}{f' ({code})' if code else ''}: {message}")
+        super().__init__(f"node answered {status}{f' ({code})' if code else ''}: {message}",
+                         reason=code or "node_error")
         self.status, self.code = status, code
 
 
 def node_error(response: httpx.Response) -> NodeError:
-    try:
-        err = response.json()["error"]
-        return NodeError(response.status_code, err.get("code"), str(err.get("message")))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return NodeError(response.status_code, None, response.text[:300])
+    code, message = read_error(response.content)
+    return NodeError(response.status_code, code, response.text[:300] if message is None else message)
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,8 @@ class ChatStream:
                         continue
                     obj = json.loads(event.data)
                     if obj.get("error"):
-                        raise NodeError(200, obj["error"].get("code"), str(obj["error"].get("message")))
+                        code, message = read_error(obj)
+                        raise NodeError(200, code, str(message))
                     usage = obj.get("usage") or usage
                     for choice in obj.get("choices") or []:
                         delta = (choice.get("delta") or {}).get("content") or choice.get("text")

@@ -14,12 +14,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.receipts import SignedAcceptance, SignedReceipt
 
 _KEY_INFO = b"dcml spend-store session key v1"
 
 
-class SessionKeyLocked(Exception):
+class SessionKeyLocked(DcmlError):
+    reason = "session_key_locked"
+
     """The stored session key does not decrypt with this wallet."""
 
 

@@ -20,6 +20,7 @@ from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dcml.client.wire import eip712
+from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.hexutil import ZERO_ADDRESS, check_hex32, from_hex, to_hex
 from dcml.client.wire.receipts import model_id_for
 
@@ -52,12 +53,14 @@ class AdvertReason(StrEnum):
     UNREACHABLE = "unreachable"
 
 
-class AdvertError(Exception):
+class AdvertError(DcmlError):
     """An advert that must be ignored; `reason` says which check failed."""
 
+    reason_in_str = True
+    reason: AdvertReason
+
     def __init__(self, reason: AdvertReason, message: str) -> None:
-        super().__init__(f"{reason.value}: {message}")
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dcml.client.wire import safejson
+from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.identity import HPKE_SUITE, hpke_public_key_from_bytes
 
 SEALED_CONTENT_TYPE = "application/dcml-sealed+json"
@@ -77,12 +78,13 @@ class E2EReason(StrEnum):
     EXPIRED = "expired"
 
 
-class E2EError(Exception):
+class E2EError(DcmlError):
     """A sealed message that cannot be opened; `reason` tells which check failed."""
 
+    reason: E2EReason
+
     def __init__(self, reason: E2EReason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 def key_id(hpke_public_bytes: bytes) -> str:

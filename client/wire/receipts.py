@@ -30,7 +30,6 @@ import base64
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 from functools import cached_property
 
 from eth_account.messages import SignableMessage
@@ -40,6 +39,7 @@ from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
 from dcml.client.wire import eip712, sse
+from dcml.client.wire.errors import DcmlError, ErrorType, ReceiptReason
 from dcml.client.wire.hexutil import ZERO32, ZERO_ADDRESS, check_hex32, hex32
 
 DOMAIN_NAME = "dcml-receipts"
@@ -64,22 +64,15 @@ RECEIPT_TYPEHASH = RECEIPT.typehash
 ACCEPTANCE_TYPEHASH = ACCEPTANCE.typehash
 
 
-class ReceiptReason(StrEnum):
-    MALFORMED = "malformed"
-    BAD_SIGNATURE = "bad_signature"
-    WRONG_SIGNER = "wrong_signer"
-    REQUEST_HASH_MISMATCH = "request_hash_mismatch"
-    RESPONSE_HASH_MISMATCH = "response_hash_mismatch"
-    COST_MISMATCH = "cost_mismatch"
-    CUMULATIVE_MISMATCH = "cumulative_mismatch"
-
-
-class ReceiptError(Exception):
+class ReceiptError(DcmlError):
     """A receipt (or acceptance) that must not be trusted; `reason` says which check failed."""
 
+    error_type = ErrorType.RECEIPT
+    reason_in_str = True
+    reason: ReceiptReason
+
     def __init__(self, reason: ReceiptReason, message: str) -> None:
-        super().__init__(f"{reason.value}: {message}")
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 @dataclass(frozen=True)

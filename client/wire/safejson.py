@@ -14,12 +14,16 @@ from typing import Any
 
 import pydantic_core
 
+from dcml.client.wire.errors import DcmlError
+
 MAX_DEPTH = 200  # jiter's built-in nesting limit (pydantic-core); deeper input is refused, never recursed into
 PYTHON_RECURSION_LIMIT = 1000  # CPython's default
 
 
-class JSONRejected(ValueError):
+class JSONRejected(DcmlError, ValueError):
     """Not JSON, too large or too deeply nested; the message says which (and never quotes the payload)."""
+
+    reason = "malformed_json"
 
 
 def loads(data: bytes | bytearray | str, *, max_bytes: int) -> Any:

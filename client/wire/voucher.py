@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dcml.client.wire import eip712, safejson
 from dcml.client.wire.eip712 import SECP256K1_N  # noqa: F401  (re-exported: tests build high-s signatures)
+from dcml.client.wire.errors import PaymentError, PaymentReason
 from dcml.client.wire.hexutil import from_hex, to_hex
 
 DOMAIN_NAME = "PaymentChannels"
@@ -32,8 +33,10 @@ EIP712_TYPES = {"EIP712Domain": eip712.Domain(DOMAIN_NAME, DOMAIN_VERSION, 0, "0
                 "Voucher": VOUCHER.types()}
 
 
-class MalformedVoucher(ValueError):
+class MalformedVoucher(PaymentError, ValueError):
     """The bytes on the wire are not a voucher: wrong lengths, encodings or ranges."""
+
+    reason = PaymentReason.MALFORMED
 
 
 @dataclass(frozen=True)

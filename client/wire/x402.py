@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_serializer
 
 from dcml.client.wire import safejson
+from dcml.client.wire.errors import PaymentError, PaymentReason
 from dcml.client.wire.voucher import MalformedVoucher, Voucher, is_decimal
 
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
@@ -48,8 +49,10 @@ X402_VERSION = 2
 MAX_HEADER_BYTES = 8192  # a PaymentPayload is ~1 KiB; anything far larger is refused before decoding
 
 
-class MalformedPayment(ValueError):
+class MalformedPayment(PaymentError, ValueError):
     """`PAYMENT-SIGNATURE` is not a PaymentPayload (nor an old-shape voucher): answered 400 with this reason."""
+
+    reason = PaymentReason.MALFORMED_PAYMENT
 
 
 def _uint(v: object) -> int:

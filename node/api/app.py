@@ -12,12 +12,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
+from dcml.client.chain.connect import connect
 from dcml.client.wire.receipts import ReceiptDomain, model_id_for
 from dcml.node import __version__
 from dcml.node.api import attestation, openai, receipts
@@ -87,13 +88,12 @@ def encrypted_source(settings: NodeSettings) -> EncryptedModelSource:
     assert enc is not None
     publisher, manifest_hash = enc.publisher, enc.manifest_hash
     if settings.payments.enabled and (publisher is None or manifest_hash is None):
-        from web3 import Web3
 
         from dcml.client.chain.contracts import contract
         from dcml.client.chain.deployment import Deployment
 
         dep = Deployment.load(settings.payments.deployment)
-        registry = contract(Web3(Web3.HTTPProvider(settings.payments.rpc_url or dep.rpc_url)), "ModelRegistry",
+        registry = contract(connect(settings.payments.rpc_url or dep.rpc_url), "ModelRegistry",
                             dep.model_registry)
         model = bytes.fromhex(model_id_for(settings.engine.served_model_name)[2:])
         publisher = publisher or registry.functions.terms(model).call()[0]
@@ -125,8 +125,9 @@ def build_engine(settings: NodeSettings, identity: EnclaveIdentity, provider: At
             tokenizer_dir = e.encrypted.tmpfs_dir
         if e.vllm is not None:
             return supervised_vllm(settings, tokenizer_dir, api_key)
-        return OpenAIUpstreamEngine(e.base_url, e.served_model_name, api_key=api_key,  # type: ignore[arg-type]
-                                    tokenizer_dir=tokenizer_dir, **e.options)
+        options: dict[str, Any] = dict(e.options)  # passed through to the engine, which checks its own options
+        return OpenAIUpstreamEngine(e.base_url, e.served_model_name, api_key=api_key, tokenizer_dir=tokenizer_dir,
+                                    **options)
     if e.encrypted is not None:  # decrypted in memory only
         from dcml.node.model_source import encrypted_embedded_engine
 
@@ -159,7 +160,7 @@ def supervised_vllm(settings: NodeSettings, model_dir: Path | None, api_key: str
                         log_path=v.log_file)
     scrub = e.encrypted.tmpfs_dir if e.encrypted is not None else None
     return SupervisedVLLMEngine(server, ready_timeout_s=v.ready_timeout_s, scrub_dir=scrub, tokenizer_dir=model_dir,
-                                api_key=api_key, **e.options)  # type: ignore[arg-type]
+                                api_key=api_key, **e.options)
 
 
 def build_gate(settings: NodeSettings, identity: EnclaveIdentity, engine: Engine, domain: ReceiptDomain,
@@ -204,7 +205,6 @@ def start_sla_court(settings: NodeSettings, identity: EnclaveIdentity, store: Re
     a thread. The node must already be registered (the court accepts terms of active nodes only). Returns the
     watcher and the `validFrom` of the terms now published (requests accepted before it have none)."""
     from eth_account import Account
-    from web3 import Web3
 
     from dcml.client.chain.deployment import Deployment
     from dcml.client.chain.sla import SLACourtClient
@@ -221,7 +221,7 @@ def start_sla_court(settings: NodeSettings, identity: EnclaveIdentity, store: Re
     if not key:
         raise ValueError(f"[sla] is enabled: put the operator's key in ${settings.registry.operator_key_env}")
     operator = Account.from_key(key)
-    w3 = Web3(Web3.HTTPProvider(settings.payments.rpc_url or dep.rpc_url, request_kwargs={"timeout": 30}))
+    w3 = connect(settings.payments.rpc_url or dep.rpc_url)
     court = SLACourtClient(w3, dep.sla_court)
     published = publish_terms_if_changed(court, operator, identity.address, model_id, terms)
     latest = court.latest_terms(identity.address, model_id)
@@ -325,7 +325,7 @@ def create_app(
         if watcher is not None:  # before the store closes: it reads receipts from it
             await asyncio.to_thread(watcher.stop)
             app.state.sla_watcher = None
-        if "presence" in started:
+        if "presence" in started and presence is not None:
             await presence.stop()
         if "engine" in started:
             await engine.stop()

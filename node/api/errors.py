@@ -1,9 +1,10 @@
-"""API errors in OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}`, with their statuses."""
+"""API errors in the wire's one shape (OpenAI's `{"error": {"message", "type", "param", "code"}}`, see
+`client.wire.errors`), with their HTTP statuses."""
 
 from __future__ import annotations
 
-import json
 import uuid
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,22 +12,35 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from dcml.client.wire.errors import DcmlError, ErrorType, error_body
 from dcml.node.logging import get_logger
 
 log = get_logger("dcml.api")
 
 
-class APIError(Exception):
+__all__ = ["APIError", "BadRequest", "InternalError", "ModelNotFound", "NotFound", "Overloaded", "PayloadTooLarge",
+           "RequestTimeout", "Unavailable", "error_body", "error_response", "install_error_handlers", "internal_error"]
+
+
+class APIError(DcmlError):
+    """An error answered over HTTP with `status`; `code` on the wire is the `reason`."""
+
     status = 400
-    type = "invalid_request_error"
+    reason = "invalid_request"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, reason=code)
         self.param = param
-        self.code = code
         self.headers = headers or {}
+
+    @property
+    def code(self) -> str:
+        return self.reason
+
+    @property
+    def type(self) -> str:
+        return self.error_type
 
 
 class BadRequest(APIError):
@@ -44,40 +58,48 @@ class ModelNotFound(APIError):
 
 class NotFound(APIError):
     status = 404
-    code = "not_found"
+    reason = "not_found"
 
 
 class PayloadTooLarge(APIError):
     status = 413
+    reason = "payload_too_large"
 
 
 class RequestTimeout(APIError):
     status = 408
+    reason = "request_timeout"
 
 
 class Overloaded(APIError):
     status = 429
-    type = "rate_limit_error"
+    reason = "overloaded"
+    error_type = ErrorType.RATE_LIMIT
 
 
 class Unavailable(APIError):
     status = 503
-    type = "service_unavailable"
+    reason = "unavailable"
+    error_type = ErrorType.UNAVAILABLE
 
 
 class InternalError(APIError):
     status = 500
-    type = "internal_server_error"
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                      separators=(",", ":")).encode()
+    reason = "internal_error"
+    error_type = ErrorType.INTERNAL
 
 
 def error_response(exc: APIError) -> Response:
-    return Response(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+    return Response(error_body(exc.message, exc.error_type, exc.param, exc.reason), status_code=exc.status,
                     media_type="application/json", headers=exc.headers)
+
+
+def _status_reason(status: int) -> str:
+    """A reason for a framework error (404 route, 405 method): its status phrase, snake-cased."""
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return f"http_{status}"
 
 
 def internal_error(exc: BaseException, where: str) -> InternalError:
@@ -101,8 +123,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        type_ = "invalid_request_error" if exc.status_code < 500 else "internal_server_error"
-        return Response(error_body(str(exc.detail), type_), status_code=exc.status_code,
+        type_ = ErrorType.INVALID_REQUEST if exc.status_code < 500 else ErrorType.INTERNAL
+        return Response(error_body(str(exc.detail), type_, code=_status_reason(exc.status_code)),
+                        status_code=exc.status_code,
                         media_type="application/json", headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ClientDisconnect)

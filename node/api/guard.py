@@ -18,6 +18,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from dcml.client.wire.errors import ErrorType, error_body
 from dcml.node.config import ServerConfig
 
 
@@ -66,8 +67,7 @@ class GuardedHttpTools(HttpToolsProtocol):
             self._refuse(431, b"Request Header Fields Too Large")
 
     def _refuse(self, status: int, reason: bytes) -> None:
-        body = b'{"error":{"message":"request headers are too large","type":"invalid_request_error","param":null,' \
-               b'"code":"headers_too_large"}}'
+        body = error_body("request headers are too large", ErrorType.INVALID_REQUEST, code="headers_too_large")
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
         self.transport.close()

@@ -23,6 +23,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from dcml.client.wire.e2e import SEALED_CONTENT_TYPE, ResponseKey
+from dcml.client.wire.errors import ErrorType, PaymentReason
 from dcml.client.wire.receipts import (
     RECEIPT_EVENT,
     RECEIPT_HEADER,
@@ -233,7 +234,7 @@ class _Rejected(APIError):
         super().__init__(exc.message, param=exc.param, code="invalid_value" if exc.status == 400 else None)
         self.status = exc.status
         if exc.status == 404:
-            self.code = "not_found"
+            self.reason = "not_found"
 
 
 async def _read_body(request: Request, timeout_s: float) -> bytes:
@@ -436,7 +437,7 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                             yield named_event(PAYMENT_TIMEOUT_EVENT, error_body(
                                 f"no voucher came within {paid.price.voucher_timeout_s:g} s; the stream "
                                 "ends here and the tokens already sent are paid from your vouchers",
-                                "payment_required", None, "payment_timeout"))
+                                ErrorType.PAYMENT, None, PaymentReason.PAYMENT_TIMEOUT))
                             break
                     meter.output_tokens += chunk.tokens
                     meter.check_usage(chunk)
@@ -450,7 +451,7 @@ def _streaming_response(meter: _Meter, first: TokenChunk | None, stream: AsyncIt
                               error=str(exc))
                     body_ = error_body(f"The inference server failed mid-answer after {meter.output_tokens} "
                                        "tokens; those are in the receipt and are all that is charged. Retry.",
-                                       "internal_server_error", None, "engine_failed")
+                                       ErrorType.INTERNAL, None, "engine_failed")
                 else:
                     err = internal_error(exc, "stream")
                     body_ = error_body(err.message, err.type, None, err.code)

@@ -78,9 +78,9 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         components.pop(name, None)
     components["Error"] = _ERROR_SCHEMA
     node = getattr(app.state, "node", None)
-    limits = node.settings.limits if node is not None else None
 
-    openai_bodies = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+    openai_bodies: dict[str, type[BaseModel]] = {"/v1/chat/completions": ChatCompletionRequest,
+                                                 "/v1/completions": CompletionRequest}
     for path, model in openai_bodies.items():
         op = doc["paths"].get(path, {}).get("post")
         if op is None:
@@ -111,7 +111,8 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             props["model"] = served
             for key in ("max_tokens", "max_completion_tokens"):
                 if key in props:
-                    props[key] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": limits.max_tokens_cap},
+                    props[key] = {"anyOf": [{"type": "integer", "minimum": 1,
+                                             "maximum": node.settings.limits.max_tokens_cap},
                                             {"type": "null"}]}
 
     vouchers = doc["paths"].get("/v1/payments/vouchers", {}).get("post")

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from dcml.client.wire.access import AUTH_HEADER, receipts_resource, recover_auth
+from dcml.client.wire.errors import ErrorType
 from dcml.node.api.errors import APIError, BadRequest, NotFound
 from dcml.node.api.state import node_state
 from dcml.node.payments.access import payer_may_read
@@ -20,7 +21,8 @@ router = APIRouter()
 
 class Unauthorized(APIError):
     status = 401
-    type = "authentication_error"
+    reason = "unauthorized"
+    error_type = ErrorType.UNAUTHORIZED
 
 
 def _hex32(value: str) -> bool:

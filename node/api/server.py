@@ -13,6 +13,12 @@ from dcml.node.api.guard import GuardedHttpTools
 from dcml.node.config import ServerConfig
 
 
+class GuardedConfig(uvicorn.Config):
+    """uvicorn's config plus the `[server]` limits that GuardedHttpTools enforces."""
+
+    dcml_server: ServerConfig
+
+
 def uvicorn_config(app: FastAPI, *, host: str, port: int, graceful_shutdown_s: float,
                    limits: ServerConfig | None = None) -> uvicorn.Config:
     """`limits`: deadlines and caps against slow and junk clients (node.api.guard); default: the app's
@@ -21,9 +27,11 @@ def uvicorn_config(app: FastAPI, *, host: str, port: int, graceful_shutdown_s: f
         node = getattr(getattr(app, "state", None), "node", None)  # a plain ASGI wrapper has no state
         limits = node.settings.server if node is not None else ServerConfig()
     # log_config=None: logging is ours (node.logging); access logs off: the metrics count requests.
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=graceful_shutdown_s, http=GuardedHttpTools,
-                            timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_concurrency)
+    # uvicorn annotates both timeouts as int, but takes (and waits) fractional seconds.
+    config = GuardedConfig(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
+                           timeout_graceful_shutdown=graceful_shutdown_s,  # type: ignore[arg-type]
+                           http=GuardedHttpTools, timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
+                           limit_concurrency=limits.max_concurrency)
     config.dcml_server = limits  # read by GuardedHttpTools
     return config
 

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from dcml.client.wire.errors import ErrorType, error_object
 from dcml.node.status import StatusCollector
 
 COOKIE = "dcml_status"
@@ -59,9 +60,9 @@ def status_router(collector: StatusCollector, token: str | None) -> APIRouter:
         return hmac.compare_digest(cookie.encode(), expected_cookie.encode())  # type: ignore[union-attr]
 
     def disabled() -> Response:
-        return _secured(JSONResponse({"error": {"message": "the status page is off: set [status] token "
-                                                "(DCML_NODE__STATUS__TOKEN)", "type": "not_found",
-                                                "code": "status_disabled"}}, status_code=404))
+        return _secured(JSONResponse(error_object("the status page is off: set [status] token "
+                                                  "(DCML_NODE__STATUS__TOKEN)", ErrorType.INVALID_REQUEST,
+                                                  "status_disabled"), status_code=404))
 
     def login_page(message: str = "", status: int = 401) -> Response:
         text = f'<p class="error" id="login-error">{message}</p>' if message else ""
@@ -94,8 +95,8 @@ def status_router(collector: StatusCollector, token: str | None) -> APIRouter:
         if token is None:
             return disabled()
         if not allowed(request):
-            return _secured(JSONResponse({"error": {"message": "operator token required", "type": "unauthorized",
-                                                    "code": "status_unauthorized"}}, status_code=401,
+            return _secured(JSONResponse(error_object("operator token required", ErrorType.UNAUTHORIZED,
+                                                      "status_unauthorized"), status_code=401,
                                          headers={"WWW-Authenticate": "Bearer"}))
         return _secured(JSONResponse(await asyncio.to_thread(collector.snapshot)))
 

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dcml.client.wire.errors import DcmlError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -48,24 +50,30 @@ class TokenChunk:
     usage: dict[str, int] | None = None
 
 
-class EngineOverloaded(Exception):
+class EngineOverloaded(DcmlError):
     """The engine's queue is full; the API answers 429."""
 
+    reason = "overloaded"
 
-class EngineUnavailable(Exception):
+
+class EngineUnavailable(DcmlError):
     """The engine (e.g. the vLLM beside the node) is down or not ready yet; the API answers 503."""
 
+    reason = "engine_unavailable"
 
-class EngineFailed(RuntimeError):
+
+class EngineFailed(DcmlError, RuntimeError):
     """The engine broke while answering (e.g. the vLLM beside the node died mid-stream)."""
 
+    reason = "engine_failed"
 
-class EngineRejected(Exception):
+
+class EngineRejected(DcmlError):
     """The upstream refused the request as invalid (its 4xx): the API answers with that status and message."""
 
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        super().__init__(message, reason="invalid_value" if status == 400 else f"upstream_{status}")
+        self.status, self.param = status, param
 
 
 class Engine(Protocol):

@@ -106,7 +106,8 @@ def train(model: LlamaForCausalLM, ids: torch.Tensor, *, seconds: float, max_ste
             print(f"step {step:5d}  loss {loss_ema:.3f}  {time.monotonic() - start:6.1f}s", flush=True)
     model.eval()
     return {"steps": step, "seconds": round(time.monotonic() - start, 1),
-            "final_loss_ema": round(float(loss_ema or 0.0), 4), "tokens_seen": step * batch_size * seq_len, "horizon_steps": est_steps}
+            "final_loss_ema": round(float(loss_ema or 0.0), 4), "tokens_seen": step * batch_size * seq_len,
+            "horizon_steps": est_steps}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,20 +37,23 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from dcml.client.wire.errors import DcmlError
 from dcml.node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
 
 _DETOK_CONTEXT = 5  # prompt tokens used as left context so the first output token decodes with its space
 
 
-class EngineStopped(RuntimeError):
+class EngineStopped(DcmlError, RuntimeError):
     """The engine was stopped while the request was waiting or running."""
 
+    reason = "engine_stopped"
 
-class RequestFailed(RuntimeError):
+
+class RequestFailed(DcmlError, RuntimeError):
     """This request failed inside the engine (its cause is chained); other requests are unaffected."""
 
     def __init__(self, message: str, cause: BaseException) -> None:
-        super().__init__(message)
+        super().__init__(message, reason="request_failed")
         self.__cause__ = cause
 
 

@@ -26,6 +26,7 @@ from typing import IO
 
 import httpx
 
+from dcml.client.wire.errors import DcmlError
 from dcml.node.engine.openai_upstream import OpenAIUpstreamEngine
 from dcml.node.logging import get_logger
 
@@ -38,8 +39,10 @@ BASE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_S
             "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-class VLLMStartError(RuntimeError):
+class VLLMStartError(DcmlError, RuntimeError):
     """vLLM exited or did not become ready in time; the message holds the tail of its log."""
+
+    reason = "vllm_start_failed"
 
 
 class VLLMServer:

@@ -11,8 +11,8 @@ import asyncio
 import os
 
 from libp2p.peer.id import ID
-from web3 import Web3
 
+from dcml.client.chain.connect import connect
 from dcml.client.chain.deployment import Deployment
 from dcml.client.network.overlay import OverlayConfig, peer_key_from_secret
 from dcml.client.wire.advert import AdvertDomain
@@ -73,8 +73,7 @@ class NodePresence:
         key = os.environ.get(s.operator_key_env)
         if not key:
             raise ValueError(f"[registry] is enabled: put the operator's key in ${s.operator_key_env}")
-        w3 = Web3(Web3.HTTPProvider(self.settings.payments.rpc_url or deployment.rpc_url,
-                                    request_kwargs={"timeout": 30}))
+        w3 = connect(self.settings.payments.rpc_url or deployment.rpc_url)
         registered = ensure_registered(w3, deployment.node_registry, self.identity, self.provider,
                                        Account.from_key(key), endpoint=self.endpoint,
                                        peer_id=peer_id_of(self.identity).to_bytes(), stake=s.stake,

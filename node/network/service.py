@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -48,7 +49,7 @@ class AdvertTerms:
     attestation_hash: str  # bytes32 hex: what the NodeRegistry holds for this node
 
 
-def gossip_validator(domain: AdvertDomain):  # type: ignore[no-untyped-def]
+def gossip_validator(domain: AdvertDomain) -> Callable[[bytes], bool]:
     """Topic validator for nodes: relay only well-formed, correctly signed, unexpired adverts."""
 
     def check(data: bytes) -> bool:
@@ -134,10 +135,10 @@ class P2PService:
         self._sequence = max(self._sequence + 1, int(now * 1000))
         t = self.terms
         advert = Advert(
-            node=self.identity.address, peerId=self.overlay.peer_id, endpoint=t.endpoint,
-            models=tuple(m.model_id for m in t.models), pricesIn=tuple(m.price_in for m in t.models),
-            pricesOut=tuple(m.price_out for m in t.models), attestationHash=t.attestation_hash,
-            issuedAt=int(now), expiresAt=int(now) + self.ttl_s, sequence=self._sequence,
+            node=self.identity.address, peer_id=self.overlay.peer_id, endpoint=t.endpoint,
+            models=tuple(m.model_id for m in t.models), prices_in=tuple(m.price_in for m in t.models),
+            prices_out=tuple(m.price_out for m in t.models), attestation_hash=t.attestation_hash,
+            issued_at=int(now), expires_at=int(now) + self.ttl_s, sequence=self._sequence,
         )
         return sign_advert(self.identity.account, advert, self.domain)
 

@@ -53,6 +53,7 @@ from x402.mechanisms.evm.signers import FacilitatorWeb3Signer
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from dcml.client.chain.contracts import contract
+from dcml.client.wire.errors import PaymentError
 from dcml.node.payments.ledger import Ledger
 
 log = logging.getLogger("dcml.batch_settlement")
@@ -60,12 +61,11 @@ log = logging.getLogger("dcml.batch_settlement")
 SCHEME_BATCH = SCHEME_BATCH_SETTLEMENT
 
 
-class BatchRejected(Exception):
+class BatchRejected(PaymentError):
     """A batch-settlement payment the node refuses (402 with the SDK's reason code)."""
 
     def __init__(self, reason: str, message: str = "") -> None:
-        super().__init__(message or reason)
-        self.reason = reason
+        super().__init__(message or reason, reason=reason)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from web3 import Web3
 
 from dcml.client.chain.channel import ChannelState
 from dcml.client.wire import safejson
+from dcml.client.wire.errors import ErrorType, PaymentError, PaymentReason
 from dcml.client.wire.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
 from dcml.client.wire.voucher import Voucher
 from dcml.client.wire.x402 import (
@@ -65,18 +66,19 @@ from dcml.node.payments.service import Payments, payments_router
 from dcml.node.payments.verifier import VoucherRejected
 
 
-class PaymentNeeded(APIError):
+class PaymentNeeded(APIError, PaymentError):
     """402 with the x402 `PAYMENT-REQUIRED` header saying what would admit the request."""
 
     status = 402
-    type = "payment_required"
+    reason = PaymentReason.PAYMENT_REQUIRED
+    error_type = ErrorType.PAYMENT
 
 
 class PaymentMalformed(PaymentNeeded):
     """400: the payment header cannot be read (x402 transport: malformed input is a bad request)."""
 
     status = 400
-    type = "invalid_request_error"
+    reason = PaymentReason.MALFORMED_PAYMENT
 
 
 if TYPE_CHECKING:
@@ -418,7 +420,8 @@ class PaymentGate:
         if self.record_acceptance is not None and acceptance is not None:
             writes.append(self.record_acceptance(acceptance))
         ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
-        if isinstance(ledger, LedgerConflict) and ledger.reason == "not_increasing" and isinstance(ops[0], VoucherOp):
+        if isinstance(ledger, LedgerConflict) and ledger.reason == PaymentReason.NOT_INCREASING and isinstance(
+                ops[0], VoucherOp):
             # A concurrent request on the channel recorded this voucher (or a higher one) first. It was valid when
             # verified and still names the channel: admit on what is held now (the charges re-check the funds).
             (ledger,) = await asyncio.gather(writer.write_many(ops[1:]), return_exceptions=True)
@@ -452,7 +455,7 @@ class PaymentGate:
                     after = await (paid.writer or self.writer).write(ChargeOp(
                         paid.channel_id, amount, paid.price.credit_window, earned_credit=True))
                 except LedgerConflict as exc:
-                    if exc.reason != "insufficient_funds":
+                    if exc.reason != PaymentReason.INSUFFICIENT_FUNDS:
                         raise
                     # Ask from the channel's spent now: other streams of the channel charge too, and a voucher
                     # sized from this request's last view would be stale (lower than the node already holds).

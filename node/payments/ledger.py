@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from dcml.client.wire.errors import PaymentError
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS channels (
     channel_id   TEXT PRIMARY KEY,          -- 0x-hex, lower case
@@ -40,12 +42,11 @@ _SELECT = ("SELECT channel_id, accepted, signature, spent, settled, finalized, r
            "FROM channels")
 
 
-class LedgerConflict(Exception):
+class LedgerConflict(PaymentError):
     """A write would break the ledger's monotonic rules (a replayed or out-of-order voucher)."""
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ from eth_account.signers.local import LocalAccount
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from web3 import Web3
 
+from dcml.client.chain.connect import connect
 from dcml.client.chain.deployment import Deployment
 from dcml.client.wire import safejson
 from dcml.client.wire.access import AUTH_HEADER, channel_resource, recover_auth
+from dcml.client.wire.errors import ErrorType, PaymentReason, error_object
 from dcml.client.wire.voucher import Voucher, VoucherDomain
 from dcml.node.payments.access import payer_may_read
 from dcml.node.payments.chain import ChannelChain
@@ -54,10 +55,7 @@ class Payments:
         self.deployment = Deployment.load(settings.deployment)
         if settings.rpc_url:
             self.deployment = self.deployment.model_copy(update={"rpc_url": settings.rpc_url})
-        self.w3 = Web3(Web3.HTTPProvider(self.deployment.rpc_url, request_kwargs={"timeout": 30}))
-        if self.w3.eth.chain_id != self.deployment.chain_id:
-            raise RuntimeError(f"RPC {self.deployment.rpc_url} is chain {self.w3.eth.chain_id}, "
-                               f"but the deployment file says {self.deployment.chain_id}")
+        self.w3 = connect(self.deployment.rpc_url, chain_id=self.deployment.chain_id)
         self.payee = payee
         self.chain = ChannelChain(self.w3, self.deployment, ttl=settings.cache_ttl,
                                   confirmations=settings.confirmations)
@@ -77,9 +75,8 @@ class Payments:
 
 
 def payment_error(status: int, reason: str, message: str) -> JSONResponse:
-    """OpenAI's error shape, with the rejection reason as `code`."""
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": "payment_error", "param": None, "code": reason}})
+    """The wire's error shape (`client.wire.errors`), with the rejection reason as `code`."""
+    return JSONResponse(status_code=status, content=error_object(message, ErrorType.PAYMENT, reason))
 
 
 AcceptVoucher = Callable[[Voucher], Awaitable[ChannelBalance]]
@@ -101,7 +98,7 @@ def payments_router(payments: Payments, accept: AcceptVoucher | None = None) -> 
         try:  # bounded and depth-limited: a voucher is ~300 bytes of flat JSON
             body = safejson.loads(await request.body(), max_bytes=MAX_VOUCHER_BODY)
         except ValueError as exc:
-            return payment_error(400, "malformed", f"body is not a voucher ({exc}): send {{channelId, "
+            return payment_error(400, PaymentReason.MALFORMED, f"body is not a voucher ({exc}): send {{channelId, "
                                  "cumulativeAmount, signature}")
         try:
             voucher = parse_voucher(body)
@@ -117,13 +114,13 @@ def payments_router(payments: Payments, accept: AcceptVoucher | None = None) -> 
         channel's payer (or session key) only (`client.access`); anyone else gets the same 404 as no channel."""
         signer = recover_auth(request.headers.get(AUTH_HEADER), payments.payee.address, channel_resource(channel_id))
         if signer is None:
-            return payment_error(401, "auth_required", f"channel state is for its payer only: sign the read with "
-                                 f"the payer or session key ({AUTH_HEADER}, see client.access)")
+            return payment_error(401, PaymentReason.AUTH_REQUIRED, "channel state is for its payer only: sign the "
+                                 f"read with the payer or session key ({AUTH_HEADER}, see client.access)")
         allowed = await run_in_threadpool(payer_may_read, payments.chain, channel_id, signer)
         balance = payments.ledger.get(channel_id) if allowed else None
         if balance is None:
-            return payment_error(404, "unknown_channel", f"no voucher accepted for channel {channel_id} that this "
-                                 "signer may read")
+            return payment_error(404, PaymentReason.UNKNOWN_CHANNEL, f"no voucher accepted for channel {channel_id} "
+                                 "that this signer may read")
         return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
                              "spent": str(balance.spent), "settled": str(balance.settled),
                              "finalized": balance.finalized})

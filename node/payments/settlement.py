@@ -18,14 +18,17 @@ from dataclasses import dataclass
 
 from eth_account.signers.local import LocalAccount
 
+from dcml.client.wire.errors import PaymentError, PaymentReason
 from dcml.node.payments.chain import ChannelChain
 from dcml.node.payments.ledger import ChannelBalance, Ledger
 
 log = logging.getLogger("dcml.settlement")
 
 
-class ChannelGone(Exception):
+class ChannelGone(PaymentError):
     """The ledger holds vouchers for a channel the chain does not have (its opening was reorganised away)."""
+
+    reason = PaymentReason.UNKNOWN_CHANNEL
 
 
 def _reason(exc: BaseException) -> str:

@@ -9,17 +9,17 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from dcml.client.chain.channel import ChannelState
+from dcml.client.wire.errors import PaymentError
 from dcml.client.wire.voucher import MalformedVoucher, Voucher, VoucherDomain, recover_digest_signer
 from dcml.node.payments.chain import ChannelChain, UnknownChannel
 from dcml.node.payments.ledger import ChannelBalance, Ledger, LedgerConflict
 
 
-class VoucherRejected(Exception):
+class VoucherRejected(PaymentError):
     """A voucher the node will not count; `reason` is a stable code, the message says what to do."""
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 def parse_voucher(data: object) -> Voucher:

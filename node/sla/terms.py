@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from eth_account.signers.local import LocalAccount
 
 from dcml.client.chain.sla import SLACourtClient, Terms
+from dcml.client.wire.errors import DcmlError
 from dcml.node.config import SlaConfig
 from dcml.node.engine.base import Engine, GenerationRequest, SamplingParams
 
@@ -94,13 +95,14 @@ def unmet(terms: Terms, bench: EngineBenchmark, *, max_tokens: int | None = None
     return reasons
 
 
-class TermsUnmet(RuntimeError):
+class TermsUnmet(DcmlError, RuntimeError):
     """The engine cannot meet the configured terms and `[sla] on_unmet = "refuse"`: the node does not start."""
 
     def __init__(self, reasons: list[str], bench: EngineBenchmark) -> None:
         super().__init__("the engine cannot meet the [sla] terms it would promise: " + "; ".join(reasons)
                          + f" ({bench.describe()}). Relax those terms, give the engine more capacity, or set "
-                         "[sla] on_unmet = \"warn\" to publish them anyway (clients may claim for every breach).")
+                         "[sla] on_unmet = \"warn\" to publish them anyway (clients may claim for every breach).",
+                         reason="terms_unmet")
         self.reasons = reasons
         self.bench = bench
 

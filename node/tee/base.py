@@ -5,11 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dcml.client.wire.errors import DcmlError, ErrorType
+
 REPORT_DATA_LEN = 64
 
 
-class TeeError(RuntimeError):
+class TeeError(DcmlError, RuntimeError):
     """The TEE could not produce evidence; the message says what to check on the host."""
+
+    reason = "tee_unavailable"
+    error_type = ErrorType.UNAVAILABLE
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ def build_attestation_document(
     evidence = provider.quote(report_data)
     parsed = parse_tdx_quote(evidence.quote)
     return AttestationDocument(
-        tee_type=provider.tee_type,  # type: ignore[arg-type]
+        tee_type=provider.tee_type,
         quote=evidence.quote.hex(),
-        event_log=evidence.event_log,  # type: ignore[arg-type]
+        event_log=evidence.event_log,
         signing_address=identity.address,
         hpke_public_key=identity.hpke_public_bytes().hex(),
         nonce=nonce.hex(),

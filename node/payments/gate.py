@@ -206,7 +206,7 @@ class PaymentGate:
             if batch_payment is not None:
                 return await self._admit_batch(batch_payment, needed, model=model, request_hash=request_hash,
                                                prompt_cost=prompt_cost, worst=worst, stream=stream,
-                                               accepted_at=accepted_at)
+                                               accepted_at=accepted_at, max_tokens=max_tokens)
         try:
             voucher, chosen = parse_payment(header)
         except MalformedPayment as exc:
@@ -273,11 +273,11 @@ class PaymentGate:
                       "network": f"eip155:{self.payments.deployment.chain_id}"}
         return PaidMeter(PaidRequest(voucher.channel_id, terms, after.accepted, spent, charged,
                                      acceptance=_acceptance_header(acceptance), settlement=settlement,
-                                     precharged=1 if first_token else 0), self.writer, self.funds,
-                         partial(self.needed, model))
+                                     precharged=1 if first_token else 0, max_tokens=max_tokens),
+                         self.writer, self.funds, partial(self.needed, model))
 
     async def _admit_batch(self, payment, needed, *, model: str, request_hash: str, prompt_cost: int, worst: int,
-                           stream: bool, accepted_at: float | None) -> PaidMeter:
+                           stream: bool, accepted_at: float | None, max_tokens: int) -> PaidMeter:
         """Admit a batch-settlement payment: the SDK's facilitator verifies it (and submits a deposit), then the
         voucher's ceiling must cover what was served plus this request's worst case; charged per token as below."""
         from dcml.node.payments.batch import BatchRejected
@@ -318,7 +318,8 @@ class PaymentGate:
         header = base64.b64encode(json.dumps(response, separators=(",", ":")).encode()).decode()
         return PaidMeter(PaidRequest(bv.channel_id, terms.model_copy(update={"credit_window": 0}), after.accepted,
                                      after.spent, charged, acceptance=_acceptance_header(acceptance),
-                                     precharged=1 if first_token else 0, payment_response=header),
+                                     precharged=1 if first_token else 0, max_tokens=max_tokens,
+                                     payment_response=header),
                          self.batch_writer, self.funds, partial(self.needed, model))
 
     def _acceptance(self, model: str, request_hash: str, channel_id: str,

@@ -32,6 +32,13 @@ from dcml.node.payments.ledger import ChargeOp, LedgerConflict, LedgerWriter, Re
 # The gate's 402 for this request's model: (reason, message) -> the PaymentNeeded to raise.
 Needed = Callable[[str, str], PaymentNeeded]
 REASK_S = 1.0  # a stream paused for funds asks again this often (other streams of its channel may spend them)
+# Output is charged in blocks: a commit reserves up to this many tokens beyond the chunk it pays for, so a stream
+# waits on the disk once per block rather than once per token. The reservation never passes what the ledger
+# allows (accepted + the earned credit window) nor the request's max_tokens; `finish` releases what was not
+# used before the receipt is signed, so the receipt (and what settlement takes) is the exact cost. Bound: a
+# stream holds at most RESERVE_TOKENS unserved tokens as spent at any time (also after a crash, when the
+# ledger keeps them: still within the credit window the node extends anyway).
+RESERVE_TOKENS = 16
 
 
 @dataclass
@@ -46,7 +53,8 @@ class PaidRequest:
     acceptance: str | None = None  # the signed acceptance, base64 (X-DCML-Acceptance); None without SLA terms
     settlement: dict = field(default_factory=dict)  # SettlementResponse fields other than the figures
     asked_at: int = -1  # the accepted amount when we last asked for a voucher (one ask per level)
-    precharged: int = 0  # output tokens charged at admission, in the same commit (saves one before the 1st token)
+    precharged: int = 0  # output tokens charged ahead, not yet served (the 1st at admission, then reserved blocks)
+    max_tokens: int = 0  # the answer's cap: no output token is reserved past it
     output_tokens: int = 0  # output tokens charged (and counted as served): what the receipt's outputTokens says
     payment_response: str | None = None  # batch-settlement: fixed at admission (the reservation, see batch.py)
 
@@ -193,13 +201,19 @@ class PaidMeter(OutputMeter):
         # Shielded: a charge that lands is always counted in this request's account (and so in its receipt),
         # even when the client hangs up while the commit is on disk.
         with anyio.CancelScope(shield=True):
-            used = min(tokens, paid.precharged)  # already charged at admission
-            amount = (tokens - used) * paid.price.price_per_output_token
+            price = paid.price.price_per_output_token
+            used = min(tokens, paid.precharged)  # already charged ahead
+            amount = (tokens - used) * price
             accepted = paid.accepted
+            extra = 0  # tokens reserved beyond this chunk, when the channel's funds (as last seen) allow them
             if amount:
+                extra = max(0, min(RESERVE_TOKENS, paid.max_tokens - paid.output_tokens - tokens))
+                limit = paid.accepted + min(paid.price.credit_window, paid.accepted)
+                if paid.spent + amount + extra * price > limit:
+                    extra = 0  # near the end of what is paid: charge exactly, so pauses and asks come as before
                 try:
-                    after = await self._writer.write(ChargeOp(paid.channel_id, amount, paid.price.credit_window,
-                                                              earned_credit=True))
+                    after = await self._writer.write(ChargeOp(paid.channel_id, amount + extra * price,
+                                                              paid.price.credit_window, earned_credit=True))
                 except LedgerConflict as exc:
                     if exc.reason != "insufficient_funds":
                         raise
@@ -207,12 +221,15 @@ class PaidMeter(OutputMeter):
                     # sized from this request's last view would be stale (lower than the node already holds).
                     now = self._writer.ledger.get(paid.channel_id)
                     spent = max(now.spent if now else 0, paid.spent)
+                    if extra:  # others spent since we looked: the next call charges exactly
+                        paid.spent = spent
+                        return await self._charge(tokens)
                     return False, NeedVoucher(channel_id=paid.channel_id, spent=spent,
-                                                   required_cumulative=spent + amount)
+                                              required_cumulative=spent + amount)
                 paid.spent, accepted = after.spent, after.accepted
                 paid.accepted = accepted
-            paid.precharged -= used
-            paid.cost += amount
+            paid.precharged += extra - used
+            paid.cost += amount + extra * price
             paid.output_tokens += tokens
         if not amount:
             return True, None
@@ -250,7 +267,8 @@ class PaidMeter(OutputMeter):
                 paid.cost, paid.precharged, paid.output_tokens = 0, 0, 0
 
     async def finish(self) -> None:
-        """A stream that ended before using its precharged output token gives it back (before the receipt)."""
+        """Give back the output tokens charged ahead and not served (a reservation; the first token of a stream
+        that produced none), before the receipt, so the receipt states the exact cost."""
         paid = self.paid
         with anyio.CancelScope(shield=True):  # a refund that lands is always reflected in the receipt
             if paid.precharged:

@@ -15,6 +15,13 @@ def _json(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+_json_str = json.JSONEncoder(ensure_ascii=False).encode  # a str's JSON, as `_json` writes it inside an object
+
+
+def _str_bytes(text: str) -> bytes:
+    return _json_str(text).encode()
+
+
 class Shapes:
     """vLLM's response and chunk objects for one answer."""
 
@@ -23,6 +30,17 @@ class Shapes:
         self.created = int(time.time())
         # Node-generated, never from the client (a client-chosen id could collide with another's).
         self.id = ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        # A plain text chunk (the common case) is this template around the JSON-encoded text: the same bytes
+        # `chunk` would build (one dumps of a string instead of a whole object per token).
+        if plan.kind == "chat":
+            head = _json({**self._head("chat.completion.chunk"), "choices": [
+                {"index": 0, "delta": {"content": ""}, "logprobs": None, "finish_reason": None}]})
+            cut = head.index(b'"content":""') + len(b'"content":')
+        else:
+            head = _json({**self._head("text_completion"), "choices": [
+                {"index": 0, "text": "", "logprobs": None, "finish_reason": None, "stop_reason": None}]})
+            cut = head.index(b'"text":""') + len(b'"text":')
+        self._before, self._after = head[:cut], head[cut + 2:]
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.plan.model}
@@ -36,6 +54,8 @@ class Shapes:
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
 
     def chunk(self, c: TokenChunk) -> bytes:
+        if not c.delta and c.logprobs is None and c.finish_reason is None and c.stop_reason is None:
+            return self._before + _str_bytes(c.text) + self._after
         if self.plan.kind == "chat":
             choice = {"index": 0, "delta": {"content": c.text, **(c.delta or {})}, "logprobs": c.logprobs,
                       "finish_reason": c.finish_reason}

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
+from anyio import to_thread
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
@@ -215,7 +216,7 @@ class PaymentGate:
             raise needed("accepted_mismatch", "the PaymentPayload's `accepted` is not this node's offer for "
                          f"{model} (scheme, network, asset, payTo, escrow and modelId must match accepts[0])")
         try:
-            state = await asyncio.to_thread(self.payments.verifier.verify, voucher, allow_equal=True)
+            state = await to_thread.run_sync(partial(self.payments.verifier.verify, voucher, allow_equal=True))
         except VoucherRejected as exc:
             raise needed(exc.reason, str(exc)) from None
         if state.token.lower() != self.token.lower():
@@ -285,13 +286,13 @@ class PaymentGate:
         assert self.batch is not None and self.batch_writer is not None
         terms = self.terms(model)
         try:
-            bv = await asyncio.to_thread(self.batch.verify, payment, worst, terms.model_id)
+            bv = await to_thread.run_sync(self.batch.verify, payment, worst, terms.model_id)
         except BatchRejected as exc:
             raise needed(exc.reason, f"batch-settlement payment refused: {exc}") from None
         balance = self.batch.ledger.get(bv.channel_id)
         spent_before = balance.spent if balance else 0
         if bv.max_claimable - spent_before < worst:
-            state = await asyncio.to_thread(self.batch.channel_state, bv.channel_id)
+            state = await to_thread.run_sync(self.batch.channel_state, bv.channel_id)
             raise needed("insufficient_funds", f"voucher ceiling {bv.max_claimable} leaves "
                          f"{bv.max_claimable - spent_before}; this request needs {worst}", batch_state=state)
         ops: list[LedgerOp] = []

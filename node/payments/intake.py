@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+from anyio import to_thread
+
 from dcml.client.chain.channel import ChannelState
 from dcml.client.wire.voucher import Voucher
 from dcml.node.config import PaymentsConfig
@@ -63,7 +65,7 @@ class VoucherIntake:
         settled."""
         chain, signer = self.payments.chain, state.authorized_signer
         known = chain.known_contract(signer)  # cached: no thread hop on the admission path
-        if not (known if known is not None else await asyncio.to_thread(chain.is_contract, signer)):
+        if not (known if known is not None else await to_thread.run_sync(chain.is_contract, signer)):
             return False
         if self.config.contract_signers == "refuse":
             raise VoucherRejected("contract_signer", f"channel signer {signer} is a contract (ERC-1271); this node "
@@ -73,7 +75,7 @@ class VoucherIntake:
 
     async def settle_first(self, voucher: Voucher) -> None:
         try:
-            await asyncio.to_thread(self.payments.worker.settle_now, voucher.channel_id, voucher.cumulative_amount,
+            await to_thread.run_sync(self.payments.worker.settle_now, voucher.channel_id, voucher.cumulative_amount,
                                     voucher.signature)
         except Exception as exc:  # a revoked or refusing contract signer: the voucher is worth nothing
             raise VoucherRejected("signer_refused", f"the channel's contract signer did not let this voucher settle "

@@ -164,7 +164,10 @@ class PaidMeter(OutputMeter):
         return {"channel_id": self.paid.channel_id, "cost": self.paid.cost, "cumulative_spent": self.paid.spent}
 
     async def on_chunk(self, tokens: int) -> Verdict:
-        if not tokens:
+        paid = self.paid
+        if self._deadline is None and tokens <= paid.precharged:  # paid ahead (a reserved block): no write
+            paid.precharged -= tokens
+            paid.output_tokens += tokens
             return PAID
         if self._deadline is None:
             charged, ask = await self._charge(tokens)

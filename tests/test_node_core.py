@@ -134,6 +134,19 @@ def test_meter_near_the_credit_limit_charges_exactly_then_pauses_and_stops(tmp_p
     ledger.close()
 
 
+def test_non_streamed_answer_is_charged_exactly_without_a_reservation(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+
+    async def main() -> None:
+        meter, writer = _meter(ledger, accepted=1000 * PRICE, credit_tokens=4, max_tokens=100)
+        await meter.charge_all(6)  # no `finish` follows a non-streamed answer: nothing may stay reserved
+        assert ledger.get(CID).spent == meter.paid.cost == 6 * PRICE and meter.paid.precharged == 0
+        writer.close()
+
+    asyncio.run(main())
+    ledger.close()
+
+
 def test_non_streamed_answer_the_channel_cannot_pay_is_refunded(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
 

@@ -260,9 +260,10 @@ class PaymentGate:
         if first_token:  # the first output token rides on the admission commit (it may use the credit window)
             ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window, earned_credit=True))
         # Signed before the commit so that its durable write shares the wait with the ledger's.
-        acceptance = self._acceptance(model, request_hash, voucher.channel_id, accepted_at)
         charged = prompt_cost + first_token
-        after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged, need)
+        after, acceptance = await self._commit_admission(
+            model, voucher.channel_id, ops, self._acceptance(model, request_hash, voucher.channel_id, accepted_at),
+            charged, need)
         if new_voucher and settle_first:
             await self.writer.write(SettledOp(voucher.channel_id, voucher.cumulative_amount))
         if new_voucher:  # streams of this channel paused for funds may go on
@@ -302,10 +303,10 @@ class PaymentGate:
         first_token = terms.price_per_output_token if stream and worst > prompt_cost else 0
         if first_token:
             ops.append(ChargeOp(bv.channel_id, first_token))
-        acceptance = self._acceptance(model, request_hash, bv.channel_id, accepted_at)
         charged = prompt_cost + first_token
-        after = await self._commit_admission(model, bv.channel_id, ops, acceptance, charged, worst,
-                                             writer=self.batch_writer)
+        after, acceptance = await self._commit_admission(
+            model, bv.channel_id, ops, self._acceptance(model, request_hash, bv.channel_id, accepted_at), charged,
+            worst, writer=self.batch_writer)
         # What the SDK client books (batch.py): this request's reservation and the voucher's ceiling.
         commitment = self.batch.voucher_digest(bv.channel_id, bv.max_claimable)
         response = {"success": True, "transaction": commitment, "network": self.batch.network, "payer": bv.payer,
@@ -323,7 +324,7 @@ class PaymentGate:
                                      payment_response=header),
                          self.batch_writer, self.funds, partial(self.needed, model))
 
-    def _acceptance(self, model: str, request_hash: str, channel_id: str,
+    async def _acceptance(self, model: str, request_hash: str, channel_id: str,
                     accepted_at: float | None) -> SignedAcceptance | None:
         """The signed promise to answer, under the court's domain: only while the model's SLA terms are in force
         at `accepted_at` (the court cannot judge an acceptance made under no terms). Both schemes use it."""
@@ -332,20 +333,26 @@ class PaymentGate:
         in_force_from = self.terms_in_force_from.get(model)
         if in_force_from is None or at < in_force_from:
             return None
-        return sign_acceptance(Acceptance(request_hash=request_hash, channel_id=channel_id, accepted_at=at,
-                                          deadline=now + self.config.response_deadline_s),
-                               self.signer, self.receipt_domain)
+        acceptance = Acceptance(request_hash=request_hash, channel_id=channel_id, accepted_at=at,
+                                deadline=now + self.config.response_deadline_s)
+        # Signed off the event loop: an EIP-712 signature costs the loop ~1 ms that every stream would wait on.
+        return await to_thread.run_sync(sign_acceptance, acceptance, self.signer, self.receipt_domain)
 
     async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
-                                acceptance: SignedAcceptance | None, charged: int, need: int,
-                                writer: LedgerWriter | None = None) -> ChannelBalance:
-        """The admission's ledger ops and the acceptance's store write, concurrently; both must succeed
-        before anything is sent. An acceptance stored for a refused request is harmless: it never left."""
+                                signing: Awaitable[SignedAcceptance | None], charged: int, need: int,
+                                writer: LedgerWriter | None = None) -> tuple[ChannelBalance, SignedAcceptance | None]:
+        """The admission's ledger ops, and the acceptance signed (off the loop) then stored, concurrently: one
+        wait for both. Both must succeed before anything is sent. An acceptance stored for a refused request is
+        harmless: it never left."""
         writer = writer or self.writer
-        writes: list[Awaitable[object]] = [writer.write_many(ops)]
-        if self.record_acceptance is not None and acceptance is not None:
-            writes.append(self.record_acceptance(acceptance))
-        ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
+
+        async def sign_and_store() -> SignedAcceptance | None:
+            acceptance = await signing
+            if self.record_acceptance is not None and acceptance is not None:
+                await self.record_acceptance(acceptance)
+            return acceptance
+
+        ledger, stored = await asyncio.gather(writer.write_many(ops), sign_and_store(), return_exceptions=True)
         if isinstance(ledger, LedgerConflict) and ledger.reason == "not_increasing" and isinstance(ops[0], VoucherOp):
             # A concurrent request on the channel recorded this voucher (or a higher one) first. It was valid when
             # verified and still names the channel: admit on what is held now (the charges re-check the funds).
@@ -356,11 +363,11 @@ class PaymentGate:
                               channel_id=channel_id) from None
         if isinstance(ledger, BaseException):
             raise ledger
-        if stored and isinstance(stored[0], BaseException):  # charged, but the promise is not durable: undo it
+        if isinstance(stored, BaseException):  # charged, but the promise is not durable: undo it
             await writer.write(RefundOp(channel_id, charged))
-            raise stored[0]
+            raise stored
         assert isinstance(ledger, list)
-        return ledger[-1]
+        return ledger[-1], stored
 
     # -- vouchers posted on their own --------------------------------------------------------------
 

@@ -187,14 +187,14 @@ class PaidMeter(OutputMeter):
         return PAID if waited else STOP
 
     async def charge_all(self, tokens: int) -> None:
-        if not tokens or (await self._charge(tokens))[0]:
+        if not tokens or (await self._charge(tokens, reserve=False))[0]:
             return
         # Admission reserved max_tokens, so only a concurrent request on the same channel gets here.
         await self.refund()  # nothing is delivered, so nothing is charged
         raise self._needed("insufficient_funds", "the channel ran out while answering (a concurrent request spent "
                            "it); top it up with a higher voucher and retry")
 
-    async def _charge(self, tokens: int) -> tuple[bool, NeedVoucher | None]:
+    async def _charge(self, tokens: int, *, reserve: bool = True) -> tuple[bool, NeedVoucher | None]:
         """Charge `tokens` of output, durably. Returns (charged, ask):
         - charged is False when spent would pass accepted + credit: nothing is charged, the caller must
           send `ask` and wait for funds;
@@ -209,11 +209,12 @@ class PaidMeter(OutputMeter):
             amount = (tokens - used) * price
             accepted = paid.accepted
             extra = 0  # tokens reserved beyond this chunk, when the channel's funds (as last seen) allow them
-            if amount:
+            if amount and reserve:
                 extra = max(0, min(RESERVE_TOKENS, paid.max_tokens - paid.output_tokens - tokens))
                 limit = paid.accepted + min(paid.price.credit_window, paid.accepted)
                 if paid.spent + amount + extra * price > limit:
                     extra = 0  # near the end of what is paid: charge exactly, so pauses and asks come as before
+            if amount:
                 try:
                     after = await self._writer.write(ChargeOp(paid.channel_id, amount + extra * price,
                                                               paid.price.credit_window, earned_credit=True))
@@ -224,9 +225,9 @@ class PaidMeter(OutputMeter):
                     # sized from this request's last view would be stale (lower than the node already holds).
                     now = self._writer.ledger.get(paid.channel_id)
                     spent = max(now.spent if now else 0, paid.spent)
-                    if extra:  # others spent since we looked: the next call charges exactly
+                    if extra:  # others spent since we looked: charge exactly instead
                         paid.spent = spent
-                        return await self._charge(tokens)
+                        return await self._charge(tokens, reserve=False)
                     return False, NeedVoucher(channel_id=paid.channel_id, spent=spent,
                                               required_cumulative=spent + amount)
                 paid.spent, accepted = after.spent, after.accepted

@@ -8,6 +8,7 @@ inside one write transaction (the lock below serialises writers; SQLite's own lo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import sqlite3
 import threading
@@ -97,13 +98,18 @@ class Ledger:
                 self._db.execute(f"ALTER TABLE channels ADD COLUMN {column} TEXT")
         # Reads use their own connection: in WAL mode they see the last commit without waiting for the
         # writer, whose lock is held across the fsync (a read must never stall the event loop on it).
-        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._read_lock = threading.Lock()
+        # A pool of them, one per concurrent reader: a read never waits on a lock that another thread holds while
+        # it waits for the GIL (the event loop's reads would queue behind the verifier threads'). deque's append
+        # and pop are atomic; the pool holds as many connections as there were reads at once.
+        self._readers: collections.deque[sqlite3.Connection] = collections.deque()
+        self._all_readers: list[sqlite3.Connection] = []
 
     def close(self) -> None:
-        with self._lock, self._read_lock:
+        with self._lock:
             self._db.close()
-            self._reader.close()
+            for reader in self._all_readers:
+                reader.close()
+            self._all_readers.clear()
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -129,8 +135,15 @@ class Ledger:
         return self._read("SELECT COUNT(*) FROM vouchers WHERE channel_id=?", (channel_id.lower(),))[0][0]
 
     def _read(self, sql: str, args: tuple) -> list[tuple]:
-        with self._read_lock:
-            return self._reader.execute(sql, args).fetchall()
+        try:
+            reader = self._readers.pop()
+        except IndexError:
+            reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._all_readers.append(reader)
+        try:
+            return reader.execute(sql, args).fetchall()
+        finally:
+            self._readers.append(reader)
 
     # -- writes (each one transaction, committed before returning) ------------------------------
 

@@ -39,11 +39,11 @@ def _no_leftover_processes():
 
 
 class PaymentsProcess:
-    """`python -m dcml.node.payments.service` as a separate OS process, so it can really be killed."""
+    """`python -m dcml.node.api.payments` as a separate OS process, so it can really be killed."""
 
     def __init__(self, deployment_file: Path, data_dir: Path, payee: LocalAccount, *, threshold: int) -> None:
         self.port = free_port()
-        self.args = [sys.executable, "-m", "dcml.node.payments.service", "--deployment", str(deployment_file),
+        self.args = [sys.executable, "-m", "dcml.node.api.payments", "--deployment", str(deployment_file),
                      "--data-dir", str(data_dir), "--port", str(self.port), "--threshold", str(threshold),
                      "--interval", "0.2"]
         self.env = {**os.environ, "DCML_PAYEE_KEY": "0x" + payee.key.hex().removeprefix("0x")}

@@ -26,6 +26,7 @@ from dcml.node.api.body_limit import BodyLimitMiddleware
 from dcml.node.api.errors import install_error_handlers
 from dcml.node.api.metrics import MetricsMiddleware, NodeMetrics
 from dcml.node.api.openapi import install_openapi
+from dcml.node.api.payments import payments_router
 from dcml.node.api.state import NodeState, node_state
 from dcml.node.api.status import status_router
 from dcml.node.config import NodeSettings, resolve_receipt_domain
@@ -34,7 +35,8 @@ from dcml.node.identity import EnclaveIdentity
 from dcml.node.logging import get_logger
 from dcml.node.payments.gate import PaymentGate
 from dcml.node.payments.service import Payments, PaymentSettings
-from dcml.node.receipts.store import ReceiptSigner, ReceiptStore
+from dcml.node.receipts.signer import ReceiptSigner
+from dcml.node.receipts.store import ReceiptStore
 from dcml.node.status import StatusCollector
 from dcml.node.tee.base import AttestationProvider
 
@@ -345,7 +347,7 @@ def create_app(
     app.include_router(attestation.router)
     app.include_router(receipts.router)
     if gate is not None:
-        app.include_router(gate.router())
+        app.include_router(payments_router(gate.payments, gate.accept))
     collector = StatusCollector(state, presence)  # the operator status page (node/api/status.py)
     token = settings.status.token
     app.include_router(status_router(collector, token.get_secret_value() if token else None))

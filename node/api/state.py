@@ -12,7 +12,8 @@ from dcml.node.config import NodeSettings
 from dcml.node.engine.base import Engine
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.payments.gate import PaymentGate
-from dcml.node.receipts.store import ReceiptSigner, ReceiptStore
+from dcml.node.receipts.signer import ReceiptSigner
+from dcml.node.receipts.store import ReceiptStore
 from dcml.node.tee.base import AttestationProvider
 
 

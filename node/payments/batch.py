@@ -244,7 +244,8 @@ class BatchSettlement:
         tx = fn.build_transaction({"from": self.payee.address, "chainId": self.w3.eth.chain_id,
                                    "nonce": self.w3.eth.get_transaction_count(self.payee.address, "pending"),
                                    "gas": fn.estimate_gas({"from": self.payee.address}) * 2})
-        signed = self.payee.sign_transaction(tx)
+        # eth-account's stubs type the dict narrower than web3's TxParams, which is that same dict
+        signed = self.payee.sign_transaction(tx)  # type: ignore[arg-type]
         tx_hash = "0x" + bytes(signed.hash).hex().removeprefix("0x")
         with self._lock:
             self._db.execute("UPDATE channels SET pending_tx = ?, pending_amount = ? WHERE id = ?",
@@ -291,7 +292,7 @@ class BatchSettlement:
                 except Exception as exc:  # the chain may be briefly unreachable: try again next round
                     log.warning("batch_claim_failed", extra={"error": str(exc)[:200]})
 
-        self._thread = threading.Thread(target=loop, name="batch-claims", daemon=True)
+        self._thread: threading.Thread | None = threading.Thread(target=loop, name="batch-claims", daemon=True)
         self._thread.start()
 
     def _due(self, balance, threshold: int) -> bool:
@@ -304,9 +305,10 @@ class BatchSettlement:
 
     def stop(self, *, flush: bool = True) -> None:
         """Stop the loop and (by default) claim whatever was served and not yet claimed."""
-        if getattr(self, "_thread", None) is not None:
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
             self._stop.set()
-            self._thread.join()
+            thread.join()
             self._thread = None
         if flush:
             try:

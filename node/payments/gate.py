@@ -1,12 +1,13 @@
-"""The payment gate: admits a paid request, charges its tokens before they are sent, and pauses a
-stream that reaches the end of what is paid plus the credit window until a voucher arrives.
+"""The payment gate: admits a paid request (its prompt charged before any compute) and hands the HTTP stream a
+meter (`metering.PaidMeter`) that charges its tokens before they are sent and pauses it at the end of what is
+paid plus the credit window until a voucher arrives. Vouchers posted on their own go through `intake`.
 
 Money rules (ARCHITECTURE.md, "Paying over HTTP"):
 - a request is admitted only if `accepted − spent` covers its prompt plus the prepay (for a
   non-streamed request: plus its whole `max_tokens`, since it cannot pause);
 - every charge is committed to the ledger (fsync) *before* the tokens it pays for leave the node;
-  concurrent vouchers and charges share one commit (`LedgerWriter`), so a commit costs each stream one
-  fsync wait however many streams there are;
+  concurrent vouchers and charges share one commit (`LedgerWriter`, `node.storage`), so a commit costs each
+  stream one fsync wait however many streams there are;
 - output may run at most `creditWindow` past what is accepted, and never more past it than the channel has
   paid in all (credit is earned: a 1-wei channel gets none): the node's whole exposure;
 - a voucher below the accepted one, posted after a receipt, releases the unused part of a reservation:
@@ -21,65 +22,49 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
-import anyio
+from anyio import to_thread
 from eth_account.signers.local import LocalAccount
-from fastapi import APIRouter
-from fastapi.concurrency import run_in_threadpool
 from web3 import Web3
 
-from dcml.client.chain.channel import ChannelState
 from dcml.client.wire import safejson
-from dcml.client.wire.errors import ErrorType, PaymentError, PaymentReason
+from dcml.client.wire.errors import PaymentReason
 from dcml.client.wire.receipts import Acceptance, ReceiptDomain, SignedAcceptance, sign_acceptance
 from dcml.client.wire.voucher import Voucher
 from dcml.client.wire.x402 import (
-    ACCEPTANCE_HEADER,
     MAX_HEADER_BYTES,
     PAYMENT_REQUIRED,
-    PAYMENT_RESPONSE,
     PAYMENT_SIGNATURE,
-    SCHEME,
-    ChannelFigures,
     ChannelTerms,
     MalformedPayment,
-    NeedVoucher,
     OtherRequirement,
     PaymentRequired,
     PaymentRequirement,
     ResourceInfo,
-    SettlementResponse,
     parse_payment,
 )
-from dcml.node.api.errors import APIError, internal_error
 from dcml.node.config import PaymentsConfig
-from dcml.node.payments.ledger import ChannelBalance, ChargeOp, Ledger, LedgerConflict, LedgerOp, ReleaseOp, VoucherOp
-from dcml.node.payments.service import Payments, payments_router
+from dcml.node.payments.errors import PaymentMalformed, PaymentNeeded
+from dcml.node.payments.intake import VoucherIntake
+from dcml.node.payments.ledger import (
+    ChannelBalance,
+    ChargeOp,
+    LedgerConflict,
+    LedgerOp,
+    LedgerWriter,
+    RefundOp,
+    SettledOp,
+    VoucherOp,
+)
+from dcml.node.payments.metering import Funds, PaidMeter, PaidRequest
+from dcml.node.payments.service import Payments
 from dcml.node.payments.verifier import VoucherRejected
-
-
-class PaymentNeeded(APIError, PaymentError):
-    """402 with the x402 `PAYMENT-REQUIRED` header saying what would admit the request."""
-
-    status = 402
-    reason = PaymentReason.PAYMENT_REQUIRED
-    error_type = ErrorType.PAYMENT
-
-
-class PaymentMalformed(PaymentNeeded):
-    """400: the payment header cannot be read (x402 transport: malformed input is a bad request)."""
-
-    status = 400
-    reason = PaymentReason.MALFORMED_PAYMENT
-
 
 if TYPE_CHECKING:
     from dcml.node.payments.batch import BatchSettlement
@@ -87,84 +72,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("dcml.payments")
 
 RecordAcceptance = Callable[[SignedAcceptance], Awaitable[None]]
-
-
-class LedgerWriter:
-    """Group commit: vouchers and charges that arrive while one commit is on disk go in the next one."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-        self._pending: list[tuple[list[LedgerOp], asyncio.Future[list[ChannelBalance]]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
-
-    async def write(self, op: LedgerOp) -> ChannelBalance:
-        """The channel's balance once `op` is durable; raises the LedgerConflict that refused it."""
-        return (await self.write_many([op]))[0]
-
-    async def write_many(self, ops: list[LedgerOp]) -> list[ChannelBalance]:
-        """Several ops in the same commit, all or nothing: if one is refused none of them is applied."""
-        fut: asyncio.Future[list[ChannelBalance]] = asyncio.get_running_loop().create_future()
-        self._pending.append((ops, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await fut
-
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                results = await loop.run_in_executor(self._executor, self.ledger.apply_groups,
-                                                     [ops for ops, _ in batch])
-            except Exception as exc:  # nothing in the batch was committed
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (_, fut), result in zip(batch, results, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(result, LedgerConflict):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-
-
-@dataclass
-class PaidRequest:
-    """One admitted request's account with its channel."""
-
-    channel_id: str
-    price: ChannelTerms
-    accepted: int
-    spent: int  # the channel's cumulative spent after this request's latest charge
-    cost: int = 0  # what this request has been charged so far
-    acceptance: str | None = None  # the signed acceptance, base64 (X-DCML-Acceptance); None without SLA terms
-    settlement: dict = field(default_factory=dict)  # SettlementResponse fields other than the figures
-    asked_at: int = -1  # the accepted amount when we last asked for a voucher (one ask per level)
-    precharged: int = 0  # output tokens charged at admission, in the same commit (saves one before the 1st token)
-    output_tokens: int = 0  # output tokens charged (and counted as served): what the receipt's outputTokens says
-    writer: LedgerWriter | None = None  # the ledger this request is charged in (batch-settlement has its own)
-    payment_response: str | None = None  # batch-settlement: fixed at admission (the reservation, see batch.py)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """The response's payment headers with the figures as they stand now: read after the last charge
-        (a non-streamed answer) they are the request's final ones."""
-        response = self.payment_response
-        if response is None:
-            figures = ChannelFigures(channelId=self.channel_id, accepted=self.accepted, spent=self.spent,
-                                     cost=self.cost)
-            response = SettlementResponse(**self.settlement, amount=str(self.cost),
-                                          extensions={SCHEME: figures.to_json()}).to_header()
-        headers = {PAYMENT_RESPONSE: response}
-        if self.acceptance is not None:
-            headers[ACCEPTANCE_HEADER] = self.acceptance
-        return headers
 
 
 def _acceptance_header(acceptance: SignedAcceptance | None) -> str | None:
@@ -189,8 +96,8 @@ class PaymentGate:
         dep = payments.deployment
         self.token = Web3.to_checksum_address(config.token or dep.token)
         self.writer = LedgerWriter(payments.ledger)
-        self._funds: dict[str, asyncio.Event] = {}  # set when a voucher raises a channel's accepted amount
-        self._intake = ThreadPoolExecutor(max_workers=8, thread_name_prefix="voucher-intake")
+        self.funds = Funds()  # wakes the streams of a channel paused for funds when a voucher arrives
+        self.intake = VoucherIntake(payments, config, self.writer, self.funds)
         # x402's batch-settlement, offered beside `channel` where its contract is deployed (batch.py).
         self.batch: BatchSettlement | None = None
         self.batch_writer: LedgerWriter | None = None
@@ -212,15 +119,25 @@ class PaymentGate:
             self.batch_writer = LedgerWriter(self.batch.ledger)
             self.batch.start(interval=config.settle_interval_s, threshold=config.settle_threshold)
 
+    @property
+    def config(self) -> PaymentsConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: PaymentsConfig) -> None:  # one policy for admissions and posted vouchers alike
+        self._config = config
+        if hasattr(self, "intake"):
+            self.intake.config = config
+
     # -- terms -----------------------------------------------------------------------------------
 
     def terms(self, model: str) -> ChannelTerms:
         price = self.config.prices[model]
         out = price.price_per_output_token
-        return ChannelTerms(escrow=self.payments.deployment.payment_channels, modelId=self.model_ids[model],
-                            pricePerInputToken=price.price_per_input_token, pricePerOutputToken=out,
-                            prepay=self.config.prepay_tokens * out, creditWindow=self.config.credit_tokens * out,
-                            voucherTimeoutSeconds=self.config.voucher_timeout_s)
+        return ChannelTerms(escrow=self.payments.deployment.payment_channels, model_id=self.model_ids[model],
+                            price_per_input_token=price.price_per_input_token, price_per_output_token=out,
+                            prepay=self.config.prepay_tokens * out, credit_window=self.config.credit_tokens * out,
+                            voucher_timeout_s=self.config.voucher_timeout_s)
 
     def requirement(self, model: str, amount: int | None = None, channel_id: str | None = None,
                     required: int | None = None) -> PaymentRequirement:
@@ -230,7 +147,8 @@ class PaymentGate:
             terms = terms.model_copy(update={"channel_id": channel_id, "required_cumulative": required})
         return PaymentRequirement(network=f"eip155:{self.payments.deployment.chain_id}", asset=self.token,
                                   amount=terms.prepay if amount is None else amount,
-                                  payTo=self.payments.payee.address, maxTimeoutSeconds=self.config.response_deadline_s,
+                                  pay_to=self.payments.payee.address,
+                                  max_timeout_seconds=self.config.response_deadline_s,
                                   extra=terms)
 
     def needed(self, model: str, error: str, message: str, required: int | None = None, *, amount: int | None = None,
@@ -260,9 +178,10 @@ class PaymentGate:
     # -- admission -------------------------------------------------------------------------------
 
     async def admit(self, *, headers, model: str, request_hash: str, prompt_tokens: int, max_tokens: int,
-                    stream: bool, accepted_at: float | None = None, resource: str = "") -> PaidRequest:
-        """Admit and charge a paid request, or raise `PaymentNeeded`. `accepted_at` (unix seconds; default now)
-        is signed in the acceptance: pass the receipt's, so both select the same SLA terms."""
+                    stream: bool, accepted_at: float | None = None, resource: str = "") -> PaidMeter:
+        """Admit and charge a paid request (its meter charges the rest), or raise `PaymentNeeded`. `accepted_at`
+        (unix seconds; default now) is signed in the acceptance: pass the receipt's, so both select the same SLA
+        terms."""
         header = headers.get(PAYMENT_SIGNATURE)
         terms = self.terms(model)
         prompt_cost = prompt_tokens * terms.price_per_input_token
@@ -289,7 +208,7 @@ class PaymentGate:
             if batch_payment is not None:
                 return await self._admit_batch(batch_payment, needed, model=model, request_hash=request_hash,
                                                prompt_cost=prompt_cost, worst=worst, stream=stream,
-                                               accepted_at=accepted_at)
+                                               accepted_at=accepted_at, max_tokens=max_tokens)
         try:
             voucher, chosen = parse_payment(header)
         except MalformedPayment as exc:
@@ -298,7 +217,7 @@ class PaymentGate:
             raise needed("accepted_mismatch", "the PaymentPayload's `accepted` is not this node's offer for "
                          f"{model} (scheme, network, asset, payTo, escrow and modelId must match accepts[0])")
         try:
-            state = await run_in_threadpool(self.payments.verifier.verify, voucher, allow_equal=True)
+            state = await to_thread.run_sync(partial(self.payments.verifier.verify, voucher, allow_equal=True))
         except VoucherRejected as exc:
             raise needed(exc.reason, str(exc)) from None
         if state.token.lower() != self.token.lower():
@@ -311,7 +230,10 @@ class PaymentGate:
         if state.deposit < self.config.min_deposit:  # Sybil channels must at least lock real capital
             raise needed("deposit_too_small", f"channel holds {state.deposit}; this node takes channels of at "
                          f"least {self.config.min_deposit}: top it up or open a larger one")
-        settle_first = await self._contract_signer(model, state)
+        try:
+            settle_first = await self.intake.contract_signer(state)
+        except VoucherRejected as exc:
+            raise self.needed(model, exc.reason, str(exc)) from None
         balance = self.payments.ledger.get(voucher.channel_id)
         accepted = max(voucher.cumulative_amount, balance.accepted if balance else 0)
         spent_before = balance.spent if balance else 0
@@ -331,29 +253,34 @@ class PaymentGate:
             ops.append(VoucherOp(voucher.channel_id, voucher.cumulative_amount, voucher.signature))
         ops.append(ChargeOp(voucher.channel_id, prompt_cost))
         if new_voucher and settle_first:
-            await self._settle_first(voucher, model)
+            try:
+                await self.intake.settle_first(voucher)
+            except VoucherRejected as exc:
+                raise self.needed(model, exc.reason, str(exc)) from None
         first_token = terms.price_per_output_token if stream and max_tokens > 0 else 0
         if first_token:  # the first output token rides on the admission commit (it may use the credit window)
             ops.append(ChargeOp(voucher.channel_id, first_token, terms.credit_window, earned_credit=True))
         # Signed before the commit so that its durable write shares the wait with the ledger's.
-        acceptance = self._acceptance(model, request_hash, voucher.channel_id, accepted_at)
         charged = prompt_cost + first_token
-        after = await self._commit_admission(model, voucher.channel_id, ops, acceptance, charged, need)
+        after, acceptance = await self._commit_admission(
+            model, voucher.channel_id, ops, self._acceptance(model, request_hash, voucher.channel_id, accepted_at),
+            charged, need)
         if new_voucher and settle_first:
-            await run_in_threadpool(self.payments.ledger.set_settled, voucher.channel_id, voucher.cumulative_amount)
+            await self.writer.write(SettledOp(voucher.channel_id, voucher.cumulative_amount))
         if new_voucher:  # streams of this channel paused for funds may go on
-            self._notify(voucher.channel_id)
+            self.funds.notify(voucher.channel_id)
         spent = after.spent
         # `transaction`: the commitment identifier of the channel's accepted voucher, its EIP-712 digest.
         commitment = self.payments.verifier.domain.digest(voucher.channel_id_bytes, after.accepted)
         settlement = {"transaction": "0x" + commitment.hex(), "payer": state.payer,
                       "network": f"eip155:{self.payments.deployment.chain_id}"}
-        return PaidRequest(voucher.channel_id, terms, after.accepted, spent, charged,
-                           acceptance=_acceptance_header(acceptance),
-                           settlement=settlement, precharged=1 if first_token else 0)
+        return PaidMeter(PaidRequest(voucher.channel_id, terms, after.accepted, spent, charged,
+                                     acceptance=_acceptance_header(acceptance), settlement=settlement,
+                                     precharged=1 if first_token else 0, max_tokens=max_tokens),
+                         self.writer, self.funds, partial(self.needed, model))
 
     async def _admit_batch(self, payment, needed, *, model: str, request_hash: str, prompt_cost: int, worst: int,
-                           stream: bool, accepted_at: float | None) -> PaidRequest:
+                           stream: bool, accepted_at: float | None, max_tokens: int) -> PaidMeter:
         """Admit a batch-settlement payment: the SDK's facilitator verifies it (and submits a deposit), then the
         voucher's ceiling must cover what was served plus this request's worst case; charged per token as below."""
         from dcml.node.payments.batch import BatchRejected
@@ -361,13 +288,13 @@ class PaymentGate:
         assert self.batch is not None and self.batch_writer is not None
         terms = self.terms(model)
         try:
-            bv = await run_in_threadpool(self.batch.verify, payment, worst, terms.model_id)
+            bv = await to_thread.run_sync(self.batch.verify, payment, worst, terms.model_id)
         except BatchRejected as exc:
             raise needed(exc.reason, f"batch-settlement payment refused: {exc}") from None
         balance = self.batch.ledger.get(bv.channel_id)
         spent_before = balance.spent if balance else 0
         if bv.max_claimable - spent_before < worst:
-            state = await run_in_threadpool(self.batch.channel_state, bv.channel_id)
+            state = await to_thread.run_sync(self.batch.channel_state, bv.channel_id)
             raise needed("insufficient_funds", f"voucher ceiling {bv.max_claimable} leaves "
                          f"{bv.max_claimable - spent_before}; this request needs {worst}", batch_state=state)
         ops: list[LedgerOp] = []
@@ -377,10 +304,10 @@ class PaymentGate:
         first_token = terms.price_per_output_token if stream and worst > prompt_cost else 0
         if first_token:
             ops.append(ChargeOp(bv.channel_id, first_token))
-        acceptance = self._acceptance(model, request_hash, bv.channel_id, accepted_at)
         charged = prompt_cost + first_token
-        after = await self._commit_admission(model, bv.channel_id, ops, acceptance, charged, worst,
-                                             writer=self.batch_writer)
+        after, acceptance = await self._commit_admission(
+            model, bv.channel_id, ops, self._acceptance(model, request_hash, bv.channel_id, accepted_at), charged,
+            worst, writer=self.batch_writer)
         # What the SDK client books (batch.py): this request's reservation and the voucher's ceiling.
         commitment = self.batch.voucher_digest(bv.channel_id, bv.max_claimable)
         response = {"success": True, "transaction": commitment, "network": self.batch.network, "payer": bv.payer,
@@ -392,12 +319,13 @@ class PaymentGate:
                               "royalty": {"modelId": terms.model_id, "paidBy": "node forwards publisherBps of "
                                           "each claim"}}}
         header = base64.b64encode(json.dumps(response, separators=(",", ":")).encode()).decode()
-        return PaidRequest(bv.channel_id, terms.model_copy(update={"credit_window": 0}), after.accepted, after.spent,
-                           charged, acceptance=_acceptance_header(acceptance), precharged=1 if first_token else 0,
-                           writer=self.batch_writer,
-                           payment_response=header)
+        return PaidMeter(PaidRequest(bv.channel_id, terms.model_copy(update={"credit_window": 0}), after.accepted,
+                                     after.spent, charged, acceptance=_acceptance_header(acceptance),
+                                     precharged=1 if first_token else 0, max_tokens=max_tokens,
+                                     payment_response=header),
+                         self.batch_writer, self.funds, partial(self.needed, model))
 
-    def _acceptance(self, model: str, request_hash: str, channel_id: str,
+    async def _acceptance(self, model: str, request_hash: str, channel_id: str,
                     accepted_at: float | None) -> SignedAcceptance | None:
         """The signed promise to answer, under the court's domain: only while the model's SLA terms are in force
         at `accepted_at` (the court cannot judge an acceptance made under no terms). Both schemes use it."""
@@ -406,20 +334,26 @@ class PaymentGate:
         in_force_from = self.terms_in_force_from.get(model)
         if in_force_from is None or at < in_force_from:
             return None
-        return sign_acceptance(Acceptance(requestHash=request_hash, channelId=channel_id, acceptedAt=at,
-                                          deadline=now + self.config.response_deadline_s),
-                               self.signer, self.receipt_domain)
+        acceptance = Acceptance(request_hash=request_hash, channel_id=channel_id, accepted_at=at,
+                                deadline=now + self.config.response_deadline_s)
+        # Signed off the event loop: an EIP-712 signature costs the loop ~1 ms that every stream would wait on.
+        return await to_thread.run_sync(sign_acceptance, acceptance, self.signer, self.receipt_domain)
 
     async def _commit_admission(self, model: str, channel_id: str, ops: list[LedgerOp],
-                                acceptance: SignedAcceptance | None, charged: int, need: int,
-                                writer: LedgerWriter | None = None) -> ChannelBalance:
-        """The admission's ledger ops and the acceptance's store write, concurrently; both must succeed
-        before anything is sent. An acceptance stored for a refused request is harmless: it never left."""
+                                signing: Awaitable[SignedAcceptance | None], charged: int, need: int,
+                                writer: LedgerWriter | None = None) -> tuple[ChannelBalance, SignedAcceptance | None]:
+        """The admission's ledger ops, and the acceptance signed (off the loop) then stored, concurrently: one
+        wait for both. Both must succeed before anything is sent. An acceptance stored for a refused request is
+        harmless: it never left."""
         writer = writer or self.writer
-        writes = [writer.write_many(ops)]
-        if self.record_acceptance is not None and acceptance is not None:
-            writes.append(self.record_acceptance(acceptance))
-        ledger, *stored = await asyncio.gather(*writes, return_exceptions=True)
+
+        async def sign_and_store() -> SignedAcceptance | None:
+            acceptance = await signing
+            if self.record_acceptance is not None and acceptance is not None:
+                await self.record_acceptance(acceptance)
+            return acceptance
+
+        ledger, stored = await asyncio.gather(writer.write_many(ops), sign_and_store(), return_exceptions=True)
         if isinstance(ledger, LedgerConflict) and ledger.reason == PaymentReason.NOT_INCREASING and isinstance(
                 ops[0], VoucherOp):
             # A concurrent request on the channel recorded this voucher (or a higher one) first. It was valid when
@@ -431,165 +365,20 @@ class PaymentGate:
                               channel_id=channel_id) from None
         if isinstance(ledger, BaseException):
             raise ledger
-        if stored and isinstance(stored[0], BaseException):  # charged, but the promise is not durable: undo it
-            await run_in_threadpool(writer.ledger.refund, channel_id, charged)
-            raise internal_error(stored[0], "acceptance_store") from None
-        return ledger[-1]
+        if isinstance(stored, BaseException):  # charged, but the promise is not durable: undo it
+            await writer.write(RefundOp(channel_id, charged))
+            raise stored
+        assert isinstance(ledger, list)
+        return ledger[-1], stored
 
-    # -- charging output -------------------------------------------------------------------------
+    # -- vouchers posted on their own --------------------------------------------------------------
 
-    async def charge_output(self, paid: PaidRequest, tokens: int) -> tuple[bool, NeedVoucher | None]:
-        """Charge `tokens` of output, durably. Returns (charged, ask):
-        - charged is False when spent would pass accepted + credit: nothing is charged, the caller must
-          send `ask` and `wait_and_charge`;
-        - otherwise `ask`, if set, is an early request for a voucher, made once per accepted level when
-          half the credit window is in use: the client pays while the other half hides the round trip."""
-        # Shielded: a charge that lands is always counted in this request's account (and so in its receipt),
-        # even when the client hangs up while the commit is on disk.
-        with anyio.CancelScope(shield=True):
-            used = min(tokens, paid.precharged)  # already charged at admission
-            amount = (tokens - used) * paid.price.price_per_output_token
-            accepted = paid.accepted
-            if amount:
-                try:
-                    after = await (paid.writer or self.writer).write(ChargeOp(
-                        paid.channel_id, amount, paid.price.credit_window, earned_credit=True))
-                except LedgerConflict as exc:
-                    if exc.reason != PaymentReason.INSUFFICIENT_FUNDS:
-                        raise
-                    # Ask from the channel's spent now: other streams of the channel charge too, and a voucher
-                    # sized from this request's last view would be stale (lower than the node already holds).
-                    now = (paid.writer or self.writer).ledger.get(paid.channel_id)
-                    spent = max(now.spent if now else 0, paid.spent)
-                    return False, NeedVoucher(channelId=paid.channel_id, spent=spent, requiredCumulative=spent + amount)
-                paid.spent, accepted = after.spent, after.accepted
-                paid.accepted = accepted
-            paid.precharged -= used
-            paid.cost += amount
-            paid.output_tokens += tokens
-        if not amount:
-            return True, None
-        # Ask early, once half the credit window is in use: the other half covers the round trip.
-        if paid.spent - accepted >= max(paid.price.credit_window // 2, 1) and paid.asked_at != accepted:
-            paid.asked_at = accepted
-            return True, NeedVoucher(channelId=paid.channel_id, spent=paid.spent, requiredCumulative=paid.spent)
-        return True, None
-
-    async def wait_and_charge(self, paid: PaidRequest, tokens: int, *, deadline: float | None = None,
-                              ask_after: float | None = None, asked: int = 0) -> bool | NeedVoucher:
-        """After a blocking payment-need-voucher: wait for vouchers until `tokens` can be charged (True) or
-        `deadline` (monotonic; default: the voucher timeout from now) passes (False: the stream ends). With
-        `ask_after`, a stream still short after that long gets a fresh ask to send before calling again with the
-        same deadline, if the channel's other streams spent since it asked for `asked` (so the voucher it asked
-        for no longer covers it)."""
-        deadline = time.monotonic() + paid.price.voucher_timeout_s if deadline is None else deadline
-        ask_at = time.monotonic() + ask_after if ask_after else deadline
-        while True:
-            event = self._funds.setdefault(paid.channel_id, asyncio.Event())
-            charged, ask = await self.charge_output(paid, tokens)
-            if charged:
-                return True
-            now = time.monotonic()
-            if now >= deadline:
-                return False
-            if now >= ask_at and ask is not None and ask.required_cumulative > asked:
-                return ask
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(deadline, ask_at) - now)
-
-    async def refund(self, paid: PaidRequest) -> None:
-        """Undo a request's charges when it failed before any output left (an engine error or overload)."""
-        if paid.cost:
-            await run_in_threadpool((paid.writer or self.writer).ledger.refund, paid.channel_id, paid.cost)
-            paid.cost, paid.precharged, paid.output_tokens = 0, 0, 0
-
-    async def refund_unused(self, paid: PaidRequest) -> None:
-        """A stream that ended before using its precharged output token gives it back (before the receipt)."""
-        with anyio.CancelScope(shield=True):  # a refund that lands is always reflected in the receipt
-            if paid.precharged:
-                amount = paid.precharged * paid.price.price_per_output_token
-                ledger = (paid.writer or self.writer).ledger
-                paid.spent = await run_in_threadpool(ledger.refund, paid.channel_id, amount)
-                paid.cost -= amount
-                paid.precharged = 0
-
-    async def _record(self, voucher: Voucher, model: str | None = None) -> ChannelBalance:
-        """Persist a verified voucher (group commit), then wake streams waiting on its channel."""
-        try:
-            balance = await self.writer.write(VoucherOp(voucher.channel_id, voucher.cumulative_amount,
-                                                        voucher.signature))
-        except LedgerConflict as exc:  # a concurrent voucher for the channel got there first
-            if model is not None:
-                raise self.needed(model, exc.reason, str(exc)) from None
-            raise VoucherRejected(exc.reason, str(exc)) from None
-        self._notify(voucher.channel_id)
-        return balance
-
-    def _notify(self, channel_id: str) -> None:
-        event = self._funds.pop(channel_id.lower(), None)
-        if event is not None:
-            event.set()  # wakes every stream of this channel; each re-checks its own charge
-
-    # -- the vouchers endpoint -------------------------------------------------------------------
-
-    def router(self) -> APIRouter:
-        """The vouchers endpoint with this gate's group commit (and wake-up of paused streams)."""
-        return payments_router(self.payments, accept=self._accept)
-
-    async def _accept(self, voucher: Voucher) -> ChannelBalance:
-        if voucher.cumulative_amount < self.payments.ledger.accepted(voucher.channel_id):
-            return await self._release(voucher)
-        # Its own few threads: vouchers posted by strangers (chain reads for unknown channels) never take the
-        # threads paid admissions verify on.
-        state = await asyncio.get_running_loop().run_in_executor(self._intake, self.payments.verifier.verify, voucher)
-        if not await self._contract_signer(None, state):
-            return await self._record(voucher)
-        await self._settle_first(voucher, None)
-        balance = await self._record(voucher)
-        await run_in_threadpool(self.payments.ledger.set_settled, voucher.channel_id, voucher.cumulative_amount)
-        return balance
-
-    # -- contract (ERC-1271) signers ----------------------------------------------------------
-
-    async def _contract_signer(self, model: str | None, state: ChannelState) -> bool:
-        """Whether the channel's signer is a contract, whose vouchers must then be settled before they count
-        (`contract_signers = "settle_first"`); refused under the default "refuse". A contract can revoke its
-        signatures after being served, and a voucher that no longer verifies on-chain cannot be settled."""
-        chain, signer = self.payments.chain, state.authorized_signer
-        known = chain.known_contract(signer)  # cached: no thread hop on the admission path
-        if not (known if known is not None else await run_in_threadpool(chain.is_contract, signer)):
-            return False
-        if self.config.contract_signers == "refuse":
-            message = (f"channel signer {state.authorized_signer} is a contract (ERC-1271); this node serves only "
-                       "channels whose session signer is a key: open one with an EOA session key")
-            if model is None:
-                raise VoucherRejected("contract_signer", message)
-            raise self.needed(model, "contract_signer", message)
-        return True
-
-    async def _settle_first(self, voucher: Voucher, model: str | None) -> None:
-        try:
-            await run_in_threadpool(self.payments.worker.settle_now, voucher.channel_id, voucher.cumulative_amount,
-                                    voucher.signature)
-        except Exception as exc:  # a revoked or refusing contract signer: the voucher is worth nothing
-            message = (f"the channel's contract signer did not let this voucher settle on-chain ({type(exc).__name__}"
-                       "); it is not counted")
-            if model is None:
-                raise VoucherRejected("signer_refused", message) from None
-            raise self.needed(model, "signer_refused", message) from None
-
-    async def _release(self, voucher: Voucher) -> ChannelBalance:
-        """A voucher below the accepted one, signed by the payer after a receipt: settlement takes it instead
-        (`ReleaseOp`), so a reservation no answer used (a non-streamed max_tokens) is never settled."""
-        await run_in_threadpool(self.payments.verifier.verify, voucher, allow_lower=True)
-        try:
-            return await self.writer.write(ReleaseOp(voucher.channel_id, voucher.cumulative_amount,
-                                                     voucher.signature))
-        except LedgerConflict as exc:
-            raise VoucherRejected(exc.reason, str(exc)) from None
+    async def accept(self, voucher: Voucher) -> ChannelBalance:
+        """`POST /v1/payments/vouchers`: verify and durably record, waking this channel's paused streams."""
+        return await self.intake.accept(voucher)
 
     def close(self) -> None:
-        self._intake.shutdown(wait=True)
+        self.intake.close()
         self.writer.close()
         if self.batch_writer is not None:
             self.batch_writer.close()

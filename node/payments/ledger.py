@@ -8,6 +8,8 @@ inside one write transaction (the lock below serialises writers; SQLite's own lo
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import sqlite3
 import threading
 import time
@@ -15,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dcml.client.wire.errors import PaymentError
+from dcml.node.storage.group_commit import GroupCommitWriter
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS channels (
@@ -95,13 +98,18 @@ class Ledger:
                 self._db.execute(f"ALTER TABLE channels ADD COLUMN {column} TEXT")
         # Reads use their own connection: in WAL mode they see the last commit without waiting for the
         # writer, whose lock is held across the fsync (a read must never stall the event loop on it).
-        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._read_lock = threading.Lock()
+        # A pool of them, one per concurrent reader: a read never waits on a lock that another thread holds while
+        # it waits for the GIL (the event loop's reads would queue behind the verifier threads'). deque's append
+        # and pop are atomic; the pool holds as many connections as there were reads at once.
+        self._readers: collections.deque[sqlite3.Connection] = collections.deque()
+        self._all_readers: list[sqlite3.Connection] = []
 
     def close(self) -> None:
-        with self._lock, self._read_lock:
+        with self._lock:
             self._db.close()
-            self._reader.close()
+            for reader in self._all_readers:
+                reader.close()
+            self._all_readers.clear()
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -127,18 +135,45 @@ class Ledger:
         return self._read("SELECT COUNT(*) FROM vouchers WHERE channel_id=?", (channel_id.lower(),))[0][0]
 
     def _read(self, sql: str, args: tuple) -> list[tuple]:
-        with self._read_lock:
-            return self._reader.execute(sql, args).fetchall()
+        try:
+            reader = self._readers.pop()
+        except IndexError:
+            reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._all_readers.append(reader)
+        try:
+            return reader.execute(sql, args).fetchall()
+        finally:
+            self._readers.append(reader)
 
     # -- writes (each one transaction, committed before returning) ------------------------------
 
+    # One write path: every change is an op (below) applied by `apply_groups`, in one transaction per batch.
+    # The node's hot path batches through `LedgerWriter`; the helpers here apply one op each (tests, the
+    # settlement worker's thread).
+
     def record_voucher(self, channel_id: str, cumulative: int, signature: str) -> ChannelBalance:
         """Store a verified voucher if it raises the channel's accepted amount; durable on return."""
-        return self._apply_one(VoucherOp(channel_id, cumulative, signature))
+        return self.apply(VoucherOp(channel_id, cumulative, signature))
 
     def add_spent(self, channel_id: str, amount: int, *, slack: int = 0) -> int:
         """Charge `amount` unless spent would pass accepted + `slack`; returns the new spent total."""
-        return self._apply_one(ChargeOp(channel_id, amount, slack)).spent
+        return self.apply(ChargeOp(channel_id, amount, slack)).spent
+
+    def refund(self, channel_id: str, amount: int) -> int:
+        """Take back a charge for output that was never sent; returns the new spent total."""
+        return self.apply(RefundOp(channel_id, amount)).spent
+
+    def set_settled(self, channel_id: str, settled: int, *, finalized: bool = False) -> None:
+        """Record the on-chain settled amount (the chain is authoritative; it only ever grows)."""
+        with contextlib.suppress(LedgerConflict):  # a channel this ledger never saw: nothing to record
+            self.apply(SettledOp(channel_id, settled, finalized))
+
+    def apply(self, op: LedgerOp) -> ChannelBalance:
+        """One op, committed on return; raises the LedgerConflict that refused it."""
+        (result,) = self.apply_groups([[op]])
+        if isinstance(result, LedgerConflict):
+            raise result
+        return result[0]
 
     def apply_groups(self, groups: list[list[LedgerOp]]) -> list[list[ChannelBalance] | LedgerConflict]:
         """Groups of ops in ONE transaction; each group is all or nothing (a savepoint), so a request's
@@ -155,37 +190,6 @@ class Ledger:
                     db.execute("RELEASE grp")
                     results.append(exc)
         return results
-
-    def _apply_one(self, op: LedgerOp) -> ChannelBalance:
-        (result,) = self.apply_groups([[op]])
-        if isinstance(result, LedgerConflict):
-            raise result
-        return result[0]
-
-    def refund(self, channel_id: str, amount: int) -> int:
-        """Take back a charge for output that was never sent; returns the new spent total."""
-        channel_id = channel_id.lower()
-        with self._write() as db:
-            row = db.execute("SELECT spent FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
-            if row is None:
-                raise LedgerConflict("unknown_channel", f"no voucher accepted for channel {channel_id}")
-            spent = max(int(row[0]) - amount, 0)
-            db.execute("UPDATE channels SET spent=?, updated_at=? WHERE channel_id=?",
-                       (str(spent), time.time(), channel_id))
-            return spent
-
-    def set_settled(self, channel_id: str, settled: int, *, finalized: bool = False) -> None:
-        """Record the on-chain settled amount (the chain is authoritative; it only ever grows)."""
-        channel_id = channel_id.lower()
-        with self._write() as db:
-            row = db.execute("SELECT settled FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
-            if row is None:
-                return
-            settled = max(settled, int(row[0]))
-            db.execute(
-                "UPDATE channels SET settled=?, finalized=MAX(finalized, ?), updated_at=? WHERE channel_id=?",
-                (str(settled), int(finalized), time.time(), channel_id),
-            )
 
     def _write(self) -> _WriteTxn:
         return _WriteTxn(self._db, self._lock)
@@ -229,11 +233,8 @@ class ChargeOp:
     earned_credit: bool = False
 
     def apply(self, db: sqlite3.Connection) -> ChannelBalance:
-        cid = self.channel_id.lower()
-        row = db.execute(f"{_SELECT} WHERE channel_id=?", (cid,)).fetchone()
-        if row is None:
-            raise LedgerConflict("unknown_channel", f"no voucher accepted for channel {cid}")
-        before = _balance(row)
+        before = _existing(db, self.channel_id)
+        cid = before.channel_id
         slack = min(self.slack, before.accepted) if self.earned_credit else self.slack
         spent, limit = before.spent + self.amount, before.accepted + slack
         if spent > limit:
@@ -254,11 +255,8 @@ class ReleaseOp:
     signature: str
 
     def apply(self, db: sqlite3.Connection) -> ChannelBalance:
-        cid = self.channel_id.lower()
-        row = db.execute(f"{_SELECT} WHERE channel_id=?", (cid,)).fetchone()
-        if row is None:
-            raise LedgerConflict("unknown_channel", f"no voucher accepted for channel {cid}")
-        b = _balance(row)
+        b = _existing(db, self.channel_id)
+        cid = b.channel_id
         if b.finalized:
             raise LedgerConflict("channel_finalized", f"channel {cid} is already closed")
         if not (max(b.spent, b.settled) <= self.cumulative < b.accepted):
@@ -278,7 +276,59 @@ class ReleaseOp:
         return replace(b, released=self.cumulative, released_signature=self.signature)
 
 
-LedgerOp = VoucherOp | ChargeOp | ReleaseOp
+@dataclass(frozen=True)
+class RefundOp:
+    """Take back `amount` of a charge whose output was never sent (spent never goes below 0)."""
+
+    channel_id: str
+    amount: int
+
+    def apply(self, db: sqlite3.Connection) -> ChannelBalance:
+        b = _existing(db, self.channel_id)
+        spent = max(b.spent - self.amount, 0)
+        db.execute("UPDATE channels SET spent=?, updated_at=? WHERE channel_id=?",
+                   (str(spent), time.time(), b.channel_id))
+        return replace(b, spent=spent)
+
+
+@dataclass(frozen=True)
+class SettledOp:
+    """What the chain says is settled (and whether the channel is finalized); both only ever grow."""
+
+    channel_id: str
+    settled: int
+    finalized: bool = False
+
+    def apply(self, db: sqlite3.Connection) -> ChannelBalance:
+        b = _existing(db, self.channel_id)
+        settled, finalized = max(self.settled, b.settled), b.finalized or self.finalized
+        db.execute("UPDATE channels SET settled=?, finalized=?, updated_at=? WHERE channel_id=?",
+                   (str(settled), int(finalized), time.time(), b.channel_id))
+        return replace(b, settled=settled, finalized=finalized)
+
+
+LedgerOp = VoucherOp | ChargeOp | ReleaseOp | RefundOp | SettledOp
+
+
+class LedgerWriter:
+    """The ledger's group commit (`node.storage`): vouchers and charges that arrive while one commit is on disk
+    go in the next one, so a commit costs each request one fsync wait however many requests there are."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._writer: GroupCommitWriter[list[LedgerOp], list[ChannelBalance]] = GroupCommitWriter(
+            ledger.apply_groups, name="ledger-writer")
+
+    async def write(self, op: LedgerOp) -> ChannelBalance:
+        """The channel's balance once `op` is durable; raises the LedgerConflict that refused it."""
+        return (await self._writer.submit([op]))[0]
+
+    async def write_many(self, ops: list[LedgerOp]) -> list[ChannelBalance]:
+        """Several ops in the same commit, all or nothing: if one is refused none of them is applied."""
+        return await self._writer.submit(ops)
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class _WriteTxn:
@@ -297,6 +347,14 @@ class _WriteTxn:
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self._lock.release()
+
+
+def _existing(db: sqlite3.Connection, channel_id: str) -> ChannelBalance:
+    cid = channel_id.lower()
+    row = db.execute(f"{_SELECT} WHERE channel_id=?", (cid,)).fetchone()
+    if row is None:
+        raise LedgerConflict("unknown_channel", f"no voucher accepted for channel {cid}")
+    return _balance(row)
 
 
 def _balance(row: tuple) -> ChannelBalance:

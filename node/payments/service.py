@@ -1,40 +1,25 @@
-"""The node's payment side wired together: chain reader, verifier, ledger and settlement worker,
-plus the HTTP route clients post vouchers to (`POST /v1/payments/vouchers`).
+"""The node's payment side wired together: chain reader, verifier, ledger and settlement worker.
 
-`python -m dcml.node.payments.service` runs it as its own process (used by the crash tests); the node
-daemon mounts the same router.
+Its HTTP routes (vouchers, channel state) live in `node.api.payments`, which also runs it as its own process.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
-from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 
 from dcml.client.chain.connect import connect
 from dcml.client.chain.deployment import Deployment
-from dcml.client.wire import safejson
-from dcml.client.wire.access import AUTH_HEADER, channel_resource, recover_auth
-from dcml.client.wire.errors import ErrorType, PaymentReason, error_object
-from dcml.client.wire.voucher import Voucher, VoucherDomain
-from dcml.node.payments.access import payer_may_read
+from dcml.client.wire.voucher import VoucherDomain
 from dcml.node.payments.chain import ChannelChain
-from dcml.node.payments.ledger import ChannelBalance, Ledger
+from dcml.node.payments.ledger import Ledger
 from dcml.node.payments.settlement import SettlementWorker
-from dcml.node.payments.verifier import VoucherRejected, VoucherVerifier, parse_voucher
+from dcml.node.payments.verifier import VoucherVerifier
 
 log = logging.getLogger("dcml.payments")
-MAX_VOUCHER_BODY = 4096  # bytes; a voucher is ~300
 
 
 @dataclass(frozen=True)
@@ -72,92 +57,3 @@ class Payments:
     def stop(self) -> None:
         self.worker.stop(flush=True)
         self.ledger.close()
-
-
-def payment_error(status: int, reason: str, message: str) -> JSONResponse:
-    """The wire's error shape (`client.wire.errors`), with the rejection reason as `code`."""
-    return JSONResponse(status_code=status, content=error_object(message, ErrorType.PAYMENT, reason))
-
-
-AcceptVoucher = Callable[[Voucher], Awaitable[ChannelBalance]]
-
-
-def payments_router(payments: Payments, accept: AcceptVoucher | None = None) -> APIRouter:
-    """`POST /v1/payments/vouchers` and `GET /v1/payments/channels/{id}`. `accept` verifies and durably
-    records a voucher (default: the verifier's own commit, off the event loop); the paid node passes its
-    group-committing version, which also wakes streams waiting for funds."""
-    router = APIRouter()
-
-    async def verifier_accept(voucher: Voucher) -> ChannelBalance:
-        return await run_in_threadpool(payments.verifier.accept, voucher)
-
-    accept = accept or verifier_accept
-
-    @router.post("/v1/payments/vouchers")
-    async def post_voucher(request: Request) -> JSONResponse:
-        try:  # bounded and depth-limited: a voucher is ~300 bytes of flat JSON
-            body = safejson.loads(await request.body(), max_bytes=MAX_VOUCHER_BODY)
-        except ValueError as exc:
-            return payment_error(400, PaymentReason.MALFORMED, f"body is not a voucher ({exc}): send {{channelId, "
-                                 "cumulativeAmount, signature}")
-        try:
-            voucher = parse_voucher(body)
-            balance = await accept(voucher)  # returns once the voucher is durable: only then do we answer
-        except VoucherRejected as exc:
-            return payment_error(400 if exc.reason.startswith("malformed") else 402, exc.reason, str(exc))
-        return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
-                             "spent": str(balance.spent)})
-
-    @router.get("/v1/payments/channels/{channel_id}")
-    async def get_channel(channel_id: str, request: Request) -> JSONResponse:
-        """The node's account of one channel: what it accepted, what was served, what is settled. For the
-        channel's payer (or session key) only (`client.access`); anyone else gets the same 404 as no channel."""
-        signer = recover_auth(request.headers.get(AUTH_HEADER), payments.payee.address, channel_resource(channel_id))
-        if signer is None:
-            return payment_error(401, PaymentReason.AUTH_REQUIRED, "channel state is for its payer only: sign the "
-                                 f"read with the payer or session key ({AUTH_HEADER}, see client.access)")
-        allowed = await run_in_threadpool(payer_may_read, payments.chain, channel_id, signer)
-        balance = payments.ledger.get(channel_id) if allowed else None
-        if balance is None:
-            return payment_error(404, PaymentReason.UNKNOWN_CHANNEL, f"no voucher accepted for channel {channel_id} "
-                                 "that this signer may read")
-        return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
-                             "spent": str(balance.spent), "settled": str(balance.settled),
-                             "finalized": balance.finalized})
-
-    return router
-
-
-def create_payments_app(payments: Payments) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        payments.start()
-        yield
-        await run_in_threadpool(payments.stop)  # settles what is unsettled before exiting
-
-    app = FastAPI(title="dcml payments", lifespan=lifespan)
-    app.include_router(payments_router(payments))
-    return app
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Run the node's voucher intake and settlement worker.")
-    parser.add_argument("--deployment", required=True)
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--payee-key-env", default="DCML_PAYEE_KEY", help="environment variable holding the key")
-    parser.add_argument("--threshold", type=int, default=10**18)
-    parser.add_argument("--interval", type=float, default=2.0)
-    args = parser.parse_args()
-    import os
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    payee = Account.from_key(os.environ[args.payee_key_env])
-    settings = PaymentSettings(Path(args.deployment), Path(args.data_dir), settle_threshold=args.threshold,
-                               settle_interval=args.interval)
-    uvicorn.run(create_payments_app(Payments(settings, payee)), host="127.0.0.1", port=args.port,
-                log_level="warning")
-
-
-if __name__ == "__main__":
-    main()

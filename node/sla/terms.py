@@ -8,7 +8,6 @@ the whole answer. Receipts also count admission (a ledger commit) and queueing u
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -52,11 +51,16 @@ async def _run_once(engine: Engine, prompt: str, max_tokens: int, seed: int) -> 
     t0 = time.perf_counter()
     first = None
     tokens = 0
-    async with contextlib.aclosing(engine.stream(request)) as stream:
+    stream = engine.stream(request)
+    try:
         async for chunk in stream:
             if first is None:
                 first = time.perf_counter()
             tokens += chunk.tokens
+    finally:
+        close = getattr(stream, "aclose", None)  # an engine's stream is an async generator: free its slot
+        if close is not None:
+            await close()
     end = time.perf_counter()
     first = end if first is None else first
     rate = (tokens - 1) / (end - first) if tokens > 1 and end > first else math.inf

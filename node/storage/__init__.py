@@ -1,0 +1,1 @@
+"""Durable storage shared by the node's ledgers and receipt store: one group-commit writer."""

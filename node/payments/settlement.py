@@ -1,8 +1,9 @@
 """Turns accepted vouchers into on-chain money: settles past a threshold, always before a requested
 close's grace period ends, and at shutdown.
 
-Stateless beyond the ledger and the chain: after a restart it reads both and carries on. The chain is
-authoritative for what is settled, so a settle that landed just before a crash is never sent twice.
+Stateless beyond the ledger and the chain: after a restart it reads both and carries on. What is due comes from
+the ledger and the channel index (`channel_index`, state from the escrow's events): no RPC per open channel. The
+chain is authoritative for what is settled, so a settle that landed just before a crash is never sent twice.
 
 One channel cannot block the others: whatever one raises (a reverted transaction, an opening reorganised
 away, an RPC error) is logged with its reason and that channel alone is retried with exponential backoff,
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from eth_account.signers.local import LocalAccount
 
-from node.payments.chain import ChannelChain
+from node.payments.chain import ChannelChain, UnknownChannel
 from node.payments.ledger import ChannelBalance, Ledger
 
 log = logging.getLogger("dcml.settlement")
@@ -77,6 +78,9 @@ class SettlementWorker:
         """Look at every open channel once; `flush` settles whatever is unsettled (shutdown)."""
         done: list[SettlementAction] = []
         with self._round:
+            # Channel state comes from the index (kept current from the escrow's events), not one read per open
+            # channel: a round costs one index sync at most, however many channels are open.
+            self.chain.sync(max_age=0.0 if flush else self.interval)
             tokens: set[str] = set()
             for balance in self.ledger.open_channels():
                 cid = balance.channel_id
@@ -113,7 +117,11 @@ class SettlementWorker:
 
     def _handle(self, balance: ChannelBalance, *, flush: bool) -> SettlementAction | None:
         channel_id = bytes.fromhex(balance.channel_id[2:])
-        state = self.chain.channel(channel_id, fresh=True)
+        try:
+            state = self.chain.channel(channel_id)  # memory: the index was synced at the start of the round
+        except UnknownChannel as exc:
+            raise ChannelGone(f"channel {balance.channel_id} is not on the chain (its opening was reorganised "
+                              "away)") from exc
         if state.settled > balance.settled or state.finalized:  # landed before a crash, or closed on-chain
             self.ledger.set_settled(balance.channel_id, state.settled, finalized=state.finalized)
         if state.deposit == 0 and not state.finalized:  # a channel exists iff its deposit is not 0

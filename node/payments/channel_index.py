@@ -1,0 +1,293 @@
+"""The node's channels kept current from the escrow's events (issue 17), so that admission reads memory.
+
+`sync` follows PaymentChannels' logs in block ranges (eth_getLogs): `ChannelOpened` for channels paying this
+node (filtered on the indexed payee), then `ToppedUp`, `CloseRequested`, `CloseCancelled`, `Settled`,
+`ChannelClosed` and `Withdrawn` for the channels it knows. Every event carries absolute figures (the new deposit,
+the cumulative settled, when a close becomes possible), so a channel's state is a fold of its logs.
+
+Reorganisations: blocks more than `depth` (at least the confirmations setting) below the head are final; they are
+folded into the persisted state and the cursor, whose block hash is kept. The newer blocks are read again at every
+sync into an overlay that replaces the previous one, so a reorganisation within `depth` blocks is simply what the
+next sync reads. A deeper one (the cursor's block hash changed, or the head fell below it, as with anvil's
+`evm_revert`) rebuilds the index from the deployment's start block.
+
+Every round trip after the head's block number is one JSON-RPC batch (the logs of both filters and the block
+hashes); a restarted node catches up from its persisted cursor before it admits anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import ChainMap
+from collections.abc import Callable, MutableMapping
+from dataclasses import replace
+from pathlib import Path
+
+from eth_utils import event_abi_to_log_topic
+from web3 import Web3
+from web3.contract import Contract
+
+from client.channel import ChannelParams, ChannelState
+from client.deployment import Deployment
+
+log = logging.getLogger("dcml.channel_index")
+
+_CHANGES = ("ToppedUp", "CloseRequested", "CloseCancelled", "Settled", "ChannelClosed", "Withdrawn")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS channels (
+    id BLOB PRIMARY KEY, payer TEXT, payee TEXT, token TEXT, salt BLOB, signer TEXT, model_id BLOB,
+    publisher TEXT, bps INTEGER, opened_block INTEGER, deposit TEXT, settled TEXT, close_requested_at INTEGER,
+    finalized INTEGER);
+"""
+
+
+class ChannelIndex:
+    """Channel states by id, from the logs. Reads (`get`, `confirmed`) touch memory only; `sync` talks to the
+    chain and is shared by concurrent callers."""
+
+    def __init__(self, w3: Web3, escrow: Contract, deployment: Deployment, *, payee: str | None = None,
+                 confirmations: int = 1, store: Path | None = None, chunk: int = 5_000, min_depth: int = 8,
+                 on_open: Callable[[bytes, ChannelParams], None] | None = None) -> None:
+        self.w3 = w3
+        self.escrow = escrow
+        self.start_block = deployment.start_block
+        self.grace_period = deployment.close_grace_period
+        self.chain_id = deployment.chain_id
+        self.payee = Web3.to_checksum_address(payee) if payee else None
+        self.confirmations = confirmations
+        self.depth = max(confirmations, min_depth)  # blocks below the head that may still be reorganised
+        self.chunk = chunk  # blocks per eth_getLogs (public RPCs cap the range)
+        self.on_open = on_open
+        self._events = {}
+        for name in ("ChannelOpened", *_CHANGES):
+            event = escrow.events[name]()
+            self._events[event_abi_to_log_topic(event.abi)] = (name, event)
+        self._opened_topic = next(t for t, (n, _) in self._events.items() if n == "ChannelOpened")
+        self._final: dict[bytes, ChannelState] = {}
+        self._final_opened: dict[bytes, int] = {}  # block of each final opening
+        self._overlay: dict[bytes, ChannelState] = {}  # the unfinal blocks' view, replaced whole by each sync
+        self._overlay_opened: dict[bytes, int] = {}
+        self.cursor = self.start_block - 1  # last final block folded in
+        self._cursor_hash: bytes | None = None
+        self.head = -1  # the chain head at the last sync
+        self.synced_at = float("-inf")  # monotonic start of the last successful sync
+        self.syncs = 0
+        self.round_trips = 0  # HTTP round trips to the RPC (a batch counts once): what the benches print
+        self._sync_lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        if store is not None:
+            self._open_store(Path(store))
+
+    # -- reads (memory only) ---------------------------------------------------------------------
+
+    def get(self, channel_id: bytes) -> ChannelState | None:
+        found = self._overlay.get(channel_id)
+        return found if found is not None else self._final.get(channel_id)
+
+    def confirmed(self, channel_id: bytes) -> bool | None:
+        """Whether the channel's opening is `confirmations` deep at the last synced head (None: not indexed)."""
+        block = self._overlay_opened.get(channel_id, self._final_opened.get(channel_id))
+        if block is None:
+            return None
+        return block <= self.head - self.confirmations + 1
+
+    def __len__(self) -> int:
+        return len(ChainMap(self._overlay, self._final))
+
+    def age(self) -> float:
+        return time.monotonic() - self.synced_at
+
+    # -- sync --------------------------------------------------------------------------------------
+
+    def sync(self, since: float | None = None) -> None:
+        """Bring the index to the chain head. Returns once a sync that started at or after `since` (default: now)
+        finished: concurrent callers share one."""
+        since = time.monotonic() if since is None else since
+        with self._sync_lock:
+            if self.synced_at >= since:
+                return
+            started = time.monotonic()
+            self._sync()
+            self.synced_at = started
+            self.syncs += 1
+
+    def _sync(self) -> None:
+        head = self.w3.eth.block_number
+        self.round_trips += 1
+        if head < self.cursor:
+            self._reset(f"the chain head {head} is below the index's cursor {self.cursor}")
+        final_to = max(head - self.depth, self.cursor)
+        start, verify = self.cursor + 1, self.cursor >= self.start_block
+        while True:
+            upto = min(final_to, start + self.chunk - 1)  # final blocks of this round trip
+            last = upto == final_to
+            to = head if last else upto  # the last one also reads the unfinal tail
+            logs, upto_hash, cursor_hash = self._fetch(start, to, upto, self.cursor if verify else None)
+            if verify and cursor_hash != self._cursor_hash:
+                self._reset(f"block {self.cursor} is not the one indexed (a reorganisation deeper than "
+                            f"{self.depth} blocks)")
+                return self._sync()
+            verify = False
+            final = [entry for entry in logs if entry["blockNumber"] <= upto]
+            if upto >= start:
+                changed = self._fold(self._final, self._final_opened, final)
+                self.cursor, self._cursor_hash = upto, upto_hash
+                self._persist(changed)
+            if last:
+                overlay: dict[bytes, ChannelState] = {}
+                opened: dict[bytes, int] = {}
+                self._fold(ChainMap(overlay, self._final), ChainMap(opened, self._final_opened),
+                           [entry for entry in logs if entry["blockNumber"] > upto])
+                self._overlay, self._overlay_opened, self.head = overlay, opened, head
+                return None
+            start = upto + 1
+
+    def _fetch(self, start: int, to: int, upto: int, verify: int | None) -> tuple[list, bytes | None, bytes | None]:
+        """One batch: both filters' logs over [start, to], the hash of block `upto` (the new cursor) and of block
+        `verify` (the old cursor, to detect a deep reorganisation). Logs sorted in chain order."""
+        address = self.escrow.address
+        changes = [t for t, (n, _) in self._events.items() if n != "ChannelOpened"]
+        payee_topic = None if self.payee is None else "0x" + "00" * 12 + self.payee[2:].lower()
+        with self.w3.batch_requests() as batch:
+            batch.add(self.w3.eth.get_logs({"address": address, "fromBlock": start, "toBlock": to,
+                                            "topics": [self._opened_topic, None, None, payee_topic]}))
+            batch.add(self.w3.eth.get_logs({"address": address, "fromBlock": start, "toBlock": to,
+                                            "topics": [changes]}))
+            if upto >= start:
+                batch.add(self.w3.eth.get_block(upto))
+            if verify is not None:
+                batch.add(self.w3.eth.get_block(verify))
+            answers = batch.execute()
+        self.round_trips += 1
+        for answer in answers:
+            if isinstance(answer, dict) and "error" in answer and "jsonrpc" in answer:
+                raise RuntimeError(f"channel index: RPC error {answer['error']}")
+        opened, other, *blocks = answers
+        upto_hash = bytes(blocks.pop(0)["hash"]) if upto >= start else self._cursor_hash
+        cursor_hash = bytes(blocks[0]["hash"]) if verify is not None and blocks[0] else None
+        logs = sorted([*opened, *other], key=lambda e: (e["blockNumber"], e["logIndex"]))
+        return logs, upto_hash, cursor_hash
+
+    def _fold(self, states: MutableMapping[bytes, ChannelState], opened_at: MutableMapping[bytes, int],
+              logs: list) -> set[bytes]:
+        """Apply logs in chain order; returns the ids changed. Events of channels not indexed (another payee's)
+        are skipped."""
+        changed: set[bytes] = set()
+        for entry in logs:
+            name, event = self._events[bytes(entry["topics"][0])]
+            a = event.process_log(entry)["args"]
+            cid = bytes(a["channelId"])
+            if name == "ChannelOpened":
+                params = ChannelParams(a["payer"], a["payee"], a["token"], bytes(a["salt"]), a["authorizedSigner"],
+                                       bytes(a["modelId"]), a["publisher"], a["publisherBps"])
+                if params.channel_id(self.escrow.address, self.chain_id) != cid:
+                    continue  # not what the escrow would have emitted: a lying RPC
+                states[cid] = ChannelState(cid, params, a["deposit"], 0, 0, False)
+                opened_at[cid] = entry["blockNumber"]
+                if self.on_open is not None:
+                    self.on_open(cid, params)
+                changed.add(cid)
+                continue
+            state = states.get(cid)
+            if state is None:
+                continue
+            if name == "ToppedUp":
+                state = replace(state, deposit=a["newDeposit"])
+            elif name == "CloseRequested":
+                state = replace(state, close_requested_at=a["closableAt"] - self.grace_period)
+            elif name == "CloseCancelled":
+                state = replace(state, close_requested_at=0)
+            elif name == "Settled":
+                state = replace(state, settled=a["cumulativeAmount"])
+            elif name == "ChannelClosed":
+                state = replace(state, settled=a["settled"], finalized=True)
+            else:  # Withdrawn
+                state = replace(state, finalized=True)
+            states[cid] = state
+            changed.add(cid)
+        return changed
+
+    def _reset(self, why: str) -> None:
+        log.warning("channel index rebuilt from block %d: %s", self.start_block, why)
+        self._final, self._final_opened, self._overlay, self._overlay_opened = {}, {}, {}, {}
+        self.cursor, self._cursor_hash = self.start_block - 1, None
+        if self._db is not None:
+            with self._db:
+                self._db.execute("DELETE FROM channels")
+                self._db.execute("DELETE FROM meta WHERE key IN ('cursor', 'cursor_hash')")
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def _open_store(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        # The index is rebuildable from the chain: a store for another escrow, chain or payee starts over.
+        key = f"{self.escrow.address.lower()}:{self.chain_id}:{(self.payee or '*').lower()}:{self.start_block}"
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("key") != key:
+            with self._db:
+                self._db.execute("DELETE FROM channels")
+                self._db.execute("DELETE FROM meta")
+                self._db.execute("INSERT INTO meta VALUES ('key', ?)", (key,))
+            return
+        if "cursor" in meta:
+            self.cursor, self._cursor_hash = int(meta["cursor"]), bytes.fromhex(meta["cursor_hash"])
+        for row in self._db.execute("SELECT * FROM channels"):
+            cid, payer, payee, token, salt, signer, model_id, publisher, bps, block, dep, settled, close, fin = row
+            params = ChannelParams(payer, payee, token, bytes(salt), signer, bytes(model_id), publisher, bps)
+            self._final[bytes(cid)] = ChannelState(bytes(cid), params, int(dep), int(settled), close, bool(fin))
+            self._final_opened[bytes(cid)] = block
+            if self.on_open is not None:
+                self.on_open(bytes(cid), params)
+
+    def _persist(self, changed: set[bytes]) -> None:
+        """The changed final channels and the new cursor, in one transaction (a crash keeps both or neither)."""
+        if self._db is None:
+            return
+        rows = []
+        for cid in changed:
+            s, p = self._final[cid], self._final[cid].params
+            rows.append((cid, p.payer, p.payee, p.token, p.salt, p.authorized_signer, p.model_id, p.publisher,
+                         p.publisher_bps, self._final_opened[cid], str(s.deposit), str(s.settled),
+                         s.close_requested_at, int(s.finalized)))
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO channels VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (str(self.cursor),))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor_hash', ?)",
+                             ((self._cursor_hash or b"").hex(),))
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class Poller:
+    """Keeps an index current in a background thread; a failed sync is logged and retried next time."""
+
+    def __init__(self, index: ChannelIndex, interval: float) -> None:
+        self.index = index
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="channel-index", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.index.sync()
+            except Exception as exc:  # the next poll retries; reads keep the last synced state
+                log.warning("channel index sync failed: %s: %s", type(exc).__name__, str(exc)[:300])
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

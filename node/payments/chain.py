@@ -49,12 +49,14 @@ class ChannelChain:
         self.ttl = ttl
         self.grace_period = deployment.close_grace_period
         self.confirmations = confirmations
+        self._code: dict[str, bool] = {}
+        self._new_signers: set[str] = set()  # session signers of newly indexed channels, whose code is unknown
         self.index = ChannelIndex(w3, self.escrow, deployment, payee=payee, confirmations=confirmations, store=store,
-                                  on_open=self.book.add)
+                                  on_open=self._opened)
+        self.index.after_sync = self._fetch_codes
         self._poller: Poller | None = None
         self._changed_at = float("-inf")  # when this node's last transaction on a channel was mined
         self._lock = threading.Lock()
-        self._code: dict[str, bool] = {}
         # Channels that exist but that the index does not hold (another payee's): briefly cached, so that a
         # stranger's vouchers do not make a sync each.
         self._foreign: dict[bytes, tuple[float, ChannelState]] = {}
@@ -80,6 +82,24 @@ class ChannelChain:
             self._poller.stop()
             self._poller = None
         self.index.close()
+
+    def _opened(self, channel_id: bytes, params) -> None:
+        self.book.add(channel_id, params)
+        if params.authorized_signer not in self._code:
+            self._new_signers.add(params.authorized_signer)
+
+    def _fetch_codes(self) -> None:
+        """Whether each new channel's session signer is a contract (the gate asks at admission): one batch for
+        all the signers a sync found, instead of an eth_getCode per first contact."""
+        while self._new_signers:
+            signers = [self._new_signers.pop() for _ in range(min(500, len(self._new_signers)))]
+            with self.w3.batch_requests() as batch:
+                for signer in signers:
+                    batch.add(self.w3.eth.get_code(Web3.to_checksum_address(signer)))
+                answers = batch.execute()
+            for signer, code in zip(signers, answers, strict=True):
+                if isinstance(code, bytes | bytearray):
+                    self._code[signer] = len(code) > 0
 
     def sync(self, *, max_age: float = 0.0) -> None:
         """Bring the index to the head unless its last sync is younger than `max_age` seconds."""

@@ -80,6 +80,7 @@ class ChannelIndex:
         self.head = -1  # the chain head at the last sync
         self.synced_at = float("-inf")  # monotonic start of the last successful sync
         self.syncs = 0
+        self.resumed_from: int | None = None  # the first block this process read (the persisted cursor + 1)
         self.round_trips = 0  # HTTP round trips to the RPC (a batch counts once): what the benches print
         self._sync_lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
@@ -122,6 +123,8 @@ class ChannelIndex:
             self.syncs += 1
 
     def _sync(self) -> None:
+        if self.resumed_from is None:
+            self.resumed_from = self.cursor + 1
         head = self.w3.eth.block_number
         self.round_trips += 1
         if head < self.cursor:

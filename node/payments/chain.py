@@ -9,7 +9,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
+from eth_abi import decode as abi_decode
 from eth_account.signers.local import LocalAccount
+from eth_utils import function_abi_to_4byte_selector
 from web3 import Web3
 from web3.types import TxReceipt
 
@@ -17,7 +19,7 @@ from client.channel import ChannelBook, ChannelState, UnknownChannel
 from client.contracts import contract
 from client.deployment import Deployment
 from client.tx import send
-from node.payments.channel_index import ChannelIndex, Poller
+from node.payments.channel_index import ChannelIndex, Poller, rpc_batch
 
 ERC1271_MAGIC = bytes.fromhex("1626ba7e")
 _ERC1271_ABI = [
@@ -55,7 +57,7 @@ class ChannelChain:
                                   on_open=self._opened)
         self.index.after_sync = self._fetch_codes
         self._poller: Poller | None = None
-        self._changed_at = float("-inf")  # when this node's last transaction on a channel was mined
+        self._changed: dict[bytes, float] = {}  # channels this node's own transactions changed, and when
         self._lock = threading.Lock()
         # Channels that exist but that the index does not hold (another payee's): briefly cached, so that a
         # stranger's vouchers do not make a sync each.
@@ -93,13 +95,9 @@ class ChannelChain:
         all the signers a sync found, instead of an eth_getCode per first contact."""
         while self._new_signers:
             signers = [self._new_signers.pop() for _ in range(min(500, len(self._new_signers)))]
-            with self.w3.batch_requests() as batch:
-                for signer in signers:
-                    batch.add(self.w3.eth.get_code(Web3.to_checksum_address(signer)))
-                answers = batch.execute()
-            for signer, code in zip(signers, answers, strict=True):
-                if isinstance(code, bytes | bytearray):
-                    self._code[signer] = len(code) > 0
+            codes = rpc_batch(self.w3, [("eth_getCode", [signer, "latest"]) for signer in signers])
+            for signer, code in zip(signers, codes, strict=True):
+                self._code[signer] = code not in ("0x", "", None)
 
     def sync(self, *, max_age: float = 0.0) -> None:
         """Bring the index to the head unless its last sync is younger than `max_age` seconds."""
@@ -123,11 +121,14 @@ class ChannelChain:
         if fresh:
             self.index.sync(now)
         else:
-            since = self._changed_at  # this node's own transaction: read what it did
+            changed = self._changed.get(channel_id)  # after this node's own transaction on it: read what it did
+            since = float("-inf") if changed is None else changed
             if self._poller is None and self.index.get(channel_id) is not None:
                 since = max(since, now - self.ttl)  # (an id the index lacks takes the cold path: no log scan)
             if self.index.synced_at < since:
                 self.index.sync(since)
+            if changed is not None and self.index.synced_at >= changed:
+                self._changed.pop(channel_id, None)
         state = self.index.get(channel_id)
         if state is not None:
             return state
@@ -183,18 +184,17 @@ class ChannelChain:
         return fut.result()
 
     def _get_channels(self, ids: list[bytes]) -> dict[bytes, dict]:
-        names = [c["name"] for c in self.escrow.get_function_by_name("getChannel").abi["outputs"][0]["components"]]
-        with self.w3.batch_requests() as batch:
-            for cid in ids:
-                batch.add(self.escrow.functions.getChannel(cid))
-            answers = batch.execute()
+        """`getChannel` of each id: eth_calls in one JSON-RPC batch, decoded by the ABI's component names."""
+        components = self.escrow.get_function_by_name("getChannel").abi["outputs"][0]["components"]
+        struct = "(" + ",".join(c["type"] for c in components) + ")"
+        selector = function_abi_to_4byte_selector(self.escrow.get_function_by_name("getChannel").abi)
+        to = self.escrow.address
+        answers = rpc_batch(self.w3, [("eth_call", [{"to": to, "data": "0x" + (selector + cid).hex()}, "latest"])
+                                      for cid in ids])
         self.batched_reads += 1
-        out = {}
-        for cid, answer in zip(ids, answers, strict=True):
-            if isinstance(answer, dict) and "error" in answer:
-                raise RuntimeError(f"getChannel failed: {answer['error']}")
-            out[cid] = dict(zip(names, answer, strict=True))
-        return out
+        return {cid: dict(zip((c["name"] for c in components), abi_decode([struct], bytes.fromhex(a[2:]))[0],
+                              strict=True))
+                for cid, a in zip(ids, answers, strict=True)}
 
     def is_contract(self, address: str) -> bool:
         if address not in self._code:
@@ -230,8 +230,8 @@ class ChannelChain:
         try:
             return tx()
         finally:
-            self._changed_at = time.monotonic()
             with self._lock:
+                self._changed[channel_id] = time.monotonic()
                 self._foreign.pop(channel_id, None)
 
     def earnings(self, token: str, account: str) -> int:

@@ -205,3 +205,30 @@ def test_first_contacts_arriving_together_share_one_batched_read(w3: Web3, deplo
     assert all(states[cid].deposit == 10**15 and states[cid].payee == node_account.address for cid in keys)
     assert chain.batched_reads - reads <= 3 and chain.index.syncs - syncs <= 3
     chain.stop()
+
+
+def test_settlement_rounds_look_only_at_what_changed(w3: Web3, deployment: Deployment, node_account, channels,
+                                                     tmp_path: Path) -> None:
+    """After a full round, a round looks at the channels the ledger wrote or the index saw change since, and
+    at nothing else: a close request (no ledger write) and a voucher past the threshold are both acted on."""
+    from eth_account import Account
+
+    from tests.payments_helpers import node_payments
+
+    node = node_payments(w3, deployment, node_account, tmp_path, threshold=5000)
+    keys = [Account.create() for _ in range(3)]
+    ids = [channels.open(node_account.address, 10**15, session_key=k.address) for k in keys]
+    for cid, key in zip(ids, keys, strict=True):
+        node.verifier.accept(channels.sign_voucher(key, cid, 1000))
+    node.worker.write_overlap_s = 0.0  # (the overlap covers commits racing a round; none here)
+    for _ in range(node.chain.index.depth + 1):  # the openings leave the index's unfinal tail
+        w3.provider.make_request("evm_mine", [])
+    assert node.worker.run_once() == []  # the first round is a full one: nothing due
+    assert node.worker._candidates(full=False) == []  # nothing changed since: no channel is even looked at
+    channels.request_close(ids[0])  # an on-chain change only: the ledger is not written
+    node.verifier.accept(channels.sign_voucher(keys[1], ids[1], 6000))  # a ledger change: now past the threshold
+    actions = {a.channel_id: a.action for a in node.worker.run_once()}
+    assert actions == {"0x" + ids[0].hex(): "close", "0x" + ids[1].hex(): "settle"}
+    assert channels.get(ids[0]).finalized and channels.get(ids[1]).settled == 6000
+    assert channels.get(ids[2]).settled == 0
+    node.chain.stop()

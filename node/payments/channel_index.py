@@ -123,6 +123,8 @@ class ChannelIndex:
         self.head = -1  # the chain head at the last sync
         self.synced_at = float("-inf")  # monotonic start of the last successful sync
         self.syncs = 0
+        self.resets = 0  # rebuilds after a deep reorganisation: a reader of `take_touched` must then look at all
+        self._touched: set[bytes] = set()  # ids whose state changed since the last `take_touched`
         self.resumed_from: int | None = None  # the first block this process read (the persisted cursor + 1)
         self.round_trips = 0  # HTTP round trips to the RPC (a batch counts once): what the benches print
         self._sync_lock = threading.Lock()
@@ -142,6 +144,12 @@ class ChannelIndex:
         if block is None:
             return None
         return block <= self.head - self.confirmations + 1
+
+    def take_touched(self) -> set[bytes]:
+        """The ids whose state changed (or may have: the unfinal tail's) since the last call; for the settlement
+        worker, which then looks only at those and at what the ledger changed."""
+        touched, self._touched = self._touched, set()
+        return touched
 
     def __len__(self) -> int:
         return len(ChainMap(self._overlay, self._final))
@@ -187,13 +195,15 @@ class ChannelIndex:
             final = [entry for entry in logs if entry["blockNumber"] <= upto]
             if upto >= start:
                 changed = self._fold(self._final, self._final_opened, final)
+                self._touched |= changed
                 self.cursor, self._cursor_hash = upto, upto_hash
                 self._persist(changed)
             if last:
                 overlay: dict[bytes, ChannelState] = {}
                 opened: dict[bytes, int] = {}
                 tail = [entry for entry in logs if entry["blockNumber"] > upto]
-                self._fold(ChainMap(overlay, self._final), ChainMap(opened, self._final_opened), tail)
+                self._touched |= self._fold(ChainMap(overlay, self._final), ChainMap(opened, self._final_opened), tail)
+                self._touched |= self._overlay.keys() - overlay.keys()  # changes a reorganisation took back
                 keep = {(e["blockHash"], e["logIndex"]) for e in tail}  # the next sync reads these again
                 self._decoded = {k: v for k, v in self._decoded.items() if k in keep}
                 self._overlay, self._overlay_opened, self.head = overlay, opened, head
@@ -291,6 +301,7 @@ class ChannelIndex:
 
     def _reset(self, why: str) -> None:
         log.warning("channel index rebuilt from block %d: %s", self.start_block, why)
+        self.resets += 1
         self._final, self._final_opened, self._overlay, self._overlay_opened = {}, {}, {}, {}
         self.cursor, self._cursor_hash = self.start_block - 1, None
         if self._db is not None:

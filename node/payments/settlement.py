@@ -71,6 +71,13 @@ class SettlementWorker:
         # retried well inside its grace period.
         self._failures: dict[str, tuple[int, float]] = {}
         self.max_backoff = max(60.0, interval)
+        # Rounds look only at what changed since the last one (ledger writes, index changes, failing channels); every
+        # `full_scan_every` rounds, at a flush and after an index rebuild they look at every open channel.
+        self.full_scan_every = 60
+        self._scanned_at: float | None = None  # unix time the last round's ledger read started
+        self._rounds = 0
+        self._resets = 0
+        self.write_overlap_s = 5.0  # a ledger write stamped just before a round's read may commit just after it
 
     # -- one pass --------------------------------------------------------------------------------
 
@@ -82,7 +89,7 @@ class SettlementWorker:
             # channel: a round costs one index sync at most, however many channels are open.
             self.chain.sync(max_age=0.0 if flush else self.interval)
             tokens: set[str] = set()
-            for balance in self.ledger.open_channels():
+            for balance in self._candidates(full=flush):
                 cid = balance.channel_id
                 failures, retry_at = self._failures.get(cid, (0, 0.0))
                 if not flush and time.monotonic() < retry_at:
@@ -104,6 +111,30 @@ class SettlementWorker:
                 for token in tokens:
                     self._claim(token)
         return done
+
+    def _candidates(self, *, full: bool) -> list[ChannelBalance]:
+        """The open channels that may be due: every one on a full round; otherwise those the ledger wrote since the
+        last round (a new voucher, a release, a settle), those whose on-chain state changed (the index: a close
+        request, a settle or close by anyone, a top-up) and those failing. A channel in none of these was not due
+        last round and nothing that decides it has changed."""
+        index = self.chain.index
+        touched = index.take_touched()
+        started = time.time()
+        full = (full or self._scanned_at is None or self._rounds % self.full_scan_every == 0
+                or index.resets != self._resets)
+        self._rounds += 1
+        self._resets = index.resets
+        if full:
+            balances = self.ledger.open_channels()
+        else:
+            since = self._scanned_at - self.write_overlap_s
+            found = {b.channel_id: b for b in self.ledger.open_channels(changed_since=since)}
+            for cid in {"0x" + raw.hex() for raw in touched} | self._failures.keys():
+                if cid not in found and (balance := self.ledger.get(cid)) is not None and not balance.finalized:
+                    found[cid] = balance
+            balances = list(found.values())
+        self._scanned_at = started
+        return balances
 
     def settle_now(self, channel_id: str, cumulative: int, signature: str) -> None:
         """Settle one voucher on-chain now (before it is counted: a contract signer's channel), between rounds:

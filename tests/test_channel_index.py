@@ -232,3 +232,36 @@ def test_settlement_rounds_look_only_at_what_changed(w3: Web3, deployment: Deplo
     assert channels.get(ids[0]).finalized and channels.get(ids[1]).settled == 6000
     assert channels.get(ids[2]).settled == 0
     node.chain.stop()
+
+
+def test_reorganisations_within_and_beyond_the_depth(w3: Web3, deployment: Deployment, node_account, channels,
+                                                    session_key, tmp_path: Path) -> None:
+    """A reorganisation inside the unfinal tail is simply what the next sync reads; one that takes back a block the
+    index made final (the cursor's hash changed) rebuilds the index, persisted store included."""
+    chain = ChannelChain(w3, deployment, payee=node_account.address, store=tmp_path / "index.sqlite")
+    chain.sync()
+    kept = channels.open(node_account.address, 10**15, session_key=session_key.address)
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    shallow = channels.open(node_account.address, 10**15, session_key=session_key.address)
+    chain.sync()
+    assert chain.index.get(shallow) is not None
+    assert w3.provider.make_request("evm_revert", [snapshot])["result"] is True
+    w3.provider.make_request("evm_mine", [])
+    chain.sync()
+    assert chain.index.get(shallow) is None and chain.index.get(kept) is not None and chain.index.resets == 0
+
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    deep = channels.open(node_account.address, 10**15, session_key=session_key.address)
+    for _ in range(chain.index.depth + 2):
+        w3.provider.make_request("evm_mine", [])
+    chain.sync()
+    assert chain.index.cursor >= w3.eth.block_number - chain.index.depth and chain.index.get(deep) is not None
+    assert w3.provider.make_request("evm_revert", [snapshot])["result"] is True
+    for _ in range(chain.index.depth + 4):  # the head passes the old cursor again, on other blocks
+        w3.provider.make_request("evm_mine", [])
+    chain.sync()
+    assert chain.index.resets == 1 and chain.index.get(deep) is None and chain.index.get(kept) is not None
+    chain.stop()
+    reopened = ChannelChain(w3, deployment, payee=node_account.address, store=tmp_path / "index.sqlite")
+    assert reopened.index.get(deep) is None and reopened.index.get(kept) is not None  # the store was rebuilt too
+    reopened.stop()

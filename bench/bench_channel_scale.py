@@ -298,13 +298,13 @@ def scale(net: Devnet, tmp: Path, small: int, large: int) -> None:
     b = measure(net, tmp, channels, "large")
     print(f"\n2. scale: {small} vs {large} open channels paying the node, each with a voucher in its ledger "
           f"({large} opened in {opened_s:.0f} s by batched pre-signed transactions)")
-    print(f"{'':44}{small:>14,}{large:>14,}   (RPC calls / HTTP round trips)")
+    print(f"{'':34}{small:>30,}{large:>30,}   (time, RPC calls/HTTP round trips)")
 
     def row(name: str, key: str, unit: str, rpc: str | None) -> None:
         cells = ""
         for r in (a, b):
             extra = f" {r[rpc][0]:g}/{r[rpc][1]:g}" if rpc else ""
-            cells += f"{f'{r[key]:.2f} {unit}{extra}':>24}"
+            cells += f"{f'{r[key]:.2f} {unit}{extra}':>30}"
         print(f"{name:34}{cells}")
 
     row("start: index catch-up", "start_s", "s", "start_rpc")

@@ -227,6 +227,7 @@ def test_settlement_rounds_look_only_at_what_changed(w3: Web3, deployment: Deplo
     assert node.worker._candidates(full=False) == []  # nothing changed since: no channel is even looked at
     channels.request_close(ids[0])  # an on-chain change only: the ledger is not written
     node.verifier.accept(channels.sign_voucher(keys[1], ids[1], 6000))  # a ledger change: now past the threshold
+    node.chain.sync()  # (what the node's poller does every index_poll_s)
     actions = {a.channel_id: a.action for a in node.worker.run_once()}
     assert actions == {"0x" + ids[0].hex(): "close", "0x" + ids[1].hex(): "settle"}
     assert channels.get(ids[0]).finalized and channels.get(ids[1]).settled == 6000

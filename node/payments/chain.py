@@ -150,8 +150,10 @@ class ChannelChain:
                     self._unknown.clear()
                 self._unknown[channel_id] = now
             raise UnknownChannel(f"channel 0x{channel_id.hex()} was never opened on escrow {self.escrow.address}")
-        self.index.sync(now)  # opened since the last sync: one sync for every miss of this moment
-        state = self.index.get(channel_id)
+        state = self.index.get(channel_id)  # a sync since this miss began may have brought it
+        if state is None:
+            self.index.sync(now)  # opened since the last sync: one sync for every miss of this moment
+            state = self.index.get(channel_id)
         if state is not None:
             return state
         # Not ours (the index holds only channels paying this node): terms from its opening, once.

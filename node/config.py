@@ -167,6 +167,9 @@ class PaymentsConfig(_Section):
     # A channel is trusted (vouchers on it counted) once its opening has this many confirmations (1: mined).
     # Set it to what your chain needs for a reorg not to undo the opening (e.g. 3+ on an L2, 12+ on L1).
     confirmations: int = Field(1, ge=1)
+    # How often the node follows the escrow's logs into its channel index (admission reads the index; a channel
+    # opened since the last poll costs one batched read and one shared sync when its first voucher arrives).
+    index_poll_s: float = Field(1.0, gt=0)
     # Channels whose session signer is a contract (ERC-1271) can revoke it after being served, so their vouchers
     # stop settling. "refuse" (default): such channels are not served. "settle_first": each new voucher is settled
     # on-chain before it is counted, so what such a payer owes unsettled never exceeds the credit window.

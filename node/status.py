@@ -114,8 +114,9 @@ class StatusCollector:
         earned: defaultdict[str, int] = defaultdict(int)
         royalties: defaultdict[str, int] = defaultdict(int)
         totals: defaultdict[str, int] = defaultdict(int)
+        chain.sync()  # one index sync, then every channel from memory
         for bal in payments.ledger.channels():
-            state = chain.channel(bytes.fromhex(bal.channel_id[2:]), fresh=True)
+            state = chain.channel(bytes.fromhex(bal.channel_id[2:]))
             p = state.params
             royalty = state.settled * p.publisher_bps // BPS  # the escrow's integer split (_royalty)
             model = names.get("0x" + p.model_id.hex(), "0x" + p.model_id.hex())

@@ -174,7 +174,7 @@ def build_gate(settings: NodeSettings, identity: EnclaveIdentity, engine: Engine
     payments = Payments(PaymentSettings(cfg.deployment, settings.data_dir, settle_threshold=cfg.settle_threshold,
                                         settle_interval=cfg.settle_interval_s, rpc_url=cfg.rpc_url,
                                         close_margin=cfg.close_margin_s, min_settle_value=cfg.min_settle_value,
-                                        confirmations=cfg.confirmations),
+                                        confirmations=cfg.confirmations, index_poll_s=cfg.index_poll_s),
                         identity.account)
     return PaymentGate(payments, cfg, signer=identity.account, receipt_domain=domain,
                        model_ids={engine.model_name: model_id},

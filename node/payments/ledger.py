@@ -123,8 +123,11 @@ class Ledger:
         rows = self._read("SELECT accepted FROM channels WHERE channel_id=?", (channel_id.lower(),))
         return int(rows[0][0]) if rows else 0
 
-    def open_channels(self) -> list[ChannelBalance]:
-        """Every channel not yet finalized: what the settlement worker watches."""
+    def open_channels(self, *, changed_since: float | None = None) -> list[ChannelBalance]:
+        """Every channel not yet finalized: what the settlement worker watches (only those written at or after
+        `changed_since`, unix time, when given)."""
+        if changed_since is not None:
+            return [_balance(r) for r in self._read(f"{_SELECT} WHERE finalized=0 AND updated_at>=?", (changed_since,))]
         return [_balance(r) for r in self._read(f"{_SELECT} WHERE finalized=0", ())]
 
     def channels(self) -> list[ChannelBalance]:

@@ -28,7 +28,8 @@ class PaymentSettings:
     data_dir: Path
     settle_threshold: int = 10**18
     settle_interval: float = 2.0
-    cache_ttl: float = 30.0  # the worker re-reads open channels every round; top-ups trigger a re-read
+    cache_ttl: float = 30.0  # a read syncs the channel index when older (the poller keeps it far younger)
+    index_poll_s: float = 1.0  # how often the channel index follows the escrow's logs
     rpc_url: str | None = None  # overrides the deployment file's
     close_margin: int = 60
     min_settle_value: int = 0  # no settle or close for less (its gas would exceed it)
@@ -43,7 +44,11 @@ class Payments:
         self.w3 = connect(self.deployment.rpc_url, chain_id=self.deployment.chain_id)
         self.payee = payee
         self.chain = ChannelChain(self.w3, self.deployment, ttl=settings.cache_ttl,
-                                  confirmations=settings.confirmations)
+                                  confirmations=settings.confirmations, payee=payee.address,
+                                  store=settings.data_dir / "channel_index.sqlite")
+        self.index_poll_s = settings.index_poll_s
+        # Catch up on the events missed while down (from the persisted cursor) before anything is admitted.
+        self.chain.sync()
         self.ledger = Ledger(settings.data_dir / "ledger.sqlite")
         self.domain = VoucherDomain(self.deployment.chain_id, self.deployment.payment_channels)
         self.verifier = VoucherVerifier(self.domain, self.chain, self.ledger, payee.address,
@@ -52,8 +57,10 @@ class Payments:
                                        interval=settings.settle_interval, min_value=settings.min_settle_value)
 
     def start(self) -> None:
+        self.chain.start(self.index_poll_s)
         self.worker.start()
 
     def stop(self) -> None:
         self.worker.stop(flush=True)
+        self.chain.stop()
         self.ledger.close()

@@ -1,8 +1,9 @@
 """Turns accepted vouchers into on-chain money: settles past a threshold, always before a requested
 close's grace period ends, and at shutdown.
 
-Stateless beyond the ledger and the chain: after a restart it reads both and carries on. The chain is
-authoritative for what is settled, so a settle that landed just before a crash is never sent twice.
+Stateless beyond the ledger and the chain: after a restart it reads both and carries on. What is due comes from
+the ledger and the channel index (`channel_index`, state from the escrow's events): no RPC per open channel. The
+chain is authoritative for what is settled, so a settle that landed just before a crash is never sent twice.
 
 One channel cannot block the others: whatever one raises (a reverted transaction, an opening reorganised
 away, an RPC error) is logged with its reason and that channel alone is retried with exponential backoff,
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from eth_account.signers.local import LocalAccount
 
 from dcml.client.wire.errors import PaymentError, PaymentReason
-from dcml.node.payments.chain import ChannelChain
+from dcml.node.payments.chain import ChannelChain, UnknownChannel
 from dcml.node.payments.ledger import ChannelBalance, Ledger
 
 log = logging.getLogger("dcml.settlement")
@@ -73,6 +74,13 @@ class SettlementWorker:
         # retried well inside its grace period.
         self._failures: dict[str, tuple[int, float]] = {}
         self.max_backoff = max(60.0, interval)
+        # Rounds look only at what changed since the last one (ledger writes, index changes, failing channels); every
+        # `full_scan_every` rounds, at a flush and after an index rebuild they look at every open channel.
+        self.full_scan_every = 60
+        self._scanned_at: float | None = None  # unix time the last round's ledger read started
+        self._rounds = 0
+        self._resets = 0
+        self.write_overlap_s = 5.0  # a ledger write stamped just before a round's read may commit just after it
 
     # -- one pass --------------------------------------------------------------------------------
 
@@ -80,8 +88,11 @@ class SettlementWorker:
         """Look at every open channel once; `flush` settles whatever is unsettled (shutdown)."""
         done: list[SettlementAction] = []
         with self._round:
+            # Channel state comes from the index (kept current from the escrow's events), not one read per open
+            # channel: a round costs one index sync at most, however many channels are open.
+            self.chain.sync(max_age=0.0 if flush else self.interval)
             tokens: set[str] = set()
-            for balance in self.ledger.open_channels():
+            for balance in self._candidates(full=flush):
                 cid = balance.channel_id
                 failures, retry_at = self._failures.get(cid, (0, 0.0))
                 if not flush and time.monotonic() < retry_at:
@@ -104,6 +115,30 @@ class SettlementWorker:
                     self._claim(token)
         return done
 
+    def _candidates(self, *, full: bool) -> list[ChannelBalance]:
+        """The open channels that may be due: every one on a full round; otherwise those the ledger wrote since the
+        last round (a new voucher, a release, a settle), those whose on-chain state changed (the index: a close
+        request, a settle or close by anyone, a top-up) and those failing. A channel in none of these was not due
+        last round and nothing that decides it has changed."""
+        index = self.chain.index
+        touched = index.take_touched()
+        started = time.time()
+        full = (full or self._scanned_at is None or self._rounds % self.full_scan_every == 0
+                or index.resets != self._resets)
+        self._rounds += 1
+        self._resets = index.resets
+        if full or self._scanned_at is None:
+            balances = self.ledger.open_channels()
+        else:
+            since = self._scanned_at - self.write_overlap_s
+            found = {b.channel_id: b for b in self.ledger.open_channels(changed_since=since)}
+            for cid in {"0x" + raw.hex() for raw in touched} | self._failures.keys():
+                if cid not in found and (balance := self.ledger.get(cid)) is not None and not balance.finalized:
+                    found[cid] = balance
+            balances = list(found.values())
+        self._scanned_at = started
+        return balances
+
     def settle_now(self, channel_id: str, cumulative: int, signature: str) -> None:
         """Settle one voucher on-chain now (before it is counted: a contract signer's channel), between rounds:
         the payee's transactions go one at a time. Raises what the chain raised (it was not settled)."""
@@ -116,7 +151,11 @@ class SettlementWorker:
 
     def _handle(self, balance: ChannelBalance, *, flush: bool) -> SettlementAction | None:
         channel_id = bytes.fromhex(balance.channel_id[2:])
-        state = self.chain.channel(channel_id, fresh=True)
+        try:
+            state = self.chain.channel(channel_id)  # memory: the index was synced at the start of the round
+        except UnknownChannel as exc:
+            raise ChannelGone(f"channel {balance.channel_id} is not on the chain (its opening was reorganised "
+                              "away)") from exc
         if state.settled > balance.settled or state.finalized:  # landed before a crash, or closed on-chain
             self.ledger.set_settled(balance.channel_id, state.settled, finalized=state.finalized)
         if state.deposit == 0 and not state.finalized:  # a channel exists iff its deposit is not 0

@@ -16,6 +16,8 @@ import pytest
 from web3 import Web3
 
 from dcml.client.chain.deployment import Deployment
+from dcml.client.demo.kit.nodes import MODEL, PaidNode, fund, funded_wallet, paid_settings
+from dcml.client.demo.kit.raw_payer import RawPayer, _data, _event_name
 from dcml.client.wire.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE, PAYMENT_TIMEOUT_EVENT
 from dcml.node.api.app import create_app
 from dcml.node.api.server import BackgroundServer
@@ -23,8 +25,6 @@ from dcml.node.engine.synthetic import SyntheticEngine
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.payments.chain import ChannelChain
 from dcml.node.tee.simulated import SimulatedProvider
-from tests.paid_helpers import MODEL, PaidNode, RawPayer, _data, _event_name, fund, paid_settings
-from tests.test_hangup_receipts import funded_wallet
 
 ADMIT = 10**14  # the admission voucher: the prompt and the first few output tokens
 
@@ -34,13 +34,6 @@ def start_node(w3: Web3, deployment_file: Path, data_dir: Path, identity: Enclav
     app = create_app(paid_settings(deployment_file, data_dir, prepay_tokens=0, credit_tokens=4, voucher_timeout_s=2.0),
                      engine=SyntheticEngine(model_name=MODEL), identity=identity, provider=SimulatedProvider())
     return PaidNode(BackgroundServer(app).start(), identity, app)
-
-
-@pytest.fixture(scope="module")
-def deployment_file(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dep") / "deployment.json"
-    deployment.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +207,7 @@ def test_settlement_rounds_look_only_at_what_changed(w3: Web3, deployment: Deplo
     at nothing else: a close request (no ledger write) and a voucher past the threshold are both acted on."""
     from eth_account import Account
 
-    from tests.payments_helpers import node_payments
+    from dcml.client.demo.kit.payments import node_payments
 
     node = node_payments(w3, deployment, node_account, tmp_path, threshold=5000)
     keys = [Account.create() for _ in range(3)]

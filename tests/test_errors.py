@@ -15,9 +15,9 @@ import pytest
 
 import dcml.client
 import dcml.node
+from dcml.client.demo.kit.nodes import MODEL, start_paid_node
 from dcml.client.wire import errors
 from dcml.client.wire.errors import DcmlError, ErrorType, PaymentError, PaymentReason, read_error
-from tests.paid_helpers import MODEL, start_paid_node
 
 # Control flow inside one module, never raised past it.
 _PRIVATE = {"_NodeFailed", "_ClientFault", "_UpstreamStatus"}

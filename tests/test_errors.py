@@ -53,13 +53,13 @@ def test_every_error_class_has_the_root_and_a_reason() -> None:
 
 def test_each_protocol_enum_is_defined_once_and_shared() -> None:
     from dcml.client.attestation import gpu, verify
-    from dcml.client.sdk import client
+    from dcml.client.sdk import payer
     from dcml.client.wire import receipts
 
     assert verify.Reason is errors.AttestationReason and gpu.GpuReason is errors.GpuReason
     assert receipts.ReceiptReason is errors.ReceiptReason
-    assert set(PaymentReason) >= client._DEAD_CHANNEL
-    assert all(isinstance(r, errors.ReceiptReason) for r in client._SIGNED_FOR_THE_REQUEST)
+    assert set(PaymentReason) >= payer._DEAD_CHANNEL
+    assert all(isinstance(r, errors.ReceiptReason) for r in payer._SIGNED_FOR_THE_REQUEST)
 
 
 def test_an_error_carries_its_reason_on_the_wire() -> None:

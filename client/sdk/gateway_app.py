@@ -20,7 +20,7 @@ from dcml.client.sdk.exchange import Exchange
 from dcml.client.sdk.gateway_config import GatewayConfig
 from dcml.client.sdk.gateway_nodes import Upstream
 from dcml.client.wire import sse
-from dcml.client.wire.errors import error_object
+from dcml.client.wire.errors import DcmlError, error_object
 
 if TYPE_CHECKING:
     from dcml.client.sdk.gateway import Gateway
@@ -31,11 +31,13 @@ RECEIPT_HEADER = "x-dcml-receipt"
 MAX_BODY = 1 << 20
 
 
-class ClientFault(Exception):
+class ClientFault(DcmlError):
     """The node refused the request itself (4xx): another node would too; passed back as is."""
 
+    reason = "client_fault"
+
     def __init__(self, status: int, body: bytes) -> None:
-        super().__init__(status)
+        super().__init__(f"the node answered {status}")
         self.status, self.body = status, body
 
 

@@ -12,6 +12,7 @@ import httpx
 
 from dcml.client.sdk.client import Client
 from dcml.client.sdk.gateway_config import GatewayConfig
+from dcml.client.wire.errors import DcmlError
 
 log = logging.getLogger("dcml.gateway")
 
@@ -63,5 +64,7 @@ class Upstream:
         self.ttft_s = ttft_s if self.ttft_s is None else 0.8 * self.ttft_s + 0.2 * ttft_s
 
 
-class NodeFailed(Exception):
+class NodeFailed(DcmlError):
     """This node cannot answer this request before its first token: try the next one."""
+
+    reason = "node_failed"

@@ -25,6 +25,7 @@ from eth_hash.auto import keccak
 from eth_keys.datatypes import PrivateKey
 from eth_utils import to_checksum_address
 
+from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.hexutil import from_hex, to_hex
 
 # secp256k1 group order; signatures with s above half of it are malleable and refused (as on-chain).
@@ -34,9 +35,11 @@ SIGNATURE_LEN = 65
 Encoder = Callable[[Any], bytes]
 
 
-class SignatureError(ValueError):
+class SignatureError(DcmlError, ValueError):
     """A signature that must not be accepted: not hex, wrong length, r or s out of range (high s is
     malleable), v not 27/28, or no key recovers from it."""
+
+    reason = "bad_signature"
 
 
 # --- field encoding (EIP-712 encodeData) -------------------------------------------------------

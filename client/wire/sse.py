@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from dcml.client.wire.errors import DcmlError
+
 DONE = b"[DONE]"  # the last data payload of an OpenAI stream
 MESSAGE = "message"  # the name of an event without an `event:` field
 MAX_LINE = 4 << 20  # bytes in one line: far above any chunk an engine sends, far below what hurts
@@ -24,8 +26,10 @@ MAX_EVENT = 4 << 20  # bytes of data in one event
 _EOL = re.compile(rb"\r\n?|\n")
 
 
-class SseError(ValueError):
+class SseError(DcmlError, ValueError):
     """The stream breaks a bound (a line or an event too large) or the writer was given unframeable input."""
+
+    reason = "malformed_stream"
 
 
 class Event(NamedTuple):

@@ -10,6 +10,7 @@ the path test a guess of the prompt.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import time
 import uuid
@@ -190,11 +191,13 @@ class _Shapes:
         obj = "chat.completion.chunk" if self.plan.kind == "chat" else "text_completion"
         return _json({**self._head(obj), "choices": [], "usage": self.usage(output_tokens)})
 
-    def full(self, text: str, last: TokenChunk | None, output_tokens: int, logprobs: Any) -> bytes:
+    def full(self, text: str, last: TokenChunk | None, output_tokens: int, logprobs: Any,
+             extra: dict | None = None) -> bytes:
         finish, stop_reason = (last.finish_reason, last.stop_reason) if last is not None else (None, None)
         if self.plan.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish, "stop_reason": stop_reason}
+            message = {"role": "assistant", "content": text, **_message_fields(extra)}
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish,
+                      "stop_reason": stop_reason}
             return _json({**self._head("chat.completion"), "choices": [choice], "usage": self.usage(output_tokens)})
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
         return _json({**self._head("text_completion"), "choices": [choice], "usage": self.usage(output_tokens)})
@@ -210,6 +213,32 @@ def _merge_logprobs(acc: Any, part: Any) -> Any:
         if isinstance(v, list) and isinstance(acc.get(k), list):
             acc[k].extend(v)
     return acc
+
+
+def _merge_delta(acc: dict | None, part: dict | None) -> dict | None:
+    """Streamed chat deltas beyond the text (tool_calls, reasoning, ...) into one message's fields, by the OpenAI
+    SDK's own rules (strings concatenate, list entries merge by their `index`): vLLM's streamed tool call arrives
+    as an id and name, then pieces of its arguments."""
+    if not part:
+        return acc
+    # Imported here: the openai package costs ~0.4 s at start, and only upstream deltas need it (openai is pinned).
+    from openai.lib.streaming._deltas import accumulate_delta
+
+    try:
+        return accumulate_delta(acc if acc is not None else {}, copy.deepcopy(part))
+    except (TypeError, RuntimeError) as exc:  # entries without an integer index: not an OpenAI delta
+        raise EngineFailed(f"the inference server sent a delta that cannot be merged: {exc}") from None
+
+
+def _message_fields(merged: dict | None) -> dict:
+    """Merged deltas as a non-streamed message's fields: tool calls lose the `index` that only streaming uses."""
+    if not merged:
+        return {}
+    out = dict(merged)
+    if isinstance(out.get("tool_calls"), list):
+        out["tool_calls"] = [{k: v for k, v in tc.items() if k != "index"} if isinstance(tc, dict) else tc
+                             for tc in out["tool_calls"]]
+    return out
 
 
 async def _first_chunk(stream: AsyncIterator[TokenChunk]) -> TokenChunk | None:
@@ -359,6 +388,7 @@ async def _full_response(meter: _Meter, first: TokenChunk | None, stream: AsyncI
     parts: list[str] = []
     last: TokenChunk | None = None
     logprobs: Any = None
+    extra: dict | None = None  # tool_calls and other message fields, as vLLM streamed them
     chunk = first
     paid, gate = meter.paid, meter.state.gate
     try:
@@ -366,6 +396,7 @@ async def _full_response(meter: _Meter, first: TokenChunk | None, stream: AsyncI
             parts.append(chunk.text)
             meter.output_tokens += chunk.tokens
             logprobs = _merge_logprobs(logprobs, chunk.logprobs)
+            extra = _merge_delta(extra, chunk.delta)
             if chunk.finish_reason is not None:
                 last = chunk
             meter.check_usage(chunk)
@@ -381,7 +412,7 @@ async def _full_response(meter: _Meter, first: TokenChunk | None, stream: AsyncI
         await gate.refund(paid)  # nothing is delivered, so nothing is charged
         raise gate.needed(meter.plan.model, "insufficient_funds", "the channel ran out while answering (a "
                           "concurrent request spent it); top it up with a higher voucher and retry")
-    body = _Shapes(meter.plan).full("".join(parts), last, meter.output_tokens, logprobs)
+    body = _Shapes(meter.plan).full("".join(parts), last, meter.output_tokens, logprobs, extra)
     receipt_id = new_receipt_id()
     receipt_json = await meter.receipt(receipt_id, response_hash(body))
     headers = _paid_headers(meter)

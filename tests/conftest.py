@@ -113,7 +113,14 @@ def vllm(tmp_path_factory):
             pytest.skip("DCML_SKIP_VLLM=1 and no .venv-vllm")
         pytest.fail("vLLM's virtualenv is missing: run `make vllm-venv` (make test builds it)")
     demo = Path(__file__).resolve().parent.parent / "models" / "demo"
-    server = VLLMServer(demo, "dcml-demo", port=free_port(), log_path=tmp_path_factory.mktemp("vllm") / "vllm.log")
+    # A tool-call parser, so that a named tool_choice gives tool_calls (the demo model has no tool format of its own:
+    # vLLM constrains the arguments to the tool's JSON schema); requests without tools are unaffected. HoldBack lets a
+    # test hold an answer back inside vLLM (tests/vllm_hold.py); it passes every other request untouched.
+    root = demo.parent.parent
+    server = VLLMServer(demo, "dcml-demo", port=free_port(), log_path=tmp_path_factory.mktemp("vllm") / "vllm.log",
+                        extra_args=["--enable-auto-tool-choice", "--tool-call-parser", "pythonic",
+                                    "--middleware", "tests.vllm_hold.HoldBack"],
+                        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))})
     server.start()
     try:
         server.wait_ready(600)

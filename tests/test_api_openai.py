@@ -146,3 +146,29 @@ def test_32_concurrent_streams_are_independent(node):
         prompt = chat_prompt([{"role": "user", "content": f"request number {i}"}])
         assert text == expected_text(prompt, 40 + i, i), f"stream {i} got another stream's tokens"
         assert usage == 40 + i
+
+
+def test_streamed_tool_call_deltas_make_the_non_streamed_message():
+    """An upstream (vLLM) streams tool calls in pieces, parallel calls interleaved by `index`: a non-streamed answer
+    carries them whole, as vLLM's own non-streamed answer does (no `index`); a delta that cannot merge is an
+    engine failure, not a silently wrong message."""
+    from dcml.node.api.openai_shapes import _message_fields
+    from dcml.node.api.openai_shapes import merge_delta as _merge_delta
+    from dcml.node.engine.base import EngineFailed
+
+    def call(i: int, **fields) -> dict:
+        return {"tool_calls": [{"index": i, **fields}]}
+
+    first = call(0, id="a", type="function", function={"name": "f", "arguments": ""})
+    parts = [first, call(1, id="b", type="function", function={"name": "g", "arguments": "{"}),
+             call(0, function={"name": None, "arguments": '{"x":'}), call(1, function={"arguments": "}"}),
+             call(0, function={"arguments": "1}"}), {"reasoning": "th"}, {"reasoning": "us"}]
+    merged = None
+    for part in parts:
+        merged = _merge_delta(merged, part)
+    assert _message_fields(merged) == {"reasoning": "thus", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x":1}'}},
+        {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}
+    assert first["tool_calls"][0]["function"]["arguments"] == ""  # the chunks themselves are left as streamed
+    with pytest.raises(EngineFailed):
+        _merge_delta({"tool_calls": [{"id": "a"}]}, {"tool_calls": [{"function": {"arguments": "{}"}}]})

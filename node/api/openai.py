@@ -32,7 +32,7 @@ from dcml.client.wire.receipts import (
 from dcml.client.wire.x402 import ACCEPTANCE_HEADER, NEED_VOUCHER_EVENT, PAYMENT_TIMEOUT_EVENT
 from dcml.node.api.errors import APIError, Overloaded, RequestTimeout, Unavailable, error_body, internal_error
 from dcml.node.api.openai_plan import Kind, Plan, parse
-from dcml.node.api.openai_shapes import Shapes, merge_logprobs
+from dcml.node.api.openai_shapes import Shapes, merge_delta, merge_logprobs
 from dcml.node.api.payments import PaymentAPIError
 from dcml.node.api.sealing import OpenedBody, open_body
 from dcml.node.api.sse import DONE, SSE_HEADERS, data_event, named_event
@@ -193,6 +193,7 @@ async def _full_response(answer: _Answer, first: TokenChunk | None, stream: Asyn
     parts: list[str] = []
     last: TokenChunk | None = None
     logprobs: Any = None
+    extra: dict | None = None  # tool_calls and other message fields, as vLLM streamed them
     chunk = first
     output_tokens = 0
     meter = answer.meter
@@ -201,6 +202,7 @@ async def _full_response(answer: _Answer, first: TokenChunk | None, stream: Asyn
             parts.append(chunk.text)
             output_tokens += chunk.tokens
             logprobs = merge_logprobs(logprobs, chunk.logprobs)
+            extra = merge_delta(extra, chunk.delta)
             if chunk.finish_reason is not None:
                 last = chunk
             answer.check_usage(chunk)
@@ -211,7 +213,7 @@ async def _full_response(answer: _Answer, first: TokenChunk | None, stream: Asyn
     finally:
         await _aclose(stream)
     await meter.charge_all(output_tokens)  # PaymentNeeded: refunded, nothing is delivered and nothing charged
-    body = Shapes(answer.plan).full("".join(parts), last, meter.output_tokens, logprobs)
+    body = Shapes(answer.plan).full("".join(parts), last, meter.output_tokens, logprobs, extra)
     receipt_id = new_receipt_id()
     receipt_json = await answer.receipt(receipt_id, response_hash(body))
     headers = answer.headers()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import uuid
 from typing import Any
 
 from dcml.node.api.openai_plan import Plan
-from dcml.node.engine.base import TokenChunk
+from dcml.node.engine.base import EngineFailed, TokenChunk
 
 
 def _json(obj: dict) -> bytes:
@@ -70,11 +71,13 @@ class Shapes:
         obj = "chat.completion.chunk" if self.plan.kind == "chat" else "text_completion"
         return _json({**self._head(obj), "choices": [], "usage": self.usage(output_tokens)})
 
-    def full(self, text: str, last: TokenChunk | None, output_tokens: int, logprobs: Any) -> bytes:
+    def full(self, text: str, last: TokenChunk | None, output_tokens: int, logprobs: Any,
+             extra: dict | None = None) -> bytes:
         finish, stop_reason = (last.finish_reason, last.stop_reason) if last is not None else (None, None)
         if self.plan.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish, "stop_reason": stop_reason}
+            message = {"role": "assistant", "content": text, **_message_fields(extra)}
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish,
+                      "stop_reason": stop_reason}
             return _json({**self._head("chat.completion"), "choices": [choice], "usage": self.usage(output_tokens)})
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
         return _json({**self._head("text_completion"), "choices": [choice], "usage": self.usage(output_tokens)})
@@ -90,3 +93,29 @@ def merge_logprobs(acc: Any, part: Any) -> Any:
         if isinstance(v, list) and isinstance(acc.get(k), list):
             acc[k].extend(v)
     return acc
+
+
+def merge_delta(acc: dict | None, part: dict | None) -> dict | None:
+    """Streamed chat deltas beyond the text (tool_calls, reasoning, ...) into one message's fields, by the OpenAI
+    SDK's own rules (strings concatenate, list entries merge by their `index`): vLLM's streamed tool call arrives
+    as an id and name, then pieces of its arguments."""
+    if not part:
+        return acc
+    # Imported here: the openai package costs ~0.4 s at start, and only upstream deltas need it (openai is pinned).
+    from openai.lib.streaming._deltas import accumulate_delta
+
+    try:
+        return accumulate_delta(acc if acc is not None else {}, copy.deepcopy(part))
+    except (TypeError, RuntimeError) as exc:  # entries without an integer index: not an OpenAI delta
+        raise EngineFailed(f"the inference server sent a delta that cannot be merged: {exc}") from None
+
+
+def _message_fields(merged: dict | None) -> dict:
+    """Merged deltas as a non-streamed message's fields: tool calls lose the `index` that only streaming uses."""
+    if not merged:
+        return {}
+    out = dict(merged)
+    if isinstance(out.get("tool_calls"), list):
+        out["tool_calls"] = [{k: v for k, v in tc.items() if k != "index"} if isinstance(tc, dict) else tc
+                             for tc in out["tool_calls"]]
+    return out

@@ -122,7 +122,7 @@ contract ModelRegistry {
     /// @param weightsHash Hash of the clear weight files, as the manifest states it.
     /// @param priceFloor Least price per output token nodes should charge (token's smallest unit).
     /// @param keyBrokerUrl Where attested nodes fetch the model key (non-empty, at most 256 bytes).
-    /// @param allowedMeasurements Measurement ids allowed to receive the key (non-zero, at most 32).
+    /// @param measurements Measurement ids allowed to receive the key (non-zero, at most 32).
     function publish(
         bytes32 modelId,
         uint16 royaltyBps,
@@ -130,7 +130,7 @@ contract ModelRegistry {
         bytes32 weightsHash,
         uint256 priceFloor,
         string calldata keyBrokerUrl,
-        bytes32[] calldata allowedMeasurements
+        bytes32[] calldata measurements
     ) external {
         if (modelId == bytes32(0)) revert ZeroModelId();
         if (royaltyBps > MAX_BPS) revert InvalidRoyalty(royaltyBps);
@@ -150,9 +150,9 @@ contract ModelRegistry {
         _setRelease(l, manifestHash, weightsHash);
         _setKeyBroker(l, keyBrokerUrl);
         l.priceFloor = priceFloor;
-        _setMeasurements(l, allowedMeasurements);
+        _setMeasurements(l, measurements);
         emit ModelPublished(modelId, msg.sender, manifestHash, weightsHash, priceFloor, keyBrokerUrl);
-        emit MeasurementsChanged(modelId, allowedMeasurements);
+        emit MeasurementsChanged(modelId, measurements);
     }
 
     /// @notice Points `modelId` at a new bundle (new manifest and weights). Publisher only.
@@ -180,10 +180,10 @@ contract ModelRegistry {
     /// @notice Replaces the allowed measurement ids (drop one to revoke that build). Publisher only.
     /// @dev Brokers read this list on every key request, so a revocation applies to the next request;
     ///      it cannot take back a key already released.
-    function setAllowedMeasurements(bytes32 modelId, bytes32[] calldata allowedMeasurements) external {
+    function setAllowedMeasurements(bytes32 modelId, bytes32[] calldata measurements) external {
         Listing storage l = _publishedBy(modelId);
-        _setMeasurements(l, allowedMeasurements);
-        emit MeasurementsChanged(modelId, allowedMeasurements);
+        _setMeasurements(l, measurements);
+        emit MeasurementsChanged(modelId, measurements);
     }
 
     // ---------------------------------------------------------------- views

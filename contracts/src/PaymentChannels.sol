@@ -3,7 +3,6 @@ pragma solidity ^0.8.24;
 
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
-import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
@@ -14,15 +13,17 @@ import {ModelRegistry} from "./ModelRegistry.sol";
 /// @notice Unidirectional payer -> payee escrow paid by cumulative EIP-712 vouchers (the MPP/Tempo
 ///         "payee settles" design), in native ETH (`token == address(0)`) or an ERC-20 token.
 ///         A model publisher's royalty, read from {ModelRegistry} and snapshotted at open, is split
-///         off every settlement. Every payout (payee, publisher and the payer's refund) is credited
-///         to a pull balance and claimed with {claimEarnings}, so no recipient can block a close.
-/// @dev Lifecycle: `open` -> (`topUp` | `settle`)* -> `close` by the payee, or `requestClose` by the
-///      payer -> grace period -> `withdraw` by the payer. The payee can still settle while a close
+///         off every settlement. Every payout is pulled, so no recipient can block a close: the payee's
+///         and publisher's shares are credited to a pull balance ({claimEarnings}); the payer's refund
+///         stays in the finalized channel's record until the payer claims it ({claimRefund}).
+/// @dev Lifecycle: `open` -> (`topUp` | `settle` | `settleBatch`)* -> `close` by the payee, or
+///      `requestClose` by the payer -> grace period -> `withdraw` by the payer; then `claimRefund`. The payee can still settle while a close
 ///      is pending, even after the grace period, until the payer withdraws; `topUp` cancels a
 ///      pending close. A finalized channel keeps its record forever (its id can never be reopened,
 ///      which would make old vouchers valid again).
 ///
-///      Only the mutable state of a channel is stored (two slots). Its fixed terms
+///      Only the mutable state of a channel is stored (two slots; a refund is kept in slot 0, which
+///      the finalization writes anyway, instead of a fresh pull-balance slot: 20k gas less a close). Its fixed terms
 ///      ({ChannelParams}) are passed back as calldata by every call and re-derived into the channel
 ///      id (TempoStreamChannel's pattern): a call with any wrong field addresses an id that was
 ///      never opened and reverts with `ChannelNotFound`. The terms are in the `ChannelOpened` event.
@@ -30,7 +31,7 @@ import {ModelRegistry} from "./ModelRegistry.sol";
 ///      Vouchers are `Voucher(bytes32 channelId,uint128 cumulativeAmount)` under the domain
 ///      `{name: "PaymentChannels", version: "1", chainId, verifyingContract}`, signed by the
 ///      channel's `authorizedSigner`: 65-byte low-s ECDSA for a key, else ERC-1271 for a contract
-///      (OpenZeppelin `ECDSA`, then `SignatureChecker`). The channel id commits to chain id and
+///      (`ecrecover` with the low-s rule, then `SignatureChecker`). The channel id commits to chain id and
 ///      contract too.
 ///
 ///      Reentrancy: the full guard on the calls that make a state-changing external call (`open`,
@@ -66,15 +67,31 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     }
 
     /// @notice The mutable state of a channel, the only per-channel storage. Layout (2 slots):
-    ///   slot 0: deposit (120) | settled (120) | finalized (8)  -- read and written by every call
-    ///   slot 1: closeRequestedAt (64)                          -- written only by requestClose and topUp
+    ///   slot 0: deposit (120) | settled (120) | finalized (8) | refunded (8) -- read and written by every call
+    ///   slot 1: closeRequestedAt (64)                    -- written only by requestClose and topUp
     /// @dev A channel exists iff `deposit != 0` (open requires a deposit and nothing lowers it);
     ///      the record of a finalized channel is never deleted, so its id cannot be opened again.
+    ///      A finalized channel owes its payer `deposit - settled` until `refunded`.
     struct ChannelState {
         uint120 deposit;
         uint120 settled;
         bool finalized;
+        bool refunded;
         uint64 closeRequestedAt;
+    }
+
+    /// @notice One voucher of a {settleBatch}: the terms that differ between channels of one payee,
+    ///         token and model, the cumulative amount and the signer's 65-byte ECDSA signature in its
+    ///         EIP-2098 compact form (`vs = (v - 27) << 255 | s`).
+    /// @dev The compact form and the shared terms halve the calldata of a voucher. A channel whose
+    ///      signer is an ERC-1271 contract cannot be batched: settle it with {settle}.
+    struct BatchVoucher {
+        address payer;
+        bytes32 salt;
+        address authorizedSigner;
+        uint128 cumulativeAmount;
+        bytes32 r;
+        bytes32 vs;
     }
 
     // ---------------------------------------------------------------- constants
@@ -86,6 +103,8 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     uint64 public constant MAX_CLOSE_GRACE_PERIOD = 30 days;
 
     uint256 private constant BPS = 10_000;
+    /// @dev secp256k1n / 2: the largest low-s value.
+    uint256 private constant _HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
 
     // ---------------------------------------------------------------- state
 
@@ -122,14 +141,20 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     event CloseRequested(bytes32 indexed channelId, uint64 closableAt);
     /// @notice A top-up cancelled the pending close request.
     event CloseCancelled(bytes32 indexed channelId);
-    /// @notice A voucher for `cumulativeAmount` was settled; `delta = payeeShare + publisherShare`.
-    event Settled(
-        bytes32 indexed channelId, uint128 cumulativeAmount, uint128 delta, uint128 payeeShare, uint128 publisherShare
-    );
-    /// @notice The payee closed the channel at `settled`; `refund` was credited to the payer.
+    /// @notice A voucher for `cumulativeAmount` was settled; `publisherShare` of the increase over the
+    ///         previous `Settled` amount (0 before the first) went to the publisher, the rest to the payee.
+    /// @dev The increase and the payee's share are differences, not logged: two data words less per
+    ///      settlement (the batch goal is gas per channel).
+    event Settled(bytes32 indexed channelId, uint128 cumulativeAmount, uint128 publisherShare);
+    /// @notice The payee closed the channel at `settled`; the payer may claim `refund` ({claimRefund}).
     event ChannelClosed(bytes32 indexed channelId, uint128 settled, uint128 refund);
-    /// @notice The payer withdrew after the grace period; `refund` was credited to the payer.
+    /// @notice The payer finalized the channel after the grace period; it may claim `refund`.
     event Withdrawn(bytes32 indexed channelId, uint128 refund);
+    /// @notice The payer of `channelId` was paid its `refund`.
+    event RefundClaimed(bytes32 indexed channelId, address indexed payer, uint128 refund);
+    /// @notice {settleBatch} skipped the voucher of `channelId`: `reason` is the selector of the
+    ///         error {settle} would have reverted with (e.g. `InvalidSignature.selector`).
+    event SettlementSkipped(bytes32 indexed channelId, bytes4 reason);
     /// @notice `account` was paid its whole `token` balance.
     event EarningsClaimed(address indexed token, address indexed account, uint256 amount);
 
@@ -166,6 +191,9 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     error GracePeriodActive(uint64 closableAt);
     // Claims.
     error NothingToClaim();
+    /// @dev A refund is claimed once the channel is finalized (`close` or `withdraw`).
+    error ChannelNotFinalized(bytes32 channelId);
+    error RefundAlreadyClaimed(bytes32 channelId);
     error EthTransferFailed();
 
     // ---------------------------------------------------------------- constructor
@@ -294,8 +322,89 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
             // forge-lint: disable-next-line(unsafe-typecast)
             settled = uint120(cumulativeAmount); // _settle checked cumulativeAmount <= deposit
         }
-        uint128 refund = _finalize(params, ch, deposit, settled);
+        uint128 refund = _finalize(ch, deposit, settled);
         emit ChannelClosed(channelId, settled, refund);
+    }
+
+    /// @notice Settles many vouchers of the caller's channels in one token and for one model, each
+    ///         with exactly {settle}'s checks and royalty split; a voucher that fails a check is
+    ///         skipped and reported, the rest settle.
+    /// @dev Skipping, not reverting, is what a payee wants: one channel closed under it must not
+    ///      cost the round. A skipped voucher emits `SettlementSkipped(channelId, reason)` with the
+    ///      selector of the error {settle} would revert with and changes nothing; a settled one
+    ///      emits `Settled` as {settle} does. The channel id is derived from the shared terms, the
+    ///      caller as payee and the voucher's own terms, so a wrong term (or a caller who is not the
+    ///      payee) addresses no channel: `ChannelNotFound`. A channel named twice is checked against
+    ///      the amount the first voucher settled (no double count). The shares are summed and
+    ///      credited once, to the caller and to `publisher`.
+    /// @param token The channels' token (address(0) = ETH).
+    /// @param modelId The channels' model.
+    /// @param publisher The channels' publisher (as in their terms; address(0) without royalty).
+    /// @param publisherBps The channels' royalty.
+    /// @param vouchers The vouchers, see {BatchVoucher}.
+    /// @return settledCount How many vouchers settled.
+    function settleBatch(
+        address token,
+        bytes32 modelId,
+        address publisher,
+        uint16 publisherBps,
+        BatchVoucher[] calldata vouchers
+    ) external nonReentrantView returns (uint256 settledCount) {
+        // No channel has a royalty above 100% (open refuses it); _split relies on the bound.
+        if (publisherBps > BPS) revert InvalidRoyalty(publisherBps);
+        // The id preimage (see _channelId), with the shared words written once.
+        uint256 buf;
+        assembly ("memory-safe") {
+            buf := mload(0x40)
+            mstore(0x40, add(buf, 0x140))
+            mstore(add(buf, 0x20), caller())
+            mstore(add(buf, 0x40), token)
+            mstore(add(buf, 0xa0), modelId)
+            mstore(add(buf, 0xc0), publisher)
+            mstore(add(buf, 0xe0), publisherBps)
+            mstore(add(buf, 0x100), address())
+            mstore(add(buf, 0x120), chainid())
+        }
+        uint256 payeeSum;
+        uint256 publisherSum;
+        for (uint256 i; i < vouchers.length; ++i) {
+            BatchVoucher calldata v = vouchers[i];
+            bytes32 channelId = _batchChannelId(buf, v);
+            (bytes4 reason, uint128 payeeShare, uint128 publisherShare) = _trySettle(channelId, v, publisherBps);
+            if (reason != bytes4(0)) {
+                emit SettlementSkipped(channelId, reason);
+                continue;
+            }
+            // Sums of uint120 shares, bounded by what the escrow holds: no overflow.
+            unchecked {
+                ++settledCount;
+                payeeSum += payeeShare;
+                publisherSum += publisherShare;
+            }
+        }
+        _credit(token, msg.sender, payeeSum);
+        _credit(token, publisher, publisherSum);
+    }
+
+    /// @notice Pays the payer of a finalized channel its refund, `deposit - settled`.
+    /// @dev Payer only, once. Sent to the caller (ETH or the channel's ERC-20).
+    /// @param params The channel's terms (see {ChannelParams}); any wrong field -> `ChannelNotFound`.
+    /// @return refund The amount paid.
+    function claimRefund(ChannelParams calldata params) external nonReentrant returns (uint128 refund) {
+        bytes32 channelId = _channelIdOf(params);
+        ChannelState storage ch = _channels[channelId];
+        uint120 deposit = ch.deposit;
+        if (deposit == 0) revert ChannelNotFound(channelId);
+        if (msg.sender != params.payer) revert NotPayer();
+        if (!ch.finalized) revert ChannelNotFinalized(channelId);
+        if (ch.refunded) revert RefundAlreadyClaimed(channelId);
+        refund = deposit - ch.settled;
+        if (refund == 0) revert NothingToClaim();
+
+        ch.refunded = true;
+        emit RefundClaimed(channelId, msg.sender, refund);
+
+        _pay(params.token, refund);
     }
 
     /// @notice Starts the grace period after which the payer may withdraw the unsettled deposit.
@@ -309,9 +418,9 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         emit CloseRequested(channelId, uint64(block.timestamp) + closeGracePeriod);
     }
 
-    /// @notice Refunds the unsettled deposit to the payer and finalizes the channel, once the grace
-    ///         period after `requestClose` has passed.
-    /// @dev Payer only. The refund is credited to the payer's pull balance ({claimEarnings}).
+    /// @notice Finalizes the channel once the grace period after `requestClose` has passed; the
+    ///         unsettled deposit is then the payer's refund ({claimRefund}).
+    /// @dev Payer only.
     /// @param params The channel's terms (see {ChannelParams}); any wrong field -> `ChannelNotFound`.
     function withdraw(ChannelParams calldata params) external nonReentrantView {
         (bytes32 channelId, ChannelState storage ch, uint120 deposit, uint120 settled) = _payerChannel(params);
@@ -322,7 +431,7 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         // forge-lint: disable-next-line(block-timestamp)
         if (block.timestamp < closableAt) revert GracePeriodActive(closableAt);
 
-        uint128 refund = _finalize(params, ch, deposit, settled);
+        uint128 refund = _finalize(ch, deposit, settled);
         emit Withdrawn(channelId, refund);
     }
 
@@ -337,12 +446,7 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         earnings[token][msg.sender] = 0;
         emit EarningsClaimed(token, msg.sender, amount);
 
-        if (token == address(0)) {
-            (bool ok,) = msg.sender.call{value: amount}("");
-            if (!ok) revert EthTransferFailed();
-        } else {
-            IERC20(token).safeTransfer(msg.sender, amount);
-        }
+        _pay(token, amount);
     }
 
     // ---------------------------------------------------------------- internal functions
@@ -406,6 +510,95 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         );
     }
 
+    /// @dev The id of a batch voucher's channel: its own terms written into the preimage `buf`
+    ///      that holds the shared ones.
+    function _batchChannelId(uint256 buf, BatchVoucher calldata v) private pure returns (bytes32 channelId) {
+        (address payer, bytes32 salt, address signer) = (v.payer, v.salt, v.authorizedSigner);
+        assembly ("memory-safe") {
+            mstore(buf, payer)
+            mstore(add(buf, 0x60), salt)
+            mstore(add(buf, 0x80), signer)
+            channelId := keccak256(buf, 0x140)
+        }
+    }
+
+    /// @dev A compact (EIP-2098) signature by the voucher's signer, under {settle}'s low-s rule.
+    function _isValidCompact(bytes32 digest, BatchVoucher calldata v) private pure returns (bool) {
+        bytes32 vs = v.vs;
+        bytes32 s = vs & bytes32(type(uint256).max >> 1);
+        if (uint256(s) > _HALF_N) return false;
+        // The signer is never address(0) (open refuses it), which ecrecover returns on failure.
+        return ecrecover(digest, 27 + uint8(uint256(vs) >> 255), v.r, s) == v.authorizedSigner;
+    }
+
+    /// @dev {settle}'s checks and effects for one voucher of a batch, without reverting: returns the
+    ///      selector of the error {settle} would revert with (nothing changed), or 0 and the shares
+    ///      to credit (the caller credits them). The payee check is in the id (the caller's).
+    function _trySettle(bytes32 channelId, BatchVoucher calldata v, uint16 bps)
+        private
+        returns (bytes4 reason, uint128 payeeShare, uint128 publisherShare)
+    {
+        ChannelState storage ch = _channels[channelId];
+        uint256 word;
+        assembly ("memory-safe") {
+            word := sload(ch.slot)
+        }
+        // Slot 0's packing (see ChannelState): deposit | settled << 120 | finalized << 240 | refunded << 248.
+        // forge-lint: disable-next-line(unsafe-typecast)
+        uint128 deposit = uint120(word);
+        // forge-lint: disable-next-line(unsafe-typecast)
+        uint128 settled = uint120(word >> 120);
+        uint128 cumulativeAmount = v.cumulativeAmount;
+        if (deposit == 0) return (ChannelNotFound.selector, 0, 0);
+        if ((word >> 240) & 0xff != 0) return (ChannelFinalized.selector, 0, 0);
+        if (cumulativeAmount <= settled) return (AmountNotIncreasing.selector, 0, 0);
+        if (cumulativeAmount > deposit) return (AmountExceedsDeposit.selector, 0, 0);
+        if (!_isValidCompact(hashVoucher(channelId, cumulativeAmount), v)) return (InvalidSignature.selector, 0, 0);
+        // The new settled amount in place, one SSTORE (cumulativeAmount <= deposit < 2^120).
+        word = (word & ~(uint256(type(uint120).max) << 120)) | (uint256(cumulativeAmount) << 120);
+        assembly ("memory-safe") {
+            sstore(ch.slot, word)
+        }
+        (payeeShare, publisherShare) = _split(settled, cumulativeAmount, bps);
+        emit Settled(channelId, cumulativeAmount, publisherShare);
+    }
+
+    /// @dev The shares of a settlement from `settled` to `cumulativeAmount`: the publisher gets
+    ///      `floor(new * bps / 1e4) - floor(old * bps / 1e4)`, the payee the rest.
+    function _split(uint128 settled, uint128 cumulativeAmount, uint16 bps)
+        private
+        pure
+        returns (uint128 payeeShare, uint128 publisherShare)
+    {
+        // No overflow: settled < cumulativeAmount < 2^120, bps <= 10_000 (the registry's bound,
+        // committed in the id), so each royalty is <= its amount and their difference <= the increase.
+        unchecked {
+            if (bps != 0) publisherShare = uint128(_royalty(cumulativeAmount, bps) - _royalty(settled, bps));
+            payeeShare = cumulativeAmount - settled - publisherShare;
+        }
+    }
+
+    /// @dev Adds `amount` to a pull balance (skips zero amounts and the zero address of a channel
+    ///      without publisher, whose share is always 0).
+    function _credit(address token, address account, uint256 amount) private {
+        // Unchecked: all balances together never exceed what the escrow holds of the token.
+        if (amount != 0) {
+            unchecked {
+                earnings[token][account] += amount;
+            }
+        }
+    }
+
+    /// @dev Sends `amount` of `token` (address(0) = ETH) to the caller.
+    function _pay(address token, uint256 amount) private {
+        if (token == address(0)) {
+            (bool ok,) = msg.sender.call{value: amount}("");
+            if (!ok) revert EthTransferFailed();
+        } else {
+            IERC20(token).safeTransfer(msg.sender, amount);
+        }
+    }
+
     /// @dev Verifies a voucher and credits the delta. The caller has checked payee and finality.
     function _settle(
         ChannelParams calldata params,
@@ -428,31 +621,17 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         // forge-lint: disable-next-line(unsafe-typecast)
         ch.settled = uint120(cumulativeAmount);
         address token = params.token;
-        uint16 bps = params.publisherBps;
-        uint128 delta;
-        uint128 publisherShare;
-        uint128 payeeShare;
-        // No overflow: settled < cumulativeAmount < 2^120, bps <= 10_000 (the registry's bound,
-        // committed in the id), so each royalty is <= its amount and their difference <= delta.
-        unchecked {
-            delta = cumulativeAmount - settled;
-            if (bps != 0) publisherShare = uint128(_royalty(cumulativeAmount, bps) - _royalty(settled, bps));
-            payeeShare = delta - publisherShare;
-        }
-        if (publisherShare != 0) earnings[token][params.publisher] += publisherShare;
-        // The caller is the payee (checked).
-        if (payeeShare != 0) earnings[token][msg.sender] += payeeShare;
-        emit Settled(channelId, cumulativeAmount, delta, payeeShare, publisherShare);
+        (uint128 payeeShare, uint128 publisherShare) =
+            _split(settled, cumulativeAmount, params.publisherBps);
+        _credit(token, params.publisher, publisherShare);
+        _credit(token, msg.sender, payeeShare); // the caller is the payee (checked)
+        emit Settled(channelId, cumulativeAmount, publisherShare);
     }
 
-    /// @dev Marks the channel finalized and credits the payer with `deposit - settled`.
-    function _finalize(ChannelParams calldata params, ChannelState storage ch, uint120 deposit, uint120 settled)
-        private
-        returns (uint128 refund)
-    {
+    /// @dev Marks the channel finalized; its payer is then owed `deposit - settled` ({claimRefund}).
+    function _finalize(ChannelState storage ch, uint120 deposit, uint120 settled) private returns (uint128 refund) {
         ch.finalized = true;
         refund = deposit - settled;
-        if (refund != 0) earnings[params.token][params.payer] += refund;
     }
 
     /// @dev 65-byte low-s ECDSA first (no EXTCODESIZE on the common EOA-key path), then ERC-1271
@@ -463,8 +642,21 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         view
         returns (bool)
     {
-        (address recovered, ECDSA.RecoverError err,) = ECDSA.tryRecoverCalldata(digest, signature);
-        if (err == ECDSA.RecoverError.NoError && recovered == signer) return true;
+        if (signature.length == 65) {
+            bytes32 r;
+            bytes32 s;
+            uint8 v;
+            assembly ("memory-safe") {
+                r := calldataload(signature.offset)
+                s := calldataload(add(signature.offset, 0x20))
+                v := byte(0, calldataload(add(signature.offset, 0x40)))
+            }
+            // Low-s only (EIP-2): the high-s twin of a signature is refused, as OpenZeppelin's ECDSA does.
+            if (uint256(s) <= _HALF_N) {
+                address recovered = ecrecover(digest, v, r, s);
+                if (recovered != address(0) && recovered == signer) return true;
+            }
+        }
         return SignatureChecker.isValidERC1271SignatureNowCalldata(signer, digest, signature);
     }
 
@@ -534,9 +726,17 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
 
     // ---------------------------------------------------------------- views
 
+    /// @notice The refund the payer of `channelId` may claim now (0 unless finalized and unclaimed).
+    /// @param channelId The channel.
+    /// @return The refund owed.
+    function refundOf(bytes32 channelId) external view returns (uint128) {
+        ChannelState storage ch = _channels[channelId];
+        return ch.finalized && !ch.refunded ? ch.deposit - ch.settled : 0;
+    }
+
     /// @notice The state of `channelId` (all zero if it was never opened).
     /// @param channelId The channel.
-    /// @return The channel's deposit, settled amount, finalized flag and pending close request.
+    /// @return The channel's deposit, settled amount, finalized and refunded flags and pending close request.
     function getChannel(bytes32 channelId) external view returns (ChannelState memory) {
         return _channels[channelId];
     }
@@ -551,9 +751,23 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     /// @notice The EIP-712 digest the authorized signer signs for a voucher.
     /// @param channelId The channel.
     /// @param cumulativeAmount The voucher's cumulative amount.
-    /// @return The digest.
-    function hashVoucher(bytes32 channelId, uint128 cumulativeAmount) public view returns (bytes32) {
-        return _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, cumulativeAmount)));
+    /// @return digest The digest.
+    function hashVoucher(bytes32 channelId, uint128 cumulativeAmount) public view returns (bytes32 digest) {
+        bytes32 domain = _domainSeparatorV4();
+        bytes32 typeHash = VOUCHER_TYPEHASH;
+        // keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, cumulativeAmount)), then the EIP-712
+        // digest, in scratch memory (no allocation per voucher of a batch); the free pointer is restored.
+        assembly ("memory-safe") {
+            let ptr := mload(0x40)
+            mstore(ptr, typeHash)
+            mstore(add(ptr, 0x20), channelId)
+            mstore(add(ptr, 0x40), cumulativeAmount)
+            let structHash := keccak256(ptr, 0x60)
+            mstore(ptr, hex"1901")
+            mstore(add(ptr, 0x02), domain)
+            mstore(add(ptr, 0x22), structHash)
+            digest := keccak256(ptr, 0x42)
+        }
     }
 
     /// @notice The id `open` would give these parameters now (the publisher terms are read from

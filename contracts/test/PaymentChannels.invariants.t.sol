@@ -60,6 +60,7 @@ contract PaymentChannelsHandler is TestBase {
     mapping(bytes32 => uint256) public ghostPayeeCredit;
     mapping(bytes32 => uint256) public ghostPublisherCredit;
     mapping(bytes32 => uint256) public ghostRefund;
+    mapping(bytes32 => bool) public ghostRefundClaimed;
 
     // ---- breaches, one counter per property
     uint256 public replayAccepted; // (6) voucher of another channel / chain / contract, or stale
@@ -76,6 +77,7 @@ contract PaymentChannelsHandler is TestBase {
 
     // ---- call counters (coverage summary)
     uint256 public settles;
+    uint256 public batchSettles;
     uint256 public closes;
     uint256 public withdrawals;
     uint256 public hostileCalls;
@@ -230,12 +232,11 @@ contract PaymentChannelsHandler is TestBase {
             _armReentry(id, cum, sig);
         }
         (uint256 payeeBefore, uint256 pubBefore) = _credits(id);
-        uint256 payerBefore = channels.earnings(c.token, c.payer);
         vm.prank(c.payee);
         try channels.close(paramsOf[id], cum, sig) {
             closes++;
             if (cum > ghostSettled[id]) _recordSettle(id, cum, payeeBefore, pubBefore);
-            _recordFinal(id, payerBefore);
+            _recordFinal(id);
         } catch {
             _breach(payeeLivenessFailures++, "close refused");
         }
@@ -263,12 +264,11 @@ contract PaymentChannelsHandler is TestBase {
         uint64 requestedAt = ghostCloseRequestedAt[id];
         // forge-lint: disable-next-line(block-timestamp)
         bool due = requestedAt != 0 && block.timestamp >= uint256(requestedAt) + GRACE;
-        uint256 payerBefore = channels.earnings(c.token, c.payer);
         vm.prank(c.payer);
         try channels.withdraw(paramsOf[id]) {
             if (!due) return _breach(unauthorizedAccepted++, "early withdraw accepted");
             withdrawals++;
-            _recordFinal(id, payerBefore);
+            _recordFinal(id);
         } catch {
             if (due) _breach(payerLivenessFailures++, "due withdraw failed");
         }
@@ -290,6 +290,101 @@ contract PaymentChannelsHandler is TestBase {
             // Only an empty balance, or ETH to a recipient that rejects it, may fail.
             if (owed != 0 && (t != ETH || account.code.length == 0)) _breach(claimMismatches++, "claim failed");
         }
+    }
+
+    /// @dev The payer claims the refund of a finalized channel: exactly deposit - settled, once;
+    ///      fails only before finalization, on a second claim, for a zero refund, or for ETH to a
+    ///      payer that rejects it.
+    function claimRefund(uint256 idSeed) external {
+        if (ids.length == 0) return;
+        bytes32 id = ids[idSeed % ids.length];
+        Info memory c = info[id];
+        uint256 owed = ghostFinalized[id] && !ghostRefundClaimed[id] ? ghostRefund[id] : 0;
+        uint256 before = _balanceOf(c.token, c.payer);
+        vm.prank(c.payer);
+        try channels.claimRefund(paramsOf[id]) returns (uint128 paid) {
+            if (owed == 0 || paid != owed || _balanceOf(c.token, c.payer) - before != owed) {
+                return _breach(claimMismatches++, "refund claim paid the wrong amount");
+            }
+            ghostRefundClaimed[id] = true;
+            ghostOut[c.token] += owed;
+        } catch {
+            if (owed != 0 && (c.token != ETH || c.payer.code.length == 0)) _breach(claimMismatches++, "refund claim failed");
+        }
+    }
+
+    /// @dev A batch of up to four vouchers on channels sharing the payee, token and model of a
+    ///      picked one (finalized ones, repeats, stale and oversized amounts included): the call never
+    ///      reverts, each voucher settles exactly when {settle} would accept it (checked in order,
+    ///      so a repeat is checked against the amount the first settled), and the payee and
+    ///      publisher are credited exactly the sum of the single splits.
+    function settleBatch(uint256 idSeed, uint256 amountSeed, uint256 pickSeed) external {
+        if (ids.length == 0) return;
+        bytes32 first = ids[idSeed % ids.length];
+        Info memory c = info[first];
+        (PaymentChannels.BatchVoucher[] memory vs, bytes32[] memory picked) = _batchOf(first, amountSeed, pickSeed);
+        (uint256 payeeBefore, uint256 pubBefore) = _credits(first);
+        vm.prank(c.payee);
+        try channels.settleBatch(c.token, c.modelId, paramsOf[first].publisher, c.bps, vs) returns (uint256 count) {
+            (uint256 expectedCount, uint256 payeeGain, uint256 pubGain) = _expectBatch(picked, vs, c.bps);
+            (uint256 payeeAfter, uint256 pubAfter) = _credits(first);
+            if (count != expectedCount) return _breach(partialSettlements++, "batch settled other than settle would");
+            if (payeeAfter - payeeBefore != payeeGain || pubAfter - pubBefore != pubGain) {
+                _breach(partialSettlements++, "batch credited other than the single splits");
+            }
+        } catch {
+            _breach(payeeLivenessFailures++, "settleBatch reverted");
+        }
+    }
+
+    function _batchOf(bytes32 first, uint256 amountSeed, uint256 pickSeed)
+        internal
+        view
+        returns (PaymentChannels.BatchVoucher[] memory vs, bytes32[] memory picked)
+    {
+        Info memory c = info[first];
+        uint256 n = 1 + pickSeed % 4;
+        vs = new PaymentChannels.BatchVoucher[](n);
+        picked = new bytes32[](n);
+        for (uint256 k; k < n; k++) {
+            bytes32 id = first;
+            // Another channel of the same payee, token and model when the seed finds one.
+            bytes32 other = ids[uint256(keccak256(abi.encode(pickSeed, k))) % ids.length];
+            Info memory o = info[other];
+            if (o.payee == c.payee && o.token == c.token && o.modelId == c.modelId) id = other;
+            picked[k] = id;
+            uint256 seed = uint256(keccak256(abi.encode(amountSeed, k)));
+            uint128 cum = seed % 7 == 0
+                ? ghostDeposit[id] + 1 // above the deposit
+                : (seed % 7 == 1 ? ghostSettled[id] : uint128(bound(seed >> 3, 1, ghostDeposit[id])));
+            (uint8 v, bytes32 r, bytes32 s) = vm.sign(info[id].signerPk, channels.hashVoucher(id, cum));
+            vs[k] = PaymentChannels.BatchVoucher(
+                info[id].payer, info[id].salt, info[id].signer, cum, r, bytes32(uint256(s) | (uint256(v - 27) << 255))
+            );
+        }
+    }
+
+    /// @dev Replays {settle}'s checks over the batch in order on the ghosts, records what settles.
+    function _expectBatch(bytes32[] memory picked, PaymentChannels.BatchVoucher[] memory vs, uint16 bps)
+        internal
+        returns (uint256 count, uint256 payeeGain, uint256 pubGain)
+    {
+        for (uint256 k; k < picked.length; k++) {
+            bytes32 id = picked[k];
+            uint128 cum = vs[k].cumulativeAmount;
+            uint128 old = ghostSettled[id];
+            // An ERC-1271 signer (a contract) is never valid in a batch: it settles through settle.
+            bool valid = !ghostFinalized[id] && cum > old && cum <= ghostDeposit[id] && info[id].signer.code.length == 0;
+            if (!valid) continue;
+            count++;
+            uint256 pub = uint256(cum) * bps / 10_000 - uint256(old) * bps / 10_000;
+            pubGain += pub;
+            payeeGain += cum - old - pub;
+            ghostSettled[id] = cum;
+            ghostPayeeCredit[id] += cum - old - pub;
+            ghostPublisherCredit[id] += pub;
+        }
+        batchSettles += count;
     }
 
     function warp(uint256 secondsSeed) external {
@@ -566,9 +661,8 @@ contract PaymentChannelsHandler is TestBase {
         ghostPublisherCredit[id] += pubGain;
     }
 
-    function _recordFinal(bytes32 id, uint256 payerBefore) internal {
-        Info storage c = info[id];
-        uint256 refund = channels.earnings(c.token, c.payer) - payerBefore;
+    function _recordFinal(bytes32 id) internal {
+        uint256 refund = channels.refundOf(id);
         if (refund != ghostDeposit[id] - ghostSettled[id]) _breach(refundMismatches++, "refund inexact");
         ghostRefund[id] = refund;
         ghostFinalized[id] = true;
@@ -601,7 +695,7 @@ contract PaymentChannelsHandler is TestBase {
     }
 
     function selectors() external pure returns (bytes4[] memory s) {
-        s = new bytes4[](12);
+        s = new bytes4[](14);
         s[0] = PaymentChannelsHandler.open.selector;
         s[1] = PaymentChannelsHandler.topUp.selector;
         s[2] = PaymentChannelsHandler.settle.selector;
@@ -614,6 +708,8 @@ contract PaymentChannelsHandler is TestBase {
         s[9] = PaymentChannelsHandler.unauthorized.selector;
         s[10] = PaymentChannelsHandler.pokeFinalized.selector;
         s[11] = PaymentChannelsHandler.wrongParams.selector;
+        s[12] = PaymentChannelsHandler.claimRefund.selector;
+        s[13] = PaymentChannelsHandler.settleBatch.selector;
     }
 }
 
@@ -631,7 +727,8 @@ contract PaymentChannelsInvariants is TestBase {
     }
 
     /// (1) Conservation: per token, the escrow holds exactly the open channels' unsettled
-    ///     deposits plus every unclaimed balance, and exactly what came in minus what went out.
+    ///     deposits, the finalized channels' unclaimed refunds and every unclaimed balance, and
+    ///     exactly what came in minus what went out (settleBatch included: settled = sum of vouchers).
     function invariant_escrowHoldsExactlyOutstandingPlusEarnings() public view {
         for (uint256 t; t < handler.tokensLength(); t++) {
             address tok = handler.tokens(t);
@@ -639,7 +736,10 @@ contract PaymentChannelsInvariants is TestBase {
             for (uint256 i; i < handler.idsLength(); i++) {
                 bytes32 id = handler.ids(i);
                 PaymentChannels.ChannelState memory ch = channels.getChannel(id);
-                if (handler.paramsOfId(id).token == tok && !ch.finalized) outstanding += ch.deposit - ch.settled;
+                if (handler.paramsOfId(id).token != tok) continue;
+                // An open channel's unsettled deposit, or a finalized one's unclaimed refund.
+                if (!ch.finalized) outstanding += ch.deposit - ch.settled;
+                else if (!ch.refunded) outstanding += channels.refundOf(id);
             }
             uint256 owed;
             for (uint256 a; a < handler.accountsLength(); a++) {

@@ -30,9 +30,7 @@ abstract contract PaymentChannelsFixture is TestBase {
     event ToppedUp(bytes32 indexed channelId, uint128 amount, uint128 newDeposit);
     event CloseRequested(bytes32 indexed channelId, uint64 closableAt);
     event CloseCancelled(bytes32 indexed channelId);
-    event Settled(
-        bytes32 indexed channelId, uint128 cumulativeAmount, uint128 delta, uint128 payeeShare, uint128 publisherShare
-    );
+    event Settled(bytes32 indexed channelId, uint128 cumulativeAmount, uint128 publisherShare);
     event ChannelClosed(bytes32 indexed channelId, uint128 settled, uint128 refund);
     event Withdrawn(bytes32 indexed channelId, uint128 refund);
     event EarningsClaimed(address indexed token, address indexed account, uint256 amount);
@@ -512,7 +510,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         _settle(id, 500);
         vm.prank(payer);
         channels.withdraw(_p(id));
-        vm.assertEq(channels.earnings(address(token), payer), 500);
+        vm.assertEq(channels.refundOf(id), 500);
         vm.assertEq(channels.earnings(address(token), publisher), 12);
         vm.assertEq(channels.earnings(address(token), payee), 488);
     }
@@ -625,7 +623,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 1 ether);
         bytes memory sig = _voucher(id, 0.4 ether);
         vm.expectEmit(address(channels));
-        emit Settled(id, 0.4 ether, 0.4 ether, 0.39 ether, 0.01 ether);
+        emit Settled(id, 0.4 ether, 0.01 ether);
         vm.prank(payee);
         channels.settle(_p(id), 0.4 ether, sig);
         vm.assertEq(uint256(channels.getChannel(id).settled), 0.4 ether);
@@ -680,7 +678,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         _settle(id, 60);
         vm.prank(payer);
         channels.withdraw(_p(id));
-        vm.assertEq(channels.earnings(ETH, payer), 40);
+        vm.assertEq(channels.refundOf(id), 40);
         bytes memory sig = _voucher(id, 70);
         vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payee);
@@ -861,7 +859,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         _settle(id, 100);
         bytes memory sig = _voucher(id, 600);
         vm.expectEmit(address(channels));
-        emit Settled(id, 600, 500, 487, 13); // floor(15) - floor(2.5) = 13
+        emit Settled(id, 600, 13); // floor(15) - floor(2.5) = 13
         vm.expectEmit(address(channels));
         emit ChannelClosed(id, 600, 400);
         vm.prank(payee);
@@ -870,7 +868,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assertTrue(ch.finalized);
         vm.assertEq(uint256(ch.settled), 600);
         vm.assertEq(uint256(ch.deposit), 1_000); // the record is kept
-        vm.assertEq(channels.earnings(ETH, payer), 400);
+        vm.assertEq(channels.refundOf(id), 400);
         vm.assertEq(channels.earnings(ETH, publisher), 15);
         vm.assertEq(channels.earnings(ETH, payee), 585);
     }
@@ -882,7 +880,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         emit ChannelClosed(id, 300, 700);
         vm.prank(payee);
         channels.close(_p(id), 300, hex"deadbeef");
-        vm.assertEq(channels.earnings(address(token), payer), 700);
+        vm.assertEq(channels.refundOf(id), 700);
     }
 
     function test_close_belowSettledClosesAtSettled() public {
@@ -891,7 +889,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.prank(payee);
         channels.close(_p(id), 1, "");
         vm.assertEq(uint256(channels.getChannel(id).settled), 300);
-        vm.assertEq(channels.earnings(ETH, payer), 700);
+        vm.assertEq(channels.refundOf(id), 700);
     }
 
     function test_close_fullDepositRefundsNothing() public {
@@ -899,7 +897,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sig = _voucher(id, 1_000);
         vm.prank(payee);
         channels.close(_p(id), 1_000, sig);
-        vm.assertEq(channels.earnings(ETH, payer), 0);
+        vm.assertEq(channels.refundOf(id), 0);
     }
 
     function test_close_revertsWhenNotPayee() public {
@@ -1003,7 +1001,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.prank(payer);
         channels.withdraw(_p(id));
         vm.assertTrue(channels.getChannel(id).finalized);
-        vm.assertEq(channels.earnings(address(token), payer), 750);
+        vm.assertEq(channels.refundOf(id), 750);
     }
 
     function test_withdraw_revertsWhenCloseNotRequested() public {
@@ -1080,9 +1078,9 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.warp(block.timestamp + GRACE);
         vm.prank(payer);
         channels.withdraw(_p(id));
-        vm.assertEq(channels.earnings(ETH, payer), 70);
+        vm.assertEq(channels.refundOf(id), 70);
         vm.prank(payer);
-        channels.claimEarnings(ETH);
+        channels.claimRefund(_p(id));
         // The payee's own claim fails, and only the payee's.
         vm.expectRevert(PaymentChannels.EthTransferFailed.selector);
         vm.prank(address(badPayee));
@@ -1107,7 +1105,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assertEq(address(channels).balance, 25);
     }
 
-    function test_claimEarnings_erc20_paysPublisherAndPayer() public {
+    function test_claims_erc20_payPublisherPayeeAndPayerRefund() public {
         bytes32 id = _open(address(token), 1_000);
         bytes memory sig = _voucher(id, 400);
         vm.prank(payee);
@@ -1115,7 +1113,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.prank(publisher);
         channels.claimEarnings(address(token));
         vm.prank(payer);
-        channels.claimEarnings(address(token));
+        channels.claimRefund(_p(id));
         vm.prank(payee);
         channels.claimEarnings(address(token));
         vm.assertEq(token.balanceOf(publisher), 10);
@@ -1186,7 +1184,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assertEq(uint256(ch.settled), 80);
         vm.assertFalse(ch.finalized);
         vm.assertEq(channels.earnings(ETH, address(evil)) + channels.earnings(ETH, publisher), 80);
-        vm.assertEq(channels.earnings(ETH, payer), 0);
+        vm.assertEq(channels.refundOf(id), 0);
     }
 
     // ------------------------------------------------------------------ fuzz
@@ -1215,7 +1213,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
 
         vm.prank(payee);
         channels.close(_p(id), 0, "");
-        vm.assertEq(channels.earnings(address(token), payer), deposit - second);
+        vm.assertEq(channels.refundOf(id), deposit - second);
         vm.assertEq(token.balanceOf(address(channels)), deposit);
     }
 
@@ -1244,9 +1242,9 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sig = _voucher(id, cumulative);
         vm.prank(payee);
         channels.close(_p(id), cumulative, sig);
-        vm.assertEq(channels.earnings(t, payer), deposit - cumulative);
+        vm.assertEq(channels.refundOf(id), deposit - cumulative);
         vm.assertEq(
-            channels.earnings(t, payer) + channels.earnings(t, payee) + channels.earnings(t, publisher), deposit
+            channels.refundOf(id) + channels.earnings(t, payee) + channels.earnings(t, publisher), deposit
         );
     }
 

@@ -319,7 +319,7 @@ contract SLACourtTest is SLACourtFixture {
         _claim(node, r, hex"1234");
     }
 
-    function test_receiptSigner_recoversOrZero() public {
+    function test_receiptSigner_recoversOrZero() public view {
         SLACourt.Receipt memory r = _receipt(keccak256("who"));
         bytes memory sig = _signR(NODE_KEY, r);
         vm.assertEq(court.receiptSigner(r, sig), node);

@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
+from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from client.channel import ChannelBook, ChannelState, UnknownChannel, read_state
+from client.channel import ChannelBook, ChannelState, UnknownChannel, batch_voucher, read_state
 from client.contracts import contract
 from client.deployment import Deployment
 from client.tx import send
@@ -118,6 +119,25 @@ class ChannelChain:
     def settle(self, payee: LocalAccount, channel_id: bytes, cumulative: int, signature: bytes) -> TxReceipt:
         fn = self.escrow.functions.settle(self.book.params(channel_id).as_struct(), cumulative, signature)
         return self._changing(channel_id, lambda: send(self.w3, payee, fn, action="settle"))
+
+    def settle_batch(self, payee: LocalAccount, vouchers: list[tuple[bytes, int, bytes]]
+                     ) -> tuple[TxReceipt, dict[bytes, bytes]]:
+        """`settleBatch` for (channel id, cumulative, 65-byte signature) of channels sharing token and model
+        terms, in one transaction. Returns the receipt and the skipped channels with the selector of the error
+        a single settle would have raised (the others settled)."""
+        first = self.book.params(vouchers[0][0])
+        items = [batch_voucher(self.book.params(cid), cumulative, sig) for cid, cumulative, sig in vouchers]
+        fn = self.escrow.functions.settleBatch(Web3.to_checksum_address(first.token), first.model_id,
+                                               Web3.to_checksum_address(first.publisher), first.publisher_bps, items)
+        try:
+            receipt = send(self.w3, payee, fn, action="settle batch")
+        finally:
+            with self._lock:
+                for cid, _, _ in vouchers:
+                    self._cache.pop(cid, None)
+        skipped = {bytes(e["args"]["channelId"]): bytes(e["args"]["reason"])
+                   for e in self.escrow.events.SettlementSkipped().process_receipt(receipt, errors=DISCARD)}
+        return receipt, skipped
 
     def close(self, payee: LocalAccount, channel_id: bytes, cumulative: int, signature: bytes) -> TxReceipt:
         fn = self.escrow.functions.close(self.book.params(channel_id).as_struct(), cumulative, signature)

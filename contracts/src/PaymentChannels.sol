@@ -141,11 +141,12 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     event CloseRequested(bytes32 indexed channelId, uint64 closableAt);
     /// @notice A top-up cancelled the pending close request.
     event CloseCancelled(bytes32 indexed channelId);
-    /// @notice A voucher for `cumulativeAmount` was settled; `publisherShare` of the increase over the
-    ///         previous `Settled` amount (0 before the first) went to the publisher, the rest to the payee.
-    /// @dev The increase and the payee's share are differences, not logged: two data words less per
-    ///      settlement (the batch goal is gas per channel).
-    event Settled(bytes32 indexed channelId, uint128 cumulativeAmount, uint128 publisherShare);
+    /// @notice A voucher for `cumulativeAmount` was settled. Of the increase over the previous
+    ///         `Settled` amount of the channel (0 before the first), the publisher got
+    ///         `floor(new * bps / 1e4) - floor(old * bps / 1e4)` (`bps` from `ChannelOpened`) and the payee the rest.
+    /// @dev The increase and the shares follow from the amounts and are not logged: one data word per
+    ///      settlement (a batch's gas per channel is the goal).
+    event Settled(bytes32 indexed channelId, uint128 cumulativeAmount);
     /// @notice The payee closed the channel at `settled`; the payer may claim `refund` ({claimRefund}).
     event ChannelClosed(bytes32 indexed channelId, uint128 settled, uint128 refund);
     /// @notice The payer finalized the channel after the grace period; it may claim `refund`.
@@ -352,11 +353,11 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     ) external nonReentrantView returns (uint256 settledCount) {
         // No channel has a royalty above 100% (open refuses it); _split relies on the bound.
         if (publisherBps > BPS) revert InvalidRoyalty(publisherBps);
-        // The id preimage (see _channelId), with the shared words written once.
+        // The id preimage (see _channelId) with the shared words written once, then 0x80 bytes of scratch.
         uint256 buf;
         assembly ("memory-safe") {
             buf := mload(0x40)
-            mstore(0x40, add(buf, 0x140))
+            mstore(0x40, add(buf, 0x1e0))
             mstore(add(buf, 0x20), caller())
             mstore(add(buf, 0x40), token)
             mstore(add(buf, 0xa0), modelId)
@@ -365,25 +366,26 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
             mstore(add(buf, 0x100), address())
             mstore(add(buf, 0x120), chainid())
         }
-        uint256 payeeSum;
-        uint256 publisherSum;
+        bytes32 domain = _domainSeparatorV4();
+        assembly ("memory-safe") {
+            mstore(add(buf, 0x1c0), domain)
+        }
+        uint256 increase;
+        uint256 royalty;
         for (uint256 i; i < vouchers.length; ++i) {
-            BatchVoucher calldata v = vouchers[i];
-            bytes32 channelId = _batchChannelId(buf, v);
-            (bytes4 reason, uint128 payeeShare, uint128 publisherShare) = _trySettle(channelId, v, publisherBps);
-            if (reason != bytes4(0)) {
-                emit SettlementSkipped(channelId, reason);
-                continue;
-            }
-            // Sums of uint120 shares, bounded by what the escrow holds: no overflow.
+            (bool ok, uint256 delta, uint256 share) = _batchItem(buf, vouchers[i], publisherBps);
+            if (!ok) continue;
+            // Sums of uint120 amounts, bounded by what the escrow holds: no overflow.
             unchecked {
                 ++settledCount;
-                payeeSum += payeeShare;
-                publisherSum += publisherShare;
+                increase += delta;
+                royalty += share;
             }
         }
-        _credit(token, msg.sender, payeeSum);
-        _credit(token, publisher, publisherSum);
+        unchecked {
+            _credit(token, msg.sender, increase - royalty); // each share <= its increase
+        }
+        _credit(token, publisher, royalty);
     }
 
     /// @notice Pays the payer of a finalized channel its refund, `deposit - settled`.
@@ -510,57 +512,97 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         );
     }
 
-    /// @dev The id of a batch voucher's channel: its own terms written into the preimage `buf`
-    ///      that holds the shared ones.
-    function _batchChannelId(uint256 buf, BatchVoucher calldata v) private pure returns (bytes32 channelId) {
-        (address payer, bytes32 salt, address signer) = (v.payer, v.salt, v.authorizedSigner);
-        assembly ("memory-safe") {
-            mstore(buf, payer)
-            mstore(add(buf, 0x60), salt)
-            mstore(add(buf, 0x80), signer)
-            channelId := keccak256(buf, 0x140)
-        }
-    }
-
-    /// @dev A compact (EIP-2098) signature by the voucher's signer, under {settle}'s low-s rule.
-    function _isValidCompact(bytes32 digest, BatchVoucher calldata v) private pure returns (bool) {
-        bytes32 vs = v.vs;
-        bytes32 s = vs & bytes32(type(uint256).max >> 1);
-        if (uint256(s) > _HALF_N) return false;
-        // The signer is never address(0) (open refuses it), which ecrecover returns on failure.
-        return ecrecover(digest, 27 + uint8(uint256(vs) >> 255), v.r, s) == v.authorizedSigner;
-    }
-
     /// @dev {settle}'s checks and effects for one voucher of a batch, without reverting: returns the
-    ///      selector of the error {settle} would revert with (nothing changed), or 0 and the shares
-    ///      to credit (the caller credits them). The payee check is in the id (the caller's).
-    function _trySettle(bytes32 channelId, BatchVoucher calldata v, uint16 bps)
+    ///      `SettlementSkipped` with the selector of the error {settle} would revert with (nothing
+    ///      changed), or true with the increase of the settled amount and the publisher's share of it
+    ///      (the caller credits them). The payee check is in the id (the caller's). `buf` holds the id
+    ///      preimage's shared words, 0x80 bytes of scratch after it, then the EIP-712 domain separator.
+    function _batchItem(uint256 buf, BatchVoucher calldata v, uint16 bps)
         private
-        returns (bytes4 reason, uint128 payeeShare, uint128 publisherShare)
+        returns (bool ok, uint256 delta, uint256 share)
     {
-        ChannelState storage ch = _channels[channelId];
+        bytes32 channelId;
         uint256 word;
+        uint256 cumulativeAmount;
         assembly ("memory-safe") {
-            word := sload(ch.slot)
+            // The voucher's own terms into the preimage. A dirty high bit in a field makes an id
+            // that was never opened (open hashes clean values): ChannelNotFound, as a wrong term.
+            mstore(buf, calldataload(v))
+            mstore(add(buf, 0x60), calldataload(add(v, 0x20)))
+            mstore(add(buf, 0x80), calldataload(add(v, 0x40)))
+            channelId := keccak256(buf, 0x140)
+            cumulativeAmount := calldataload(add(v, 0x60))
+            // _channels[channelId]'s first slot.
+            mstore(0x00, channelId)
+            mstore(0x20, _channels.slot)
+            word := sload(keccak256(0x00, 0x40))
         }
         // Slot 0's packing (see ChannelState): deposit | settled << 120 | finalized << 240 | refunded << 248.
-        // forge-lint: disable-next-line(unsafe-typecast)
-        uint128 deposit = uint120(word);
-        // forge-lint: disable-next-line(unsafe-typecast)
-        uint128 settled = uint120(word >> 120);
-        uint128 cumulativeAmount = v.cumulativeAmount;
-        if (deposit == 0) return (ChannelNotFound.selector, 0, 0);
-        if ((word >> 240) & 0xff != 0) return (ChannelFinalized.selector, 0, 0);
-        if (cumulativeAmount <= settled) return (AmountNotIncreasing.selector, 0, 0);
-        if (cumulativeAmount > deposit) return (AmountExceedsDeposit.selector, 0, 0);
-        if (!_isValidCompact(hashVoucher(channelId, cumulativeAmount), v)) return (InvalidSignature.selector, 0, 0);
+        uint256 deposit = word & type(uint120).max;
+        uint256 settled = (word >> 120) & type(uint120).max;
+        if (deposit == 0) return _skip(channelId, ChannelNotFound.selector);
+        if ((word >> 240) & 0xff != 0) return _skip(channelId, ChannelFinalized.selector);
+        if (cumulativeAmount <= settled) return _skip(channelId, AmountNotIncreasing.selector);
+        if (cumulativeAmount > deposit) return _skip(channelId, AmountExceedsDeposit.selector);
+        if (!_batchSignatureValid(buf + 0x140, channelId, v)) return _skip(channelId, InvalidSignature.selector);
         // The new settled amount in place, one SSTORE (cumulativeAmount <= deposit < 2^120).
-        word = (word & ~(uint256(type(uint120).max) << 120)) | (uint256(cumulativeAmount) << 120);
+        word = (word & ~(uint256(type(uint120).max) << 120)) | (cumulativeAmount << 120);
         assembly ("memory-safe") {
-            sstore(ch.slot, word)
+            mstore(0x00, channelId)
+            mstore(0x20, _channels.slot)
+            sstore(keccak256(0x00, 0x40), word)
         }
-        (payeeShare, publisherShare) = _split(settled, cumulativeAmount, bps);
-        emit Settled(channelId, cumulativeAmount, publisherShare);
+        // forge-lint: disable-next-line(unsafe-typecast)
+        emit Settled(channelId, uint128(cumulativeAmount)); // < 2^120
+        // No overflow: settled < cumulativeAmount < 2^120 and bps <= 10_000 (checked by the caller).
+        ok = true;
+        unchecked {
+            delta = cumulativeAmount - settled;
+            if (bps != 0) share = (cumulativeAmount * bps) / BPS - (settled * bps) / BPS;
+        }
+    }
+
+    /// @dev Reports a skipped batch voucher.
+    function _skip(bytes32 channelId, bytes4 reason) private returns (bool, uint256, uint256) {
+        emit SettlementSkipped(channelId, reason);
+        return (false, 0, 0);
+    }
+
+    /// @dev The voucher's compact (EIP-2098) signature is its signer's on {hashVoucher}'s digest,
+    ///      under {settle}'s low-s rule. `scratch` is 0x80 bytes of free memory followed by the
+    ///      EIP-712 domain separator.
+    function _batchSignatureValid(uint256 scratch, bytes32 channelId, BatchVoucher calldata v)
+        private
+        view
+        returns (bool valid)
+    {
+        bytes32 typeHash = VOUCHER_TYPEHASH;
+        assembly ("memory-safe") {
+            let domain := mload(add(scratch, 0x80))
+            let vs := calldataload(add(v, 0xa0))
+            let s := and(vs, 0x7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff)
+            // The digest, as hashVoucher computes it.
+            mstore(scratch, typeHash)
+            mstore(add(scratch, 0x20), channelId)
+            mstore(add(scratch, 0x40), calldataload(add(v, 0x60)))
+            let structHash := keccak256(scratch, 0x60)
+            mstore(scratch, hex"1901")
+            mstore(add(scratch, 0x02), domain)
+            mstore(add(scratch, 0x22), structHash)
+            let digest := keccak256(scratch, 0x42)
+            // ecrecover(digest, 27 + (vs >> 255), r, s), the low-s rule first.
+            if iszero(gt(s, _HALF_N)) {
+                mstore(scratch, digest)
+                mstore(add(scratch, 0x20), add(27, shr(255, vs)))
+                mstore(add(scratch, 0x40), calldataload(add(v, 0x80)))
+                mstore(add(scratch, 0x60), s)
+                mstore(0x00, 0)
+                // The precompile returns nothing on failure: 0x00 stays 0, never a signer (open refuses 0).
+                if staticcall(gas(), 0x01, scratch, 0x80, 0x00, 0x20) {
+                    valid := eq(mload(0x00), calldataload(add(v, 0x40)))
+                }
+            }
+        }
     }
 
     /// @dev The shares of a settlement from `settled` to `cumulativeAmount`: the publisher gets
@@ -625,7 +667,7 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
             _split(settled, cumulativeAmount, params.publisherBps);
         _credit(token, params.publisher, publisherShare);
         _credit(token, msg.sender, payeeShare); // the caller is the payee (checked)
-        emit Settled(channelId, cumulativeAmount, publisherShare);
+        emit Settled(channelId, cumulativeAmount);
     }
 
     /// @dev Marks the channel finalized; its payer is then owed `deposit - settled` ({claimRefund}).

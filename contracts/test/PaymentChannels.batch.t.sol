@@ -49,7 +49,7 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
             vs[i] = _bv(ids[i], amounts[i]);
             royalties += _royalty(amounts[i], BPS);
             vm.expectEmit(address(channels));
-            emit Settled(ids[i], amounts[i], uint128(_royalty(amounts[i], BPS)));
+            emit Settled(ids[i], amounts[i]);
         }
         vm.assertEq(_batch(address(token), vs), 3);
         uint256 total = uint256(amounts[0]) + amounts[1] + amounts[2];
@@ -115,7 +115,7 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
         ];
         for (uint256 i; i < 8; i++) {
             vm.expectEmit(address(channels));
-            if (reasons[i] == bytes4(0)) emit Settled(ids[i], 100, 2);
+            if (reasons[i] == bytes4(0)) emit Settled(ids[i], 100);
             else emit SettlementSkipped(i == 6 ? wrongId : ids[i], reasons[i]);
         }
         vm.assertEq(_batch(ETH, vs), 2);

@@ -30,7 +30,7 @@ abstract contract PaymentChannelsFixture is TestBase {
     event ToppedUp(bytes32 indexed channelId, uint128 amount, uint128 newDeposit);
     event CloseRequested(bytes32 indexed channelId, uint64 closableAt);
     event CloseCancelled(bytes32 indexed channelId);
-    event Settled(bytes32 indexed channelId, uint128 cumulativeAmount, uint128 publisherShare);
+    event Settled(bytes32 indexed channelId, uint128 cumulativeAmount);
     event ChannelClosed(bytes32 indexed channelId, uint128 settled, uint128 refund);
     event Withdrawn(bytes32 indexed channelId, uint128 refund);
     event EarningsClaimed(address indexed token, address indexed account, uint256 amount);
@@ -623,7 +623,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 1 ether);
         bytes memory sig = _voucher(id, 0.4 ether);
         vm.expectEmit(address(channels));
-        emit Settled(id, 0.4 ether, 0.01 ether);
+        emit Settled(id, 0.4 ether);
         vm.prank(payee);
         channels.settle(_p(id), 0.4 ether, sig);
         vm.assertEq(uint256(channels.getChannel(id).settled), 0.4 ether);
@@ -859,7 +859,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         _settle(id, 100);
         bytes memory sig = _voucher(id, 600);
         vm.expectEmit(address(channels));
-        emit Settled(id, 600, 13); // floor(15) - floor(2.5) = 13
+        emit Settled(id, 600); // floor(15) - floor(2.5) = 13
         vm.expectEmit(address(channels));
         emit ChannelClosed(id, 600, 400);
         vm.prank(payee);

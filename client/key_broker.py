@@ -47,7 +47,7 @@ from client.attestation import AttestationDocument, AttestationError, Policy, Ve
 from client.attestation import Reason as AttestationReason
 from client.identity import HPKE_SUITE, NONCE_LEN, hpke_public_key_from_bytes
 from client.model_bundle import MANIFEST_FILE, SignedManifest
-from client.registry import TEE_TYPES, RegistryClient
+from client.registry import TEE_TYPES, RegistryClient, key_matches
 
 KEY_INFO = b"dcml-model-key-v1"
 
@@ -261,7 +261,7 @@ class RegistryNodeCheck:
         if record is None or not self.registry.is_active(node.signing_address):
             raise BrokerRefusal(BrokerReason.UNREGISTERED, f"{node.signing_address} is not an active node in "
                                 f"NodeRegistry {self.registry.address}: register (and stake) first")
-        if not hmac.compare_digest(record.hpke_public_key, node.hpke_public_key):
+        if not key_matches(record, node.hpke_public_key):  # the record keeps keccak256 of the key
             raise BrokerRefusal(BrokerReason.UNREGISTERED, "the attested HPKE key is not the one registered for "
                                 "this node: re-attest on-chain after a key change")
         if record.tee_type != TEE_TYPES.get(node.tee_type):

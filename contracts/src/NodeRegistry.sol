@@ -36,7 +36,8 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 ///
 ///      Node lifecycle: None -> Active (register) -> Exiting (requestExit) -> Withdrawn
 ///      (withdrawStake, after the unbonding delay) -> Active (register again, with a fresh
-///      signature). Records are never deleted, so the epoch index only moves forward per node.
+///      signature). Records are never deleted, so the epoch index only moves forward per node. The
+///      registered nodes are listed by the `NodeRegistered` events (no on-chain list: 25k gas a node).
 ///      The stake is in one asset per deployment (`stakeToken`, address(0) = native ETH).
 ///      Fee-on-transfer tokens are rejected; rebasing tokens are not supported.
 contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
@@ -75,9 +76,14 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
         uint256 deadline;
     }
 
-    /// @notice A node's record. Layout: slot 0 operator|teeType|status|registeredAt;
-    ///         slot 1 attestedAt|epochIndex|unbondingEndsAt; slot 2 stake|slashed; then the hashes
-    ///         and the dynamic fields.
+    /// @notice A node's record: six words, of which a first registration writes five (slot 2 stays
+    ///         zero until an exit or a slash). Layout: slot 0 operator|teeType|status|registeredAt;
+    ///         slot 1 attestedAt|epochIndex|stake; slot 2 unbondingEndsAt|slashed; then the hashes.
+    /// @dev The endpoint, peer id and HPKE key are not stored: they are in the latest
+    ///      `NodeRegistered`/`NodeReattested` event of the node (and the key in its attestation
+    ///      document), as a channel's terms are in its opening event. Only the key's hash is kept, so
+    ///      a key from any source (an advert, a document) is checked against the chain. Storing the
+    ///      1,216-byte key cost 39 words (about 860k gas a registration).
     struct Node {
         address operator;
         uint8 teeType;
@@ -85,14 +91,12 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
         uint64 registeredAt;
         uint64 attestedAt;
         uint64 epochIndex; // index of the epoch of the last (re-)attestation
-        uint64 unbondingEndsAt; // 0 unless Exiting or Withdrawn
         uint128 stake; // current stake, in `stakeToken`
+        uint64 unbondingEndsAt; // 0 unless Exiting or Withdrawn
         uint128 slashed; // total ever slashed from this node
         bytes32 attestationHash;
         bytes32 epoch; // value of the epoch of the last (re-)attestation
-        string endpoint;
-        bytes peerId;
-        bytes hpkePublicKey;
+        bytes32 hpkeKeyHash; // keccak256 of the HPKE public key
     }
 
     // ---------------------------------------------------------------- constants
@@ -142,7 +146,6 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
     bytes32 private _previousEpoch;
 
     mapping(address node => Node) private _nodes;
-    address[] private _nodeList;
     /// @notice EIP-712 digests already consumed by a registration or re-attestation.
     mapping(bytes32 digest => bool) public digestUsed;
     /// @notice Disputes against `node` the slasher holds open: the stake cannot be withdrawn meanwhile.
@@ -290,22 +293,19 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
         uint64 index = _epochIndexOf(r.epoch, n.epochIndex, status != Status.None);
         _consume(hashRegistration(r), r.node, r.deadline, signature);
 
-        if (status == Status.None) _nodeList.push(r.node);
         n.operator = msg.sender;
         n.teeType = r.teeType;
         n.status = Status.Active;
         n.registeredAt = uint64(block.timestamp);
         n.attestedAt = uint64(block.timestamp);
         n.epochIndex = index;
-        n.unbondingEndsAt = 0;
         // casting to 'uint128' is safe because stake <= type(uint128).max was checked above
         // forge-lint: disable-next-line(unsafe-typecast)
         n.stake = uint128(stake);
+        if (status != Status.None) n.unbondingEndsAt = 0; // a fresh record's is 0 already
         n.attestationHash = r.attestationHash;
         n.epoch = r.epoch;
-        n.endpoint = r.endpoint;
-        n.peerId = r.peerId;
-        n.hpkePublicKey = r.hpkePublicKey;
+        n.hpkeKeyHash = keccak256(r.hpkePublicKey);
         _emitRegistered(r, index, stake);
 
         _pullStake(stake);
@@ -329,8 +329,6 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
         n.epochIndex = index;
         n.attestationHash = r.attestationHash;
         n.epoch = r.epoch;
-        if (keccak256(bytes(r.endpoint)) != keccak256(bytes(n.endpoint))) n.endpoint = r.endpoint;
-        if (keccak256(r.peerId) != keccak256(n.peerId)) n.peerId = r.peerId;
         emit NodeReattested(r.node, r.attestationHash, index, r.endpoint, r.peerId);
     }
 
@@ -442,16 +440,6 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
     /// @notice When `advanceEpoch` may next be called.
     function nextEpochAt() public view returns (uint64) {
         return epochStartedAt + epochLength;
-    }
-
-    /// @notice How many node addresses ever registered (each listed once, in order).
-    function nodeCount() external view returns (uint256) {
-        return _nodeList.length;
-    }
-
-    /// @notice The `i`-th node address ever registered.
-    function nodeAt(uint256 i) external view returns (address) {
-        return _nodeList[i];
     }
 
     /// @notice The EIP-712 digest the node signs to register.

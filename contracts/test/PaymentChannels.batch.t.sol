@@ -3,32 +3,31 @@ pragma solidity ^0.8.24;
 
 import {PaymentChannelsFixture} from "./PaymentChannels.t.sol";
 import {PaymentChannels} from "../src/PaymentChannels.sol";
+import {IPaymentChannels} from "../src/interfaces/IPaymentChannels.sol";
 
 /// @dev `settleBatch` (one transaction, many channels, a bad voucher skipped and reported) and
 ///      `claimRefund` (the payer's refund kept in the finalized channel's record).
 contract PaymentChannelsBatchTest is PaymentChannelsFixture {
-    event SettlementSkipped(bytes32 indexed channelId, bytes4 reason);
-    event RefundClaimed(bytes32 indexed channelId, address indexed payer, uint128 refund);
 
     receive() external payable {}
 
-    function _bv(bytes32 id, uint128 amount) internal view returns (PaymentChannels.BatchVoucher memory) {
+    function _bv(bytes32 id, uint128 amount) internal view returns (IPaymentChannels.BatchVoucher memory) {
         return _bvSigned(id, amount, channels.hashVoucher(id, amount));
     }
 
     function _bvSigned(bytes32 id, uint128 amount, bytes32 digest)
         internal
         view
-        returns (PaymentChannels.BatchVoucher memory v)
+        returns (IPaymentChannels.BatchVoucher memory v)
     {
         (uint8 recoveryId, bytes32 r, bytes32 s) = vm.sign(SIGNER_PK, digest);
-        PaymentChannels.ChannelParams memory p = _p(id);
-        v = PaymentChannels.BatchVoucher(
+        IPaymentChannels.ChannelParams memory p = _p(id);
+        v = IPaymentChannels.BatchVoucher(
             p.payer, p.salt, p.authorizedSigner, amount, r, bytes32(uint256(s) | (uint256(recoveryId - 27) << 255))
         );
     }
 
-    function _batch(address t, PaymentChannels.BatchVoucher[] memory vs) internal returns (uint256) {
+    function _batch(address t, IPaymentChannels.BatchVoucher[] memory vs) internal returns (uint256) {
         vm.prank(payee);
         return channels.settleBatch(t, MODEL, publisher, BPS, vs);
     }
@@ -43,13 +42,13 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
     function test_settleBatch_settlesEveryChannelWithTheSingleSplit() public {
         bytes32[] memory ids = _openN(address(token), 3, 1 ether);
         uint128[3] memory amounts = [uint128(1_001), 333_333, 0.5 ether];
-        PaymentChannels.BatchVoucher[] memory vs = new PaymentChannels.BatchVoucher[](3);
+        IPaymentChannels.BatchVoucher[] memory vs = new IPaymentChannels.BatchVoucher[](3);
         uint256 royalties;
         for (uint256 i; i < 3; i++) {
             vs[i] = _bv(ids[i], amounts[i]);
             royalties += _royalty(amounts[i], BPS);
             vm.expectEmit(address(channels));
-            emit Settled(ids[i], amounts[i]);
+            emit IPaymentChannels.Settled(ids[i], amounts[i]);
         }
         vm.assertEq(_batch(address(token), vs), 3);
         uint256 total = uint256(amounts[0]) + amounts[1] + amounts[2];
@@ -72,7 +71,7 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
         _settle(ids[1], c);
         uint256 singlePub = channels.earnings(ETH, publisher);
         uint256 singlePayee = channels.earnings(ETH, payee);
-        PaymentChannels.BatchVoucher[] memory vs = new PaymentChannels.BatchVoucher[](3);
+        IPaymentChannels.BatchVoucher[] memory vs = new IPaymentChannels.BatchVoucher[](3);
         vs[0] = _bv(ids[2], a);
         vs[1] = _bv(ids[2], b); // the same channel again: checked against a, credits b - a
         vs[2] = _bv(ids[3], c);
@@ -88,7 +87,7 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
         bytes32 closed = ids[3];
         vm.prank(payee);
         channels.close(_p(closed), 0, "");
-        PaymentChannels.BatchVoucher[] memory vs = new PaymentChannels.BatchVoucher[](8);
+        IPaymentChannels.BatchVoucher[] memory vs = new IPaymentChannels.BatchVoucher[](8);
         vs[0] = _bv(ids[0], 100); // good
         vs[1] = _bv(ids[1], 500); // replay of the settled amount
         vs[2] = _bv(ids[2], 1_001); // above the deposit
@@ -105,18 +104,18 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
 
         bytes4[8] memory reasons = [
             bytes4(0),
-            PaymentChannels.AmountNotIncreasing.selector,
-            PaymentChannels.AmountExceedsDeposit.selector,
-            PaymentChannels.ChannelFinalized.selector,
-            PaymentChannels.InvalidSignature.selector,
-            PaymentChannels.InvalidSignature.selector,
-            PaymentChannels.ChannelNotFound.selector,
+            IPaymentChannels.AmountNotIncreasing.selector,
+            IPaymentChannels.AmountExceedsDeposit.selector,
+            IPaymentChannels.ChannelFinalized.selector,
+            IPaymentChannels.InvalidSignature.selector,
+            IPaymentChannels.InvalidSignature.selector,
+            IPaymentChannels.ChannelNotFound.selector,
             bytes4(0)
         ];
         for (uint256 i; i < 8; i++) {
             vm.expectEmit(address(channels));
-            if (reasons[i] == bytes4(0)) emit Settled(ids[i], 100);
-            else emit SettlementSkipped(i == 6 ? wrongId : ids[i], reasons[i]);
+            if (reasons[i] == bytes4(0)) emit IPaymentChannels.Settled(ids[i], 100);
+            else emit IPaymentChannels.SettlementSkipped(i == 6 ? wrongId : ids[i], reasons[i]);
         }
         vm.assertEq(_batch(ETH, vs), 2);
         vm.assertEq(channels.getChannel(ids[1]).settled, 500);
@@ -130,20 +129,20 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
 
     function test_settleBatch_highSIsSkipped() public {
         bytes32[] memory ids = _openN(ETH, 1, 1_000);
-        PaymentChannels.BatchVoucher[] memory vs = new PaymentChannels.BatchVoucher[](1);
+        IPaymentChannels.BatchVoucher[] memory vs = new IPaymentChannels.BatchVoucher[](1);
         vs[0] = _bv(ids[0], 100);
         // The high-s twin: s' = n - s, recovery bit flipped; the same signer under raw ecrecover.
         uint256 s = uint256(vs[0].vs) & (type(uint256).max >> 1);
         uint256 bit = uint256(vs[0].vs) >> 255;
         vs[0].vs = bytes32((SECP256K1_N - s) | ((1 - bit) << 255));
         vm.expectEmit(address(channels));
-        emit SettlementSkipped(ids[0], PaymentChannels.InvalidSignature.selector);
+        emit IPaymentChannels.SettlementSkipped(ids[0], IPaymentChannels.InvalidSignature.selector);
         vm.assertEq(_batch(ETH, vs), 0);
     }
 
     function test_settleBatch_byAnotherCallerSettlesNothing() public {
         bytes32[] memory ids = _openN(ETH, 2, 1_000);
-        PaymentChannels.BatchVoucher[] memory vs = new PaymentChannels.BatchVoucher[](2);
+        IPaymentChannels.BatchVoucher[] memory vs = new IPaymentChannels.BatchVoucher[](2);
         vs[0] = _bv(ids[0], 100);
         vs[1] = _bv(ids[1], 100);
         vm.prank(stranger); // the id is derived with the caller as payee: no such channel
@@ -153,8 +152,8 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
     }
 
     function test_settleBatch_revertsOnRoyaltyAboveAllBps() public {
-        PaymentChannels.BatchVoucher[] memory vs = new PaymentChannels.BatchVoucher[](0);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidRoyalty.selector, uint16(10_001)));
+        IPaymentChannels.BatchVoucher[] memory vs = new IPaymentChannels.BatchVoucher[](0);
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.InvalidRoyalty.selector, uint16(10_001)));
         vm.prank(payee);
         channels.settleBatch(ETH, MODEL, publisher, 10_001, vs);
     }
@@ -169,13 +168,13 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
         vm.assertEq(channels.refundOf(id), 700);
         uint256 before = token.balanceOf(payer);
         vm.expectEmit(address(channels));
-        emit RefundClaimed(id, payer, 700);
+        emit IPaymentChannels.RefundClaimed(id, payer, 700);
         vm.prank(payer);
         vm.assertEq(channels.claimRefund(_p(id)), 700);
         vm.assertEq(token.balanceOf(payer), before + 700);
         vm.assertEq(channels.refundOf(id), 0);
         vm.assertTrue(channels.getChannel(id).refunded);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.RefundAlreadyClaimed.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.RefundAlreadyClaimed.selector, id));
         vm.prank(payer);
         channels.claimRefund(_p(id));
     }
@@ -196,16 +195,16 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
 
     function test_claimRefund_reverts() public {
         bytes32 id = _open(ETH, 1_000);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFinalized.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelNotFinalized.selector, id));
         vm.prank(payer);
         channels.claimRefund(_p(id));
         vm.prank(payee);
         channels.close(_p(id), 0, "");
-        vm.expectRevert(PaymentChannels.NotPayer.selector);
+        vm.expectRevert(IPaymentChannels.NotPayer.selector);
         vm.prank(payee);
         channels.claimRefund(_p(id));
-        PaymentChannels.ChannelParams memory unknown = _unknown();
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(unknown)));
+        IPaymentChannels.ChannelParams memory unknown = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, channels.channelIdOf(unknown)));
         vm.prank(payer);
         channels.claimRefund(unknown);
 
@@ -213,7 +212,7 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
         bytes memory sig = _voucher(full, 10);
         vm.prank(payee);
         channels.close(_p(full), 10, sig);
-        vm.expectRevert(PaymentChannels.NothingToClaim.selector);
+        vm.expectRevert(IPaymentChannels.NothingToClaim.selector);
         vm.prank(payer);
         channels.claimRefund(_p(full));
     }

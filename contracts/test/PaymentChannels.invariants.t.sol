@@ -4,10 +4,11 @@ pragma solidity ^0.8.24;
 import {TestBase} from "./utils/TestBase.sol";
 import {PaymentChannels} from "../src/PaymentChannels.sol";
 import {ModelRegistry} from "../src/ModelRegistry.sol";
-import {TestToken} from "../src/TestToken.sol";
+import {TestToken} from "./TestToken.sol";
 import {ReentrantToken} from "./mocks/ReentrantToken.sol";
 import {ReentrantSigner} from "./mocks/ReentrantSigner.sol";
 import {RevertingReceiver} from "./mocks/RevertingReceiver.sol";
+import {IPaymentChannels} from "../src/interfaces/IPaymentChannels.sol";
 
 /// @dev Drives PaymentChannels through bounded random interleavings of every action, legitimate
 ///      and hostile, and keeps ghost accounting the invariants compare the contract against.
@@ -47,7 +48,7 @@ contract PaymentChannelsHandler is TestBase {
 
     bytes32[] public ids;
     mapping(bytes32 => Info) internal info;
-    mapping(bytes32 => PaymentChannels.ChannelParams) internal paramsOf; // what every call passes back
+    mapping(bytes32 => IPaymentChannels.ChannelParams) internal paramsOf; // what every call passes back
     uint256 internal saltNonce;
 
     // ---- ghosts (the handler's model of what the contract must hold)
@@ -169,7 +170,7 @@ contract PaymentChannelsHandler is TestBase {
         ) {
             ids.push(id);
             info[id] = c;
-            paramsOf[id] = PaymentChannels.ChannelParams(
+            paramsOf[id] = IPaymentChannels.ChannelParams(
                 c.payer, c.payee, c.token, c.salt, c.signer, c.modelId, publisher, bps
             );
             ghostDeposit[id] = deposit;
@@ -322,7 +323,7 @@ contract PaymentChannelsHandler is TestBase {
         if (ids.length == 0) return;
         bytes32 first = ids[idSeed % ids.length];
         Info memory c = info[first];
-        (PaymentChannels.BatchVoucher[] memory vs, bytes32[] memory picked) = _batchOf(first, amountSeed, pickSeed);
+        (IPaymentChannels.BatchVoucher[] memory vs, bytes32[] memory picked) = _batchOf(first, amountSeed, pickSeed);
         (uint256 payeeBefore, uint256 pubBefore) = _credits(first);
         vm.prank(c.payee);
         try channels.settleBatch(c.token, c.modelId, paramsOf[first].publisher, c.bps, vs) returns (uint256 count) {
@@ -340,11 +341,11 @@ contract PaymentChannelsHandler is TestBase {
     function _batchOf(bytes32 first, uint256 amountSeed, uint256 pickSeed)
         internal
         view
-        returns (PaymentChannels.BatchVoucher[] memory vs, bytes32[] memory picked)
+        returns (IPaymentChannels.BatchVoucher[] memory vs, bytes32[] memory picked)
     {
         Info memory c = info[first];
         uint256 n = 1 + pickSeed % 4;
-        vs = new PaymentChannels.BatchVoucher[](n);
+        vs = new IPaymentChannels.BatchVoucher[](n);
         picked = new bytes32[](n);
         for (uint256 k; k < n; k++) {
             bytes32 id = first;
@@ -358,14 +359,14 @@ contract PaymentChannelsHandler is TestBase {
                 ? ghostDeposit[id] + 1 // above the deposit
                 : (seed % 7 == 1 ? ghostSettled[id] : uint128(bound(seed >> 3, 1, ghostDeposit[id])));
             (uint8 v, bytes32 r, bytes32 s) = vm.sign(info[id].signerPk, channels.hashVoucher(id, cum));
-            vs[k] = PaymentChannels.BatchVoucher(
+            vs[k] = IPaymentChannels.BatchVoucher(
                 info[id].payer, info[id].salt, info[id].signer, cum, r, bytes32(uint256(s) | (uint256(v - 27) << 255))
             );
         }
     }
 
     /// @dev Replays {settle}'s checks over the batch in order on the ghosts, records what settles.
-    function _expectBatch(bytes32[] memory picked, PaymentChannels.BatchVoucher[] memory vs, uint16 bps)
+    function _expectBatch(bytes32[] memory picked, IPaymentChannels.BatchVoucher[] memory vs, uint16 bps)
         internal
         returns (uint256 count, uint256 payeeGain, uint256 pubGain)
     {
@@ -545,7 +546,7 @@ contract PaymentChannelsHandler is TestBase {
     function wrongParams(uint256 idSeed, uint256 fieldSeed, uint256 valueSeed, uint256 fnSeed) external {
         if (ids.length == 0) return;
         bytes32 id = ids[idSeed % ids.length];
-        PaymentChannels.ChannelParams memory q = paramsOf[id];
+        IPaymentChannels.ChannelParams memory q = paramsOf[id];
         uint256 field = fieldSeed % 8;
         address a = accounts[valueSeed % accounts.length];
         if (field == 0) q.payer = a;
@@ -577,7 +578,7 @@ contract PaymentChannelsHandler is TestBase {
 
         vm.prank(caller);
         (bool ok, bytes memory reason) = address(channels).call{value: value}(call);
-        bytes memory expected = abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, wrongId);
+        bytes memory expected = abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, wrongId);
         if (ok || keccak256(reason) != keccak256(expected)) {
             _breach(wrongParamsAccepted++, "wrong term did other than ChannelNotFound");
         }
@@ -690,7 +691,7 @@ contract PaymentChannelsHandler is TestBase {
         return info[id].bps;
     }
 
-    function paramsOfId(bytes32 id) external view returns (PaymentChannels.ChannelParams memory) {
+    function paramsOfId(bytes32 id) external view returns (IPaymentChannels.ChannelParams memory) {
         return paramsOf[id];
     }
 
@@ -735,7 +736,7 @@ contract PaymentChannelsInvariants is TestBase {
             uint256 outstanding;
             for (uint256 i; i < handler.idsLength(); i++) {
                 bytes32 id = handler.ids(i);
-                PaymentChannels.ChannelState memory ch = channels.getChannel(id);
+                IPaymentChannels.ChannelState memory ch = channels.getChannel(id);
                 if (handler.paramsOfId(id).token != tok) continue;
                 // An open channel's unsettled deposit, or a finalized one's unclaimed refund.
                 if (!ch.finalized) outstanding += ch.deposit - ch.settled;
@@ -755,7 +756,7 @@ contract PaymentChannelsInvariants is TestBase {
     function invariant_settledIsMonotonicAndWithinDeposit() public view {
         for (uint256 i; i < handler.idsLength(); i++) {
             bytes32 id = handler.ids(i);
-            PaymentChannels.ChannelState memory ch = channels.getChannel(id);
+            IPaymentChannels.ChannelState memory ch = channels.getChannel(id);
             vm.assertLe(ch.settled, ch.deposit, "settled > deposit");
             vm.assertEq(ch.settled, handler.ghostSettled(id), "settled moved outside an accepted voucher");
             vm.assertEq(ch.deposit, handler.ghostDeposit(id), "deposit moved outside a top-up");
@@ -778,7 +779,7 @@ contract PaymentChannelsInvariants is TestBase {
         vm.assertEq(handler.refundMismatches(), 0, "refund inexact");
         for (uint256 i; i < handler.idsLength(); i++) {
             bytes32 id = handler.ids(i);
-            PaymentChannels.ChannelState memory ch = channels.getChannel(id);
+            IPaymentChannels.ChannelState memory ch = channels.getChannel(id);
             if (ch.finalized) vm.assertEq(handler.ghostRefund(id), ch.deposit - ch.settled, "refund inexact");
         }
     }

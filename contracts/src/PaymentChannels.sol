@@ -539,8 +539,7 @@ contract PaymentChannels is IPaymentChannels, EIP712, ReentrancyGuardTransient {
         // forge-lint: disable-next-line(unsafe-typecast)
         ch.settled = uint120(cumulativeAmount);
         address token = params.token;
-        (uint128 payeeShare, uint128 publisherShare) =
-            _split(settled, cumulativeAmount, params.publisherBps);
+        (uint128 payeeShare, uint128 publisherShare) = _split(settled, cumulativeAmount, params.publisherBps);
         _credit(token, params.publisher, publisherShare);
         _credit(token, msg.sender, payeeShare); // the caller is the payee (checked)
         emit Settled(channelId, cumulativeAmount);
@@ -555,11 +554,7 @@ contract PaymentChannels is IPaymentChannels, EIP712, ReentrancyGuardTransient {
     /// @dev 65-byte low-s ECDSA first (no EXTCODESIZE on the common EOA-key path), then ERC-1271
     ///      when that does not yield the signer (a contract cannot be an ECDSA recovery result; an
     ///      account without code answers an ERC-1271 call with no data, which fails).
-    function _isValidSignature(address signer, bytes32 digest, bytes calldata signature)
-        private
-        view
-        returns (bool)
-    {
+    function _isValidSignature(address signer, bytes32 digest, bytes calldata signature) private view returns (bool) {
         if (signature.length == 65) {
             bytes32 r;
             bytes32 s;

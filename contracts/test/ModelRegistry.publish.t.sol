@@ -7,7 +7,6 @@ import {PaymentChannelsFixture} from "./PaymentChannels.t.sol";
 import {IModelRegistry} from "../src/interfaces/IModelRegistry.sol";
 
 contract ModelRegistryPublishTest is TestBase {
-
     ModelRegistry internal registry;
     address internal constant PUBLISHER = address(0xB0B);
     address internal constant STRANGER = address(0xBAD);

@@ -6,7 +6,6 @@ import {ModelRegistry} from "../src/ModelRegistry.sol";
 import {IModelRegistry} from "../src/interfaces/IModelRegistry.sol";
 
 contract ModelRegistryTest is TestBase {
-
     ModelRegistry internal registry;
     address internal constant PUBLISHER = address(0xB0B);
     address internal constant STRANGER = address(0xBAD);

@@ -12,7 +12,6 @@ import {INodeRegistry} from "../src/interfaces/INodeRegistry.sol";
 
 /// @dev Shared fixture: an ERC-20-staked registry, an ETH-staked one, a node key and its operator.
 abstract contract NodeRegistryFixture is TestBase {
-
     uint256 internal constant MIN_STAKE = 100e18;
     uint256 internal constant MIN_ETH_STAKE = 1 ether;
     uint64 internal constant UNBONDING = 7 days;

@@ -8,7 +8,6 @@ import {IPaymentChannels} from "../src/interfaces/IPaymentChannels.sol";
 /// @dev `settleBatch` (one transaction, many channels, a bad voucher skipped and reported) and
 ///      `claimRefund` (the payer's refund kept in the finalized channel's record).
 contract PaymentChannelsBatchTest is PaymentChannelsFixture {
-
     receive() external payable {}
 
     function _bv(bytes32 id, uint128 amount) internal view returns (IPaymentChannels.BatchVoucher memory) {
@@ -204,7 +203,9 @@ contract PaymentChannelsBatchTest is PaymentChannelsFixture {
         vm.prank(payee);
         channels.claimRefund(_p(id));
         IPaymentChannels.ChannelParams memory unknown = _unknown();
-        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, channels.channelIdOf(unknown)));
+        vm.expectRevert(
+            abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, channels.channelIdOf(unknown))
+        );
         vm.prank(payer);
         channels.claimRefund(unknown);
 

@@ -170,9 +170,8 @@ contract PaymentChannelsHandler is TestBase {
         ) {
             ids.push(id);
             info[id] = c;
-            paramsOf[id] = IPaymentChannels.ChannelParams(
-                c.payer, c.payee, c.token, c.salt, c.signer, c.modelId, publisher, bps
-            );
+            paramsOf[id] =
+                IPaymentChannels.ChannelParams(c.payer, c.payee, c.token, c.salt, c.signer, c.modelId, publisher, bps);
             ghostDeposit[id] = deposit;
             ghostIn[c.token] += deposit;
         } catch {
@@ -310,7 +309,9 @@ contract PaymentChannelsHandler is TestBase {
             ghostRefundClaimed[id] = true;
             ghostOut[c.token] += owed;
         } catch {
-            if (owed != 0 && (c.token != ETH || c.payer.code.length == 0)) _breach(claimMismatches++, "refund claim failed");
+            if (owed != 0 && (c.token != ETH || c.payer.code.length == 0)) {
+                _breach(claimMismatches++, "refund claim failed");
+            }
         }
     }
 
@@ -356,7 +357,7 @@ contract PaymentChannelsHandler is TestBase {
             picked[k] = id;
             uint256 seed = uint256(keccak256(abi.encode(amountSeed, k)));
             uint128 cum = seed % 7 == 0
-                ? ghostDeposit[id] + 1 // above the deposit
+                ? ghostDeposit[id] + 1  // above the deposit
                 : (seed % 7 == 1 ? ghostSettled[id] : uint128(bound(seed >> 3, 1, ghostDeposit[id])));
             (uint8 v, bytes32 r, bytes32 s) = vm.sign(info[id].signerPk, channels.hashVoucher(id, cum));
             vs[k] = IPaymentChannels.BatchVoucher(

@@ -16,7 +16,6 @@ import {IPaymentChannels} from "../src/interfaces/IPaymentChannels.sol";
 /// @dev Shared fixture: a registry with a 2.5% model and a royalty-free model, the channel contract
 ///      (15 min grace), an ERC-20 and funded parties.
 abstract contract PaymentChannelsFixture is TestBase {
-
     uint64 internal constant GRACE = 900;
     uint16 internal constant BPS = 250;
     bytes32 internal constant MODEL = keccak256("model/royalty");
@@ -216,7 +215,9 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         // The registered publisher is part of the id even at 0 bps ...
         vm.assertEq(_p(id).publisher, publisher);
         vm.assertEq(
-            channels.channelIdOf(IPaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, FREE_MODEL, publisher, 0)),
+            channels.channelIdOf(
+                IPaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, FREE_MODEL, publisher, 0)
+            ),
             id
         );
         // ... and is never credited.
@@ -369,9 +370,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
 
     /// @dev A registered model: the id `open` returns, `computeChannelId` and `channelIdOf` of the
     ///      emitted terms agree.
-    function testFuzz_open_idEqualsChannelIdOfEmittedTerms(bytes32 salt, bytes32 modelId, uint16 bps, bool eth)
-        public
-    {
+    function testFuzz_open_idEqualsChannelIdOfEmittedTerms(bytes32 salt, bytes32 modelId, uint16 bps, bool eth) public {
         vm.assume(modelId != bytes32(0) && modelId != MODEL && modelId != FREE_MODEL); // unregistered
         bps = uint16(bound(bps, 0, 10_000));
         vm.prank(publisher);
@@ -381,7 +380,9 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _openWith(t, 1, salt, signer, modelId, bps);
         vm.assertEq(id, predicted);
         vm.assertEq(
-            channels.channelIdOf(IPaymentChannels.ChannelParams(payer, payee, t, salt, signer, modelId, publisher, bps)),
+            channels.channelIdOf(
+                IPaymentChannels.ChannelParams(payer, payee, t, salt, signer, modelId, publisher, bps)
+            ),
             id
         );
     }
@@ -1225,9 +1226,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.prank(payee);
         channels.close(_p(id), cumulative, sig);
         vm.assertEq(channels.refundOf(id), deposit - cumulative);
-        vm.assertEq(
-            channels.refundOf(id) + channels.earnings(t, payee) + channels.earnings(t, publisher), deposit
-        );
+        vm.assertEq(channels.refundOf(id) + channels.earnings(t, payee) + channels.earnings(t, publisher), deposit);
     }
 
     function testFuzz_settle_rejectsMalleatedSignatures(uint256 pk, uint128 amount) public {

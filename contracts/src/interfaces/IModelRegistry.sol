@@ -2,8 +2,9 @@
 pragma solidity ^0.8.24;
 
 /// @title IModelRegistry
-/// @notice The types, events and errors of {ModelRegistry}, the registry of models and their publishers: what a client, a test or another
-///         contract needs to build its calls and read its logs and reverts, without the implementation.
+/// @notice The types, events and errors of {ModelRegistry} (the registry of models and their
+///         publishers): what a client, a test or another contract needs to build its calls and read
+///         its logs and reverts.
 interface IModelRegistry {
     // ---------------------------------------------------------------- types
 
@@ -54,15 +55,30 @@ interface IModelRegistry {
 
     // ---------------------------------------------------------------- errors
 
+    /// @notice The model id is zero (reserved for "no model").
     error ZeroModelId();
+    /// @notice `modelId` is already registered.
+    /// @param modelId The model.
     error ModelExists(bytes32 modelId);
+    /// @notice A royalty above 10,000 bps (100%).
+    /// @param royaltyBps The royalty asked for.
     error InvalidRoyalty(uint16 royaltyBps);
+    /// @notice The caller is not the model's publisher.
     error NotPublisher();
+    /// @notice `modelId` already has a release; use the update calls.
+    /// @param modelId The model.
     error AlreadyPublished(bytes32 modelId);
+    /// @notice `modelId` has no release yet.
+    /// @param modelId The model.
     error NotPublished(bytes32 modelId);
+    /// @notice A manifest or weights hash is zero.
     error ZeroHash();
+    /// @notice The key broker URL is empty or longer than 256 bytes.
     error InvalidKeyBrokerUrl();
+    /// @notice More than 32 allowed measurement ids.
+    /// @param count How many were given.
     error TooManyMeasurements(uint256 count);
+    /// @notice An allowed measurement id is zero.
     error ZeroMeasurement();
 
     // ---------------------------------------------------------------- functions other contracts call

@@ -2,8 +2,8 @@
 pragma solidity ^0.8.24;
 
 /// @title INodeRegistry
-/// @notice The types, events and errors of {NodeRegistry}, the registry of inference nodes: what a client, a test or another
-///         contract needs to build its calls and read its logs and reverts, without the implementation.
+/// @notice The types, events and errors of {NodeRegistry} (the registry of inference nodes): what a client, a test
+///         or another contract needs to build its calls and read its logs and reverts.
 interface INodeRegistry {
     // ---------------------------------------------------------------- types
 
@@ -97,42 +97,100 @@ interface INodeRegistry {
     // ---------------------------------------------------------------- errors
 
     // Configuration.
+    /// @notice The minimum stake is zero or above type(uint128).max.
     error InvalidMinStake();
+    /// @notice The unbonding delay is above 365 days.
+    /// @param unbondingDelay The delay asked for.
     error InvalidUnbondingDelay(uint64 unbondingDelay);
+    /// @notice The epoch length is zero or above 30 days.
+    /// @param epochLength The length asked for.
     error InvalidEpochLength(uint64 epochLength);
+    /// @notice The slasher is the zero address.
     error InvalidSlasher();
+    /// @notice The slasher can be set once.
+    /// @param slasher The slasher already set.
     error SlasherAlreadySet(address slasher);
     // Arguments.
+    /// @notice The caller is not the node's operator (or not the operator the registration names).
     error NotOperator();
+    /// @notice The caller is not the slasher.
     error NotSlasher();
+    /// @notice The node address is zero.
     error InvalidNode();
+    /// @notice The endpoint is empty or longer than 256 bytes.
     error InvalidEndpoint();
+    /// @notice The peer id is empty or longer than 128 bytes.
     error InvalidPeerId();
+    /// @notice The HPKE public key is not 1,216 bytes (ML-KEM-768 then X25519).
+    /// @param length Its length.
     error InvalidHpkeKey(uint256 length);
+    /// @notice The attestation hash is zero.
     error InvalidAttestationHash();
+    /// @notice An unknown TEE type (1 TDX, 2 dstack, 3 simulated).
+    /// @param teeType The type given.
     error InvalidTeeType(uint8 teeType);
+    /// @notice The slash recipient is the zero address.
     error InvalidRecipient();
+    /// @notice An amount of zero.
     error ZeroAmount();
     // Signatures and epochs.
+    /// @notice The node's key did not sign this message (65-byte low-s ECDSA or ERC-1271).
     error InvalidSignature();
+    /// @notice The signed message's deadline has passed.
+    /// @param deadline Its deadline.
     error SignatureExpired(uint256 deadline);
+    /// @notice The message names neither the current nor the previous epoch.
+    /// @param epoch The epoch value it names.
     error StaleEpoch(bytes32 epoch);
+    /// @notice The message's epoch is older than the node's last attestation.
+    /// @param epochIndex The message's epoch index.
+    /// @param lastEpochIndex The node's last one.
     error EpochNotNewer(uint64 epochIndex, uint64 lastEpochIndex);
+    /// @notice This signed message was already used (each is accepted once).
+    /// @param digest Its EIP-712 digest.
     error SignatureReused(bytes32 digest);
+    /// @notice The current epoch is younger than `epochLength`.
+    /// @param nextEpochAt When the next may start.
     error EpochNotOver(uint64 nextEpochAt);
     // Node state.
+    /// @notice The node is active or exiting; it registers again only after withdrawing.
+    /// @param node The node.
     error AlreadyRegistered(address node);
+    /// @notice The node is not active.
+    /// @param node The node.
     error NotActive(address node);
+    /// @notice The node has not requested its exit.
+    /// @param node The node.
     error NotExiting(address node);
+    /// @notice The unbonding delay has not passed.
+    /// @param unbondingEndsAt When it ends.
     error UnbondingActive(uint64 unbondingEndsAt);
+    /// @notice The node is neither active nor exiting (nothing left to slash).
+    /// @param node The node.
     error NotSlashable(address node);
+    /// @notice The slash is above the node's stake.
+    /// @param amount The amount asked.
+    /// @param stake The stake.
     error SlashExceedsStake(uint256 amount, uint256 stake);
+    /// @notice Open disputes hold the stake in place.
+    /// @param node The node.
+    /// @param open How many are open.
     error DisputesPending(address node, uint256 open);
+    /// @notice No dispute against the node is open.
+    /// @param node The node.
     error NoOpenDispute(address node);
     // Funds.
+    /// @notice The stake is below the registry's minimum.
+    /// @param stake The stake given.
+    /// @param minStake The minimum.
     error StakeBelowMinimum(uint256 stake, uint256 minStake);
+    /// @notice The stake would exceed type(uint128).max.
     error StakeOverflow();
+    /// @notice The ETH sent is not the stake (ETH registry) or not zero (ERC-20 registry).
+    /// @param sent What was sent.
+    /// @param expected What was expected.
     error InvalidMsgValue(uint256 sent, uint256 expected);
+    /// @notice The registry received less than the stake (a fee-on-transfer token).
     error FeeOnTransferToken();
 
     // ---------------------------------------------------------------- functions other contracts call

@@ -2,8 +2,8 @@
 pragma solidity ^0.8.24;
 
 /// @title IPaymentChannels
-/// @notice The types, events and errors of {PaymentChannels}, the payment-channel escrow: what a client, a test or another
-///         contract needs to build its calls and read its logs and reverts, without the implementation.
+/// @notice The types, events and errors of {PaymentChannels} (the payment-channel escrow): what a client, a test
+///         or another contract needs to build its calls and read its logs and reverts.
 interface IPaymentChannels {
     // ---------------------------------------------------------------- types
 
@@ -95,38 +95,80 @@ interface IPaymentChannels {
     // ---------------------------------------------------------------- errors
 
     // Configuration.
+    /// @notice The model registry has no code.
     error InvalidModelRegistry();
+    /// @notice The grace period is zero or above 30 days.
+    /// @param closeGracePeriod The period asked for.
     error InvalidGracePeriod(uint64 closeGracePeriod);
     // Arguments.
+    /// @notice The payee is zero or the payer itself.
     error InvalidPayee();
+    /// @notice The authorized signer is the zero address.
     error InvalidSigner();
+    /// @notice A deposit or top-up of zero.
     error ZeroAmount();
+    /// @notice The registry's royalty is not the one the payer agreed to (a change front-ran the open).
+    /// @param expected The royalty the payer expected.
+    /// @param actual The registry's.
     error RoyaltyMismatch(uint16 expected, uint16 actual);
+    /// @notice A royalty above 10,000 bps.
+    /// @param bps The royalty.
     /// @dev The registry returned a royalty above 10_000 bps (settle's arithmetic relies on the bound).
     error InvalidRoyalty(uint16 bps);
     // Channel state and roles.
+    /// @notice A channel with this id was opened before (ids are never reused).
+    /// @param channelId The id.
     error ChannelExists(bytes32 channelId);
+    /// @notice No channel has these terms: the id they derive was never opened.
+    /// @param channelId The id derived from the terms.
     error ChannelNotFound(bytes32 channelId);
+    /// @notice The channel is closed or withdrawn.
+    /// @param channelId The channel.
     error ChannelFinalized(bytes32 channelId);
+    /// @notice The caller is not the channel's payer.
     error NotPayer();
+    /// @notice The caller is not the channel's payee.
     error NotPayee();
     // Funds.
+    /// @notice The ETH sent is not the amount (ETH channel) or not zero (ERC-20 channel).
+    /// @param sent What was sent.
+    /// @param expected What was expected.
     error InvalidMsgValue(uint256 sent, uint256 expected);
+    /// @notice The escrow received less than the deposit (a fee-on-transfer token).
     error FeeOnTransferToken();
     /// @dev A deposit, or a deposit after a top-up, above type(uint120).max.
     error DepositOverflow();
     // Vouchers: `settled < cumulativeAmount <= deposit` and a valid signature.
+    /// @notice The voucher's cumulative amount is not above what is settled (a replay or an old voucher).
+    /// @param cumulativeAmount The voucher's amount.
+    /// @param settled The settled amount.
     error AmountNotIncreasing(uint128 cumulativeAmount, uint128 settled);
+    /// @notice The voucher's cumulative amount is above the deposit.
+    /// @param cumulativeAmount The voucher's amount.
+    /// @param deposit The deposit.
     error AmountExceedsDeposit(uint128 cumulativeAmount, uint128 deposit);
+    /// @notice The channel's authorized signer did not sign this voucher (65-byte low-s ECDSA, or ERC-1271).
     error InvalidSignature();
     // Closing.
+    /// @notice A close request is already pending.
+    /// @param channelId The channel.
     error CloseAlreadyRequested(bytes32 channelId);
+    /// @notice The payer has not requested a close.
+    /// @param channelId The channel.
     error CloseNotRequested(bytes32 channelId);
+    /// @notice The grace period after the close request has not passed.
+    /// @param closableAt When the payer may withdraw.
     error GracePeriodActive(uint64 closableAt);
     // Claims.
+    /// @notice The balance (or refund) is zero.
     error NothingToClaim();
+    /// @notice The channel is still open: its refund is not due yet.
+    /// @param channelId The channel.
     /// @dev A refund is claimed once the channel is finalized (`close` or `withdraw`).
     error ChannelNotFinalized(bytes32 channelId);
+    /// @notice The payer already claimed this channel's refund.
+    /// @param channelId The channel.
     error RefundAlreadyClaimed(bytes32 channelId);
+    /// @notice The recipient rejected the ETH (its own claim fails; nobody else's).
     error EthTransferFailed();
 }

@@ -2,8 +2,8 @@
 pragma solidity ^0.8.24;
 
 /// @title ISLACourt
-/// @notice The types, events and errors of {SLACourt}, the SLA court: what a client, a test or another
-///         contract needs to build its calls and read its logs and reverts, without the implementation.
+/// @notice The types, events and errors of {SLACourt} (the SLA court): what a client, a test
+///         or another contract needs to build its calls and read its logs and reverts.
 interface ISLACourt {
     // ---------------------------------------------------------------- types
 
@@ -65,7 +65,19 @@ interface ISLACourt {
 
     // ---------------------------------------------------------------- events
 
+    /// @notice `node` published version `version` of its terms for `modelId` (in force after the notice period).
+    /// @param node The node.
+    /// @param modelId The model.
+    /// @param version The terms' version.
+    /// @param terms The terms.
     event TermsPublished(address indexed node, bytes32 indexed modelId, uint256 version, Terms terms);
+    /// @notice A receipt proved broken terms: `amount` of the node's stake went to `disputer`.
+    /// @param node The node.
+    /// @param requestHash The request.
+    /// @param disputer Who claimed.
+    /// @param receiptId The receipt.
+    /// @param brokenTerms Bit set of the terms broken.
+    /// @param amount The compensation.
     event BreachCompensated(
         address indexed node,
         bytes32 indexed requestHash,
@@ -74,6 +86,14 @@ interface ISLACourt {
         uint8 brokenTerms,
         uint256 amount
     );
+    /// @notice A payer holding an acceptance but no answer opened a dispute; the node may answer until `answerBy`.
+    /// @param disputeId The dispute.
+    /// @param node The node.
+    /// @param requestHash The request.
+    /// @param disputer Who disputes.
+    /// @param modelId The model.
+    /// @param answerBy End of the node's answer window.
+    /// @param compensation What finalizing pays if it does not answer.
     event NoResponseDisputeOpened(
         bytes32 indexed disputeId,
         address indexed node,
@@ -83,28 +103,76 @@ interface ISLACourt {
         uint64 answerBy,
         uint256 compensation
     );
+    /// @notice The node answered the dispute with a receipt for the request; the bond stays with the court.
+    /// @param disputeId The dispute.
+    /// @param node The node.
+    /// @param receiptId The receipt.
+    /// @param answeredBy Who submitted it.
     event DisputeAnswered(bytes32 indexed disputeId, address indexed node, bytes32 receiptId, address answeredBy);
+    /// @notice The node did not answer in time: `amount` of its stake and the bond went to `disputer`.
+    /// @param disputeId The dispute.
+    /// @param node The node.
+    /// @param disputer Who disputed.
+    /// @param amount The compensation paid.
     event DisputeFinalized(bytes32 indexed disputeId, address indexed node, address indexed disputer, uint256 amount);
 
     // ---------------------------------------------------------------- errors
 
+    /// @notice Only the node or its operator publishes the node's terms.
     error NotNodeOrOperator();
+    /// @notice The node is not active in the NodeRegistry.
+    /// @param node The node.
     error NodeNotActive(address node);
+    /// @notice Terms with a zero bound or compensation, or a window out of range.
     error InvalidTerms();
+    /// @notice The node had no terms for the model in force at that time.
+    /// @param node The node.
+    /// @param modelId The model.
+    /// @param time The time asked about.
     error NoTerms(address node, bytes32 modelId, uint64 time);
+    /// @notice A receipt or acceptance signature that does not recover (65-byte low-s only).
     error InvalidSignature();
+    /// @notice An acceptance accepted after its own deadline.
     error InvalidAcceptance();
+    /// @notice The receipt or acceptance is not signed by the node.
+    /// @param signer Who signed it.
+    /// @param node The node.
     error WrongSigner(address signer, address node);
+    /// @notice The receipt meets every term: nothing to compensate.
     error TermsNotBroken();
+    /// @notice This breach was compensated already.
+    /// @param claimKey The claim's key.
     error AlreadyClaimed(bytes32 claimKey);
+    /// @notice The node's stake is empty.
+    /// @param node The node.
     error NothingToCompensate(address node);
+    /// @notice The acceptance's answer deadline has not passed.
+    /// @param deadline The deadline.
     error DeadlineNotPassed(uint64 deadline);
+    /// @notice The ETH sent is not the dispute bond.
+    /// @param sent What was sent.
+    /// @param expected The bond.
     error InvalidBond(uint256 sent, uint256 expected);
+    /// @notice A dispute for this request is already open or settled.
+    /// @param disputeId The dispute.
     error DisputeExists(bytes32 disputeId);
+    /// @notice The dispute is answered, finalized or unknown.
+    /// @param disputeId The dispute.
     error DisputeNotOpen(bytes32 disputeId);
+    /// @notice The receipt is for another request or channel than the dispute.
     error ReceiptMismatch();
+    /// @notice The node's answer window has closed.
+    /// @param answerBy Its end.
     error WindowClosed(uint64 answerBy);
+    /// @notice The node may still answer: finalize after the window.
+    /// @param answerBy Its end.
     error WindowOpen(uint64 answerBy);
+    /// @notice The signed channel id is not the one the terms derive.
+    /// @param signed The id signed.
+    /// @param derived The id derived.
     error ChannelMismatch(bytes32 signed, bytes32 derived);
+    /// @notice Only the channel's payer disputes for it.
+    /// @param caller The caller.
+    /// @param payer The payer.
     error NotPayer(address caller, address payer);
 }

@@ -42,7 +42,7 @@ def test_open_1000_vouchers_settle_close_exact_to_the_wei(
     balance = node.ledger.get("0x" + channel_id.hex())
     node.chain.close(node_account, channel_id, balance.accepted, bytes.fromhex(balance.signature[2:]))
     assert channels.get(channel_id).finalized
-    channels.claim_earnings()  # the payer's refund
+    channels.claim_refund(channel_id)  # the payer's refund
     ChannelClient(w3, deployment, publisher).claim_earnings()
 
     royalty = cumulative * bps // 10_000
@@ -83,7 +83,7 @@ def test_native_eth_channel_exact_with_gas_accounted(
     channels.request_close(channel_id)
     assert [a.action for a in node.worker.run_once()] == ["close"]  # notices the request, refunds the rest
     assert channels.get(channel_id).finalized
-    channels.claim_earnings(ETH)
+    channels.claim_refund(channel_id)
 
     assert w3.eth.get_balance(payer.address) == start_payer - paid - gas_spent(w3, payer.address, start_block)
     assert w3.eth.get_balance(node_account.address) == start_node + paid - gas_spent(

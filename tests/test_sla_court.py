@@ -71,7 +71,7 @@ def _now(w3: Web3) -> int:
 
 
 def _stake(env: dict, node) -> int:
-    return env["reg"].functions.getNode(node.address).call()[7]
+    return env["reg"].functions.getNode(node.address).call()[6]
 
 
 def _receipt(env: dict, body: bytes, **kw) -> Receipt:

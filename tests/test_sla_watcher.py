@@ -69,7 +69,7 @@ def test_watcher_answers_a_dispute_against_an_answering_node(caplog) -> None:
         watcher.start()
         try:
             _travel(w3, 301)
-            stake_before = reg.functions.getNode(node.address).call()[7]
+            stake_before = reg.functions.getNode(node.address).call()[6]
             opened_at = w3.eth.get_block("latest")["timestamp"]
             dispute_id = sla.open_no_response(client, node.address, MODEL, params, acc)
             answer_by = sla.dispute(dispute_id).answer_by
@@ -94,6 +94,6 @@ def test_watcher_answers_a_dispute_against_an_answering_node(caplog) -> None:
         assert block["timestamp"] <= opened_at + 60 < answer_by
         # the dispute is closed for good and no stake moved
         _travel(w3, WINDOW + 1)
-        assert reg.functions.getNode(node.address).call()[7] == stake_before == STAKE
+        assert reg.functions.getNode(node.address).call()[6] == stake_before == STAKE
         assert watcher.poll_once() == 0
         assert any("answered with receipt" in r.getMessage() for r in caplog.records)

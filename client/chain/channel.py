@@ -3,7 +3,7 @@
 The wallet that opens a channel names a hot session key (`authorizedSigner`) that signs vouchers,
 so the wallet's own key signs only on-chain transactions.
 
-The escrow stores only what changes (deposit, settled, close request, finalized); a channel's fixed
+The escrow stores only what changes (deposit, settled, close request, finalized, refunded); a channel's fixed
 parameters are re-derived from calldata and checked against its id, which saves most of the gas.
 So callers need those parameters: they come from the `ChannelOpened` event, are checked here against
 the id (never trusting the RPC), and are cached for good since they never change.
@@ -74,6 +74,7 @@ class ChannelState:
     settled: int
     close_requested_at: int
     finalized: bool
+    refunded: bool = False  # the payer claimed its refund (`claimRefund`) after finalization
 
     @property
     def payer(self) -> str:
@@ -113,7 +114,18 @@ def read_state(escrow: Contract, channel_id: bytes, params: ChannelParams) -> Ch
     names = [c["name"] for c in escrow.get_function_by_name("getChannel").abi["outputs"][0]["components"]]
     raw = dict(zip(names, escrow.functions.getChannel(channel_id).call(), strict=True))
     return ChannelState(channel_id, params, raw["deposit"], raw["settled"], raw["closeRequestedAt"],
-                        raw["finalized"])
+                        raw["finalized"], raw["refunded"])
+
+
+def batch_voucher(params: ChannelParams, cumulative_amount: int, signature: bytes) -> tuple:
+    """A `BatchVoucher` calldata tuple for `settleBatch`: the channel's own terms and the 65-byte (r, s, v)
+    signature in its EIP-2098 compact form (r, vs), `vs = (v - 27) << 255 | s`."""
+    if len(signature) != 65 or signature[64] not in (27, 28):
+        raise ValueError("a batch voucher needs a 65-byte ECDSA signature with v in {27, 28}")
+    s = int.from_bytes(signature[32:64], "big")
+    vs = ((signature[64] - 27) << 255) | s
+    return (Web3.to_checksum_address(params.payer), params.salt, Web3.to_checksum_address(params.authorized_signer),
+            cumulative_amount, signature[:32], vs.to_bytes(32, "big"))
 
 
 class ChannelBook:
@@ -209,6 +221,11 @@ class ChannelClient:
     def withdraw(self, channel_id: bytes) -> TxReceipt:
         fn = self.escrow.functions.withdraw(self.book.params(channel_id).as_struct())
         return send(self.w3, self.wallet, fn, action="withdraw")
+
+    def claim_refund(self, channel_id: bytes) -> TxReceipt:
+        """The payer's refund (`deposit - settled`) of a finalized channel, paid to this wallet."""
+        fn = self.escrow.functions.claimRefund(self.book.params(channel_id).as_struct())
+        return send(self.w3, self.wallet, fn, action="claim refund")
 
     def claim_earnings(self, token: str | None = None) -> TxReceipt:
         token = Web3.to_checksum_address(self.deployment.token if token is None else token)

@@ -20,6 +20,11 @@ fields a verifier trusts (the quote) or checks against the quote (keys, nonce, T
 the document (measurements, report_data copies, version) is informational and re-derived from the
 quote. A client checks that an advert's attestation hash equals the registry's and that the
 document with that hash verifies (`RegistryClient.check_attestation`).
+
+The record does not store the endpoint, peer id or HPKE key, only `hpkeKeyHash = keccak256(hpkePublicKey)`:
+they come from the node's latest `NodeRegistered`/`NodeReattested` events (`RegistryClient.node` reads them
+and checks the key against the hash), and the key also from the attestation document (`key_matches`: a key
+that does not hash to the record's is refused). The node list is the `NodeRegistered` events.
 """
 
 from __future__ import annotations
@@ -202,8 +207,14 @@ class RegistryDomain(BaseModel):
 # --- records and events -----------------------------------------------------------------------
 
 
+def key_matches(record: NodeRecord, hpke_public_key: bytes) -> bool:
+    """Whether `hpke_public_key` (from an attestation document or an advert) is the one the node registered."""
+    return bytes(Web3.keccak(hpke_public_key)) == record.hpke_key_hash
+
+
 class NodeRecord(BaseModel):
-    """A node as the registry holds it (`getNode`), plus the deployment-wide stake token."""
+    """A node as the registry holds it (`getNode`), with the endpoint, peer id and HPKE key from its latest
+    registry events (the key checked against the record's hash), plus the deployment-wide stake token."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -219,6 +230,7 @@ class NodeRecord(BaseModel):
     slashed: int
     attestation_hash: bytes
     epoch: bytes
+    hpke_key_hash: bytes
     endpoint: str
     peer_id: bytes
     hpke_public_key: bytes
@@ -229,15 +241,18 @@ class NodeRecord(BaseModel):
         return TEE_NAMES.get(self.tee_type, f"unknown({self.tee_type})")
 
     @classmethod
-    def from_chain(cls, node: str, raw: tuple, stake_token: str) -> NodeRecord:
-        (operator, tee_type, status, registered_at, attested_at, epoch_index, unbonding_ends_at, stake, slashed,
-         att_hash, epoch, endpoint, peer_id, hpke) = raw
+    def from_chain(cls, node: str, raw: tuple, stake_token: str, *, endpoint: str = "", peer_id: bytes = b"",
+                   hpke_public_key: bytes = b"") -> NodeRecord:
+        """`getNode`'s tuple, with the endpoint, peer id and key the caller read from the events (or empty)."""
+        (operator, tee_type, status, registered_at, attested_at, epoch_index, stake, unbonding_ends_at, slashed,
+         att_hash, epoch, hpke_hash) = raw
         return cls(
             node=to_checksum_address(node), operator=to_checksum_address(operator), tee_type=tee_type,
             status=NodeStatus(status), registered_at=registered_at, attested_at=attested_at,
             epoch_index=epoch_index, unbonding_ends_at=unbonding_ends_at, stake=stake, slashed=slashed,
-            attestation_hash=bytes(att_hash), epoch=bytes(epoch), endpoint=endpoint, peer_id=bytes(peer_id),
-            hpke_public_key=bytes(hpke), stake_token=to_checksum_address(stake_token),
+            attestation_hash=bytes(att_hash), epoch=bytes(epoch), hpke_key_hash=bytes(hpke_hash), endpoint=endpoint,
+            peer_id=bytes(peer_id),
+            hpke_public_key=bytes(hpke_public_key), stake_token=to_checksum_address(stake_token),
         )
 
 
@@ -313,23 +328,44 @@ class RegistryClient(ContractClient):
         )
 
     def node(self, address: str) -> NodeRecord | None:
-        """The record of `address`, or None if it never registered."""
-        raw = self.contract.functions.getNode(to_checksum_address(address)).call()
-        record = NodeRecord.from_chain(address, raw, self.stake_token)
-        return None if record.status == NodeStatus.NONE else record
+        """The record of `address`, or None if it never registered. The endpoint, peer id and HPKE key are
+        the latest ones the node's events carry; the key must hash to the record's (else RegistryError
+        `RecordMismatch`: an RPC that hides or forges events)."""
+        address = to_checksum_address(address)
+        raw = self.contract.functions.getNode(address).call()
+        if NodeStatus(raw[2]) == NodeStatus.NONE:
+            return None
+        endpoint, peer_id, key = self._service_from_events(address)
+        record = NodeRecord.from_chain(address, raw, self.stake_token, endpoint=endpoint, peer_id=peer_id,
+                                       hpke_public_key=key)
+        if not key_matches(record, key):
+            raise RegistryError("read node", "RecordMismatch",
+                                f"the HPKE key in the events of {address} is not its record's; ask another RPC")
+        return record
+
+    def _service_from_events(self, address: str) -> tuple[str, bytes, bytes]:
+        """Endpoint and peer id of the node's latest registration or re-attestation, key of its latest registration."""
+        endpoint, peer_id, key = "", b"", b""
+        logs: list[tuple[tuple[int, int], str, Any]] = []
+        for name in ("NodeRegistered", "NodeReattested"):
+            for log in getattr(self.contract.events, name).get_logs(
+                    from_block=0, argument_filters={"node": address}):
+                logs.append(((log["blockNumber"], log["logIndex"]), name, log["args"]))
+        for _, name, args in sorted(logs, key=lambda x: x[0]):
+            endpoint, peer_id = args["endpoint"], bytes(args["peerId"])
+            if name == "NodeRegistered":
+                key = bytes(args["hpkePublicKey"])
+        return endpoint, peer_id, key
 
     def is_active(self, address: str) -> bool:
         return self.contract.functions.isActive(to_checksum_address(address)).call()
 
     def nodes(self) -> list[NodeRecord]:
-        """Every node that ever registered, in registration order (any status)."""
-        f = self.contract.functions
-        out = []
-        for i in range(f.nodeCount().call()):
-            record = self.node(f.nodeAt(i).call())
-            if record is not None:
-                out.append(record)
-        return out
+        """Every node that ever registered, in first-registration order (any status), from `NodeRegistered`."""
+        seen: dict[str, None] = {}
+        for log in self.contract.events.NodeRegistered.get_logs(from_block=0):
+            seen.setdefault(to_checksum_address(log["args"]["node"]), None)
+        return [r for r in (self.node(a) for a in seen) if r is not None]
 
     def events(self, from_block: int = 0, to_block: BlockIdentifier = "latest") -> list[RegistryEvent]:
         """Every registry event in the block range, in chain order."""

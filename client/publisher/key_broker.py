@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from dcml.client.attestation.verify import (
     VerifiedNode,
     verify_attestation,
 )
-from dcml.client.chain.registry import TEE_TYPES, RegistryClient
+from dcml.client.chain.registry import TEE_TYPES, RegistryClient, key_matches
 from dcml.client.publisher.broker_state import AuditLog, BrokerReason, BrokerRefusal, NonceStore, RateLimiter
 from dcml.client.publisher.bundle import MANIFEST_FILE, SignedManifest
 from dcml.client.wire.errors import AttestationReason
@@ -79,7 +78,7 @@ class RegistryNodeCheck:
         if record is None or not self.registry.is_active(node.signing_address):
             raise BrokerRefusal(BrokerReason.UNREGISTERED, f"{node.signing_address} is not an active node in "
                                 f"NodeRegistry {self.registry.address}: register (and stake) first")
-        if not hmac.compare_digest(record.hpke_public_key, node.hpke_public_key):
+        if not key_matches(record, node.hpke_public_key):  # the record keeps keccak256 of the key
             raise BrokerRefusal(BrokerReason.UNREGISTERED, "the attested HPKE key is not the one registered for "
                                 "this node: re-attest on-chain after a key change")
         if record.tee_type != TEE_TYPES.get(node.tee_type):

@@ -108,7 +108,8 @@ class PayerChannels:
             state = self.channel_state(channel_id)
             if not state.finalized:
                 self.chain.withdraw(_b32(channel_id))
-            self.chain.claim_earnings(state.token)  # refunds are credited to a pull balance
+            if not state.refunded and state.deposit > state.settled:
+                self.chain.claim_refund(_b32(channel_id))  # the refund waits in the channel's record
             self.store.update_channel(channel_id, status="closed")
         return self._stored(channel_id)
 

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
+import {IModelRegistry} from "./interfaces/IModelRegistry.sol";
+
 /// @title ModelRegistry
 /// @notice Publishers register a model id and the royalty (in basis points) they take on every
 ///         payment for that model. {PaymentChannels} snapshots these terms when a channel opens.
@@ -9,24 +11,7 @@ pragma solidity ^0.8.24;
 ///         broker and the measurement ids of the enclave builds allowed to receive the model key.
 /// @dev A measurement id is 32 bytes: the dstack compose hash, or for plain TDX
 ///      sha256("dcml-measurement-v1" || MRTD || RTMR0..3) (see client/key_broker.py).
-contract ModelRegistry {
-    // ---------------------------------------------------------------- types
-
-    /// @dev One slot: publisher (160 bits) | royaltyBps (16 bits).
-    struct Terms {
-        address publisher;
-        uint16 royaltyBps;
-    }
-
-    /// @dev The encrypted release of a published model (empty for a model only `register`ed).
-    struct Listing {
-        bytes32 manifestHash;
-        bytes32 weightsHash;
-        uint256 priceFloor;
-        string keyBrokerUrl;
-        bytes32[] allowedMeasurements;
-    }
-
+contract ModelRegistry is IModelRegistry {
     // ---------------------------------------------------------------- constants
 
     /// @notice Basis-point denominator: a royalty of 10_000 is the whole payment.
@@ -40,49 +25,6 @@ contract ModelRegistry {
 
     mapping(bytes32 modelId => Terms) private _terms;
     mapping(bytes32 modelId => Listing) private _listings;
-
-    // ---------------------------------------------------------------- events
-
-    /// @notice `publisher` registered `modelId` with a royalty of `royaltyBps`.
-    event ModelRegistered(bytes32 indexed modelId, address indexed publisher, uint16 royaltyBps);
-
-    /// @notice The publisher of `modelId` changed its royalty; channels opened before keep `oldBps`.
-    event RoyaltyChanged(bytes32 indexed modelId, uint16 oldBps, uint16 newBps);
-
-    /// @notice `publisher` published (or re-published) `modelId`'s encrypted release.
-    event ModelPublished(
-        bytes32 indexed modelId,
-        address indexed publisher,
-        bytes32 manifestHash,
-        bytes32 weightsHash,
-        uint256 priceFloor,
-        string keyBrokerUrl
-    );
-
-    /// @notice A new bundle (manifest and weights) replaces the previous release of `modelId`.
-    event ReleaseUpdated(bytes32 indexed modelId, bytes32 manifestHash, bytes32 weightsHash);
-
-    /// @notice The minimum price per output token of `modelId` changed.
-    event PriceFloorChanged(bytes32 indexed modelId, uint256 oldFloor, uint256 newFloor);
-
-    /// @notice Nodes must now fetch `modelId`'s key from `keyBrokerUrl`.
-    event KeyBrokerChanged(bytes32 indexed modelId, string keyBrokerUrl);
-
-    /// @notice The enclave builds allowed to receive `modelId`'s key are now exactly `measurements`.
-    event MeasurementsChanged(bytes32 indexed modelId, bytes32[] measurements);
-
-    // ---------------------------------------------------------------- errors
-
-    error ZeroModelId();
-    error ModelExists(bytes32 modelId);
-    error InvalidRoyalty(uint16 royaltyBps);
-    error NotPublisher();
-    error AlreadyPublished(bytes32 modelId);
-    error NotPublished(bytes32 modelId);
-    error ZeroHash();
-    error InvalidKeyBrokerUrl();
-    error TooManyMeasurements(uint256 count);
-    error ZeroMeasurement();
 
     // ---------------------------------------------------------------- external functions
 
@@ -122,7 +64,7 @@ contract ModelRegistry {
     /// @param weightsHash Hash of the clear weight files, as the manifest states it.
     /// @param priceFloor Least price per output token nodes should charge (token's smallest unit).
     /// @param keyBrokerUrl Where attested nodes fetch the model key (non-empty, at most 256 bytes).
-    /// @param allowedMeasurements Measurement ids allowed to receive the key (non-zero, at most 32).
+    /// @param measurements Measurement ids allowed to receive the key (non-zero, at most 32).
     function publish(
         bytes32 modelId,
         uint16 royaltyBps,
@@ -130,7 +72,7 @@ contract ModelRegistry {
         bytes32 weightsHash,
         uint256 priceFloor,
         string calldata keyBrokerUrl,
-        bytes32[] calldata allowedMeasurements
+        bytes32[] calldata measurements
     ) external {
         if (modelId == bytes32(0)) revert ZeroModelId();
         if (royaltyBps > MAX_BPS) revert InvalidRoyalty(royaltyBps);
@@ -150,9 +92,9 @@ contract ModelRegistry {
         _setRelease(l, manifestHash, weightsHash);
         _setKeyBroker(l, keyBrokerUrl);
         l.priceFloor = priceFloor;
-        _setMeasurements(l, allowedMeasurements);
+        _setMeasurements(l, measurements);
         emit ModelPublished(modelId, msg.sender, manifestHash, weightsHash, priceFloor, keyBrokerUrl);
-        emit MeasurementsChanged(modelId, allowedMeasurements);
+        emit MeasurementsChanged(modelId, measurements);
     }
 
     /// @notice Points `modelId` at a new bundle (new manifest and weights). Publisher only.
@@ -180,10 +122,10 @@ contract ModelRegistry {
     /// @notice Replaces the allowed measurement ids (drop one to revoke that build). Publisher only.
     /// @dev Brokers read this list on every key request, so a revocation applies to the next request;
     ///      it cannot take back a key already released.
-    function setAllowedMeasurements(bytes32 modelId, bytes32[] calldata allowedMeasurements) external {
+    function setAllowedMeasurements(bytes32 modelId, bytes32[] calldata measurements) external {
         Listing storage l = _publishedBy(modelId);
-        _setMeasurements(l, allowedMeasurements);
-        emit MeasurementsChanged(modelId, allowedMeasurements);
+        _setMeasurements(l, measurements);
+        emit MeasurementsChanged(modelId, measurements);
     }
 
     // ---------------------------------------------------------------- views

@@ -8,6 +8,7 @@ import {Address} from "@openzeppelin/contracts/utils/Address.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
 
 /// @title NodeRegistry
 /// @notice The authoritative list of inference nodes. A node is identified by its enclave signing
@@ -36,64 +37,12 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 ///
 ///      Node lifecycle: None -> Active (register) -> Exiting (requestExit) -> Withdrawn
 ///      (withdrawStake, after the unbonding delay) -> Active (register again, with a fresh
-///      signature). Records are never deleted, so the epoch index only moves forward per node.
+///      signature). Records are never deleted, so the epoch index only moves forward per node. The
+///      registered nodes are listed by the `NodeRegistered` events (no on-chain list: 25k gas a node).
 ///      The stake is in one asset per deployment (`stakeToken`, address(0) = native ETH).
 ///      Fee-on-transfer tokens are rejected; rebasing tokens are not supported.
-contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
+contract NodeRegistry is INodeRegistry, EIP712, Ownable, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
-
-    // ---------------------------------------------------------------- types
-
-    /// @notice Where a node is in its lifecycle.
-    enum Status {
-        None,
-        Active,
-        Exiting,
-        Withdrawn
-    }
-
-    /// @notice What the node's enclave key signs to register (the EIP-712 `Registration` type).
-    struct Registration {
-        address node;
-        address operator;
-        string endpoint;
-        bytes peerId;
-        bytes hpkePublicKey;
-        bytes32 attestationHash;
-        uint8 teeType;
-        bytes32 epoch;
-        uint256 deadline;
-    }
-
-    /// @notice What the node's enclave key signs to re-attest (the EIP-712 `Reattestation` type).
-    struct Reattestation {
-        address node;
-        string endpoint;
-        bytes peerId;
-        bytes32 attestationHash;
-        bytes32 epoch;
-        uint256 deadline;
-    }
-
-    /// @notice A node's record. Layout: slot 0 operator|teeType|status|registeredAt;
-    ///         slot 1 attestedAt|epochIndex|unbondingEndsAt; slot 2 stake|slashed; then the hashes
-    ///         and the dynamic fields.
-    struct Node {
-        address operator;
-        uint8 teeType;
-        Status status;
-        uint64 registeredAt;
-        uint64 attestedAt;
-        uint64 epochIndex; // index of the epoch of the last (re-)attestation
-        uint64 unbondingEndsAt; // 0 unless Exiting or Withdrawn
-        uint128 stake; // current stake, in `stakeToken`
-        uint128 slashed; // total ever slashed from this node
-        bytes32 attestationHash;
-        bytes32 epoch; // value of the epoch of the last (re-)attestation
-        string endpoint;
-        bytes peerId;
-        bytes hpkePublicKey;
-    }
 
     // ---------------------------------------------------------------- constants
 
@@ -142,85 +91,10 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
     bytes32 private _previousEpoch;
 
     mapping(address node => Node) private _nodes;
-    address[] private _nodeList;
     /// @notice EIP-712 digests already consumed by a registration or re-attestation.
     mapping(bytes32 digest => bool) public digestUsed;
     /// @notice Disputes against `node` the slasher holds open: the stake cannot be withdrawn meanwhile.
     mapping(address node => uint256) public openDisputes;
-
-    // ---------------------------------------------------------------- events
-
-    /// @notice `node` was registered by `operator` with `stake`.
-    event NodeRegistered(
-        address indexed node,
-        address indexed operator,
-        string endpoint,
-        bytes peerId,
-        bytes hpkePublicKey,
-        bytes32 attestationHash,
-        uint8 teeType,
-        uint64 epochIndex,
-        uint256 stake
-    );
-    /// @notice `node` re-attested in epoch `epochIndex` (its endpoint and peer id may have changed).
-    event NodeReattested(
-        address indexed node, bytes32 attestationHash, uint64 epochIndex, string endpoint, bytes peerId
-    );
-    /// @notice The operator added `amount`; the stake is now `newStake`.
-    event StakeAdded(address indexed node, uint256 amount, uint256 newStake);
-    /// @notice The operator started the exit; the stake unlocks at `unbondingEndsAt`.
-    event ExitRequested(address indexed node, uint64 unbondingEndsAt);
-    /// @notice The stake of `node` (`amount`) went back to its operator.
-    event StakeWithdrawn(address indexed node, address indexed operator, uint256 amount);
-    /// @notice The slasher took `amount` of the stake of `node` and sent it to `recipient`.
-    event Slashed(address indexed node, address indexed recipient, uint256 amount, uint256 remainingStake);
-    /// @notice The slasher opened (`open` true) or closed a dispute against `node`; `count` are open now.
-    event DisputeLock(address indexed node, bool open, uint256 count);
-    /// @notice The slasher was set (once).
-    event SlasherSet(address indexed slasher);
-    /// @notice Epoch `epochIndex` started with value `epoch`.
-    event EpochAdvanced(uint64 indexed epochIndex, bytes32 epoch);
-
-    // ---------------------------------------------------------------- errors
-
-    // Configuration.
-    error InvalidMinStake();
-    error InvalidUnbondingDelay(uint64 unbondingDelay);
-    error InvalidEpochLength(uint64 epochLength);
-    error InvalidSlasher();
-    error SlasherAlreadySet(address slasher);
-    // Arguments.
-    error NotOperator();
-    error NotSlasher();
-    error InvalidNode();
-    error InvalidEndpoint();
-    error InvalidPeerId();
-    error InvalidHpkeKey(uint256 length);
-    error InvalidAttestationHash();
-    error InvalidTeeType(uint8 teeType);
-    error InvalidRecipient();
-    error ZeroAmount();
-    // Signatures and epochs.
-    error InvalidSignature();
-    error SignatureExpired(uint256 deadline);
-    error StaleEpoch(bytes32 epoch);
-    error EpochNotNewer(uint64 epochIndex, uint64 lastEpochIndex);
-    error SignatureReused(bytes32 digest);
-    error EpochNotOver(uint64 nextEpochAt);
-    // Node state.
-    error AlreadyRegistered(address node);
-    error NotActive(address node);
-    error NotExiting(address node);
-    error UnbondingActive(uint64 unbondingEndsAt);
-    error NotSlashable(address node);
-    error SlashExceedsStake(uint256 amount, uint256 stake);
-    error DisputesPending(address node, uint256 open);
-    error NoOpenDispute(address node);
-    // Funds.
-    error StakeBelowMinimum(uint256 stake, uint256 minStake);
-    error StakeOverflow();
-    error InvalidMsgValue(uint256 sent, uint256 expected);
-    error FeeOnTransferToken();
 
     // ---------------------------------------------------------------- constructor
 
@@ -290,22 +164,19 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
         uint64 index = _epochIndexOf(r.epoch, n.epochIndex, status != Status.None);
         _consume(hashRegistration(r), r.node, r.deadline, signature);
 
-        if (status == Status.None) _nodeList.push(r.node);
         n.operator = msg.sender;
         n.teeType = r.teeType;
         n.status = Status.Active;
         n.registeredAt = uint64(block.timestamp);
         n.attestedAt = uint64(block.timestamp);
         n.epochIndex = index;
-        n.unbondingEndsAt = 0;
         // casting to 'uint128' is safe because stake <= type(uint128).max was checked above
         // forge-lint: disable-next-line(unsafe-typecast)
         n.stake = uint128(stake);
+        if (status != Status.None) n.unbondingEndsAt = 0; // a fresh record's is 0 already
         n.attestationHash = r.attestationHash;
         n.epoch = r.epoch;
-        n.endpoint = r.endpoint;
-        n.peerId = r.peerId;
-        n.hpkePublicKey = r.hpkePublicKey;
+        n.hpkeKeyHash = keccak256(r.hpkePublicKey);
         _emitRegistered(r, index, stake);
 
         _pullStake(stake);
@@ -329,8 +200,6 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
         n.epochIndex = index;
         n.attestationHash = r.attestationHash;
         n.epoch = r.epoch;
-        if (keccak256(bytes(r.endpoint)) != keccak256(bytes(n.endpoint))) n.endpoint = r.endpoint;
-        if (keccak256(r.peerId) != keccak256(n.peerId)) n.peerId = r.peerId;
         emit NodeReattested(r.node, r.attestationHash, index, r.endpoint, r.peerId);
     }
 
@@ -442,16 +311,6 @@ contract NodeRegistry is EIP712, Ownable, ReentrancyGuardTransient {
     /// @notice When `advanceEpoch` may next be called.
     function nextEpochAt() public view returns (uint64) {
         return epochStartedAt + epochLength;
-    }
-
-    /// @notice How many node addresses ever registered (each listed once, in order).
-    function nodeCount() external view returns (uint256) {
-        return _nodeList.length;
-    }
-
-    /// @notice The `i`-th node address ever registered.
-    function nodeAt(uint256 i) external view returns (address) {
-        return _nodeList[i];
     }
 
     /// @notice The EIP-712 digest the node signs to register.

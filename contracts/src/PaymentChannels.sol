@@ -3,26 +3,28 @@ pragma solidity ^0.8.24;
 
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
-import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
-import {ModelRegistry} from "./ModelRegistry.sol";
+import {IModelRegistry} from "./interfaces/IModelRegistry.sol";
+import {IPaymentChannels} from "./interfaces/IPaymentChannels.sol";
 
 /// @title PaymentChannels
 /// @notice Unidirectional payer -> payee escrow paid by cumulative EIP-712 vouchers (the MPP/Tempo
 ///         "payee settles" design), in native ETH (`token == address(0)`) or an ERC-20 token.
 ///         A model publisher's royalty, read from {ModelRegistry} and snapshotted at open, is split
-///         off every settlement. Every payout (payee, publisher and the payer's refund) is credited
-///         to a pull balance and claimed with {claimEarnings}, so no recipient can block a close.
-/// @dev Lifecycle: `open` -> (`topUp` | `settle`)* -> `close` by the payee, or `requestClose` by the
-///      payer -> grace period -> `withdraw` by the payer. The payee can still settle while a close
+///         off every settlement. Every payout is pulled, so no recipient can block a close: the payee's
+///         and publisher's shares are credited to a pull balance ({claimEarnings}); the payer's refund
+///         stays in the finalized channel's record until the payer claims it ({claimRefund}).
+/// @dev Lifecycle: `open` -> (`topUp` | `settle` | `settleBatch`)* -> `close` by the payee, or
+///      `requestClose` by the payer -> grace period -> `withdraw` by the payer; then `claimRefund`. The payee can still settle while a close
 ///      is pending, even after the grace period, until the payer withdraws; `topUp` cancels a
 ///      pending close. A finalized channel keeps its record forever (its id can never be reopened,
 ///      which would make old vouchers valid again).
 ///
-///      Only the mutable state of a channel is stored (two slots). Its fixed terms
+///      Only the mutable state of a channel is stored (two slots; a refund is kept in slot 0, which
+///      the finalization writes anyway, instead of a fresh pull-balance slot: 20k gas less a close). Its fixed terms
 ///      ({ChannelParams}) are passed back as calldata by every call and re-derived into the channel
 ///      id (TempoStreamChannel's pattern): a call with any wrong field addresses an id that was
 ///      never opened and reverts with `ChannelNotFound`. The terms are in the `ChannelOpened` event.
@@ -30,7 +32,7 @@ import {ModelRegistry} from "./ModelRegistry.sol";
 ///      Vouchers are `Voucher(bytes32 channelId,uint128 cumulativeAmount)` under the domain
 ///      `{name: "PaymentChannels", version: "1", chainId, verifyingContract}`, signed by the
 ///      channel's `authorizedSigner`: 65-byte low-s ECDSA for a key, else ERC-1271 for a contract
-///      (OpenZeppelin `ECDSA`, then `SignatureChecker`). The channel id commits to chain id and
+///      (`ecrecover` with the low-s rule, then `SignatureChecker`). The channel id commits to chain id and
 ///      contract too.
 ///
 ///      Reentrancy: the full guard on the calls that make a state-changing external call (`open`,
@@ -43,39 +45,8 @@ import {ModelRegistry} from "./ModelRegistry.sol";
 ///      (storage packs deposit and settled into one slot). Fee-on-transfer tokens are rejected at
 ///      deposit; rebasing tokens are not supported (the escrow would hold more or less than it
 ///      accounts for).
-contract PaymentChannels is EIP712, ReentrancyGuardTransient {
+contract PaymentChannels is IPaymentChannels, EIP712, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
-
-    // ---------------------------------------------------------------- types
-
-    /// @notice A channel's fixed terms, never stored: callers pass them back and the contract
-    ///         re-derives the id from them. Fields are in the order of the id preimage, so
-    ///         `keccak256(abi.encode(params, address(this), block.chainid))` is the channel id.
-    /// @dev `publisher` and `publisherBps` are the registry's terms snapshotted at open
-    ///      (`publisher` is address(0) for an unregistered model; it is kept even when the royalty
-    ///      is 0, since it is part of the id).
-    struct ChannelParams {
-        address payer;
-        address payee;
-        address token; // address(0) = native ETH
-        bytes32 salt;
-        address authorizedSigner;
-        bytes32 modelId;
-        address publisher;
-        uint16 publisherBps;
-    }
-
-    /// @notice The mutable state of a channel, the only per-channel storage. Layout (2 slots):
-    ///   slot 0: deposit (120) | settled (120) | finalized (8)  -- read and written by every call
-    ///   slot 1: closeRequestedAt (64)                          -- written only by requestClose and topUp
-    /// @dev A channel exists iff `deposit != 0` (open requires a deposit and nothing lowers it);
-    ///      the record of a finalized channel is never deleted, so its id cannot be opened again.
-    struct ChannelState {
-        uint120 deposit;
-        uint120 settled;
-        bool finalized;
-        uint64 closeRequestedAt;
-    }
 
     // ---------------------------------------------------------------- constants
 
@@ -86,6 +57,8 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     uint64 public constant MAX_CLOSE_GRACE_PERIOD = 30 days;
 
     uint256 private constant BPS = 10_000;
+    /// @dev secp256k1n / 2: the largest low-s value.
+    uint256 private constant _HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
 
     // ---------------------------------------------------------------- state
 
@@ -99,74 +72,6 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
 
     /// @notice Claimable balance of `account` in `token` (address(0) = ETH).
     mapping(address token => mapping(address account => uint256)) public earnings;
-
-    // ---------------------------------------------------------------- events
-
-    /// @notice A channel opened. Carries every {ChannelParams} field (`payer` is the opener), so a
-    ///         payee or client learns the terms to pass back from this event.
-    event ChannelOpened(
-        bytes32 indexed channelId,
-        address indexed payer,
-        address indexed payee,
-        address token,
-        address authorizedSigner,
-        bytes32 modelId,
-        address publisher,
-        uint16 publisherBps,
-        uint128 deposit,
-        bytes32 salt
-    );
-    /// @notice The payer added `amount`; the deposit is now `newDeposit`.
-    event ToppedUp(bytes32 indexed channelId, uint128 amount, uint128 newDeposit);
-    /// @notice The payer asked to close; it may withdraw from `closableAt` unless the payee closes first.
-    event CloseRequested(bytes32 indexed channelId, uint64 closableAt);
-    /// @notice A top-up cancelled the pending close request.
-    event CloseCancelled(bytes32 indexed channelId);
-    /// @notice A voucher for `cumulativeAmount` was settled; `delta = payeeShare + publisherShare`.
-    event Settled(
-        bytes32 indexed channelId, uint128 cumulativeAmount, uint128 delta, uint128 payeeShare, uint128 publisherShare
-    );
-    /// @notice The payee closed the channel at `settled`; `refund` was credited to the payer.
-    event ChannelClosed(bytes32 indexed channelId, uint128 settled, uint128 refund);
-    /// @notice The payer withdrew after the grace period; `refund` was credited to the payer.
-    event Withdrawn(bytes32 indexed channelId, uint128 refund);
-    /// @notice `account` was paid its whole `token` balance.
-    event EarningsClaimed(address indexed token, address indexed account, uint256 amount);
-
-    // ---------------------------------------------------------------- errors
-
-    // Configuration.
-    error InvalidModelRegistry();
-    error InvalidGracePeriod(uint64 closeGracePeriod);
-    // Arguments.
-    error InvalidPayee();
-    error InvalidSigner();
-    error ZeroAmount();
-    error RoyaltyMismatch(uint16 expected, uint16 actual);
-    /// @dev The registry returned a royalty above 10_000 bps (settle's arithmetic relies on the bound).
-    error InvalidRoyalty(uint16 bps);
-    // Channel state and roles.
-    error ChannelExists(bytes32 channelId);
-    error ChannelNotFound(bytes32 channelId);
-    error ChannelFinalized(bytes32 channelId);
-    error NotPayer();
-    error NotPayee();
-    // Funds.
-    error InvalidMsgValue(uint256 sent, uint256 expected);
-    error FeeOnTransferToken();
-    /// @dev A deposit, or a deposit after a top-up, above type(uint120).max.
-    error DepositOverflow();
-    // Vouchers: `settled < cumulativeAmount <= deposit` and a valid signature.
-    error AmountNotIncreasing(uint128 cumulativeAmount, uint128 settled);
-    error AmountExceedsDeposit(uint128 cumulativeAmount, uint128 deposit);
-    error InvalidSignature();
-    // Closing.
-    error CloseAlreadyRequested(bytes32 channelId);
-    error CloseNotRequested(bytes32 channelId);
-    error GracePeriodActive(uint64 closableAt);
-    // Claims.
-    error NothingToClaim();
-    error EthTransferFailed();
 
     // ---------------------------------------------------------------- constructor
 
@@ -294,8 +199,90 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
             // forge-lint: disable-next-line(unsafe-typecast)
             settled = uint120(cumulativeAmount); // _settle checked cumulativeAmount <= deposit
         }
-        uint128 refund = _finalize(params, ch, deposit, settled);
+        uint128 refund = _finalize(ch, deposit, settled);
         emit ChannelClosed(channelId, settled, refund);
+    }
+
+    /// @notice Settles many vouchers of the caller's channels in one token and for one model, each
+    ///         with exactly {settle}'s checks and royalty split; a voucher that fails a check is
+    ///         skipped and reported, the rest settle.
+    /// @dev Skipping, not reverting, is what a payee wants: one channel closed under it must not
+    ///      cost the round. A skipped voucher emits `SettlementSkipped(channelId, reason)` with the
+    ///      selector of the error {settle} would revert with and changes nothing; a settled one
+    ///      emits `Settled` as {settle} does. The channel id is derived from the shared terms, the
+    ///      caller as payee and the voucher's own terms, so a wrong term (or a caller who is not the
+    ///      payee) addresses no channel: `ChannelNotFound`. A channel named twice is checked against
+    ///      the amount the first voucher settled (no double count). The shares are summed and
+    ///      credited once, to the caller and to `publisher`.
+    /// @param token The channels' token (address(0) = ETH).
+    /// @param modelId The channels' model.
+    /// @param publisher The channels' publisher (as in their terms; address(0) without royalty).
+    /// @param publisherBps The channels' royalty.
+    /// @param vouchers The vouchers, see {BatchVoucher}.
+    /// @return settledCount How many vouchers settled.
+    function settleBatch(
+        address token,
+        bytes32 modelId,
+        address publisher,
+        uint16 publisherBps,
+        BatchVoucher[] calldata vouchers
+    ) external nonReentrantView returns (uint256 settledCount) {
+        // No channel has a royalty above 100% (open refuses it); _split relies on the bound.
+        if (publisherBps > BPS) revert InvalidRoyalty(publisherBps);
+        // The id preimage (see _channelId) with the shared words written once, then 0x80 bytes of scratch.
+        uint256 buf;
+        assembly ("memory-safe") {
+            buf := mload(0x40)
+            mstore(0x40, add(buf, 0x1e0))
+            mstore(add(buf, 0x20), caller())
+            mstore(add(buf, 0x40), token)
+            mstore(add(buf, 0xa0), modelId)
+            mstore(add(buf, 0xc0), publisher)
+            mstore(add(buf, 0xe0), publisherBps)
+            mstore(add(buf, 0x100), address())
+            mstore(add(buf, 0x120), chainid())
+        }
+        bytes32 domain = _domainSeparatorV4();
+        assembly ("memory-safe") {
+            mstore(add(buf, 0x1c0), domain)
+        }
+        uint256 increase;
+        uint256 royalty;
+        for (uint256 i; i < vouchers.length; ++i) {
+            (bool ok, uint256 delta, uint256 share) = _batchItem(buf, vouchers[i], publisherBps);
+            if (!ok) continue;
+            // Sums of uint120 amounts, bounded by what the escrow holds: no overflow.
+            unchecked {
+                ++settledCount;
+                increase += delta;
+                royalty += share;
+            }
+        }
+        unchecked {
+            _credit(token, msg.sender, increase - royalty); // each share <= its increase
+        }
+        _credit(token, publisher, royalty);
+    }
+
+    /// @notice Pays the payer of a finalized channel its refund, `deposit - settled`.
+    /// @dev Payer only, once. Sent to the caller (ETH or the channel's ERC-20).
+    /// @param params The channel's terms (see {ChannelParams}); any wrong field -> `ChannelNotFound`.
+    /// @return refund The amount paid.
+    function claimRefund(ChannelParams calldata params) external nonReentrant returns (uint128 refund) {
+        bytes32 channelId = _channelIdOf(params);
+        ChannelState storage ch = _channels[channelId];
+        uint120 deposit = ch.deposit;
+        if (deposit == 0) revert ChannelNotFound(channelId);
+        if (msg.sender != params.payer) revert NotPayer();
+        if (!ch.finalized) revert ChannelNotFinalized(channelId);
+        if (ch.refunded) revert RefundAlreadyClaimed(channelId);
+        refund = deposit - ch.settled;
+        if (refund == 0) revert NothingToClaim();
+
+        ch.refunded = true;
+        emit RefundClaimed(channelId, msg.sender, refund);
+
+        _pay(params.token, refund);
     }
 
     /// @notice Starts the grace period after which the payer may withdraw the unsettled deposit.
@@ -309,9 +296,9 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         emit CloseRequested(channelId, uint64(block.timestamp) + closeGracePeriod);
     }
 
-    /// @notice Refunds the unsettled deposit to the payer and finalizes the channel, once the grace
-    ///         period after `requestClose` has passed.
-    /// @dev Payer only. The refund is credited to the payer's pull balance ({claimEarnings}).
+    /// @notice Finalizes the channel once the grace period after `requestClose` has passed; the
+    ///         unsettled deposit is then the payer's refund ({claimRefund}).
+    /// @dev Payer only.
     /// @param params The channel's terms (see {ChannelParams}); any wrong field -> `ChannelNotFound`.
     function withdraw(ChannelParams calldata params) external nonReentrantView {
         (bytes32 channelId, ChannelState storage ch, uint120 deposit, uint120 settled) = _payerChannel(params);
@@ -322,7 +309,7 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         // forge-lint: disable-next-line(block-timestamp)
         if (block.timestamp < closableAt) revert GracePeriodActive(closableAt);
 
-        uint128 refund = _finalize(params, ch, deposit, settled);
+        uint128 refund = _finalize(ch, deposit, settled);
         emit Withdrawn(channelId, refund);
     }
 
@@ -337,12 +324,7 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         earnings[token][msg.sender] = 0;
         emit EarningsClaimed(token, msg.sender, amount);
 
-        if (token == address(0)) {
-            (bool ok,) = msg.sender.call{value: amount}("");
-            if (!ok) revert EthTransferFailed();
-        } else {
-            IERC20(token).safeTransfer(msg.sender, amount);
-        }
+        _pay(token, amount);
     }
 
     // ---------------------------------------------------------------- internal functions
@@ -389,7 +371,7 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     ///      `p.publisherBps`), derives the id and writes the deposit, the channel's only word.
     function _createChannel(ChannelParams memory p, uint128 deposit) private returns (bytes32 channelId) {
         // The registry is trusted (fixed at deployment) and only read.
-        (address publisher, uint16 bps) = ModelRegistry(modelRegistry).terms(p.modelId);
+        (address publisher, uint16 bps) = IModelRegistry(modelRegistry).terms(p.modelId);
         if (bps != p.publisherBps) revert RoyaltyMismatch(p.publisherBps, bps);
         if (bps > BPS) revert InvalidRoyalty(bps);
         p.publisher = publisher;
@@ -404,6 +386,135 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         emit ChannelOpened(
             channelId, p.payer, p.payee, p.token, p.authorizedSigner, p.modelId, publisher, bps, deposit, p.salt
         );
+    }
+
+    /// @dev {settle}'s checks and effects for one voucher of a batch, without reverting: returns the
+    ///      `SettlementSkipped` with the selector of the error {settle} would revert with (nothing
+    ///      changed), or true with the increase of the settled amount and the publisher's share of it
+    ///      (the caller credits them). The payee check is in the id (the caller's). `buf` holds the id
+    ///      preimage's shared words, 0x80 bytes of scratch after it, then the EIP-712 domain separator.
+    function _batchItem(uint256 buf, BatchVoucher calldata v, uint16 bps)
+        private
+        returns (bool ok, uint256 delta, uint256 share)
+    {
+        bytes32 channelId;
+        uint256 word;
+        uint256 cumulativeAmount;
+        assembly ("memory-safe") {
+            // The voucher's own terms into the preimage. A dirty high bit in a field makes an id
+            // that was never opened (open hashes clean values): ChannelNotFound, as a wrong term.
+            mstore(buf, calldataload(v))
+            mstore(add(buf, 0x60), calldataload(add(v, 0x20)))
+            mstore(add(buf, 0x80), calldataload(add(v, 0x40)))
+            channelId := keccak256(buf, 0x140)
+            cumulativeAmount := calldataload(add(v, 0x60))
+            // _channels[channelId]'s first slot.
+            mstore(0x00, channelId)
+            mstore(0x20, _channels.slot)
+            word := sload(keccak256(0x00, 0x40))
+        }
+        // Slot 0's packing (see ChannelState): deposit | settled << 120 | finalized << 240 | refunded << 248.
+        uint256 deposit = word & type(uint120).max;
+        uint256 settled = (word >> 120) & type(uint120).max;
+        if (deposit == 0) return _skip(channelId, ChannelNotFound.selector);
+        if ((word >> 240) & 0xff != 0) return _skip(channelId, ChannelFinalized.selector);
+        if (cumulativeAmount <= settled) return _skip(channelId, AmountNotIncreasing.selector);
+        if (cumulativeAmount > deposit) return _skip(channelId, AmountExceedsDeposit.selector);
+        if (!_batchSignatureValid(buf + 0x140, channelId, v)) return _skip(channelId, InvalidSignature.selector);
+        // The new settled amount in place, one SSTORE (cumulativeAmount <= deposit < 2^120).
+        word = (word & ~(uint256(type(uint120).max) << 120)) | (cumulativeAmount << 120);
+        assembly ("memory-safe") {
+            mstore(0x00, channelId)
+            mstore(0x20, _channels.slot)
+            sstore(keccak256(0x00, 0x40), word)
+        }
+        // forge-lint: disable-next-line(unsafe-typecast)
+        emit Settled(channelId, uint128(cumulativeAmount)); // < 2^120
+        // No overflow: settled < cumulativeAmount < 2^120 and bps <= 10_000 (checked by the caller).
+        ok = true;
+        unchecked {
+            delta = cumulativeAmount - settled;
+            if (bps != 0) share = (cumulativeAmount * bps) / BPS - (settled * bps) / BPS;
+        }
+    }
+
+    /// @dev Reports a skipped batch voucher.
+    function _skip(bytes32 channelId, bytes4 reason) private returns (bool, uint256, uint256) {
+        emit SettlementSkipped(channelId, reason);
+        return (false, 0, 0);
+    }
+
+    /// @dev The voucher's compact (EIP-2098) signature is its signer's on {hashVoucher}'s digest,
+    ///      under {settle}'s low-s rule. `scratch` is 0x80 bytes of free memory followed by the
+    ///      EIP-712 domain separator.
+    function _batchSignatureValid(uint256 scratch, bytes32 channelId, BatchVoucher calldata v)
+        private
+        view
+        returns (bool valid)
+    {
+        bytes32 typeHash = VOUCHER_TYPEHASH;
+        assembly ("memory-safe") {
+            let domain := mload(add(scratch, 0x80))
+            let vs := calldataload(add(v, 0xa0))
+            let s := and(vs, 0x7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff)
+            // The digest, as hashVoucher computes it.
+            mstore(scratch, typeHash)
+            mstore(add(scratch, 0x20), channelId)
+            mstore(add(scratch, 0x40), calldataload(add(v, 0x60)))
+            let structHash := keccak256(scratch, 0x60)
+            mstore(scratch, hex"1901")
+            mstore(add(scratch, 0x02), domain)
+            mstore(add(scratch, 0x22), structHash)
+            let digest := keccak256(scratch, 0x42)
+            // ecrecover(digest, 27 + (vs >> 255), r, s), the low-s rule first.
+            if iszero(gt(s, _HALF_N)) {
+                mstore(scratch, digest)
+                mstore(add(scratch, 0x20), add(27, shr(255, vs)))
+                mstore(add(scratch, 0x40), calldataload(add(v, 0x80)))
+                mstore(add(scratch, 0x60), s)
+                mstore(0x00, 0)
+                // The precompile returns nothing on failure: 0x00 stays 0, never a signer (open refuses 0).
+                if staticcall(gas(), 0x01, scratch, 0x80, 0x00, 0x20) {
+                    valid := eq(mload(0x00), calldataload(add(v, 0x40)))
+                }
+            }
+        }
+    }
+
+    /// @dev The shares of a settlement from `settled` to `cumulativeAmount`: the publisher gets
+    ///      `floor(new * bps / 1e4) - floor(old * bps / 1e4)`, the payee the rest.
+    function _split(uint128 settled, uint128 cumulativeAmount, uint16 bps)
+        private
+        pure
+        returns (uint128 payeeShare, uint128 publisherShare)
+    {
+        // No overflow: settled < cumulativeAmount < 2^120, bps <= 10_000 (the registry's bound,
+        // committed in the id), so each royalty is <= its amount and their difference <= the increase.
+        unchecked {
+            if (bps != 0) publisherShare = uint128(_royalty(cumulativeAmount, bps) - _royalty(settled, bps));
+            payeeShare = cumulativeAmount - settled - publisherShare;
+        }
+    }
+
+    /// @dev Adds `amount` to a pull balance (skips zero amounts and the zero address of a channel
+    ///      without publisher, whose share is always 0).
+    function _credit(address token, address account, uint256 amount) private {
+        // Unchecked: all balances together never exceed what the escrow holds of the token.
+        if (amount != 0) {
+            unchecked {
+                earnings[token][account] += amount;
+            }
+        }
+    }
+
+    /// @dev Sends `amount` of `token` (address(0) = ETH) to the caller.
+    function _pay(address token, uint256 amount) private {
+        if (token == address(0)) {
+            (bool ok,) = msg.sender.call{value: amount}("");
+            if (!ok) revert EthTransferFailed();
+        } else {
+            IERC20(token).safeTransfer(msg.sender, amount);
+        }
     }
 
     /// @dev Verifies a voucher and credits the delta. The caller has checked payee and finality.
@@ -428,43 +539,37 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         // forge-lint: disable-next-line(unsafe-typecast)
         ch.settled = uint120(cumulativeAmount);
         address token = params.token;
-        uint16 bps = params.publisherBps;
-        uint128 delta;
-        uint128 publisherShare;
-        uint128 payeeShare;
-        // No overflow: settled < cumulativeAmount < 2^120, bps <= 10_000 (the registry's bound,
-        // committed in the id), so each royalty is <= its amount and their difference <= delta.
-        unchecked {
-            delta = cumulativeAmount - settled;
-            if (bps != 0) publisherShare = uint128(_royalty(cumulativeAmount, bps) - _royalty(settled, bps));
-            payeeShare = delta - publisherShare;
-        }
-        if (publisherShare != 0) earnings[token][params.publisher] += publisherShare;
-        // The caller is the payee (checked).
-        if (payeeShare != 0) earnings[token][msg.sender] += payeeShare;
-        emit Settled(channelId, cumulativeAmount, delta, payeeShare, publisherShare);
+        (uint128 payeeShare, uint128 publisherShare) = _split(settled, cumulativeAmount, params.publisherBps);
+        _credit(token, params.publisher, publisherShare);
+        _credit(token, msg.sender, payeeShare); // the caller is the payee (checked)
+        emit Settled(channelId, cumulativeAmount);
     }
 
-    /// @dev Marks the channel finalized and credits the payer with `deposit - settled`.
-    function _finalize(ChannelParams calldata params, ChannelState storage ch, uint120 deposit, uint120 settled)
-        private
-        returns (uint128 refund)
-    {
+    /// @dev Marks the channel finalized; its payer is then owed `deposit - settled` ({claimRefund}).
+    function _finalize(ChannelState storage ch, uint120 deposit, uint120 settled) private returns (uint128 refund) {
         ch.finalized = true;
         refund = deposit - settled;
-        if (refund != 0) earnings[params.token][params.payer] += refund;
     }
 
     /// @dev 65-byte low-s ECDSA first (no EXTCODESIZE on the common EOA-key path), then ERC-1271
     ///      when that does not yield the signer (a contract cannot be an ECDSA recovery result; an
     ///      account without code answers an ERC-1271 call with no data, which fails).
-    function _isValidSignature(address signer, bytes32 digest, bytes calldata signature)
-        private
-        view
-        returns (bool)
-    {
-        (address recovered, ECDSA.RecoverError err,) = ECDSA.tryRecoverCalldata(digest, signature);
-        if (err == ECDSA.RecoverError.NoError && recovered == signer) return true;
+    function _isValidSignature(address signer, bytes32 digest, bytes calldata signature) private view returns (bool) {
+        if (signature.length == 65) {
+            bytes32 r;
+            bytes32 s;
+            uint8 v;
+            assembly ("memory-safe") {
+                r := calldataload(signature.offset)
+                s := calldataload(add(signature.offset, 0x20))
+                v := byte(0, calldataload(add(signature.offset, 0x40)))
+            }
+            // Low-s only (EIP-2): the high-s twin of a signature is refused, as OpenZeppelin's ECDSA does.
+            if (uint256(s) <= _HALF_N) {
+                address recovered = ecrecover(digest, v, r, s);
+                if (recovered != address(0) && recovered == signer) return true;
+            }
+        }
         return SignatureChecker.isValidERC1271SignatureNowCalldata(signer, digest, signature);
     }
 
@@ -534,9 +639,17 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
 
     // ---------------------------------------------------------------- views
 
+    /// @notice The refund the payer of `channelId` may claim now (0 unless finalized and unclaimed).
+    /// @param channelId The channel.
+    /// @return The refund owed.
+    function refundOf(bytes32 channelId) external view returns (uint128) {
+        ChannelState storage ch = _channels[channelId];
+        return ch.finalized && !ch.refunded ? ch.deposit - ch.settled : 0;
+    }
+
     /// @notice The state of `channelId` (all zero if it was never opened).
     /// @param channelId The channel.
-    /// @return The channel's deposit, settled amount, finalized flag and pending close request.
+    /// @return The channel's deposit, settled amount, finalized and refunded flags and pending close request.
     function getChannel(bytes32 channelId) external view returns (ChannelState memory) {
         return _channels[channelId];
     }
@@ -551,9 +664,23 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
     /// @notice The EIP-712 digest the authorized signer signs for a voucher.
     /// @param channelId The channel.
     /// @param cumulativeAmount The voucher's cumulative amount.
-    /// @return The digest.
-    function hashVoucher(bytes32 channelId, uint128 cumulativeAmount) public view returns (bytes32) {
-        return _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, cumulativeAmount)));
+    /// @return digest The digest.
+    function hashVoucher(bytes32 channelId, uint128 cumulativeAmount) public view returns (bytes32 digest) {
+        bytes32 domain = _domainSeparatorV4();
+        bytes32 typeHash = VOUCHER_TYPEHASH;
+        // keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, cumulativeAmount)), then the EIP-712
+        // digest, in scratch memory (no allocation per voucher of a batch); the free pointer is restored.
+        assembly ("memory-safe") {
+            let ptr := mload(0x40)
+            mstore(ptr, typeHash)
+            mstore(add(ptr, 0x20), channelId)
+            mstore(add(ptr, 0x40), cumulativeAmount)
+            let structHash := keccak256(ptr, 0x60)
+            mstore(ptr, hex"1901")
+            mstore(add(ptr, 0x02), domain)
+            mstore(add(ptr, 0x22), structHash)
+            digest := keccak256(ptr, 0x42)
+        }
     }
 
     /// @notice The id `open` would give these parameters now (the publisher terms are read from
@@ -573,7 +700,7 @@ contract PaymentChannels is EIP712, ReentrancyGuardTransient {
         address authorizedSigner,
         bytes32 modelId
     ) external view returns (bytes32) {
-        (address publisher, uint16 bps) = ModelRegistry(modelRegistry).terms(modelId);
+        (address publisher, uint16 bps) = IModelRegistry(modelRegistry).terms(modelId);
         return _channelId(payer, payee, token, salt, authorizedSigner, modelId, publisher, bps);
     }
 }

@@ -5,8 +5,9 @@ import {Address} from "@openzeppelin/contracts/utils/Address.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
-import {NodeRegistry} from "./NodeRegistry.sol";
-import {PaymentChannels} from "./PaymentChannels.sol";
+import {INodeRegistry} from "./interfaces/INodeRegistry.sol";
+import {IPaymentChannels} from "./interfaces/IPaymentChannels.sol";
+import {ISLACourt} from "./interfaces/ISLACourt.sol";
 
 /// @title SLACourt
 /// @notice Judges a node's service-level terms and its Proof of Response against its registry stake.
@@ -22,7 +23,7 @@ import {PaymentChannels} from "./PaymentChannels.sol";
 ///      The signer must be the node's address in the NodeRegistry (the enclave key); 65-byte low-s only.
 ///
 ///      Who is compensated: the channel's payer, and only the payer may claim. Both disputes carry the
-///      channel's {PaymentChannels.ChannelParams}; the court re-derives the channel id exactly as the escrow
+///      channel's {IPaymentChannels.ChannelParams}; the court re-derives the channel id exactly as the escrow
 ///      does (`keccak256(abi.encode(params, escrow, block.chainid))`), requires it to be the id the node
 ///      signed, and requires `msg.sender == params.payer`. So a claim copied from the mempool by anyone else
 ///      reverts (`NotPayer`). The channel need not still be open: its id alone binds the payer.
@@ -45,65 +46,7 @@ import {PaymentChannels} from "./PaymentChannels.sol";
 ///      Compensation is capped by the node's remaining stake; nothing is owed by a withdrawn node.
 ///      An open no-response dispute locks the node's stake in the registry (`lockStake`) until it is
 ///      answered or finalized, so a node cannot exit and withdraw before the court judges it.
-contract SLACourt is EIP712, ReentrancyGuardTransient {
-    // ---------------------------------------------------------------- types
-
-    /// @notice The EIP-712 `Receipt` a node signs for each answer.
-    struct Receipt {
-        bytes32 receiptId;
-        bytes32 requestHash;
-        bytes32 responseHash;
-        bytes32 channelId;
-        bytes32 modelId;
-        uint32 inputTokens;
-        uint32 outputTokens;
-        uint128 cost;
-        uint128 cumulativeSpent;
-        uint64 acceptedAt;
-        uint32 ttftMs;
-        uint32 durationMs;
-    }
-
-    /// @notice The EIP-712 `Acceptance` a node signs when it admits a paid request.
-    struct Acceptance {
-        bytes32 requestHash;
-        bytes32 channelId;
-        uint64 acceptedAt; // unix seconds; selects the terms in force
-        uint64 deadline; // the node promises the receipt by then
-    }
-
-    /// @notice One version of a node's terms for one model. Zero bounds are no bounds.
-    struct Terms {
-        uint32 maxTtftMs; // time to first token
-        uint32 minTokensPerSec; // decode rate after the first token
-        uint32 maxDurationMs; // response deadline: the whole answer within this many ms
-        uint32 responseWindow; // seconds the node has to answer a no-response dispute (> 0)
-        uint32 breachCostBps; // compensation for broken terms: breachFixed + cost * bps / 10000
-        uint64 validFrom; // set by the court: applies to requests accepted at or after it
-        uint128 breachFixed;
-        uint128 noResponseCompensation; // paid when the node never posts the receipt
-    }
-
-    enum DisputeStatus {
-        None,
-        Open,
-        Answered,
-        Finalized
-    }
-
-    /// @notice A no-response dispute (slot 0: disputer|status|deadline; slot 1: compensation; slot 2: bond).
-    struct Dispute {
-        address disputer;
-        DisputeStatus status;
-        uint64 answerBy; // the node must post the receipt at or before this time
-        address node;
-        uint128 compensation;
-        uint128 bond;
-        bytes32 requestHash;
-        bytes32 channelId;
-        bytes32 modelId;
-    }
-
+contract SLACourt is ISLACourt, EIP712, ReentrancyGuardTransient {
     // ---------------------------------------------------------------- constants
 
     bytes32 public constant RECEIPT_TYPEHASH = keccak256(
@@ -118,7 +61,7 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
 
     // ---------------------------------------------------------------- storage
 
-    NodeRegistry public immutable registry;
+    INodeRegistry public immutable registry;
     /// @notice The PaymentChannels escrow whose channel ids receipts and acceptances name.
     address public immutable escrow;
     /// @notice Native-ETH bond for opening a no-response dispute.
@@ -129,57 +72,12 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
     mapping(bytes32 claimKey => bool) public breachClaimed;
     mapping(bytes32 disputeId => Dispute) private _disputes;
 
-    // ---------------------------------------------------------------- events
-
-    event TermsPublished(address indexed node, bytes32 indexed modelId, uint256 version, Terms terms);
-    event BreachCompensated(
-        address indexed node,
-        bytes32 indexed requestHash,
-        address indexed disputer,
-        bytes32 receiptId,
-        uint8 brokenTerms,
-        uint256 amount
-    );
-    event NoResponseDisputeOpened(
-        bytes32 indexed disputeId,
-        address indexed node,
-        bytes32 indexed requestHash,
-        address disputer,
-        bytes32 modelId,
-        uint64 answerBy,
-        uint256 compensation
-    );
-    event DisputeAnswered(bytes32 indexed disputeId, address indexed node, bytes32 receiptId, address answeredBy);
-    event DisputeFinalized(bytes32 indexed disputeId, address indexed node, address indexed disputer, uint256 amount);
-
-    // ---------------------------------------------------------------- errors
-
-    error NotNodeOrOperator();
-    error NodeNotActive(address node);
-    error InvalidTerms();
-    error NoTerms(address node, bytes32 modelId, uint64 time);
-    error InvalidSignature();
-    error InvalidAcceptance();
-    error WrongSigner(address signer, address node);
-    error TermsNotBroken();
-    error AlreadyClaimed(bytes32 claimKey);
-    error NothingToCompensate(address node);
-    error DeadlineNotPassed(uint64 deadline);
-    error InvalidBond(uint256 sent, uint256 expected);
-    error DisputeExists(bytes32 disputeId);
-    error DisputeNotOpen(bytes32 disputeId);
-    error ReceiptMismatch();
-    error WindowClosed(uint64 answerBy);
-    error WindowOpen(uint64 answerBy);
-    error ChannelMismatch(bytes32 signed, bytes32 derived);
-    error NotPayer(address caller, address payer);
-
     // ---------------------------------------------------------------- constructor
 
     /// @param registry_ The NodeRegistry whose slasher this court must be.
     /// @param escrow_ The PaymentChannels escrow (its address is part of every channel id).
     /// @param disputeBond_ Native-ETH bond for a no-response dispute (0 allowed).
-    constructor(NodeRegistry registry_, address escrow_, uint256 disputeBond_) EIP712("dcml-receipts", "1") {
+    constructor(INodeRegistry registry_, address escrow_, uint256 disputeBond_) EIP712("dcml-receipts", "1") {
         registry = registry_;
         escrow = escrow_;
         disputeBond = disputeBond_;
@@ -190,9 +88,9 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
     /// @notice Publishes new terms for `node` and `modelId`, valid from the next second on. Callable by
     ///         the node's operator or the node key itself, while the node is active.
     function publishTerms(address node, bytes32 modelId, Terms calldata t) external returns (uint256 version) {
-        NodeRegistry.Node memory n = registry.getNode(node);
+        INodeRegistry.Node memory n = registry.getNode(node);
         if (msg.sender != n.operator && msg.sender != node) revert NotNodeOrOperator();
-        if (n.status != NodeRegistry.Status.Active) revert NodeNotActive(node);
+        if (n.status != INodeRegistry.Status.Active) revert NodeNotActive(node);
         if (t.responseWindow == 0 || t.responseWindow > MAX_RESPONSE_WINDOW || t.breachCostBps > MAX_BPS) {
             revert InvalidTerms();
         }
@@ -218,7 +116,7 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
     ///         of the receipt's channel; only their payer may claim, and is paid.
     function claimBreach(
         address node,
-        PaymentChannels.ChannelParams calldata params,
+        IPaymentChannels.ChannelParams calldata params,
         Receipt calldata r,
         bytes calldata signature
     ) external nonReentrant returns (uint256 amount) {
@@ -242,7 +140,7 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
     function openNoResponse(
         address node,
         bytes32 modelId,
-        PaymentChannels.ChannelParams calldata params,
+        IPaymentChannels.ChannelParams calldata params,
         Acceptance calldata a,
         bytes calldata signature
     ) external payable returns (bytes32 id) {
@@ -391,14 +289,14 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
     }
 
     /// @notice The id PaymentChannels gives the channel with these terms on this chain.
-    function channelIdOf(PaymentChannels.ChannelParams calldata params) public view returns (bytes32) {
+    function channelIdOf(IPaymentChannels.ChannelParams calldata params) public view returns (bytes32) {
         return keccak256(abi.encode(params, escrow, block.chainid));
     }
 
     // ---------------------------------------------------------------- internal
 
     /// @dev `params` must hash to the signed `channelId` and the caller must be their payer.
-    function _checkPayer(PaymentChannels.ChannelParams calldata params, bytes32 channelId) private view {
+    function _checkPayer(IPaymentChannels.ChannelParams calldata params, bytes32 channelId) private view {
         bytes32 derived = channelIdOf(params);
         if (derived != channelId) revert ChannelMismatch(channelId, derived);
         if (msg.sender != params.payer) revert NotPayer(msg.sender, params.payer);
@@ -412,8 +310,8 @@ contract SLACourt is EIP712, ReentrancyGuardTransient {
 
     /// @dev `amount` capped by what the registry can still slash from `node` (0 once it is withdrawn).
     function _capped(address node, uint256 amount) private view returns (uint256) {
-        NodeRegistry.Node memory n = registry.getNode(node);
-        if (n.status != NodeRegistry.Status.Active && n.status != NodeRegistry.Status.Exiting) return 0;
+        INodeRegistry.Node memory n = registry.getNode(node);
+        if (n.status != INodeRegistry.Status.Active && n.status != INodeRegistry.Status.Exiting) return 0;
         return amount < n.stake ? amount : n.stake;
     }
 }

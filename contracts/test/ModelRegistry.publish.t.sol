@@ -4,23 +4,9 @@ pragma solidity ^0.8.24;
 import {TestBase} from "./utils/TestBase.sol";
 import {ModelRegistry} from "../src/ModelRegistry.sol";
 import {PaymentChannelsFixture} from "./PaymentChannels.t.sol";
+import {IModelRegistry} from "../src/interfaces/IModelRegistry.sol";
 
 contract ModelRegistryPublishTest is TestBase {
-    event ModelRegistered(bytes32 indexed modelId, address indexed publisher, uint16 royaltyBps);
-    event RoyaltyChanged(bytes32 indexed modelId, uint16 oldBps, uint16 newBps);
-    event ModelPublished(
-        bytes32 indexed modelId,
-        address indexed publisher,
-        bytes32 manifestHash,
-        bytes32 weightsHash,
-        uint256 priceFloor,
-        string keyBrokerUrl
-    );
-    event ReleaseUpdated(bytes32 indexed modelId, bytes32 manifestHash, bytes32 weightsHash);
-    event PriceFloorChanged(bytes32 indexed modelId, uint256 oldFloor, uint256 newFloor);
-    event KeyBrokerChanged(bytes32 indexed modelId, string keyBrokerUrl);
-    event MeasurementsChanged(bytes32 indexed modelId, bytes32[] measurements);
-
     ModelRegistry internal registry;
     address internal constant PUBLISHER = address(0xB0B);
     address internal constant STRANGER = address(0xBAD);
@@ -48,11 +34,11 @@ contract ModelRegistryPublishTest is TestBase {
     function test_publish_registersListsAndEmits() public {
         bytes32[] memory m = _measurements(2);
         vm.expectEmit(address(registry));
-        emit ModelRegistered(MODEL, PUBLISHER, 300);
+        emit IModelRegistry.ModelRegistered(MODEL, PUBLISHER, 300);
         vm.expectEmit(address(registry));
-        emit ModelPublished(MODEL, PUBLISHER, MANIFEST, WEIGHTS, 7, URL);
+        emit IModelRegistry.ModelPublished(MODEL, PUBLISHER, MANIFEST, WEIGHTS, 7, URL);
         vm.expectEmit(address(registry));
-        emit MeasurementsChanged(MODEL, m);
+        emit IModelRegistry.MeasurementsChanged(MODEL, m);
         _publish();
 
         (address publisher, uint16 bps) = registry.terms(MODEL);
@@ -75,7 +61,7 @@ contract ModelRegistryPublishTest is TestBase {
         vm.startPrank(PUBLISHER);
         registry.register(MODEL, 100);
         vm.expectEmit(address(registry));
-        emit RoyaltyChanged(MODEL, 100, 300);
+        emit IModelRegistry.RoyaltyChanged(MODEL, 100, 300);
         registry.publish(MODEL, 300, MANIFEST, WEIGHTS, 7, URL, _measurements(1));
         vm.stopPrank();
         (, uint16 bps) = registry.terms(MODEL);
@@ -85,36 +71,36 @@ contract ModelRegistryPublishTest is TestBase {
     function test_publish_revertsForAnotherPublishersModel() public {
         vm.prank(PUBLISHER);
         registry.register(MODEL, 100);
-        vm.expectRevert(abi.encodeWithSelector(ModelRegistry.ModelExists.selector, MODEL));
+        vm.expectRevert(abi.encodeWithSelector(IModelRegistry.ModelExists.selector, MODEL));
         vm.prank(STRANGER);
         registry.publish(MODEL, 300, MANIFEST, WEIGHTS, 7, URL, _measurements(1));
     }
 
     function test_publish_revertsWhenAlreadyPublished() public {
         _publish();
-        vm.expectRevert(abi.encodeWithSelector(ModelRegistry.AlreadyPublished.selector, MODEL));
+        vm.expectRevert(abi.encodeWithSelector(IModelRegistry.AlreadyPublished.selector, MODEL));
         vm.prank(PUBLISHER);
         registry.publish(MODEL, 300, MANIFEST, WEIGHTS, 7, URL, _measurements(1));
     }
 
     function test_publish_validatesInputs() public {
         vm.startPrank(PUBLISHER);
-        vm.expectRevert(ModelRegistry.ZeroModelId.selector);
+        vm.expectRevert(IModelRegistry.ZeroModelId.selector);
         registry.publish(bytes32(0), 1, MANIFEST, WEIGHTS, 0, URL, _measurements(1));
-        vm.expectRevert(abi.encodeWithSelector(ModelRegistry.InvalidRoyalty.selector, uint16(10_001)));
+        vm.expectRevert(abi.encodeWithSelector(IModelRegistry.InvalidRoyalty.selector, uint16(10_001)));
         registry.publish(MODEL, 10_001, MANIFEST, WEIGHTS, 0, URL, _measurements(1));
-        vm.expectRevert(ModelRegistry.ZeroHash.selector);
+        vm.expectRevert(IModelRegistry.ZeroHash.selector);
         registry.publish(MODEL, 1, bytes32(0), WEIGHTS, 0, URL, _measurements(1));
-        vm.expectRevert(ModelRegistry.ZeroHash.selector);
+        vm.expectRevert(IModelRegistry.ZeroHash.selector);
         registry.publish(MODEL, 1, MANIFEST, bytes32(0), 0, URL, _measurements(1));
-        vm.expectRevert(ModelRegistry.InvalidKeyBrokerUrl.selector);
+        vm.expectRevert(IModelRegistry.InvalidKeyBrokerUrl.selector);
         registry.publish(MODEL, 1, MANIFEST, WEIGHTS, 0, "", _measurements(1));
-        vm.expectRevert(ModelRegistry.InvalidKeyBrokerUrl.selector);
+        vm.expectRevert(IModelRegistry.InvalidKeyBrokerUrl.selector);
         registry.publish(MODEL, 1, MANIFEST, WEIGHTS, 0, string(new bytes(257)), _measurements(1));
-        vm.expectRevert(abi.encodeWithSelector(ModelRegistry.TooManyMeasurements.selector, uint256(33)));
+        vm.expectRevert(abi.encodeWithSelector(IModelRegistry.TooManyMeasurements.selector, uint256(33)));
         registry.publish(MODEL, 1, MANIFEST, WEIGHTS, 0, URL, _measurements(33));
         bytes32[] memory zero = new bytes32[](1);
-        vm.expectRevert(ModelRegistry.ZeroMeasurement.selector);
+        vm.expectRevert(IModelRegistry.ZeroMeasurement.selector);
         registry.publish(MODEL, 1, MANIFEST, WEIGHTS, 0, URL, zero);
         vm.stopPrank();
         vm.assertFalse(registry.isPublished(MODEL));
@@ -124,17 +110,17 @@ contract ModelRegistryPublishTest is TestBase {
         _publish();
         vm.startPrank(PUBLISHER);
         vm.expectEmit(address(registry));
-        emit ReleaseUpdated(MODEL, keccak256("m2"), keccak256("w2"));
+        emit IModelRegistry.ReleaseUpdated(MODEL, keccak256("m2"), keccak256("w2"));
         registry.updateRelease(MODEL, keccak256("m2"), keccak256("w2"));
         vm.expectEmit(address(registry));
-        emit PriceFloorChanged(MODEL, 7, 9);
+        emit IModelRegistry.PriceFloorChanged(MODEL, 7, 9);
         registry.setPriceFloor(MODEL, 9);
         vm.expectEmit(address(registry));
-        emit KeyBrokerChanged(MODEL, "https://b2");
+        emit IModelRegistry.KeyBrokerChanged(MODEL, "https://b2");
         registry.setKeyBroker(MODEL, "https://b2");
         bytes32[] memory one = _measurements(1);
         vm.expectEmit(address(registry));
-        emit MeasurementsChanged(MODEL, one);
+        emit IModelRegistry.MeasurementsChanged(MODEL, one);
         registry.setAllowedMeasurements(MODEL, one);
         vm.stopPrank();
         (bytes32 manifest, bytes32 weights, uint256 floor, string memory url) = registry.listing(MODEL);
@@ -149,20 +135,20 @@ contract ModelRegistryPublishTest is TestBase {
     function test_updates_revertForStrangersAndUnpublishedModels() public {
         _publish();
         vm.startPrank(STRANGER);
-        vm.expectRevert(ModelRegistry.NotPublisher.selector);
+        vm.expectRevert(IModelRegistry.NotPublisher.selector);
         registry.updateRelease(MODEL, MANIFEST, WEIGHTS);
-        vm.expectRevert(ModelRegistry.NotPublisher.selector);
+        vm.expectRevert(IModelRegistry.NotPublisher.selector);
         registry.setPriceFloor(MODEL, 1);
-        vm.expectRevert(ModelRegistry.NotPublisher.selector);
+        vm.expectRevert(IModelRegistry.NotPublisher.selector);
         registry.setKeyBroker(MODEL, URL);
-        vm.expectRevert(ModelRegistry.NotPublisher.selector);
+        vm.expectRevert(IModelRegistry.NotPublisher.selector);
         registry.setAllowedMeasurements(MODEL, _measurements(1));
         vm.stopPrank();
 
         bytes32 registeredOnly = keccak256("registered-only");
         vm.startPrank(PUBLISHER);
         registry.register(registeredOnly, 1);
-        vm.expectRevert(abi.encodeWithSelector(ModelRegistry.NotPublished.selector, registeredOnly));
+        vm.expectRevert(abi.encodeWithSelector(IModelRegistry.NotPublished.selector, registeredOnly));
         registry.setPriceFloor(registeredOnly, 1);
         vm.stopPrank();
     }

@@ -3,11 +3,9 @@ pragma solidity ^0.8.24;
 
 import {TestBase} from "./utils/TestBase.sol";
 import {ModelRegistry} from "../src/ModelRegistry.sol";
+import {IModelRegistry} from "../src/interfaces/IModelRegistry.sol";
 
 contract ModelRegistryTest is TestBase {
-    event ModelRegistered(bytes32 indexed modelId, address indexed publisher, uint16 royaltyBps);
-    event RoyaltyChanged(bytes32 indexed modelId, uint16 oldBps, uint16 newBps);
-
     ModelRegistry internal registry;
     address internal constant PUBLISHER = address(0xB0B);
     address internal constant STRANGER = address(0xBAD);
@@ -19,7 +17,7 @@ contract ModelRegistryTest is TestBase {
 
     function test_register_storesTermsAndEmits() public {
         vm.expectEmit(address(registry));
-        emit ModelRegistered(MODEL, PUBLISHER, 250);
+        emit IModelRegistry.ModelRegistered(MODEL, PUBLISHER, 250);
         vm.prank(PUBLISHER);
         registry.register(MODEL, 250);
         (address publisher, uint16 bps) = registry.terms(MODEL);
@@ -39,19 +37,19 @@ contract ModelRegistryTest is TestBase {
     function test_register_revertsWhenModelExists() public {
         vm.prank(PUBLISHER);
         registry.register(MODEL, 1);
-        vm.expectRevert(abi.encodeWithSelector(ModelRegistry.ModelExists.selector, MODEL));
+        vm.expectRevert(abi.encodeWithSelector(IModelRegistry.ModelExists.selector, MODEL));
         vm.prank(STRANGER);
         registry.register(MODEL, 2);
     }
 
     function test_register_revertsOnRoyaltyAbove10000() public {
-        vm.expectRevert(abi.encodeWithSelector(ModelRegistry.InvalidRoyalty.selector, uint16(10_001)));
+        vm.expectRevert(abi.encodeWithSelector(IModelRegistry.InvalidRoyalty.selector, uint16(10_001)));
         vm.prank(PUBLISHER);
         registry.register(MODEL, 10_001);
     }
 
     function test_register_revertsOnZeroModelId() public {
-        vm.expectRevert(ModelRegistry.ZeroModelId.selector);
+        vm.expectRevert(IModelRegistry.ZeroModelId.selector);
         vm.prank(PUBLISHER);
         registry.register(bytes32(0), 1);
     }
@@ -60,7 +58,7 @@ contract ModelRegistryTest is TestBase {
         vm.startPrank(PUBLISHER);
         registry.register(MODEL, 100);
         vm.expectEmit(address(registry));
-        emit RoyaltyChanged(MODEL, 100, 700);
+        emit IModelRegistry.RoyaltyChanged(MODEL, 100, 700);
         registry.setRoyalty(MODEL, 700);
         vm.stopPrank();
         (address publisher, uint16 bps) = registry.terms(MODEL);
@@ -71,13 +69,13 @@ contract ModelRegistryTest is TestBase {
     function test_setRoyalty_revertsWhenNotPublisher() public {
         vm.prank(PUBLISHER);
         registry.register(MODEL, 100);
-        vm.expectRevert(ModelRegistry.NotPublisher.selector);
+        vm.expectRevert(IModelRegistry.NotPublisher.selector);
         vm.prank(STRANGER);
         registry.setRoyalty(MODEL, 0);
     }
 
     function test_setRoyalty_revertsOnUnregisteredModel() public {
-        vm.expectRevert(ModelRegistry.NotPublisher.selector);
+        vm.expectRevert(IModelRegistry.NotPublisher.selector);
         vm.prank(STRANGER);
         registry.setRoyalty(MODEL, 0);
     }
@@ -85,7 +83,7 @@ contract ModelRegistryTest is TestBase {
     function test_setRoyalty_revertsOnRoyaltyAbove10000() public {
         vm.startPrank(PUBLISHER);
         registry.register(MODEL, 100);
-        vm.expectRevert(abi.encodeWithSelector(ModelRegistry.InvalidRoyalty.selector, uint16(20_000)));
+        vm.expectRevert(abi.encodeWithSelector(IModelRegistry.InvalidRoyalty.selector, uint16(20_000)));
         registry.setRoyalty(MODEL, 20_000);
         vm.stopPrank();
     }
@@ -99,7 +97,7 @@ contract ModelRegistryTest is TestBase {
     function testFuzz_register_acceptsExactlyBpsUpTo10000(bytes32 modelId, uint16 bps, address publisher) public {
         vm.assume(modelId != bytes32(0));
         vm.prank(publisher);
-        if (bps > 10_000) vm.expectRevert(abi.encodeWithSelector(ModelRegistry.InvalidRoyalty.selector, bps));
+        if (bps > 10_000) vm.expectRevert(abi.encodeWithSelector(IModelRegistry.InvalidRoyalty.selector, bps));
         registry.register(modelId, bps);
         (address storedPublisher, uint16 storedBps) = registry.terms(modelId);
         if (bps <= 10_000) {

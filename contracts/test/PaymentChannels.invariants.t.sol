@@ -4,10 +4,11 @@ pragma solidity ^0.8.24;
 import {TestBase} from "./utils/TestBase.sol";
 import {PaymentChannels} from "../src/PaymentChannels.sol";
 import {ModelRegistry} from "../src/ModelRegistry.sol";
-import {TestToken} from "../src/TestToken.sol";
+import {TestToken} from "./TestToken.sol";
 import {ReentrantToken} from "./mocks/ReentrantToken.sol";
 import {ReentrantSigner} from "./mocks/ReentrantSigner.sol";
 import {RevertingReceiver} from "./mocks/RevertingReceiver.sol";
+import {IPaymentChannels} from "../src/interfaces/IPaymentChannels.sol";
 
 /// @dev Drives PaymentChannels through bounded random interleavings of every action, legitimate
 ///      and hostile, and keeps ghost accounting the invariants compare the contract against.
@@ -47,7 +48,7 @@ contract PaymentChannelsHandler is TestBase {
 
     bytes32[] public ids;
     mapping(bytes32 => Info) internal info;
-    mapping(bytes32 => PaymentChannels.ChannelParams) internal paramsOf; // what every call passes back
+    mapping(bytes32 => IPaymentChannels.ChannelParams) internal paramsOf; // what every call passes back
     uint256 internal saltNonce;
 
     // ---- ghosts (the handler's model of what the contract must hold)
@@ -60,6 +61,7 @@ contract PaymentChannelsHandler is TestBase {
     mapping(bytes32 => uint256) public ghostPayeeCredit;
     mapping(bytes32 => uint256) public ghostPublisherCredit;
     mapping(bytes32 => uint256) public ghostRefund;
+    mapping(bytes32 => bool) public ghostRefundClaimed;
 
     // ---- breaches, one counter per property
     uint256 public replayAccepted; // (6) voucher of another channel / chain / contract, or stale
@@ -76,6 +78,7 @@ contract PaymentChannelsHandler is TestBase {
 
     // ---- call counters (coverage summary)
     uint256 public settles;
+    uint256 public batchSettles;
     uint256 public closes;
     uint256 public withdrawals;
     uint256 public hostileCalls;
@@ -167,9 +170,8 @@ contract PaymentChannelsHandler is TestBase {
         ) {
             ids.push(id);
             info[id] = c;
-            paramsOf[id] = PaymentChannels.ChannelParams(
-                c.payer, c.payee, c.token, c.salt, c.signer, c.modelId, publisher, bps
-            );
+            paramsOf[id] =
+                IPaymentChannels.ChannelParams(c.payer, c.payee, c.token, c.salt, c.signer, c.modelId, publisher, bps);
             ghostDeposit[id] = deposit;
             ghostIn[c.token] += deposit;
         } catch {
@@ -230,12 +232,11 @@ contract PaymentChannelsHandler is TestBase {
             _armReentry(id, cum, sig);
         }
         (uint256 payeeBefore, uint256 pubBefore) = _credits(id);
-        uint256 payerBefore = channels.earnings(c.token, c.payer);
         vm.prank(c.payee);
         try channels.close(paramsOf[id], cum, sig) {
             closes++;
             if (cum > ghostSettled[id]) _recordSettle(id, cum, payeeBefore, pubBefore);
-            _recordFinal(id, payerBefore);
+            _recordFinal(id);
         } catch {
             _breach(payeeLivenessFailures++, "close refused");
         }
@@ -263,12 +264,11 @@ contract PaymentChannelsHandler is TestBase {
         uint64 requestedAt = ghostCloseRequestedAt[id];
         // forge-lint: disable-next-line(block-timestamp)
         bool due = requestedAt != 0 && block.timestamp >= uint256(requestedAt) + GRACE;
-        uint256 payerBefore = channels.earnings(c.token, c.payer);
         vm.prank(c.payer);
         try channels.withdraw(paramsOf[id]) {
             if (!due) return _breach(unauthorizedAccepted++, "early withdraw accepted");
             withdrawals++;
-            _recordFinal(id, payerBefore);
+            _recordFinal(id);
         } catch {
             if (due) _breach(payerLivenessFailures++, "due withdraw failed");
         }
@@ -290,6 +290,103 @@ contract PaymentChannelsHandler is TestBase {
             // Only an empty balance, or ETH to a recipient that rejects it, may fail.
             if (owed != 0 && (t != ETH || account.code.length == 0)) _breach(claimMismatches++, "claim failed");
         }
+    }
+
+    /// @dev The payer claims the refund of a finalized channel: exactly deposit - settled, once;
+    ///      fails only before finalization, on a second claim, for a zero refund, or for ETH to a
+    ///      payer that rejects it.
+    function claimRefund(uint256 idSeed) external {
+        if (ids.length == 0) return;
+        bytes32 id = ids[idSeed % ids.length];
+        Info memory c = info[id];
+        uint256 owed = ghostFinalized[id] && !ghostRefundClaimed[id] ? ghostRefund[id] : 0;
+        uint256 before = _balanceOf(c.token, c.payer);
+        vm.prank(c.payer);
+        try channels.claimRefund(paramsOf[id]) returns (uint128 paid) {
+            if (owed == 0 || paid != owed || _balanceOf(c.token, c.payer) - before != owed) {
+                return _breach(claimMismatches++, "refund claim paid the wrong amount");
+            }
+            ghostRefundClaimed[id] = true;
+            ghostOut[c.token] += owed;
+        } catch {
+            if (owed != 0 && (c.token != ETH || c.payer.code.length == 0)) {
+                _breach(claimMismatches++, "refund claim failed");
+            }
+        }
+    }
+
+    /// @dev A batch of up to four vouchers on channels sharing the payee, token and model of a
+    ///      picked one (finalized ones, repeats, stale and oversized amounts included): the call never
+    ///      reverts, each voucher settles exactly when {settle} would accept it (checked in order,
+    ///      so a repeat is checked against the amount the first settled), and the payee and
+    ///      publisher are credited exactly the sum of the single splits.
+    function settleBatch(uint256 idSeed, uint256 amountSeed, uint256 pickSeed) external {
+        if (ids.length == 0) return;
+        bytes32 first = ids[idSeed % ids.length];
+        Info memory c = info[first];
+        (IPaymentChannels.BatchVoucher[] memory vs, bytes32[] memory picked) = _batchOf(first, amountSeed, pickSeed);
+        (uint256 payeeBefore, uint256 pubBefore) = _credits(first);
+        vm.prank(c.payee);
+        try channels.settleBatch(c.token, c.modelId, paramsOf[first].publisher, c.bps, vs) returns (uint256 count) {
+            (uint256 expectedCount, uint256 payeeGain, uint256 pubGain) = _expectBatch(picked, vs, c.bps);
+            (uint256 payeeAfter, uint256 pubAfter) = _credits(first);
+            if (count != expectedCount) return _breach(partialSettlements++, "batch settled other than settle would");
+            if (payeeAfter - payeeBefore != payeeGain || pubAfter - pubBefore != pubGain) {
+                _breach(partialSettlements++, "batch credited other than the single splits");
+            }
+        } catch {
+            _breach(payeeLivenessFailures++, "settleBatch reverted");
+        }
+    }
+
+    function _batchOf(bytes32 first, uint256 amountSeed, uint256 pickSeed)
+        internal
+        view
+        returns (IPaymentChannels.BatchVoucher[] memory vs, bytes32[] memory picked)
+    {
+        Info memory c = info[first];
+        uint256 n = 1 + pickSeed % 4;
+        vs = new IPaymentChannels.BatchVoucher[](n);
+        picked = new bytes32[](n);
+        for (uint256 k; k < n; k++) {
+            bytes32 id = first;
+            // Another channel of the same payee, token and model when the seed finds one.
+            bytes32 other = ids[uint256(keccak256(abi.encode(pickSeed, k))) % ids.length];
+            Info memory o = info[other];
+            if (o.payee == c.payee && o.token == c.token && o.modelId == c.modelId) id = other;
+            picked[k] = id;
+            uint256 seed = uint256(keccak256(abi.encode(amountSeed, k)));
+            uint128 cum = seed % 7 == 0
+                ? ghostDeposit[id] + 1  // above the deposit
+                : (seed % 7 == 1 ? ghostSettled[id] : uint128(bound(seed >> 3, 1, ghostDeposit[id])));
+            (uint8 v, bytes32 r, bytes32 s) = vm.sign(info[id].signerPk, channels.hashVoucher(id, cum));
+            vs[k] = IPaymentChannels.BatchVoucher(
+                info[id].payer, info[id].salt, info[id].signer, cum, r, bytes32(uint256(s) | (uint256(v - 27) << 255))
+            );
+        }
+    }
+
+    /// @dev Replays {settle}'s checks over the batch in order on the ghosts, records what settles.
+    function _expectBatch(bytes32[] memory picked, IPaymentChannels.BatchVoucher[] memory vs, uint16 bps)
+        internal
+        returns (uint256 count, uint256 payeeGain, uint256 pubGain)
+    {
+        for (uint256 k; k < picked.length; k++) {
+            bytes32 id = picked[k];
+            uint128 cum = vs[k].cumulativeAmount;
+            uint128 old = ghostSettled[id];
+            // An ERC-1271 signer (a contract) is never valid in a batch: it settles through settle.
+            bool valid = !ghostFinalized[id] && cum > old && cum <= ghostDeposit[id] && info[id].signer.code.length == 0;
+            if (!valid) continue;
+            count++;
+            uint256 pub = uint256(cum) * bps / 10_000 - uint256(old) * bps / 10_000;
+            pubGain += pub;
+            payeeGain += cum - old - pub;
+            ghostSettled[id] = cum;
+            ghostPayeeCredit[id] += cum - old - pub;
+            ghostPublisherCredit[id] += pub;
+        }
+        batchSettles += count;
     }
 
     function warp(uint256 secondsSeed) external {
@@ -450,7 +547,7 @@ contract PaymentChannelsHandler is TestBase {
     function wrongParams(uint256 idSeed, uint256 fieldSeed, uint256 valueSeed, uint256 fnSeed) external {
         if (ids.length == 0) return;
         bytes32 id = ids[idSeed % ids.length];
-        PaymentChannels.ChannelParams memory q = paramsOf[id];
+        IPaymentChannels.ChannelParams memory q = paramsOf[id];
         uint256 field = fieldSeed % 8;
         address a = accounts[valueSeed % accounts.length];
         if (field == 0) q.payer = a;
@@ -482,7 +579,7 @@ contract PaymentChannelsHandler is TestBase {
 
         vm.prank(caller);
         (bool ok, bytes memory reason) = address(channels).call{value: value}(call);
-        bytes memory expected = abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, wrongId);
+        bytes memory expected = abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, wrongId);
         if (ok || keccak256(reason) != keccak256(expected)) {
             _breach(wrongParamsAccepted++, "wrong term did other than ChannelNotFound");
         }
@@ -566,9 +663,8 @@ contract PaymentChannelsHandler is TestBase {
         ghostPublisherCredit[id] += pubGain;
     }
 
-    function _recordFinal(bytes32 id, uint256 payerBefore) internal {
-        Info storage c = info[id];
-        uint256 refund = channels.earnings(c.token, c.payer) - payerBefore;
+    function _recordFinal(bytes32 id) internal {
+        uint256 refund = channels.refundOf(id);
         if (refund != ghostDeposit[id] - ghostSettled[id]) _breach(refundMismatches++, "refund inexact");
         ghostRefund[id] = refund;
         ghostFinalized[id] = true;
@@ -596,12 +692,12 @@ contract PaymentChannelsHandler is TestBase {
         return info[id].bps;
     }
 
-    function paramsOfId(bytes32 id) external view returns (PaymentChannels.ChannelParams memory) {
+    function paramsOfId(bytes32 id) external view returns (IPaymentChannels.ChannelParams memory) {
         return paramsOf[id];
     }
 
     function selectors() external pure returns (bytes4[] memory s) {
-        s = new bytes4[](12);
+        s = new bytes4[](14);
         s[0] = PaymentChannelsHandler.open.selector;
         s[1] = PaymentChannelsHandler.topUp.selector;
         s[2] = PaymentChannelsHandler.settle.selector;
@@ -614,6 +710,8 @@ contract PaymentChannelsHandler is TestBase {
         s[9] = PaymentChannelsHandler.unauthorized.selector;
         s[10] = PaymentChannelsHandler.pokeFinalized.selector;
         s[11] = PaymentChannelsHandler.wrongParams.selector;
+        s[12] = PaymentChannelsHandler.claimRefund.selector;
+        s[13] = PaymentChannelsHandler.settleBatch.selector;
     }
 }
 
@@ -631,15 +729,19 @@ contract PaymentChannelsInvariants is TestBase {
     }
 
     /// (1) Conservation: per token, the escrow holds exactly the open channels' unsettled
-    ///     deposits plus every unclaimed balance, and exactly what came in minus what went out.
+    ///     deposits, the finalized channels' unclaimed refunds and every unclaimed balance, and
+    ///     exactly what came in minus what went out (settleBatch included: settled = sum of vouchers).
     function invariant_escrowHoldsExactlyOutstandingPlusEarnings() public view {
         for (uint256 t; t < handler.tokensLength(); t++) {
             address tok = handler.tokens(t);
             uint256 outstanding;
             for (uint256 i; i < handler.idsLength(); i++) {
                 bytes32 id = handler.ids(i);
-                PaymentChannels.ChannelState memory ch = channels.getChannel(id);
-                if (handler.paramsOfId(id).token == tok && !ch.finalized) outstanding += ch.deposit - ch.settled;
+                IPaymentChannels.ChannelState memory ch = channels.getChannel(id);
+                if (handler.paramsOfId(id).token != tok) continue;
+                // An open channel's unsettled deposit, or a finalized one's unclaimed refund.
+                if (!ch.finalized) outstanding += ch.deposit - ch.settled;
+                else if (!ch.refunded) outstanding += channels.refundOf(id);
             }
             uint256 owed;
             for (uint256 a; a < handler.accountsLength(); a++) {
@@ -655,7 +757,7 @@ contract PaymentChannelsInvariants is TestBase {
     function invariant_settledIsMonotonicAndWithinDeposit() public view {
         for (uint256 i; i < handler.idsLength(); i++) {
             bytes32 id = handler.ids(i);
-            PaymentChannels.ChannelState memory ch = channels.getChannel(id);
+            IPaymentChannels.ChannelState memory ch = channels.getChannel(id);
             vm.assertLe(ch.settled, ch.deposit, "settled > deposit");
             vm.assertEq(ch.settled, handler.ghostSettled(id), "settled moved outside an accepted voucher");
             vm.assertEq(ch.deposit, handler.ghostDeposit(id), "deposit moved outside a top-up");
@@ -678,7 +780,7 @@ contract PaymentChannelsInvariants is TestBase {
         vm.assertEq(handler.refundMismatches(), 0, "refund inexact");
         for (uint256 i; i < handler.idsLength(); i++) {
             bytes32 id = handler.ids(i);
-            PaymentChannels.ChannelState memory ch = channels.getChannel(id);
+            IPaymentChannels.ChannelState memory ch = channels.getChannel(id);
             if (ch.finalized) vm.assertEq(handler.ghostRefund(id), ch.deposit - ch.settled, "refund inexact");
         }
     }

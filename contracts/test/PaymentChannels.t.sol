@@ -4,39 +4,18 @@ pragma solidity ^0.8.24;
 import {TestBase} from "./utils/TestBase.sol";
 import {PaymentChannels} from "../src/PaymentChannels.sol";
 import {ModelRegistry} from "../src/ModelRegistry.sol";
-import {TestToken} from "../src/TestToken.sol";
+import {TestToken} from "./TestToken.sol";
 import {MockERC1271Wallet} from "./mocks/MockERC1271Wallet.sol";
 import {FeeOnTransferToken} from "./mocks/FeeOnTransferToken.sol";
 import {ReentrantToken} from "./mocks/ReentrantToken.sol";
 import {ReentrantSigner} from "./mocks/ReentrantSigner.sol";
 import {RevertingReceiver} from "./mocks/RevertingReceiver.sol";
 import {BogusRegistry} from "./mocks/BogusRegistry.sol";
+import {IPaymentChannels} from "../src/interfaces/IPaymentChannels.sol";
 
 /// @dev Shared fixture: a registry with a 2.5% model and a royalty-free model, the channel contract
 ///      (15 min grace), an ERC-20 and funded parties.
 abstract contract PaymentChannelsFixture is TestBase {
-    event ChannelOpened(
-        bytes32 indexed channelId,
-        address indexed payer,
-        address indexed payee,
-        address token,
-        address authorizedSigner,
-        bytes32 modelId,
-        address publisher,
-        uint16 publisherBps,
-        uint128 deposit,
-        bytes32 salt
-    );
-    event ToppedUp(bytes32 indexed channelId, uint128 amount, uint128 newDeposit);
-    event CloseRequested(bytes32 indexed channelId, uint64 closableAt);
-    event CloseCancelled(bytes32 indexed channelId);
-    event Settled(
-        bytes32 indexed channelId, uint128 cumulativeAmount, uint128 delta, uint128 payeeShare, uint128 publisherShare
-    );
-    event ChannelClosed(bytes32 indexed channelId, uint128 settled, uint128 refund);
-    event Withdrawn(bytes32 indexed channelId, uint128 refund);
-    event EarningsClaimed(address indexed token, address indexed account, uint256 amount);
-
     uint64 internal constant GRACE = 900;
     uint16 internal constant BPS = 250;
     bytes32 internal constant MODEL = keccak256("model/royalty");
@@ -57,7 +36,7 @@ abstract contract PaymentChannelsFixture is TestBase {
     address internal stranger = address(0x5757);
     address internal signer;
 
-    mapping(bytes32 channelId => PaymentChannels.ChannelParams) internal _params;
+    mapping(bytes32 channelId => IPaymentChannels.ChannelParams) internal _params;
 
     function setUp() public virtual {
         vm.warp(1_700_000_000);
@@ -99,17 +78,17 @@ abstract contract PaymentChannelsFixture is TestBase {
         vm.prank(payer);
         id = channels.open{value: token_ == ETH ? deposit : 0}(payee_, token_, deposit, salt, signer_, modelId, bps);
         (address publisher_, uint16 bps_) = registry.terms(modelId); // unchanged since the open
-        _params[id] = PaymentChannels.ChannelParams(payer, payee_, token_, salt, signer_, modelId, publisher_, bps_);
+        _params[id] = IPaymentChannels.ChannelParams(payer, payee_, token_, salt, signer_, modelId, publisher_, bps_);
     }
 
     /// @dev The terms of a channel this fixture opened (all zero for an unknown id).
-    function _p(bytes32 channelId) internal view returns (PaymentChannels.ChannelParams memory) {
+    function _p(bytes32 channelId) internal view returns (IPaymentChannels.ChannelParams memory) {
         return _params[channelId];
     }
 
     /// @dev Terms of a channel that was never opened.
-    function _unknown() internal view returns (PaymentChannels.ChannelParams memory) {
-        return PaymentChannels.ChannelParams(payer, payee, ETH, keccak256("never"), signer, MODEL, publisher, BPS);
+    function _unknown() internal view returns (IPaymentChannels.ChannelParams memory) {
+        return IPaymentChannels.ChannelParams(payer, payee, ETH, keccak256("never"), signer, MODEL, publisher, BPS);
     }
 
     function _voucher(bytes32 channelId, uint128 amount) internal view returns (bytes memory) {
@@ -138,17 +117,17 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     }
 
     function test_constructor_revertsOnZeroGrace() public {
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidGracePeriod.selector, uint64(0)));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.InvalidGracePeriod.selector, uint64(0)));
         new PaymentChannels(address(registry), 0);
     }
 
     function test_constructor_revertsOnGraceAboveMax() public {
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidGracePeriod.selector, uint64(30 days + 1)));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.InvalidGracePeriod.selector, uint64(30 days + 1)));
         new PaymentChannels(address(registry), 30 days + 1);
     }
 
     function test_constructor_revertsOnRegistryWithoutCode() public {
-        vm.expectRevert(PaymentChannels.InvalidModelRegistry.selector);
+        vm.expectRevert(IPaymentChannels.InvalidModelRegistry.selector);
         new PaymentChannels(address(0x1234), GRACE);
     }
 
@@ -172,11 +151,11 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_open_eth_storesChannelAndEmits() public {
         bytes32 expectedId = channels.computeChannelId(payer, payee, ETH, SALT, signer, MODEL);
         vm.expectEmit(address(channels));
-        emit ChannelOpened(expectedId, payer, payee, ETH, signer, MODEL, publisher, BPS, 1 ether, SALT);
+        emit IPaymentChannels.ChannelOpened(expectedId, payer, payee, ETH, signer, MODEL, publisher, BPS, 1 ether, SALT);
         bytes32 id = _open(ETH, 1 ether);
 
         vm.assertEq(id, expectedId);
-        PaymentChannels.ChannelState memory ch = channels.getChannel(id);
+        IPaymentChannels.ChannelState memory ch = channels.getChannel(id);
         vm.assertFalse(ch.finalized);
         vm.assertEq(uint256(ch.deposit), 1 ether);
         vm.assertEq(uint256(ch.settled), 0);
@@ -185,7 +164,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         // The terms are not stored: they are the emitted params, and they address the channel.
         vm.assertEq(
             channels.channelIdOf(
-                PaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, MODEL, publisher, BPS)
+                IPaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, MODEL, publisher, BPS)
             ),
             id
         );
@@ -222,7 +201,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assertEq(_p(id).publisher, address(0));
         vm.assertEq(
             channels.channelIdOf(
-                PaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, keccak256("unknown"), address(0), 0)
+                IPaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, keccak256("unknown"), address(0), 0)
             ),
             id
         );
@@ -236,7 +215,9 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         // The registered publisher is part of the id even at 0 bps ...
         vm.assertEq(_p(id).publisher, publisher);
         vm.assertEq(
-            channels.channelIdOf(PaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, FREE_MODEL, publisher, 0)),
+            channels.channelIdOf(
+                IPaymentChannels.ChannelParams(payer, payee, ETH, SALT, signer, FREE_MODEL, publisher, 0)
+            ),
             id
         );
         // ... and is never credited.
@@ -246,31 +227,31 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     }
 
     function test_open_revertsOnZeroPayee() public {
-        vm.expectRevert(PaymentChannels.InvalidPayee.selector);
+        vm.expectRevert(IPaymentChannels.InvalidPayee.selector);
         vm.prank(payer);
         channels.open{value: 1}(address(0), ETH, 1, SALT, signer, MODEL, BPS);
     }
 
     function test_open_revertsWhenPayeeIsPayer() public {
-        vm.expectRevert(PaymentChannels.InvalidPayee.selector);
+        vm.expectRevert(IPaymentChannels.InvalidPayee.selector);
         vm.prank(payer);
         channels.open{value: 1}(payer, ETH, 1, SALT, signer, MODEL, BPS);
     }
 
     function test_open_revertsOnZeroSigner() public {
-        vm.expectRevert(PaymentChannels.InvalidSigner.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSigner.selector);
         vm.prank(payer);
         channels.open{value: 1}(payee, ETH, 1, SALT, address(0), MODEL, BPS);
     }
 
     function test_open_revertsOnZeroDeposit() public {
-        vm.expectRevert(PaymentChannels.ZeroAmount.selector);
+        vm.expectRevert(IPaymentChannels.ZeroAmount.selector);
         vm.prank(payer);
         channels.open(payee, ETH, 0, SALT, signer, MODEL, BPS);
     }
 
     function test_open_revertsOnRoyaltyMismatch() public {
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.RoyaltyMismatch.selector, uint16(100), BPS));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.RoyaltyMismatch.selector, uint16(100), BPS));
         vm.prank(payer);
         channels.open{value: 1}(payee, ETH, 1, SALT, signer, MODEL, 100);
     }
@@ -278,20 +259,20 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_open_revertsWhenRoyaltyFrontRun() public {
         vm.prank(publisher);
         registry.setRoyalty(MODEL, 9_000);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.RoyaltyMismatch.selector, BPS, uint16(9_000)));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.RoyaltyMismatch.selector, BPS, uint16(9_000)));
         _open(ETH, 1);
     }
 
     function test_open_revertsOnRoyaltyAboveWholeFromRegistry() public {
         PaymentChannels bogus = new PaymentChannels(address(new BogusRegistry()), GRACE);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidRoyalty.selector, uint16(10_001)));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.InvalidRoyalty.selector, uint16(10_001)));
         vm.prank(payer);
         bogus.open{value: 1}(payee, ETH, 1, SALT, signer, MODEL, 10_001);
     }
 
     function test_open_revertsWhenChannelExists() public {
         bytes32 id = _open(ETH, 1);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelExists.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelExists.selector, id));
         _open(ETH, 1);
     }
 
@@ -299,21 +280,21 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 10);
         vm.prank(payee);
         channels.close(_p(id), 0, "");
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelExists.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelExists.selector, id));
         _open(ETH, 10);
     }
 
     function test_open_revertsWhenEthValueDiffers() public {
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 9, 10));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.InvalidMsgValue.selector, 9, 10));
         vm.prank(payer);
         channels.open{value: 9}(payee, ETH, 10, SALT, signer, MODEL, BPS);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 11, 10));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.InvalidMsgValue.selector, 11, 10));
         vm.prank(payer);
         channels.open{value: 11}(payee, ETH, 10, SALT, signer, MODEL, BPS);
     }
 
     function test_open_revertsWhenErc20SentWithValue() public {
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 1, 0));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.InvalidMsgValue.selector, 1, 0));
         vm.prank(payer);
         channels.open{value: 1}(payee, address(token), 10, SALT, signer, MODEL, BPS);
     }
@@ -323,16 +304,16 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         fot.mint(payer, 1_000);
         vm.startPrank(payer);
         fot.approve(address(channels), 1_000);
-        vm.expectRevert(PaymentChannels.FeeOnTransferToken.selector);
+        vm.expectRevert(IPaymentChannels.FeeOnTransferToken.selector);
         channels.open(payee, address(fot), 1_000, SALT, signer, MODEL, BPS);
         vm.stopPrank();
     }
 
     function test_open_revertsWhenDepositExceedsUint120() public {
         uint128 tooMuch = uint128(type(uint120).max) + 1;
-        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        vm.expectRevert(IPaymentChannels.DepositOverflow.selector);
         _open(address(token), tooMuch);
-        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        vm.expectRevert(IPaymentChannels.DepositOverflow.selector);
         _open(ETH, type(uint128).max);
         vm.assertEq(token.balanceOf(address(channels)), 0);
         vm.assertEq(address(channels).balance, 0);
@@ -356,8 +337,8 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     // ------------------------------------------------------------------ channel terms (params)
 
     function test_channelIdOf_structEncodingEqualsComputeChannelId() public view {
-        PaymentChannels.ChannelParams memory p =
-            PaymentChannels.ChannelParams(payer, payee, address(token), SALT, signer, MODEL, publisher, BPS);
+        IPaymentChannels.ChannelParams memory p =
+            IPaymentChannels.ChannelParams(payer, payee, address(token), SALT, signer, MODEL, publisher, BPS);
         bytes32 id = channels.channelIdOf(p);
         vm.assertEq(id, channels.computeChannelId(payer, payee, address(token), SALT, signer, MODEL));
         vm.assertEq(id, keccak256(abi.encode(p, address(channels), block.chainid)));
@@ -381,7 +362,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         );
         vm.assertEq(
             channels.channelIdOf(
-                PaymentChannels.ChannelParams(payer_, payee_, token_, salt, signer_, modelId, publisher_, bps)
+                IPaymentChannels.ChannelParams(payer_, payee_, token_, salt, signer_, modelId, publisher_, bps)
             ),
             expected
         );
@@ -389,9 +370,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
 
     /// @dev A registered model: the id `open` returns, `computeChannelId` and `channelIdOf` of the
     ///      emitted terms agree.
-    function testFuzz_open_idEqualsChannelIdOfEmittedTerms(bytes32 salt, bytes32 modelId, uint16 bps, bool eth)
-        public
-    {
+    function testFuzz_open_idEqualsChannelIdOfEmittedTerms(bytes32 salt, bytes32 modelId, uint16 bps, bool eth) public {
         vm.assume(modelId != bytes32(0) && modelId != MODEL && modelId != FREE_MODEL); // unregistered
         bps = uint16(bound(bps, 0, 10_000));
         vm.prank(publisher);
@@ -401,7 +380,9 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _openWith(t, 1, salt, signer, modelId, bps);
         vm.assertEq(id, predicted);
         vm.assertEq(
-            channels.channelIdOf(PaymentChannels.ChannelParams(payer, payee, t, salt, signer, modelId, publisher, bps)),
+            channels.channelIdOf(
+                IPaymentChannels.ChannelParams(payer, payee, t, salt, signer, modelId, publisher, bps)
+            ),
             id
         );
     }
@@ -429,7 +410,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         field = bound(field, 0, 7);
         fn = bound(fn, 0, 4);
         bytes32 id = _readyChannel();
-        PaymentChannels.ChannelParams memory q = _mutate(_p(id), field, newAddress, newWord, newBps);
+        IPaymentChannels.ChannelParams memory q = _mutate(_p(id), field, newAddress, newWord, newBps);
         vm.assume(channels.channelIdOf(q) != id); // the fuzzer chose the right value for that field
         _assertWrongParamReverts(id, q, fn);
         _assertRightParamsStillWork(id);
@@ -445,13 +426,13 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     }
 
     function _mutate(
-        PaymentChannels.ChannelParams memory p,
+        IPaymentChannels.ChannelParams memory p,
         uint256 field,
         address newAddress,
         bytes32 newWord,
         uint16 newBps
-    ) internal pure returns (PaymentChannels.ChannelParams memory q) {
-        q = PaymentChannels.ChannelParams(
+    ) internal pure returns (IPaymentChannels.ChannelParams memory q) {
+        q = IPaymentChannels.ChannelParams(
             p.payer, p.payee, p.token, p.salt, p.authorizedSigner, p.modelId, p.publisher, p.publisherBps
         );
         if (field == 0) q.payer = newAddress;
@@ -466,16 +447,16 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
 
     /// @dev Calls function `fn` (0 topUp, 1 settle, 2 close, 3 requestClose, 4 withdraw) with the
     ///      wrong terms `q` as the party they name, with a voucher signed for the id they address.
-    function _assertWrongParamReverts(bytes32 id, PaymentChannels.ChannelParams memory q, uint256 fn) internal {
+    function _assertWrongParamReverts(bytes32 id, IPaymentChannels.ChannelParams memory q, uint256 fn) internal {
         bytes32 wrongId = channels.channelIdOf(q);
-        PaymentChannels.ChannelState memory before = channels.getChannel(id);
+        IPaymentChannels.ChannelState memory before = channels.getChannel(id);
         uint256 ethHeld = address(channels).balance;
         uint256 tokenHeld = token.balanceOf(address(channels));
         uint256 owed = channels.earnings(address(token), payer) + channels.earnings(address(token), payee)
             + channels.earnings(address(token), publisher);
         bytes memory sig = _sign(SIGNER_PK, channels.hashVoucher(wrongId, 500));
 
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, wrongId));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, wrongId));
         if (fn == 0) {
             vm.deal(q.payer, 1);
             vm.prank(q.payer);
@@ -494,7 +475,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
             channels.withdraw(q);
         }
 
-        PaymentChannels.ChannelState memory afterCall = channels.getChannel(id);
+        IPaymentChannels.ChannelState memory afterCall = channels.getChannel(id);
         vm.assertEq(keccak256(abi.encode(afterCall)), keccak256(abi.encode(before)), "channel state moved");
         vm.assertEq(uint256(channels.getChannel(wrongId).deposit), 0, "a wrong id came to exist");
         vm.assertEq(address(channels).balance, ethHeld, "ETH moved");
@@ -512,7 +493,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         _settle(id, 500);
         vm.prank(payer);
         channels.withdraw(_p(id));
-        vm.assertEq(channels.earnings(address(token), payer), 500);
+        vm.assertEq(channels.refundOf(id), 500);
         vm.assertEq(channels.earnings(address(token), publisher), 12);
         vm.assertEq(channels.earnings(address(token), payee), 488);
     }
@@ -522,7 +503,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_topUp_eth_increasesDepositAndEmits() public {
         bytes32 id = _open(ETH, 100);
         vm.expectEmit(address(channels));
-        emit ToppedUp(id, 50, 150);
+        emit IPaymentChannels.ToppedUp(id, 50, 150);
         vm.prank(payer);
         channels.topUp{value: 50}(_p(id), 50);
         vm.assertEq(uint256(channels.getChannel(id).deposit), 150);
@@ -542,14 +523,14 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.prank(payer);
         channels.requestClose(_p(id));
         vm.expectEmit(address(channels));
-        emit CloseCancelled(id);
+        emit IPaymentChannels.CloseCancelled(id);
         vm.expectEmit(address(channels));
-        emit ToppedUp(id, 1, 101);
+        emit IPaymentChannels.ToppedUp(id, 1, 101);
         vm.prank(payer);
         channels.topUp{value: 1}(_p(id), 1);
         vm.assertEq(uint256(channels.getChannel(id).closeRequestedAt), 0);
         vm.warp(block.timestamp + GRACE);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.CloseNotRequested.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.CloseNotRequested.selector, id));
         vm.prank(payer);
         channels.withdraw(_p(id));
     }
@@ -557,14 +538,14 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_topUp_revertsWhenNotPayer() public {
         bytes32 id = _open(ETH, 100);
         vm.deal(payee, 1);
-        vm.expectRevert(PaymentChannels.NotPayer.selector);
+        vm.expectRevert(IPaymentChannels.NotPayer.selector);
         vm.prank(payee);
         channels.topUp{value: 1}(_p(id), 1);
     }
 
     function test_topUp_revertsOnZeroAmount() public {
         bytes32 id = _open(ETH, 100);
-        vm.expectRevert(PaymentChannels.ZeroAmount.selector);
+        vm.expectRevert(IPaymentChannels.ZeroAmount.selector);
         vm.prank(payer);
         channels.topUp(_p(id), 0);
     }
@@ -573,21 +554,21 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 100);
         vm.prank(payee);
         channels.close(_p(id), 0, "");
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payer);
         channels.topUp{value: 1}(_p(id), 1);
     }
 
     function test_topUp_revertsWhenChannelNotFound() public {
-        PaymentChannels.ChannelParams memory p = _unknown();
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
+        IPaymentChannels.ChannelParams memory p = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
         vm.prank(payer);
         channels.topUp{value: 1}(p, 1);
     }
 
     function test_topUp_revertsOnDepositOverflow() public {
         bytes32 id = _open(address(token), type(uint120).max - 1);
-        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        vm.expectRevert(IPaymentChannels.DepositOverflow.selector);
         vm.prank(payer);
         channels.topUp(_p(id), 2);
         vm.prank(payer);
@@ -598,10 +579,10 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
 
     function test_topUp_revertsWhenAmountAloneExceedsUint120() public {
         bytes32 id = _open(address(token), 1);
-        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        vm.expectRevert(IPaymentChannels.DepositOverflow.selector);
         vm.prank(payer);
         channels.topUp(_p(id), uint128(type(uint120).max) + 1);
-        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        vm.expectRevert(IPaymentChannels.DepositOverflow.selector);
         vm.prank(payer);
         channels.topUp(_p(id), type(uint128).max);
         vm.assertEq(uint256(channels.getChannel(id).deposit), 1);
@@ -610,11 +591,11 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
 
     function test_topUp_revertsWhenEthValueDiffers() public {
         bytes32 id = _open(ETH, 100);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 1, 2));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.InvalidMsgValue.selector, 1, 2));
         vm.prank(payer);
         channels.topUp{value: 1}(_p(id), 2);
         bytes32 tid = _open(address(token), 100);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.InvalidMsgValue.selector, 1, 0));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.InvalidMsgValue.selector, 1, 0));
         vm.prank(payer);
         channels.topUp{value: 1}(_p(tid), 1);
     }
@@ -625,7 +606,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 1 ether);
         bytes memory sig = _voucher(id, 0.4 ether);
         vm.expectEmit(address(channels));
-        emit Settled(id, 0.4 ether, 0.4 ether, 0.39 ether, 0.01 ether);
+        emit IPaymentChannels.Settled(id, 0.4 ether);
         vm.prank(payee);
         channels.settle(_p(id), 0.4 ether, sig);
         vm.assertEq(uint256(channels.getChannel(id).settled), 0.4 ether);
@@ -680,9 +661,9 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         _settle(id, 60);
         vm.prank(payer);
         channels.withdraw(_p(id));
-        vm.assertEq(channels.earnings(ETH, payer), 40);
+        vm.assertEq(channels.refundOf(id), 40);
         bytes memory sig = _voucher(id, 70);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payee);
         channels.settle(_p(id), 70, sig);
     }
@@ -690,10 +671,10 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_settle_revertsWhenNotPayee() public {
         bytes32 id = _open(ETH, 100);
         bytes memory sig = _voucher(id, 10);
-        vm.expectRevert(PaymentChannels.NotPayee.selector);
+        vm.expectRevert(IPaymentChannels.NotPayee.selector);
         vm.prank(payer);
         channels.settle(_p(id), 10, sig);
-        vm.expectRevert(PaymentChannels.NotPayee.selector);
+        vm.expectRevert(IPaymentChannels.NotPayee.selector);
         vm.prank(stranger);
         channels.settle(_p(id), 10, sig);
     }
@@ -702,11 +683,11 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 100);
         _settle(id, 50);
         bytes memory same = _voucher(id, 50);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.AmountNotIncreasing.selector, uint128(50), uint128(50)));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.AmountNotIncreasing.selector, uint128(50), uint128(50)));
         vm.prank(payee);
         channels.settle(_p(id), 50, same);
         bytes memory lower = _voucher(id, 49);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.AmountNotIncreasing.selector, uint128(49), uint128(50)));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.AmountNotIncreasing.selector, uint128(49), uint128(50)));
         vm.prank(payee);
         channels.settle(_p(id), 49, lower);
     }
@@ -714,7 +695,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_settle_revertsOnZeroAmount() public {
         bytes32 id = _open(ETH, 100);
         bytes memory sig = _voucher(id, 0);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.AmountNotIncreasing.selector, uint128(0), uint128(0)));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.AmountNotIncreasing.selector, uint128(0), uint128(0)));
         vm.prank(payee);
         channels.settle(_p(id), 0, sig);
     }
@@ -723,7 +704,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 100);
         bytes memory sig = _voucher(id, 101);
         vm.expectRevert(
-            abi.encodeWithSelector(PaymentChannels.AmountExceedsDeposit.selector, uint128(101), uint128(100))
+            abi.encodeWithSelector(IPaymentChannels.AmountExceedsDeposit.selector, uint128(101), uint128(100))
         );
         vm.prank(payee);
         channels.settle(_p(id), 101, sig);
@@ -732,7 +713,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_settle_revertsOnWrongSigner() public {
         bytes32 id = _open(ETH, 100);
         bytes memory sig = _sign(OTHER_PK, channels.hashVoucher(id, 10));
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.settle(_p(id), 10, sig);
     }
@@ -740,7 +721,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_settle_revertsWhenAmountDiffersFromSigned() public {
         bytes32 id = _open(ETH, 100);
         bytes memory sig = _voucher(id, 10);
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.settle(_p(id), 11, sig);
     }
@@ -752,7 +733,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory high = _highS(SIGNER_PK, digest);
         (bytes32 r, bytes32 s, uint8 v) = _split(high);
         vm.assertEq(ecrecover(digest, v, r, s), signer);
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.settle(_p(id), 10, high);
     }
@@ -761,21 +742,21 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 100);
         bytes memory compact = _compact(SIGNER_PK, channels.hashVoucher(id, 10));
         vm.assertEq(compact.length, 64);
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.settle(_p(id), 10, compact);
     }
 
     function test_settle_revertsOnEmptySignature() public {
         bytes32 id = _open(ETH, 100);
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.settle(_p(id), 10, "");
     }
 
     function test_settle_revertsWhenChannelNotFound() public {
-        PaymentChannels.ChannelParams memory p = _unknown();
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
+        IPaymentChannels.ChannelParams memory p = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
         vm.prank(payee);
         channels.settle(p, 1, "");
     }
@@ -785,7 +766,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.prank(payee);
         channels.close(_p(id), 0, "");
         bytes memory sig = _voucher(id, 10);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payee);
         channels.settle(_p(id), 10, sig);
     }
@@ -794,7 +775,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 a = _open(ETH, 100);
         bytes32 b = _openWith(ETH, 100, keccak256("b"), signer, MODEL, BPS);
         bytes memory sigForA = _voucher(a, 10);
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.settle(_p(b), 10, sigForA);
     }
@@ -802,7 +783,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_settle_rejectsVoucherFromAnotherChainId() public {
         bytes32 id = _open(ETH, 100);
         bytes memory otherChain = _sign(SIGNER_PK, _voucherDigest(block.chainid + 1, address(channels), id, 10));
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.settle(_p(id), 10, otherChain);
     }
@@ -815,7 +796,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         // The terms re-derive another id on the new chain id: the channel is not addressable there.
         bytes32 forkedId = channels.channelIdOf(_p(id));
         vm.assertNotEq(forkedId, id);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, forkedId));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, forkedId));
         vm.prank(payee);
         channels.settle(_p(id), 10, sig);
         vm.chainId(original);
@@ -828,7 +809,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         PaymentChannels other = new PaymentChannels(address(registry), GRACE);
         bytes32 id = _open(ETH, 100);
         bytes memory sig = _sign(SIGNER_PK, other.hashVoucher(id, 10));
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.settle(_p(id), 10, sig);
     }
@@ -844,12 +825,12 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         MockERC1271Wallet wallet = new MockERC1271Wallet(signer);
         bytes32 id = _openWith(ETH, 100, SALT, address(wallet), MODEL, BPS);
         bytes memory wrongKey = _sign(OTHER_PK, channels.hashVoucher(id, 40));
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.settle(_p(id), 40, wrongKey);
         wallet.revoke();
         bytes memory sig = _voucher(id, 40);
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.settle(_p(id), 40, sig);
     }
@@ -861,16 +842,16 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         _settle(id, 100);
         bytes memory sig = _voucher(id, 600);
         vm.expectEmit(address(channels));
-        emit Settled(id, 600, 500, 487, 13); // floor(15) - floor(2.5) = 13
+        emit IPaymentChannels.Settled(id, 600); // floor(15) - floor(2.5) = 13
         vm.expectEmit(address(channels));
-        emit ChannelClosed(id, 600, 400);
+        emit IPaymentChannels.ChannelClosed(id, 600, 400);
         vm.prank(payee);
         channels.close(_p(id), 600, sig);
-        PaymentChannels.ChannelState memory ch = channels.getChannel(id);
+        IPaymentChannels.ChannelState memory ch = channels.getChannel(id);
         vm.assertTrue(ch.finalized);
         vm.assertEq(uint256(ch.settled), 600);
         vm.assertEq(uint256(ch.deposit), 1_000); // the record is kept
-        vm.assertEq(channels.earnings(ETH, payer), 400);
+        vm.assertEq(channels.refundOf(id), 400);
         vm.assertEq(channels.earnings(ETH, publisher), 15);
         vm.assertEq(channels.earnings(ETH, payee), 585);
     }
@@ -879,10 +860,10 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(address(token), 1_000);
         _settle(id, 300);
         vm.expectEmit(address(channels));
-        emit ChannelClosed(id, 300, 700);
+        emit IPaymentChannels.ChannelClosed(id, 300, 700);
         vm.prank(payee);
         channels.close(_p(id), 300, hex"deadbeef");
-        vm.assertEq(channels.earnings(address(token), payer), 700);
+        vm.assertEq(channels.refundOf(id), 700);
     }
 
     function test_close_belowSettledClosesAtSettled() public {
@@ -891,7 +872,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.prank(payee);
         channels.close(_p(id), 1, "");
         vm.assertEq(uint256(channels.getChannel(id).settled), 300);
-        vm.assertEq(channels.earnings(ETH, payer), 700);
+        vm.assertEq(channels.refundOf(id), 700);
     }
 
     function test_close_fullDepositRefundsNothing() public {
@@ -899,12 +880,12 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sig = _voucher(id, 1_000);
         vm.prank(payee);
         channels.close(_p(id), 1_000, sig);
-        vm.assertEq(channels.earnings(ETH, payer), 0);
+        vm.assertEq(channels.refundOf(id), 0);
     }
 
     function test_close_revertsWhenNotPayee() public {
         bytes32 id = _open(ETH, 100);
-        vm.expectRevert(PaymentChannels.NotPayee.selector);
+        vm.expectRevert(IPaymentChannels.NotPayee.selector);
         vm.prank(payer);
         channels.close(_p(id), 0, "");
     }
@@ -913,7 +894,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 100);
         vm.startPrank(payee);
         channels.close(_p(id), 0, "");
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelFinalized.selector, id));
         channels.close(_p(id), 0, "");
         vm.stopPrank();
     }
@@ -921,7 +902,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_close_revertsOnInvalidSignatureAboveSettled() public {
         bytes32 id = _open(ETH, 100);
         bytes memory sig = _sign(OTHER_PK, channels.hashVoucher(id, 50));
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         vm.prank(payee);
         channels.close(_p(id), 50, sig);
     }
@@ -930,15 +911,15 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 100);
         bytes memory sig = _voucher(id, 101);
         vm.expectRevert(
-            abi.encodeWithSelector(PaymentChannels.AmountExceedsDeposit.selector, uint128(101), uint128(100))
+            abi.encodeWithSelector(IPaymentChannels.AmountExceedsDeposit.selector, uint128(101), uint128(100))
         );
         vm.prank(payee);
         channels.close(_p(id), 101, sig);
     }
 
     function test_close_revertsWhenChannelNotFound() public {
-        PaymentChannels.ChannelParams memory p = _unknown();
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
+        IPaymentChannels.ChannelParams memory p = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
         vm.prank(payee);
         channels.close(p, 0, "");
     }
@@ -948,7 +929,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     function test_requestClose_recordsTimeAndEmitsClosableAt() public {
         bytes32 id = _open(ETH, 100);
         vm.expectEmit(address(channels));
-        emit CloseRequested(id, uint64(block.timestamp) + GRACE);
+        emit IPaymentChannels.CloseRequested(id, uint64(block.timestamp) + GRACE);
         vm.prank(payer);
         channels.requestClose(_p(id));
         vm.assertEq(uint256(channels.getChannel(id).closeRequestedAt), block.timestamp);
@@ -956,10 +937,10 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
 
     function test_requestClose_revertsWhenNotPayer() public {
         bytes32 id = _open(ETH, 100);
-        vm.expectRevert(PaymentChannels.NotPayer.selector);
+        vm.expectRevert(IPaymentChannels.NotPayer.selector);
         vm.prank(payee);
         channels.requestClose(_p(id));
-        vm.expectRevert(PaymentChannels.NotPayer.selector);
+        vm.expectRevert(IPaymentChannels.NotPayer.selector);
         vm.prank(stranger);
         channels.requestClose(_p(id));
     }
@@ -969,7 +950,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.startPrank(payer);
         channels.requestClose(_p(id));
         vm.warp(block.timestamp + 1);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.CloseAlreadyRequested.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.CloseAlreadyRequested.selector, id));
         channels.requestClose(_p(id));
         vm.stopPrank();
     }
@@ -978,14 +959,14 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _open(ETH, 100);
         vm.prank(payee);
         channels.close(_p(id), 0, "");
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payer);
         channels.requestClose(_p(id));
     }
 
     function test_requestClose_revertsWhenChannelNotFound() public {
-        PaymentChannels.ChannelParams memory p = _unknown();
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
+        IPaymentChannels.ChannelParams memory p = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
         vm.prank(payer);
         channels.requestClose(p);
     }
@@ -999,16 +980,16 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         channels.requestClose(_p(id));
         vm.warp(block.timestamp + GRACE);
         vm.expectEmit(address(channels));
-        emit Withdrawn(id, 750);
+        emit IPaymentChannels.Withdrawn(id, 750);
         vm.prank(payer);
         channels.withdraw(_p(id));
         vm.assertTrue(channels.getChannel(id).finalized);
-        vm.assertEq(channels.earnings(address(token), payer), 750);
+        vm.assertEq(channels.refundOf(id), 750);
     }
 
     function test_withdraw_revertsWhenCloseNotRequested() public {
         bytes32 id = _open(ETH, 100);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.CloseNotRequested.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.CloseNotRequested.selector, id));
         vm.prank(payer);
         channels.withdraw(_p(id));
     }
@@ -1019,7 +1000,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         channels.requestClose(_p(id));
         uint64 closableAt = uint64(block.timestamp) + GRACE;
         vm.warp(closableAt - 1);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.GracePeriodActive.selector, closableAt));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.GracePeriodActive.selector, closableAt));
         vm.prank(payer);
         channels.withdraw(_p(id));
     }
@@ -1029,7 +1010,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.prank(payer);
         channels.requestClose(_p(id));
         vm.warp(block.timestamp + GRACE);
-        vm.expectRevert(PaymentChannels.NotPayer.selector);
+        vm.expectRevert(IPaymentChannels.NotPayer.selector);
         vm.prank(payee);
         channels.withdraw(_p(id));
     }
@@ -1041,7 +1022,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.warp(block.timestamp + GRACE);
         vm.prank(payer);
         channels.withdraw(_p(id));
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payer);
         channels.withdraw(_p(id));
     }
@@ -1053,14 +1034,14 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.prank(payee);
         channels.close(_p(id), 0, "");
         vm.warp(block.timestamp + GRACE);
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelFinalized.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelFinalized.selector, id));
         vm.prank(payer);
         channels.withdraw(_p(id));
     }
 
     function test_withdraw_revertsWhenChannelNotFound() public {
-        PaymentChannels.ChannelParams memory p = _unknown();
-        vm.expectRevert(abi.encodeWithSelector(PaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
+        IPaymentChannels.ChannelParams memory p = _unknown();
+        vm.expectRevert(abi.encodeWithSelector(IPaymentChannels.ChannelNotFound.selector, channels.channelIdOf(p)));
         vm.prank(payer);
         channels.withdraw(p);
     }
@@ -1080,11 +1061,11 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.warp(block.timestamp + GRACE);
         vm.prank(payer);
         channels.withdraw(_p(id));
-        vm.assertEq(channels.earnings(ETH, payer), 70);
+        vm.assertEq(channels.refundOf(id), 70);
         vm.prank(payer);
-        channels.claimEarnings(ETH);
+        channels.claimRefund(_p(id));
         // The payee's own claim fails, and only the payee's.
-        vm.expectRevert(PaymentChannels.EthTransferFailed.selector);
+        vm.expectRevert(IPaymentChannels.EthTransferFailed.selector);
         vm.prank(address(badPayee));
         channels.claimEarnings(ETH);
         vm.assertEq(channels.earnings(ETH, address(badPayee)), 27);
@@ -1098,7 +1079,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         _settle(id, 1_000);
         uint256 before = payee.balance;
         vm.expectEmit(address(channels));
-        emit EarningsClaimed(ETH, payee, 975);
+        emit IPaymentChannels.EarningsClaimed(ETH, payee, 975);
         vm.prank(payee);
         uint256 amount = channels.claimEarnings(ETH);
         vm.assertEq(amount, 975);
@@ -1107,7 +1088,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assertEq(address(channels).balance, 25);
     }
 
-    function test_claimEarnings_erc20_paysPublisherAndPayer() public {
+    function test_claims_erc20_payPublisherPayeeAndPayerRefund() public {
         bytes32 id = _open(address(token), 1_000);
         bytes memory sig = _voucher(id, 400);
         vm.prank(payee);
@@ -1115,7 +1096,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.prank(publisher);
         channels.claimEarnings(address(token));
         vm.prank(payer);
-        channels.claimEarnings(address(token));
+        channels.claimRefund(_p(id));
         vm.prank(payee);
         channels.claimEarnings(address(token));
         vm.assertEq(token.balanceOf(publisher), 10);
@@ -1124,7 +1105,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
     }
 
     function test_claimEarnings_revertsWhenNothingToClaim() public {
-        vm.expectRevert(PaymentChannels.NothingToClaim.selector);
+        vm.expectRevert(IPaymentChannels.NothingToClaim.selector);
         vm.prank(payee);
         channels.claimEarnings(ETH);
     }
@@ -1134,7 +1115,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         _settle(id, 10);
         vm.startPrank(payee);
         channels.claimEarnings(ETH);
-        vm.expectRevert(PaymentChannels.NothingToClaim.selector);
+        vm.expectRevert(IPaymentChannels.NothingToClaim.selector);
         channels.claimEarnings(ETH);
         vm.stopPrank();
     }
@@ -1182,11 +1163,11 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         evil.arm(address(channels), abi.encodeCall(PaymentChannels.close, (_p(id), 80, sig)));
         vm.prank(address(evil));
         channels.settle(_p(id), 80, sig);
-        PaymentChannels.ChannelState memory ch = channels.getChannel(id);
+        IPaymentChannels.ChannelState memory ch = channels.getChannel(id);
         vm.assertEq(uint256(ch.settled), 80);
         vm.assertFalse(ch.finalized);
         vm.assertEq(channels.earnings(ETH, address(evil)) + channels.earnings(ETH, publisher), 80);
-        vm.assertEq(channels.earnings(ETH, payer), 0);
+        vm.assertEq(channels.refundOf(id), 0);
     }
 
     // ------------------------------------------------------------------ fuzz
@@ -1215,7 +1196,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
 
         vm.prank(payee);
         channels.close(_p(id), 0, "");
-        vm.assertEq(channels.earnings(address(token), payer), deposit - second);
+        vm.assertEq(channels.refundOf(id), deposit - second);
         vm.assertEq(token.balanceOf(address(channels)), deposit);
     }
 
@@ -1232,7 +1213,7 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assertEq(channels.earnings(address(token), publisher), _royalty(deposit, bps));
         vm.assertEq(channels.earnings(address(token), payee), deposit - _royalty(deposit, bps));
         vm.prank(payer);
-        vm.expectRevert(PaymentChannels.DepositOverflow.selector);
+        vm.expectRevert(IPaymentChannels.DepositOverflow.selector);
         channels.topUp(_p(id), 1);
     }
 
@@ -1244,10 +1225,8 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes memory sig = _voucher(id, cumulative);
         vm.prank(payee);
         channels.close(_p(id), cumulative, sig);
-        vm.assertEq(channels.earnings(t, payer), deposit - cumulative);
-        vm.assertEq(
-            channels.earnings(t, payer) + channels.earnings(t, payee) + channels.earnings(t, publisher), deposit
-        );
+        vm.assertEq(channels.refundOf(id), deposit - cumulative);
+        vm.assertEq(channels.refundOf(id) + channels.earnings(t, payee) + channels.earnings(t, publisher), deposit);
     }
 
     function testFuzz_settle_rejectsMalleatedSignatures(uint256 pk, uint128 amount) public {
@@ -1257,9 +1236,9 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         bytes32 id = _openWith(ETH, 1_000, SALT, key, MODEL, BPS);
         bytes32 digest = channels.hashVoucher(id, amount);
         vm.startPrank(payee);
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         channels.settle(_p(id), amount, _highS(pk, digest));
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         channels.settle(_p(id), amount, _compact(pk, digest));
         channels.settle(_p(id), amount, _sign(pk, digest));
         vm.stopPrank();
@@ -1272,9 +1251,9 @@ contract PaymentChannelsTest is PaymentChannelsFixture {
         vm.assume(otherChain != block.chainid);
         bytes32 id = _open(ETH, 100);
         vm.startPrank(payee);
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         channels.settle(_p(id), 10, _sign(SIGNER_PK, _voucherDigest(otherChain, address(channels), id, 10)));
-        vm.expectRevert(PaymentChannels.InvalidSignature.selector);
+        vm.expectRevert(IPaymentChannels.InvalidSignature.selector);
         channels.settle(_p(id), 10, _sign(SIGNER_PK, _voucherDigest(block.chainid, otherContract, id, 10)));
         vm.stopPrank();
     }

@@ -4,6 +4,8 @@ pragma solidity ^0.8.24;
 import {NodeRegistry} from "../src/NodeRegistry.sol";
 import {SLACourt} from "../src/SLACourt.sol";
 import {SLACourtFixture} from "./SLACourt.t.sol";
+import {INodeRegistry} from "../src/interfaces/INodeRegistry.sol";
+import {ISLACourt} from "../src/interfaces/ISLACourt.sol";
 
 /// @notice Issue 19, finding 6: a node facing a no-response dispute must not be able to exit and withdraw its
 ///         stake before the court judges it (formerly `finalize` then paid the client 0).
@@ -18,14 +20,14 @@ contract SLACourtExitTest is SLACourtFixture {
         vm.prank(operator);
         token.approve(address(registry), type(uint256).max);
         _register(NODE_KEY);
-        SLACourt.Terms memory t = _terms();
+        ISLACourt.Terms memory t = _terms();
         t.responseWindow = window;
         _publish(node, t);
         vm.warp(block.timestamp + 2 hours);
     }
 
     function _openSilent() internal returns (bytes32 id) {
-        SLACourt.Acceptance memory a = _acceptance(keccak256("silent"));
+        ISLACourt.Acceptance memory a = _acceptance(keccak256("silent"));
         bytes memory sig = _signA(NODE_KEY, a);
         vm.warp(a.deadline + 1);
         id = _openNR(BOND, a, sig);
@@ -40,7 +42,7 @@ contract SLACourtExitTest is SLACourtFixture {
         registry.requestExit(node);
         vm.warp(block.timestamp + (unbonding > window ? unbonding : window) + 1);
         vm.prank(operator);
-        vm.expectRevert(abi.encodeWithSelector(NodeRegistry.DisputesPending.selector, node, 1));
+        vm.expectRevert(abi.encodeWithSelector(INodeRegistry.DisputesPending.selector, node, 1));
         registry.withdrawStake(node);
         // The court still judges it, and the client is paid in full from the stake that stayed.
         uint256 before = token.balanceOf(CLIENT);
@@ -67,7 +69,7 @@ contract SLACourtExitTest is SLACourtFixture {
         bytes32 id = _openSilent();
         vm.prank(operator);
         registry.requestExit(node);
-        SLACourt.Receipt memory r = _receipt(keccak256("silent"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("silent"));
         bytes memory sig = _signR(NODE_KEY, r);
         vm.prank(operator); // the bond goes to whoever answers
         court.answer(id, r, sig);
@@ -80,10 +82,10 @@ contract SLACourtExitTest is SLACourtFixture {
 
     function test_onlyTheSlasherLocks() public {
         vm.prank(THIEF);
-        vm.expectRevert(NodeRegistry.NotSlasher.selector);
+        vm.expectRevert(INodeRegistry.NotSlasher.selector);
         registry.lockStake(node);
         vm.prank(address(court));
-        vm.expectRevert(abi.encodeWithSelector(NodeRegistry.NoOpenDispute.selector, node));
+        vm.expectRevert(abi.encodeWithSelector(INodeRegistry.NoOpenDispute.selector, node));
         registry.unlockStake(node);
     }
 }

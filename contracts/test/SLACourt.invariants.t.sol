@@ -5,8 +5,10 @@ import {Vm} from "./utils/TestBase.sol";
 import {SLACourt} from "../src/SLACourt.sol";
 import {NodeRegistry} from "../src/NodeRegistry.sol";
 import {PaymentChannels} from "../src/PaymentChannels.sol";
-import {TestToken} from "../src/TestToken.sol";
+import {TestToken} from "./TestToken.sol";
 import {SLACourtFixture} from "./SLACourt.t.sol";
+import {IPaymentChannels} from "../src/interfaces/IPaymentChannels.sol";
+import {ISLACourt} from "../src/interfaces/ISLACourt.sol";
 
 /// @dev Drives the court with a sloppy node (slow receipts, sometimes silent) and an honest node (fast
 ///      receipts, answers every dispute at once), on behalf of one client: the payer of the channel the
@@ -37,12 +39,12 @@ contract SLACourtHandler {
     /// @notice validFrom of the first terms of both nodes: no request before it is judged.
     uint64 public immutable firstValidFrom;
 
-    PaymentChannels.ChannelParams internal params; // the client's channel
-    PaymentChannels.ChannelParams internal thiefParams;
+    IPaymentChannels.ChannelParams internal params; // the client's channel
+    IPaymentChannels.ChannelParams internal thiefParams;
     bytes32 internal channelId;
 
     // ---- ghosts
-    mapping(address => SLACourt.Terms[]) internal ghostTerms;
+    mapping(address => ISLACourt.Terms[]) internal ghostTerms;
     uint256 public paidToClient; // everything the court ever paid out of stakes
     uint256 public bondsHeld; // bonds of disputes still open
     uint256 public bondsToAnswerers;
@@ -76,8 +78,8 @@ contract SLACourtHandler {
         address client_,
         address thief_,
         address operator_,
-        PaymentChannels.ChannelParams memory params_,
-        PaymentChannels.ChannelParams memory thiefParams_
+        IPaymentChannels.ChannelParams memory params_,
+        IPaymentChannels.ChannelParams memory thiefParams_
     ) {
         court = court_;
         registry = registry_;
@@ -94,8 +96,8 @@ contract SLACourtHandler {
         thiefParams = thiefParams_;
         channelId = court_.channelIdOf(params_);
         // both nodes' first terms, published by the fixture before the handler exists
-        SLACourt.Terms memory a = court_.termsVersion(sloppy, MODEL, 0);
-        SLACourt.Terms memory b = court_.termsVersion(honest, MODEL, 0);
+        ISLACourt.Terms memory a = court_.termsVersion(sloppy, MODEL, 0);
+        ISLACourt.Terms memory b = court_.termsVersion(honest, MODEL, 0);
         ghostTerms[sloppy].push(a);
         ghostTerms[honest].push(b);
         firstValidFrom = a.validFrom > b.validFrom ? a.validFrom : b.validFrom;
@@ -106,7 +108,7 @@ contract SLACourtHandler {
     /// @notice New terms (for either node); the honest node's TTFT bound always stays above its receipts'.
     function publish(uint32 ttft, uint128 comp, uint32 window, bool forHonest) external {
         address n = forHonest ? honest : sloppy;
-        SLACourt.Terms memory t;
+        ISLACourt.Terms memory t;
         t.maxTtftMs = forHonest ? uint32(bound(ttft, 1_000, 5_000)) : uint32(bound(ttft, 1, 5_000));
         t.minTokensPerSec = 10;
         t.maxDurationMs = 60_000;
@@ -117,7 +119,7 @@ contract SLACourtHandler {
         vm.prank(operator);
         court.publishTerms(n, MODEL, t);
         t.validFrom = uint64(block.timestamp) + 1;
-        SLACourt.Terms[] storage list = ghostTerms[n];
+        ISLACourt.Terms[] storage list = ghostTerms[n];
         if (list[list.length - 1].validFrom == t.validFrom) list[list.length - 1] = t;
         else list.push(t);
         nPublish++;
@@ -136,8 +138,8 @@ contract SLACourtHandler {
         }
         bytes32 req = keccak256(abi.encode("claim", ++nonce));
         uint64 acceptedAt = uint64(bound(acceptedSeed, firstValidFrom, block.timestamp));
-        (SLACourt.Terms memory t, bool older) = _ghostAt(sloppy, acceptedAt);
-        SLACourt.Receipt memory r = _receipt(req, acceptedAt);
+        (ISLACourt.Terms memory t, bool older) = _ghostAt(sloppy, acceptedAt);
+        ISLACourt.Receipt memory r = _receipt(req, acceptedAt);
         r.ttftMs = uint32(t.maxTtftMs + 1 + bound(overBy, 0, 3_000)); // breaks TTFT, nothing else matters
         bytes memory sig = _sign(sloppyKey, court.hashReceipt(r));
         uint256 expected = _capped(sloppy, t.breachFixed + uint256(COST) * t.breachCostBps / 10_000);
@@ -168,9 +170,9 @@ contract SLACourtHandler {
         if (block.timestamp <= lo + 1) vm.warp(lo + 2);
         uint64 deadline = uint64(bound(deadlineSeed, lo, block.timestamp - 1));
         uint64 acceptedAt = uint64(bound(uint256(keccak256(abi.encode(deadlineSeed, nonce))), lo, deadline));
-        (SLACourt.Terms memory t, bool older) = _ghostAt(n, acceptedAt);
-        SLACourt.Acceptance memory a =
-            SLACourt.Acceptance({requestHash: req, channelId: channelId, acceptedAt: acceptedAt, deadline: deadline});
+        (ISLACourt.Terms memory t, bool older) = _ghostAt(n, acceptedAt);
+        ISLACourt.Acceptance memory a =
+            ISLACourt.Acceptance({requestHash: req, channelId: channelId, acceptedAt: acceptedAt, deadline: deadline});
         bytes memory sig = _sign(toHonest ? honestKey : sloppyKey, court.hashAcceptance(a));
 
         vm.deal(client, client.balance + bond);
@@ -179,7 +181,7 @@ contract SLACourtHandler {
         bondsHeld += bond;
         requestOf[id] = req;
 
-        SLACourt.Dispute memory d = court.getDispute(id);
+        ISLACourt.Dispute memory d = court.getDispute(id);
         if (d.compensation != t.noResponseCompensation || d.answerBy != block.timestamp + t.responseWindow) {
             termsMismatch++;
         }
@@ -217,7 +219,7 @@ contract SLACourtHandler {
         if (sloppyOpen.length == 0) _open(deadlineSeed, false); // nothing silent yet: the client opens one
         idx = idx % sloppyOpen.length;
         bytes32 id = sloppyOpen[idx];
-        SLACourt.Dispute memory d = court.getDispute(id);
+        ISLACourt.Dispute memory d = court.getDispute(id);
         if (block.timestamp <= d.answerBy) vm.warp(uint256(d.answerBy) + 1);
         uint256 expected = _capped(sloppy, d.compensation);
         uint256 clientTokens = token.balanceOf(client);
@@ -242,14 +244,14 @@ contract SLACourtHandler {
         bool accepted;
         if (kind == 0) {
             // the client's exact claim, sent by someone else
-            (SLACourt.Receipt memory r, bytes memory sig) = _breakingReceipt(keccak256(abi.encode("thief", seed)));
+            (ISLACourt.Receipt memory r, bytes memory sig) = _breakingReceipt(keccak256(abi.encode("thief", seed)));
             vm.prank(thief);
             try court.claimBreach(sloppy, params, r, sig) {
                 accepted = true;
             } catch {}
         } else if (kind == 1) {
             // the thief names itself as payer: the channel id no longer matches the signed one
-            (SLACourt.Receipt memory r, bytes memory sig) = _breakingReceipt(keccak256(abi.encode("thief", seed)));
+            (ISLACourt.Receipt memory r, bytes memory sig) = _breakingReceipt(keccak256(abi.encode("thief", seed)));
             vm.prank(thief);
             try court.claimBreach(sloppy, thiefParams, r, sig) {
                 accepted = true;
@@ -260,7 +262,7 @@ contract SLACourtHandler {
             bool none = claimedRequests.length == 0;
             bytes32 req =
                 none ? keccak256(abi.encode("unclaimed", seed)) : claimedRequests[seed % claimedRequests.length];
-            (SLACourt.Receipt memory r,) = _breakingReceipt(req);
+            (ISLACourt.Receipt memory r,) = _breakingReceipt(req);
             r.receiptId = keccak256(abi.encode("again", seed));
             bytes memory sig = _sign(sloppyKey, court.hashReceipt(r));
             vm.prank(client);
@@ -269,7 +271,7 @@ contract SLACourtHandler {
             } catch {}
         } else if (kind == 3) {
             // the honest node's receipts break nothing
-            SLACourt.Receipt memory r = _receipt(keccak256(abi.encode("good", seed)), uint64(block.timestamp));
+            ISLACourt.Receipt memory r = _receipt(keccak256(abi.encode("good", seed)), uint64(block.timestamp));
             bytes memory sig = _sign(honestKey, court.hashReceipt(r));
             vm.prank(client);
             try court.claimBreach(honest, params, r, sig) {
@@ -277,7 +279,7 @@ contract SLACourtHandler {
             } catch {}
         } else if (kind == 4) {
             // a breaking receipt signed by the wrong key
-            (SLACourt.Receipt memory r,) = _breakingReceipt(keccak256(abi.encode("forged", seed)));
+            (ISLACourt.Receipt memory r,) = _breakingReceipt(keccak256(abi.encode("forged", seed)));
             bytes memory sig = _sign(honestKey, court.hashReceipt(r));
             vm.prank(client);
             try court.claimBreach(sloppy, params, r, sig) {
@@ -285,7 +287,7 @@ contract SLACourtHandler {
             } catch {}
         } else if (kind == 5 || kind == 6) {
             // open with the wrong bond (5), or before the acceptance's deadline (6)
-            SLACourt.Acceptance memory a = SLACourt.Acceptance({
+            ISLACourt.Acceptance memory a = ISLACourt.Acceptance({
                 requestHash: keccak256(abi.encode("bad-open", seed)),
                 channelId: channelId,
                 acceptedAt: firstValidFrom,
@@ -327,14 +329,14 @@ contract SLACourtHandler {
         return ghostTerms[n].length;
     }
 
-    function ghostTermsVersion(address n, uint256 i) external view returns (SLACourt.Terms memory) {
+    function ghostTermsVersion(address n, uint256 i) external view returns (ISLACourt.Terms memory) {
         return ghostTerms[n][i];
     }
 
     // ================================================================ internal
 
     function _answer(bytes32 id, uint256 key, bytes32 req) internal {
-        SLACourt.Receipt memory r = _receipt(req, uint64(block.timestamp));
+        ISLACourt.Receipt memory r = _receipt(req, uint64(block.timestamp));
         bytes memory sig = _sign(key, court.hashReceipt(r));
         uint256 before = operator.balance;
         uint128 b = court.getDispute(id).bond;
@@ -352,7 +354,7 @@ contract SLACourtHandler {
     }
 
     /// @dev A good, fast receipt on the client's channel (breaks none of the terms the handler publishes).
-    function _receipt(bytes32 req, uint64 acceptedAt) internal view returns (SLACourt.Receipt memory r) {
+    function _receipt(bytes32 req, uint64 acceptedAt) internal view returns (ISLACourt.Receipt memory r) {
         r.receiptId = keccak256(abi.encode("receipt", req));
         r.requestHash = req;
         r.responseHash = keccak256("response");
@@ -368,15 +370,15 @@ contract SLACourtHandler {
     }
 
     /// @dev A sloppy receipt that breaks every version of the sloppy node's terms (TTFT above 5 s).
-    function _breakingReceipt(bytes32 req) internal view returns (SLACourt.Receipt memory r, bytes memory sig) {
+    function _breakingReceipt(bytes32 req) internal view returns (ISLACourt.Receipt memory r, bytes memory sig) {
         r = _receipt(req, uint64(block.timestamp));
         r.ttftMs = 5_001;
         sig = _sign(sloppyKey, court.hashReceipt(r));
     }
 
     /// @dev The mirrored terms of `n` in force at `time`, and whether a later version exists.
-    function _ghostAt(address n, uint64 time) internal view returns (SLACourt.Terms memory, bool older) {
-        SLACourt.Terms[] storage list = ghostTerms[n];
+    function _ghostAt(address n, uint64 time) internal view returns (ISLACourt.Terms memory, bool older) {
+        ISLACourt.Terms[] storage list = ghostTerms[n];
         for (uint256 i = list.length; i != 0; --i) {
             if (list[i - 1].validFrom <= time) return (list[i - 1], i != list.length);
         }
@@ -468,8 +470,8 @@ contract SLACourtInvariants is SLACourtFixture {
             uint256 count = handler.ghostTermsCount(nodes[k]);
             vm.assertEq(court.termsCount(nodes[k], MODEL), count, "versions");
             for (uint256 i = 0; i < count; i++) {
-                SLACourt.Terms memory g = handler.ghostTermsVersion(nodes[k], i);
-                SLACourt.Terms memory c = court.termsVersion(nodes[k], MODEL, i);
+                ISLACourt.Terms memory g = handler.ghostTermsVersion(nodes[k], i);
+                ISLACourt.Terms memory c = court.termsVersion(nodes[k], MODEL, i);
                 vm.assertEq(keccak256(abi.encode(g)), keccak256(abi.encode(c)), "version rewritten");
                 if (i != 0) vm.assertGt(c.validFrom, court.termsVersion(nodes[k], MODEL, i - 1).validFrom);
             }

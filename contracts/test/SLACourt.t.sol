@@ -6,7 +6,10 @@ import {NodeRegistry} from "../src/NodeRegistry.sol";
 import {ModelRegistry} from "../src/ModelRegistry.sol";
 import {PaymentChannels} from "../src/PaymentChannels.sol";
 import {SLACourt} from "../src/SLACourt.sol";
-import {TestToken} from "../src/TestToken.sol";
+import {TestToken} from "./TestToken.sol";
+import {INodeRegistry} from "../src/interfaces/INodeRegistry.sol";
+import {IPaymentChannels} from "../src/interfaces/IPaymentChannels.sol";
+import {ISLACourt} from "../src/interfaces/ISLACourt.sol";
 
 abstract contract SLACourtFixture is TestBase {
     uint256 internal constant STAKE = 1_000e18;
@@ -50,7 +53,7 @@ abstract contract SLACourtFixture is TestBase {
 
     function _register(uint256 key) internal {
         bytes memory hpke = new bytes(1216);
-        NodeRegistry.Registration memory r = NodeRegistry.Registration({
+        INodeRegistry.Registration memory r = INodeRegistry.Registration({
             node: vm.addr(key),
             operator: operator,
             endpoint: "https://node.example:8443",
@@ -66,7 +69,7 @@ abstract contract SLACourtFixture is TestBase {
         registry.register(r, STAKE, sig);
     }
 
-    function _terms() internal pure returns (SLACourt.Terms memory t) {
+    function _terms() internal pure returns (ISLACourt.Terms memory t) {
         t.maxTtftMs = 2_000;
         t.minTokensPerSec = 10;
         t.maxDurationMs = 60_000;
@@ -76,13 +79,13 @@ abstract contract SLACourtFixture is TestBase {
         t.noResponseCompensation = 50e18;
     }
 
-    function _publish(address n, SLACourt.Terms memory t) internal {
+    function _publish(address n, ISLACourt.Terms memory t) internal {
         vm.prank(operator);
         court.publishTerms(n, MODEL, t);
         vm.warp(block.timestamp + 1);
     }
 
-    function _receipt(bytes32 requestHash) internal view returns (SLACourt.Receipt memory r) {
+    function _receipt(bytes32 requestHash) internal view returns (ISLACourt.Receipt memory r) {
         r.receiptId = keccak256(abi.encode("receipt", requestHash));
         r.requestHash = requestHash;
         r.responseHash = keccak256("response");
@@ -97,7 +100,7 @@ abstract contract SLACourtFixture is TestBase {
         r.durationMs = 5_500; // 100 tokens in 5 s = 20 tok/s
     }
 
-    function _acceptance(bytes32 requestHash) internal view returns (SLACourt.Acceptance memory a) {
+    function _acceptance(bytes32 requestHash) internal view returns (ISLACourt.Acceptance memory a) {
         a.requestHash = requestHash;
         a.channelId = _channel(CLIENT);
         a.acceptedAt = uint64(block.timestamp);
@@ -105,7 +108,7 @@ abstract contract SLACourtFixture is TestBase {
     }
 
     /// @dev The terms of `payer`'s channel to the operator (the channel need not be opened).
-    function _params(address payer) internal view returns (PaymentChannels.ChannelParams memory p) {
+    function _params(address payer) internal view returns (IPaymentChannels.ChannelParams memory p) {
         p.payer = payer;
         p.payee = operator;
         p.token = address(token);
@@ -120,32 +123,32 @@ abstract contract SLACourtFixture is TestBase {
     }
 
     /// @dev claimBreach as CLIENT with CLIENT's channel.
-    function _claim(address n, SLACourt.Receipt memory r, bytes memory sig) internal returns (uint256) {
-        PaymentChannels.ChannelParams memory p = _params(CLIENT);
+    function _claim(address n, ISLACourt.Receipt memory r, bytes memory sig) internal returns (uint256) {
+        IPaymentChannels.ChannelParams memory p = _params(CLIENT);
         vm.prank(CLIENT);
         return court.claimBreach(n, p, r, sig);
     }
 
     /// @dev openNoResponse as CLIENT with CLIENT's channel, sending `value`.
-    function _openNR(uint256 value, SLACourt.Acceptance memory a, bytes memory sig) internal returns (bytes32) {
-        PaymentChannels.ChannelParams memory p = _params(CLIENT);
+    function _openNR(uint256 value, ISLACourt.Acceptance memory a, bytes memory sig) internal returns (bytes32) {
+        IPaymentChannels.ChannelParams memory p = _params(CLIENT);
         vm.prank(CLIENT);
         return court.openNoResponse{value: value}(node, MODEL, p, a, sig);
     }
 
-    function _signR(uint256 key, SLACourt.Receipt memory r) internal view returns (bytes memory) {
+    function _signR(uint256 key, ISLACourt.Receipt memory r) internal view returns (bytes memory) {
         return _sign(key, this.digestR(r));
     }
 
-    function _signA(uint256 key, SLACourt.Acceptance memory a) internal view returns (bytes memory) {
+    function _signA(uint256 key, ISLACourt.Acceptance memory a) internal view returns (bytes memory) {
         return _sign(key, this.digestA(a));
     }
 
-    function digestR(SLACourt.Receipt calldata r) external view returns (bytes32) {
+    function digestR(ISLACourt.Receipt calldata r) external view returns (bytes32) {
         return court.hashReceipt(r);
     }
 
-    function digestA(SLACourt.Acceptance calldata a) external view returns (bytes32) {
+    function digestA(ISLACourt.Acceptance calldata a) external view returns (bytes32) {
         return court.hashAcceptance(a);
     }
 
@@ -172,7 +175,7 @@ contract SLACourtTest is SLACourtFixture {
             )
         );
         vm.assertEq(court.domainSeparator(), domain);
-        SLACourt.Acceptance memory a = _acceptance(bytes32(uint256(7)));
+        ISLACourt.Acceptance memory a = _acceptance(bytes32(uint256(7)));
         bytes32 structHash = keccak256(
             abi.encode(
                 keccak256("Acceptance(bytes32 requestHash,bytes32 channelId,uint64 acceptedAt,uint64 deadline)"),
@@ -187,15 +190,15 @@ contract SLACourtTest is SLACourtFixture {
 
     function test_publishTerms_versionsAndAuth() public {
         vm.assertEq(court.termsCount(node, MODEL), 1);
-        SLACourt.Terms memory t = court.termsVersion(node, MODEL, 0);
+        ISLACourt.Terms memory t = court.termsVersion(node, MODEL, 0);
         vm.assertEq(t.validFrom, 1_700_000_001);
         vm.prank(CLIENT);
-        vm.expectRevert(SLACourt.NotNodeOrOperator.selector);
+        vm.expectRevert(ISLACourt.NotNodeOrOperator.selector);
         court.publishTerms(node, MODEL, _terms());
-        SLACourt.Terms memory bad = _terms();
+        ISLACourt.Terms memory bad = _terms();
         bad.responseWindow = 0;
         vm.prank(operator);
-        vm.expectRevert(SLACourt.InvalidTerms.selector);
+        vm.expectRevert(ISLACourt.InvalidTerms.selector);
         court.publishTerms(node, MODEL, bad);
         // the node key itself may publish; two versions in one second replace the pending one
         vm.prank(node);
@@ -206,7 +209,7 @@ contract SLACourtTest is SLACourtFixture {
     }
 
     function test_claimBreach_ttft_compensatesOnce() public {
-        SLACourt.Receipt memory r = _receipt(keccak256("req-1"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("req-1"));
         r.ttftMs = 2_001;
         bytes memory sig = _signR(NODE_KEY, r);
         uint256 before = token.balanceOf(CLIENT);
@@ -214,40 +217,40 @@ contract SLACourtTest is SLACourtFixture {
         vm.assertEq(paid, 5e18 + 2e18);
         vm.assertEq(token.balanceOf(CLIENT) - before, paid);
         vm.assertEq(_stake(node), STAKE - paid);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.AlreadyClaimed.selector, court.claimKey(node, r.requestHash)));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.AlreadyClaimed.selector, court.claimKey(node, r.requestHash)));
         _claim(node, r, sig);
         // another receipt (new id) for the same request cannot be claimed either
         r.receiptId = bytes32(uint256(1));
         bytes memory sig2 = _signR(NODE_KEY, r);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.AlreadyClaimed.selector, court.claimKey(node, r.requestHash)));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.AlreadyClaimed.selector, court.claimKey(node, r.requestHash)));
         _claim(node, r, sig2);
     }
 
     function test_channelId_matchesEscrow() public view {
-        PaymentChannels.ChannelParams memory p = _params(CLIENT);
+        IPaymentChannels.ChannelParams memory p = _params(CLIENT);
         vm.assertEq(court.channelIdOf(p), escrow.channelIdOf(p));
         vm.assertEq(court.channelIdOf(p), _channel(CLIENT));
         vm.assertEq(court.escrow(), address(escrow));
     }
 
     /// forge-config: default.fuzz.runs = 256
-    function testFuzz_channelId_matchesEscrow(PaymentChannels.ChannelParams calldata p) public view {
+    function testFuzz_channelId_matchesEscrow(IPaymentChannels.ChannelParams calldata p) public view {
         vm.assertEq(court.channelIdOf(p), escrow.channelIdOf(p));
     }
 
     function test_claimBreach_copiedByThirdPartyRefused() public {
-        SLACourt.Receipt memory r = _receipt(keccak256("copied"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("copied"));
         r.ttftMs = 2_001;
         bytes memory sig = _signR(NODE_KEY, r);
-        PaymentChannels.ChannelParams memory p = _params(CLIENT);
+        IPaymentChannels.ChannelParams memory p = _params(CLIENT);
         // the exact calldata of the client's claim, sent by a mempool watcher
         vm.prank(THIEF);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.NotPayer.selector, THIEF, CLIENT));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.NotPayer.selector, THIEF, CLIENT));
         court.claimBreach(node, p, r, sig);
         // naming itself as payer changes the channel id: no longer the one the node signed
-        PaymentChannels.ChannelParams memory own = _params(THIEF);
+        IPaymentChannels.ChannelParams memory own = _params(THIEF);
         vm.prank(THIEF);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.ChannelMismatch.selector, r.channelId, _channel(THIEF)));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.ChannelMismatch.selector, r.channelId, _channel(THIEF)));
         court.claimBreach(node, own, r, sig);
         // any other changed term (here the escrow's payee) fails the same way
         p.payee = THIEF;
@@ -261,16 +264,16 @@ contract SLACourtTest is SLACourtFixture {
     }
 
     function test_openNoResponse_copiedByThirdPartyRefused() public {
-        SLACourt.Acceptance memory a = _acceptance(keccak256("copied-open"));
+        ISLACourt.Acceptance memory a = _acceptance(keccak256("copied-open"));
         bytes memory sig = _signA(NODE_KEY, a);
         vm.warp(a.deadline + 1);
-        PaymentChannels.ChannelParams memory p = _params(CLIENT);
+        IPaymentChannels.ChannelParams memory p = _params(CLIENT);
         vm.prank(THIEF);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.NotPayer.selector, THIEF, CLIENT));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.NotPayer.selector, THIEF, CLIENT));
         court.openNoResponse{value: BOND}(node, MODEL, p, a, sig);
-        PaymentChannels.ChannelParams memory own = _params(THIEF);
+        IPaymentChannels.ChannelParams memory own = _params(THIEF);
         vm.prank(THIEF);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.ChannelMismatch.selector, a.channelId, _channel(THIEF)));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.ChannelMismatch.selector, a.channelId, _channel(THIEF)));
         court.openNoResponse{value: BOND}(node, MODEL, own, a, sig);
         bytes32 id = _openNR(BOND, a, sig);
         vm.assertEq(court.getDispute(id).disputer, CLIENT);
@@ -285,23 +288,23 @@ contract SLACourtTest is SLACourtFixture {
     }
 
     function test_claimBreach_rateAndDuration() public {
-        SLACourt.Receipt memory r = _receipt(keccak256("slow"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("slow"));
         r.durationMs = 10_501; // 100 tokens in 10.001 s < 10 tok/s
         bytes memory rs = _signR(NODE_KEY, r);
         _claim(node, r, rs);
-        SLACourt.Receipt memory r2 = _receipt(keccak256("long"));
+        ISLACourt.Receipt memory r2 = _receipt(keccak256("long"));
         r2.outputTokens = 10_000;
         r2.durationMs = 60_001;
-        SLACourt.Terms memory t = court.termsAt(node, MODEL, r2.acceptedAt);
+        ISLACourt.Terms memory t = court.termsAt(node, MODEL, r2.acceptedAt);
         vm.assertEq(court.brokenTerms(t, r2), 4);
         bytes memory rs2 = _signR(NODE_KEY, r2);
         _claim(node, r2, rs2);
     }
 
     function test_claimBreach_refusesGoodReceiptForgedAndWrongKey() public {
-        SLACourt.Receipt memory r = _receipt(keccak256("ok"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("ok"));
         bytes memory sig = _signR(NODE_KEY, r);
-        vm.expectRevert(SLACourt.TermsNotBroken.selector);
+        vm.expectRevert(ISLACourt.TermsNotBroken.selector);
         _claim(node, r, sig);
         // altering any figure after signing: the signature recovers another key
         r.ttftMs = 9_999;
@@ -309,18 +312,18 @@ contract SLACourtTest is SLACourtFixture {
         _claim(node, r, sig);
         // signed by another registered node, claimed against this one
         bytes memory sig2 = _signR(NODE2_KEY, r);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.WrongSigner.selector, node2, node));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.WrongSigner.selector, node2, node));
         _claim(node, r, sig2);
         // high-s and short signatures
         bytes32 digest = this.digestR(r);
-        vm.expectRevert(SLACourt.InvalidSignature.selector);
+        vm.expectRevert(ISLACourt.InvalidSignature.selector);
         _claim(node, r, _highS(NODE_KEY, digest));
-        vm.expectRevert(SLACourt.InvalidSignature.selector);
+        vm.expectRevert(ISLACourt.InvalidSignature.selector);
         _claim(node, r, hex"1234");
     }
 
-    function test_receiptSigner_recoversOrZero() public {
-        SLACourt.Receipt memory r = _receipt(keccak256("who"));
+    function test_receiptSigner_recoversOrZero() public view {
+        ISLACourt.Receipt memory r = _receipt(keccak256("who"));
         bytes memory sig = _signR(NODE_KEY, r);
         vm.assertEq(court.receiptSigner(r, sig), node);
         vm.assertEq(court.receiptSigner(r, _highS(NODE_KEY, this.digestR(r))), address(0));
@@ -331,7 +334,7 @@ contract SLACourtTest is SLACourtFixture {
     }
 
     function test_claimBreach_refusesOtherChain() public {
-        SLACourt.Receipt memory r = _receipt(keccak256("chain"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("chain"));
         r.ttftMs = 5_000;
         bytes memory sig = _signR(NODE_KEY, r);
         vm.chainId(999);
@@ -340,32 +343,32 @@ contract SLACourtTest is SLACourtFixture {
     }
 
     function test_claimBreach_usesTermsAtAcceptedAt() public {
-        SLACourt.Receipt memory r = _receipt(keccak256("old"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("old"));
         r.ttftMs = 2_500; // fine under the new terms, broken under the old ones
-        SLACourt.Terms memory loose = _terms();
+        ISLACourt.Terms memory loose = _terms();
         loose.maxTtftMs = 3_000;
         vm.prank(operator);
         court.publishTerms(node, MODEL, loose); // same second as acceptedAt: not yet in force
         vm.warp(block.timestamp + 10);
         bytes memory rs = _signR(NODE_KEY, r);
         _claim(node, r, rs);
-        SLACourt.Receipt memory r2 = _receipt(keccak256("new"));
+        ISLACourt.Receipt memory r2 = _receipt(keccak256("new"));
         r2.ttftMs = 2_500;
         bytes memory sig2 = _signR(NODE_KEY, r2);
-        vm.expectRevert(SLACourt.TermsNotBroken.selector);
+        vm.expectRevert(ISLACourt.TermsNotBroken.selector);
         _claim(node, r2, sig2);
     }
 
     function test_claimBreach_noTermsBeforePublication() public {
-        SLACourt.Receipt memory r = _receipt(keccak256("early"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("early"));
         r.acceptedAt = 1_699_999_000;
         r.ttftMs = 9_000;
         bytes memory sig = _signR(NODE_KEY, r);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.NoTerms.selector, node, MODEL, r.acceptedAt));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.NoTerms.selector, node, MODEL, r.acceptedAt));
         _claim(node, r, sig);
     }
 
-    function _open(bytes32 req) internal returns (bytes32 id, SLACourt.Acceptance memory a) {
+    function _open(bytes32 req) internal returns (bytes32 id, ISLACourt.Acceptance memory a) {
         a = _acceptance(req);
         bytes memory sig = _signA(NODE_KEY, a);
         vm.warp(a.deadline + 1);
@@ -374,17 +377,17 @@ contract SLACourtTest is SLACourtFixture {
 
     function test_noResponse_answeredClosesWithoutSlash() public {
         bytes32 req = keccak256("answered");
-        SLACourt.Receipt memory r = _receipt(req);
+        ISLACourt.Receipt memory r = _receipt(req);
         (bytes32 id,) = _open(req);
-        vm.assertEq(uint256(court.getDispute(id).status), uint256(SLACourt.DisputeStatus.Open));
+        vm.assertEq(uint256(court.getDispute(id).status), uint256(ISLACourt.DisputeStatus.Open));
         uint256 opBefore = operator.balance;
         bytes memory rs = _signR(NODE_KEY, r);
         vm.prank(operator);
         court.answer(id, r, rs);
         vm.assertEq(operator.balance - opBefore, BOND);
-        vm.assertEq(uint256(court.getDispute(id).status), uint256(SLACourt.DisputeStatus.Answered));
+        vm.assertEq(uint256(court.getDispute(id).status), uint256(ISLACourt.DisputeStatus.Answered));
         vm.warp(block.timestamp + 2 hours);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.DisputeNotOpen.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.DisputeNotOpen.selector, id));
         court.finalize(id);
         vm.assertEq(_stake(node), STAKE);
     }
@@ -402,43 +405,43 @@ contract SLACourtTest is SLACourtFixture {
         vm.assertEq(CLIENT.balance - ethBefore, BOND);
         vm.assertEq(_stake(node), STAKE - 50e18);
         // a late receipt cannot reopen it
-        SLACourt.Receipt memory r = _receipt(keccak256("silent"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("silent"));
         bytes memory sig = _signR(NODE_KEY, r);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.DisputeNotOpen.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.DisputeNotOpen.selector, id));
         court.answer(id, r, sig);
     }
 
     function test_noResponse_refusals() public {
-        SLACourt.Acceptance memory a = _acceptance(keccak256("x"));
+        ISLACourt.Acceptance memory a = _acceptance(keccak256("x"));
         bytes memory sig = _signA(NODE_KEY, a);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.DeadlineNotPassed.selector, a.deadline));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.DeadlineNotPassed.selector, a.deadline));
         _openNR(BOND, a, sig);
         vm.warp(a.deadline + 1);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.InvalidBond.selector, 0, BOND));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.InvalidBond.selector, 0, BOND));
         _openNR(0, a, sig);
         bytes memory sigOther = _signA(NODE2_KEY, a);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.WrongSigner.selector, node2, node));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.WrongSigner.selector, node2, node));
         _openNR(BOND, a, sigOther);
         a.deadline += 1; // altered after signing
         vm.expectRevert();
         _openNR(BOND, a, sig);
         a.deadline -= 1;
         bytes32 id = _openNR(BOND, a, sig);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.DisputeExists.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.DisputeExists.selector, id));
         _openNR(BOND, a, sig);
         // answers for another request, another channel, or signed by another key are refused
-        SLACourt.Receipt memory r = _receipt(keccak256("other"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("other"));
         bytes memory rs = _signR(NODE_KEY, r);
-        vm.expectRevert(SLACourt.ReceiptMismatch.selector);
+        vm.expectRevert(ISLACourt.ReceiptMismatch.selector);
         court.answer(id, r, rs);
         r = _receipt(a.requestHash);
         r.channelId = bytes32(0);
         rs = _signR(NODE_KEY, r);
-        vm.expectRevert(SLACourt.ReceiptMismatch.selector);
+        vm.expectRevert(ISLACourt.ReceiptMismatch.selector);
         court.answer(id, r, rs);
         r = _receipt(a.requestHash);
         rs = _signR(NODE2_KEY, r);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.WrongSigner.selector, node2, node));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.WrongSigner.selector, node2, node));
         court.answer(id, r, rs);
         vm.warp(block.timestamp + 1 hours + 1);
         bytes memory late = _signR(NODE_KEY, r);
@@ -447,9 +450,9 @@ contract SLACourtTest is SLACourtFixture {
     }
 
     function test_noResponse_termsAtAcceptedAt() public {
-        SLACourt.Acceptance memory a = _acceptance(keccak256("span"));
+        ISLACourt.Acceptance memory a = _acceptance(keccak256("span"));
         bytes memory sig = _signA(NODE_KEY, a);
-        SLACourt.Terms memory harsh = _terms();
+        ISLACourt.Terms memory harsh = _terms();
         harsh.noResponseCompensation = 500e18;
         vm.prank(operator);
         court.publishTerms(node, MODEL, harsh); // after acceptance: must not apply
@@ -457,7 +460,7 @@ contract SLACourtTest is SLACourtFixture {
         bytes32 id = _openNR(BOND, a, sig);
         vm.assertEq(court.getDispute(id).compensation, 50e18);
         // accepted after the new version took effect: the new terms apply
-        SLACourt.Acceptance memory b = _acceptance(keccak256("later"));
+        ISLACourt.Acceptance memory b = _acceptance(keccak256("later"));
         b.acceptedAt = uint64(block.timestamp);
         b.deadline = uint64(block.timestamp + 10);
         bytes memory sigB = _signA(NODE_KEY, b);
@@ -467,11 +470,11 @@ contract SLACourtTest is SLACourtFixture {
 
     function test_noResponse_freshTermsDisputableAtOnce() public {
         // terms published a second ago already bind a request accepted now, whatever its deadline
-        SLACourt.Terms memory t = _terms();
+        ISLACourt.Terms memory t = _terms();
         t.noResponseCompensation = 7e18;
         _publish(node2, t);
         vm.warp(block.timestamp + 1);
-        SLACourt.Acceptance memory a = _acceptance(keccak256("fresh"));
+        ISLACourt.Acceptance memory a = _acceptance(keccak256("fresh"));
         a.deadline = uint64(block.timestamp + 5);
         bytes memory sig = _signA(NODE2_KEY, a);
         vm.warp(a.deadline + 1);
@@ -481,16 +484,16 @@ contract SLACourtTest is SLACourtFixture {
     }
 
     function test_noResponse_acceptedAfterDeadlineRefused() public {
-        SLACourt.Acceptance memory a = _acceptance(keccak256("backwards"));
+        ISLACourt.Acceptance memory a = _acceptance(keccak256("backwards"));
         a.acceptedAt = a.deadline + 1;
         bytes memory sig = _signA(NODE_KEY, a);
         vm.warp(a.acceptedAt + 1);
-        vm.expectRevert(SLACourt.InvalidAcceptance.selector);
+        vm.expectRevert(ISLACourt.InvalidAcceptance.selector);
         _openNR(BOND, a, sig);
     }
 
     function test_compensationCappedByStake() public {
-        SLACourt.Terms memory t = _terms();
+        ISLACourt.Terms memory t = _terms();
         t.noResponseCompensation = uint128(STAKE * 2);
         _publish(node, t);
         vm.warp(block.timestamp + 1 hours);
@@ -498,27 +501,27 @@ contract SLACourtTest is SLACourtFixture {
         vm.warp(block.timestamp + 1 hours + 1);
         vm.assertEq(court.finalize(id), STAKE);
         vm.assertEq(_stake(node), 0);
-        SLACourt.Receipt memory r = _receipt(keccak256("after"));
+        ISLACourt.Receipt memory r = _receipt(keccak256("after"));
         r.ttftMs = 9_000;
         bytes memory sig = _signR(NODE_KEY, r);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.NothingToCompensate.selector, node));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.NothingToCompensate.selector, node));
         _claim(node, r, sig);
     }
 
     /// forge-config: default.fuzz.runs = 128
     function testFuzz_breachDecisionMatchesRule(uint32 ttft, uint32 duration, uint32 outTokens) public {
-        SLACourt.Receipt memory r = _receipt(keccak256(abi.encode(ttft, duration, outTokens)));
+        ISLACourt.Receipt memory r = _receipt(keccak256(abi.encode(ttft, duration, outTokens)));
         r.ttftMs = ttft;
         r.durationMs = duration;
         r.outputTokens = outTokens;
-        SLACourt.Terms memory t = _terms();
+        ISLACourt.Terms memory t = _terms();
         bool ttftBroken = ttft > t.maxTtftMs;
         bool rateBroken = outTokens > 1 && duration > ttft
             && uint256(outTokens - 1) * 1000 < uint256(t.minTokensPerSec) * (duration - ttft);
         bool durBroken = duration > t.maxDurationMs;
         bytes memory sig = _signR(NODE_KEY, r);
         if (!(ttftBroken || rateBroken || durBroken)) {
-            vm.expectRevert(SLACourt.TermsNotBroken.selector);
+            vm.expectRevert(ISLACourt.TermsNotBroken.selector);
             _claim(node, r, sig);
             vm.assertEq(_stake(node), STAKE);
         } else {
@@ -532,12 +535,12 @@ contract SLACourtTest is SLACourtFixture {
     function testFuzz_answeringNodeNeverSlashed(bytes32 req, uint32 wait) public {
         (bytes32 id,) = _open(req);
         vm.warp(block.timestamp + bound(wait, 0, 1 hours));
-        SLACourt.Receipt memory r = _receipt(req);
+        ISLACourt.Receipt memory r = _receipt(req);
         bytes memory rs = _signR(NODE_KEY, r);
         vm.prank(operator);
         court.answer(id, r, rs);
         vm.warp(block.timestamp + 30 days);
-        vm.expectRevert(abi.encodeWithSelector(SLACourt.DisputeNotOpen.selector, id));
+        vm.expectRevert(abi.encodeWithSelector(ISLACourt.DisputeNotOpen.selector, id));
         court.finalize(id);
         vm.assertEq(_stake(node), STAKE);
     }

@@ -4,7 +4,7 @@ pragma solidity ^0.8.24;
 import {TestBase} from "./utils/TestBase.sol";
 import {x402BatchSettlement} from "../src/x402/x402BatchSettlement.sol";
 import {ERC3009DepositCollector} from "../src/x402/ERC3009DepositCollector.sol";
-import {TestToken} from "../src/TestToken.sol";
+import {TestToken} from "./TestToken.sol";
 import {ERC3009} from "../src/ERC3009.sol";
 
 /// @dev The settlement contract and collector at x402's canonical addresses (code copied with vm.etch, as the devnet

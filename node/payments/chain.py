@@ -13,9 +13,10 @@ from eth_abi import decode as abi_decode
 from eth_account.signers.local import LocalAccount
 from eth_utils import function_abi_to_4byte_selector
 from web3 import Web3
+from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from dcml.client.chain.channel import ChannelBook, ChannelState, UnknownChannel
+from dcml.client.chain.channel import ChannelBook, ChannelState, UnknownChannel, batch_voucher
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.tx import send
@@ -222,6 +223,26 @@ class ChannelChain:
     def settle(self, payee: LocalAccount, channel_id: bytes, cumulative: int, signature: bytes) -> TxReceipt:
         fn = self.escrow.functions.settle(self.book.params(channel_id).as_struct(), cumulative, signature)
         return self._changing(channel_id, lambda: send(self.w3, payee, fn, action="settle"))
+
+    def settle_batch(self, payee: LocalAccount, vouchers: list[tuple[bytes, int, bytes]]
+                     ) -> tuple[TxReceipt, dict[bytes, bytes]]:
+        """`settleBatch` for (channel id, cumulative, 65-byte signature) of channels sharing token and model
+        terms, in one transaction. Returns the receipt and the skipped channels with the selector of the error
+        a single settle would have raised (the others settled)."""
+        first = self.book.params(vouchers[0][0])
+        items = [batch_voucher(self.book.params(cid), cumulative, sig) for cid, cumulative, sig in vouchers]
+        fn = self.escrow.functions.settleBatch(Web3.to_checksum_address(first.token), first.model_id,
+                                               Web3.to_checksum_address(first.publisher), first.publisher_bps, items)
+        try:
+            receipt = send(self.w3, payee, fn, action="settle batch")
+        finally:  # as `_changing`, for every channel of the batch: the next read of each syncs the index first
+            with self._lock:
+                for cid, _, _ in vouchers:
+                    self._changed[cid] = time.monotonic()
+                    self._foreign.pop(cid, None)
+        skipped = {bytes(e["args"]["channelId"]): bytes(e["args"]["reason"])
+                   for e in self.escrow.events.SettlementSkipped().process_receipt(receipt, errors=DISCARD)}
+        return receipt, skipped
 
     def close(self, payee: LocalAccount, channel_id: bytes, cumulative: int, signature: bytes) -> TxReceipt:
         fn = self.escrow.functions.close(self.book.params(channel_id).as_struct(), cumulative, signature)

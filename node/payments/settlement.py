@@ -5,6 +5,11 @@ Stateless beyond the ledger and the chain: after a restart it reads both and car
 the ledger and the channel index (`channel_index`, state from the escrow's events): no RPC per open channel. The
 chain is authoritative for what is settled, so a settle that landed just before a crash is never sent twice.
 
+Due settles of ECDSA vouchers go out together: one `settleBatch` transaction per BATCH_SIZE channels that
+share token and model terms (a contract signer's voucher is settled alone). The ledger is updated from
+the receipt, channel by channel; a voucher the contract skipped stays unsettled and is retried like a
+failed settle. A crash between the transaction and the ledger is read back from the chain next round.
+
 One channel cannot block the others: whatever one raises (a reverted transaction, an opening reorganised
 away, an RPC error) is logged with its reason and that channel alone is retried with exponential backoff,
 while the round goes on; a shutdown flush tries every channel, backoff or not.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 from eth_account.signers.local import LocalAccount
@@ -24,6 +30,8 @@ from dcml.node.payments.chain import ChannelChain, UnknownChannel
 from dcml.node.payments.ledger import ChannelBalance, Ledger
 
 log = logging.getLogger("dcml.settlement")
+
+BATCH_SIZE = 50  # vouchers per settleBatch transaction (~15k gas each, well inside a block)
 
 
 class ChannelGone(PaymentError):
@@ -44,6 +52,15 @@ class SettlementAction:
     action: str  # "settle" | "close"
     cumulative: int
     tx_hash: str
+
+
+@dataclass(frozen=True)
+class _DueSettle:
+    """A settle `_handle` found due, sent with the round's batch."""
+
+    channel_id: str
+    cumulative: int
+    signature: bytes
 
 
 class SettlementWorker:
@@ -87,6 +104,7 @@ class SettlementWorker:
     def run_once(self, *, flush: bool = False) -> list[SettlementAction]:
         """Look at every open channel once; `flush` settles whatever is unsettled (shutdown)."""
         done: list[SettlementAction] = []
+        due: list[_DueSettle] = []
         with self._round:
             # Channel state comes from the index (kept current from the escrow's events), not one read per open
             # channel: a round costs one index sync at most, however many channels are open.
@@ -94,22 +112,23 @@ class SettlementWorker:
             tokens: set[str] = set()
             for balance in self._candidates(full=flush):
                 cid = balance.channel_id
-                failures, retry_at = self._failures.get(cid, (0, 0.0))
+                _, retry_at = self._failures.get(cid, (0, 0.0))
                 if not flush and time.monotonic() < retry_at:
                     continue
                 try:
                     action = self._handle(balance, flush=flush)
+                    if isinstance(action, _DueSettle):
+                        due.append(action)
+                        continue
                     if action:
                         tokens.add(self.chain.book.params(bytes.fromhex(cid[2:])).token)
                 except Exception as exc:  # this channel only: leave it in the ledger, nothing is marked settled
-                    delay = min(self.interval * 2**failures, self.max_backoff)
-                    self._failures[cid] = (failures + 1, time.monotonic() + delay)
-                    log.error("settlement of %s failed (%d in a row; retrying in %.0f s): %s", cid, failures + 1,
-                              delay, _reason(exc))
+                    self._failed(cid, _reason(exc))
                     continue
                 self._failures.pop(cid, None)
                 if action:
                     done.append(action)
+            done += self._settle_batches(due, tokens)
             if self.auto_claim:
                 for token in tokens:
                     self._claim(token)
@@ -139,6 +158,43 @@ class SettlementWorker:
         self._scanned_at = started
         return balances
 
+    def _failed(self, cid: str, reason: str) -> None:
+        """Back this channel off (only it): its vouchers stay in the ledger, nothing is marked settled."""
+        failures, _ = self._failures.get(cid, (0, 0.0))
+        delay = min(self.interval * 2**failures, self.max_backoff)
+        self._failures[cid] = (failures + 1, time.monotonic() + delay)
+        log.error("settlement of %s failed (%d in a row; retrying in %.0f s): %s", cid, failures + 1, delay, reason)
+
+    def _settle_batches(self, due: list[_DueSettle], tokens: set[str]) -> list[SettlementAction]:
+        """One settleBatch per BATCH_SIZE due settles sharing token and model terms; the ledger follows the receipt."""
+        groups: dict[tuple, list[_DueSettle]] = defaultdict(list)
+        for d in due:
+            p = self.chain.book.params(bytes.fromhex(d.channel_id[2:]))
+            groups[(p.token, p.model_id, p.publisher, p.publisher_bps)].append(d)
+        done: list[SettlementAction] = []
+        for (token, *_), items in groups.items():
+            for i in range(0, len(items), BATCH_SIZE):
+                chunk = items[i:i + BATCH_SIZE]
+                try:
+                    receipt, skipped = self.chain.settle_batch(
+                        self.payee, [(bytes.fromhex(d.channel_id[2:]), d.cumulative, d.signature) for d in chunk])
+                except Exception as exc:  # nothing of this chunk settled: each channel backs off alone
+                    for d in chunk:
+                        self._failed(d.channel_id, _reason(exc))
+                    continue
+                tokens.add(token)
+                for d in chunk:
+                    reason = skipped.get(bytes.fromhex(d.channel_id[2:]))
+                    if reason is not None:
+                        self._failed(d.channel_id, f"settleBatch skipped it (error selector 0x{reason.hex()})")
+                        continue
+                    self.ledger.set_settled(d.channel_id, d.cumulative)
+                    self._failures.pop(d.channel_id, None)
+                    log.info("settled %s up to %d (batch of %d)", d.channel_id, d.cumulative, len(chunk))
+                    tx = receipt["transactionHash"].hex()
+                    done.append(SettlementAction(d.channel_id, "settle", d.cumulative, tx))
+        return done
+
     def settle_now(self, channel_id: str, cumulative: int, signature: str) -> None:
         """Settle one voucher on-chain now (before it is counted: a contract signer's channel), between rounds:
         the payee's transactions go one at a time. Raises what the chain raised (it was not settled)."""
@@ -149,7 +205,7 @@ class SettlementWorker:
         """Channels whose settlement is failing now, with their consecutive failures."""
         return {cid: n for cid, (n, _) in self._failures.items()}
 
-    def _handle(self, balance: ChannelBalance, *, flush: bool) -> SettlementAction | None:
+    def _handle(self, balance: ChannelBalance, *, flush: bool) -> SettlementAction | _DueSettle | None:
         channel_id = bytes.fromhex(balance.channel_id[2:])
         try:
             state = self.chain.channel(channel_id)  # memory: the index was synced at the start of the round
@@ -177,6 +233,8 @@ class SettlementWorker:
             log.info("closed %s at %d on the payer's request", balance.channel_id, target)
             return SettlementAction(balance.channel_id, "close", target, receipt["transactionHash"].hex())
         if unsettled > 0 and not dust and (flush or unsettled >= self.threshold):
+            if len(signature) == 65 and signature[64] in (27, 28):  # an ECDSA voucher: with the round's batch
+                return _DueSettle(balance.channel_id, target, signature)
             receipt = self.chain.settle(self.payee, channel_id, target, signature)
             self.ledger.set_settled(balance.channel_id, target)
             log.info("settled %s up to %d (+%d)", balance.channel_id, target, unsettled)

@@ -124,6 +124,7 @@ contract x402BatchSettlement {
         Channel storage ch = channels[id];
         uint256 next = uint256(ch.balance) + amount;
         if (next > type(uint128).max) revert AmountOverflow();
+        // forge-lint: disable-next-line(unsafe-typecast)
         ch.balance = uint128(next);
         emit Deposited(id, config.payer, collector, amount);
     }
@@ -182,6 +183,7 @@ contract x402BatchSettlement {
         bytes32 id = getChannelId(config);
         PendingWithdrawal memory pending = pendingWithdrawals[id];
         if (pending.initiatedAt == 0) revert NoPendingWithdrawal();
+        // forge-lint: disable-next-line(block-timestamp)
         if (block.timestamp < uint256(pending.initiatedAt) + config.withdrawDelay) revert WithdrawDelayNotElapsed();
         delete pendingWithdrawals[id];
         Channel storage ch = channels[id];

@@ -3,7 +3,7 @@ pragma solidity ^0.8.24;
 
 import {ERC20} from "@openzeppelin/contracts/token/ERC20/ERC20.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
-import {ERC3009} from "./ERC3009.sol";
+import {ERC3009} from "../src/ERC3009.sol";
 
 /// @title TestToken
 /// @notice An 18-decimal ERC-20 with ERC-3009 authorizations (EIP-712 domain: the token name, version "1") for

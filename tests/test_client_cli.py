@@ -68,7 +68,9 @@ def test_attest_chat_channels_receipts(dcml, node: PaidNode) -> None:
     closing = dcml("channel", "close", ch["channel_id"])
     assert closing["status"] == "closing"
     # The node settles and refunds on the payer's request; withdraw then only claims the refund.
-    node.app.state.node.gate.payments.worker.run_once()
+    payments = node.app.state.node.gate.payments
+    payments.chain.sync(max_age=0.0)  # the index sees the close request now, not at its next poll
+    payments.worker.run_once()
     done = dcml("channel", "withdraw", ch["channel_id"])
     assert done["status"] == "closed"
     (after,) = dcml("channel", "list", "--chain")

@@ -39,6 +39,7 @@ from transformers.cache_utils import DynamicLayer
 
 from dcml.client.wire.errors import DcmlError
 from dcml.node.engine.base import EngineOverloaded, GenerationRequest, SamplingParams, TokenChunk
+from dcml.node.engine.kv_cache import BufferedLayer, kv, left_pad
 
 _DETOK_CONTEXT = 5  # prompt tokens used as left context so the first output token decodes with its space
 
@@ -268,16 +269,16 @@ class EmbeddedEngine:
         if not all(isinstance(layer, DynamicLayer) for layer in cache.layers):
             raise NotImplementedError("only full-attention models (DynamicLayer caches) are supported")
         if self._cache is None:
-            cache.layers = [_BufferedLayer(*_kv(layer)) for layer in cache.layers]
+            cache.layers = [BufferedLayer(*kv(layer)) for layer in cache.layers]
             self._cache, self._mask, self._running = cache, mask, [req]
             return
         layers, batch_mask = self._batch()
         lb, ln = batch_mask.shape[1], mask.shape[1]
         length = max(lb, ln)
         for dst, src in zip(layers, cache.layers, strict=True):
-            (dk, dv), (sk, sv) = _kv(dst), _kv(src)
-            dst.reset_to(torch.cat([_left_pad(dk, length), _left_pad(sk, length)], dim=0),
-                         torch.cat([_left_pad(dv, length), _left_pad(sv, length)], dim=0))
+            (dk, dv), (sk, sv) = kv(dst), kv(src)
+            dst.reset_to(torch.cat([left_pad(dk, length), left_pad(sk, length)], dim=0),
+                         torch.cat([left_pad(dv, length), left_pad(sv, length)], dim=0))
         self._mask = torch.cat([F.pad(batch_mask, (length - lb, 0)), F.pad(mask, (length - ln, 0))], dim=0)
         self._running.append(req)
 
@@ -315,13 +316,13 @@ class EmbeddedEngine:
         first = int(batch_mask.any(dim=0).nonzero()[0])
         self._mask = batch_mask[:, first:]
         for layer in layers:
-            keys, values = _kv(layer)
+            keys, values = kv(layer)
             layer.reset_to(keys[idx, :, first:], values[idx, :, first:])
 
-    def _batch(self) -> tuple[list[_BufferedLayer], torch.Tensor]:
-        """The running batch's cache layers (all `_BufferedLayer`, see `_merge`) and mask, while a batch runs."""
+    def _batch(self) -> tuple[list[BufferedLayer], torch.Tensor]:
+        """The running batch's cache layers (all `BufferedLayer`, see `_merge`) and mask, while a batch runs."""
         assert self._cache is not None and self._mask is not None, "no batch is running"
-        return cast(list[_BufferedLayer], self._cache.layers), self._mask
+        return cast(list[BufferedLayer], self._cache.layers), self._mask
 
     # ------------------------------------------------------------------ sampling and text
 
@@ -404,49 +405,6 @@ class EmbeddedEngine:
             r.loop.call_soon_threadsafe(r.queue.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
             r.cancelled = True
-
-
-class _BufferedLayer(DynamicLayer):
-    """A full-attention cache layer whose keys/values sit in a buffer with spare room on the sequence
-    axis, so a decode step appends in place. (DynamicLayer appends with torch.cat, copying the whole
-    batch's cache every step: O(batch x length) per token, which dominated large batches.) Copies
-    happen only when the batch's membership changes (`reset_to`) or the buffer is full."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.reset_to(keys, values)
-
-    def reset_to(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64) -> None:
-        b, h, n, d = keys.shape
-        self._kbuf = keys.new_empty(b, h, n + spare, d)
-        self._vbuf = values.new_empty(b, values.shape[1], n + spare, values.shape[3])
-        self._kbuf[:, :, :n] = keys
-        self._vbuf[:, :, :n] = values
-        self._n = n
-        self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        k = key_states.shape[2]
-        if self._n + k > self._kbuf.shape[2]:
-            self.reset_to(*_kv(self), spare=max(64, self._n))  # grow geometrically
-        self._kbuf[:, :, self._n : self._n + k] = key_states
-        self._vbuf[:, :, self._n : self._n + k] = value_states
-        self._n += k
-        self.keys, self.values = self._kbuf[:, :, : self._n], self._vbuf[:, :, : self._n]
-        return self.keys, self.values
-
-
-def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """A filled full-attention layer's keys and values (transformers types them optional)."""
-    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-    assert keys is not None and values is not None, "an empty cache layer"
-    return keys, values
-
-
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad a [B, H, L, D] cache tensor on the left (sequence axis) to `length`."""
-    return F.pad(t, (0, 0, length - t.shape[2], 0))
 
 
 def _held_back(text: str, stops: tuple[str, ...], start: int) -> int:

@@ -14,14 +14,8 @@ from web3 import Web3
 
 from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.devnet import Devnet, deploy_contract
-from dcml.client.chain.registry import (
-    NodeStatus,
-    Reattestation,
-    Registration,
-    RegistryClient,
-    RegistryError,
-    attestation_hash,
-)
+from dcml.client.chain.registration import Reattestation, Registration, attestation_hash
+from dcml.client.chain.registry import NodeStatus, RegistryClient, RegistryError
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.network.registration import NodeRegistrationError, ensure_registered
 from dcml.node.tee.document import build_attestation_document

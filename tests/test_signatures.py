@@ -13,7 +13,7 @@ from eth_account import Account
 from eth_account.messages import _hash_eip191_message, encode_typed_data
 from eth_account.signers.local import LocalAccount
 
-from dcml.client.chain.registry import REATTESTATION, REGISTRATION, Reattestation, Registration, RegistryDomain
+from dcml.client.chain.registration import REATTESTATION, REGISTRATION, Reattestation, Registration, RegistryDomain
 from dcml.client.publisher.bundle import (
     MANIFEST,
     MANIFEST_EIP712_DOMAIN,

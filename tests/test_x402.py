@@ -219,7 +219,7 @@ def test_receipts_and_acceptances_carry_uints_as_decimal_strings(w3, deployment,
 def test_readme_gives_the_eip712_type_strings_the_code_signs() -> None:
     from pathlib import Path
 
-    from dcml.client.chain import registry
+    from dcml.client.chain import registration as registry
     from dcml.client.publisher import bundle as model_bundle
     from dcml.client.wire import advert, receipts, voucher
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dcml.client.attestation.verify import AttestationDocument
-from dcml.client.chain.registry import attestation_hash
+from dcml.client.chain.registration import attestation_hash
 from dcml.client.network.overlay import OverlayConfig
 from dcml.client.wire.advert import AdvertDomain, resolve_model_id
 from dcml.node import __version__

@@ -43,7 +43,8 @@ from dcml.client.attestation.verify import (
     VerifiedNode,
     verify_attestation,
 )
-from dcml.client.chain.registry import TEE_TYPES, RegistryClient, key_matches
+from dcml.client.chain.registration import TEE_TYPES
+from dcml.client.chain.registry import RegistryClient, key_matches
 from dcml.client.publisher.broker_state import AuditLog, BrokerReason, BrokerRefusal, NonceStore, RateLimiter
 from dcml.client.publisher.bundle import MANIFEST_FILE, SignedManifest
 from dcml.client.wire.errors import AttestationReason

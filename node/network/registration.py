@@ -4,7 +4,7 @@
   1. if the registry's epoch is over, bump it (`advanceEpoch`, permissionless, paid by the operator),
      so the attestation published now is fresh;
   2. quote an attestation document whose report_data nonce half is the registry's current epoch, and
-     hash it (`client.registry.attestation_hash`);
+     hash it (`dcml.client.chain.registration.attestation_hash`);
   3. by the node's on-chain state:
      - never registered, or withdrawn: register with `stake` (the enclave key signs `Registration`);
      - active under this operator: re-attest (the enclave key signs `Reattestation`, which also
@@ -26,16 +26,8 @@ from pydantic import BaseModel, ConfigDict
 from web3 import Web3
 
 from dcml.client.attestation.verify import AttestationDocument
-from dcml.client.chain.registry import (
-    TEE_TYPES,
-    NodeRecord,
-    NodeStatus,
-    Reattestation,
-    Registration,
-    RegistryClient,
-    RegistryError,
-    attestation_hash,
-)
+from dcml.client.chain.registration import TEE_TYPES, Reattestation, Registration, attestation_hash
+from dcml.client.chain.registry import NodeRecord, NodeStatus, RegistryClient, RegistryError
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.tee.base import AttestationProvider
 from dcml.node.tee.document import build_attestation_document

@@ -27,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-from _common import MODEL
+from _common import MODEL, spawn_daemon
 from bench_payments import CREDIT_TOKENS, PRICE_IN, PRICE_OUT, PaidStream
 from eth_account import Account
 from web3 import Web3
@@ -36,7 +35,7 @@ from web3.logs import DISCARD
 
 from dcml.client.chain.channel import ChannelClient
 from dcml.client.chain.contracts import contract
-from dcml.client.chain.devnet import REPO, Devnet, free_port
+from dcml.client.chain.devnet import Devnet, free_port
 from dcml.client.wire.receipts import model_id_for
 from dcml.client.wire.voucher import VoucherDomain
 
@@ -163,18 +162,8 @@ def serve(port: int, data_dir: str, deployment: str) -> None:
 
 def start(data_dir: str, deployment: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--data-dir", data_dir, "--deployment",
-                             deployment], cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the node did not start")
+    return spawn_daemon([sys.executable, __file__, "--serve", str(port), "--data-dir", data_dir, "--deployment",
+                         deployment], port, timeout_s=120)
 
 
 def first_contact(net: Devnet, tmp: Path, clients: int, tokens: int) -> None:

@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     server = VLLMServer(args.model, args.served_model_name, port=args.port, max_model_len=args.max_model_len)
     server.log_path = None
+    # vLLM runs in its own session (so stop() can end its engine-core child too): a SIGTERM to us must stop it as
+    # Ctrl-C does, or it outlives us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.proc = subprocess.Popen(server.args, env=server.env, start_new_session=True)  # its log on our terminal
     try:
         server.wait_ready()

@@ -16,24 +16,18 @@ import pytest
 from web3 import Web3
 
 from dcml.client.chain.deployment import Deployment
-from dcml.client.demo.kit.nodes import MODEL, PaidNode, fund, funded_wallet, paid_settings
+from dcml.client.demo.kit.nodes import MODEL, PaidNode, funded_wallet, paid_settings, serve_node
 from dcml.client.demo.kit.raw_payer import RawPayer, _data, _event_name
 from dcml.client.wire.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE, PAYMENT_TIMEOUT_EVENT
-from dcml.node.api.app import create_app
-from dcml.node.api.server import BackgroundServer
-from dcml.node.engine.synthetic import SyntheticEngine
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.payments.chain import ChannelChain
-from dcml.node.tee.simulated import SimulatedProvider
 
 ADMIT = 10**14  # the admission voucher: the prompt and the first few output tokens
 
 
 def start_node(w3: Web3, deployment_file: Path, data_dir: Path, identity: EnclaveIdentity) -> PaidNode:
-    fund(w3, identity.address)
-    app = create_app(paid_settings(deployment_file, data_dir, prepay_tokens=0, credit_tokens=4, voucher_timeout_s=2.0),
-                     engine=SyntheticEngine(model_name=MODEL), identity=identity, provider=SimulatedProvider())
-    return PaidNode(BackgroundServer(app).start(), identity, app)
+    return serve_node(w3, paid_settings(deployment_file, data_dir, prepay_tokens=0, credit_tokens=4,
+                                        voucher_timeout_s=2.0), identity=identity)
 
 
 @pytest.fixture(scope="module")

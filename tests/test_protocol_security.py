@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from dcml.client.chain.sla import Broken, Terms, broken_terms
-from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, PRICE_OUT, start_paid_node
+from dcml.client.demo.kit.nodes import MODEL, PRICE_IN, PRICE_OUT, serve_node, start_paid_node
 from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.wire.receipts import parse_sse_stream
 from dcml.client.wire.x402 import ACCEPTANCE_HEADER, PAYMENT_SIGNATURE
@@ -244,13 +244,9 @@ def test_squatted_model_id_takes_nothing_from_the_node(w3, deployment, deploymen
     from dcml.client.chain.channel import ChannelClient
     from dcml.client.chain.contracts import contract
     from dcml.client.chain.tx import send
-    from dcml.client.demo.kit.nodes import fund, paid_settings
+    from dcml.client.demo.kit.nodes import paid_settings
     from dcml.client.sdk.client import Client, UntrustedTerms
     from dcml.client.wire.receipts import model_id_for
-    from dcml.node.api.app import create_app
-    from dcml.node.api.server import BackgroundServer
-    from dcml.node.identity import EnclaveIdentity
-    from dcml.node.tee.simulated import SimulatedProvider
 
     served = f"squat-{time.time_ns()}"  # its own model id: the session chain is shared with other tests
     squatter, publisher = Account.create(), Account.create()
@@ -264,11 +260,8 @@ def test_squatted_model_id_takes_nothing_from_the_node(w3, deployment, deploymen
                                                                "max_royalty_bps": 300})
     settings = settings.model_copy(update={"payments": settings.payments.model_copy(
         update={"prices": {served: price}})})
-    identity = EnclaveIdentity.generate()
-    fund(w3, identity.address)
-    app = create_app(settings, engine=SyntheticEngine(model_name=served), identity=identity,
-                     provider=SimulatedProvider())
-    server = BackgroundServer(app).start()
+    node = serve_node(w3, settings, engine=SyntheticEngine(model_name=served))
+    server, identity, app = node.server, node.identity, node.app
     try:
         victim = _wallet(w3, deployment)
         # The real SDK, policy naming the real publisher: it refuses to lock money in the squatted id's channel.

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dcml.client.demo.kit.nodes import MODEL, fund, paid_settings
+from dcml.client.demo.kit.nodes import MODEL, paid_settings, serve_node
 from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.node.api.app import create_app
 from dcml.node.api.server import BackgroundServer
@@ -35,12 +35,9 @@ def node(w3, deployment, tmp_path):
     deployment.save(path)
     settings = paid_settings(path, tmp_path / "node", settle_threshold=1, settle_interval_s=0.2)
     settings = settings.model_copy(update={"status": StatusConfig(token=TOKEN)})
-    identity = EnclaveIdentity.generate()
-    fund(w3, identity.address)
-    app = create_app(settings, engine=SyntheticEngine(model_name=MODEL), identity=identity,
-                     provider=SimulatedProvider())
-    server = BackgroundServer(app).start()
-    yield server, identity, app
+    node = serve_node(w3, settings)
+    server = node.server
+    yield server, node.identity, node.app
     server.stop()
 
 
@@ -204,11 +201,8 @@ def test_registry_status_and_stake_come_from_the_chain(w3, deployment, node_acco
     monkeypatch.setenv("DCML_OPERATOR_KEY", "0x" + node_account.key.hex().removeprefix("0x"))
     settings = paid_settings(path, tmp_path / "node").model_copy(update={
         "status": StatusConfig(token=TOKEN), "registry": RegistryConfig(enabled=True, stake=NODE_MIN_STAKE)})
-    identity = EnclaveIdentity.generate()
-    fund(w3, identity.address)
-    app = create_app(settings, engine=SyntheticEngine(model_name=MODEL), identity=identity,
-                     provider=SimulatedProvider())
-    server = BackgroundServer(app).start()  # registers on chain at start (NodePresence)
+    node = serve_node(w3, settings)  # registers on chain at start (NodePresence)
+    server, identity = node.server, node.identity
     try:
         s = httpx.get(f"{server.url}/status/data", headers={"authorization": f"Bearer {TOKEN}"}).json()
         record = RegistryClient(w3, deployment.node_registry).node(identity.address)
@@ -225,11 +219,8 @@ def test_pending_close_shows_its_deadline_from_the_chain(w3, deployment, payer, 
     deployment.save(path)
     settings = paid_settings(path, tmp_path / "node", settle_interval_s=1000).model_copy(
         update={"status": StatusConfig(token=TOKEN)})  # the worker sleeps: the close stays pending
-    identity = EnclaveIdentity.generate()
-    fund(w3, identity.address)
-    app = create_app(settings, engine=SyntheticEngine(model_name=MODEL), identity=identity,
-                     provider=SimulatedProvider())
-    server = BackgroundServer(app).start()
+    node = serve_node(w3, settings)
+    server, identity = node.server, node.identity
     try:
         client = RawPayer(w3, deployment, payer, server.url, identity.address)
         assert client.ask("close me", max_tokens=5, stream=False).status == 200

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from dcml.client.attestation.verify import Policy
-from dcml.client.demo.kit.nodes import PRICE_IN, PRICE_OUT, fund
+from dcml.client.demo.kit.nodes import PRICE_IN, PRICE_OUT, serve_node
 from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry
 from dcml.client.publisher.key_broker import create_app as create_broker_app
@@ -57,10 +57,8 @@ def paid_node(vllm, w3, deployment, tmp: Path, prepay: int = 8, credit: int = 4
         "enabled": True, "deployment": deployment_file, "prepay_tokens": prepay, "credit_tokens": credit,
         "voucher_timeout_s": 10.0, "settle_threshold": 10**30, "settle_interval_s": 0.3,
         "prices": {MODEL: {"price_per_input_token": PRICE_IN, "price_per_output_token": PRICE_OUT}}})
-    identity = EnclaveIdentity.generate()
-    fund(w3, identity.address)
-    app = create_app(settings, identity=identity, provider=SimulatedProvider())
-    return BackgroundServer(app).start(), identity, app
+    node = serve_node(w3, settings)  # the vLLM engine its config names
+    return node.server, node.identity, node.app
 
 
 def direct(vllm, path: str, body: dict) -> httpx.Response:

@@ -22,7 +22,7 @@ from x402.schemas import PaymentRequirements
 
 from dcml.client.chain.contracts import contract
 from dcml.client.chain.model_registry import register_model
-from dcml.client.demo.kit.nodes import PRICE_IN, PRICE_OUT, fund
+from dcml.client.demo.kit.nodes import PRICE_IN, PRICE_OUT, serve_node
 from dcml.client.wire.receipts import (
     Price,
     ReceiptDomain,
@@ -32,12 +32,7 @@ from dcml.client.wire.receipts import (
     verify_signed_receipt,
 )
 from dcml.client.wire.x402 import PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE
-from dcml.node.api.app import create_app
-from dcml.node.api.server import BackgroundServer
 from dcml.node.config import load_settings
-from dcml.node.engine.synthetic import SyntheticEngine
-from dcml.node.identity import EnclaveIdentity
-from dcml.node.tee.simulated import SimulatedProvider
 
 MODEL = "synthetic-batch"  # its own model id, so its royalty touches no other test's figures
 BPS = 750
@@ -56,12 +51,9 @@ def node(w3, deployment, publisher, tmp_path):
         engine={"kind": "synthetic", "served_model_name": MODEL, "model_dir": None},
         payments={"enabled": True, "deployment": path, "settle_threshold": 10**30, "settle_interval_s": 0.2,
                   "prices": {MODEL: {"price_per_input_token": PRICE_IN, "price_per_output_token": PRICE_OUT}}})
-    identity = EnclaveIdentity.generate()
-    fund(w3, identity.address)
-    app = create_app(settings, engine=SyntheticEngine(model_name=MODEL), identity=identity,
-                     provider=SimulatedProvider())
-    server = BackgroundServer(app).start()
-    yield server, identity, app.state.node.gate
+    node = serve_node(w3, settings)
+    server = node.server
+    yield server, node.identity, node.app.state.node.gate
     server.stop()
 
 

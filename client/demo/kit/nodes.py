@@ -96,11 +96,18 @@ class PaidNode:
 def start_paid_node(w3: Web3, deployment_file: Path, data_dir: Path, *, engine: Engine | None = None,
                     provider: AttestationProvider | None = None, **settings: Any) -> PaidNode:
     """A paid node in this process on a loopback port (simulated TEE, synthetic engine unless `engine`)."""
-    identity = EnclaveIdentity.generate()
+    return serve_node(w3, paid_settings(deployment_file, data_dir, **settings), engine=engine, provider=provider)
+
+
+def serve_node(w3: Web3, cfg: NodeSettings, *, identity: EnclaveIdentity | None = None, engine: Engine | None = None,
+               provider: AttestationProvider | None = None) -> PaidNode:
+    """The node `cfg` describes, in this process on a loopback port, its enclave address funded for gas
+    (simulated TEE unless `provider`; the synthetic engine unless `engine` or a configured one)."""
+    identity = identity or EnclaveIdentity.generate()
     fund(w3, identity.address)
-    cfg = paid_settings(deployment_file, data_dir, **settings)
-    app = create_app(cfg, engine=engine or SyntheticEngine(model_name=cfg.engine.served_model_name),
-                     identity=identity, provider=provider or SimulatedProvider())
+    if engine is None and cfg.engine.kind == "synthetic":
+        engine = SyntheticEngine(model_name=cfg.engine.served_model_name)
+    app = create_app(cfg, engine=engine, identity=identity, provider=provider or SimulatedProvider())
     return PaidNode(BackgroundServer(app).start(), identity, app)
 
 

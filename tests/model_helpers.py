@@ -9,9 +9,12 @@ from pathlib import Path
 from eth_account import Account
 from safetensors.torch import load_file, save_file
 
+from dcml.client.attestation.verify import Policy
 from dcml.client.chain.model_registry import model_id
 from dcml.client.demo.kit.nodes import simulated_measurement
+from dcml.client.publisher.broker_state import AuditLog
 from dcml.client.publisher.bundle import SignedManifest, encrypt_model, generate_key
+from dcml.client.publisher.key_broker import KeyBroker, ModelEntry
 from dcml.node.tee.simulated import SimulatedProvider
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -45,3 +48,9 @@ def make_bundle(tmp: Path, chunk_size: int = 1 << 16) -> tuple[Path, Path, bytes
     signed = encrypt_model(clear, tmp / "bundle", model_id=MODEL_ID, model_name="demo-sharded",
                            publisher=PUBLISHER, model_key=key, chunk_size=chunk_size)
     return clear, tmp / "bundle", key, signed
+
+
+def sim_broker(key: bytes, audit: Path) -> KeyBroker:
+    """A key broker releasing MODEL_ID's `key` to simulated enclaves only (SIM allow-listed), auditing to `audit`."""
+    entry = ModelEntry(model_id=MODEL_ID, key=key, allowed_measurements=frozenset({SIM}))
+    return KeyBroker(models={MODEL_ID: entry}, policy=Policy(), audit=AuditLog(audit), allow_simulated=True)

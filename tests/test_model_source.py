@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from dcml.client.attestation.verify import Policy
-from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry, create_app
+from dcml.client.publisher.key_broker import create_app
 from dcml.node.engine.base import GenerationRequest, SamplingParams
 from dcml.node.engine.embedded import EmbeddedEngine
 from dcml.node.identity import EnclaveIdentity
@@ -21,7 +20,7 @@ from dcml.node.model_source import (
     materialize_to_tmpfs,
     require_ram_path,
 )
-from tests.model_helpers import MODEL_ID, PROVIDER, PUBLISHER, SIM, make_bundle
+from tests.model_helpers import MODEL_ID, PROVIDER, PUBLISHER, make_bundle, sim_broker
 
 PROMPT = "MENENIUS:\nWhat work's, my countrymen, in hand?"
 
@@ -30,9 +29,7 @@ PROMPT = "MENENIUS:\nWhat work's, my countrymen, in hand?"
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("src")
     clear, bundle_dir, key, signed = make_bundle(tmp)
-    entry = ModelEntry(model_id=MODEL_ID, key=key, allowed_measurements=frozenset({SIM}))
-    broker = KeyBroker(models={MODEL_ID: entry}, policy=Policy(), audit=AuditLog(tmp / "audit.sqlite"),
-                       allow_simulated=True)
+    broker = sim_broker(key, tmp / "audit.sqlite")
     source = EncryptedModelSource(bundle_dir=bundle_dir, broker_url="http://testserver",
                                   publisher=PUBLISHER.address, manifest_hash=signed.manifest_hash)
     return tmp, clear, source, TestClient(create_app(broker))

@@ -16,10 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dcml.client.attestation.verify import Policy
 from dcml.client.demo.kit.nodes import PRICE_IN, PRICE_OUT, serve_node
 from dcml.client.demo.kit.raw_payer import RawPayer
-from dcml.client.publisher.key_broker import AuditLog, KeyBroker, ModelEntry
 from dcml.client.publisher.key_broker import create_app as create_broker_app
 from dcml.client.wire.receipts import Price, ReceiptDomain, SignedReceipt, parse_sse_stream, verify_signed_receipt
 from dcml.node.api.app import create_app
@@ -28,7 +26,7 @@ from dcml.node.config import load_settings
 from dcml.node.identity import EnclaveIdentity
 from dcml.node.model_source import filesystem_type
 from dcml.node.tee.simulated import SimulatedProvider
-from tests.model_helpers import MODEL_ID, PUBLISHER, SIM, make_bundle
+from tests.model_helpers import PUBLISHER, make_bundle, sim_broker
 
 MODEL = "dcml-demo"
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -301,8 +299,7 @@ def test_encrypted_model_decrypted_into_tmpfs_for_vllm_and_the_node_recovers(vll
     if not shm.is_dir() or filesystem_type(shm) != "tmpfs":
         pytest.skip("no tmpfs at /dev/shm")
     clear, bundle_dir, key, signed = make_bundle(tmp_path / "src")
-    broker = KeyBroker(models={MODEL_ID: ModelEntry(model_id=MODEL_ID, key=key, allowed_measurements=frozenset({SIM}))},
-                       policy=Policy(), audit=AuditLog(tmp_path / "audit.sqlite"), allow_simulated=True)
+    broker = sim_broker(key, tmp_path / "audit.sqlite")
     tmpfs_dir = shm / f"dcml-test-vllm-{tmp_path.name}"
     data_dir = tmp_path / "node2"
     with BackgroundServer(create_broker_app(broker)) as broker_srv:

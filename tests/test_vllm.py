@@ -298,6 +298,9 @@ def test_encrypted_model_decrypted_into_tmpfs_for_vllm_and_the_node_recovers(vll
     shm = Path("/dev/shm")
     if not shm.is_dir() or filesystem_type(shm) != "tmpfs":
         pytest.skip("no tmpfs at /dev/shm")
+    # The kill test before this one leaves the session's vLLM dead; run alone (-k), it is still up on the port
+    # this test's node reuses: stop it the same way.
+    vllm.stop()
     clear, bundle_dir, key, signed = make_bundle(tmp_path / "src")
     broker = sim_broker(key, tmp_path / "audit.sqlite")
     tmpfs_dir = shm / f"dcml-test-vllm-{tmp_path.name}"

@@ -222,7 +222,7 @@ class ChannelChain:
 
     def settle(self, payee: LocalAccount, channel_id: bytes, cumulative: int, signature: bytes) -> TxReceipt:
         fn = self.escrow.functions.settle(self.book.params(channel_id).as_struct(), cumulative, signature)
-        return self._changing(channel_id, lambda: send(self.w3, payee, fn, action="settle"))
+        return self._changing([channel_id], lambda: send(self.w3, payee, fn, action="settle"))
 
     def settle_batch(self, payee: LocalAccount, vouchers: list[tuple[bytes, int, bytes]]
                      ) -> tuple[TxReceipt, dict[bytes, bytes]]:
@@ -233,29 +233,26 @@ class ChannelChain:
         items = [batch_voucher(self.book.params(cid), cumulative, sig) for cid, cumulative, sig in vouchers]
         fn = self.escrow.functions.settleBatch(Web3.to_checksum_address(first.token), first.model_id,
                                                Web3.to_checksum_address(first.publisher), first.publisher_bps, items)
-        try:
-            receipt = send(self.w3, payee, fn, action="settle batch")
-        finally:  # as `_changing`, for every channel of the batch: the next read of each syncs the index first
-            with self._lock:
-                for cid, _, _ in vouchers:
-                    self._changed[cid] = time.monotonic()
-                    self._foreign.pop(cid, None)
+        receipt = self._changing([cid for cid, _, _ in vouchers],
+                                 lambda: send(self.w3, payee, fn, action="settle batch"))
         skipped = {bytes(e["args"]["channelId"]): bytes(e["args"]["reason"])
                    for e in self.escrow.events.SettlementSkipped().process_receipt(receipt, errors=DISCARD)}
         return receipt, skipped
 
     def close(self, payee: LocalAccount, channel_id: bytes, cumulative: int, signature: bytes) -> TxReceipt:
         fn = self.escrow.functions.close(self.book.params(channel_id).as_struct(), cumulative, signature)
-        return self._changing(channel_id, lambda: send(self.w3, payee, fn, action="close"))
+        return self._changing([channel_id], lambda: send(self.w3, payee, fn, action="close"))
 
-    def _changing(self, channel_id: bytes, tx: Callable[[], TxReceipt]) -> TxReceipt:
-        """Run a transaction that changes a channel; the next read syncs the index first (stale either way)."""
+    def _changing(self, channel_ids: list[bytes], tx: Callable[[], TxReceipt]) -> TxReceipt:
+        """Run a transaction that changes these channels; the next read of each syncs the index first (stale
+        either way)."""
         try:
             return tx()
         finally:
             with self._lock:
-                self._changed[channel_id] = time.monotonic()
-                self._foreign.pop(channel_id, None)
+                for channel_id in channel_ids:
+                    self._changed[channel_id] = time.monotonic()
+                    self._foreign.pop(channel_id, None)
 
     def earnings(self, token: str, account: str) -> int:
         fn = self.escrow.functions.earnings(Web3.to_checksum_address(token), Web3.to_checksum_address(account))

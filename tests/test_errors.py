@@ -20,7 +20,6 @@ from dcml.client.wire import errors
 from dcml.client.wire.errors import DcmlError, ErrorType, PaymentError, PaymentReason, read_error
 
 # Control flow inside one module, never raised past it.
-_PRIVATE = {"_NodeFailed", "_ClientFault", "_UpstreamStatus"}
 # Optional extras whose modules cannot import on a base install (libp2p, vLLM).
 _OPTIONAL = ("libp2p", "trio", "multiaddr", "vllm", "x402")
 
@@ -43,8 +42,7 @@ def test_every_error_class_has_the_root_and_a_reason() -> None:
     found = []
     for module in _modules():
         for name, cls in vars(module).items():
-            if (inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == module.__name__
-                    and name not in _PRIVATE):
+            if inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == module.__name__:
                 found.append(cls)
                 assert issubclass(cls, DcmlError), f"{module.__name__}.{name} does not subclass DcmlError"
                 assert isinstance(cls.reason, str) and cls.reason, name

@@ -170,5 +170,6 @@ def test_streamed_tool_call_deltas_make_the_non_streamed_message():
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x":1}'}},
         {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}
     assert first["tool_calls"][0]["function"]["arguments"] == ""  # the chunks themselves are left as streamed
-    with pytest.raises(EngineFailed):
-        _merge_delta({"tool_calls": [{"id": "a"}]}, {"tool_calls": [{"function": {"arguments": "{}"}}]})
+    with pytest.raises(EngineFailed) as failed:
+        _merge_delta({"tool_calls": [{"id": "a"}]}, {"tool_calls": [{"function": {"arguments": '{"secret":1}'}}]})
+    assert "secret" not in str(failed.value)  # the failure names no model output (it reaches logs)

@@ -107,7 +107,9 @@ def merge_delta(acc: dict | None, part: dict | None) -> dict | None:
     try:
         return accumulate_delta(acc if acc is not None else {}, copy.deepcopy(part))
     except (TypeError, RuntimeError) as exc:  # entries without an integer index: not an OpenAI delta
-        raise EngineFailed(f"the inference server sent a delta that cannot be merged: {exc}") from None
+        # Not `exc` itself: the SDK's message quotes the delta, i.e. model output, which must not reach a log.
+        raise EngineFailed(f"the inference server sent a delta that cannot be merged ({type(exc).__name__})") \
+            from None
 
 
 def _message_fields(merged: dict | None) -> dict:

@@ -222,7 +222,7 @@ def serve(port: int, rate: float, data_dir: str) -> None:
     configure_logging("warning")
     settings = load_settings(None, data_dir=data_dir, limits={"max_tokens_cap": 100_000})
     app = create_app(settings, engine=PacedEngine(rate, max_context=200_000), identity=EnclaveIdentity.generate(),
-                     provider=SimulatedProvider())
+                     provider=SimulatedProvider(), freeze_heap=True)  # as the daemon (`dcml-node run`)
     uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, graceful_shutdown_s=5)).run()
 
 

@@ -156,7 +156,7 @@ def serve(port: int, data_dir: str, deployment: str) -> None:
         payments["index_poll_s"] = 3600
     settings = load_settings(None, data_dir=data_dir, limits={"max_tokens_cap": 100_000}, payments=payments)
     app = create_app(settings, engine=PacedEngine(50.0, max_context=200_000), identity=EnclaveIdentity.from_seed(SEED),
-                     provider=SimulatedProvider())
+                     provider=SimulatedProvider(), freeze_heap=True)  # as the daemon (`dcml-node run`)
     uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, graceful_shutdown_s=5)).run()
 
 

@@ -1,5 +1,6 @@
 """What payments cost: the same daemon and paced engine with payments off and on, 64 concurrent streams,
-tokens/s and TTFT p50/p99 side by side; then vouchers accepted per second over HTTP.
+tokens/s and TTFT p50/p99 side by side; then vouchers accepted per second over HTTP, each durable before its 200,
+beside the same clients' `GET /health` rate on the same daemon (the HTTP floor).
 
 Paid streams run pay-as-you-go (prepay 0): the node charges every token durably before sending it and
 asks for a voucher when half the credit window is used; the load generator answers each ask on a second
@@ -7,6 +8,9 @@ keep-alive connection, so the numbers include the node's voucher verification an
 client's mid-stream signing (on the same 2 cores); the admission vouchers are signed before the clock starts.
 
     .venv/bin/python bench/bench_payments.py --streams 64 --tokens 256 --rate 50
+
+Where the time goes: `PROFILE_LOOP=/tmp/loop.prof` cProfiles the daemon's event-loop thread (read it with
+`pstats`); `py-spy record --gil -p PID` samples it without code changes.
 """
 
 from __future__ import annotations
@@ -55,8 +59,16 @@ def serve(port: int, rate: float, data_dir: str, deployment: str | None) -> None
     settings = load_settings(None, data_dir=data_dir, limits={"max_tokens_cap": 100_000}, payments=payments)
     identity = EnclaveIdentity.from_seed(b"bench-node-identity-seed-32bytes")
     app = create_app(settings, engine=PacedEngine(rate, max_context=200_000), identity=identity,
-                     provider=SimulatedProvider())
-    uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, graceful_shutdown_s=5)).run()
+                     provider=SimulatedProvider(), freeze_heap=True)
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, graceful_shutdown_s=5))
+    if os.environ.get("PROFILE_LOOP"):  # (investigation aid) cProfile the event loop's thread, dumped on exit
+        import cProfile
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn re-raises the signal after its shutdown
+        cProfile.runctx("server.run()", globals(), {"server": server}, os.environ["PROFILE_LOOP"])
+        return
+    server.run()
 
 
 def start(rate: float, data_dir: str, deployment: str | None) -> tuple[subprocess.Popen, str]:
@@ -158,20 +170,13 @@ async def run(url: str, streams: int, tokens: int, paid: list[PaidStream] | None
     return Result(name, sum(n for n, _ in out), time.perf_counter() - t0, [t for _, t in out])
 
 
-async def voucher_rate(url: str, channels: list[tuple[bytes, object]], domain: VoucherDomain, n: int) -> float:
-    """Vouchers accepted per second over HTTP: `len(channels)` clients posting concurrently."""
-    host, port = url.removeprefix("http://").split(":")
-    streams = [PaidStream(host, int(port), cid, key, domain) for cid, key in channels]
-    per = n // len(streams)
-    signed = [[domain.sign(key, cid, 10**15 + k) for k in range(per)] for cid, key in channels]
-
-    # pre-signed: the timed loop measures the node, not the client's signing
-    async def post_presigned(s: PaidStream, vouchers) -> None:
-        reader, writer = await asyncio.open_connection(s.host, s.port)
-        for v in vouchers:
-            body = json.dumps(v.to_wire()).encode()
-            writer.write(f"POST /v1/payments/vouchers HTTP/1.1\r\nHost: {s.host}\r\nContent-Type: "
-                         f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+async def closed_loop(host: str, port: int, requests: list[list[bytes]]) -> float:
+    """Requests/s of `len(requests)` clients, each on its own keep-alive connection with one request in flight
+    (the next is sent once the previous answer is read): requests[i] are client i's raw HTTP requests."""
+    async def client(reqs: list[bytes]) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        for req in reqs:
+            writer.write(req)
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
             await reader.readexactly(length)
@@ -180,8 +185,28 @@ async def voucher_rate(url: str, channels: list[tuple[bytes, object]], domain: V
         writer.close()
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(post_presigned(s, v) for s, v in zip(streams, signed, strict=True)))
-    return per * len(streams) / (time.perf_counter() - t0)
+    await asyncio.gather(*(client(r) for r in requests))
+    return sum(len(r) for r in requests) / (time.perf_counter() - t0)
+
+
+async def voucher_rate(url: str, channels: list[tuple[bytes, object]], domain: VoucherDomain, n: int) -> float:
+    """Vouchers accepted per second over HTTP: `len(channels)` clients posting concurrently, each voucher durable
+    before its 200. Pre-signed: the timed loop measures the node, not the client's signing."""
+    host, port = url.removeprefix("http://").split(":")
+    per = n // len(channels)
+    requests = []
+    for cid, key in channels:
+        bodies = [json.dumps(domain.sign(key, cid, 10**15 + k).to_wire()).encode() for k in range(per)]
+        requests.append([f"POST /v1/payments/vouchers HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+                         f"\r\nContent-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies])
+    return await closed_loop(host, int(port), requests)
+
+
+async def health_rate(url: str, clients: int, n: int) -> float:
+    """The same clients' requests/s on `GET /health`: the HTTP server's floor, with no payment work."""
+    host, port = url.removeprefix("http://").split(":")
+    req = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    return await closed_loop(host, int(port), [[req] * (n // clients) for _ in range(clients)])
 
 
 def main() -> None:
@@ -189,7 +214,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rate", type=float, default=50.0)
-    ap.add_argument("--vouchers", type=int, default=2000)
+    ap.add_argument("--vouchers", type=int, default=8000, help="vouchers posted by the 8 clients (1 client: 1/4)")
     ap.add_argument("--spread-ms", type=float, default=100.0, help="second scenario: starts spread over this window")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", help=argparse.SUPPRESS)
@@ -233,6 +258,8 @@ def main() -> None:
                     c.cumulative = old.cumulative  # same channels: continue from the vouchers already signed
                 paid.append((asyncio.run(run(url, args.streams, args.tokens, conns, sp)), conns))
             paid = [r for r, _ in paid]
+            floor_1 = asyncio.run(health_rate(url, 1, args.vouchers // 4))
+            floor_8 = asyncio.run(health_rate(url, 8, args.vouchers))
             rate_1 = asyncio.run(voucher_rate(url, [(ids[-1], keys[-1])], domain, args.vouchers // 4))
             rate_8 = asyncio.run(voucher_rate(url, list(zip(ids[-9:-1], keys[-9:-1], strict=True)), domain,
                                               args.vouchers))
@@ -245,8 +272,11 @@ def main() -> None:
     report = Report("payments: the paid daemon vs the same daemon unpaid")
     for u, p in zip(unpaid, paid, strict=True):
         compare_streams(report, u, p, goal_lost="5 %", goal_added="5 ms")
+    report.baseline("GET /health, 1 client", floor_1, "req/s")
+    report.add("vouchers accepted, 1 client", rate_1, "req/s", vs="GET /health, 1 client")
+    report.baseline("GET /health, 8 clients", floor_8, "req/s")
+    report.add("vouchers accepted, 8 clients", rate_8, "req/s", vs="GET /health, 8 clients", goal=">= 5,000/s")
     report.print(args)
-    print(f"vouchers accepted over HTTP: {rate_1:,.0f}/s (1 client), {rate_8:,.0f}/s (8 clients concurrently)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The node in front of a real vLLM (CPU build, demo model): the same N-stream chat load sent to vLLM directly,
 through the node with payments off, and through the node with payments on (one channel, one voucher covering the
-whole run, so no stream pauses: the gate's per-token charges and fsync'd commits are all in); then the node on the
-embedded engine under the same load. Tokens/s, TTFT p50/p95 and the node process's CPU seconds per 1,000 output
-tokens (on a CPU box vLLM and the node share the cores: every CPU second the gateway uses is taken from vLLM).
+whole run, so no stream pauses: the gate's per-token charges and fsync'd commits are all in), in interleaved rounds
+(the median is reported); then the node on the embedded engine under the same load. Tokens/s, TTFT p50/p95 and the
+node process's CPU seconds per 1,000 output tokens (on a CPU box vLLM and the node share the cores: every CPU second
+the gateway uses is taken from vLLM).
 
     .venv/bin/python bench/bench_vllm.py --streams 64 --tokens 64     # needs .venv-vllm (make vllm-venv)
 """
@@ -39,9 +40,10 @@ class Result(_common.Result):
                 f"{self.ttft_ms(0.95):,.0f} | {cpu} |")
 
 
-async def one_stream(url: str, i: int, tokens: int, headers: dict[str, str], client: httpx.AsyncClient
-                     ) -> tuple[float, int]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": f"Tell me of the king and the sea, {i}."}],
+async def one_stream(url: str, i: int, tokens: int, headers: dict[str, str], client: httpx.AsyncClient,
+                     tag: str = "") -> tuple[float, int]:
+    # `tag` first: vLLM caches prompt prefixes, so a later run must not find the earlier runs' prompts cached
+    body = {"model": MODEL, "messages": [{"role": "user", "content": f"{tag} Tell me of the king and the sea, {i}."}],
             "max_tokens": tokens, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, usage = None, 0
@@ -57,13 +59,13 @@ async def one_stream(url: str, i: int, tokens: int, headers: dict[str, str], cli
 
 
 async def load(name: str, url: str, streams: int, tokens: int, headers: dict[str, str] | None = None,
-               node_pid: int | None = None) -> Result:
+               node_pid: int | None = None, tag: str = "") -> Result:
     limits = httpx.Limits(max_connections=streams + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_stream(url, 10_000, 4, headers or {}, client)  # warm-up (connections, caches)
+        await one_stream(url, 10_000, 4, headers or {}, client, tag)  # warm-up (connections, caches)
         cpu0 = cpu_seconds(node_pid)
         t0 = time.perf_counter()
-        out = await asyncio.gather(*(one_stream(url, i, tokens, headers or {}, client) for i in range(streams)))
+        out = await asyncio.gather(*(one_stream(url, i, tokens, headers or {}, client, tag) for i in range(streams)))
         wall = time.perf_counter() - t0
         cpu = cpu_seconds(node_pid) - cpu0 if node_pid else None
     return Result(name, sum(n for _, n in out), wall, [t for t, _ in out], cpu)
@@ -99,7 +101,15 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(120)
 
 
-async def main(streams: int, tokens: int) -> None:
+def median(results: list[Result]) -> Result:
+    """One path's rounds as one result: the median round's tokens/s and TTFTs, CPU over all rounds."""
+    mid = sorted(results, key=lambda r: r.tokens / r.wall_s)[len(results) // 2]
+    cpus = [r.node_cpu_s for r in results if r.node_cpu_s is not None]
+    cpu = sum(cpus) * mid.tokens / sum(r.tokens for r in results) if cpus else None
+    return Result(mid.name, mid.tokens, mid.wall_s, mid.ttfts, cpu)
+
+
+async def main(streams: int, tokens: int, rounds: int) -> None:
     from eth_account import Account
     from web3 import Web3
 
@@ -111,35 +121,40 @@ async def main(streams: int, tokens: int) -> None:
     results: list[Result] = []
     openai_engine = (f'[engine]\nkind = "openai"\nserved_model_name = "{MODEL}"\nmodel_dir = "{DEMO}"\n'
                      'base_url = "{url}"\noptions = {{max_inflight = 512}}\n')
-    with VLLMServer(DEMO, MODEL, port=free_port(), log_path=work / "vllm.log") as vllm:
-        results.append(await load("vLLM directly", vllm.base_url, streams, tokens))
-        proc, url = start_node(work, openai_engine.format(url=vllm.base_url))
+    with VLLMServer(DEMO, MODEL, port=free_port(), log_path=work / "vllm.log") as vllm, \
+            Devnet(close_grace_period=900) as net:
+        dep = net.deployment
+        dep_file = work / "deployment.json"
+        dep.save(dep_file)
+        w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
+        payments = (f'[payments]\nenabled = true\ndeployment = "{dep_file}"\nprepay_tokens = {tokens}\n'
+                    "settle_threshold = 1000000000000000000000000\n"
+                    f"[payments.prices.{MODEL}]\nprice_per_input_token = 1\nprice_per_output_token = 3\n")
+        # Both nodes up for the whole run (the idle one costs nothing), the three paths interleaved round by round
+        # (in a rotating order), each round with prompts of its own: the engine's warmth, its prefix cache and
+        # the box's other load fall on all three alike.
+        off, off_url = start_node(work, openai_engine.format(url=vllm.base_url))
+        on, on_url = start_node(work, openai_engine.format(url=vllm.base_url), payments)
         try:
-            results.append(await load("node → vLLM, payments off", url, streams, tokens, node_pid=proc.pid))
+            payee = httpx.get(on_url + "/health").json()["address"]
+            w3.provider.make_request("anvil_setBalance", [payee, hex(10**20)])
+            channels = ChannelClient(w3, dep, Account.from_key(dep.accounts["client"].private_key))
+            session = Account.create()
+            deposit = 10**15
+            channel = channels.open(payee, deposit, session_key=session.address,
+                                    model_id=bytes.fromhex(model_id_for(MODEL)[2:]))
+            voucher = {PAYMENT_SIGNATURE: channels.sign_voucher(session, channel, deposit).to_header()}
+            paths = [("vLLM directly", vllm.base_url, None, None),
+                     ("node → vLLM, payments off", off_url, None, off.pid),
+                     ("node → vLLM, payments on", on_url, voucher, on.pid)]
+            runs: dict[str, list[Result]] = {name: [] for name, *_ in paths}
+            for k in range(rounds):
+                for name, url, headers, pid in paths[k % 3:] + paths[:k % 3]:
+                    runs[name].append(await load(name, url, streams, tokens, headers, node_pid=pid, tag=f"[{k}{name}]"))
+            results += [median(runs[name]) for name, *_ in paths]
         finally:
-            stop(proc)
-        with Devnet(close_grace_period=900) as net:
-            dep = net.deployment
-            dep_file = work / "deployment.json"
-            dep.save(dep_file)
-            w3 = Web3(Web3.HTTPProvider(dep.rpc_url))
-            payments = (f'[payments]\nenabled = true\ndeployment = "{dep_file}"\nprepay_tokens = {tokens}\n'
-                        "settle_threshold = 1000000000000000000000000\n"
-                        f"[payments.prices.{MODEL}]\nprice_per_input_token = 1\nprice_per_output_token = 3\n")
-            proc, url = start_node(work, openai_engine.format(url=vllm.base_url), payments)
-            try:
-                payee = httpx.get(url + "/health").json()["address"]
-                w3.provider.make_request("anvil_setBalance", [payee, hex(10**20)])
-                channels = ChannelClient(w3, dep, Account.from_key(dep.accounts["client"].private_key))
-                session = Account.create()
-                deposit = 10**15
-                channel = channels.open(payee, deposit, session_key=session.address,
-                                        model_id=bytes.fromhex(model_id_for(MODEL)[2:]))
-                voucher = channels.sign_voucher(session, channel, deposit).to_header()
-                results.append(await load("node → vLLM, payments on", url, streams, tokens,
-                                          {PAYMENT_SIGNATURE: voucher}, node_pid=proc.pid))
-            finally:
-                stop(proc)
+            stop(off)
+            stop(on)
     embedded = f'[engine]\nkind = "embedded"\nserved_model_name = "{MODEL}"\nmodel_dir = "{DEMO}"\n' \
                f"options = {{max_batch = {streams}, max_queue = {4 * streams}}}\n"
     proc, url = start_node(work, embedded)
@@ -150,17 +165,21 @@ async def main(streams: int, tokens: int) -> None:
     finally:
         stop(proc)
 
-    print(f"\n{streams} concurrent chat streams, max_tokens {tokens}, demo model, {os.cpu_count()} CPUs "
-          "(shared with other work: figures are noisy)\n")
+    print(f"\n{streams} concurrent chat streams, max_tokens {tokens}, demo model, {os.cpu_count()} CPUs, median of "
+          f"{rounds} interleaved rounds (the embedded engine: one)\n")
     print("| path | tokens/s | TTFT p50 ms | TTFT p95 ms | node CPU s / 1k tokens |")
     print("|---|---:|---:|---:|---:|")
     for r in results:
         print(r.row())
+    direct, paid = results[0], results[2]
+    print(f"\npayments on vs vLLM directly: {paid.tokens / paid.wall_s / (direct.tokens / direct.wall_s):.2f}x "
+          f"tokens/s (goal >= 0.90), TTFT p50 {paid.ttft_ms(0.5) - direct.ttft_ms(0.5):+,.0f} ms (goal <= +20 ms)")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three vLLM paths (median)")
     args = ap.parse_args()
-    asyncio.run(main(args.streams, args.tokens))
+    asyncio.run(main(args.streams, args.tokens, args.rounds))

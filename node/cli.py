@@ -34,7 +34,7 @@ def run(config: ConfigOption = None) -> None:
     signal.signal(signal.SIGTERM, _flush_logs_then_die)
     _raise_fd_limit()
     try:
-        api = create_app(settings)
+        api = create_app(settings, freeze_heap=True)
     except TeeError as exc:  # e.g. [tee.gpu] on a machine without GPU CC mode: say so, no traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -106,3 +106,25 @@ def test_a_group_is_all_or_nothing(tmp_path) -> None:
     balance = ledger.get(CID)
     assert (balance.accepted, balance.spent) == (20, 15)  # the refused group's voucher was rolled back too
     assert ledger.voucher_count(CID) == 2
+
+
+def test_the_in_memory_mirror_follows_every_commit_and_a_foreign_write_is_still_checked(tmp_path) -> None:
+    """`get`/`accepted` read a mirror (no SQLite read on the paid path); the money rules stay in the ops, which
+    re-read the row inside their transaction, so a write another Ledger on the same file made is never undone."""
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.record_voucher(CID, 100, "0x01")
+    ledger.add_spent(CID, 30)
+    assert (ledger.get(CID).accepted, ledger.get(CID).spent, ledger.accepted(CID)) == (100, 30, 100)
+    assert ledger.get("0x" + "cd" * 32) is None and ledger.accepted("0x" + "cd" * 32) == 0
+    with pytest.raises(LedgerConflict):  # refused: the mirror is unchanged
+        ledger.add_spent(CID, 1000)
+    assert ledger.get(CID).spent == 30
+    other = Ledger(tmp_path / "l.sqlite")  # loads what is on disk
+    assert other.get(CID) == ledger.get(CID)
+    other.record_voucher(CID, 500, "0x02")  # behind `ledger`'s back
+    with pytest.raises(LedgerConflict) as info:  # its mirror says 100; the row says 500: the row wins
+        ledger.record_voucher(CID, 200, "0x03")
+    assert info.value.reason == "not_increasing"
+    assert ledger.add_spent(CID, 300) == 330  # allowed by the row (500), and the mirror catches up on it
+    assert (ledger.get(CID).accepted, ledger.get(CID).spent) == (500, 330)
+    assert Ledger(tmp_path / "l.sqlite").get(CID) == ledger.get(CID)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from eth_account.messages import _hash_eip191_message, encode_typed_data
+from eth_hash.auto import keccak as eth_hash_keccak
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcml.client.chain.contracts import contract
+from dcml.client.wire import keccak as module
 from dcml.client.wire.voucher import UINT128_MAX, VOUCHER_TYPEHASH, VoucherDomain
 
 
@@ -33,3 +37,11 @@ def test_python_signed_voucher_settles_on_chain(w3, deployment, channels, node_a
     voucher = channels.sign_voucher(session_key, channel_id, 777)
     ChannelChain(w3, deployment).settle(node_account, channel_id, 777, voucher.signature_bytes)
     assert channels.get(channel_id).settled == 777
+
+
+def test_keccak_is_ethereums_on_every_block_boundary_and_the_node_gets_the_c_one() -> None:
+    for n in (0, 1, 31, 32, 33, 64, 135, 136, 137, 272, 1000):  # 136: keccak-256's rate, in bytes
+        data = os.urandom(n)
+        assert module.keccak(data) == eth_hash_keccak(data)
+    assert module.keccak(b"") == bytes.fromhex("c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470")
+    assert module.keccak is not eth_hash_keccak  # the [node] extra brings safe-pysha3: one C call per hash

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from eth_abi import encode
 from eth_account.signers.local import LocalAccount
-from eth_hash.auto import keccak
 from web3 import Web3
 from web3.contract import Contract
 from web3.logs import DISCARD
@@ -26,6 +25,7 @@ from dcml.client.chain.contracts import contract
 from dcml.client.chain.deployment import Deployment
 from dcml.client.chain.tx import send
 from dcml.client.wire.errors import ChainError, PaymentReason
+from dcml.client.wire.keccak import keccak
 from dcml.client.wire.voucher import Voucher, VoucherDomain
 
 ZERO_ADDRESS = "0x" + "00" * 20

@@ -22,11 +22,11 @@ import time
 
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
-from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 
 from dcml.client.wire import eip712
 from dcml.client.wire.hexutil import to_hex
+from dcml.client.wire.keccak import keccak
 
 AUTH_HEADER = "X-DCML-Auth"
 MAX_SKEW_S = 300

@@ -21,12 +21,12 @@ from typing import Any
 from coincurve import PublicKey
 from eth_account.messages import SignableMessage
 from eth_account.signers.local import LocalAccount
-from eth_hash.auto import keccak
 from eth_keys.datatypes import PrivateKey
 from eth_utils import to_checksum_address
 
 from dcml.client.wire.errors import DcmlError
 from dcml.client.wire.hexutil import from_hex, to_hex
+from dcml.client.wire.keccak import keccak
 
 # secp256k1 group order; signatures with s above half of it are malleable and refused (as on-chain).
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141

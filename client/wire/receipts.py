@@ -34,13 +34,13 @@ from functools import cached_property
 
 from eth_account.messages import SignableMessage
 from eth_account.signers.local import LocalAccount
-from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
 from dcml.client.wire import eip712, sse
 from dcml.client.wire.errors import DcmlError, ErrorType, ReceiptReason
 from dcml.client.wire.hexutil import ZERO32, ZERO_ADDRESS, check_hex32, hex32
+from dcml.client.wire.keccak import keccak
 
 DOMAIN_NAME = "dcml-receipts"
 DOMAIN_VERSION = "1"

@@ -35,6 +35,13 @@ class NodeMetrics:
         self.queue_depth = Gauge("dcml_engine_queue_depth", "Requests waiting in the engine's queue", registry=r)
         self.queue_depth.set_function(lambda: float(queue_depth()))
 
+    def count(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One finished request (route: its template, so ids don't explode cardinality)."""
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+        if status >= 400:
+            self.errors.labels(f"http_{status}").inc()
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -64,9 +71,5 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.in_flight.dec()
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"  # template, so ids don't explode cardinality
-            self.metrics.requests.labels(label, scope["method"], str(status)).inc()
-            self.metrics.request_seconds.labels(label).observe(time.perf_counter() - start)
-            if status >= 400:
-                self.metrics.errors.labels(f"http_{status}").inc()
+            label = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.count(label, scope["method"], status, time.perf_counter() - start)

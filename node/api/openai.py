@@ -9,6 +9,7 @@ the path test a guess of the prompt.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
@@ -40,6 +41,7 @@ from dcml.node.api.state import NodeState, node_state
 from dcml.node.engine.base import EngineFailed, EngineOverloaded, EngineRejected, EngineUnavailable, TokenChunk
 from dcml.node.logging import get_logger
 from dcml.node.payments.errors import PaymentNeeded
+from dcml.node.payments.gate import Admission
 from dcml.node.payments.metering import OutputMeter
 from dcml.node.receipts.signer import Measurement, new_receipt_id
 
@@ -78,6 +80,35 @@ class _Rejected(APIError):
             self.reason = "not_found"
 
 
+async def _start(stream: AsyncIterator[TokenChunk],
+                 admission: Admission | None) -> tuple[OutputMeter, TokenChunk | None]:
+    """The engine's first chunk, with the paid request's charge committed meanwhile: the commit (fsync,
+    acceptance signature) runs while the engine reads the prompt, so the first token waits for the later of the
+    two, not for both. Nothing is sent before the commit is durable. The check reserved the funds
+    (`PaymentGate.check`), so only a failing disk refuses a commit; then the engine is stopped. A start that
+    fails refunds what was committed."""
+    if admission is None:
+        try:
+            return OutputMeter(), await _first_chunk(stream)
+        except BaseException:
+            await _aclose(stream)
+            raise
+    commit = asyncio.ensure_future(admission.commit())  # its own task: a client's disconnect cannot cut it
+    try:
+        first = await _first_chunk(stream)
+    except BaseException:
+        await _aclose(stream)
+        meter = (await asyncio.gather(commit, return_exceptions=True))[0]
+        if isinstance(meter, OutputMeter):
+            await meter.refund()  # nothing was served: the prompt is not charged
+        raise
+    try:
+        return await commit, first
+    except BaseException:
+        await _aclose(stream)
+        raise
+
+
 async def _read_body(request: Request, timeout_s: float) -> bytes:
     """The whole body within `timeout_s`: a client trickling it ties up a connection, never the node's clocks."""
     try:
@@ -96,22 +127,17 @@ async def _serve(request: Request, kind: Kind) -> Response:
     try:
         plan = parse(kind, opened.body, state)
         req_hash = request_hash(opened.body)
-        meter = OutputMeter()
-        if state.gate is not None:  # paid node: admit (and charge the prompt) before any compute
-            meter = await state.gate.admit(headers=request.headers, model=plan.model, request_hash=req_hash,
-                                           prompt_tokens=plan.prompt_tokens,
-                                           max_tokens=plan.generation.params.max_tokens, stream=plan.stream,
-                                           accepted_at=accepted_at, resource=str(request.url))
-        # The SLA clock starts once the whole body is read and the request admitted: a client that trickles
+        admission = None
+        if state.gate is not None:  # paid node: every payment check passes before any compute
+            admission = await state.gate.check(headers=request.headers, model=plan.model, request_hash=req_hash,
+                                               prompt_tokens=plan.prompt_tokens,
+                                               max_tokens=plan.generation.params.max_tokens, stream=plan.stream,
+                                               accepted_at=accepted_at, resource=str(request.url))
+        # The SLA clock starts once the whole body is read and the request checked: a client that trickles
         # its body (or a slow payment check it caused) must not be able to inflate the node's TTFT.
         t0 = time.perf_counter()
         stream = state.engine.stream(plan.generation)
-        try:
-            first = await _first_chunk(stream)
-        except BaseException:
-            await _aclose(stream)
-            await meter.refund()  # nothing was served: the prompt is not charged
-            raise
+        meter, first = await _start(stream, admission)
         ttft = time.perf_counter() - t0
         state.metrics.ttft.labels(plan.model).observe(ttft)
         state.metrics.prompt_tokens.labels(plan.model).inc(plan.prompt_tokens)

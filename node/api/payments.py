@@ -32,6 +32,7 @@ from dcml.node.payments.service import Payments, PaymentSettings
 from dcml.node.payments.verifier import VoucherRejected, parse_voucher
 
 MAX_VOUCHER_BODY = 4096  # bytes; a voucher is ~300
+VOUCHERS_PATH = "/v1/payments/vouchers"
 AcceptVoucher = Callable[[Voucher], Awaitable[ChannelBalance]]
 
 
@@ -50,6 +51,22 @@ def payment_error(status: int, reason: str, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content=error_object(message, ErrorType.PAYMENT, reason))
 
 
+async def voucher_answer(raw: bytes, take: AcceptVoucher) -> tuple[int, dict]:
+    """`POST /v1/payments/vouchers`: the status and JSON answer for a posted body. `take` returns once the voucher
+    is durable: only then is it acknowledged."""
+    try:  # bounded and depth-limited: a voucher is ~300 bytes of flat JSON
+        body = safejson.loads(raw, max_bytes=MAX_VOUCHER_BODY)
+    except ValueError as exc:
+        return 400, error_object(f"body is not a voucher ({exc}): send {{channelId, cumulativeAmount, signature}}",
+                                 ErrorType.PAYMENT, PaymentReason.MALFORMED)
+    try:
+        balance = await take(parse_voucher(body))
+    except VoucherRejected as exc:
+        return 400 if exc.reason.startswith("malformed") else 402, error_object(str(exc), ErrorType.PAYMENT,
+                                                                                exc.reason)
+    return 200, {"channelId": balance.channel_id, "accepted": str(balance.accepted), "spent": str(balance.spent)}
+
+
 def payments_router(payments: Payments, accept: AcceptVoucher | None = None) -> APIRouter:
     """`POST /v1/payments/vouchers` and `GET /v1/payments/channels/{id}`. `accept` verifies and durably
     records a voucher (default: the verifier's own commit, off the event loop); the paid node passes its
@@ -61,20 +78,11 @@ def payments_router(payments: Payments, accept: AcceptVoucher | None = None) -> 
 
     take = accept or verifier_accept
 
-    @router.post("/v1/payments/vouchers")
+    @router.post(VOUCHERS_PATH)
     async def post_voucher(request: Request) -> JSONResponse:
-        try:  # bounded and depth-limited: a voucher is ~300 bytes of flat JSON
-            body = safejson.loads(await request.body(), max_bytes=MAX_VOUCHER_BODY)
-        except ValueError as exc:
-            return payment_error(400, PaymentReason.MALFORMED, f"body is not a voucher ({exc}): send {{channelId, "
-                                 "cumulativeAmount, signature}")
-        try:
-            voucher = parse_voucher(body)
-            balance = await take(voucher)  # returns once the voucher is durable: only then do we answer
-        except VoucherRejected as exc:
-            return payment_error(400 if exc.reason.startswith("malformed") else 402, exc.reason, str(exc))
-        return JSONResponse({"channelId": balance.channel_id, "accepted": str(balance.accepted),
-                             "spent": str(balance.spent)})
+        """Also served by `node.api.voucher_route` on the node (same answers, without FastAPI's routing)."""
+        status, answer = await voucher_answer(await request.body(), take)
+        return JSONResponse(answer, status_code=status)
 
     @router.get("/v1/payments/channels/{channel_id}")
     async def get_channel(channel_id: str, request: Request) -> JSONResponse:

@@ -116,6 +116,20 @@ class ChannelChain:
             deep = self.index.confirmed(channel_id)
         return deep is not False
 
+    def local(self, channel_id: bytes) -> ChannelState | None:
+        """The channel as `channel` would return it, when that needs no chain read (the index holds it and no
+        sync is due); else None. For the event loop: the admission's common case without a thread hop."""
+        if self._poller is None:
+            return None  # without the poller every read checks the index's age: leave it to `channel`
+        changed = self._changed.get(channel_id)
+        if changed is not None and self.index.synced_at < changed:
+            return None
+        return self.index.get(channel_id)
+
+    def confirmed_local(self, channel_id: bytes) -> bool:
+        """`confirmed` when the index already says so (no sync)."""
+        return self.confirmations <= 1 or self.index.confirmed(channel_id) is True
+
     def channel(self, channel_id: bytes, *, fresh: bool = False) -> ChannelState:
         """Raises UnknownChannel for an id never opened on this escrow. `fresh`: sync the index first."""
         now = time.monotonic()

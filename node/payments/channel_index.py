@@ -29,13 +29,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from eth_hash.auto import keccak
 from eth_utils import event_abi_to_log_topic
 from web3 import Web3
 from web3.contract import Contract
 
 from dcml.client.chain.channel import ChannelParams, ChannelState
 from dcml.client.chain.deployment import Deployment
+from dcml.client.wire.keccak import keccak
 
 log = logging.getLogger("dcml.channel_index")
 

@@ -96,6 +96,7 @@ class Ledger:
         for column in ("released", "released_sig"):  # ledgers written before releases existed
             if column not in columns:
                 self._db.execute(f"ALTER TABLE channels ADD COLUMN {column} TEXT")
+        self._balances: dict[str, ChannelBalance] = {row[0]: _balance(row) for row in self._db.execute(_SELECT)}
         # Reads use their own connection: in WAL mode they see the last commit without waiting for the
         # writer, whose lock is held across the fsync (a read must never stall the event loop on it).
         # A pool of them, one per concurrent reader: a read never waits on a lock that another thread holds while
@@ -113,15 +114,17 @@ class Ledger:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    # Reads see committed data only (their own connection), never a write in progress.
+    # Reads see committed data only. `get` and `accepted` (the admission's and the verifier's, on the event loop)
+    # read the in-memory mirror of the channels table, written after each commit under the write lock: no SQLite
+    # read and no thread on the paid path. The mirror is this process's view; every op re-reads the row inside its
+    # own transaction, so a write another process made (none does in the node) is still checked against.
 
     def get(self, channel_id: str) -> ChannelBalance | None:
-        rows = self._read(f"{_SELECT} WHERE channel_id=?", (channel_id.lower(),))
-        return _balance(rows[0]) if rows else None
+        return self._balances.get(channel_id.lower())
 
     def accepted(self, channel_id: str) -> int:
-        rows = self._read("SELECT accepted FROM channels WHERE channel_id=?", (channel_id.lower(),))
-        return int(rows[0][0]) if rows else 0
+        balance = self._balances.get(channel_id.lower())
+        return balance.accepted if balance is not None else 0
 
     def open_channels(self, *, changed_since: float | None = None) -> list[ChannelBalance]:
         """Every channel not yet finalized: what the settlement worker watches (only those written at or after
@@ -182,20 +185,31 @@ class Ledger:
         """Groups of ops in ONE transaction; each group is all or nothing (a savepoint), so a request's
         voucher and charge land together or not at all."""
         results: list[list[ChannelBalance] | LedgerConflict] = []
-        with self._write() as db:
-            for group in groups:
-                db.execute("SAVEPOINT grp")
-                try:
-                    results.append([op.apply(db) for op in group])
-                    db.execute("RELEASE grp")
-                except LedgerConflict as exc:
-                    db.execute("ROLLBACK TO grp")
-                    db.execute("RELEASE grp")
-                    results.append(exc)
+        with self._lock:
+            with _WriteTxn(self._db) as db:
+                for group in groups:
+                    if not group:
+                        results.append([])
+                        continue
+                    if len(group) == 1:  # every op checks before it writes: a lone op needs no savepoint
+                        try:
+                            results.append([group[0].apply(db)])
+                        except LedgerConflict as exc:
+                            results.append(exc)
+                        continue
+                    db.execute("SAVEPOINT grp")
+                    try:
+                        results.append([op.apply(db) for op in group])
+                        db.execute("RELEASE grp")
+                    except LedgerConflict as exc:
+                        db.execute("ROLLBACK TO grp")
+                        db.execute("RELEASE grp")
+                        results.append(exc)
+            for result in results:  # committed: the mirror follows, in commit order (still under the lock)
+                if isinstance(result, list):
+                    for balance in result:
+                        self._balances[balance.channel_id] = balance
         return results
-
-    def _write(self) -> _WriteTxn:
-        return _WriteTxn(self._db, self._lock)
 
 
 @dataclass(frozen=True)
@@ -208,12 +222,13 @@ class VoucherOp:
 
     def apply(self, db: sqlite3.Connection) -> ChannelBalance:
         cid = self.channel_id.lower()
-        current = db.execute("SELECT accepted, finalized FROM channels WHERE channel_id=?", (cid,)).fetchone()
-        if current and int(current[1]):
+        row = db.execute(f"{_SELECT} WHERE channel_id=?", (cid,)).fetchone()
+        current = _balance(row) if row else None
+        if current and current.finalized:
             raise LedgerConflict("channel_finalized", f"channel {cid} is already closed")
-        if current and self.cumulative <= int(current[0]):
+        if current and self.cumulative <= current.accepted:
             raise LedgerConflict("not_increasing", f"voucher amount {self.cumulative} does not exceed the accepted "
-                                 f"{current[0]} (replayed or out of order); sign a higher cumulative amount")
+                                 f"{current.accepted} (replayed or out of order); sign a higher cumulative amount")
         now = time.time()
         db.execute("INSERT INTO channels (channel_id, accepted, signature, updated_at) VALUES (?, ?, ?, ?) "
                    "ON CONFLICT(channel_id) DO UPDATE SET accepted=excluded.accepted, "
@@ -221,7 +236,10 @@ class VoucherOp:
                    (cid, str(self.cumulative), self.signature, now))
         db.execute("INSERT INTO vouchers (channel_id, cumulative, signature, received_at) VALUES (?, ?, ?, ?)",
                    (cid, str(self.cumulative), self.signature, now))
-        return _balance(db.execute(f"{_SELECT} WHERE channel_id=?", (cid,)).fetchone())
+        if current is None:
+            return ChannelBalance(cid, self.cumulative, self.signature, 0, 0, False)
+        return replace(current, accepted=self.cumulative, signature=self.signature, released=None,
+                       released_signature=None)
 
 
 @dataclass(frozen=True)
@@ -335,21 +353,17 @@ class LedgerWriter:
 
 
 class _WriteTxn:
-    """`BEGIN IMMEDIATE` ... `COMMIT` under the process lock; rolls back on any exception."""
+    """`BEGIN IMMEDIATE` ... `COMMIT` (the caller holds the write lock); rolls back on any exception."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
-        self._db, self._lock = db, lock
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
 
     def __enter__(self) -> sqlite3.Connection:
-        self._lock.acquire()
         self._db.execute("BEGIN IMMEDIATE")
         return self._db
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self._lock.release()
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
 def _existing(db: sqlite3.Connection, channel_id: str) -> ChannelBalance:

@@ -9,10 +9,16 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from dcml.client.chain.channel import ChannelState
-from dcml.client.wire.errors import PaymentError
+from dcml.client.wire.errors import DcmlError, PaymentError
 from dcml.client.wire.voucher import MalformedVoucher, Voucher, VoucherDomain, recover_digest_signer
 from dcml.node.payments.chain import ChannelChain, UnknownChannel
 from dcml.node.payments.ledger import ChannelBalance, Ledger, LedgerConflict
+
+
+class NeedsChain(DcmlError):
+    """`verify(..., local=True)` would have to read the chain: call it again without `local`, off the loop."""
+
+    reason = "needs_chain"
 
 
 class VoucherRejected(PaymentError):
@@ -54,22 +60,20 @@ class VoucherVerifier:
         # settled in time, so it is refused rather than counted.
         self.close_margin = close_margin
 
-    def verify(self, voucher: Voucher, *, allow_equal: bool = False, allow_lower: bool = False) -> ChannelState:
+    def verify(self, voucher: Voucher, *, allow_equal: bool = False, allow_lower: bool = False,
+               local: bool = False) -> ChannelState:
         """Every check, no side effect. Raises VoucherRejected. `allow_equal` admits a voucher equal to
         the one held (a client naming its channel for another request without paying more); `allow_lower` one
         below it (a release: `ledger.ReleaseOp` checks its amount)."""
         channel_id = voucher.channel_id_bytes
         amount = voucher.cumulative_amount
-        try:
-            state = self.chain.channel(channel_id)
-            if amount > state.deposit or state.finalized:
-                state = self.chain.channel(channel_id, fresh=True)  # a top-up may be newer than the cache
-        except UnknownChannel as exc:
-            raise VoucherRejected(
-                "unknown_channel",
-                f"channel {voucher.channel_id} does not exist on this escrow "
-                f"(chain {self.domain.chain_id}, contract {self.domain.escrow}); open it first",
-            ) from exc
+        if local:  # memory only (the event loop's fast path): anything else is NeedsChain
+            state = self.chain.local(channel_id)
+            if state is None or amount > state.deposit or state.finalized or state.close_requested_at or not (
+                    self.chain.confirmed_local(channel_id)):
+                raise NeedsChain
+        else:
+            state = self._state(voucher)
         if state.finalized:
             raise VoucherRejected("channel_finalized", f"channel {voucher.channel_id} is closed; open a new one")
         if state.deposit == 0:  # a channel exists iff its deposit is not 0: this opening was reorganised away
@@ -87,12 +91,26 @@ class VoucherVerifier:
         if (amount < accepted and not allow_lower) or (amount == accepted and not allow_equal):
             raise VoucherRejected("not_increasing", f"voucher amount {amount} does not exceed the accepted {accepted} "
                                   "(replayed or out of order); sign a higher cumulative amount")
-        self._check_signer(voucher, state)
+        self._check_signer(voucher, state, local)
         if state.close_requested_at:
             deadline = state.close_requested_at + self.chain.grace_period - self.close_margin
             if self.chain.chain_time() >= deadline:
                 raise VoucherRejected("channel_closing", "the payer requested a close and its grace period is "
                                       "nearly over; this voucher could not be settled in time")
+        return state
+
+    def _state(self, voucher: Voucher) -> ChannelState:
+        channel_id = voucher.channel_id_bytes
+        try:
+            state = self.chain.channel(channel_id)
+            if voucher.cumulative_amount > state.deposit or state.finalized:
+                state = self.chain.channel(channel_id, fresh=True)  # a top-up may be newer than the cache
+        except UnknownChannel as exc:
+            raise VoucherRejected(
+                "unknown_channel",
+                f"channel {voucher.channel_id} does not exist on this escrow "
+                f"(chain {self.domain.chain_id}, contract {self.domain.escrow}); open it first",
+            ) from exc
         return state
 
     def accept(self, voucher: Voucher) -> ChannelBalance:
@@ -107,14 +125,18 @@ class VoucherVerifier:
         except LedgerConflict as exc:  # a concurrent voucher for the same channel won the race
             raise VoucherRejected(exc.reason, str(exc)) from exc
 
-    def _check_signer(self, voucher: Voucher, state: ChannelState) -> None:
+    def _check_signer(self, voucher: Voucher, state: ChannelState, local: bool = False) -> None:
         """OpenZeppelin SignatureChecker's rule: an ECDSA signature (65 bytes, low s) by the signer, or,
         for a contract signer, whatever its ERC-1271 `isValidSignature` accepts."""
         digest = self.domain.digest(voucher.channel_id_bytes, voucher.cumulative_amount)
         try:
             if recover_digest_signer(digest, voucher.signature_bytes).lower() == state.authorized_signer.lower():
                 return
+            if local:  # not the key's: a contract signer's (ERC-1271) or a forgery, which the chain decides
+                raise NeedsChain
         except MalformedVoucher as exc:
+            if local:
+                raise NeedsChain from None
             if not self.chain.is_contract(state.authorized_signer):
                 raise VoucherRejected("malformed_signature", str(exc)) from exc
         if self.chain.is_contract(state.authorized_signer) and self.chain.erc1271_valid(

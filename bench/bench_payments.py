@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from dcml.client.wire.voucher import VoucherDomain
 from dcml.client.wire.x402 import NEED_VOUCHER_EVENT, PAYMENT_SIGNATURE
 
 PRICE_IN, PRICE_OUT = 10**9, 10**10
+PASSES = 3  # of the 8-client HTTP rates: the median is reported
 CREDIT_TOKENS = 32
 
 
@@ -237,7 +239,7 @@ def main() -> None:
         payer = ChannelClient(w3, dep, Account.from_key(dep.accounts["client"].private_key))
         domain = VoucherDomain(dep.chain_id, dep.payment_channels)
         model = bytes.fromhex(model_id_for(MODEL)[2:])
-        n_channels = args.streams + 9
+        n_channels = args.streams + 1 + 8 * PASSES
         keys = [Account.create() for _ in range(n_channels)]
         ids = [payer.open(payee, 10**21, session_key=k.address, model_id=model) for k in keys]
 
@@ -259,10 +261,13 @@ def main() -> None:
                 paid.append((asyncio.run(run(url, args.streams, args.tokens, conns, sp)), conns))
             paid = [r for r, _ in paid]
             floor_1 = asyncio.run(health_rate(url, 1, args.vouchers // 4))
-            floor_8 = asyncio.run(health_rate(url, 8, args.vouchers))
-            rate_1 = asyncio.run(voucher_rate(url, [(ids[-1], keys[-1])], domain, args.vouchers // 4))
-            rate_8 = asyncio.run(voucher_rate(url, list(zip(ids[-9:-1], keys[-9:-1], strict=True)), domain,
-                                              args.vouchers))
+            floor_8 = statistics.median(asyncio.run(health_rate(url, 8, args.vouchers)) for _ in range(PASSES))
+            rate_1 = asyncio.run(voucher_rate(url, [(ids[args.streams], keys[args.streams])], domain,
+                                              args.vouchers // 4))
+            rate_8 = statistics.median(  # each pass on 8 channels of its own
+                asyncio.run(voucher_rate(url, list(zip(ids[first:first + 8], keys[first:first + 8], strict=True)),
+                                         domain, args.vouchers))
+                for first in range(args.streams + 1, n_channels, 8))
         finally:
             proc.terminate()
             proc.wait(30)
@@ -274,8 +279,10 @@ def main() -> None:
         compare_streams(report, u, p, goal_lost="5 %", goal_added="5 ms")
     report.baseline("GET /health, 1 client", floor_1, "req/s")
     report.add("vouchers accepted, 1 client", rate_1, "req/s", vs="GET /health, 1 client")
-    report.baseline("GET /health, 8 clients", floor_8, "req/s")
-    report.add("vouchers accepted, 8 clients", rate_8, "req/s", vs="GET /health, 8 clients", goal=">= 5,000/s")
+    floor_name = f"GET /health, 8 clients (median of {PASSES})"
+    report.baseline(floor_name, floor_8, "req/s")
+    report.add(f"vouchers accepted, 8 clients (median of {PASSES})", rate_8, "req/s", vs=floor_name,
+               goal=">= 5,000/s")
     report.print(args)
 
 

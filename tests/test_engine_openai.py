@@ -125,6 +125,7 @@ def test_context_and_model_read_from_upstream_and_pool_sized_from_max_inflight(u
             assert eng.ready and eng.max_context == synth.max_context
             pool = eng._client._transport._pool  # httpx's default (100) would queue streams 101..300
             assert pool._max_connections == 300
+            assert eng._streams.connector.limit == 300  # the streams' own pool (aiohttp's default: 100)
         finally:
             await eng.stop()
 

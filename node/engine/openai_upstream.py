@@ -43,10 +43,11 @@ import asyncio
 import contextlib
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from dcml.node.engine.base import (
@@ -102,7 +103,8 @@ class OpenAIUpstreamEngine:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # probes and the like
+        self._streams: aiohttp.ClientSession | None = None  # the token streams (see `stream`)
         self._sync: httpx.Client | None = None
         self._inflight = 0
         self.ready = False
@@ -114,7 +116,20 @@ class OpenAIUpstreamEngine:
             limits = httpx.Limits(max_connections=self.max_inflight, max_keepalive_connections=self.max_inflight)
             self._client = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout,
                                              limits=limits)
-        if not await self._probe():
+        if self._streams is None:
+            # The streams themselves go through aiohttp (already here through web3): its C HTTP parser reads
+            # vLLM's one-event-per-token SSE for a fraction of what httpx's pure-Python h11 costs per chunk, CPU a
+            # CPU box takes from vLLM (bench_vllm). Lines up to 1 MiB (logprobs).
+            self._streams = aiohttp.ClientSession(
+                headers=self._headers, read_bufsize=2**19,
+                connector=aiohttp.TCPConnector(limit=self.max_inflight),
+                timeout=aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=self._timeout.read))
+        try:
+            ready = await self._probe()
+        except BaseException:  # e.g. it serves another model: nothing is left open
+            await self.stop()
+            raise
+        if not ready:
             log.warning("upstream_not_ready", base_url=self.base_url)
             self._mark_down()
 
@@ -127,6 +142,9 @@ class OpenAIUpstreamEngine:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._streams is not None:
+            await self._streams.close()
+            self._streams = None
         if self._sync is not None:
             self._sync.close()
             self._sync = None
@@ -230,7 +248,7 @@ class OpenAIUpstreamEngine:
         return "/v1/completions", {**body, "prompt": request.prompt}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        if self._client is None:
+        if self._streams is None:
             raise RuntimeError("engine not started")
         if not self.ready:
             raise EngineUnavailable(f"the inference server at {self.base_url} is not ready")
@@ -239,23 +257,29 @@ class OpenAIUpstreamEngine:
         path, body = self._body(request)
         self._inflight += 1
         try:
-            async with self._client.stream("POST", path, json=body) as resp:
-                if resp.status_code in (429, 503):
-                    raise EngineOverloaded(f"upstream answered {resp.status_code}")
-                if resp.status_code >= 400:
-                    raise _rejection(resp.status_code, await resp.aread())
-                async for chunk in _parse_stream(resp):
-                    yield chunk
-        except (EngineRejected, _UpstreamStatus):
+            async with self._streams.post(self.base_url + path, json=body) as resp:
+                done = False
+                try:
+                    if resp.status in (429, 503):
+                        raise EngineOverloaded(f"upstream answered {resp.status}")
+                    if resp.status >= 400:
+                        raise _rejection(resp.status, await resp.read())
+                    async for chunk in _parse_stream(resp.content):
+                        yield chunk
+                    done = True
+                finally:
+                    if not done:  # left early (an error, or the client gone): close it, so vLLM aborts the request
+                        resp.close()
+        except (EngineRejected, EngineOverloaded, _UpstreamStatus):
             raise  # the upstream is up and answered
-        except httpx.ConnectError as exc:
+        except aiohttp.ClientConnectorError as exc:
             self._mark_down()
             raise EngineUnavailable(f"the inference server at {self.base_url} refused the connection") from exc
-        except (httpx.TransportError, UpstreamError) as exc:  # vLLM died (or broke) mid-answer
+        except (aiohttp.ClientError, TimeoutError, UpstreamError) as exc:  # vLLM died (or broke) mid-answer
             self._mark_down()
             raise UpstreamError(f"the inference server failed mid-answer: {exc!r}") from exc
         finally:
-            self._inflight -= 1  # leaving the `async with` early closes the connection: vLLM aborts the request
+            self._inflight -= 1
 
 
 def _rejection(status: int, raw: bytes) -> Exception:
@@ -271,15 +295,15 @@ def _rejection(status: int, raw: bytes) -> Exception:
     return EngineRejected(status, message, param)
 
 
-async def _parse_stream(resp: httpx.Response) -> AsyncIterator[TokenChunk]:
+async def _parse_stream(lines: AsyncIterable[bytes]) -> AsyncIterator[TokenChunk]:
     sent = 0  # tokens already attributed to chunks we yielded
     last: dict[str, Any] | None = None  # the final choice (with finish_reason), held until usage arrives
     usage: dict[str, int] | None = None
-    async for line in resp.aiter_lines():
-        if not line.startswith("data:"):
+    async for line in lines:
+        if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
-        if data == "[DONE]":
+        if data == b"[DONE]":
             break
         obj = json.loads(data)
         if isinstance(obj.get("error"), dict):  # vLLM reports a failure inside the stream this way

@@ -85,8 +85,8 @@ async def _start(stream: AsyncIterator[TokenChunk],
     """The engine's first chunk, with the paid request's charge committed meanwhile: the commit (fsync,
     acceptance signature) runs while the engine reads the prompt, so the first token waits for the later of the
     two, not for both. Nothing is sent before the commit is durable. The check reserved the funds
-    (`PaymentGate.check`), so only a failing disk refuses a commit; then the engine is stopped. A start that
-    fails refunds what was committed."""
+    (`PaymentGate.check`), so a commit is refused only by a failing disk or by a running stream of the same
+    channel charging what the check saw; then the engine is stopped. A start that fails refunds the commit."""
     if admission is None:
         try:
             return OutputMeter(), await _first_chunk(stream)

@@ -36,6 +36,7 @@ from dcml.client.demo.kit import nodes
 from dcml.client.demo.kit.nodes import MODEL, fund, paid_config, to_toml
 from dcml.client.demo.kit.raw_payer import RawPayer
 from dcml.client.sdk.client import Client
+from dcml.client.wire.access import channel_resource
 from dcml.client.wire.receipts import SignedReceipt
 
 CREDIT_TOKENS = 8
@@ -111,8 +112,13 @@ def crash_bench(w3: Web3, deployment, deployment_file: Path, work: Path, reps: i
             p.http = httpx.Client(timeout=60)
         node = NodeProcess(config, port)
         for p in payers:
-            held = httpx.get(f"{node.url}/v1/payments/channels/0x{p.channel_id.hex()}").json()
-            accepted = int(held.get("accepted", 0))
+            cid = "0x" + p.channel_id.hex()  # the channel's account is for its payer only (client.wire.access)
+            r = httpx.get(f"{node.url}/v1/payments/channels/{cid}", headers=p.auth(channel_resource(cid)))
+            if r.status_code == 404:  # nothing accepted yet on this channel
+                accepted = 0
+            else:
+                r.raise_for_status()
+                accepted = int(r.json()["accepted"])
             lost += sum(1 for a in set(p.acked) if a > accepted)  # acknowledged, yet the ledger has less
         print(f"  crash {rep + 1}/{reps}: node restarted, acknowledged vouchers lost so far {lost}", flush=True)
     node.stop()  # graceful: settlement flushes every channel

@@ -210,7 +210,10 @@ def test_a_dispute_opened_while_the_node_was_down_is_answered_after_restart(paye
         server, app = start_node(settings, identity)
         try:
             deadline = time.monotonic() + 20
-            while court.dispute(dispute_id).status == DisputeStatus.OPEN and time.monotonic() < deadline:
+            # The watcher records its answer once the transaction's receipt is back, a moment after the chain
+            # shows it: wait for both.
+            while (court.dispute(dispute_id).status == DisputeStatus.OPEN or not app.state.sla_watcher.answered) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert court.dispute(dispute_id).status == DisputeStatus.ANSWERED
             assert app.state.sla_watcher.answered == [dispute_id]

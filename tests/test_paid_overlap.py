@@ -7,6 +7,7 @@ Anvil, a real node on loopback, real signatures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 
@@ -28,8 +29,9 @@ class CountingEngine(SyntheticEngine):
 
     async def stream(self, request):
         self.started += 1
-        async for chunk in super().stream(request):
-            yield chunk
+        async with contextlib.aclosing(super().stream(request)) as inner:  # closed with this one, not by the GC
+            async for chunk in inner:
+                yield chunk
 
 
 @pytest.fixture

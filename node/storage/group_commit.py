@@ -37,14 +37,14 @@ class GroupCommitWriter(Generic[T, R]):
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._in_flight: list[int] = []  # per recent commit: its items plus those that queued meanwhile
-        self._wanted = 0  # the flusher waits for this many pending items (0: not waiting)
-        self._enough = asyncio.Event()
+        self._wanted = 0  # the flusher waits for this many pending items, while `_enough` is set up
+        self._enough: asyncio.Event | None = None
 
     async def submit(self, item: T) -> R:
         """The item's result once its commit is durable; raises what refused it."""
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, fut))
-        if self._wanted and len(self._pending) >= self._wanted:
+        if self._enough is not None and len(self._pending) >= self._wanted:
             self._enough.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
@@ -85,14 +85,13 @@ class GroupCommitWriter(Generic[T, R]):
         wanted = max(self._in_flight, default=0)
         if len(self._pending) >= wanted:
             return
-        self._wanted = wanted
-        self._enough.clear()
+        self._wanted, self._enough = wanted, asyncio.Event()  # made here: bound to the loop that waits on it
         try:
             await asyncio.wait_for(self._enough.wait(), _DELAY_S)
         except TimeoutError:
             pass
         finally:
-            self._wanted = 0
+            self._wanted, self._enough = 0, None
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn` on the writer's thread (a read on the connection the commits use)."""

@@ -7,7 +7,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dcml.node.api.errors import PayloadTooLarge, error_response
 
 
-def too_large(limit: int) -> PayloadTooLarge:
+def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"Request body is larger than this node's limit of {limit} bytes; send a shorter "
                            "prompt.", code="body_too_large")
 
@@ -23,7 +23,7 @@ class BodyLimitMiddleware:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await error_response(too_large(self.max_bytes))(scope, receive, send)
+                await error_response(_too_large(self.max_bytes))(scope, receive, send)
                 return
         seen = 0
 
@@ -33,7 +33,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:  # chunked upload without (or lying about) Content-Length
-                    raise too_large(self.max_bytes)
+                    raise _too_large(self.max_bytes)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,13 +35,20 @@ class NodeMetrics:
         self.in_flight = Gauge("dcml_in_flight_requests", "Requests being served now", registry=r)
         self.queue_depth = Gauge("dcml_engine_queue_depth", "Requests waiting in the engine's queue", registry=r)
         self.queue_depth.set_function(lambda: float(queue_depth()))
+        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}  # see `count`
 
     def count(self, route: str, method: str, status: int, seconds: float) -> None:
         """One finished request (route: its template, so ids don't explode cardinality)."""
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
-        if status >= 400:
-            self.errors.labels(f"http_{status}").inc()
+        children = self._children.get((route, method, status))
+        if children is None:  # a label lookup costs as much as the update: once per route, method and status
+            children = self._children[(route, method, status)] = (
+                self.requests.labels(route, method, str(status)), self.request_seconds.labels(route),
+                self.errors.labels(f"http_{status}") if status >= 400 else None)
+        requests, request_seconds, errors = children
+        requests.inc()
+        request_seconds.observe(seconds)
+        if errors is not None:
+            errors.inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -286,12 +286,6 @@ class PaymentGate:
             self._reserve(key, -need)
             raise
 
-        async def commit() -> PaidMeter:
-            try:
-                return await finish()
-            finally:
-                self._reserve(key, -need)
-
         async def finish() -> PaidMeter:
             after, acceptance = await self._commit_admission(
                 model, voucher.channel_id, ops, self._acceptance(model, request_hash, voucher.channel_id,
@@ -309,6 +303,16 @@ class PaymentGate:
                                          precharged=1 if first_token else 0, max_tokens=max_tokens),
                              self.writer, self.funds, partial(self.needed, model))
 
+        return self._admission(key, need, finish)
+
+    def _admission(self, key: str, reserved: int, finish: Callable[[], Awaitable[PaidMeter]]) -> Admission:
+        """The admission whose commit is `finish`; the check's reservation (`reserved` on `key`) ends with it,
+        whether it commits or fails."""
+        async def commit() -> PaidMeter:
+            try:
+                return await finish()
+            finally:
+                self._reserve(key, -reserved)
         return Admission(commit)
 
     def _reserve(self, key: str, amount: int) -> None:
@@ -357,12 +361,6 @@ class PaymentGate:
         charged = prompt_cost + first_token
         self._reserve(key, worst)
 
-        async def commit() -> PaidMeter:
-            try:
-                return await finish()
-            finally:
-                self._reserve(key, -worst)
-
         async def finish() -> PaidMeter:
             after, acceptance = await self._commit_admission(
                 model, bv.channel_id, ops, self._acceptance(model, request_hash, bv.channel_id, accepted_at), charged,
@@ -384,7 +382,7 @@ class PaymentGate:
                                          payment_response=header),
                              batch_writer, self.funds, partial(self.needed, model))
 
-        return Admission(commit)
+        return self._admission(key, worst, finish)
 
     async def _acceptance(self, model: str, request_hash: str, channel_id: str,
                     accepted_at: float | None) -> SignedAcceptance | None:

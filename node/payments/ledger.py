@@ -188,9 +188,6 @@ class Ledger:
         with self._lock:
             with _WriteTxn(self._db) as db:
                 for group in groups:
-                    if not group:
-                        results.append([])
-                        continue
                     if len(group) == 1:  # every op checks before it writes: a lone op needs no savepoint
                         try:
                             results.append([group[0].apply(db)])
